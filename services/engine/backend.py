@@ -1,0 +1,66 @@
+"""The contract between the engine's process shell and a backend (echo, torch, hf).
+
+The shell owns all I/O; a backend is plain in-process Python driven by
+``step()``. Types here are small dataclasses, not wire messages, so that the
+decode loop never builds or parses a stream message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from shared.messages import SamplingParams
+
+EngineFinish = Literal["stop", "length", "abort", "error"]
+# Per generated token: (logprob of the chosen token, [(alternative id, logprob), ...]).
+TokenLogprobs = tuple[float, list[tuple[int, float]]]
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: EngineFinish | None = None
+    logprobs: list[TokenLogprobs] | None = None
+    # With finish_reason "error": why, in words a client can act on.
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class EngineLoad:
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0  # share of KV blocks in use, 0..1
+    forward_share: float = 0.0  # share of wall time spent in model forward, 0..1
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class EngineBackend(Protocol):
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue a request; it starts in a later step()."""
+
+    def abort(self, request_ids: Iterable[str]) -> None:
+        """Drop requests; the next step() reports each as finish_reason "abort"
+        (unknown ids are ignored) and their KV blocks are free after it."""
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration: schedule, forward, sample. Returns outputs only for
+        requests that produced tokens or finished in this step."""
+
+    def has_unfinished(self) -> bool: ...
+
+    def free_slots(self) -> int:
+        """How many more requests to pull from the stream now; 0 = no KV room."""
+
+    def load(self) -> EngineLoad: ...

