@@ -1,0 +1,1 @@
+"""The torch model side of the engine: config, weights, forward pass, KV pool, runner."""
