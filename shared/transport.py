@@ -33,6 +33,11 @@ _RENEW_LEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call(
 _RELEASE_LEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 
 
+def _is_missing_group(exc: ResponseError) -> bool:
+    # Redis says NOGROUP; fakeredis words it differently for a missing key.
+    return "NOGROUP" in str(exc) or "requires the key to exist" in str(exc)
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """A message read from a stream, with what is needed to acknowledge it."""
@@ -170,7 +175,7 @@ class StreamTransport:
                 )
             except ResponseError as exc:
                 # The stream or group vanished (e.g. Redis restarted empty).
-                if "NOGROUP" not in str(exc):
+                if not _is_missing_group(exc):
                     raise
                 for stream in streams:
                     await self.ensure_group(stream, group)
@@ -188,7 +193,7 @@ class StreamTransport:
             try:
                 reply = await self._redis.xautoclaim(stream, group, self.consumer, min_idle_ms, "0-0", count=count)
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                if not _is_missing_group(exc):
                     raise
                 await self.ensure_group(stream, group)
                 return []
