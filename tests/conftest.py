@@ -1,0 +1,20 @@
+"""Session-wide test setup.
+
+All tests share one model cache, so the GGUF default model is converted at
+most once per run (and, on a developer machine, once ever: ``.cache/`` is
+ignored by git). ``SCALELLM_MODEL_CACHE_DIR`` set by the caller wins.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure() -> None:
+    os.environ.setdefault("SCALELLM_MODEL_CACHE_DIR", str(REPO / ".cache" / "models"))
+    # Tests never reach a model hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
