@@ -1,0 +1,243 @@
+"""EngineCore: the torch backend's pure loop (schedule, forward, sample, update).
+
+Plain Python with no I/O, driven by the engine process shell through the
+EngineBackend protocol. Not thread-safe: the shell calls every method from
+its one busy-loop thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from services.engine.backend import EngineLoad, EngineRequest, RequestOutput, TokenLogprobs
+from services.engine.core.block_manager import BlockManager
+from services.engine.core.sampler import Sampler
+from services.engine.core.scheduler import ScheduledBatch, Scheduler
+from services.engine.core.sequence import Sequence
+from services.engine.model.batch import ForwardBatch
+
+
+class Runner(Protocol):
+    """What the core needs from a model runner (services.engine.model.runner)."""
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """[S, vocab] float logits, one row per entry of batch.logits_indices."""
+        ...
+
+
+@dataclass(slots=True)
+class EngineCoreConfig:
+    num_blocks: int
+    block_size: int
+    vocab_size: int
+    max_model_len: int  # the model's context length (the pool may lower it)
+    max_num_batched_tokens: int = 512
+    max_running_requests: int = 64
+    enable_prefix_caching: bool = True
+    # EOS ids for requests that arrive without any (normally the tokenizer fills them in).
+    default_eos_token_ids: list[int] = field(default_factory=list)
+    sampler_device: str = "cpu"
+    sampler_seed: int | None = None
+    # load().forward_share is measured over this many recent seconds.
+    load_window_s: float = 10.0
+
+
+class EngineCore:
+    def __init__(
+        self,
+        runner: Runner,
+        config: EngineCoreConfig,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.runner = runner
+        self.config = config
+        self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_running_requests=config.max_running_requests,
+            max_model_len=config.max_model_len,
+        )
+        self.sampler = Sampler(config.vocab_size, config.sampler_device, config.sampler_seed)
+        self._sequences: dict[str, Sequence] = {}
+        # Outputs decided between steps (refusals, aborts), reported by the next step().
+        self._pending: list[RequestOutput] = []
+        self._arrivals = 0
+        self._clock = clock
+        self._started = clock()
+        self._forward_times: deque[tuple[float, float]] = deque()  # (end time, seconds in forward)
+        self.num_steps = 0
+
+    @property
+    def max_model_len(self) -> int:
+        return self.scheduler.max_model_len
+
+    # ---- EngineBackend ----------------------------------------------------
+
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue a request. An id already in the engine is ignored: at-least-once
+        delivery may bring the same request twice."""
+        if request.request_id in self._sequences:
+            return
+        prompt = request.prompt_token_ids
+        problem = self.scheduler.refusal(len(prompt))
+        if problem is None and (min(prompt) < 0 or max(prompt) >= self.config.vocab_size):
+            bad = next(t for t in prompt if t < 0 or t >= self.config.vocab_size)
+            problem = f"prompt token id {bad} is outside this model's vocabulary (0..{self.config.vocab_size - 1})"
+        if problem is not None:
+            self._pending.append(RequestOutput(request.request_id, [], "error", error=problem))
+            return
+        self._arrivals += 1
+        seq = Sequence(
+            request.request_id,
+            prompt,
+            request.sampling,
+            arrival=self._arrivals,
+            default_eos_token_ids=self.config.default_eos_token_ids,
+        )
+        self._sequences[request.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_ids: Iterable[str]) -> None:
+        """Blocks are freed at once; the abort is reported by the next step()."""
+        for request_id in request_ids:
+            seq = self._sequences.pop(request_id, None)
+            if seq is None:
+                continue
+            self.scheduler.finish(seq)
+            seq.finish("abort")
+            self._pending.append(RequestOutput(request_id, [], "abort"))
+
+    def has_unfinished(self) -> bool:
+        return bool(self._pending) or self.scheduler.has_unfinished()
+
+    def free_slots(self) -> int:
+        """Requests worth pulling now: room under the running cap, and KV blocks
+        left after the waiting prompts and a reserve for running sequences to grow."""
+        scheduler = self.scheduler
+        slots = scheduler.max_running - len(scheduler.running) - len(scheduler.waiting)
+        if slots <= 0:
+            return 0
+        room = (
+            self.block_manager.num_free_blocks
+            - scheduler.blocks_wanted_by_waiting()
+            - scheduler.watermark_blocks
+        )
+        return max(0, min(slots, room))
+
+    def load(self) -> EngineLoad:
+        bm = self.block_manager
+        return EngineLoad(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_usage=bm.usage(),
+            forward_share=self.forward_share(),
+            extra={
+                "prefix_cache_hit_rate": bm.prefix_hits / bm.prefix_queries if bm.prefix_queries else 0.0,
+                "preemptions": float(self.scheduler.num_preemptions),
+                "steps": float(self.num_steps),
+            },
+        )
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return outputs
+        batch, sampling_seqs = self._build_batch(scheduled)
+        started = self._clock()
+        logits = self.runner.forward(batch)
+        ended = self._clock()
+        self._record_forward(ended, ended - started)
+        self.num_steps += 1
+
+        for seq, num_new in zip(scheduled.seqs, scheduled.num_new_tokens):
+            seq.num_computed_tokens += num_new
+            self.block_manager.cache_computed_blocks(seq)
+        if sampling_seqs:
+            sampled = self.sampler(logits, sampling_seqs)
+            for seq, token_id, logprobs in zip(sampling_seqs, sampled.token_ids, sampled.logprobs):
+                outputs.append(self._append(seq, token_id, logprobs))
+        return outputs
+
+    # ---- internals --------------------------------------------------------
+
+    def _build_batch(self, scheduled: ScheduledBatch) -> tuple[ForwardBatch, list[Sequence]]:
+        block_size = self.config.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        context_lens: list[int] = []
+        block_tables: list[list[int]] = []
+        logits_indices: list[int] = []
+        sampling_seqs: list[Sequence] = []
+        for seq, num_new in zip(scheduled.seqs, scheduled.num_new_tokens):
+            start = seq.num_computed_tokens
+            end = start + num_new
+            table = seq.block_table
+            input_ids.extend(seq.token_ids[start:end])
+            if num_new == 1:
+                positions.append(start)
+                slots.append(table[start // block_size] * block_size + start % block_size)
+            else:
+                span = range(start, end)
+                positions.extend(span)
+                slots.extend(table[p // block_size] * block_size + p % block_size for p in span)
+            context_lens.append(end)
+            block_tables.append(table)
+            if end == seq.num_tokens:
+                logits_indices.append(len(input_ids) - 1)
+                sampling_seqs.append(seq)
+        batch = ForwardBatch(
+            input_ids=torch.tensor(input_ids, dtype=torch.long),
+            positions=torch.tensor(positions, dtype=torch.long),
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            query_lens=list(scheduled.num_new_tokens),
+            context_lens=context_lens,
+            block_tables=block_tables,
+            logits_indices=torch.tensor(logits_indices, dtype=torch.long),
+        )
+        return batch, sampling_seqs
+
+    def _append(self, seq: Sequence, token_id: int, logprobs: TokenLogprobs | None) -> RequestOutput:
+        seq.append_token(token_id)
+        reason = None
+        if token_id in seq.stop_ids:
+            reason = "stop"
+        elif seq.num_output_tokens >= seq.sampling.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq)
+            seq.finish(reason)
+            del self._sequences[seq.request_id]
+        return RequestOutput(
+            seq.request_id,
+            [token_id],
+            reason,
+            logprobs=None if logprobs is None else [logprobs],
+        )
+
+    def _record_forward(self, ended: float, seconds: float) -> None:
+        self._forward_times.append((ended, seconds))
+        self._trim_window(ended)
+
+    def _trim_window(self, now: float) -> None:
+        horizon = now - self.config.load_window_s
+        times = self._forward_times
+        while times and times[0][0] < horizon:
+            times.popleft()
+
+    def forward_share(self) -> float:
+        """Share of the last load_window_s seconds of wall time spent in forward."""
+        now = self._clock()
+        self._trim_window(now)
+        span = min(self.config.load_window_s, now - self._started)
+        if span <= 0:
+            return 0.0
+        return min(1.0, sum(seconds for _, seconds in self._forward_times) / span)

@@ -1,0 +1,184 @@
+"""Continuous batching with chunked prefill, a token budget and preemption.
+
+Every step the scheduler picks, for each sequence it runs, how many of its
+uncomputed tokens to compute (see Sequence): 1 for a decode, a chunk for a
+prompt. Policy, in order:
+
+1. Running sequences that decode (one uncomputed token), oldest first.
+2. Running sequences part way through their prompt, oldest first: the next
+   chunk, as large as the remaining budget allows.
+3. Waiting sequences (new, or preempted earlier), oldest first, while the
+   budget, the running cap and the free blocks allow; each starts from its
+   prefix-cache hit. The head of the queue is never skipped for a smaller
+   request behind it (no starvation of long prompts).
+
+``max_num_batched_tokens`` bounds the tokens of one step, so a long prompt
+delays the decodes by at most one step's worth of prefill. When a running
+sequence needs a block and none is free, the newest running sequence is
+preempted: its blocks are freed (full ones stay in the prefix cache) and it
+goes back to the waiting queue to be recomputed later. The oldest sequence is
+therefore never preempted while a newer one runs, so it always progresses.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from services.engine.core.block_manager import BlockManager
+from services.engine.core.sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    """One step's work: sequences in batch order and their token counts."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+
+def _arrival(seq: Sequence) -> int:
+    return seq.arrival
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        *,
+        max_num_batched_tokens: int,
+        max_running_requests: int,
+        max_model_len: int,
+        watermark_blocks: int | None = None,
+    ) -> None:
+        if max_num_batched_tokens < 1 or max_running_requests < 1 or max_model_len < 1:
+            raise ValueError("max_num_batched_tokens, max_running_requests and max_model_len must be >= 1")
+        self.block_manager = block_manager
+        self.max_num_batched_tokens = max_num_batched_tokens
+        # A running decode costs one token of budget each step; more running
+        # sequences than the budget would leave some of them unserved.
+        self.max_running = min(max_running_requests, max_num_batched_tokens)
+        self.model_max_len = max_model_len
+        # The context a sequence can reach: the model's, or the whole pool if smaller,
+        # so a sequence alone in the engine always finds room for its next token.
+        self.kv_capacity_tokens = block_manager.num_blocks * block_manager.block_size
+        self.max_model_len = min(max_model_len, self.kv_capacity_tokens)
+        # New sequences start only if this many blocks stay free for the running
+        # ones to grow into, which keeps admission from causing preemption at once.
+        self.watermark_blocks = (
+            max(1, block_manager.num_blocks // 100) if watermark_blocks is None else watermark_blocks
+        )
+        self.waiting: list[Sequence] = []  # by arrival
+        self.running: list[Sequence] = []  # by arrival
+        self.num_preemptions = 0
+
+    # ---- queue ------------------------------------------------------------
+
+    def refusal(self, num_prompt_tokens: int) -> str | None:
+        """Why a prompt of this length can never run here, or None if it can."""
+        if num_prompt_tokens == 0:
+            return "the prompt is empty: at least one token is needed"
+        if num_prompt_tokens > self.model_max_len:
+            return (
+                f"the prompt has {num_prompt_tokens} tokens, more than this model's context "
+                f"length of {self.model_max_len} tokens"
+            )
+        if num_prompt_tokens > self.kv_capacity_tokens:
+            return (
+                f"the prompt has {num_prompt_tokens} tokens but this engine's KV cache holds at most "
+                f"{self.kv_capacity_tokens} tokens; shorten the prompt or give the engine a larger "
+                "KV cache (SCALELLM_KV_CACHE_BYTES)"
+            )
+        return None
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        bisect.insort(self.waiting, seq, key=_arrival)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        """Take a finished (or aborted) sequence out and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+
+    def blocks_wanted_by_waiting(self) -> int:
+        """Blocks the waiting sequences' prompts would take, ignoring cache hits."""
+        blocks_for = self.block_manager.blocks_for
+        return sum(blocks_for(seq.num_tokens) for seq in self.waiting)
+
+    # ---- one step ---------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        scheduled: dict[Sequence, int] = {}  # insertion order is batch order
+        budget = self.max_num_batched_tokens
+
+        def reserve(seq: Sequence, num_new: int) -> bool:
+            """Make room for seq's next tokens, preempting newer sequences."""
+            nonlocal budget
+            while not self.block_manager.can_append(seq, num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                budget += scheduled.pop(victim, 0)
+                if victim is seq:
+                    return False
+            self.block_manager.may_append(seq, num_new)
+            return True
+
+        # 1. Decodes.
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is SequenceStatus.RUNNING and seq.num_uncomputed_tokens == 1 and reserve(seq, 1):
+                scheduled[seq] = 1
+                budget -= 1
+        # 2. Prompts part way through their prefill.
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            remaining = seq.num_uncomputed_tokens
+            if seq.status is not SequenceStatus.RUNNING or remaining <= 1 or seq in scheduled:
+                continue
+            num_new = min(remaining, budget)
+            if reserve(seq, num_new):
+                scheduled[seq] = num_new
+                budget -= num_new
+        # 3. Waiting sequences; not in a step that had to preempt (there is no room).
+        while self.waiting and budget > 0 and len(self.running) < self.max_running and not batch.preempted:
+            seq = self.waiting[0]
+            cached = self.block_manager.match_prefix(seq)
+            num_new = min(seq.num_tokens - len(cached) * self.block_manager.block_size, budget)
+            reserve_blocks = self.watermark_blocks if self.running else 0
+            if not self.block_manager.can_allocate(seq, num_new, cached, reserve_blocks):
+                break
+            self.block_manager.allocate(seq, num_new, cached)
+            self.waiting.pop(0)
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, seq, key=_arrival)
+            scheduled[seq] = num_new
+            budget -= num_new
+
+        batch.seqs = list(scheduled)
+        batch.num_new_tokens = list(scheduled.values())
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.add(seq)

@@ -1,0 +1,136 @@
+"""One request's state inside the engine core, from arrival to finish."""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from services.engine.backend import EngineFinish, TokenLogprobs
+from shared.messages import SamplingParams
+
+_SEED_MASK = (1 << 64) - 1
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
+    RUNNING = "running"  # holds KV blocks; prefilling (maybe in chunks) or decoding
+    FINISHED = "finished"
+
+
+class Sequence:
+    """Prompt plus generated tokens, and how much of them the KV cache holds.
+
+    The KV cache holds the first ``num_computed_tokens`` tokens. Every step
+    computes some of the rest; when all are computed the step's logits give
+    the next token, which is appended and is itself uncomputed until the next
+    step. So a fresh prompt, a prefill chunk, a decode and a recompute after
+    preemption are the same thing: "compute tokens [num_computed, num_tokens)".
+    """
+
+    __slots__ = (
+        "request_id",
+        "arrival",
+        "sampling",
+        "token_ids",
+        "num_prompt_tokens",
+        "status",
+        "num_computed_tokens",
+        "num_cached_tokens",
+        "block_table",
+        "block_hashes",
+        "num_hashed_blocks",
+        "stop_ids",
+        "finish_reason",
+        "error",
+        "pending_logprobs",
+        "num_preemptions",
+        "_generator",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        arrival: int,
+        default_eos_token_ids: list[int] | None = None,
+    ) -> None:
+        self.request_id = request_id
+        # Order of arrival: the scheduler serves and protects older requests first.
+        self.arrival = arrival
+        self.sampling = sampling
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+        # Tokens served from the prefix cache at the last admission (a statistic).
+        self.num_cached_tokens = 0
+        self.block_table: list[int] = []
+        # Chain hashes of this sequence's full blocks, filled in by the block
+        # manager as tokens become known; they survive preemption.
+        self.block_hashes: list[bytes] = []
+        # Leading blocks of block_table already offered to the prefix cache.
+        self.num_hashed_blocks = 0
+        eos = sampling.eos_token_ids or default_eos_token_ids or []
+        # Tokens that end generation (after min_tokens); the token itself is kept
+        # in the output, as transformers and vLLM do.
+        self.stop_ids: frozenset[int] = frozenset(sampling.stop_token_ids) | (
+            frozenset() if sampling.ignore_eos else frozenset(eos)
+        )
+        self.finish_reason: EngineFinish | None = None
+        self.error: str | None = None
+        self.pending_logprobs: TokenLogprobs | None = None
+        self.num_preemptions = 0
+        self._generator: torch.Generator | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """The request's own random stream when it has a seed, else None.
+
+        Created once and kept across preemptions, so a seeded request draws
+        the same numbers whatever else shares its batches.
+        """
+        if self.sampling.seed is None:
+            return None
+        if self._generator is None:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.sampling.seed & _SEED_MASK)
+        return self._generator
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def finish(self, reason: EngineFinish, error: str | None = None) -> None:
+        self.status = SequenceStatus.FINISHED
+        self.finish_reason = reason
+        self.error = error
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})"
+        )
