@@ -13,11 +13,6 @@ from shared import model_files
 from shared.model_files import ModelResolutionError, resolve_model_dir, served_model_name
 from shared.settings import CommonSettings
 
-# Shared between test runs (and with the tokenizer/detokenizer tests) so the
-# weights are converted once per machine, not once per run.
-SHARED_CACHE = "/tmp/scalellm-test-models"
-
-
 def _settings(**overrides: object) -> CommonSettings:
     return CommonSettings(**overrides)  # type: ignore[arg-type]
 
@@ -55,7 +50,8 @@ def test_default_weights_reload_like_the_gguf() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = resolve_model_dir(_settings(model_cache_dir=SHARED_CACHE), weights=True)
+    # The session-wide cache (tests/conftest.py): converted once, shared by all tests.
+    folder = resolve_model_dir(_settings(), weights=True)
     model = AutoModelForCausalLM.from_pretrained(folder)
 
     # The embedding is exactly the GGUF's dequantized table, and the output

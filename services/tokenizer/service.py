@@ -1,0 +1,125 @@
+"""The tokenizer process: consumer group "tokenizers" on ``{p}:requests``.
+
+Each loop takes up to ``batch_size`` requests, tokenizes them (in a worker
+thread, so heartbeats keep flowing), and publishes every result together with
+the acknowledgements in one round trip. Entries a dead replica left pending
+are claimed periodically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+
+from services.tokenizer.prompt import PromptProcessor
+from shared.messages import CompletionRequest, Heartbeat, Message, RequestFailed, TokenizedRequest
+from shared.transport import Ack, Delivery, StreamNames, StreamTransport
+
+log = logging.getLogger(__name__)
+
+GROUP = "tokenizers"
+READ_BLOCK_MS = 500  # also bounds how long a SIGTERM waits for an idle read
+
+
+class TokenizerWorker:
+    """A batch of deliveries -> what to publish and what to acknowledge. No I/O."""
+
+    def __init__(self, processor: PromptProcessor, names: StreamNames) -> None:
+        self.processor = processor
+        self.names = names
+
+    def handle(self, deliveries: Sequence[Delivery], now: float) -> tuple[list[tuple[str, Message]], list[Ack]]:
+        out: list[tuple[str, Message]] = []
+        acks: list[Ack] = []
+        for delivery in deliveries:
+            acks.append(Ack(delivery.stream, GROUP, delivery.entry_id))
+            request = delivery.message
+            if not isinstance(request, CompletionRequest):
+                log.error("ignoring a %s on %s (entry %s)", type(request).__name__, delivery.stream, delivery.entry_id)
+                continue
+            if request.deadline < now:
+                log.info("dropping %s: its deadline passed before tokenization", request.request_id)
+                continue
+            result = self._process(request)
+            if isinstance(result, TokenizedRequest):
+                out.append((self.names.tokenized, result))
+            else:
+                out.append((self.names.responses(request.gateway_id), result))
+        return out, acks
+
+    def _process(self, request: CompletionRequest) -> TokenizedRequest | RequestFailed:
+        try:
+            return self.processor.process(request)
+        except Exception:
+            # A tokenizer bug must end this request, not the replica or the batch.
+            log.exception("tokenizing %s failed", request.request_id)
+            return RequestFailed(
+                request_id=request.request_id,
+                status=500,
+                error_type="InternalServerError",
+                message="The tokenizer stage failed on this request.",
+            )
+
+
+class TokenizerService:
+    """The I/O loop around a TokenizerWorker."""
+
+    def __init__(
+        self,
+        transport: StreamTransport,
+        worker: TokenizerWorker,
+        *,
+        replica_id: str,
+        batch_size: int,
+        claim_idle_ms: int,
+        heartbeat_interval_s: float,
+    ) -> None:
+        self.transport = transport
+        self.worker = worker
+        self.replica_id = replica_id
+        self.batch_size = batch_size
+        self.claim_idle_ms = claim_idle_ms
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.names = transport.names
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set; the batch in hand is finished first."""
+        await self.transport.ensure_group(self.names.requests, GROUP)
+        heartbeat = asyncio.create_task(self._heartbeat(stop))
+        next_claim = 0.0  # claim once at start: a predecessor may have died
+        try:
+            while not stop.is_set():
+                deliveries: list[Delivery] = []
+                if time.monotonic() >= next_claim:
+                    next_claim = time.monotonic() + self.claim_idle_ms / 2000
+                    deliveries = await self.transport.claim_stale(
+                        self.names.requests, GROUP, min_idle_ms=self.claim_idle_ms, count=self.batch_size
+                    )
+                if not deliveries:
+                    deliveries = await self.transport.read_group(
+                        [self.names.requests], GROUP, count=self.batch_size, block_ms=READ_BLOCK_MS
+                    )
+                if deliveries:
+                    await self._handle(deliveries)
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+            # Leave /health promptly; if Redis is gone the key expires by itself.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.transport.delete(self.names.heartbeat("tokenizer", self.replica_id)), 2)
+
+    async def _handle(self, deliveries: list[Delivery]) -> None:
+        out, acks = await asyncio.to_thread(self.worker.handle, deliveries, time.time())
+        await self.transport.publish(out, acks=acks)
+
+    async def _heartbeat(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            beat = Heartbeat(role="tokenizer", replica_id=self.replica_id, time=time.time())
+            await self.transport.beat(beat, ttl_s=3 * self.heartbeat_interval_s)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.heartbeat_interval_s)
+            except TimeoutError:
+                pass
