@@ -169,6 +169,10 @@ class BlockManager:
         self.prefix_hits += seq.num_cached_tokens
         self._grow(seq, seq.num_computed_tokens + num_new_tokens)
 
+    def num_fitting_tokens(self, seq: Sequence) -> int:
+        """How many more tokens a running sequence could compute with the free blocks."""
+        return (len(seq.block_table) + self.num_free_blocks) * self.block_size - seq.num_computed_tokens
+
     def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Whether a running sequence can compute num_new_tokens more tokens."""
         return self.blocks_needed(seq, num_new_tokens) <= self.num_free_blocks

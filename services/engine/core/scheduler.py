@@ -14,8 +14,8 @@ prompt. Policy, in order:
 
 ``max_num_batched_tokens`` bounds the tokens of one step, so a long prompt
 delays the decodes by at most one step's worth of prefill. When a running
-sequence needs a block and none is free, the newest running sequence is
-preempted: its blocks are freed (full ones stay in the prefix cache) and it
+sequence needs a block and none is free (a prompt chunk first shrinks to the
+free room), the newest running sequence is preempted: its blocks are freed (full ones stay in the prefix cache) and it
 goes back to the waiting queue to be recomputed later. The oldest sequence is
 therefore never preempted while a newer one runs, so it always progresses.
 """
@@ -126,18 +126,25 @@ class Scheduler:
         scheduled: dict[Sequence, int] = {}  # insertion order is batch order
         budget = self.max_num_batched_tokens
 
-        def reserve(seq: Sequence, num_new: int) -> bool:
-            """Make room for seq's next tokens, preempting newer sequences."""
+        def reserve(seq: Sequence, wanted: int) -> int:
+            """Give seq blocks for up to ``wanted`` tokens; how many it got.
+
+            A prompt chunk shrinks to what the free blocks hold; only when not
+            even one token fits are newer sequences preempted (newest first),
+            possibly seq itself, which then gets 0.
+            """
             nonlocal budget
-            while not self.block_manager.can_append(seq, num_new):
+            while True:
+                granted = min(wanted, self.block_manager.num_fitting_tokens(seq))
+                if granted >= 1:
+                    self.block_manager.may_append(seq, granted)
+                    return granted
                 victim = self.running[-1]
                 self._preempt(victim)
                 batch.preempted.append(victim)
                 budget += scheduled.pop(victim, 0)
                 if victim is seq:
-                    return False
-            self.block_manager.may_append(seq, num_new)
-            return True
+                    return 0
 
         # 1. Decodes.
         for seq in list(self.running):
@@ -151,12 +158,12 @@ class Scheduler:
             if budget == 0:
                 break
             remaining = seq.num_uncomputed_tokens
-            if seq.status is not SequenceStatus.RUNNING or remaining <= 1 or seq in scheduled:
+            if seq.status is not SequenceStatus.RUNNING or remaining <= 1:
                 continue
-            num_new = min(remaining, budget)
-            if reserve(seq, num_new):
-                scheduled[seq] = num_new
-                budget -= num_new
+            granted = reserve(seq, min(remaining, budget))
+            if granted:
+                scheduled[seq] = granted
+                budget -= granted
         # 3. Waiting sequences; not in a step that had to preempt (there is no room).
         while self.waiting and budget > 0 and len(self.running) < self.max_running and not batch.preempted:
             seq = self.waiting[0]
