@@ -83,6 +83,18 @@ class EngineSettings(CommonSettings):
     max_model_len: PositiveInt | None = None
     # SIGTERM: finish running requests for at most this long, then exit.
     drain_timeout_s: PositiveFloat = 30.0
+    # -- the torch engine (docs/engine.md) --
+    # Tokens per KV-cache block.
+    block_size: PositiveInt = 16
+    # The KV pool in bytes; when unset, kv_cache_memory_fraction of the memory
+    # available at start-up (free GPU memory on CUDA, MemAvailable on CPU).
+    kv_cache_bytes: PositiveInt | None = None
+    kv_cache_memory_fraction: Annotated[float, Field(gt=0.0, le=0.95)] = 0.2
+    # Tokens computed per step (decodes plus prefill chunks): bounds how long a
+    # long prompt can hold up the running decodes.
+    max_num_batched_tokens: PositiveInt = 512
+    # Reuse the KV of identical prompt prefixes across requests.
+    enable_prefix_caching: bool = True
 
 
 class DetokenizerSettings(CommonSettings):
