@@ -1,0 +1,183 @@
+"""The engine process: a decode loop on the main thread, Redis on an I/O thread.
+
+The main thread runs a short loop that only touches in-memory queues and
+``backend.step()``; it blocks on the inbox when there is nothing to run.
+SIGTERM / SIGINT stop the intake, let running requests finish (at most
+``drain_timeout_s``), publish, and exit 0. A backend failure fails the running
+requests with status 500 so no client hangs, and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+
+from services.engine.backend import EngineBackend, RequestOutput
+from services.engine.io_thread import AbortIds, EngineIO, InboxItem, NewRequest, Wake
+from shared.settings import EngineSettings, load_settings, new_replica_id
+from shared.transport import StreamTransport
+
+log = logging.getLogger(__name__)
+
+# How often the main thread refreshes the load figures the heartbeat reports.
+LOAD_INTERVAL_S = 0.5
+# How long an idle main loop blocks on the inbox before looking at its flags again.
+IDLE_WAIT_S = 0.5
+# After the last step, how long the I/O thread gets to publish and close.
+IO_FLUSH_TIMEOUT_S = 10.0
+
+
+class EngineIOFailed(RuntimeError):
+    """The I/O thread died; without it no output can be published."""
+
+
+class EngineService:
+    def __init__(
+        self,
+        settings: EngineSettings,
+        backend: EngineBackend,
+        transport_factory: Callable[[], StreamTransport],
+        *,
+        engine_id: str | None = None,
+    ) -> None:
+        """``transport_factory`` is called on the I/O thread, inside its event loop."""
+        self.settings = settings
+        self.engine_id = engine_id or new_replica_id("engine")
+        self._backend = backend
+        self._inbox: queue.SimpleQueue[InboxItem] = queue.SimpleQueue()
+        self._io = EngineIO(settings, self.engine_id, transport_factory, self._inbox)
+        self._stop = threading.Event()
+        self._admitted = 0
+        self._draining = False
+
+    def request_stop(self) -> None:
+        """Begin a graceful stop; safe from a signal handler or another thread."""
+        self._stop.set()
+        self._inbox.put(Wake())
+
+    def run(self) -> int:
+        """Serve until stopped; returns the process exit code."""
+        self._io.start()
+        while not self._io.wait_ready(0.2):
+            if self._io.failure is not None or self._stop.is_set():
+                self._io.cancel()
+                self._io.join(IO_FLUSH_TIMEOUT_S)
+                return 1 if self._io.failure is not None else 0
+        log.info("engine %s serving", self.engine_id)
+        try:
+            self._decode_loop()
+        except Exception as exc:
+            log.exception("engine failed; failing its running requests")
+            self._io.crash(f"{type(exc).__name__}: {exc}")
+            if not self._io.join(IO_FLUSH_TIMEOUT_S):
+                log.error("could not publish the failures within %.0f s", IO_FLUSH_TIMEOUT_S)
+                self._io.cancel()
+            return 1
+        self._io.finish()
+        if not self._io.join(IO_FLUSH_TIMEOUT_S):
+            log.error("could not publish the last outputs within %.0f s", IO_FLUSH_TIMEOUT_S)
+            self._io.cancel()
+            self._io.join(1.0)
+            return 1
+        log.info("engine %s stopped", self.engine_id)
+        return 0
+
+    def _decode_loop(self) -> None:
+        backend = self._backend
+        drain_deadline: float | None = None
+        next_load = 0.0
+        while True:
+            if self._io.failure is not None:
+                raise EngineIOFailed(f"the engine's I/O thread failed: {self._io.failure!r}")
+            if self._stop.is_set() and drain_deadline is None:
+                drain_deadline = time.monotonic() + self.settings.drain_timeout_s
+                self._draining = True
+                self._io.stop_pulling()
+                log.info("stopping: finishing running requests (at most %.0f s)", self.settings.drain_timeout_s)
+            busy = backend.has_unfinished()
+            if drain_deadline is not None and (not busy or time.monotonic() >= drain_deadline):
+                return
+            self._take_inbox(block=not busy)
+            if backend.has_unfinished():
+                outputs = backend.step()
+                if outputs:
+                    self._io.send_outputs(outputs)
+            self._io.set_capacity(backend.free_slots(), self._admitted)
+            now = time.monotonic()
+            if now >= next_load:
+                self._io.set_load(backend.load())
+                next_load = now + LOAD_INTERVAL_S
+
+    def _take_inbox(self, *, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=IDLE_WAIT_S) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        refused: list[RequestOutput] = []
+        while True:
+            if isinstance(item, NewRequest):
+                self._admitted += 1
+                # While draining, new work stays unacknowledged for another replica.
+                if not self._draining:
+                    refusal = self._add(item)
+                    if refusal is not None:
+                        refused.append(refusal)
+            elif isinstance(item, AbortIds):
+                self._backend.abort(item.request_ids)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+        if refused:
+            self._io.send_outputs(refused)
+
+    def _add(self, item: NewRequest) -> RequestOutput | None:
+        request = item.request
+        try:
+            self._backend.add_request(request)
+        except (ValueError, TypeError) as exc:
+            # One bad request must not take the engine (and everyone's requests) down.
+            log.warning("backend refused request %s: %s", request.request_id, exc)
+            return RequestOutput(request.request_id, [], "error", error=f"the engine refused the request: {exc}")
+        return None
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def main() -> None:
+    from services.engine.backends import BackendUnavailable, create_backend
+
+    settings = load_settings(EngineSettings)
+    _configure_logging(settings.log_level)
+    redis_url = settings.require_redis_url()
+    engine_id = new_replica_id("engine")
+    log.info("engine %s: building the %s backend", engine_id, settings.engine_backend)
+    try:
+        backend = create_backend(settings)
+    except BackendUnavailable as exc:
+        raise SystemExit(str(exc)) from None
+
+    def transport_factory() -> StreamTransport:
+        return StreamTransport(redis_url, settings.stream_prefix, engine_id, maxlen=settings.stream_maxlen)
+
+    service = EngineService(settings, backend, transport_factory, engine_id=engine_id)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        service.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    sys.exit(service.run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Turns a backend step's outputs into stream messages: pure bookkeeping, no I/O.
+
+One engine step becomes one EngineStepOutput per detokenizer shard that has
+deltas in it. The router remembers, per request, the tokenized-stream entry to
+acknowledge when it ends, how many output tokens were published (each delta's
+``offset``), and whether its first delta (with the detokenize parameters and
+prompt tail) has gone out.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from services.engine.backend import RequestOutput
+from shared.messages import DetokenizeParams, EngineStepOutput, Message, RequestFailed, TokenDelta, TokenizedRequest
+from shared.transport import Ack, StreamNames
+
+log = logging.getLogger(__name__)
+
+ENGINE_GROUP = "engines"
+# Prompt tokens sent with a request's first delta: decoding context for the detokenizer.
+PROMPT_TAIL_TOKENS = 8
+
+
+def shard_of(request_id: str, shards: int) -> int:
+    return zlib.crc32(request_id.encode()) % shards
+
+
+@dataclass(slots=True)
+class TrackedRequest:
+    request_id: str
+    gateway_id: str
+    entry_id: str  # the tokenized-stream entry, acknowledged when the request ends
+    shard: int
+    prompt_tokens: int
+    prompt_tail: list[int]
+    detokenize: DetokenizeParams
+    emitted: int = 0  # output tokens published so far
+    first_sent: bool = False
+
+
+@dataclass(slots=True)
+class Publication:
+    """What to publish, and which inputs to acknowledge after it, in one call."""
+
+    messages: list[tuple[str, Message]] = field(default_factory=list)
+    acks: list[Ack] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)  # request ids no longer tracked
+
+    def extend(self, other: Publication) -> None:
+        self.messages.extend(other.messages)
+        self.acks.extend(other.acks)
+        self.finished.extend(other.finished)
+
+
+class OutputRouter:
+    def __init__(self, names: StreamNames, engine_id: str, shards: int) -> None:
+        if shards < 1:
+            raise ValueError(f"the number of detokenizer shards must be at least 1, got {shards}")
+        self._names = names
+        self._engine_id = engine_id
+        self._shards = shards
+        self._requests: dict[str, TrackedRequest] = {}
+        self._step = 0
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._requests
+
+    def track(self, request: TokenizedRequest, entry_id: str) -> None:
+        if request.request_id in self._requests:
+            raise ValueError(f"request {request.request_id!r} is already tracked")
+        self._requests[request.request_id] = TrackedRequest(
+            request_id=request.request_id,
+            gateway_id=request.gateway_id,
+            entry_id=entry_id,
+            shard=shard_of(request.request_id, self._shards),
+            prompt_tokens=len(request.prompt_token_ids),
+            prompt_tail=list(request.prompt_token_ids[-PROMPT_TAIL_TOKENS:]),
+            detokenize=request.detokenize,
+        )
+
+    def pending_entry_ids(self) -> list[str]:
+        return [tracked.entry_id for tracked in self._requests.values()]
+
+    def started_ids(self) -> list[str]:
+        """Requests whose output has begun reaching the detokenizer."""
+        return [rid for rid, tracked in self._requests.items() if tracked.first_sent]
+
+    def request_ids(self) -> list[str]:
+        return list(self._requests)
+
+    def route(self, outputs: Sequence[RequestOutput]) -> Publication:
+        publication = Publication()
+        by_shard: dict[int, list[TokenDelta]] = {}
+        for output in outputs:
+            tracked = self._requests.get(output.request_id)
+            if tracked is None:
+                log.warning("output for unknown request %s dropped", output.request_id)
+                continue
+            if output.finish_reason == "abort":
+                # Whoever aborted (a gone client, a stop string) expects nothing more.
+                self._finish(tracked, publication)
+            elif output.finish_reason == "error":
+                message = output.error or "the engine refused the request"
+                failure = RequestFailed(
+                    request_id=tracked.request_id, status=400, error_type="invalid_request_error", message=message
+                )
+                publication.messages.append((self._names.responses(tracked.gateway_id), failure))
+                self._finish(tracked, publication)
+            else:
+                by_shard.setdefault(tracked.shard, []).append(self._delta(tracked, output))
+                if output.finish_reason is not None:
+                    self._finish(tracked, publication)
+        if by_shard:
+            self._step += 1
+            shard_messages: list[tuple[str, Message]] = [
+                (self._names.generated(shard), EngineStepOutput(engine_id=self._engine_id, step=self._step, deltas=deltas))
+                for shard, deltas in sorted(by_shard.items())
+            ]
+            # Deltas before the failures and acks of the same step, as produced.
+            publication.messages[:0] = shard_messages
+        return publication
+
+    def fail(self, request_ids: Iterable[str], *, status: int, error_type: str, message: str) -> Publication:
+        """End requests with an error the client sees, acknowledging their entries."""
+        publication = Publication()
+        for request_id in list(request_ids):
+            tracked = self._requests.get(request_id)
+            if tracked is None:
+                continue
+            failure = RequestFailed(request_id=request_id, status=status, error_type=error_type, message=message)
+            publication.messages.append((self._names.responses(tracked.gateway_id), failure))
+            self._finish(tracked, publication)
+        return publication
+
+    def forget(self, request_ids: Iterable[str]) -> None:
+        """Stop tracking without acknowledging: the entries stay for another engine."""
+        for request_id in list(request_ids):
+            self._requests.pop(request_id, None)
+
+    def _delta(self, tracked: TrackedRequest, output: RequestOutput) -> TokenDelta:
+        delta = TokenDelta(
+            request_id=tracked.request_id,
+            gateway_id=tracked.gateway_id,
+            offset=tracked.emitted,
+            token_ids=list(output.new_token_ids),
+            prompt_tokens=tracked.prompt_tokens,
+            finish_reason=output.finish_reason,
+            logprobs=output.logprobs,
+        )
+        if not tracked.first_sent:
+            delta.detokenize = tracked.detokenize
+            delta.prompt_tail = tracked.prompt_tail
+            tracked.first_sent = True
+        tracked.emitted += len(output.new_token_ids)
+        return delta
+
+    def _finish(self, tracked: TrackedRequest, publication: Publication) -> None:
+        del self._requests[tracked.request_id]
+        publication.acks.append(Ack(self._names.tokenized, ENGINE_GROUP, tracked.entry_id))
+        publication.finished.append(tracked.request_id)
