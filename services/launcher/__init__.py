@@ -1,0 +1,1 @@
+"""``scalellm up``: run the whole pipeline as supervised local processes."""
