@@ -1,24 +1,26 @@
 """The ``scalellm`` command.
 
-``scalellm gateway|tokenizer|engine|detokenizer`` runs one role, exactly as
-``python -m services.<role>`` does (settings come from SCALELLM_* variables);
-``scalellm up`` runs the whole pipeline locally. Roles are imported only when
-chosen, so e.g. the gateway never loads torch.
+``scalellm gateway|tokenizer|engine|detokenizer`` runs one role exactly as
+``python -m services.<role>`` does: it runs that package's ``__main__``
+(settings come from SCALELLM_* variables). ``scalellm up`` runs the whole
+pipeline locally. Roles are imported only when chosen, so e.g. the gateway
+never loads torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import runpy
 import sys
-from collections.abc import Callable, Sequence
-from importlib import import_module
+from collections.abc import Sequence
 
-# role -> (module, function): the role's own entry point.
-ROLES: dict[str, tuple[str, str]] = {
-    "gateway": ("services.gateway.server", "main"),
-    "tokenizer": ("services.tokenizer.service", "main"),
-    "engine": ("services.engine.service", "main"),
-    "detokenizer": ("services.detokenizer.service", "main"),
+# role -> the package whose __main__ runs it.
+ROLES: dict[str, str] = {
+    "gateway": "services.gateway",
+    "tokenizer": "services.tokenizer",
+    "engine": "services.engine",
+    "detokenizer": "services.detokenizer",
 }
 
 
@@ -38,16 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def role_entry_point(role: str) -> Callable[[], object]:
-    module_name, function = ROLES[role]
+def run_role(role: str) -> None:
+    """``python -m services.<role>``, in this process."""
+    package = ROLES[role]
     try:
-        module = import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise SystemExit(f"scalellm {role}: cannot import {module_name} ({exc})") from None
-    entry = getattr(module, function, None)
-    if not callable(entry):
-        raise SystemExit(f"scalellm {role}: {module_name} has no {function}() entry point")
-    return entry
+        found = importlib.util.find_spec(f"{package}.__main__") is not None
+    except ModuleNotFoundError:
+        found = False
+    if not found:
+        raise SystemExit(f"scalellm {role}: {package} has no __main__ module to run")
+    runpy.run_module(package, run_name="__main__", alter_sys=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -60,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         except KeyboardInterrupt:
             code = 130
         sys.exit(code)
-    role_entry_point(args.command)()
+    run_role(args.command)
 
 
 if __name__ == "__main__":

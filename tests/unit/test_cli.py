@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -13,28 +12,37 @@ from services import cli
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_each_role_runs_its_own_main(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[str] = []
-    fake = types.ModuleType("fake_role_module")
-    fake.main = lambda: calls.append("tokenizer main")  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "fake_role_module", fake)
-    monkeypatch.setitem(cli.ROLES, "tokenizer", ("fake_role_module", "main"))
-    cli.main(["tokenizer"])
-    assert calls == ["tokenizer main"]
+def test_a_role_runs_its_package_main_like_python_dash_m(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    package = tmp_path / "fake_role"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text(
+        "import sys\nif __name__ == '__main__':\n    sys.modules['fake_role'].ran_as_main = True\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.ROLES, "tokenizer", "fake_role")
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # run_module rewrites argv[0]
+    try:
+        cli.main(["tokenizer"])
+        assert getattr(sys.modules["fake_role"], "ran_as_main", False)
+    finally:
+        sys.modules.pop("fake_role", None)
+        sys.modules.pop("fake_role.__main__", None)
 
 
-def test_roles_point_at_the_documented_entry_points() -> None:
-    assert cli.ROLES == {
-        "gateway": ("services.gateway.server", "main"),
-        "tokenizer": ("services.tokenizer.service", "main"),
-        "engine": ("services.engine.service", "main"),
-        "detokenizer": ("services.detokenizer.service", "main"),
-    }
+def test_every_role_has_a_main_module() -> None:
+    import importlib.util
+
+    for role, package in cli.ROLES.items():
+        assert package == f"services.{role}"
+        assert importlib.util.find_spec(f"{package}.__main__") is not None, role
 
 
 def test_a_missing_role_module_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(cli.ROLES, "detokenizer", ("services.no_such_module", "main"))
-    with pytest.raises(SystemExit, match="scalellm detokenizer: cannot import services.no_such_module"):
+    monkeypatch.setitem(cli.ROLES, "detokenizer", "services.no_such_package")
+    with pytest.raises(SystemExit, match="scalellm detokenizer: services.no_such_package has no __main__"):
         cli.main(["detokenizer"])
 
 
