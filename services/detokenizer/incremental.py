@@ -1,0 +1,179 @@
+"""Token ids to text, one request at a time, as the tokens arrive. No I/O.
+
+Decoding works on a small window of ids (after vLLM's detokenize_incrementally):
+``prefix_offset..read_offset`` is text already produced, ``read_offset..`` is
+new. The new text is ``decode(window) - decode(prefix part)``; decoding both
+from the same start keeps tokenizer quirks (a SentencePiece word's leading
+space, byte-level pieces) consistent. While the window ends in an incomplete
+UTF-8 character (decode gives U+FFFD) nothing is produced and the window
+grows, so a character split over tokens is never emitted in halves.
+
+Stop strings: once one appears in the output, the text is cut before it (or
+after it, with ``include_stop_str_in_output``) and the request finishes with
+"stop". While streaming, a tail of the text that could be the start of a stop
+string is held back until it is decided either way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+from shared.messages import DetokenizeParams, FinishReason, TextDelta, TokenDelta, Usage
+
+log = logging.getLogger(__name__)
+
+Logprob = tuple[float, list[tuple[int, float]]]
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class TokenDecoder(Protocol):
+    """What a transformers tokenizer offers for decoding."""
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str: ...
+
+
+class IncrementalDetokenizer:
+    """One request's decoding state: feed TokenDeltas, get TextDeltas."""
+
+    def __init__(
+        self,
+        decoder: TokenDecoder,
+        request_id: str,
+        params: DetokenizeParams,
+        prompt_tail: Sequence[int] = (),
+        *,
+        start_offset: int = 0,
+    ) -> None:
+        self.request_id = request_id
+        self.params = params
+        self._decoder = decoder
+        self._stops = [s for s in params.stop if s]
+        self._longest_stop = max((len(s) for s in self._stops), default=0)
+        # The prompt tail is decoding context only: it is never part of the output.
+        self._ids: list[int] = list(prompt_tail)
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        self.text = ""  # the output text decoded so far (cut at a stop string)
+        self._sent = 0  # characters of ``text`` already emitted
+        self.num_tokens = start_offset  # output tokens seen: the next expected offset
+        self.finish_reason: FinishReason | None = None
+        self.stopped_by_string = False
+        # Tokens (and their logprobs) not yet reported in a TextDelta, because
+        # they produced no text yet.
+        self._unsent_ids: list[int] = []
+        self._unsent_logprobs: list[Logprob] = []
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def add(self, delta: TokenDelta) -> TextDelta | None:
+        """Take one engine delta; returns the text to send, or None if there is none yet."""
+        if self.finished:
+            return None
+        skip = self.num_tokens - delta.offset
+        if skip < 0:
+            # Tokens in between never reached us (their entries were lost);
+            # the text continues after the gap rather than stalling.
+            log.warning("%s: output tokens %d..%d missing", self.request_id, self.num_tokens, delta.offset - 1)
+            skip = 0
+        new_ids = list(delta.token_ids[skip:])
+        if not new_ids and delta.finish_reason is None:
+            return None  # a repeat of what was already seen
+        new_logprobs = list(delta.logprobs[skip:]) if delta.logprobs else []
+        self.num_tokens = delta.offset + len(delta.token_ids)
+        self._unsent_ids += new_ids
+        self._unsent_logprobs += new_logprobs
+
+        to_decode = new_ids
+        if delta.finish_reason == "stop" and new_ids and not self.params.include_stop_str_in_output:
+            # The engine stopped on a stop token (EOS or stop_token_ids): it
+            # counts as output but, as in vLLM, is not part of the text.
+            to_decode = new_ids[:-1]
+        text_before = len(self.text)
+        self._decode(to_decode)
+        if delta.finish_reason is not None:
+            self._flush()
+        self._check_stop_strings(text_before)
+        if self.finish_reason is None:
+            self.finish_reason = delta.finish_reason
+        return self._emit(prompt_tokens=delta.prompt_tokens)
+
+    # -- decoding ------------------------------------------------------------------
+
+    def _decode(self, new_ids: list[int]) -> None:
+        if not new_ids:
+            return
+        self._ids += new_ids
+        skip_special = self.params.skip_special_tokens
+        prefix = self._decoder.decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=skip_special)
+        window = self._decoder.decode(self._ids[self._prefix_offset :], skip_special_tokens=skip_special)
+        if len(window) > len(prefix) and not window.endswith(REPLACEMENT_CHAR):
+            self.text += window[len(prefix) :]
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._ids)
+
+    def _flush(self) -> None:
+        """At the end, whatever is left: an incomplete character decodes as U+FFFD."""
+        if self._read_offset >= len(self._ids):
+            return
+        skip_special = self.params.skip_special_tokens
+        prefix = self._decoder.decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=skip_special)
+        window = self._decoder.decode(self._ids[self._prefix_offset :], skip_special_tokens=skip_special)
+        self.text += window[len(prefix) :]
+        self._prefix_offset = self._read_offset = len(self._ids)
+
+    # -- stop strings --------------------------------------------------------------
+
+    def _check_stop_strings(self, text_before: int) -> None:
+        if not self._stops or len(self.text) == text_before:
+            return
+        # Only a match that ends in the new text is new; it may start earlier.
+        start = max(0, text_before - self._longest_stop + 1)
+        best: tuple[int, int] | None = None  # (end, start) of the match that completes first
+        for stop in self._stops:
+            index = self.text.find(stop, start)
+            if index >= 0:
+                candidate = (index + len(stop), index)
+                if best is None or candidate < best:
+                    best = candidate
+        if best is None:
+            return
+        end, index = best
+        self.text = self.text[: end if self.params.include_stop_str_in_output else index]
+        self.stopped_by_string = True
+        self.finish_reason = "stop"
+
+    def _held_back(self) -> int:
+        """How many trailing characters might begin a stop string (not sent yet)."""
+        if not self._stops or self.params.include_stop_str_in_output:
+            return 0  # a stop string would be sent anyway; nothing to take back
+        unsent = len(self.text) - self._sent
+        for length in range(min(self._longest_stop - 1, unsent), 0, -1):
+            tail = self.text[-length:]
+            if any(stop.startswith(tail) for stop in self._stops):
+                return length
+        return 0
+
+    # -- output --------------------------------------------------------------------
+
+    def _emit(self, *, prompt_tokens: int) -> TextDelta | None:
+        end = len(self.text) if self.finished else len(self.text) - self._held_back()
+        text = self.text[self._sent : end]
+        if not text and not self.finished:
+            return None
+        self._sent = max(self._sent, end)
+        delta = TextDelta(
+            request_id=self.request_id,
+            text=text,
+            token_ids=self._unsent_ids,
+            finish_reason=self.finish_reason,
+            logprobs=self._unsent_logprobs or None,
+        )
+        if self.finished:
+            delta.usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=self.num_tokens)
+        self._unsent_ids = []
+        self._unsent_logprobs = []
+        return delta

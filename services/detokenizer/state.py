@@ -1,0 +1,131 @@
+"""All requests a detokenizer replica is decoding: engine steps in, text out. No I/O."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from services.detokenizer.incremental import IncrementalDetokenizer, TokenDecoder
+from shared.messages import DetokenizeParams, EngineStepOutput, TextDelta, TokenDelta, Usage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    """What one batch of engine output produced."""
+
+    responses: dict[str, list[TextDelta]] = field(default_factory=dict)  # gateway id -> deltas
+    aborts: list[str] = field(default_factory=list)  # requests the engines should stop
+
+
+@dataclass
+class _Tracked:
+    detokenizer: IncrementalDetokenizer
+    gateway_id: str
+    last_seen: float
+
+
+class DetokenizerState:
+    """request_id -> IncrementalDetokenizer, forgotten when finished or idle too long.
+
+    Finished requests are remembered for a while (``finished_ttl_s``) so that
+    deltas arriving after the end (an engine still running until our abort
+    reaches it, or an entry delivered twice) are dropped, not decoded again.
+    """
+
+    def __init__(self, decoder: TokenDecoder, *, idle_timeout_s: float = 600.0, finished_ttl_s: float = 600.0) -> None:
+        self._decoder = decoder
+        self._idle_timeout_s = idle_timeout_s
+        self._finished_ttl_s = finished_ttl_s
+        self._active: OrderedDict[str, _Tracked] = OrderedDict()  # least recently seen first
+        self._finished: OrderedDict[str, float] = OrderedDict()  # request id -> when it finished
+
+    def __len__(self) -> int:
+        return len(self._active)
+
+    def active_request_ids(self) -> list[str]:
+        return list(self._active)
+
+    def process(self, outputs: Iterable[EngineStepOutput], now: float) -> StepResult:
+        result = StepResult()
+        for output in outputs:
+            for delta in output.deltas:
+                self._add(delta, now, result)
+        return result
+
+    def expire(self, now: float) -> list[str]:
+        """Forget requests without output for too long (their engine is gone); returns their ids."""
+        expired: list[str] = []
+        while self._active:
+            request_id, tracked = next(iter(self._active.items()))
+            if now - tracked.last_seen < self._idle_timeout_s:
+                break
+            del self._active[request_id]
+            expired.append(request_id)
+        while self._finished:
+            request_id, finished_at = next(iter(self._finished.items()))
+            if now - finished_at < self._finished_ttl_s:
+                break
+            del self._finished[request_id]
+        if expired:
+            log.warning("forgot %d requests idle for %.0f s", len(expired), self._idle_timeout_s)
+        return expired
+
+    def _add(self, delta: TokenDelta, now: float, result: StepResult) -> None:
+        request_id = delta.request_id
+        if request_id in self._finished:
+            return  # late or repeated output of a request already answered
+        tracked = self._active.get(request_id)
+        if tracked is None:
+            tracked = self._start(delta, now)
+        else:
+            tracked.last_seen = now
+            self._active.move_to_end(request_id)
+        try:
+            text = tracked.detokenizer.add(delta)
+        except Exception:
+            # A token the tokenizer cannot decode must end this request, not the replica.
+            log.exception("decoding %s failed", request_id)
+            text = TextDelta(
+                request_id=request_id,
+                text="",
+                finish_reason="error",
+                usage=Usage(prompt_tokens=delta.prompt_tokens, completion_tokens=tracked.detokenizer.num_tokens),
+            )
+            result.aborts.append(request_id)
+            self._finish(request_id, now)
+        else:
+            if tracked.detokenizer.finished:
+                if tracked.detokenizer.stopped_by_string and delta.finish_reason is None:
+                    result.aborts.append(request_id)  # the engine is still generating
+                self._finish(request_id, now)
+        if text is not None:
+            result.responses.setdefault(tracked.gateway_id, []).append(text)
+
+    def _start(self, delta: TokenDelta, now: float) -> _Tracked:
+        if delta.offset > 0 or delta.detokenize is None:
+            # Normally a request starts with offset 0 and its parameters. Without
+            # them (the replica that saw the start died, or a shard moved here),
+            # decode from here on with defaults rather than drop the output.
+            log.warning("%s: first seen at output token %d; decoding from there", delta.request_id, delta.offset)
+        tracked = _Tracked(
+            detokenizer=IncrementalDetokenizer(
+                self._decoder,
+                delta.request_id,
+                delta.detokenize or DetokenizeParams(),
+                delta.prompt_tail or (),
+                start_offset=delta.offset,
+            ),
+            gateway_id=delta.gateway_id,
+            last_seen=now,
+        )
+        self._active[delta.request_id] = tracked
+        return tracked
+
+    def _finish(self, request_id: str, now: float) -> None:
+        self._active.pop(request_id, None)
+        self._finished[request_id] = now
+        self._finished.move_to_end(request_id)

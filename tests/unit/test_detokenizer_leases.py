@@ -1,0 +1,104 @@
+"""Shard leases: the planner's decisions, and two replicas sharing shards through Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+import fakeredis
+
+from services.detokenizer.leases import ShardLeases, ShardPlanner, lease_name
+from shared.messages import Heartbeat
+from shared.transport import StreamTransport
+
+
+def planner(shards: int = 4, held: set[int] | None = None, *, grace: float = 30.0, rid: str = "d1") -> ShardPlanner:
+    p = ShardPlanner(shards, rid, release_grace_s=grace)
+    for shard in held or ():
+        p.acquired(shard)
+    return p
+
+
+def test_share_is_the_ceiling_of_shards_per_live_replica() -> None:
+    p = planner(4)
+    assert [p.target(n) for n in (0, 1, 2, 3, 4, 8)] == [4, 4, 2, 2, 1, 1]
+
+
+def test_alone_it_wants_every_shard() -> None:
+    plan = planner(4).plan(live_replicas=1, busy=set(), now=0.0)
+    assert plan.wanted == 4 and sorted(plan.candidates) == [0, 1, 2, 3] and plan.release == []
+
+
+def test_under_its_share_it_tries_only_shards_it_lacks() -> None:
+    plan = planner(6, {1, 4}).plan(live_replicas=2, busy=set(), now=0.0)
+    assert plan.wanted == 1
+    assert sorted(plan.candidates) == [0, 2, 3, 5]
+
+
+def test_replicas_start_looking_at_different_shards() -> None:
+    firsts = {planner(16, rid=f"detokenizer-{i}").plan(1, set(), 0.0).candidates[0] for i in range(8)}
+    assert len(firsts) > 1
+
+
+def test_over_its_share_it_gives_back_idle_shards_first() -> None:
+    p = planner(4, {0, 1, 2, 3})
+    plan = p.plan(live_replicas=2, busy={2, 3}, now=0.0)
+    assert sorted(plan.release) == [0, 1] and plan.wanted == 0
+
+
+def test_busy_shards_are_given_back_only_after_the_grace_period() -> None:
+    p = planner(4, {0, 1, 2, 3}, grace=30.0)
+    assert p.plan(live_replicas=2, busy={0, 1, 2, 3}, now=100.0).release == []
+    assert p.plan(live_replicas=2, busy={0, 1, 2, 3}, now=120.0).release == []
+    assert len(p.plan(live_replicas=2, busy={0, 1, 2, 3}, now=130.0).release) == 2
+
+
+def test_at_its_share_it_neither_takes_nor_gives() -> None:
+    plan = planner(4, {0, 1}).plan(live_replicas=2, busy=set(), now=0.0)
+    assert plan.release == [] and plan.wanted == 0
+
+
+# -- two replicas through fakeredis -----------------------------------------------
+
+
+def test_two_replicas_split_the_shards_and_take_over_a_lost_one() -> None:
+    async def scenario() -> None:
+        server = fakeredis.FakeServer()
+
+        def replica(rid: str) -> tuple[StreamTransport, ShardLeases]:
+            transport = StreamTransport.from_client(fakeredis.FakeAsyncRedis(server=server), "t", rid)
+            return transport, ShardLeases(transport, ShardPlanner(4, rid, release_grace_s=30.0), ttl_ms=60_000)
+
+        async def beat(transport: StreamTransport, rid: str) -> None:
+            await transport.beat(Heartbeat(role="detokenizer", replica_id=rid, time=0.0), ttl_s=60)
+
+        ta, a = replica("a")
+        tb, b = replica("b")
+        await beat(ta, "a")
+        assert sorted(await a.maintain(busy=set(), now=0.0)) == [0, 1, 2, 3]
+
+        await beat(tb, "b")
+        assert await b.maintain(busy=set(), now=0.0) == []  # all taken; a is now over its share
+        await a.maintain(busy=set(), now=1.0)
+        assert len(a.held) == 2
+        assert len(await b.maintain(busy=set(), now=1.0)) == 2
+        assert sorted(a.held + b.held) == [0, 1, 2, 3]
+
+        # b dies: its leases expire (deleted here) and its heartbeat is gone.
+        await tb.delete(tb.names.heartbeat("detokenizer", "b"), *(tb.names.lease(lease_name(s)) for s in b.held))
+        await a.maintain(busy=set(), now=2.0)
+        assert a.held == [0, 1, 2, 3]
+
+        # a loses a lease it thought it held (e.g. it stalled past the TTL).
+        await ta.delete(ta.names.lease(lease_name(0)))
+        await tb.acquire_lease(lease_name(0), 60_000)
+        await beat(tb, "b")
+        await a.maintain(busy=set(), now=3.0)
+        assert 0 not in a.held
+
+        await a.release_all()
+        assert a.held == []
+        assert await tb.acquire_lease(lease_name(1), 60_000)  # free again
+        for transport in (ta, tb):
+            await transport.close()
+
+    asyncio.run(scenario())
