@@ -1,0 +1,95 @@
+"""Decode step time of the torch ModelRunner at several batch sizes.
+
+    python -m bench/model_step.py            # default model, float32 and bfloat16, batch 1/16/64
+    python bench/model_step.py --dtype bfloat16 --batch 64 --context 300 --steps 20
+
+Every sequence decodes one token per step with ~context tokens already in the
+KV cache (the cache holds zeros: the step's cost does not depend on the values).
+Prints ms per step, tokens/s, and the model's matmul FLOP/s (2 * weights * batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from services.engine.model.batch import ForwardBatch
+from services.engine.model.runner import ModelRunner
+
+
+def decode_batch(batch: int, context: int, block_size: int) -> ForwardBatch:
+    blocks_per_seq = (context + block_size - 1) // block_size
+    tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(batch)]
+    pos = context - 1
+    slots = [table[pos // block_size] * block_size + pos % block_size for table in tables]
+    return ForwardBatch(
+        input_ids=torch.randint(0, 1000, (batch,)),
+        positions=torch.full((batch,), pos, dtype=torch.long),
+        slot_mapping=torch.tensor(slots, dtype=torch.long),
+        query_lens=[1] * batch,
+        context_lens=[context] * batch,
+        block_tables=tables,
+        logits_indices=torch.arange(batch),
+    )
+
+
+def matmul_params(runner: ModelRunner) -> int:
+    weights = runner.model.weights
+    total = weights.lm_head.numel()
+    for layer in weights.layers:
+        total += layer.qkv.numel() + layer.o.numel() + layer.gate_up.numel() + layer.down.numel()
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=Path, default=None, help="HF folder; default: the cached default model")
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--context", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--block-size", type=int, default=16)
+    args = parser.parse_args()
+    model_dir = args.model_dir
+    if model_dir is None:
+        from shared.model_files import resolve_model_dir
+        from shared.settings import CommonSettings
+
+        model_dir = resolve_model_dir(CommonSettings(), weights=True)
+    blocks_needed = max(args.batch) * ((args.context + 1 + args.block_size - 1) // args.block_size)
+    print(f"model {model_dir}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for dtype in args.dtype:
+        runner = ModelRunner(
+            model_dir,
+            dtype=dtype,
+            device="cpu",
+            block_size=args.block_size,
+            num_blocks=blocks_needed,
+            kv_cache_bytes=None,
+            max_model_len=None,
+        )
+        params = matmul_params(runner)
+        for batch in args.batch:
+            step = decode_batch(batch, args.context, args.block_size)
+            for _ in range(3):
+                runner.forward(step)
+            times = []
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                runner.forward(step)
+                times.append(time.perf_counter() - start)
+            median = statistics.median(times)
+            print(
+                f"{dtype:9s} batch {batch:3d} context {args.context}: {median * 1e3:7.2f} ms/step "
+                f"(min {min(times) * 1e3:7.2f}), {batch / median:7.1f} tok/s, "
+                f"{2 * params * batch / median / 1e9:6.1f} GFLOP/s matmul"
+            )
+        del runner
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Paged attention over the KV pool, in plain torch.
+
+Per step, ``AttentionMetadata.build`` turns the batch's block tables into
+index tensors and masks once; every layer reuses them. Per layer,
+``paged_attention`` writes the new tokens' K/V into their slots, then:
+
+- decode sequences (one new token each) are batched into one call: each
+  sequence's blocks are gathered from the pool, padded to the longest context,
+  and attended with a mask, as batched matmuls in which the query heads
+  sharing a KV head form the rows (GQA without copying K/V per query head);
+- prefill chunks are attended one sequence at a time with SDPA: causal over
+  the fresh K/V when nothing is cached before the chunk, otherwise over the
+  gathered cache with a causal mask shifted by the cached length.
+
+Cache layout: see kv_cache.py ([num_blocks, num_kv_heads, block_size, head_dim]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class DecodeGroup:
+    tokens: slice | torch.Tensor  # which of the step's T tokens are the decode tokens, in order
+    num_seqs: int
+    padded_len: int  # Lp: the longest context rounded up to whole blocks
+    gather_rows: torch.Tensor  # [num_seqs * kv_heads * blocks] rows of the pool's [blocks * kv_heads, block_size * D] view
+    mask: torch.Tensor  # [num_seqs * kv_heads, 1, Lp] additive: 0 inside the context, -inf past it
+
+
+@dataclass(slots=True)
+class PrefillSeq:
+    start: int  # token range [start, end) of this chunk within the step's T tokens
+    end: int
+    context_len: int
+    gather_rows: torch.Tensor | None  # [kv_heads * blocks] when tokens are cached before the chunk
+    mask: torch.Tensor | None  # [chunk, Lp] bool, True where a query may look, with gather_rows
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    write_rows: torch.Tensor  # [T * kv_heads] rows of the pool's [slots * kv_heads, D] view, token-major
+    decode: DecodeGroup | None
+    prefills: list[PrefillSeq]
+    num_tokens: int
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        slot_mapping: torch.Tensor,
+        query_lens: list[int],
+        context_lens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        num_kv_heads: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> AttentionMetadata:
+        """Index tensors and masks for one step; the caller has validated the batch."""
+        heads = torch.arange(num_kv_heads, device=device)
+        slots = slot_mapping.to(device=device, dtype=torch.long)
+        block, offset = slots // block_size, slots % block_size
+        write_rows = ((block[:, None] * num_kv_heads + heads[None, :]) * block_size + offset[:, None]).reshape(-1)
+
+        decode_seqs: list[int] = []
+        decode_tokens: list[int] = []
+        prefills: list[PrefillSeq] = []
+        start = 0
+        for i, q_len in enumerate(query_lens):
+            if q_len == 1:
+                decode_seqs.append(i)
+                decode_tokens.append(start)
+            else:
+                prefills.append(
+                    _prefill_seq(
+                        start, q_len, context_lens[i], block_tables[i], block_size, num_kv_heads, heads, device
+                    )
+                )
+            start += q_len
+        decode = None
+        if decode_seqs:
+            decode = _decode_group(
+                decode_seqs, decode_tokens, context_lens, block_tables, block_size, num_kv_heads, heads, dtype, device
+            )
+        return cls(write_rows=write_rows, decode=decode, prefills=prefills, num_tokens=start)
+
+
+def _decode_group(
+    seqs: list[int],
+    tokens: list[int],
+    context_lens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    num_kv_heads: int,
+    heads: torch.Tensor,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> DecodeGroup:
+    lens = [context_lens[i] for i in seqs]
+    max_blocks = (max(lens) + block_size - 1) // block_size
+    # Pad short tables with block 0: its rows are read but masked out.
+    table = torch.tensor(
+        [block_tables[i][:max_blocks] + [0] * (max_blocks - len(block_tables[i][:max_blocks])) for i in seqs],
+        dtype=torch.long,
+        device=device,
+    )
+    gather_rows = (table[:, None, :] * num_kv_heads + heads[None, :, None]).reshape(-1)
+    padded_len = max_blocks * block_size
+    ctx = torch.tensor(lens, dtype=torch.long, device=device)
+    visible = torch.arange(padded_len, device=device)[None, :] < ctx[:, None]  # [B, Lp]
+    mask = torch.zeros(len(seqs), padded_len, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
+    mask = mask[:, None, None, :].expand(len(seqs), num_kv_heads, 1, padded_len).reshape(-1, 1, padded_len)
+    first = tokens[0]
+    contiguous = tokens == list(range(first, first + len(tokens)))
+    token_index: slice | torch.Tensor = (
+        slice(first, first + len(tokens)) if contiguous else torch.tensor(tokens, dtype=torch.long, device=device)
+    )
+    return DecodeGroup(
+        tokens=token_index, num_seqs=len(seqs), padded_len=padded_len, gather_rows=gather_rows, mask=mask
+    )
+
+
+def _prefill_seq(
+    start: int,
+    q_len: int,
+    context_len: int,
+    block_table: list[int],
+    block_size: int,
+    num_kv_heads: int,
+    heads: torch.Tensor,
+    device: torch.device,
+) -> PrefillSeq:
+    if context_len == q_len:
+        return PrefillSeq(start=start, end=start + q_len, context_len=context_len, gather_rows=None, mask=None)
+    num_blocks = (context_len + block_size - 1) // block_size
+    table = torch.tensor(block_table[:num_blocks], dtype=torch.long, device=device)
+    gather_rows = (table[None, :] * num_kv_heads + heads[:, None]).reshape(-1)
+    padded_len = num_blocks * block_size
+    # Query i sits at position context_len - q_len + i and sees keys up to it;
+    # that also hides the padding past context_len.
+    query_pos = torch.arange(context_len - q_len, context_len, device=device)
+    mask = torch.arange(padded_len, device=device)[None, :] <= query_pos[:, None]
+    return PrefillSeq(
+        start=start, end=start + q_len, context_len=context_len, gather_rows=gather_rows, mask=mask
+    )
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of the step's tokens over their sequences' cached context.
+
+    q: [T, H, D]; k, v: [T, KV, D] for the new tokens (already rotated);
+    k_cache, v_cache: one layer of the pool, [num_blocks, KV, block_size, D].
+    Returns [T, H * D].
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    k_cache.view(-1, head_dim).index_copy_(0, meta.write_rows, k.reshape(-1, head_dim))
+    v_cache.view(-1, head_dim).index_copy_(0, meta.write_rows, v.reshape(-1, head_dim))
+    k_blocks = k_cache.view(-1, block_size * head_dim)
+    v_blocks = v_cache.view(-1, block_size * head_dim)
+
+    decode = meta.decode
+    if decode is not None and decode.num_seqs == num_tokens:
+        return _decode(q, k_blocks, v_blocks, decode, group, scale)
+    out = q.new_empty(num_tokens, num_heads * head_dim)
+    if decode is not None:
+        dq = q[decode.tokens]
+        result = _decode(dq, k_blocks, v_blocks, decode, group, scale)
+        if isinstance(decode.tokens, slice):
+            out[decode.tokens] = result
+        else:
+            out.index_copy_(0, decode.tokens, result)
+    for seq in meta.prefills:
+        out[seq.start : seq.end] = _prefill(q, k, v, k_blocks, v_blocks, seq, num_kv_heads, head_dim, scale)
+    return out
+
+
+def _decode(
+    q: torch.Tensor,
+    k_blocks: torch.Tensor,
+    v_blocks: torch.Tensor,
+    group_meta: DecodeGroup,
+    group: int,
+    scale: float,
+) -> torch.Tensor:
+    """q: [B, H, D] -> [B, H * D]."""
+    batch, num_heads, head_dim = q.shape
+    rows = group_meta.num_seqs * (num_heads // group)
+    keys = k_blocks.index_select(0, group_meta.gather_rows).view(rows, group_meta.padded_len, head_dim)
+    values = v_blocks.index_select(0, group_meta.gather_rows).view(rows, group_meta.padded_len, head_dim)
+    # Query heads sharing a KV head are consecutive: [B, KV * G, D] -> [B * KV, G, D].
+    scores = torch.baddbmm(group_meta.mask, q.reshape(rows, group, head_dim), keys.transpose(1, 2), alpha=scale)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.bmm(probs, values).view(batch, num_heads * head_dim)
+
+
+def _prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_blocks: torch.Tensor,
+    v_blocks: torch.Tensor,
+    seq: PrefillSeq,
+    num_kv_heads: int,
+    head_dim: int,
+    scale: float,
+) -> torch.Tensor:
+    """One sequence's chunk: -> [chunk, H * D]."""
+    sq = q[seq.start : seq.end].transpose(0, 1)  # [H, chunk, D]
+    if seq.gather_rows is None:
+        keys = k[seq.start : seq.end].transpose(0, 1)  # [KV, chunk, D]
+        values = v[seq.start : seq.end].transpose(0, 1)
+        out = F.scaled_dot_product_attention(sq, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        keys = k_blocks.index_select(0, seq.gather_rows).view(num_kv_heads, -1, head_dim)
+        values = v_blocks.index_select(0, seq.gather_rows).view(num_kv_heads, -1, head_dim)
+        out = F.scaled_dot_product_attention(sq, keys, values, attn_mask=seq.mask, scale=scale, enable_gqa=True)
+    return out.transpose(0, 1).reshape(seq.end - seq.start, -1)

@@ -1,0 +1,131 @@
+"""The Llama-family forward pass (Llama, Mistral, Qwen2, SmolLM2), written out in torch.
+
+Weights are plain tensors, not nn.Modules: the decode step is a long chain of
+small ops, and module call overhead per op is a visible share of it at this
+model size. q/k/v are one fused matmul, gate/up another.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from services.engine.model.attention import AttentionMetadata, paged_attention
+from services.engine.model.config import ModelConfig, RopeScaling
+from services.engine.model.kv_cache import KVCache
+
+
+@dataclass(slots=True)
+class LayerWeights:
+    input_norm: torch.Tensor  # [hidden]
+    qkv: torch.Tensor  # [(H + 2 * KV) * D, hidden]: q, k, v projections stacked
+    qkv_bias: torch.Tensor | None  # [(H + 2 * KV) * D]
+    o: torch.Tensor  # [hidden, H * D]
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor  # [hidden]
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]: gate and up stacked
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor  # [hidden, intermediate]
+    down_bias: torch.Tensor | None
+
+
+@dataclass(slots=True)
+class ModelWeights:
+    embed: torch.Tensor  # [vocab, hidden]
+    layers: list[LayerWeights]
+    final_norm: torch.Tensor  # [hidden]
+    lm_head: torch.Tensor  # [vocab, hidden]; the same tensor as embed when tied
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    """[head_dim / 2] float32 inverse frequencies, with linear or llama3 scaling applied."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    if scaling.rope_type == "llama3":
+        old_len = scaling.original_max_position_embeddings
+        low_wavelen = old_len / scaling.low_freq_factor
+        high_wavelen = old_len / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are slowed by the factor, short ones kept; in between, blended.
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, blended, scaled)
+    return inv_freq
+
+
+class RotaryTable:
+    """cos / sin for every position up to max_positions, looked up per step."""
+
+    def __init__(self, config: ModelConfig, max_positions: int, device: torch.device) -> None:
+        inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        self.cos = freqs.cos().to(device)  # [max_positions, D / 2] float32
+        self.sin = freqs.sin().to(device)
+
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> cos, sin [T, 1, D / 2] in dtype, ready to broadcast over heads."""
+        cos = self.cos.index_select(0, positions).to(dtype)[:, None, :]
+        sin = self.sin.index_select(0, positions).to(dtype)[:, None, :]
+        return cos, sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, D] (may be a strided view), rotated by halves as in HF's rotate_half."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalise in float32 and scale in the model dtype, as transformers does."""
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+class LlamaModel:
+    def __init__(self, config: ModelConfig, weights: ModelWeights, rotary: RotaryTable) -> None:
+        self.config = config
+        self.weights = weights
+        self.rotary = rotary
+        self.scale = config.head_dim**-0.5
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+        self.dtype = weights.embed.dtype
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        logits_indices: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: KVCache,
+    ) -> torch.Tensor:
+        """input_ids, positions: [T]; logits_indices: [S]. Returns [S, vocab] float32 logits."""
+        cfg = self.config
+        eps = cfg.rms_norm_eps
+        num_tokens = input_ids.shape[0]
+        heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        cos, sin = self.rotary.lookup(positions, self.dtype)
+        hidden = F.embedding(input_ids, self.weights.embed)
+        for index, layer in enumerate(self.weights.layers):
+            normed = rms_norm(hidden, layer.input_norm, eps)
+            qkv = F.linear(normed, layer.qkv, layer.qkv_bias)
+            # q and k are rotated together: they are adjacent in the fused output.
+            qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(num_tokens, heads + kv_heads, head_dim), cos, sin)
+            q, k = qk[:, :heads], qk[:, heads:]
+            v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, kv_heads, head_dim)
+            k_cache, v_cache = kv_cache.layer(index)
+            attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+            hidden = hidden + F.linear(attn, layer.o, layer.o_bias)
+            normed = rms_norm(hidden, layer.post_norm, eps)
+            gate_up = F.linear(normed, layer.gate_up, layer.gate_up_bias)
+            gate, up = gate_up.chunk(2, dim=-1)
+            hidden = hidden + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+        last = hidden.index_select(0, logits_indices)
+        return F.linear(rms_norm(last, self.weights.final_norm, eps), self.weights.lm_head).float()

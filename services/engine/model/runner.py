@@ -1,0 +1,145 @@
+"""ModelRunner: config + weights + KV pool, and one forward per engine step."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from services.engine.model.attention import AttentionMetadata
+from services.engine.model.batch import ForwardBatch
+from services.engine.model.config import ModelConfig
+from services.engine.model.device import resolve_device, resolve_dtype
+from services.engine.model.kv_cache import KVCache, kv_bytes_per_block, num_blocks_for
+from services.engine.model.llama import LlamaModel, RotaryTable
+from services.engine.model.loader import load_weights
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        dtype: str,
+        device: str,
+        block_size: int,
+        num_blocks: int | None,
+        kv_cache_bytes: int | None,
+        max_model_len: int | None,
+    ) -> None:
+        """Load the model and allocate the KV pool: num_blocks if given, else as
+        many blocks as fit in kv_cache_bytes. Raises UnsupportedModelError /
+        WeightsError / ValueError with a message naming the problem."""
+        if block_size < 1:
+            raise ValueError(f"block_size must be at least 1, got {block_size}")
+        self.config = ModelConfig.from_dir(Path(model_dir))
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.block_size = block_size
+        cfg = self.config
+        self.max_model_len = self._resolve_max_model_len(max_model_len)
+        self._per_block = kv_bytes_per_block(
+            num_layers=cfg.num_layers,
+            block_size=block_size,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            dtype=self.dtype,
+        )
+        if num_blocks is None:
+            if kv_cache_bytes is None:
+                raise ValueError("give the KV pool size: num_blocks or kv_cache_bytes")
+            num_blocks = num_blocks_for(
+                kv_cache_bytes,
+                num_layers=cfg.num_layers,
+                block_size=block_size,
+                num_kv_heads=cfg.num_kv_heads,
+                head_dim=cfg.head_dim,
+                dtype=self.dtype,
+            )
+            if num_blocks < 1:
+                raise ValueError(
+                    f"kv_cache_bytes={kv_cache_bytes} holds no block; one block takes {self._per_block} bytes"
+                )
+        self.num_blocks = num_blocks
+        weights = load_weights(Path(model_dir), cfg, self.dtype, self.device)
+        self.model = LlamaModel(cfg, weights, RotaryTable(cfg, self.max_model_len, self.device))
+        self.kv_cache = KVCache(
+            num_layers=cfg.num_layers,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        log.info(
+            "model %s (%s) on %s in %s; KV pool %d blocks of %d tokens (%.1f MiB)",
+            cfg.architecture,
+            Path(model_dir).name,
+            self.device,
+            self.dtype,
+            num_blocks,
+            block_size,
+            num_blocks * self._per_block / 2**20,
+        )
+
+    def _resolve_max_model_len(self, requested: int | None) -> int:
+        cfg = self.config
+        limit = cfg.max_position_embeddings
+        if requested is not None and requested > limit:
+            raise ValueError(f"max_model_len {requested} exceeds the model's max_position_embeddings {limit}")
+        length = requested or limit
+        if cfg.sliding_window is not None and cfg.sliding_window < length:
+            # We attend over the whole context; within the window that is exactly
+            # what the model was trained for, beyond it it would not be.
+            log.warning("max_model_len capped at the model's sliding window %d", cfg.sliding_window)
+            length = cfg.sliding_window
+        return length
+
+    def kv_bytes_per_block(self) -> int:
+        return self._per_block
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Run one step; returns [S, vocab] float32 logits for batch.logits_indices."""
+        self._validate(batch)
+        device = self.device
+        meta = AttentionMetadata.build(
+            slot_mapping=batch.slot_mapping,
+            query_lens=batch.query_lens,
+            context_lens=batch.context_lens,
+            block_tables=batch.block_tables,
+            block_size=self.block_size,
+            num_kv_heads=self.config.num_kv_heads,
+            dtype=self.dtype,
+            device=device,
+        )
+        return self.model.forward(
+            batch.input_ids.to(device),
+            batch.positions.to(device),
+            batch.logits_indices.to(device),
+            meta,
+            self.kv_cache,
+        )
+
+    def _validate(self, batch: ForwardBatch) -> None:
+        """Cheap consistency checks; a malformed batch is an engine bug, so name it clearly."""
+        num_tokens = batch.input_ids.shape[0]
+        num_seqs = len(batch.query_lens)
+        if not (len(batch.context_lens) == len(batch.block_tables) == num_seqs):
+            raise ValueError(
+                f"ForwardBatch: {num_seqs} query_lens, {len(batch.context_lens)} context_lens, "
+                f"{len(batch.block_tables)} block_tables"
+            )
+        if batch.positions.shape[0] != num_tokens or batch.slot_mapping.shape[0] != num_tokens:
+            raise ValueError("ForwardBatch: input_ids, positions and slot_mapping differ in length")
+        if sum(batch.query_lens) != num_tokens or num_tokens == 0:
+            raise ValueError(f"ForwardBatch: query_lens sum to {sum(batch.query_lens)}, but {num_tokens} tokens given")
+        for q_len, ctx, table in zip(batch.query_lens, batch.context_lens, batch.block_tables, strict=True):
+            if q_len < 1 or ctx < q_len or ctx > self.max_model_len:
+                raise ValueError(f"ForwardBatch: query_len {q_len} / context_len {ctx} is invalid")
+            if len(table) * self.block_size < ctx:
+                raise ValueError(f"ForwardBatch: {len(table)} blocks cannot hold {ctx} tokens")

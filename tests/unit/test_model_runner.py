@@ -1,0 +1,236 @@
+"""ModelRunner against transformers on the same tiny random-weight checkpoints, float32.
+
+Block tables are shuffled and non-contiguous, blocks hold 4 tokens, so every
+test crosses block boundaries and reads the pool out of order.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
+
+from services.engine.model.batch import ForwardBatch
+from services.engine.model.runner import ModelRunner
+
+BLOCK = 4
+NUM_BLOCKS = 96
+VOCAB = 256
+ATOL = 1e-4
+
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+)
+VARIANTS = {
+    "llama-tied": lambda: LlamaForCausalLM(LlamaConfig(**COMMON, tie_word_embeddings=True, rope_theta=10000.0)),
+    "llama-untied-llama3rope": lambda: LlamaForCausalLM(
+        LlamaConfig(
+            **COMMON,
+            tie_word_embeddings=False,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        )
+    ),
+    "qwen2-bias": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON, tie_word_embeddings=False, rope_theta=1e6)),
+}
+
+
+@dataclass
+class Model:
+    hf: PreTrainedModel
+    path: Path
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Model:
+    torch.manual_seed(1234)
+    hf = VARIANTS[request.param]().eval()
+    # Random init leaves biases at zero; make them matter.
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    return Model(hf, path)
+
+
+def make_runner(path: Path, num_blocks: int = NUM_BLOCKS, dtype: str = "float32") -> ModelRunner:
+    return ModelRunner(
+        path, dtype=dtype, device="cpu", block_size=BLOCK, num_blocks=num_blocks, kv_cache_bytes=None, max_model_len=None
+    )
+
+
+def hf_logits(hf: PreTrainedModel, tokens: list[int]) -> torch.Tensor:
+    """[len(tokens), vocab] next-token logits at every position."""
+    with torch.no_grad():
+        return hf(torch.tensor([tokens])).logits[0].float()
+
+
+@dataclass
+class Seq:
+    tokens: list[int]
+    blocks: list[int] = field(default_factory=list)
+    cached: int = 0  # tokens whose K/V are in the pool
+
+
+class Pool:
+    """Hands out blocks in shuffled order, like a block manager after some churn."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.free = list(range(NUM_BLOCKS))
+        random.Random(seed).shuffle(self.free)
+
+    def schedule(self, steps: list[tuple[Seq, int]], want_all_logits: bool = False) -> tuple[ForwardBatch, list[int]]:
+        """One forward over (sequence, new token count) pairs; returns the batch
+        and, per sequence, the index in T of its last token."""
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        last: list[int] = []
+        for seq, n in steps:
+            end = seq.cached + n
+            while len(seq.blocks) * BLOCK < end:
+                seq.blocks.append(self.free.pop())
+            for pos in range(seq.cached, end):
+                ids.append(seq.tokens[pos])
+                positions.append(pos)
+                slots.append(seq.blocks[pos // BLOCK] * BLOCK + pos % BLOCK)
+            last.append(len(ids) - 1)
+        batch = ForwardBatch(
+            input_ids=torch.tensor(ids),
+            positions=torch.tensor(positions),
+            slot_mapping=torch.tensor(slots),
+            query_lens=[n for _, n in steps],
+            context_lens=[seq.cached + n for seq, n in steps],
+            block_tables=[list(seq.blocks) for seq, _ in steps],
+            logits_indices=torch.arange(len(ids)) if want_all_logits else torch.tensor(last),
+        )
+        for seq, n in steps:
+            seq.cached += n
+        return batch, last
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(VOCAB) for _ in range(length)]
+
+
+def test_prefill_logits_match_transformers_at_every_position(model: Model) -> None:
+    runner = make_runner(model.path)
+    seq = Seq(prompt(13, seed=1))
+    batch, _ = Pool().schedule([(seq, 13)], want_all_logits=True)
+    ours = runner.forward(batch)
+    assert ours.dtype == torch.float32 and ours.shape == (13, VOCAB)
+    torch.testing.assert_close(ours, hf_logits(model.hf, seq.tokens), atol=ATOL, rtol=0)
+
+
+def test_greedy_decode_step_by_step_matches_transformers(model: Model) -> None:
+    runner = make_runner(model.path)
+    pool = Pool(seed=2)
+    seq = Seq(prompt(6, seed=3))
+    batch, _ = pool.schedule([(seq, 6)])
+    logits = runner.forward(batch)
+    for _ in range(10):  # crosses two block boundaries
+        seq.tokens.append(int(logits[0].argmax()))
+        batch, _ = pool.schedule([(seq, 1)])
+        logits = runner.forward(batch)
+        torch.testing.assert_close(logits[0], hf_logits(model.hf, seq.tokens)[-1], atol=ATOL, rtol=0)
+
+
+def test_prefill_in_three_chunks_matches_one_pass(model: Model) -> None:
+    runner = make_runner(model.path)
+    pool = Pool(seed=4)
+    seq = Seq(prompt(23, seed=5))
+    reference = hf_logits(model.hf, seq.tokens)
+    for size, end in ((7, 7), (9, 16), (7, 23)):  # chunk edges fall inside blocks
+        batch, _ = pool.schedule([(seq, size)], want_all_logits=True)
+        torch.testing.assert_close(runner.forward(batch), reference[end - size : end], atol=ATOL, rtol=0)
+
+
+def test_mixed_batch_of_decodes_and_prefills_matches_each_sequence_alone(model: Model) -> None:
+    runner = make_runner(model.path)
+    pool = Pool(seed=6)
+    decode_a, decode_b = Seq(prompt(9, seed=7)), Seq(prompt(3, seed=8))
+    chunked = Seq(prompt(14, seed=9))
+    fresh = Seq(prompt(5, seed=10))
+    warmup, _ = pool.schedule([(decode_a, 8), (decode_b, 2), (chunked, 6)])
+    runner.forward(warmup)
+    # Decodes and prefills interleaved: decode, prefill with a cached prefix, decode, fresh prefill.
+    batch, _ = pool.schedule([(decode_a, 1), (chunked, 8), (decode_b, 1), (fresh, 5)])
+    ours = runner.forward(batch)
+    for row, seq in enumerate((decode_a, chunked, decode_b, fresh)):
+        torch.testing.assert_close(ours[row], hf_logits(model.hf, seq.tokens)[-1], atol=ATOL, rtol=0)
+
+
+def test_shared_prefix_blocks_are_read_not_recomputed(model: Model) -> None:
+    """A second sequence whose first blocks are another's (a prefix-cache hit)
+    only computes its suffix and still gets the full sequence's logits."""
+    runner = make_runner(model.path)
+    pool = Pool(seed=11)
+    first = Seq(prompt(12, seed=12))
+    runner.forward(pool.schedule([(first, 12)])[0])
+    second = Seq(first.tokens[:8] + prompt(5, seed=13), blocks=first.blocks[:2], cached=8)
+    batch, _ = pool.schedule([(second, 5)])
+    torch.testing.assert_close(runner.forward(batch)[0], hf_logits(model.hf, second.tokens)[-1], atol=ATOL, rtol=0)
+
+
+def test_batch_of_decodes_with_different_lengths(model: Model) -> None:
+    runner = make_runner(model.path)
+    pool = Pool(seed=14)
+    seqs = [Seq(prompt(n, seed=20 + n)) for n in (1, 4, 11, 17)]
+    runner.forward(pool.schedule([(s, len(s.tokens)) for s in seqs])[0])
+    for step in range(3):
+        for s in seqs:
+            s.tokens.append((7 * step + len(s.tokens)) % VOCAB)
+        ours = runner.forward(pool.schedule([(s, 1) for s in seqs])[0])
+        for row, s in enumerate(seqs):
+            torch.testing.assert_close(ours[row], hf_logits(model.hf, s.tokens)[-1], atol=ATOL, rtol=0)
+
+
+def test_bfloat16_runner_stays_close_to_float32(model: Model) -> None:
+    seq = Seq(prompt(10, seed=30))
+    batch, _ = Pool().schedule([(seq, 10)], want_all_logits=True)
+    ours = make_runner(model.path, dtype="bfloat16").forward(batch)
+    assert ours.dtype == torch.float32
+    reference = hf_logits(model.hf, seq.tokens)
+    assert (ours - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+def test_sharded_checkpoint_loads_like_a_single_file(model: Model, tmp_path: Path) -> None:
+    model.hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    seq = Seq(prompt(7, seed=31))
+    batch, _ = Pool().schedule([(seq, 7)])
+    torch.testing.assert_close(
+        make_runner(tmp_path).forward(batch)[0], hf_logits(model.hf, seq.tokens)[-1], atol=ATOL, rtol=0
+    )
+
+
+def test_malformed_batch_is_refused_with_a_message(model: Model) -> None:
+    runner = make_runner(model.path)
+    batch, _ = Pool().schedule([(Seq(prompt(9, seed=32)), 9)])
+    batch.block_tables = [batch.block_tables[0][:1]]  # 4 slots for 9 tokens
+    with pytest.raises(ValueError, match="blocks cannot hold 9 tokens"):
+        runner.forward(batch)
+    batch, _ = Pool().schedule([(Seq(prompt(3, seed=33)), 3)])
+    batch.query_lens = [2]
+    with pytest.raises(ValueError, match="query_lens sum to 2"):
+        runner.forward(batch)
