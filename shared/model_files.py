@@ -75,7 +75,11 @@ def resolve_model_dir(settings: CommonSettings, *, weights: bool) -> Path:
     local = Path(model).expanduser()
     if local.is_dir():
         return local.resolve()
-    if model.startswith(("/", "./", "../", "~")) or local.suffix == ".gguf":
+    if local.exists():
+        raise ModelResolutionError(
+            f"model {model!r} is a file; SCALELLM_MODEL must be a Hugging Face folder, a hub id, or {DEFAULT_MODEL!r}"
+        )
+    if model.startswith(("/", "./", "../", "~")):
         raise ModelResolutionError(f"model folder {model!r} does not exist (SCALELLM_MODEL)")
     return _hub_snapshot(model, weights=weights)
 

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 
+from services.detokenizer.incremental import HFTokenDecoder
 from services.detokenizer.leases import ShardLeases, ShardPlanner
 from services.detokenizer.service import DetokenizerService
 from services.detokenizer.state import DetokenizerState
@@ -34,7 +35,7 @@ async def serve(settings: DetokenizerSettings) -> None:
     planner = ShardPlanner(settings.detokenizer_shards, replica_id, release_grace_s=REBALANCE_GRACE_S)
     service = DetokenizerService(
         transport,
-        DetokenizerState(tokenizer),
+        DetokenizerState(HFTokenDecoder(tokenizer)),
         ShardLeases(transport, planner, ttl_ms=settings.lease_ttl_ms),
         replica_id=replica_id,
         batch_size=settings.batch_size,

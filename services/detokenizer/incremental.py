@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from shared.messages import DetokenizeParams, FinishReason, TextDelta, TokenDelta, Usage
 
@@ -32,6 +32,23 @@ class TokenDecoder(Protocol):
     """What a transformers tokenizer offers for decoding."""
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str: ...
+
+
+class HFTokenDecoder:
+    """A transformers tokenizer as a TokenDecoder.
+
+    Tokenization-space clean-up ("hello ." -> "hello.") is turned off: it
+    rewrites text across token boundaries, so a window's decode would no
+    longer extend its prefix's (vLLM decodes without it for the same reason).
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self._tokenizer.decode(
+            token_ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+        )
 
 
 class IncrementalDetokenizer:
@@ -83,7 +100,7 @@ class IncrementalDetokenizer:
         if not new_ids and delta.finish_reason is None:
             return None  # a repeat of what was already seen
         new_logprobs = list(delta.logprobs[skip:]) if delta.logprobs else []
-        self.num_tokens = delta.offset + len(delta.token_ids)
+        self.num_tokens = max(self.num_tokens, delta.offset + len(delta.token_ids))
         self._unsent_ids += new_ids
         self._unsent_logprobs += new_logprobs
 

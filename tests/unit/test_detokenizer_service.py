@@ -13,6 +13,7 @@ import pytest
 
 from services.detokenizer.leases import ShardLeases, ShardPlanner, lease_name
 from services.detokenizer.service import GROUP, DetokenizerService, shard_of
+from services.detokenizer.incremental import HFTokenDecoder
 from services.detokenizer.state import DetokenizerState
 from shared.messages import AbortRequests, DetokenizeParams, EngineStepOutput, ResponseBatch, TextDelta, TokenDelta
 from shared.model_files import resolve_model_dir
@@ -40,7 +41,7 @@ async def running_service(server: fakeredis.FakeServer, tokenizer: Any) -> Async
     service_transport = transport(server, rid)
     service = DetokenizerService(
         service_transport,
-        DetokenizerState(tokenizer),
+        DetokenizerState(HFTokenDecoder(tokenizer)),
         ShardLeases(service_transport, ShardPlanner(SHARDS, rid, release_grace_s=30.0), ttl_ms=LEASE_TTL_MS),
         replica_id=rid,
         batch_size=8,

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from services.detokenizer.incremental import HFTokenDecoder
 from services.detokenizer.state import DetokenizerState
 from shared.messages import DetokenizeParams, EngineStepOutput, FinishReason, TokenDelta
 from shared.model_files import resolve_model_dir
@@ -45,7 +46,7 @@ def step(*deltas: TokenDelta) -> EngineStepOutput:
 
 
 def test_text_goes_to_each_requests_gateway(tokenizer: Any) -> None:
-    state = DetokenizerState(tokenizer)
+    state = DetokenizerState(HFTokenDecoder(tokenizer))
     a, b = tokenizer.encode("Hello there"), tokenizer.encode("你好")
     result = state.process(
         [step(delta("r-a", 0, a, first=DetokenizeParams()), delta("r-b", 0, b, gateway="gw-2", first=DetokenizeParams()))],
@@ -60,7 +61,7 @@ def test_text_goes_to_each_requests_gateway(tokenizer: Any) -> None:
 
 
 def test_stop_string_ends_the_request_and_asks_engines_to_abort(tokenizer: Any) -> None:
-    state = DetokenizerState(tokenizer)
+    state = DetokenizerState(HFTokenDecoder(tokenizer))
     ids = tokenizer.encode("one two three four")
     assert len(ids) == 4
     result = state.process([step(delta("r", 0, ids[:2], first=DetokenizeParams(stop=[" three"])))], now=0.0)
@@ -77,7 +78,7 @@ def test_stop_string_ends_the_request_and_asks_engines_to_abort(tokenizer: Any) 
 
 
 def test_a_request_the_engine_finished_needs_no_abort(tokenizer: Any) -> None:
-    state = DetokenizerState(tokenizer)
+    state = DetokenizerState(HFTokenDecoder(tokenizer))
     ids = tokenizer.encode("short answer")
     result = state.process([step(delta("r", 0, ids, finish="length", first=DetokenizeParams(stop=["answer"])))], 0.0)
     assert result.responses["gw-1"][0].finish_reason == "stop"  # the stop string still wins
@@ -86,7 +87,7 @@ def test_a_request_the_engine_finished_needs_no_abort(tokenizer: Any) -> None:
 
 def test_output_of_a_request_first_seen_mid_way_is_still_decoded(tokenizer: Any) -> None:
     # The replica that saw this request's start died; its later output lands here.
-    state = DetokenizerState(tokenizer)
+    state = DetokenizerState(HFTokenDecoder(tokenizer))
     ids = tokenizer.encode("carries on from here")
     result = state.process([step(delta("r", 12, ids))], now=0.0)
     assert result.responses["gw-1"][0].text == "carries on from here"
@@ -95,7 +96,7 @@ def test_output_of_a_request_first_seen_mid_way_is_still_decoded(tokenizer: Any)
 
 
 def test_idle_requests_are_forgotten(tokenizer: Any) -> None:
-    state = DetokenizerState(tokenizer, idle_timeout_s=10.0)
+    state = DetokenizerState(HFTokenDecoder(tokenizer), idle_timeout_s=10.0)
     state.process([step(delta("old", 0, [100], first=DetokenizeParams()))], now=0.0)
     state.process([step(delta("new", 0, [100], first=DetokenizeParams()))], now=8.0)
     assert state.expire(now=12.0) == ["old"]

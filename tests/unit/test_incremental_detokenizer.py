@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from tokenizers import Tokenizer, decoders, models
 
-from services.detokenizer.incremental import IncrementalDetokenizer
+from services.detokenizer.incremental import HFTokenDecoder, IncrementalDetokenizer
 from shared.messages import DetokenizeParams, FinishReason, TextDelta, TokenDelta
 from shared.model_files import resolve_model_dir
 from shared.settings import CommonSettings
@@ -53,7 +53,7 @@ def text_of(deltas: list[TextDelta]) -> str:
 
 
 def detokenizer(tokenizer: Any, prompt_tail: list[int] | None = None, **params: Any) -> IncrementalDetokenizer:
-    return IncrementalDetokenizer(tokenizer, "r", DetokenizeParams(**params), prompt_tail or [])
+    return IncrementalDetokenizer(HFTokenDecoder(tokenizer), "r", DetokenizeParams(**params), prompt_tail or [])
 
 
 TEXTS = [

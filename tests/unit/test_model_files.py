@@ -176,6 +176,13 @@ def test_missing_local_folder_says_so(tmp_path: Path) -> None:
         resolve_model_dir(_settings(model=str(tmp_path / "nope")), weights=False)
 
 
+def test_a_file_is_not_a_model_folder(tmp_path: Path) -> None:
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(ModelResolutionError, match="is a file"):
+        resolve_model_dir(_settings(model=str(gguf)), weights=False)
+
+
 def test_unknown_hub_id_fails_with_a_clear_message() -> None:
     with pytest.raises(ModelResolutionError, match="could not be fetched from the Hugging Face hub"):
         resolve_model_dir(_settings(model="no-such-org-scalellm/no-such-model"), weights=False)
