@@ -222,7 +222,8 @@ class EngineIO:
     # -- intake: new work from the tokenized stream --------------------------
 
     async def _pull_loop(self) -> None:
-        transport, names = self._require_transport(), self._require_transport().names
+        transport = self._require_transport()
+        stream = transport.names.tokenized
         while not self._closing:
             room = self._room()
             if room <= 0:
@@ -236,7 +237,7 @@ class EngineIO:
                     except TimeoutError:
                         pass
                 continue
-            deliveries = await transport.read_group([names.tokenized], ENGINE_GROUP, count=room, block_ms=READ_BLOCK_MS)
+            deliveries = await transport.read_group([stream], ENGINE_GROUP, count=room, block_ms=READ_BLOCK_MS)
             await self._intake(deliveries)
 
     async def _claim_loop(self) -> None:
