@@ -138,7 +138,9 @@ def start_up() -> Iterator[type[UpProcess]]:
 
 def test_up_starts_redis_and_services_reports_ready_and_stops_everything(start_up: type[UpProcess]) -> None:
     port = free_port()
-    up = start_up("--host", "127.0.0.1", "--port", str(port), "--tokenizers", "2", "--detokenizers", "2", "--backend", "echo")
+    up = start_up(
+        "--host", "127.0.0.1", "--port", str(port), "--tokenizers", "2", "--detokenizers", "2", "--backend", "echo"
+    )  # fmt: skip
     redis_line = up.read_until("started redis-server at ")
     redis_url = redis_line.rsplit(" ", 1)[1].strip()
     ready = up.read_until("ready: ")
