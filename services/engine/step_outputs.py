@@ -120,7 +120,10 @@ class OutputRouter:
         if by_shard:
             self._step += 1
             shard_messages: list[tuple[str, Message]] = [
-                (self._names.generated(shard), EngineStepOutput(engine_id=self._engine_id, step=self._step, deltas=deltas))
+                (
+                    self._names.generated(shard),
+                    EngineStepOutput(engine_id=self._engine_id, step=self._step, deltas=deltas),
+                )
                 for shard, deltas in sorted(by_shard.items())
             ]
             # Deltas before the failures and acks of the same step, as produced.

@@ -90,7 +90,8 @@ def service_specs(args: argparse.Namespace, redis_url: str, base_env: Mapping[st
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), base_env.get("PYTHONPATH", "")) if p)
     specs = [ChildSpec("gateway", [sys.executable, "-m", "services.gateway"], env)]
     for role, count in (("tokenizer", args.tokenizers), ("engine", args.engines), ("detokenizer", args.detokenizers)):
-        specs.extend(ChildSpec(f"{role}-{i}", [sys.executable, "-m", f"services.{role}"], env) for i in range(1, count + 1))
+        argv = [sys.executable, "-m", f"services.{role}"]
+        specs.extend(ChildSpec(f"{role}-{i}", argv, env) for i in range(1, count + 1))
     return specs
 
 
