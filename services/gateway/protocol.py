@@ -1,0 +1,293 @@
+"""OpenAI request bodies: parsing, validation and conversion to pipeline parameters.
+
+Pure logic (no I/O). Every problem becomes an ``ApiError`` with status 400 and
+``param`` naming the offending field (``messages[1].content``), like OpenAI.
+Types are strict, as OpenAI's own API is: ``"0.5"`` is not a number and
+``1.0`` is not an integer. Unknown fields are ignored, as vLLM does, so that
+clients sending newer or vendor-specific options keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from services.gateway.errors import ApiError, bad_request, model_not_found
+from shared.messages import ChatMessage, DetokenizeParams, SamplingParams
+
+MAX_LOGPROBS = 20  # what SamplingParams.logprobs allows
+MAX_STOP_STRINGS = 64
+MAX_TOKEN_ID = 2**31 - 1
+CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]  # what msgpack carries
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool | None = False
+
+
+class _Body(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions.
+
+    ``None`` (JSON null) means "the default" everywhere, because OpenAI clients
+    send explicit nulls for options the user did not set.
+    """
+
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+    model: str | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None  # -1 and 0: no limit
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    seed: Seed | None = None
+    stop: Any = None  # str | list[str]; checked below for a clear message
+    stop_token_ids: list[TokenId] | None = None
+    ignore_eos: bool | None = False
+    min_tokens: Annotated[int, Field(ge=0)] | None = 0
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    n: int | None = 1
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    include_stop_str_in_output: bool | None = False
+    skip_special_tokens: bool | None = True
+    user: Any = None  # accepted and ignored
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: Any) -> list[str]:
+        if value is None:
+            return []
+        strings = [value] if isinstance(value, str) else value
+        if not isinstance(strings, list) or not all(isinstance(s, str) for s in strings):
+            raise ValueError("must be a string or a list of strings")
+        if any(s == "" for s in strings):
+            raise ValueError("stop strings must not be empty")
+        if len(strings) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are supported")
+        return strings
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return self.stop or []  # a list once _check_stop has run; None when absent
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def requested_logprobs(self) -> int | None:
+        """Alternatives per token for SamplingParams.logprobs; None: no logprobs."""
+        return None
+
+    def check(self) -> None:
+        """Cross-field rules; raises ApiError."""
+        if self.n not in (None, 1):
+            raise bad_request("Only n=1 is supported; send several requests for several choices.", "n")
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options is only allowed when stream is true.", "stream_options")
+        if self.logit_bias:
+            raise bad_request("logit_bias is not supported by this server.", "logit_bias", "unsupported_parameter")
+
+
+class CompletionBody(_Body):
+    """POST /v1/completions."""
+
+    prompt: Any  # str | [str] | [int, ...] | [[int, ...]]; see prompt_value()
+    echo: bool | None = False
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, value: Any) -> str | list[int]:
+        # A batch of one is unwrapped; real batches are refused, because every
+        # response here carries exactly one choice.
+        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+            value = value[0]
+        if isinstance(value, str):
+            if not value:
+                raise ValueError("the prompt must not be empty")
+            return value
+        if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+            raise ValueError("batched prompts are not supported; send one request per prompt")
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            raise ValueError("batched prompts are not supported; send one request per prompt")
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("the prompt must not be empty")
+            if not all(type(v) is int and 0 <= v <= MAX_TOKEN_ID for v in value):
+                raise ValueError("must be a string or a list of token ids (non-negative integers)")
+            return value
+        raise ValueError("must be a string, a list of one string, or a list of token ids")
+
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def check(self) -> None:
+        super().check()
+        if self.suffix:
+            raise bad_request("suffix is not supported by this server.", "suffix", "unsupported_parameter")
+        if self.best_of not in (None, 1):
+            raise bad_request("Only best_of=1 is supported.", "best_of")
+        if self.echo and not isinstance(self.prompt, str):
+            raise bad_request("echo needs a text prompt; the gateway does not decode token ids.", "echo")
+        if self.echo and self.logprobs is not None:
+            raise bad_request("echo with logprobs (prompt logprobs) is not supported.", "echo")
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: str
+    content: Any = None  # str | [{"type": "text", "text": str}, ...] | null
+
+    @field_validator("role")
+    @classmethod
+    def _check_role(cls, value: str) -> str:
+        if value not in CHAT_ROLES:
+            raise ValueError(f"must be one of {', '.join(sorted(CHAT_ROLES))}")
+        return value
+
+    @field_validator("content")
+    @classmethod
+    def _check_content(cls, value: Any) -> str:
+        if value is None or isinstance(value, str):
+            return value or ""
+        if not isinstance(value, list):
+            raise ValueError('must be a string or a list of {"type": "text", "text": ...} parts')
+        texts = []
+        for part in value:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError('only text content parts ({"type": "text", "text": ...}) are supported')
+            texts.append(part["text"])
+        # vLLM joins text parts with newlines; so do we, for identical prompts.
+        return "\n".join(texts)
+
+    def to_message(self) -> ChatMessage:
+        # "developer" is OpenAI's newer name for "system"; chat templates know the latter.
+        role = "system" if self.role == "developer" else self.role
+        return ChatMessage(role=role, content=self.content or "")
+
+
+class ChatBody(_Body):
+    """POST /v1/chat/completions."""
+
+    messages: Annotated[list[ChatMessageIn], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool | None = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    add_generation_prompt: bool | None = True
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def requested_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def chat_messages(self) -> list[ChatMessage]:
+        return [m.to_message() for m in self.messages]
+
+    def check(self) -> None:
+        super().check()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_request("top_logprobs needs logprobs set to true.", "top_logprobs")
+        if self.tools:
+            raise bad_request("tools (function calling) are not supported by this server.", "tools",
+                              "unsupported_parameter")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise bad_request("only response_format type 'text' is supported.", "response_format",
+                              "unsupported_parameter")
+
+
+def _param_name(loc: tuple[int | str, ...]) -> str | None:
+    """("messages", 0, "content") -> "messages[0].content"."""
+    name = ""
+    for part in loc:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name or None
+
+
+def _validation_error(exc: ValidationError) -> ApiError:
+    first = exc.errors()[0]
+    kind = first["type"]
+    if kind == "json_invalid":
+        return bad_request(f"The request body is not valid JSON: {first['msg']}", None, "invalid_json")
+    param = _param_name(first["loc"])
+    if param is None:
+        return bad_request("The request body must be a JSON object.", None, "invalid_type")
+    if kind == "missing":
+        return bad_request(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
+    message = first["msg"].removeprefix("Value error, ")
+    code = "invalid_type" if kind.endswith("_type") or kind.endswith("_parsing") else "invalid_value"
+    return bad_request(f"Invalid value for '{param}': {message}.", param, code)
+
+
+def parse_completion(raw: bytes) -> CompletionBody:
+    return _parse(CompletionBody, raw)
+
+
+def parse_chat(raw: bytes) -> ChatBody:
+    return _parse(ChatBody, raw)
+
+
+def _parse(cls: type[CompletionBody] | type[ChatBody], raw: bytes) -> Any:
+    try:
+        body = cls.model_validate_json(raw)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+    body.check()
+    return body
+
+
+def sampling_params(body: CompletionBody | ChatBody, default_max_tokens: int) -> SamplingParams:
+    max_tokens = body.requested_max_tokens() or default_max_tokens
+    min_tokens = body.min_tokens or 0
+    if min_tokens > max_tokens:
+        raise bad_request(f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens}).", "min_tokens")
+    fields: dict[str, Any] = {
+        "max_tokens": max_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": 0 if body.top_k == -1 else body.top_k,
+        "min_p": body.min_p,
+        "repetition_penalty": body.repetition_penalty,
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "seed": body.seed,
+        "stop_token_ids": body.stop_token_ids,
+        "ignore_eos": body.ignore_eos,
+        "min_tokens": min_tokens,
+        "logprobs": body.requested_logprobs(),
+    }
+    try:
+        # Unset (None) options keep SamplingParams' own defaults.
+        return SamplingParams(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+def detokenize_params(body: CompletionBody | ChatBody) -> DetokenizeParams:
+    return DetokenizeParams(
+        stop=body.stop_strings,
+        include_stop_str_in_output=bool(body.include_stop_str_in_output),
+        skip_special_tokens=body.skip_special_tokens is not False,
+    )
+
+
+def check_model(requested: str | None, known: set[str]) -> None:
+    """A missing model means the served one (as vLLM); an unknown one is a 404."""
+    if requested is not None and requested not in known:
+        raise model_not_found(requested)

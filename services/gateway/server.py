@@ -1,0 +1,283 @@
+"""The gateway's HTTP app (Starlette) and its entry point (uvicorn).
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
+GET /v1/models/{model}, GET /health, GET /metrics. See docs/api.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from services.gateway import protocol
+from services.gateway.errors import ApiError, internal, model_not_found, overloaded, shutting_down, unauthorized
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.pipeline_client import PipelineClient
+from services.gateway.registry import RegistryClosed, RegistryFull, RequestRegistry
+from services.gateway.responses import CollectedOutput, ResponseBuilder
+from services.gateway.session import (
+    ClientDisconnected,
+    RequestSession,
+    SSEResponse,
+    collect,
+    failure_of,
+    race_disconnect,
+    stream_events,
+)
+from shared.messages import CompletionRequest
+from shared.settings import DEFAULT_MODEL, GatewaySettings, load_settings, new_replica_id
+from shared.transport import StreamTransport
+
+log = logging.getLogger("services.gateway")
+
+PIPELINE_ROLES = ("tokenizer", "engine", "detokenizer")
+HEALTH_TIMEOUT_S = 3.0
+
+
+def served_model_name(settings: GatewaySettings) -> str:
+    if settings.served_model_name:
+        return settings.served_model_name
+    if settings.model == DEFAULT_MODEL:
+        return "SmolLM2-135M-Instruct"
+    return settings.model
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+class Gateway:
+    """Route handlers and the state they share."""
+
+    def __init__(self, settings: GatewaySettings, transport: StreamTransport, gateway_id: str) -> None:
+        self.settings = settings
+        self.transport = transport
+        self.registry = RequestRegistry(settings.max_inflight_requests)
+        self.client = PipelineClient(transport, gateway_id, self.registry,
+                                     heartbeat_interval_s=settings.heartbeat_interval_s)
+        self.metrics = GatewayMetrics()
+        self.model_name = served_model_name(settings)
+        # The configured model id is accepted too, so clients may use either name.
+        self.known_models = {self.model_name, settings.model}
+        self.created = int(time.time())
+        self._api_key = settings.api_key.encode() if settings.api_key else None
+
+    def _authorize(self, request: Request) -> None:
+        if self._api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._api_key):
+            raise unauthorized()
+
+    # -- generation ------------------------------------------------------
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: Request, *, chat: bool) -> Response:
+        endpoint = "chat_completions" if chat else "completions"
+        try:
+            self._authorize(request)
+            raw = await request.body()
+            body: protocol.CompletionBody | protocol.ChatBody = (
+                protocol.parse_chat(raw) if chat else protocol.parse_completion(raw)
+            )
+            protocol.check_model(body.model, self.known_models)
+            response = await self._run(request, body, chat=chat)
+        except ApiError as error:
+            response = error_response(error)
+        except ClientDisconnected:
+            response = Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        except Exception:  # noqa: BLE001 - the client gets a JSON 500, never a dropped connection
+            log.exception("%s failed", endpoint)
+            response = error_response(internal("Internal error in the gateway."))
+        self.metrics.request_done(endpoint, response.status_code)
+        return response
+
+    async def _run(self, request: Request, body: protocol.CompletionBody | protocol.ChatBody, *,
+                   chat: bool) -> Response:
+        sampling = protocol.sampling_params(body, self.settings.default_max_tokens)
+        detokenize = protocol.detokenize_params(body)
+        request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        try:
+            queue = self.registry.open(request_id)
+        except RegistryFull:
+            raise overloaded(self.settings.max_inflight_requests) from None
+        except RegistryClosed:
+            raise shutting_down() from None
+        timeout_s = self.settings.request_timeout_s
+        session = RequestSession(self.client, request_id, queue, timeout_s, on_close=self._session_closed)
+        handed_off = False  # once an SSEResponse owns the session, it closes it
+        try:
+            message = CompletionRequest(
+                request_id=request_id,
+                gateway_id=self.client.gateway_id,
+                deadline=time.time() + timeout_s,
+                prompt=body.prompt if isinstance(body, protocol.CompletionBody) else None,
+                messages=body.chat_messages() if isinstance(body, protocol.ChatBody) else None,
+                add_generation_prompt=body.add_generation_prompt is not False
+                if isinstance(body, protocol.ChatBody) else True,
+                sampling=sampling,
+                detokenize=detokenize,
+            )
+            echo = body.prompt if isinstance(body, protocol.CompletionBody) and body.echo else None
+            builder = ResponseBuilder(request_id, self.model_name, chat=chat, logprobs=sampling.logprobs is not None,
+                                      include_usage=body.include_usage)
+            if not body.stream:
+                output = await race_disconnect(self._whole(session, message, echo, chat), request.receive)
+                return JSONResponse(builder.full_response(output))
+            first = await race_disconnect(self._first(session, message), request.receive)
+            error = failure_of(first)
+            if error is not None:
+                raise error
+            response = SSEResponse(stream_events(session, builder, first, echo), session)  # type: ignore[arg-type]
+            handed_off = True
+            return response
+        except TimeoutError:
+            raise session.timeout_error() from None
+        finally:
+            if not handed_off:
+                session.close()
+
+    @staticmethod
+    async def _whole(session: RequestSession, message: CompletionRequest, echo: str | None,
+                     chat: bool) -> CollectedOutput:
+        await session.publish(message)
+        return await collect(session, CollectedOutput(echo or ""), chat=chat)
+
+    @staticmethod
+    async def _first(session: RequestSession, message: CompletionRequest) -> Any:
+        await session.publish(message)
+        return await session.next_event()
+
+    def _session_closed(self, session: RequestSession) -> None:
+        if not session.finished:
+            self.metrics.aborted += 1
+            return
+        final = session.final
+        if final is not None:
+            prompt = final.usage.prompt_tokens if final.usage else 0
+            completion = final.usage.completion_tokens if final.usage else session.completion_tokens
+            loop_time = asyncio.get_running_loop().time()
+            first = None if session.first_event_at is None else session.first_event_at - session.started
+            self.metrics.output_done(prompt, completion, first, loop_time - session.started)
+
+    # -- models, health, metrics ---------------------------------------------
+
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "scalellm",
+                "root": self.settings.model, "parent": None}
+
+    async def models(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+        except ApiError as error:
+            return error_response(error)
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+            name = request.path_params["model"]
+            if name not in self.known_models:
+                raise model_not_found(name)
+        except ApiError as error:
+            return error_response(error)
+        return JSONResponse(self._model_card())
+
+    async def health(self, request: Request) -> Response:
+        alive = {role: 0 for role in PIPELINE_ROLES}
+        redis_ok = False
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+                redis_ok = await self.transport.ping()
+                if redis_ok:
+                    found = await asyncio.gather(*(self.transport.live_replicas(r) for r in PIPELINE_ROLES))
+                    alive = {role: len(replicas) for role, replicas in zip(PIPELINE_ROLES, found)}
+        except TimeoutError:
+            redis_ok = False
+        missing = [role for role, count in alive.items() if count == 0]
+        ready = redis_ok and not missing and not self.registry.closed
+        body = {"status": "ok" if ready else "unavailable", "redis": redis_ok, "alive": alive, "missing": missing,
+                "gateway_id": self.client.gateway_id, "in_flight": len(self.registry)}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    async def metrics_text(self, request: Request) -> Response:
+        return PlainTextResponse(self.metrics.render(len(self.registry)), media_type="text/plain; version=0.0.4")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    detail = exc.detail if isinstance(exc, HTTPException) else "Internal error"
+    return error_response(ApiError(status, f"{detail}: {request.method} {request.url.path}"))
+
+
+def create_app(settings: GatewaySettings, transport: StreamTransport, *, gateway_id: str | None = None,
+               close_transport: bool = True) -> Starlette:
+    """The ASGI app; its lifespan starts and stops the Redis tasks (and closes ``transport``)."""
+    gateway = Gateway(settings, transport, gateway_id or new_replica_id("gateway"))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gateway.client.start()
+        try:
+            yield
+        finally:
+            await gateway.client.stop()
+            if close_transport:
+                await transport.close()
+
+    routes = [
+        Route("/v1/completions", gateway.completions, methods=["POST"]),
+        Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
+        Route("/v1/models", gateway.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", gateway.model, methods=["GET"]),
+        Route("/health", gateway.health, methods=["GET"]),
+        Route("/metrics", gateway.metrics_text, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error})
+    app.state.gateway = gateway
+    return app
+
+
+async def serve(settings: GatewaySettings) -> None:
+    gateway_id = new_replica_id("gateway")
+    transport = StreamTransport(settings.require_redis_url(), settings.stream_prefix, gateway_id,
+                                maxlen=settings.stream_maxlen)
+    app = create_app(settings, transport, gateway_id=gateway_id)
+    config = uvicorn.Config(app, host=settings.gateway_host, port=settings.gateway_port, log_config=None,
+                            access_log=False, timeout_graceful_shutdown=10, lifespan="on")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        log.info("gateway ready on http://%s:%s (model %s, id %s)", host, port, served_model_name(settings),
+                 gateway_id)
+    await task
+
+
+def main() -> None:
+    settings = load_settings(GatewaySettings)
+    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings.require_redis_url()
+    asyncio.run(serve(settings))

@@ -1,0 +1,183 @@
+"""One request's life in the gateway: publish, wait for events, always clean up.
+
+Every request ends in exactly one of three ways: its final TextDelta, a
+RequestFailed, or the deadline (504). ``RequestSession.close()`` runs in every
+case (including client disconnects, which arrive as task cancellation) and is
+synchronous on purpose: a cancelled task cannot await, but it can still
+release its registry entry and queue an AbortRequests for the engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from services.gateway.errors import ApiError, internal, timed_out
+from services.gateway.pipeline_client import PipelineClient
+from services.gateway.registry import Event
+from services.gateway.responses import SSE_DONE, CollectedOutput, ResponseBuilder, sse_error, usage_body
+from shared.messages import CompletionRequest, RequestFailed, TextDelta
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+class RequestSession:
+    def __init__(self, client: PipelineClient, request_id: str, queue: asyncio.Queue[Event], timeout_s: float,
+                 on_close: Callable[[RequestSession], None] | None = None) -> None:
+        self.client = client
+        self.request_id = request_id
+        self.queue = queue
+        self.timeout_s = timeout_s
+        loop = asyncio.get_running_loop()
+        self.started = loop.time()
+        self.deadline = self.started + timeout_s
+        self.first_event_at: float | None = None
+        self.finished = False  # the pipeline has ended the request: nothing to abort
+        self.closed = False
+        self.final: TextDelta | None = None
+        self.completion_tokens = 0
+        self._on_close = on_close
+
+    async def publish(self, request: CompletionRequest) -> None:
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                await self.client.submit(request)
+        except TimeoutError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a Redis failure is the client's 500, not a crash
+            log.error("could not publish %s: %s", self.request_id, exc)
+            raise internal("The request could not be queued; try again.") from exc
+
+    async def next_event(self) -> Event:
+        """The next event; TimeoutError at the deadline."""
+        if self.queue.empty():
+            async with asyncio.timeout_at(self.deadline):
+                event = await self.queue.get()
+        else:
+            event = self.queue.get_nowait()
+        if self.first_event_at is None:
+            self.first_event_at = asyncio.get_running_loop().time()
+        if isinstance(event, RequestFailed):
+            self.finished = True
+        else:
+            self.completion_tokens += len(event.token_ids)
+            if event.finish_reason is not None:
+                self.finished = True
+                self.final = event
+        return event
+
+    def timeout_error(self) -> ApiError:
+        return timed_out(self.timeout_s)
+
+    def close(self) -> None:
+        """Release the registry entry and, unless the request ended, abort it in the pipeline."""
+        if self.closed:
+            return
+        self.closed = True
+        self.client.registry.release(self.request_id)
+        if not self.finished:
+            self.client.abort([self.request_id])
+        if self._on_close is not None:
+            self._on_close(self)
+
+
+def failure_of(event: Event) -> ApiError | None:
+    """The error an event ends its request with, if any."""
+    if isinstance(event, RequestFailed):
+        return ApiError.from_failure(event)
+    if event.finish_reason == "error":
+        return internal("Generation failed in the pipeline.")
+    return None
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def race_disconnect(work: Awaitable[T], receive: Receive) -> T:
+    """Await ``work``, or raise ClientDisconnected as soon as the client goes away."""
+    work_task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnect(receive))
+    try:
+        await asyncio.wait({work_task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not work_task.done():
+            work_task.cancel()
+    if work_task.done() and not work_task.cancelled():
+        return work_task.result()
+    raise ClientDisconnected()
+
+
+async def collect(session: RequestSession, output: CollectedOutput, *, chat: bool) -> CollectedOutput:
+    """Wait for the whole output (non-streaming); raises ApiError on failure."""
+    while True:
+        event = await session.next_event()
+        error = failure_of(event)
+        if error is not None:
+            raise error
+        output.add(event, chat=chat)  # type: ignore[arg-type]
+        if session.finished:
+            return output
+
+
+async def stream_events(session: RequestSession, builder: ResponseBuilder, first: TextDelta,
+                        echo: str | None) -> AsyncIterator[bytes]:
+    """SSE body; once the stream has begun, errors are SSE error events."""
+    if builder.chat:
+        yield builder.role_chunk()
+    if echo:
+        yield builder.text_chunk(echo)
+    event: Event = first
+    try:
+        while True:
+            if isinstance(event, RequestFailed):
+                yield sse_error(ApiError.from_failure(event))
+                return
+            if event.finish_reason == "error":
+                yield sse_error(internal("Generation failed in the pipeline."))
+                return
+            if event.text or event.finish_reason or (builder.logprobs and event.logprobs):
+                yield builder.text_chunk(event.text, event)
+            if event.finish_reason is not None:
+                if builder.include_usage:
+                    yield builder.usage_chunk(usage_body(event.usage, session.completion_tokens))
+                yield SSE_DONE
+                return
+            event = await session.next_event()
+    except TimeoutError:
+        yield sse_error(session.timeout_error())
+
+
+class SSEResponse(StreamingResponse):
+    """A StreamingResponse that always closes its session, however the stream ends.
+
+    Relying on the generator's ``finally`` is not enough: if the client goes
+    away while the response is blocked in ``send``, the generator is never
+    resumed and would only be finalised by the garbage collector.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[bytes], session: RequestSession) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.session = session
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.session.close()

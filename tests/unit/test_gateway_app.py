@@ -1,0 +1,367 @@
+"""The gateway's HTTP app end to end, in-process: fakeredis plus a scripted fake pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import fakeredis
+import httpx
+import pytest
+
+from services.gateway.pipeline_client import cancel_and_wait
+from services.gateway.server import create_app
+from shared.messages import (
+    AbortRequests,
+    CompletionRequest,
+    Heartbeat,
+    RequestFailed,
+    ResponseBatch,
+    TextDelta,
+    Usage,
+)
+from shared.settings import GatewaySettings
+from shared.transport import StreamTransport
+
+pytestmark = pytest.mark.anyio
+GATEWAY_ID = "gw-test"
+Behaviour = Callable[["FakePipeline", CompletionRequest], Awaitable[None]]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@dataclass
+class FakePipeline:
+    """Stands in for tokenizer + engine + detokenizer: answers each request per ``behaviour``."""
+
+    transport: StreamTransport
+    behaviour: Behaviour
+    requests: list[CompletionRequest] = field(default_factory=list)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        last_id = "0-0"
+        tasks = set()
+        while True:
+            last_id, deliveries = await self.transport.read_stream(
+                self.transport.names.requests, last_id, count=100, block_ms=20
+            )
+            for delivery in deliveries:
+                request = delivery.message
+                if isinstance(request, CompletionRequest):
+                    self.requests.append(request)
+                    task = asyncio.create_task(self.behaviour(self, request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+
+    async def send(self, request: CompletionRequest, *messages: ResponseBatch | RequestFailed) -> None:
+        stream = self.transport.names.responses(request.gateway_id)
+        await self.transport.publish([(stream, m) for m in messages])
+
+    async def aborted_ids(self) -> list[str]:
+        _, deliveries = await self.transport.read_stream(self.transport.names.aborts, "0-0", count=100, block_ms=0)
+        return [rid for d in deliveries if isinstance(d.message, AbortRequests) for rid in d.message.request_ids]
+
+
+def delta(request: CompletionRequest, text: str, ids: list[int], finish: str | None = None, **kw: Any) -> TextDelta:
+    usage = Usage(prompt_tokens=3, completion_tokens=2) if finish else None
+    return TextDelta(request_id=request.request_id, text=text, token_ids=ids, finish_reason=finish, usage=usage, **kw)
+
+
+async def hello_world(pipeline: FakePipeline, request: CompletionRequest) -> None:
+    await pipeline.send(request, ResponseBatch(deltas=[delta(request, "Hello", [1])]))
+    await pipeline.send(request, ResponseBatch(deltas=[delta(request, " world", [2], "stop")]))
+
+
+async def prompt_too_long(pipeline: FakePipeline, request: CompletionRequest) -> None:
+    await pipeline.send(request, RequestFailed(request_id=request.request_id, status=400,
+                                               error_type="invalid_request_error", message="prompt too long",
+                                               param="prompt"))
+
+
+async def fails_mid_stream(pipeline: FakePipeline, request: CompletionRequest) -> None:
+    await pipeline.send(request, ResponseBatch(deltas=[delta(request, "Hel", [1])]))
+    await pipeline.send(request, RequestFailed(request_id=request.request_id, status=500, error_type="server_error",
+                                               message="engine crashed"))
+
+
+async def silent(pipeline: FakePipeline, request: CompletionRequest) -> None:
+    return None
+
+
+async def one_delta_then_silent(pipeline: FakePipeline, request: CompletionRequest) -> None:
+    await pipeline.send(request, ResponseBatch(deltas=[delta(request, "Hel", [1])]))
+
+
+async def waits_for_release(pipeline: FakePipeline, request: CompletionRequest) -> None:
+    await pipeline.release.wait()
+    await hello_world(pipeline, request)
+
+
+@dataclass
+class Harness:
+    app: Any
+    http: httpx.AsyncClient
+    pipeline: FakePipeline
+    redis: fakeredis.FakeAsyncRedis
+
+    @property
+    def gateway(self) -> Any:
+        return self.app.state.gateway
+
+
+@contextlib.asynccontextmanager
+async def running(behaviour: Behaviour = hello_world, **overrides: Any) -> AsyncIterator[Harness]:
+    server = fakeredis.FakeServer()
+    fields: dict[str, Any] = {"redis_url": "redis://fake", "stream_prefix": "t", "heartbeat_interval_s": 0.05}
+    settings = GatewaySettings(**(fields | overrides))
+    gateway_transport = StreamTransport.from_client(fakeredis.FakeAsyncRedis(server=server), "t", GATEWAY_ID)
+    pipeline = FakePipeline(StreamTransport.from_client(fakeredis.FakeAsyncRedis(server=server), "t", "fake"),
+                            behaviour)
+    app = create_app(settings, gateway_transport, gateway_id=GATEWAY_ID)
+    pipeline_task = asyncio.create_task(pipeline.run())
+    redis = fakeredis.FakeAsyncRedis(server=server)
+    try:
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
+                yield Harness(app, http, pipeline, redis)
+    finally:
+        await cancel_and_wait([pipeline_task], 5.0)
+        await pipeline.transport.close()
+        await redis.aclose()
+
+
+def sse_events(body: str) -> list[Any]:
+    """The data payloads of an SSE body, JSON-decoded except the final "[DONE]"."""
+    assert body.endswith("\n\n")
+    payloads = [block.removeprefix("data: ") for block in body.strip().split("\n\n")]
+    return [p if p == "[DONE]" else json.loads(p) for p in payloads]
+
+
+CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
+
+
+async def test_completion_returns_the_pipeline_text_in_openai_shape() -> None:
+    async with running() as h:
+        reply = await h.http.post("/v1/completions", json={"prompt": "Say hi", "max_tokens": 5, "stop": "\n"})
+        assert reply.status_code == 200
+        body = reply.json()
+        assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+        assert body["model"] == "SmolLM2-135M-Instruct"
+        assert body["choices"] == [{"index": 0, "text": "Hello world", "logprobs": None, "finish_reason": "stop"}]
+        assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+        sent = h.pipeline.requests[0]
+        assert sent.request_id == body["id"] and sent.gateway_id == GATEWAY_ID and sent.prompt == "Say hi"
+        assert sent.sampling.max_tokens == 5 and sent.detokenize.stop == ["\n"]
+        assert len(h.gateway.registry) == 0
+
+
+async def test_default_max_tokens_comes_from_settings() -> None:
+    async with running(default_max_tokens=7) as h:
+        await h.http.post("/v1/completions", json={"prompt": [5, 6, 7]})
+        assert h.pipeline.requests[0].sampling.max_tokens == 7
+        assert h.pipeline.requests[0].prompt == [5, 6, 7]
+
+
+async def test_streamed_completion_with_usage_chunk() -> None:
+    async with running() as h:
+        reply = await h.http.post("/v1/completions", json={"prompt": "x", "stream": True,
+                                                           "stream_options": {"include_usage": True}})
+        assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(reply.text)
+        assert events[-1] == "[DONE]"
+        usage_chunk = events[-2]
+        assert usage_chunk["choices"] == [] and usage_chunk["usage"]["total_tokens"] == 5
+        chunks = events[:-2]
+        assert all(c["object"] == "text_completion" for c in chunks)
+        assert "".join(c["choices"][0]["text"] for c in chunks) == "Hello world"
+        assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, "stop"]
+
+
+async def test_chat_completion_forwards_messages_and_answers_as_assistant() -> None:
+    async with running() as h:
+        body = {"messages": [{"role": "system", "content": "Be brief"},
+                             {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}
+        reply = await h.http.post("/v1/chat/completions", json=body)
+        assert reply.status_code == 200
+        data = reply.json()
+        assert data["object"] == "chat.completion" and data["id"].startswith("chatcmpl-")
+        assert data["choices"][0]["message"] == {"role": "assistant", "content": "Hello world"}
+        assert data["choices"][0]["finish_reason"] == "stop"
+        sent = h.pipeline.requests[0]
+        assert [(m.role, m.content) for m in sent.messages] == [("system", "Be brief"), ("user", "Hi")]
+
+
+async def test_streamed_chat_starts_with_the_assistant_role() -> None:
+    async with running() as h:
+        reply = await h.http.post("/v1/chat/completions", json=CHAT | {"stream": True})
+        events = sse_events(reply.text)
+        assert events[-1] == "[DONE]"
+        chunks = events[:-1]
+        assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "Hello world"
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_chat_logprobs_name_tokens_by_id() -> None:
+    async def with_logprobs(pipeline: FakePipeline, request: CompletionRequest) -> None:
+        await pipeline.send(request, ResponseBatch(deltas=[
+            delta(request, "Hi", [42], "stop", logprobs=[(-0.5, [(42, -0.5), (7, -1.5)])])]))
+
+    async with running(with_logprobs) as h:
+        reply = await h.http.post("/v1/chat/completions", json=CHAT | {"logprobs": True, "top_logprobs": 2})
+        assert h.pipeline.requests[0].sampling.logprobs == 2
+        content = reply.json()["choices"][0]["logprobs"]["content"]
+        assert content[0]["token"] == "token_id:42" and content[0]["logprob"] == -0.5
+        assert [t["token"] for t in content[0]["top_logprobs"]] == ["token_id:42", "token_id:7"]
+
+
+async def test_pipeline_error_before_output_keeps_its_status_even_when_streaming() -> None:
+    async with running(prompt_too_long) as h:
+        for stream in (False, True):
+            reply = await h.http.post("/v1/completions", json={"prompt": "x" * 50, "stream": stream})
+            assert reply.status_code == 400
+            assert reply.json()["error"]["message"] == "prompt too long"
+            assert reply.json()["error"]["param"] == "prompt"
+        assert await h.pipeline.aborted_ids() == []  # the pipeline ended them itself
+
+
+async def test_error_mid_stream_is_an_sse_error_event() -> None:
+    async with running(fails_mid_stream) as h:
+        reply = await h.http.post("/v1/chat/completions", json=CHAT | {"stream": True})
+        assert reply.status_code == 200
+        events = sse_events(reply.text)
+        assert events[-1] == "[DONE]"
+        assert events[-2]["error"]["message"] == "engine crashed"
+        assert events[-3]["choices"][0]["delta"]["content"] == "Hel"
+
+
+async def test_timeout_gives_504_and_aborts_the_request() -> None:
+    async with running(silent, request_timeout_s=0.2) as h:
+        reply = await h.http.post("/v1/completions", json={"prompt": "x"})
+        assert reply.status_code == 504
+        assert reply.json()["error"]["code"] == "timeout"
+        await asyncio.sleep(0.05)  # the abort goes out through the batching writer
+        assert await h.pipeline.aborted_ids() == [h.pipeline.requests[0].request_id]
+        assert len(h.gateway.registry) == 0
+
+
+async def test_timeout_after_stream_began_is_an_sse_error_and_an_abort() -> None:
+    async with running(one_delta_then_silent, request_timeout_s=0.3) as h:
+        reply = await h.http.post("/v1/completions", json={"prompt": "x", "stream": True})
+        assert reply.status_code == 200
+        events = sse_events(reply.text)
+        assert events[0]["choices"][0]["text"] == "Hel"
+        assert events[-2]["error"]["code"] == "timeout" and events[-1] == "[DONE]"
+        await asyncio.sleep(0.05)
+        assert await h.pipeline.aborted_ids() == [h.pipeline.requests[0].request_id]
+
+
+async def test_unknown_model_is_404_model_not_found() -> None:
+    async with running() as h:
+        reply = await h.http.post("/v1/completions", json={"prompt": "x", "model": "gpt-9"})
+        assert reply.status_code == 404
+        assert reply.json()["error"]["code"] == "model_not_found"
+        assert reply.json()["error"]["param"] == "model"
+        ok = await h.http.post("/v1/completions", json={"prompt": "x", "model": "SmolLM2-135M-Instruct"})
+        assert ok.status_code == 200
+        assert h.pipeline.requests and len(h.pipeline.requests) == 1
+
+
+async def test_bad_bodies_are_400_naming_the_param() -> None:
+    async with running() as h:
+        bad_json = await h.http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert bad_json.status_code == 400 and bad_json.json()["error"]["code"] == "invalid_json"
+        two = await h.http.post("/v1/chat/completions", json=CHAT | {"n": 2})
+        assert two.status_code == 400 and two.json()["error"]["param"] == "n"
+        assert h.pipeline.requests == []
+
+
+async def test_api_key_is_required_on_v1_but_not_on_health() -> None:
+    async with running(api_key="sekret") as h:
+        missing = await h.http.post("/v1/completions", json={"prompt": "x"})
+        assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+        wrong = await h.http.get("/v1/models", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        good = await h.http.post("/v1/completions", json={"prompt": "x"}, headers={"Authorization": "Bearer sekret"})
+        assert good.status_code == 200
+        assert (await h.http.get("/health")).status_code in (200, 503)  # open: never 401
+
+
+async def test_requests_over_the_inflight_limit_get_503_with_retry_after() -> None:
+    async with running(waits_for_release, max_inflight_requests=1) as h:
+        first = asyncio.create_task(h.http.post("/v1/completions", json={"prompt": "x"}))
+        for _ in range(200):
+            if h.pipeline.requests:
+                break
+            await asyncio.sleep(0.01)
+        second = await h.http.post("/v1/completions", json={"prompt": "y"})
+        assert second.status_code == 503 and second.headers["retry-after"] == "1"
+        h.pipeline.release.set()
+        assert (await first).status_code == 200
+        assert (await h.http.post("/v1/completions", json={"prompt": "z"})).status_code == 200
+
+
+async def test_client_disconnect_while_streaming_aborts_and_releases() -> None:
+    async with running(one_delta_then_silent) as h:
+        disconnected = asyncio.Event()
+        sent: list[dict[str, Any]] = []
+        body = json.dumps({"prompt": "x", "stream": True}).encode()
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop()
+            await disconnected.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+            if message["type"] == "http.response.body" and message.get("body"):
+                disconnected.set()  # the client leaves after the first chunk
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+                 "headers": [(b"content-type", b"application/json")], "server": ("gw", 80), "client": None,
+                 "root_path": ""}
+        await asyncio.wait_for(h.app(scope, receive, send), 5)
+        assert sent[0]["status"] == 200
+        await asyncio.sleep(0.05)
+        assert await h.pipeline.aborted_ids() == [h.pipeline.requests[0].request_id]
+        assert len(h.gateway.registry) == 0
+
+
+async def test_health_reports_missing_roles_until_all_are_alive() -> None:
+    async with running() as h:
+        reply = await h.http.get("/health")
+        assert reply.status_code == 503
+        assert reply.json()["missing"] == ["tokenizer", "engine", "detokenizer"]
+        for role in ("tokenizer", "engine", "detokenizer"):
+            await h.pipeline.transport.beat(Heartbeat(role=role, replica_id=f"{role}-1", time=0.0), ttl_s=10)
+        reply = await h.http.get("/health")
+        assert reply.status_code == 200
+        assert reply.json()["alive"] == {"tokenizer": 1, "engine": 1, "detokenizer": 1}
+
+
+async def test_models_lists_the_served_name() -> None:
+    async with running(served_model_name="my-model") as h:
+        data = (await h.http.get("/v1/models")).json()
+        assert [m["id"] for m in data["data"]] == ["my-model"]
+        assert (await h.http.get("/v1/models/my-model")).status_code == 200
+        assert (await h.http.get("/v1/models/other")).status_code == 404
+
+
+async def test_shutdown_puts_an_expiry_on_the_responses_stream() -> None:
+    async with running() as h:
+        await h.http.post("/v1/completions", json={"prompt": "x"})
+        redis = h.redis
+    ttl = await redis.ttl(f"t:responses:{GATEWAY_ID}")
+    assert 0 < ttl <= 3600
