@@ -46,10 +46,10 @@ class RequestRegistry:
         """Admit a request; raises RegistryFull / RegistryClosed, ValueError for a reused id."""
         if self.closed:
             raise RegistryClosed()
-        if len(self._queues) >= self.capacity:
-            raise RegistryFull()
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in flight")
+        if len(self._queues) >= self.capacity:
+            raise RegistryFull()
         queue: asyncio.Queue[Event] = asyncio.Queue()
         self._queues[request_id] = queue
         return queue

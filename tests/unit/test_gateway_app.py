@@ -278,7 +278,8 @@ async def test_unknown_model_is_404_model_not_found() -> None:
 
 async def test_bad_bodies_are_400_naming_the_param() -> None:
     async with running() as h:
-        bad_json = await h.http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+        bad_json = await h.http.post("/v1/completions", content=b"{not json",
+                                     headers={"content-type": "application/json"})
         assert bad_json.status_code == 400 and bad_json.json()["error"]["code"] == "invalid_json"
         two = await h.http.post("/v1/chat/completions", json=CHAT | {"n": 2})
         assert two.status_code == 400 and two.json()["error"]["param"] == "n"

@@ -1,0 +1,181 @@
+"""OpenAI request validation: what is accepted, what it becomes, and the exact 400 for what is not."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from services.gateway.errors import ApiError
+from services.gateway.protocol import (
+    check_model,
+    detokenize_params,
+    parse_chat,
+    parse_completion,
+    sampling_params,
+)
+
+USER = [{"role": "user", "content": "Hi"}]
+
+
+def completion(**fields: Any) -> Any:
+    return parse_completion(json.dumps({"prompt": "Hello"} | fields).encode())
+
+
+def chat(**fields: Any) -> Any:
+    return parse_chat(json.dumps({"messages": USER} | fields).encode())
+
+
+def rejected(parse: Any, body: Any) -> ApiError:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    with pytest.raises(ApiError) as caught:
+        parsed = parse(raw)
+        sampling_params(parsed, default_max_tokens=16)
+    return caught.value
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    ("Hello", "Hello"),
+    (["Hello"], "Hello"),
+    ([1, 2, 3], [1, 2, 3]),
+    ([[1, 2, 3]], [1, 2, 3]),
+])
+def test_prompt_forms_accepted(prompt: Any, expected: Any) -> None:
+    assert completion(prompt=prompt).prompt == expected
+
+
+@pytest.mark.parametrize("prompt", ["", [], ["a", "b"], [[1], [2]], [1, "a"], [-1], [1.5], [True], 5, None])
+def test_bad_prompts_are_400_on_prompt(prompt: Any) -> None:
+    error = rejected(parse_completion, {"prompt": prompt})
+    assert (error.status, error.param) == (400, "prompt")
+
+
+def test_sampling_options_map_to_sampling_params() -> None:
+    body = completion(max_tokens=9, temperature=0, top_p=0.5, top_k=-1, min_p=0.1, seed=7, stop_token_ids=[2],
+                      ignore_eos=True, min_tokens=3, presence_penalty=0.5, frequency_penalty=-0.5,
+                      repetition_penalty=1.1, logprobs=2)
+    sampling = sampling_params(body, default_max_tokens=16)
+    assert sampling.max_tokens == 9 and sampling.temperature == 0.0 and sampling.top_p == 0.5
+    assert sampling.top_k == 0  # vLLM's -1 (no limit) is our 0
+    assert (sampling.min_p, sampling.seed, sampling.stop_token_ids) == (0.1, 7, [2])
+    assert sampling.ignore_eos and sampling.min_tokens == 3
+    assert (sampling.presence_penalty, sampling.frequency_penalty, sampling.repetition_penalty) == (0.5, -0.5, 1.1)
+    assert sampling.logprobs == 2
+
+
+def test_unset_and_null_options_keep_defaults() -> None:
+    sampling = sampling_params(completion(temperature=None, top_p=None, max_tokens=None), default_max_tokens=42)
+    assert sampling.max_tokens == 42 and sampling.temperature == 1.0 and sampling.top_p == 1.0
+    assert sampling.logprobs is None
+
+
+def test_stop_and_detokenize_options() -> None:
+    assert detokenize_params(completion(stop="\n")).stop == ["\n"]
+    many = [f"s{i}" for i in range(10)]  # more than OpenAI's 4 is fine
+    params = detokenize_params(completion(stop=many, include_stop_str_in_output=True, skip_special_tokens=False))
+    assert params.stop == many and params.include_stop_str_in_output and not params.skip_special_tokens
+    assert detokenize_params(completion()).stop == []
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", -0.1), ("temperature", "0.5"), ("temperature", float("nan")),
+    ("top_p", 0), ("top_p", 1.5), ("top_k", -2), ("min_p", 2),
+    ("max_tokens", 0), ("max_tokens", 1.0), ("max_tokens", "10"),
+    ("presence_penalty", 3), ("frequency_penalty", -2.5), ("repetition_penalty", 0),
+    ("stop", [1]), ("stop", ""), ("stop", ["ok", ""]), ("stop_token_ids", 5),
+    ("logprobs", 21), ("logprobs", -1), ("ignore_eos", 1), ("stream", "yes"), ("n", 2), ("best_of", 3),
+    ("min_tokens", -1), ("seed", 2**70), ("logit_bias", {"5": 1.0}), ("suffix", "end"),
+])
+def test_bad_completion_options_are_400_naming_the_param(field: str, value: Any) -> None:
+    raw = json.dumps({"prompt": "x", field: value}, allow_nan=True).encode()
+    error = rejected(parse_completion, raw)
+    assert (error.status, error.param) == (400, field)
+    assert error.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_bad_list_item_is_named_by_index() -> None:
+    assert rejected(parse_completion, {"prompt": "x", "stop_token_ids": [1, -1]}).param == "stop_token_ids[1]"
+
+
+def test_min_tokens_above_max_tokens_is_refused() -> None:
+    error = rejected(parse_completion, {"prompt": "x", "max_tokens": 2, "min_tokens": 5})
+    assert error.param == "min_tokens"
+
+
+def test_malformed_bodies() -> None:
+    assert rejected(parse_completion, b"{not json").body()["error"]["code"] == "invalid_json"
+    not_object = rejected(parse_completion, b"[1, 2]")
+    assert not_object.status == 400 and not_object.param is None
+    missing = rejected(parse_completion, {"max_tokens": 3})
+    assert (missing.param, missing.code) == ("prompt", "missing_required_parameter")
+
+
+def test_stream_options_need_stream() -> None:
+    assert rejected(parse_completion, {"prompt": "x", "stream_options": {"include_usage": True}}).param == \
+        "stream_options"
+    assert completion(stream=True, stream_options={"include_usage": True}).include_usage
+    assert not completion(stream=True).include_usage
+
+
+def test_echo_needs_a_text_prompt_and_no_logprobs() -> None:
+    assert completion(echo=True).echo
+    assert rejected(parse_completion, {"prompt": [1, 2], "echo": True}).param == "echo"
+    assert rejected(parse_completion, {"prompt": "x", "echo": True, "logprobs": 1}).param == "echo"
+
+
+def test_chat_content_may_be_text_parts_and_developer_means_system() -> None:
+    body = parse_chat(json.dumps({"messages": [
+        {"role": "developer", "content": "Rules"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": None},
+    ]}).encode())
+    assert [(m.role, m.content) for m in body.chat_messages()] == [("system", "Rules"), ("user", "a\nb"),
+                                                                    ("assistant", "")]
+
+
+@pytest.mark.parametrize("messages, param", [
+    ([], "messages"),
+    ("Hi", "messages"),
+    ([{"content": "x"}], "messages[0].role"),
+    ([{"role": "robot", "content": "x"}], "messages[0].role"),
+    ([{"role": "user", "content": 5}], "messages[0].content"),
+    ([{"role": "user", "content": "ok"}, {"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+     "messages[1].content"),
+])
+def test_bad_chat_messages_name_the_message(messages: Any, param: str) -> None:
+    error = rejected(parse_chat, {"messages": messages})
+    assert (error.status, error.param) == (400, param)
+
+
+def test_chat_max_completion_tokens_wins_and_logprobs_map() -> None:
+    body = chat(max_tokens=5, max_completion_tokens=8, logprobs=True, top_logprobs=3)
+    sampling = sampling_params(body, default_max_tokens=16)
+    assert sampling.max_tokens == 8 and sampling.logprobs == 3
+    assert sampling_params(chat(logprobs=True), 16).logprobs == 0
+    assert sampling_params(chat(logprobs=False), 16).logprobs is None
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 30}, "top_logprobs"),
+    ({"n": 3}, "n"),
+    ({"tools": [{"type": "function"}]}, "tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens"),
+])
+def test_bad_chat_options(fields: dict[str, Any], param: str) -> None:
+    assert rejected(parse_chat, {"messages": USER} | fields).param == param
+
+
+def test_unknown_fields_and_user_are_ignored() -> None:
+    assert chat(user="alice", some_vendor_option=True).stream is False
+    assert chat(add_generation_prompt=False).add_generation_prompt is False
+
+
+def test_model_check() -> None:
+    check_model(None, {"m"})
+    check_model("m", {"m"})
+    with pytest.raises(ApiError) as caught:
+        check_model("other", {"m"})
+    assert (caught.value.status, caught.value.code, caught.value.param) == (404, "model_not_found", "model")

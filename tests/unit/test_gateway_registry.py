@@ -1,0 +1,125 @@
+"""In-flight request registry and the batching writer: pure logic, no Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from services.gateway.pipeline_client import BatchingWriter, cancel_and_wait, merge_aborts
+from services.gateway.registry import RegistryClosed, RegistryFull, RequestRegistry
+from shared.messages import AbortRequests, CompletionRequest, Heartbeat, Message, RequestFailed, ResponseBatch, TextDelta
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def failed(request_id: str) -> RequestFailed:
+    return RequestFailed(request_id=request_id, status=400, error_type="invalid_request_error", message="bad")
+
+
+async def test_dispatch_routes_each_delta_to_its_request() -> None:
+    registry = RequestRegistry(capacity=4)
+    a, b = registry.open("a"), registry.open("b")
+    batch = ResponseBatch(deltas=[TextDelta(request_id="a", text="x"), TextDelta(request_id="b", text="y"),
+                                  TextDelta(request_id="a", text="z")])
+    assert registry.dispatch(batch) == 3
+    assert [a.get_nowait().text, a.get_nowait().text] == ["x", "z"]
+    assert b.get_nowait().text == "y"
+    assert registry.dispatch(failed("b")) == 1
+    assert isinstance(b.get_nowait(), RequestFailed)
+
+
+async def test_events_for_released_or_unknown_requests_are_dropped() -> None:
+    registry = RequestRegistry(capacity=4)
+    registry.open("a")
+    assert registry.release("a") and not registry.release("a")
+    assert registry.dispatch(ResponseBatch(deltas=[TextDelta(request_id="a", text="late")])) == 0
+    assert registry.dispatch(failed("ghost")) == 0
+    assert registry.dispatch(Heartbeat(role="engine", replica_id="e", time=0.0)) == 0
+    assert registry.dropped == 3 and len(registry) == 0
+
+
+async def test_capacity_is_enforced_and_freed_on_release() -> None:
+    registry = RequestRegistry(capacity=2)
+    registry.open("a")
+    registry.open("b")
+    with pytest.raises(RegistryFull):
+        registry.open("c")
+    registry.release("a")
+    registry.open("c")
+    with pytest.raises(ValueError):
+        registry.open("c")
+
+
+async def test_close_fails_every_waiter_and_refuses_new_requests() -> None:
+    registry = RequestRegistry(capacity=4)
+    queues = {rid: registry.open(rid) for rid in ("a", "b")}
+    assert sorted(registry.close(failed)) == ["a", "b"]
+    for rid, queue in queues.items():
+        event = queue.get_nowait()
+        assert isinstance(event, RequestFailed) and event.request_id == rid
+    with pytest.raises(RegistryClosed):
+        registry.open("c")
+
+
+def test_merge_aborts_folds_aborts_per_stream_and_reason() -> None:
+    request = CompletionRequest(request_id="r", gateway_id="g", deadline=0.0, prompt="x")
+    merged = merge_aborts([
+        ("aborts", AbortRequests(request_ids=["a"])),
+        ("requests", request),
+        ("aborts", AbortRequests(request_ids=["b", "c"])),
+        ("aborts", AbortRequests(request_ids=["d"], reason="gateway shutdown")),
+    ])
+    assert [(stream, type(m).__name__) for stream, m in merged] == [
+        ("aborts", "AbortRequests"), ("requests", "CompletionRequest"), ("aborts", "AbortRequests")]
+    assert merged[0][1].request_ids == ["a", "b", "c"]  # type: ignore[attr-defined]
+    assert merged[2][1].request_ids == ["d"]  # type: ignore[attr-defined]
+
+
+class RecordingTransport:
+    """Records publish calls; optionally fails them."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.calls: list[list[tuple[str, Message]]] = []
+        self.error = error
+
+    async def publish(self, messages: Sequence[tuple[str, Message]], *, acks: object = ()) -> None:
+        self.calls.append(list(messages))
+        if self.error is not None:
+            raise self.error
+
+
+async def test_concurrent_sends_coalesce_into_one_publish() -> None:
+    transport = RecordingTransport()
+    writer = BatchingWriter(transport)  # type: ignore[arg-type]
+    task = asyncio.create_task(writer.run())
+    requests = [CompletionRequest(request_id=f"r{i}", gateway_id="g", deadline=0.0, prompt="x") for i in range(5)]
+
+    async def handler(request: CompletionRequest) -> None:
+        await writer.send("requests", request)
+
+    await asyncio.gather(*(handler(r) for r in requests))
+    writer.send_nowait("aborts", AbortRequests(request_ids=["r0"]))
+    writer.stop()
+    await asyncio.wait_for(task, 1)
+    assert len(transport.calls) == 2
+    assert [m.request_id for _, m in transport.calls[0]] == ["r0", "r1", "r2", "r3", "r4"]  # type: ignore[attr-defined]
+    assert transport.calls[1][0][0] == "aborts"
+
+
+async def test_a_failed_publish_reaches_the_waiting_handler_and_the_writer_survives() -> None:
+    transport = RecordingTransport(error=RuntimeError("redis said no"))
+    writer = BatchingWriter(transport)  # type: ignore[arg-type]
+    task = asyncio.create_task(writer.run())
+    with pytest.raises(RuntimeError, match="redis said no"):
+        await asyncio.wait_for(writer.send("requests", AbortRequests(request_ids=["x"])), 1)
+    transport.error = None
+    await asyncio.wait_for(writer.send("requests", AbortRequests(request_ids=["y"])), 1)
+    await cancel_and_wait([task], 1)
+    assert task.done()
