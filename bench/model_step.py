@@ -1,7 +1,7 @@
 """Decode step time of the torch ModelRunner at several batch sizes.
 
-    python -m bench/model_step.py            # default model, float32 and bfloat16, batch 1/16/64
-    python bench/model_step.py --dtype bfloat16 --batch 64 --context 300 --steps 20
+    python -m bench.model_step            # default model, float32 and bfloat16, batch 1/16/64
+    python -m bench.model_step --dtype bfloat16 --batch 64 --context 300 --attention torch native
 
 Every sequence decodes one token per step with ~context tokens already in the
 KV cache (the cache holds zeros: the step's cost does not depend on the values).
@@ -53,7 +53,11 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=300)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--attention", nargs="+", default=["auto"], help="auto, torch, native")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model_dir = args.model_dir
     if model_dir is None:
         from shared.model_files import resolve_model_dir
@@ -63,33 +67,36 @@ def main() -> None:
     blocks_needed = max(args.batch) * ((args.context + 1 + args.block_size - 1) // args.block_size)
     print(f"model {model_dir}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for dtype in args.dtype:
-        runner = ModelRunner(
-            model_dir,
-            dtype=dtype,
-            device="cpu",
-            block_size=args.block_size,
-            num_blocks=blocks_needed,
-            kv_cache_bytes=None,
-            max_model_len=None,
-        )
-        params = matmul_params(runner)
-        for batch in args.batch:
-            step = decode_batch(batch, args.context, args.block_size)
-            for _ in range(3):
-                runner.forward(step)
-            times = []
-            for _ in range(args.steps):
-                start = time.perf_counter()
-                runner.forward(step)
-                times.append(time.perf_counter() - start)
-            median = statistics.median(times)
-            print(
-                f"{dtype:9s} batch {batch:3d} context {args.context}: {median * 1e3:7.2f} ms/step "
-                f"(min {min(times) * 1e3:7.2f}), {batch / median:7.1f} tok/s, "
-                f"{2 * params * batch / median / 1e9:6.1f} GFLOP/s matmul"
+        for attention in args.attention:
+            runner = ModelRunner(
+                model_dir,
+                dtype=dtype,
+                device="cpu",
+                block_size=args.block_size,
+                num_blocks=blocks_needed,
+                kv_cache_bytes=None,
+                max_model_len=None,
+                attention=attention,
             )
-        del runner
-
+            params = matmul_params(runner)
+            kind = "native" if runner.native else "torch"
+            for batch in args.batch:
+                step = decode_batch(batch, args.context, args.block_size)
+                for _ in range(3):
+                    runner.forward(step)
+                times = []
+                for _ in range(args.steps):
+                    start = time.perf_counter()
+                    runner.forward(step)
+                    times.append(time.perf_counter() - start)
+                median = statistics.median(times)
+                print(
+                    f"{dtype:9s} {kind:6s} batch {batch:3d} context {args.context}: {median * 1e3:7.2f} ms/step "
+                    f"(min {min(times) * 1e3:7.2f}), {batch / median:7.1f} tok/s, "
+                    f"{2 * params * batch / median / 1e9:6.1f} GFLOP/s matmul",
+                    flush=True,
+                )
+            del runner
 
 if __name__ == "__main__":
     main()

@@ -7,6 +7,7 @@ test crosses block boundaries and reads the pool out of order.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,15 @@ class Model:
     path: Path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny ops on a shared 2-core machine: a second OpenMP thread only adds barrier waits."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Model:
     torch.manual_seed(1234)
@@ -72,9 +82,22 @@ def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     return Model(hf, path)
 
 
-def make_runner(path: Path, num_blocks: int = NUM_BLOCKS, dtype: str = "float32") -> ModelRunner:
+@pytest.fixture(scope="module", params=["torch", "native"])
+def attention(request: pytest.FixtureRequest) -> str:
+    """Both decode attention paths: plain torch, and the compiled kernel."""
+    return str(request.param)
+
+
+def make_runner(path: Path, attention: str, dtype: str = "float32") -> ModelRunner:
     return ModelRunner(
-        path, dtype=dtype, device="cpu", block_size=BLOCK, num_blocks=num_blocks, kv_cache_bytes=None, max_model_len=None
+        path,
+        dtype=dtype,
+        device="cpu",
+        block_size=BLOCK,
+        num_blocks=NUM_BLOCKS,
+        kv_cache_bytes=None,
+        max_model_len=None,
+        attention=attention,
     )
 
 
@@ -133,8 +156,8 @@ def prompt(length: int, seed: int) -> list[int]:
     return [rng.randrange(VOCAB) for _ in range(length)]
 
 
-def test_prefill_logits_match_transformers_at_every_position(model: Model) -> None:
-    runner = make_runner(model.path)
+def test_prefill_logits_match_transformers_at_every_position(model: Model, attention: str) -> None:
+    runner = make_runner(model.path, attention)
     seq = Seq(prompt(13, seed=1))
     batch, _ = Pool().schedule([(seq, 13)], want_all_logits=True)
     ours = runner.forward(batch)
@@ -142,8 +165,8 @@ def test_prefill_logits_match_transformers_at_every_position(model: Model) -> No
     torch.testing.assert_close(ours, hf_logits(model.hf, seq.tokens), atol=ATOL, rtol=0)
 
 
-def test_greedy_decode_step_by_step_matches_transformers(model: Model) -> None:
-    runner = make_runner(model.path)
+def test_greedy_decode_step_by_step_matches_transformers(model: Model, attention: str) -> None:
+    runner = make_runner(model.path, attention)
     pool = Pool(seed=2)
     seq = Seq(prompt(6, seed=3))
     batch, _ = pool.schedule([(seq, 6)])
@@ -155,8 +178,8 @@ def test_greedy_decode_step_by_step_matches_transformers(model: Model) -> None:
         torch.testing.assert_close(logits[0], hf_logits(model.hf, seq.tokens)[-1], atol=ATOL, rtol=0)
 
 
-def test_prefill_in_three_chunks_matches_one_pass(model: Model) -> None:
-    runner = make_runner(model.path)
+def test_prefill_in_three_chunks_matches_one_pass(model: Model, attention: str) -> None:
+    runner = make_runner(model.path, attention)
     pool = Pool(seed=4)
     seq = Seq(prompt(23, seed=5))
     reference = hf_logits(model.hf, seq.tokens)
@@ -165,8 +188,8 @@ def test_prefill_in_three_chunks_matches_one_pass(model: Model) -> None:
         torch.testing.assert_close(runner.forward(batch), reference[end - size : end], atol=ATOL, rtol=0)
 
 
-def test_mixed_batch_of_decodes_and_prefills_matches_each_sequence_alone(model: Model) -> None:
-    runner = make_runner(model.path)
+def test_mixed_batch_of_decodes_and_prefills_matches_each_sequence_alone(model: Model, attention: str) -> None:
+    runner = make_runner(model.path, attention)
     pool = Pool(seed=6)
     decode_a, decode_b = Seq(prompt(9, seed=7)), Seq(prompt(3, seed=8))
     chunked = Seq(prompt(14, seed=9))
@@ -180,10 +203,10 @@ def test_mixed_batch_of_decodes_and_prefills_matches_each_sequence_alone(model: 
         torch.testing.assert_close(ours[row], hf_logits(model.hf, seq.tokens)[-1], atol=ATOL, rtol=0)
 
 
-def test_shared_prefix_blocks_are_read_not_recomputed(model: Model) -> None:
+def test_shared_prefix_blocks_are_read_not_recomputed(model: Model, attention: str) -> None:
     """A second sequence whose first blocks are another's (a prefix-cache hit)
     only computes its suffix and still gets the full sequence's logits."""
-    runner = make_runner(model.path)
+    runner = make_runner(model.path, attention)
     pool = Pool(seed=11)
     first = Seq(prompt(12, seed=12))
     runner.forward(pool.schedule([(first, 12)])[0])
@@ -192,8 +215,8 @@ def test_shared_prefix_blocks_are_read_not_recomputed(model: Model) -> None:
     torch.testing.assert_close(runner.forward(batch)[0], hf_logits(model.hf, second.tokens)[-1], atol=ATOL, rtol=0)
 
 
-def test_batch_of_decodes_with_different_lengths(model: Model) -> None:
-    runner = make_runner(model.path)
+def test_batch_of_decodes_with_different_lengths(model: Model, attention: str) -> None:
+    runner = make_runner(model.path, attention)
     pool = Pool(seed=14)
     seqs = [Seq(prompt(n, seed=20 + n)) for n in (1, 4, 11, 17)]
     runner.forward(pool.schedule([(s, len(s.tokens)) for s in seqs])[0])
@@ -205,27 +228,27 @@ def test_batch_of_decodes_with_different_lengths(model: Model) -> None:
             torch.testing.assert_close(ours[row], hf_logits(model.hf, s.tokens)[-1], atol=ATOL, rtol=0)
 
 
-def test_bfloat16_runner_stays_close_to_float32(model: Model) -> None:
+def test_bfloat16_runner_stays_close_to_float32(model: Model, attention: str) -> None:
     seq = Seq(prompt(10, seed=30))
     batch, _ = Pool().schedule([(seq, 10)], want_all_logits=True)
-    ours = make_runner(model.path, dtype="bfloat16").forward(batch)
+    ours = make_runner(model.path, attention, dtype="bfloat16").forward(batch)
     assert ours.dtype == torch.float32
     reference = hf_logits(model.hf, seq.tokens)
     assert (ours - reference).abs().max() < 0.1 * reference.abs().max()
 
 
-def test_sharded_checkpoint_loads_like_a_single_file(model: Model, tmp_path: Path) -> None:
+def test_sharded_checkpoint_loads_like_a_single_file(model: Model, attention: str, tmp_path: Path) -> None:
     model.hf.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     seq = Seq(prompt(7, seed=31))
     batch, _ = Pool().schedule([(seq, 7)])
     torch.testing.assert_close(
-        make_runner(tmp_path).forward(batch)[0], hf_logits(model.hf, seq.tokens)[-1], atol=ATOL, rtol=0
+        make_runner(tmp_path, attention).forward(batch)[0], hf_logits(model.hf, seq.tokens)[-1], atol=ATOL, rtol=0
     )
 
 
-def test_malformed_batch_is_refused_with_a_message(model: Model) -> None:
-    runner = make_runner(model.path)
+def test_malformed_batch_is_refused_with_a_message(model: Model, attention: str) -> None:
+    runner = make_runner(model.path, attention)
     batch, _ = Pool().schedule([(Seq(prompt(9, seed=32)), 9)])
     batch.block_tables = [batch.block_tables[0][:1]]  # 4 slots for 9 tokens
     with pytest.raises(ValueError, match="blocks cannot hold 9 tokens"):

@@ -4,7 +4,8 @@ Per step, ``AttentionMetadata.build`` turns the batch's block tables into
 index tensors and masks once; every layer reuses them. Per layer,
 ``paged_attention`` writes the new tokens' K/V into their slots, then:
 
-- decode sequences (one new token each) are batched into one call: each
+- decode sequences (one new token each) are batched into one call. With the
+  native kernel (native.py) it reads the blocks in place. Otherwise each
   sequence's blocks are gathered from the pool, padded to the longest context,
   and attended with a mask, as batched matmuls in which the query heads
   sharing a KV head form the rows (GQA without copying K/V per query head);
@@ -22,14 +23,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from services.engine.model.native import NativeAttention
+
 
 @dataclass(slots=True)
 class DecodeGroup:
     tokens: slice | torch.Tensor  # which of the step's T tokens are the decode tokens, in order
     num_seqs: int
     padded_len: int  # Lp: the longest context rounded up to whole blocks
-    gather_rows: torch.Tensor  # [num_seqs * kv_heads * blocks] rows of the pool's [blocks * kv_heads, block_size * D] view
-    mask: torch.Tensor  # [num_seqs * kv_heads, 1, Lp] additive: 0 inside the context, -inf past it
+    block_table: torch.Tensor  # [num_seqs, Lp / block_size] int64, padded with block 0
+    context_lens: torch.Tensor  # [num_seqs] int64
+    # The torch path only (None with the native kernel):
+    gather_rows: torch.Tensor | None  # [num_seqs * kv_heads * blocks] rows of the pool's [blocks * kv_heads, block_size * D] view
+    mask: torch.Tensor | None  # [num_seqs * kv_heads, 1, Lp] additive: 0 inside the context, -inf past it
 
 
 @dataclass(slots=True)
@@ -47,6 +53,7 @@ class AttentionMetadata:
     decode: DecodeGroup | None
     prefills: list[PrefillSeq]
     num_tokens: int
+    native: NativeAttention | None
 
     @classmethod
     def build(
@@ -60,6 +67,7 @@ class AttentionMetadata:
         num_kv_heads: int,
         dtype: torch.dtype,
         device: torch.device,
+        native: NativeAttention | None = None,
     ) -> AttentionMetadata:
         """Index tensors and masks for one step; the caller has validated the batch."""
         heads = torch.arange(num_kv_heads, device=device)
@@ -85,9 +93,18 @@ class AttentionMetadata:
         decode = None
         if decode_seqs:
             decode = _decode_group(
-                decode_seqs, decode_tokens, context_lens, block_tables, block_size, num_kv_heads, heads, dtype, device
+                decode_seqs,
+                decode_tokens,
+                context_lens,
+                block_tables,
+                block_size,
+                num_kv_heads,
+                heads,
+                dtype,
+                device,
+                with_gather=native is None,
             )
-        return cls(write_rows=write_rows, decode=decode, prefills=prefills, num_tokens=start)
+        return cls(write_rows=write_rows, decode=decode, prefills=prefills, num_tokens=start, native=native)
 
 
 def _decode_group(
@@ -100,6 +117,7 @@ def _decode_group(
     heads: torch.Tensor,
     dtype: torch.dtype,
     device: torch.device,
+    with_gather: bool,
 ) -> DecodeGroup:
     lens = [context_lens[i] for i in seqs]
     max_blocks = (max(lens) + block_size - 1) // block_size
@@ -109,19 +127,27 @@ def _decode_group(
         dtype=torch.long,
         device=device,
     )
-    gather_rows = (table[:, None, :] * num_kv_heads + heads[None, :, None]).reshape(-1)
     padded_len = max_blocks * block_size
     ctx = torch.tensor(lens, dtype=torch.long, device=device)
-    visible = torch.arange(padded_len, device=device)[None, :] < ctx[:, None]  # [B, Lp]
-    mask = torch.zeros(len(seqs), padded_len, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
-    mask = mask[:, None, None, :].expand(len(seqs), num_kv_heads, 1, padded_len).reshape(-1, 1, padded_len)
+    gather_rows = mask = None
+    if with_gather:
+        gather_rows = (table[:, None, :] * num_kv_heads + heads[None, :, None]).reshape(-1)
+        visible = torch.arange(padded_len, device=device)[None, :] < ctx[:, None]  # [B, Lp]
+        mask = torch.zeros(len(seqs), padded_len, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
+        mask = mask[:, None, None, :].expand(len(seqs), num_kv_heads, 1, padded_len).reshape(-1, 1, padded_len)
     first = tokens[0]
     contiguous = tokens == list(range(first, first + len(tokens)))
     token_index: slice | torch.Tensor = (
         slice(first, first + len(tokens)) if contiguous else torch.tensor(tokens, dtype=torch.long, device=device)
     )
     return DecodeGroup(
-        tokens=token_index, num_seqs=len(seqs), padded_len=padded_len, gather_rows=gather_rows, mask=mask
+        tokens=token_index,
+        num_seqs=len(seqs),
+        padded_len=padded_len,
+        block_table=table,
+        context_lens=ctx,
+        gather_rows=gather_rows,
+        mask=mask,
     )
 
 
@@ -175,11 +201,10 @@ def paged_attention(
 
     decode = meta.decode
     if decode is not None and decode.num_seqs == num_tokens:
-        return _decode(q, k_blocks, v_blocks, decode, group, scale)
+        return _decode(q, k_cache, v_cache, decode, group, scale, meta.native)
     out = q.new_empty(num_tokens, num_heads * head_dim)
     if decode is not None:
-        dq = q[decode.tokens]
-        result = _decode(dq, k_blocks, v_blocks, decode, group, scale)
+        result = _decode(q[decode.tokens], k_cache, v_cache, decode, group, scale, meta.native)
         if isinstance(decode.tokens, slice):
             out[decode.tokens] = result
         else:
@@ -191,15 +216,23 @@ def paged_attention(
 
 def _decode(
     q: torch.Tensor,
-    k_blocks: torch.Tensor,
-    v_blocks: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
     group_meta: DecodeGroup,
     group: int,
     scale: float,
+    native: NativeAttention | None,
 ) -> torch.Tensor:
     """q: [B, H, D] -> [B, H * D]."""
+    if native is not None:
+        return native.decode(q, k_cache, v_cache, group_meta.block_table, group_meta.context_lens, scale)
+    if group_meta.gather_rows is None or group_meta.mask is None:
+        raise RuntimeError("decode metadata was built for the native kernel")
     batch, num_heads, head_dim = q.shape
+    block_size = k_cache.shape[2]
     rows = group_meta.num_seqs * (num_heads // group)
+    k_blocks = k_cache.view(-1, block_size * head_dim)
+    v_blocks = v_cache.view(-1, block_size * head_dim)
     keys = k_blocks.index_select(0, group_meta.gather_rows).view(rows, group_meta.padded_len, head_dim)
     values = v_blocks.index_select(0, group_meta.gather_rows).view(rows, group_meta.padded_len, head_dim)
     # Query heads sharing a KV head are consecutive: [B, KV * G, D] -> [B * KV, G, D].
@@ -230,3 +263,31 @@ def _prefill(
         values = v_blocks.index_select(0, seq.gather_rows).view(num_kv_heads, -1, head_dim)
         out = F.scaled_dot_product_attention(sq, keys, values, attn_mask=seq.mask, scale=scale, enable_gqa=True)
     return out.transpose(0, 1).reshape(seq.end - seq.start, -1)
+
+
+def reference_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Slow, obvious decode attention, one sequence at a time (for checks).
+
+    q: [B, H, D]; caches: [blocks, KV, block_size, D]; block_table: [B, max_blocks];
+    context_lens: [B]. Returns [B, H * D].
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+    out = []
+    for b in range(batch):
+        n = int(context_lens[b])
+        blocks = block_table[b, : (n + block_size - 1) // block_size]
+        keys = k_cache[blocks].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)[:, :n].float()
+        values = v_cache[blocks].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)[:, :n].float()
+        keys = keys.repeat_interleave(num_heads // num_kv_heads, dim=0)
+        values = values.repeat_interleave(num_heads // num_kv_heads, dim=0)
+        probs = torch.softmax((q[b].float()[:, None, :] @ keys.transpose(1, 2)) * scale, dim=-1)
+        out.append((probs @ values).reshape(-1))
+    return torch.stack(out).to(q.dtype)

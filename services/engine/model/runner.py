@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from services.engine.model.device import resolve_device, resolve_dtype
 from services.engine.model.kv_cache import KVCache, kv_bytes_per_block, num_blocks_for
 from services.engine.model.llama import LlamaModel, RotaryTable
 from services.engine.model.loader import load_weights
+from services.engine.model.native import ATTENTION_CHOICES, NativeAttention, load_native_attention
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +31,14 @@ class ModelRunner:
         num_blocks: int | None,
         kv_cache_bytes: int | None,
         max_model_len: int | None,
+        attention: str | None = None,
     ) -> None:
         """Load the model and allocate the KV pool: num_blocks if given, else as
         many blocks as fit in kv_cache_bytes. Raises UnsupportedModelError /
-        WeightsError / ValueError with a message naming the problem."""
+        WeightsError / ValueError with a message naming the problem.
+
+        attention: "auto" (the native decode kernel when it builds, else torch),
+        "torch" or "native"; None reads SCALELLM_ATTENTION (default "auto")."""
         if block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {block_size}")
         self.config = ModelConfig.from_dir(Path(model_dir))
@@ -64,6 +70,14 @@ class ModelRunner:
                     f"kv_cache_bytes={kv_cache_bytes} holds no block; one block takes {self._per_block} bytes"
                 )
         self.num_blocks = num_blocks
+        choice = attention or os.environ.get("SCALELLM_ATTENTION", "auto")
+        if choice not in ATTENTION_CHOICES:
+            raise ValueError(f"unknown attention backend {choice!r}; expected one of {', '.join(ATTENTION_CHOICES)}")
+        self.native: NativeAttention | None = None
+        if self.device.type == "cpu":
+            self.native = load_native_attention(choice)
+        elif choice == "native":
+            raise ValueError("the native attention kernel runs on the CPU only")
         weights = load_weights(Path(model_dir), cfg, self.dtype, self.device)
         self.model = LlamaModel(cfg, weights, RotaryTable(cfg, self.max_model_len, self.device))
         self.kv_cache = KVCache(
@@ -76,11 +90,12 @@ class ModelRunner:
             device=self.device,
         )
         log.info(
-            "model %s (%s) on %s in %s; KV pool %d blocks of %d tokens (%.1f MiB)",
+            "model %s (%s) on %s in %s, %s decode attention; KV pool %d blocks of %d tokens (%.1f MiB)",
             cfg.architecture,
             Path(model_dir).name,
             self.device,
             self.dtype,
+            "native" if self.native else "torch",
             num_blocks,
             block_size,
             num_blocks * self._per_block / 2**20,
@@ -116,6 +131,7 @@ class ModelRunner:
             num_kv_heads=self.config.num_kv_heads,
             dtype=self.dtype,
             device=device,
+            native=self.native,
         )
         return self.model.forward(
             batch.input_ids.to(device),

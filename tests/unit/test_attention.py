@@ -1,0 +1,108 @@
+"""Paged decode attention: the native kernel and the torch path against a plain reference."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.engine.model import native as native_module
+from services.engine.model.attention import AttentionMetadata, paged_attention, reference_decode_attention
+from services.engine.model.native import NativeAttention, load_native_attention
+
+
+@pytest.fixture(scope="module")
+def kernel() -> NativeAttention:
+    loaded = load_native_attention("native")
+    assert loaded is not None
+    return loaded
+
+
+def random_case(
+    seed: int, *, heads: int, kv_heads: int, head_dim: int, block_size: int, lens: list[int], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A pool with shuffled block tables; returns q [B, H, D], k/v caches, table [B, max_blocks], lens [B]."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [(n + block_size - 1) // block_size for n in lens]
+    num_blocks = sum(blocks_per_seq) + 3
+    ids = list(range(num_blocks))
+    random.Random(seed).shuffle(ids)
+    max_blocks = max(blocks_per_seq)
+    table = []
+    for count in blocks_per_seq:
+        row, ids = ids[:count], ids[count:]
+        table.append(row + [0] * (max_blocks - count))
+    k_cache = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen).to(dtype)
+    q = torch.randn(len(lens), heads, head_dim, generator=gen).to(dtype)
+    return q, k_cache, v_cache, torch.tensor(table), torch.tensor(lens)
+
+
+CASES = [
+    dict(heads=9, kv_heads=3, head_dim=64, block_size=16, lens=[1, 16, 17, 300]),
+    dict(heads=4, kv_heads=4, head_dim=128, block_size=4, lens=[5, 2, 33]),
+    dict(heads=8, kv_heads=1, head_dim=32, block_size=8, lens=[64, 7]),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=["gqa3-d64", "mha-d128", "mqa-d32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_native_kernel_matches_reference(kernel: NativeAttention, case: dict, dtype: torch.dtype) -> None:
+    q, k_cache, v_cache, table, lens = random_case(7, dtype=dtype, **case)
+    got = kernel.decode(q, k_cache, v_cache, table, lens, 0.1)
+    want = reference_decode_attention(q, k_cache, v_cache, table, lens, 0.1)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("use_native", [False, True], ids=["torch", "native"])
+def test_paged_attention_decode_batch_matches_reference(kernel: NativeAttention, use_native: bool) -> None:
+    """Through paged_attention: new K/V are written at their slots, then every sequence attends."""
+    case = CASES[0]
+    q, k_cache, v_cache, table, lens = random_case(11, dtype=torch.float32, **case)
+    block_size = case["block_size"]
+    new_k = torch.randn(len(lens), case["kv_heads"], case["head_dim"])
+    new_v = torch.randn(len(lens), case["kv_heads"], case["head_dim"])
+    slots = [int(table[b, (n - 1) // block_size]) * block_size + (n - 1) % block_size for b, n in enumerate(lens.tolist())]
+    meta = AttentionMetadata.build(
+        slot_mapping=torch.tensor(slots),
+        query_lens=[1] * len(lens),
+        context_lens=lens.tolist(),
+        block_tables=[row.tolist() for row in table],
+        block_size=block_size,
+        num_kv_heads=case["kv_heads"],
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        native=kernel if use_native else None,
+    )
+    got = paged_attention(q, new_k, new_v, k_cache, v_cache, meta, 0.125)
+    for b, slot in enumerate(slots):  # the new tokens landed in the pool
+        torch.testing.assert_close(k_cache[slot // block_size, :, slot % block_size], new_k[b])
+    want = reference_decode_attention(q, k_cache, v_cache, table, lens, 0.125)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def fresh_native_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("SCALELLM_KERNEL_CACHE_DIR", str(tmp_path))
+    native_module._load_once.cache_clear()
+    yield
+    native_module._load_once.cache_clear()
+
+
+def test_without_a_compiler_auto_falls_back_and_native_refuses(
+    fresh_native_load: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("CC", "/bin/false")
+    with caplog.at_level(logging.WARNING):
+        assert load_native_attention("auto") is None
+    assert "using the torch path" in caplog.text
+    with pytest.raises(RuntimeError, match="native attention requested but unavailable"):
+        load_native_attention("native")
+    assert load_native_attention("torch") is None
+    with pytest.raises(ValueError, match="'flash'"):
+        load_native_attention("flash")
