@@ -195,13 +195,17 @@ class PipelineClient:
                 log.exception("heartbeat failed")
             await asyncio.sleep(self._heartbeat_interval_s)
 
-    async def stop(self, grace_s: float = 2.0) -> None:
-        """End waiting requests, abort them in the engines, flush, and stop the tasks."""
+    def fail_in_flight(self) -> None:
+        """Refuse new requests; end waiting ones with a 503 and abort them in the engines."""
         failed = self.registry.close(
             lambda request_id: RequestFailed(request_id=request_id, status=503, error_type="server_error",
-                                             message="The gateway is shutting down.")
+                                             message="The gateway is shutting down; retry the request.")
         )
         self.abort(failed, reason="gateway shutdown")
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        """End waiting requests, flush what is queued for Redis, and stop the tasks."""
+        self.fail_in_flight()
         if self._writer_task is not None:
             self.writer.stop()
             done, _ = await asyncio.wait({self._writer_task}, timeout=grace_s)

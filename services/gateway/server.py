@@ -19,7 +19,7 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -27,7 +27,7 @@ from services.gateway import protocol
 from services.gateway.errors import ApiError, internal, model_not_found, overloaded, shutting_down, unauthorized
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pipeline_client import PipelineClient
-from services.gateway.registry import RegistryClosed, RegistryFull, RequestRegistry
+from services.gateway.registry import Event, RegistryClosed, RegistryFull, RequestRegistry
 from services.gateway.responses import CollectedOutput, ResponseBuilder
 from services.gateway.session import (
     ClientDisconnected,
@@ -46,6 +46,8 @@ log = logging.getLogger("services.gateway")
 
 PIPELINE_ROLES = ("tokenizer", "engine", "detokenizer")
 HEALTH_TIMEOUT_S = 3.0
+# On SIGTERM, running requests get this long to finish before they end with a 503.
+DRAIN_S = 8
 
 
 def served_model_name(settings: GatewaySettings) -> str:
@@ -103,7 +105,7 @@ class Gateway:
             response = await self._run(request, body, chat=chat)
         except ApiError as error:
             response = error_response(error)
-        except ClientDisconnected:
+        except (ClientDisconnected, ClientDisconnect):
             response = Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         except Exception:  # noqa: BLE001 - the client gets a JSON 500, never a dropped connection
             log.exception("%s failed", endpoint)
@@ -126,28 +128,25 @@ class Gateway:
         session = RequestSession(self.client, request_id, queue, timeout_s, on_close=self._session_closed)
         handed_off = False  # once an SSEResponse owns the session, it closes it
         try:
-            message = CompletionRequest(
-                request_id=request_id,
-                gateway_id=self.client.gateway_id,
-                deadline=time.time() + timeout_s,
-                prompt=body.prompt if isinstance(body, protocol.CompletionBody) else None,
-                messages=body.chat_messages() if isinstance(body, protocol.ChatBody) else None,
-                add_generation_prompt=body.add_generation_prompt is not False
-                if isinstance(body, protocol.ChatBody) else True,
-                sampling=sampling,
-                detokenize=detokenize,
-            )
-            echo = body.prompt if isinstance(body, protocol.CompletionBody) and body.echo else None
+            message = CompletionRequest(request_id=request_id, gateway_id=self.client.gateway_id,
+                                        deadline=time.time() + timeout_s, sampling=sampling, detokenize=detokenize)
+            echo: str | None = None
+            if isinstance(body, protocol.ChatBody):
+                message.messages = body.chat_messages()
+                message.add_generation_prompt = body.add_generation_prompt is not False
+            else:
+                message.prompt = body.prompt
+                echo = body.prompt if body.echo else None
             builder = ResponseBuilder(request_id, self.model_name, chat=chat, logprobs=sampling.logprobs is not None,
                                       include_usage=body.include_usage)
             if not body.stream:
                 output = await race_disconnect(self._whole(session, message, echo, chat), request.receive)
-                return JSONResponse(builder.full_response(output))
+                return JSONResponse(builder.full_response(output), headers={"X-Request-Id": request_id})
             first = await race_disconnect(self._first(session, message), request.receive)
             error = failure_of(first)
             if error is not None:
                 raise error
-            response = SSEResponse(stream_events(session, builder, first, echo), session)  # type: ignore[arg-type]
+            response = SSEResponse(stream_events(session, builder, first, echo), session)
             handed_off = True
             return response
         except TimeoutError:
@@ -163,7 +162,7 @@ class Gateway:
         return await collect(session, CollectedOutput(echo or ""), chat=chat)
 
     @staticmethod
-    async def _first(session: RequestSession, message: CompletionRequest) -> Any:
+    async def _first(session: RequestSession, message: CompletionRequest) -> Event:
         await session.publish(message)
         return await session.next_event()
 
@@ -257,22 +256,41 @@ def create_app(settings: GatewaySettings, transport: StreamTransport, *, gateway
     return app
 
 
+async def _drain_on_exit(server: uvicorn.Server, gateway: Gateway) -> None:
+    """On SIGTERM, give running requests DRAIN_S to finish, then end them with a clean 503.
+
+    uvicorn waits for open connections before the lifespan shutdown runs, so
+    without this a long stream would be cut off without an error message.
+    """
+    while not server.should_exit:
+        await asyncio.sleep(0.1)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DRAIN_S
+    while len(gateway.registry) and loop.time() < deadline:
+        await asyncio.sleep(0.1)
+    gateway.client.fail_in_flight()
+
+
 async def serve(settings: GatewaySettings) -> None:
     gateway_id = new_replica_id("gateway")
     transport = StreamTransport(settings.require_redis_url(), settings.stream_prefix, gateway_id,
                                 maxlen=settings.stream_maxlen)
     app = create_app(settings, transport, gateway_id=gateway_id)
     config = uvicorn.Config(app, host=settings.gateway_host, port=settings.gateway_port, log_config=None,
-                            access_log=False, timeout_graceful_shutdown=10, lifespan="on")
+                            access_log=False, timeout_graceful_shutdown=DRAIN_S + 2, lifespan="on")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
+    drain = asyncio.create_task(_drain_on_exit(server, app.state.gateway))
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
     if server.started:
         host, port = server.servers[0].sockets[0].getsockname()[:2]
         log.info("gateway ready on http://%s:%s (model %s, id %s)", host, port, served_model_name(settings),
                  gateway_id)
-    await task
+    try:
+        await task
+    finally:
+        drain.cancel()
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from shared.messages import CompletionRequest, RequestFailed, TextDelta
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+GENERATION_FAILED = "Generation failed in the pipeline."
 
 
 class ClientDisconnected(Exception):
@@ -96,7 +97,7 @@ def failure_of(event: Event) -> ApiError | None:
     if isinstance(event, RequestFailed):
         return ApiError.from_failure(event)
     if event.finish_reason == "error":
-        return internal("Generation failed in the pipeline.")
+        return internal(GENERATION_FAILED)
     return None
 
 
@@ -126,29 +127,30 @@ async def collect(session: RequestSession, output: CollectedOutput, *, chat: boo
     """Wait for the whole output (non-streaming); raises ApiError on failure."""
     while True:
         event = await session.next_event()
-        error = failure_of(event)
-        if error is not None:
-            raise error
-        output.add(event, chat=chat)  # type: ignore[arg-type]
+        if isinstance(event, RequestFailed):
+            raise ApiError.from_failure(event)
+        if event.finish_reason == "error":
+            raise internal(GENERATION_FAILED)
+        output.add(event, chat=chat)
         if session.finished:
             return output
 
 
-async def stream_events(session: RequestSession, builder: ResponseBuilder, first: TextDelta,
+async def stream_events(session: RequestSession, builder: ResponseBuilder, first: Event,
                         echo: str | None) -> AsyncIterator[bytes]:
     """SSE body; once the stream has begun, errors are SSE error events."""
     if builder.chat:
         yield builder.role_chunk()
     if echo:
         yield builder.text_chunk(echo)
-    event: Event = first
+    event = first
     try:
         while True:
             if isinstance(event, RequestFailed):
                 yield sse_error(ApiError.from_failure(event))
                 return
             if event.finish_reason == "error":
-                yield sse_error(internal("Generation failed in the pipeline."))
+                yield sse_error(internal(GENERATION_FAILED))
                 return
             if event.text or event.finish_reason or (builder.logprobs and event.logprobs):
                 yield builder.text_chunk(event.text, event)
@@ -173,7 +175,9 @@ class SSEResponse(StreamingResponse):
     media_type = "text/event-stream"
 
     def __init__(self, content: AsyncIterator[bytes], session: RequestSession) -> None:
-        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        # X-Accel-Buffering: a reverse proxy (nginx) must pass each event on at once.
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                           "X-Request-Id": session.request_id})
         self.session = session
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

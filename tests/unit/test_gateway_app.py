@@ -65,6 +65,11 @@ class FakePipeline:
         stream = self.transport.names.responses(request.gateway_id)
         await self.transport.publish([(stream, m) for m in messages])
 
+    async def wait_for_requests(self, count: int) -> None:
+        async with asyncio.timeout(5):
+            while len(self.requests) < count:
+                await asyncio.sleep(0.01)
+
     async def aborted_ids(self) -> list[str]:
         _, deliveries = await self.transport.read_stream(self.transport.names.aborts, "0-0", count=100, block_ms=0)
         return [rid for d in deliveries if isinstance(d.message, AbortRequests) for rid in d.message.request_ids]
@@ -300,10 +305,7 @@ async def test_api_key_is_required_on_v1_but_not_on_health() -> None:
 async def test_requests_over_the_inflight_limit_get_503_with_retry_after() -> None:
     async with running(waits_for_release, max_inflight_requests=1) as h:
         first = asyncio.create_task(h.http.post("/v1/completions", json={"prompt": "x"}))
-        for _ in range(200):
-            if h.pipeline.requests:
-                break
-            await asyncio.sleep(0.01)
+        await h.pipeline.wait_for_requests(1)
         second = await h.http.post("/v1/completions", json={"prompt": "y"})
         assert second.status_code == 503 and second.headers["retry-after"] == "1"
         h.pipeline.release.set()
@@ -366,3 +368,31 @@ async def test_shutdown_puts_an_expiry_on_the_responses_stream() -> None:
         redis = h.redis
     ttl = await redis.ttl(f"t:responses:{GATEWAY_ID}")
     assert 0 < ttl <= 3600
+
+
+async def test_echo_prepends_the_prompt_and_a_failed_generation_is_a_500() -> None:
+    async def errors(pipeline: FakePipeline, request: CompletionRequest) -> None:
+        if request.prompt == "bad":
+            await pipeline.send(request, ResponseBatch(deltas=[delta(request, "", [], "error")]))
+        else:
+            await hello_world(pipeline, request)
+
+    async with running(errors) as h:
+        echoed = await h.http.post("/v1/completions", json={"prompt": "Q: ", "echo": True})
+        assert echoed.json()["choices"][0]["text"] == "Q: Hello world"
+        failed = await h.http.post("/v1/completions", json={"prompt": "bad"})
+        assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
+
+
+async def test_shutdown_ends_waiting_requests_with_503_and_aborts_them() -> None:
+    async with running(silent) as h:
+        waiting = asyncio.create_task(h.http.post("/v1/completions", json={"prompt": "x"}))
+        await h.pipeline.wait_for_requests(1)
+        h.gateway.client.fail_in_flight()
+        reply = await waiting
+        assert reply.status_code == 503
+        assert (await h.http.get("/health")).status_code == 503
+        refused = await h.http.post("/v1/completions", json={"prompt": "y"})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        await asyncio.sleep(0.05)
+        assert await h.pipeline.aborted_ids() == [h.pipeline.requests[0].request_id]
