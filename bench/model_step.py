@@ -1,7 +1,7 @@
 """Decode step time of the torch ModelRunner at several batch sizes.
 
     python -m bench.model_step            # default model, float32 and bfloat16, batch 1/16/64
-    python -m bench.model_step --dtype bfloat16 --batch 64 --context 300 --attention torch native
+    python -m bench.model_step --dtype bfloat16 --batch 64 --context 300 --kernels torch native
 
 Every sequence decodes one token per step with ~context tokens already in the
 KV cache (the cache holds zeros: the step's cost does not depend on the values).
@@ -37,14 +37,6 @@ def decode_batch(batch: int, context: int, block_size: int) -> ForwardBatch:
     )
 
 
-def matmul_params(runner: ModelRunner) -> int:
-    weights = runner.model.weights
-    total = weights.lm_head.numel()
-    for layer in weights.layers:
-        total += layer.qkv.numel() + layer.o.numel() + layer.gate_up.numel() + layer.down.numel()
-    return total
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=None, help="HF folder; default: the cached default model")
@@ -53,7 +45,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=300)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--attention", nargs="+", default=["auto"], help="auto, torch, native")
+    parser.add_argument("--kernels", nargs="+", default=["auto"], help="auto, torch, native")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
@@ -67,7 +59,7 @@ def main() -> None:
     blocks_needed = max(args.batch) * ((args.context + 1 + args.block_size - 1) // args.block_size)
     print(f"model {model_dir}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for dtype in args.dtype:
-        for attention in args.attention:
+        for kernels in args.kernels:
             runner = ModelRunner(
                 model_dir,
                 dtype=dtype,
@@ -76,24 +68,27 @@ def main() -> None:
                 num_blocks=blocks_needed,
                 kv_cache_bytes=None,
                 max_model_len=None,
-                attention=attention,
+                kernels=kernels,
             )
-            params = matmul_params(runner)
+            params = runner.model.matmul_params()
             kind = "native" if runner.native else "torch"
             for batch in args.batch:
                 step = decode_batch(batch, args.context, args.block_size)
                 for _ in range(3):
                     runner.forward(step)
-                times = []
+                times, cpu_times = [], []
                 for _ in range(args.steps):
-                    start = time.perf_counter()
+                    start, cpu_start = time.perf_counter(), time.process_time()
                     runner.forward(step)
                     times.append(time.perf_counter() - start)
+                    cpu_times.append(time.process_time() - cpu_start)
                 median = statistics.median(times)
+                # CPU time per step says how much work a step is even when other
+                # processes share the cores (wall time then mostly measures them).
                 print(
                     f"{dtype:9s} {kind:6s} batch {batch:3d} context {args.context}: {median * 1e3:7.2f} ms/step "
-                    f"(min {min(times) * 1e3:7.2f}), {batch / median:7.1f} tok/s, "
-                    f"{2 * params * batch / median / 1e9:6.1f} GFLOP/s matmul",
+                    f"(min {min(times) * 1e3:7.2f}, cpu {statistics.median(cpu_times) * 1e3:7.2f}), "
+                    f"{batch / median:7.1f} tok/s, {2 * params * batch / median / 1e9:6.1f} GFLOP/s matmul",
                     flush=True,
                 )
             del runner

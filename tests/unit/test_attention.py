@@ -1,4 +1,4 @@
-"""Paged decode attention: the native kernel and the torch path against a plain reference."""
+"""The native CPU kernels and the torch attention path against plain references."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from services.engine.model import native as native_module
 from services.engine.model.attention import AttentionMetadata, paged_attention, reference_decode_attention
-from services.engine.model.native import NativeAttention, load_native_attention
+from services.engine.model.llama import apply_rope, rms_norm
+from services.engine.model.native import NativeKernels, load_native_kernels
 
 
 @pytest.fixture(scope="module")
-def kernel() -> NativeAttention:
-    loaded = load_native_attention("native")
+def kernel() -> NativeKernels:
+    loaded = load_native_kernels("native")
     assert loaded is not None
     return loaded
 
@@ -51,7 +53,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=["gqa3-d64", "mha-d128", "mqa-d32"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_native_kernel_matches_reference(kernel: NativeAttention, case: dict, dtype: torch.dtype) -> None:
+def test_native_kernel_matches_reference(kernel: NativeKernels, case: dict, dtype: torch.dtype) -> None:
     q, k_cache, v_cache, table, lens = random_case(7, dtype=dtype, **case)
     got = kernel.decode(q, k_cache, v_cache, table, lens, 0.1)
     want = reference_decode_attention(q, k_cache, v_cache, table, lens, 0.1)
@@ -60,7 +62,7 @@ def test_native_kernel_matches_reference(kernel: NativeAttention, case: dict, dt
 
 
 @pytest.mark.parametrize("use_native", [False, True], ids=["torch", "native"])
-def test_paged_attention_decode_batch_matches_reference(kernel: NativeAttention, use_native: bool) -> None:
+def test_paged_attention_decode_batch_matches_reference(kernel: NativeKernels, use_native: bool) -> None:
     """Through paged_attention: new K/V are written at their slots, then every sequence attends."""
     case = CASES[0]
     q, k_cache, v_cache, table, lens = random_case(11, dtype=torch.float32, **case)
@@ -99,10 +101,41 @@ def test_without_a_compiler_auto_falls_back_and_native_refuses(
 ) -> None:
     monkeypatch.setenv("CC", "/bin/false")
     with caplog.at_level(logging.WARNING):
-        assert load_native_attention("auto") is None
-    assert "using the torch path" in caplog.text
-    with pytest.raises(RuntimeError, match="native attention requested but unavailable"):
-        load_native_attention("native")
-    assert load_native_attention("torch") is None
+        assert load_native_kernels("auto") is None
+    assert "using plain torch" in caplog.text
+    with pytest.raises(RuntimeError, match="native kernels requested but unavailable"):
+        load_native_kernels("native")
+    assert load_native_kernels("torch") is None
     with pytest.raises(ValueError, match="'flash'"):
-        load_native_attention("flash")
+        load_native_kernels("flash")
+
+
+def test_native_layer_kernels_match_torch_at_engine_sizes(kernel: NativeKernels) -> None:
+    """Sizes large enough to take the kernels' multi-threaded branches."""
+    gen = torch.Generator().manual_seed(3)
+    bf16 = torch.bfloat16
+    x = torch.randn(64, 1536, generator=gen).to(bf16)
+    weight = torch.randn(1536, generator=gen).to(bf16)
+    torch.testing.assert_close(kernel.rms_norm(x, weight, 1e-5), rms_norm(x, weight, 1e-5), atol=3e-2, rtol=1e-2)
+
+    gate_up = torch.randn(64, 2 * 1536, generator=gen).to(bf16)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    torch.testing.assert_close(kernel.silu_mul(gate_up).float(), F.silu(gate) * up, atol=3e-2, rtol=1e-2)
+
+    tokens, heads, kv_heads, dim, block = 40, 9, 3, 64, 16
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen).to(bf16)
+    angles = torch.rand(512, dim // 2, generator=gen) * 6
+    positions = torch.randperm(512, generator=gen)[:tokens]
+    slots = torch.randperm(8 * block, generator=gen)[:tokens]
+    k_cache = torch.zeros(8, kv_heads, block, dim, dtype=bf16)
+    v_cache = torch.zeros(8, kv_heads, block, dim, dtype=bf16)
+    qk = qkv[:, : (heads + kv_heads) * dim].float().view(tokens, -1, dim)
+    rotated = apply_rope(qk, angles.cos()[positions][:, None], angles.sin()[positions][:, None])
+    values = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim).clone()
+    kernel.rope_store(qkv, positions, angles.cos(), angles.sin(), slots, k_cache, v_cache, heads)
+    torch.testing.assert_close(
+        qkv[:, : (heads + kv_heads) * dim].view(tokens, -1, dim).float(), rotated, atol=3e-2, rtol=1e-2
+    )
+    stored_k = k_cache[slots // block, :, slots % block]  # [tokens, kv_heads, dim]
+    torch.testing.assert_close(stored_k.float(), rotated[:, heads:], atol=3e-2, rtol=1e-2)
+    assert torch.equal(v_cache[slots // block, :, slots % block], values)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from services.engine.model.native import NativeAttention
+from services.engine.model.native import NativeKernels
 
 
 @dataclass(slots=True)
@@ -53,7 +53,7 @@ class AttentionMetadata:
     decode: DecodeGroup | None
     prefills: list[PrefillSeq]
     num_tokens: int
-    native: NativeAttention | None
+    native: NativeKernels | None
 
     @classmethod
     def build(
@@ -67,7 +67,7 @@ class AttentionMetadata:
         num_kv_heads: int,
         dtype: torch.dtype,
         device: torch.device,
-        native: NativeAttention | None = None,
+        native: NativeKernels | None = None,
     ) -> AttentionMetadata:
         """Index tensors and masks for one step; the caller has validated the batch."""
         heads = torch.arange(num_kv_heads, device=device)
@@ -184,18 +184,22 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    *,
+    store: bool = True,
 ) -> torch.Tensor:
     """Attention of the step's tokens over their sequences' cached context.
 
     q: [T, H, D]; k, v: [T, KV, D] for the new tokens (already rotated);
     k_cache, v_cache: one layer of the pool, [num_blocks, KV, block_size, D].
+    store=False: the caller has already written k, v into the pool.
     Returns [T, H * D].
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
-    k_cache.view(-1, head_dim).index_copy_(0, meta.write_rows, k.reshape(-1, head_dim))
-    v_cache.view(-1, head_dim).index_copy_(0, meta.write_rows, v.reshape(-1, head_dim))
+    if store:
+        k_cache.view(-1, head_dim).index_copy_(0, meta.write_rows, k.reshape(-1, head_dim))
+        v_cache.view(-1, head_dim).index_copy_(0, meta.write_rows, v.reshape(-1, head_dim))
     k_blocks = k_cache.view(-1, block_size * head_dim)
     v_blocks = v_cache.view(-1, block_size * head_dim)
 
@@ -221,7 +225,7 @@ def _decode(
     group_meta: DecodeGroup,
     group: int,
     scale: float,
-    native: NativeAttention | None,
+    native: NativeKernels | None,
 ) -> torch.Tensor:
     """q: [B, H, D] -> [B, H * D]."""
     if native is not None:

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from services.engine.model.attention import AttentionMetadata, paged_attention
 from services.engine.model.config import ModelConfig, RopeScaling
 from services.engine.model.kv_cache import KVCache
+from services.engine.model.linear import Linear, use_prepacked
+from services.engine.model.native import NativeKernels
 
 
 @dataclass(slots=True)
@@ -88,44 +90,94 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
 
 
+@dataclass(slots=True)
+class _Layer:
+    input_norm: torch.Tensor
+    qkv: Linear
+    o: Linear
+    post_norm: torch.Tensor
+    gate_up: Linear
+    down: Linear
+
+
 class LlamaModel:
-    def __init__(self, config: ModelConfig, weights: ModelWeights, rotary: RotaryTable) -> None:
+    def __init__(
+        self, config: ModelConfig, weights: ModelWeights, rotary: RotaryTable, native: NativeKernels | None = None
+    ) -> None:
         self.config = config
-        self.weights = weights
         self.rotary = rotary
         self.scale = config.head_dim**-0.5
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
+        self.embed = weights.embed
         self.dtype = weights.embed.dtype
+        packed = use_prepacked(self.dtype, self.embed.device)
+        # The fused native layer kernels exist for bfloat16; float32 stays op for
+        # op with transformers (it is the reference mode).
+        self.native_layers = native if self.dtype == torch.bfloat16 and self.embed.device.type == "cpu" else None
+        self.norm = self.native_layers.rms_norm if self.native_layers else rms_norm
+        self.layers = [
+            _Layer(
+                input_norm=layer.input_norm,
+                qkv=Linear(layer.qkv, layer.qkv_bias, packed=packed),
+                o=Linear(layer.o, layer.o_bias, packed=packed),
+                post_norm=layer.post_norm,
+                gate_up=Linear(layer.gate_up, layer.gate_up_bias, packed=packed),
+                down=Linear(layer.down, layer.down_bias, packed=packed),
+            )
+            for layer in weights.layers
+        ]
+        self.final_norm = weights.final_norm
+        self.lm_head = Linear(weights.lm_head, None, packed=packed)
+
+    def matmul_params(self) -> int:
+        """Weights touched by matmuls per token (for FLOP accounting)."""
+        per_layer = sum(layer.qkv.numel + layer.o.numel + layer.gate_up.numel + layer.down.numel for layer in self.layers)
+        return per_layer + self.lm_head.numel
 
     def forward(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
+        slots: torch.Tensor,
         logits_indices: torch.Tensor,
         meta: AttentionMetadata,
         kv_cache: KVCache,
     ) -> torch.Tensor:
-        """input_ids, positions: [T]; logits_indices: [S]. Returns [S, vocab] float32 logits."""
+        """input_ids, positions, slots: [T] int64 (positions and slots contiguous);
+        logits_indices: [S]. Returns [S, vocab] float32 logits."""
         cfg = self.config
         eps = cfg.rms_norm_eps
+        norm = self.norm
         num_tokens = input_ids.shape[0]
         heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        cos, sin = self.rotary.lookup(positions, self.dtype)
-        hidden = F.embedding(input_ids, self.weights.embed)
-        for index, layer in enumerate(self.weights.layers):
-            normed = rms_norm(hidden, layer.input_norm, eps)
-            qkv = F.linear(normed, layer.qkv, layer.qkv_bias)
-            # q and k are rotated together: they are adjacent in the fused output.
-            qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(num_tokens, heads + kv_heads, head_dim), cos, sin)
-            q, k = qk[:, :heads], qk[:, heads:]
-            v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, kv_heads, head_dim)
+        native = self.native_layers
+        if native is None:
+            cos, sin = self.rotary.lookup(positions, self.dtype)
+        hidden = F.embedding(input_ids, self.embed)
+        qk_size = self.q_size + self.kv_size
+        for index, layer in enumerate(self.layers):
+            normed = norm(hidden, layer.input_norm, eps)
+            qkv = layer.qkv(normed)
             k_cache, v_cache = kv_cache.layer(index)
-            attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
-            hidden = hidden + F.linear(attn, layer.o, layer.o_bias)
-            normed = rms_norm(hidden, layer.post_norm, eps)
-            gate_up = F.linear(normed, layer.gate_up, layer.gate_up_bias)
-            gate, up = gate_up.chunk(2, dim=-1)
-            hidden = hidden + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+            if native is not None:
+                # Rotates q, k in place and stores k, v in the pool in one pass.
+                native.rope_store(qkv, positions, self.rotary.cos, self.rotary.sin, slots, k_cache, v_cache, heads)
+                qk = qkv[:, :qk_size].view(num_tokens, heads + kv_heads, head_dim)
+            else:
+                # q and k are rotated together: they are adjacent in the fused output.
+                qk = apply_rope(qkv[:, :qk_size].view(num_tokens, heads + kv_heads, head_dim), cos, sin)
+            q, k = qk[:, :heads], qk[:, heads:]
+            v = qkv[:, qk_size:].view(num_tokens, kv_heads, head_dim)
+            attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, store=native is None)
+            hidden = layer.o.add_to(hidden, attn)
+            normed = norm(hidden, layer.post_norm, eps)
+            gate_up = layer.gate_up(normed)
+            if native is not None:
+                activated = native.silu_mul(gate_up)
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                activated = F.silu(gate) * up
+            hidden = layer.down.add_to(hidden, activated)
         last = hidden.index_select(0, logits_indices)
-        return F.linear(rms_norm(last, self.weights.final_norm, eps), self.weights.lm_head).float()
+        return self.lm_head(norm(last, self.final_norm, eps)).float()

@@ -1,14 +1,18 @@
-"""The optional native decode-attention kernel (csrc/paged_attention.c).
+"""Optional native CPU kernels (csrc/*.c): paged decode attention and fused layer steps.
 
 Plain torch has no "attend over these scattered blocks" op, so the torch path
 gathers every decode sequence's K/V into a padded copy each layer; at 64
 sequences that copy costs about as much as all the matmuls. The C kernel reads
-the pool in place. It is compiled on first use with the system C compiler
-(about a second, cached per source and CPU), loaded with ctypes, and checked
-against the torch path on a small input before it is trusted. Without a
-compiler, or if anything fails, the engine logs why and uses the torch path.
+the pool in place. The bfloat16 layer kernels (RMSNorm, RoPE + KV store,
+SiLU-and-multiply) replace 3-12 small torch ops each, whose dispatch cost is a
+large share of a decode step at this model size.
 
-SCALELLM_ATTENTION=torch turns it off; =native makes its absence an error.
+They are compiled on first use with the system C compiler (about two seconds,
+cached per source and CPU), loaded with ctypes (which releases the GIL), and
+checked against torch on small inputs before they are trusted. Without a
+compiler, or if anything fails, the engine logs why and uses plain torch.
+
+SCALELLM_KERNELS=torch turns them off; =native makes their absence an error.
 """
 
 from __future__ import annotations
@@ -27,25 +31,85 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.c", "layers.c")]
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
-ATTENTION_CHOICES = ("auto", "torch", "native")
+KERNEL_CHOICES = ("auto", "torch", "native")
 _COMPILE_TIMEOUT_S = 120
 
 
-class NativeAttention:
-    """ctypes front of the compiled kernel; one call per layer for all decode sequences."""
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+def _declare(fn: ctypes._CFuncPtr, restype: type | None, *argtypes: type) -> ctypes._CFuncPtr:
+    fn.restype = restype
+    fn.argtypes = list(argtypes)
+    return fn
+
+
+class NativeKernels:
+    """ctypes front of the compiled kernels. Tensors must live on the CPU;
+    each method states the layout it needs."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        self._fns = {torch.float32: library.paged_decode_attention_f32, torch.bfloat16: library.paged_decode_attention_bf16}
-        for fn in self._fns.values():
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-            fn.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-            fn.argtypes += [ctypes.c_int64] * 5 + [ctypes.c_float]
+        attention_args = (_P, _I, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _F)
+        self._attention = {
+            torch.float32: _declare(library.paged_decode_attention_f32, ctypes.c_int, *attention_args),
+            torch.bfloat16: _declare(library.paged_decode_attention_bf16, ctypes.c_int, *attention_args),
+        }
+        self._rms_norm = _declare(library.rms_norm_bf16, None, _P, _I, _P, _P, _I, _I, _F)
+        self._rope_store = _declare(library.rope_store_bf16, None, _P, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I)
+        self._silu_mul = _declare(library.silu_mul_bf16, None, _P, _P, _I, _I)
 
-    def supports(self, dtype: torch.dtype, device: torch.device) -> bool:
-        return device.type == "cpu" and dtype in self._fns
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """bfloat16 x: [T, dim] (rows may be strided), weight: [dim] -> [T, dim]."""
+        rows, dim = x.shape
+        if x.stride(1) != 1:
+            raise ValueError("rms_norm needs contiguous rows")
+        out = torch.empty(rows, dim, dtype=x.dtype)
+        self._rms_norm(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), rows, dim, eps)
+        return out
+
+    def rope_store(
+        self,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        num_heads: int,
+    ) -> None:
+        """Rotate q and k in place in bfloat16 qkv [T, (H + 2 KV) * D] (contiguous), and
+        store k, v at slots [T] in the caches [blocks, KV, block_size, D].
+        positions, slots: int64 [T]; cos, sin: float32 [max_positions, D / 2]."""
+        _, num_kv_heads, block_size, head_dim = k_cache.shape
+        if not qkv.is_contiguous():
+            raise ValueError("rope_store needs a contiguous qkv tensor")
+        self._rope_store(
+            qkv.data_ptr(),
+            qkv.stride(0),
+            positions.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            slots.data_ptr(),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            qkv.shape[0],
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            block_size,
+        )
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """bfloat16 gate_up: [T, 2 * inter] contiguous -> silu(gate) * up: [T, inter]."""
+        rows, width = gate_up.shape
+        if not gate_up.is_contiguous():
+            raise ValueError("silu_mul needs a contiguous input")
+        out = torch.empty(rows, width // 2, dtype=gate_up.dtype)
+        self._silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, width // 2)
+        return out
 
     def decode(
         self,
@@ -62,7 +126,7 @@ class NativeAttention:
         if q.stride(2) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
             raise ValueError("native attention needs contiguous head rows and a contiguous pool")
         out = q.new_empty(batch, num_heads * head_dim)
-        status = self._fns[q.dtype](
+        status = self._attention[q.dtype](
             q.data_ptr(),
             q.stride(0),
             q.stride(1),
@@ -84,26 +148,26 @@ class NativeAttention:
         return out
 
 
-def load_native_attention(choice: str) -> NativeAttention | None:
-    """The kernel for choice "auto" / "native", None for "torch" or when "auto" cannot have it."""
-    if choice not in ATTENTION_CHOICES:
-        raise ValueError(f"unknown attention backend {choice!r}; expected one of {', '.join(ATTENTION_CHOICES)}")
+def load_native_kernels(choice: str) -> NativeKernels | None:
+    """The kernels for choice "auto" / "native", None for "torch" or when "auto" cannot have them."""
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"unknown kernels choice {choice!r}; expected one of {', '.join(KERNEL_CHOICES)}")
     if choice == "torch":
         return None
     native = _load_once()
     if isinstance(native, Exception):
         if choice == "native":
-            raise RuntimeError(f"native attention requested but unavailable: {native}") from native
-        log.warning("native attention unavailable, using the torch path: %s", native)
+            raise RuntimeError(f"native kernels requested but unavailable: {native}") from native
+        log.warning("native kernels unavailable, using plain torch: %s", native)
         return None
     return native
 
 
 @functools.cache
-def _load_once() -> NativeAttention | Exception:
+def _load_once() -> NativeKernels | Exception:
     """Build, load and check once per process; the failure is kept to be reported."""
     try:
-        native = NativeAttention(ctypes.CDLL(str(_build())))
+        native = NativeKernels(ctypes.CDLL(str(_build())))
         _self_check(native)
     except Exception as exc:  # any failure here only costs speed: the caller reports it
         return exc
@@ -133,8 +197,9 @@ def _build() -> Path:
     if not compiler:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode()).hexdigest()
-    target = _cache_dir() / f"paged_attention-{key[:16]}.so"
+    texts = [source.read_text() for source in SOURCES]
+    key = hashlib.sha256("\0".join([*texts, " ".join(FLAGS), version, _cpu_flags()]).encode()).hexdigest()
+    target = _cache_dir() / f"scalellm_kernels-{key[:16]}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +208,7 @@ def _build() -> Path:
     os.close(fd)
     try:
         result = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"],
+            [compiler, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"],
             capture_output=True,
             text=True,
             timeout=_COMPILE_TIMEOUT_S,
@@ -154,15 +219,21 @@ def _build() -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    log.info("compiled native attention kernel %s", target)
+    log.info("compiled native kernels %s", target)
     return target
 
 
-def _self_check(native: NativeAttention) -> None:
-    """Compare with plain torch on a small random input, in both dtypes."""
+def _self_check(native: NativeKernels) -> None:
+    """Compare every kernel with plain torch on small random inputs."""
     from services.engine.model.attention import reference_decode_attention
+    from services.engine.model.llama import apply_rope, rms_norm
 
     gen = torch.Generator().manual_seed(0)
+
+    def check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+        if not torch.allclose(got.float(), want.float(), atol=tol, rtol=tol):
+            raise RuntimeError(f"self-check of {name} failed: max error {(got.float() - want.float()).abs().max()}")
+
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
         k_cache = torch.randn(6, 2, 4, 64, generator=gen).to(dtype)
         v_cache = torch.randn(6, 2, 4, 64, generator=gen).to(dtype)
@@ -170,6 +241,28 @@ def _self_check(native: NativeAttention) -> None:
         table = torch.tensor([[4, 1, 5], [2, 0, 0]])
         lens = torch.tensor([11, 3])
         got = native.decode(q, k_cache, v_cache, table, lens, 0.125)
-        want = reference_decode_attention(q, k_cache, v_cache, table, lens, 0.125)
-        if not torch.allclose(got.float(), want.float(), atol=tol, rtol=tol):
-            raise RuntimeError(f"self-check failed in {dtype}: max error {(got.float() - want.float()).abs().max()}")
+        check(f"decode attention ({dtype})", got, reference_decode_attention(q, k_cache, v_cache, table, lens, 0.125), tol)
+
+    bf16 = torch.bfloat16
+    x = torch.randn(3, 40, generator=gen).to(bf16)
+    weight = torch.randn(40, generator=gen).to(bf16)
+    check("rms_norm", native.rms_norm(x, weight, 1e-5), rms_norm(x, weight, 1e-5), 3e-2)
+    gate_up = torch.randn(3, 16, generator=gen).to(bf16)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    check("silu_mul", native.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, 3e-2)
+    heads, kv_heads, dim = 4, 2, 8
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * dim, generator=gen).to(bf16)
+    angles = torch.rand(10, dim // 2, generator=gen)
+    cos, sin = angles.cos(), angles.sin()
+    positions, slots = torch.tensor([7, 0, 9]), torch.tensor([5, 0, 2])
+    k_cache = torch.zeros(2, kv_heads, 4, dim, dtype=bf16)
+    v_cache = torch.zeros(2, kv_heads, 4, dim, dtype=bf16)
+    rotated = apply_rope(
+        qkv[:, : (heads + kv_heads) * dim].float().view(3, -1, dim), cos[positions][:, None], sin[positions][:, None]
+    )
+    values = qkv[:, (heads + kv_heads) * dim :].view(3, kv_heads, dim).clone()
+    native.rope_store(qkv, positions, cos, sin, slots, k_cache, v_cache, heads)
+    check("rope", qkv[:, : (heads + kv_heads) * dim].view(3, -1, dim), rotated, 3e-2)
+    for t, slot in enumerate(slots.tolist()):
+        check("kv store", k_cache[slot // 4, :, slot % 4], rotated[t, heads:], 3e-2)
+        check("kv store", v_cache[slot // 4, :, slot % 4], values[t], 0)

@@ -15,7 +15,7 @@ from services.engine.model.device import resolve_device, resolve_dtype
 from services.engine.model.kv_cache import KVCache, kv_bytes_per_block, num_blocks_for
 from services.engine.model.llama import LlamaModel, RotaryTable
 from services.engine.model.loader import load_weights
-from services.engine.model.native import ATTENTION_CHOICES, NativeAttention, load_native_attention
+from services.engine.model.native import KERNEL_CHOICES, NativeKernels, load_native_kernels
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +31,15 @@ class ModelRunner:
         num_blocks: int | None,
         kv_cache_bytes: int | None,
         max_model_len: int | None,
-        attention: str | None = None,
+        kernels: str | None = None,
     ) -> None:
         """Load the model and allocate the KV pool: num_blocks if given, else as
         many blocks as fit in kv_cache_bytes. Raises UnsupportedModelError /
         WeightsError / ValueError with a message naming the problem.
 
-        attention: "auto" (the native decode kernel when it builds, else torch),
-        "torch" or "native"; None reads SCALELLM_ATTENTION (default "auto")."""
+        kernels: "auto" (the native CPU kernels of native.py when they build,
+        else plain torch), "torch" or "native"; None reads SCALELLM_KERNELS
+        (default "auto")."""
         if block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {block_size}")
         self.config = ModelConfig.from_dir(Path(model_dir))
@@ -70,16 +71,16 @@ class ModelRunner:
                     f"kv_cache_bytes={kv_cache_bytes} holds no block; one block takes {self._per_block} bytes"
                 )
         self.num_blocks = num_blocks
-        choice = attention or os.environ.get("SCALELLM_ATTENTION", "auto")
-        if choice not in ATTENTION_CHOICES:
-            raise ValueError(f"unknown attention backend {choice!r}; expected one of {', '.join(ATTENTION_CHOICES)}")
-        self.native: NativeAttention | None = None
+        choice = kernels or os.environ.get("SCALELLM_KERNELS", "auto")
+        if choice not in KERNEL_CHOICES:
+            raise ValueError(f"unknown kernels choice {choice!r}; expected one of {', '.join(KERNEL_CHOICES)}")
+        self.native: NativeKernels | None = None
         if self.device.type == "cpu":
-            self.native = load_native_attention(choice)
+            self.native = load_native_kernels(choice)
         elif choice == "native":
-            raise ValueError("the native attention kernel runs on the CPU only")
+            raise ValueError("the native kernels run on the CPU only")
         weights = load_weights(Path(model_dir), cfg, self.dtype, self.device)
-        self.model = LlamaModel(cfg, weights, RotaryTable(cfg, self.max_model_len, self.device))
+        self.model = LlamaModel(cfg, weights, RotaryTable(cfg, self.max_model_len, self.device), self.native)
         self.kv_cache = KVCache(
             num_layers=cfg.num_layers,
             num_blocks=num_blocks,
@@ -90,7 +91,7 @@ class ModelRunner:
             device=self.device,
         )
         log.info(
-            "model %s (%s) on %s in %s, %s decode attention; KV pool %d blocks of %d tokens (%.1f MiB)",
+            "model %s (%s) on %s in %s, %s kernels; KV pool %d blocks of %d tokens (%.1f MiB)",
             cfg.architecture,
             Path(model_dir).name,
             self.device,
@@ -134,9 +135,10 @@ class ModelRunner:
             native=self.native,
         )
         return self.model.forward(
-            batch.input_ids.to(device),
-            batch.positions.to(device),
-            batch.logits_indices.to(device),
+            batch.input_ids.to(device, torch.long),
+            batch.positions.to(device, torch.long).contiguous(),
+            batch.slot_mapping.to(device, torch.long).contiguous(),
+            batch.logits_indices.to(device, torch.long),
             meta,
             self.kv_cache,
         )
