@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -52,6 +53,15 @@ class Ack:
     stream: str
     group: str
     entry_id: str
+
+
+def shard_of(request_id: str, shards: int) -> int:
+    """The ``{p}:generated:{shard}`` stream that carries a request's output.
+
+    Part of the protocol (docs/protocol.md): engines publish by it, and a
+    detokenizer uses it to know which requests live on the shards it holds.
+    """
+    return zlib.crc32(request_id.encode()) % shards
 
 
 class StreamNames:

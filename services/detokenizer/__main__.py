@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 from services.detokenizer.incremental import HFTokenDecoder
 from services.detokenizer.leases import ShardLeases, ShardPlanner
 from services.detokenizer.service import DetokenizerService
 from services.detokenizer.state import DetokenizerState
 from shared.model_files import ModelResolutionError, resolve_model_dir
+from shared.runtime import configure_logging, stop_on_signals
 from shared.settings import DetokenizerSettings, load_settings, new_replica_id
 from shared.transport import StreamTransport
 
@@ -42,10 +42,7 @@ async def serve(settings: DetokenizerSettings) -> None:
         claim_idle_ms=settings.claim_idle_ms,
         heartbeat_interval_s=settings.heartbeat_interval_s,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     log.info("detokenizer %s serving %d shards with %s", replica_id, settings.detokenizer_shards, model_dir)
     try:
         await service.run(stop)
@@ -56,7 +53,7 @@ async def serve(settings: DetokenizerSettings) -> None:
 
 def main() -> None:
     settings = load_settings(DetokenizerSettings)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     asyncio.run(serve(settings))
 
 

@@ -12,22 +12,16 @@ import asyncio
 import contextlib
 import logging
 import time
-import zlib
 
 from services.detokenizer.leases import ShardLeases
 from services.detokenizer.state import DetokenizerState
 from shared.messages import AbortRequests, EngineStepOutput, Heartbeat, Message, ResponseBatch
-from shared.transport import Ack, Delivery, StreamTransport
+from shared.transport import Ack, Delivery, StreamTransport, shard_of
 
 log = logging.getLogger(__name__)
 
 GROUP = "detokenizers"
 EXPIRE_EVERY_S = 10.0
-
-
-def shard_of(request_id: str, shards: int) -> int:
-    """The shard the engines publish a request's output to (see docs/protocol.md)."""
-    return zlib.crc32(request_id.encode()) % shards
 
 
 class DetokenizerService:

@@ -20,6 +20,7 @@ from types import FrameType
 
 from services.engine.backend import EngineBackend, RequestOutput
 from services.engine.io_thread import AbortIds, EngineIO, InboxItem, NewRequest, Wake
+from shared.runtime import configure_logging
 from shared.settings import EngineSettings, load_settings, new_replica_id
 from shared.transport import StreamTransport
 
@@ -148,15 +149,11 @@ class EngineService:
         return None
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-
 def main() -> None:
     from services.engine.backends import BackendUnavailable, create_backend
 
     settings = load_settings(EngineSettings)
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level)
     redis_url = settings.require_redis_url()
     engine_id = new_replica_id("engine")
     log.info("engine %s: building the %s backend", engine_id, settings.engine_backend)

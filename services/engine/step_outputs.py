@@ -10,23 +10,18 @@ prompt tail) has gone out.
 from __future__ import annotations
 
 import logging
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from services.engine.backend import RequestOutput
 from shared.messages import DetokenizeParams, EngineStepOutput, Message, RequestFailed, TokenDelta, TokenizedRequest
-from shared.transport import Ack, StreamNames
+from shared.transport import Ack, StreamNames, shard_of
 
 log = logging.getLogger(__name__)
 
 ENGINE_GROUP = "engines"
 # Prompt tokens sent with a request's first delta: decoding context for the detokenizer.
 PROMPT_TAIL_TOKENS = 8
-
-
-def shard_of(request_id: str, shards: int) -> int:
-    return zlib.crc32(request_id.encode()) % shards
 
 
 @dataclass(slots=True)

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -39,7 +38,9 @@ from services.gateway.session import (
     stream_events,
 )
 from shared.messages import CompletionRequest
-from shared.settings import DEFAULT_MODEL, GatewaySettings, load_settings, new_replica_id
+from shared.model_files import served_model_name
+from shared.runtime import configure_logging
+from shared.settings import GatewaySettings, load_settings, new_replica_id
 from shared.transport import StreamTransport
 
 log = logging.getLogger("services.gateway")
@@ -48,14 +49,6 @@ PIPELINE_ROLES = ("tokenizer", "engine", "detokenizer")
 HEALTH_TIMEOUT_S = 3.0
 # On SIGTERM, running requests get this long to finish before they end with a 503.
 DRAIN_S = 8
-
-
-def served_model_name(settings: GatewaySettings) -> str:
-    if settings.served_model_name:
-        return settings.served_model_name
-    if settings.model == DEFAULT_MODEL:
-        return "SmolLM2-135M-Instruct"
-    return settings.model
 
 
 def error_response(error: ApiError) -> JSONResponse:
@@ -295,7 +288,6 @@ async def serve(settings: GatewaySettings) -> None:
 
 def main() -> None:
     settings = load_settings(GatewaySettings)
-    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     settings.require_redis_url()
     asyncio.run(serve(settings))

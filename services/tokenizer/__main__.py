@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 from services.tokenizer.loading import load_prompt_processor
 from services.tokenizer.service import TokenizerService, TokenizerWorker
 from shared.model_files import ModelResolutionError
+from shared.runtime import configure_logging, stop_on_signals
 from shared.settings import TokenizerSettings, load_settings, new_replica_id
 from shared.transport import StreamTransport
 
@@ -31,10 +31,7 @@ async def serve(settings: TokenizerSettings) -> None:
         claim_idle_ms=settings.claim_idle_ms,
         heartbeat_interval_s=settings.heartbeat_interval_s,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     log.info("tokenizer %s serving %s", replica_id, transport.names.requests)
     try:
         await service.run(stop)
@@ -45,7 +42,7 @@ async def serve(settings: TokenizerSettings) -> None:
 
 def main() -> None:
     settings = load_settings(TokenizerSettings)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     asyncio.run(serve(settings))
 
 

@@ -16,7 +16,7 @@ from shared.messages import CompletionRequest, RequestFailed, TokenizedRequest
 
 log = logging.getLogger(__name__)
 
-BAD_REQUEST = "BadRequestError"
+BAD_REQUEST = "invalid_request_error"
 
 
 class ChatTokenizer(Protocol):

@@ -59,7 +59,7 @@ class TokenizerWorker:
             return RequestFailed(
                 request_id=request.request_id,
                 status=500,
-                error_type="InternalServerError",
+                error_type="server_error",
                 message="The tokenizer stage failed on this request.",
             )
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 from services.engine.backend import RequestOutput
-from services.engine.step_outputs import ENGINE_GROUP, OutputRouter, shard_of
+from services.engine.step_outputs import ENGINE_GROUP, OutputRouter
 from shared.messages import DetokenizeParams, EngineStepOutput, RequestFailed, SamplingParams, TokenizedRequest
-from shared.transport import Ack, StreamNames
+from shared.transport import Ack, StreamNames, shard_of
 
 NAMES = StreamNames("t")
 SHARDS = 4

@@ -107,7 +107,7 @@ def test_prompt_plus_max_tokens_over_the_context_names_max_tokens(processor: Pro
         "'max_tokens' is too large: 15. This model's maximum context length is 64 tokens "
         "and your request has 50 input tokens (15 > 64 - 50)."
     )
-    assert error.error_type == "BadRequestError"
+    assert error.error_type == "invalid_request_error"
 
 
 def test_prompt_that_fills_the_context_is_refused(processor: PromptProcessor) -> None:
