@@ -25,7 +25,15 @@ def kernel() -> NativeKernels:
 
 
 def random_case(
-    seed: int, *, heads: int, kv_heads: int, head_dim: int, block_size: int, lens: list[int], dtype: torch.dtype
+    seed: int,
+    *,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    lens: list[int],
+    dtype: torch.dtype,
+    k_dim_major: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A pool with shuffled block tables; returns q [B, H, D], k/v caches, table [B, max_blocks], lens [B]."""
     gen = torch.Generator().manual_seed(seed)
@@ -38,7 +46,8 @@ def random_case(
     for count in blocks_per_seq:
         row, ids = ids[:count], ids[count:]
         table.append(row + [0] * (max_blocks - count))
-    k_cache = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen).to(dtype)
+    k_shape = (num_blocks, kv_heads, head_dim, block_size) if k_dim_major else (num_blocks, kv_heads, block_size, head_dim)
+    k_cache = torch.randn(k_shape, generator=gen).to(dtype)
     v_cache = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen).to(dtype)
     q = torch.randn(len(lens), heads, head_dim, generator=gen).to(dtype)
     return q, k_cache, v_cache, torch.tensor(table), torch.tensor(lens)
@@ -47,16 +56,18 @@ def random_case(
 CASES = [
     dict(heads=9, kv_heads=3, head_dim=64, block_size=16, lens=[1, 16, 17, 300]),
     dict(heads=4, kv_heads=4, head_dim=128, block_size=4, lens=[5, 2, 33]),
-    dict(heads=8, kv_heads=1, head_dim=32, block_size=8, lens=[64, 7]),
+    dict(heads=8, kv_heads=1, head_dim=32, block_size=8, lens=[64, 7]),  # group of 8: two passes of 4
+    dict(heads=6, kv_heads=2, head_dim=24, block_size=32, lens=[40, 3]),  # head_dim % 16: scalar path
+    dict(heads=10, kv_heads=2, head_dim=16, block_size=32, lens=[70, 33, 1]),  # group of 5: 4 + 1
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=["gqa3-d64", "mha-d128", "mqa-d32"])
+@pytest.mark.parametrize("case", CASES, ids=["gqa3-d64", "mha-d128", "mqa-d32", "d24-scalar", "g5-bs32"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_native_kernel_matches_reference(kernel: NativeKernels, case: dict, dtype: torch.dtype) -> None:
-    q, k_cache, v_cache, table, lens = random_case(7, dtype=dtype, **case)
+    q, k_cache, v_cache, table, lens = random_case(7, dtype=dtype, k_dim_major=True, **case)
     got = kernel.decode(q, k_cache, v_cache, table, lens, 0.1)
-    want = reference_decode_attention(q, k_cache, v_cache, table, lens, 0.1)
+    want = reference_decode_attention(q, k_cache, v_cache, table, lens, 0.1, k_dim_major=True)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
@@ -65,7 +76,7 @@ def test_native_kernel_matches_reference(kernel: NativeKernels, case: dict, dtyp
 def test_paged_attention_decode_batch_matches_reference(kernel: NativeKernels, use_native: bool) -> None:
     """Through paged_attention: new K/V are written at their slots, then every sequence attends."""
     case = CASES[0]
-    q, k_cache, v_cache, table, lens = random_case(11, dtype=torch.float32, **case)
+    q, k_cache, v_cache, table, lens = random_case(11, dtype=torch.float32, k_dim_major=use_native, **case)
     block_size = case["block_size"]
     new_k = torch.randn(len(lens), case["kv_heads"], case["head_dim"])
     new_v = torch.randn(len(lens), case["kv_heads"], case["head_dim"])
@@ -80,11 +91,14 @@ def test_paged_attention_decode_batch_matches_reference(kernel: NativeKernels, u
         dtype=torch.float32,
         device=torch.device("cpu"),
         native=kernel if use_native else None,
+        head_dim=case["head_dim"],
     )
     got = paged_attention(q, new_k, new_v, k_cache, v_cache, meta, 0.125)
     for b, slot in enumerate(slots):  # the new tokens landed in the pool
-        torch.testing.assert_close(k_cache[slot // block_size, :, slot % block_size], new_k[b])
-    want = reference_decode_attention(q, k_cache, v_cache, table, lens, 0.125)
+        stored = k_cache[slot // block_size, :, :, slot % block_size] if use_native else k_cache[slot // block_size, :, slot % block_size]
+        torch.testing.assert_close(stored, new_k[b])
+        torch.testing.assert_close(v_cache[slot // block_size, :, slot % block_size], new_v[b])
+    want = reference_decode_attention(q, k_cache, v_cache, table, lens, 0.125, k_dim_major=use_native)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -127,7 +141,7 @@ def test_native_layer_kernels_match_torch_at_engine_sizes(kernel: NativeKernels)
     angles = torch.rand(512, dim // 2, generator=gen) * 6
     positions = torch.randperm(512, generator=gen)[:tokens]
     slots = torch.randperm(8 * block, generator=gen)[:tokens]
-    k_cache = torch.zeros(8, kv_heads, block, dim, dtype=bf16)
+    k_cache = torch.zeros(8, kv_heads, dim, block, dtype=bf16)
     v_cache = torch.zeros(8, kv_heads, block, dim, dtype=bf16)
     qk = qkv[:, : (heads + kv_heads) * dim].float().view(tokens, -1, dim)
     rotated = apply_rope(qk, angles.cos()[positions][:, None], angles.sin()[positions][:, None])
@@ -136,6 +150,6 @@ def test_native_layer_kernels_match_torch_at_engine_sizes(kernel: NativeKernels)
     torch.testing.assert_close(
         qkv[:, : (heads + kv_heads) * dim].view(tokens, -1, dim).float(), rotated, atol=3e-2, rtol=1e-2
     )
-    stored_k = k_cache[slots // block, :, slots % block]  # [tokens, kv_heads, dim]
+    stored_k = k_cache[slots // block, :, :, slots % block]  # [tokens, kv_heads, dim]
     torch.testing.assert_close(stored_k.float(), rotated[:, heads:], atol=3e-2, rtol=1e-2)
     assert torch.equal(v_cache[slots // block, :, slots % block], values)

@@ -13,7 +13,9 @@ index tensors and masks once; every layer reuses them. Per layer,
   the fresh K/V when nothing is cached before the chunk, otherwise over the
   gathered cache with a causal mask shifted by the cached length.
 
-Cache layout: see kv_cache.py ([num_blocks, num_kv_heads, block_size, head_dim]).
+Cache layout: see kv_cache.py. V is [num_blocks, num_kv_heads, block_size, head_dim];
+K is the same, or with the native kernels dim-major: [num_blocks, num_kv_heads,
+head_dim, block_size] (``AttentionMetadata.k_dim_major``).
 """
 
 from __future__ import annotations
@@ -49,7 +51,11 @@ class PrefillSeq:
 
 @dataclass(slots=True)
 class AttentionMetadata:
-    write_rows: torch.Tensor  # [T * kv_heads] rows of the pool's [slots * kv_heads, D] view, token-major
+    write_rows: torch.Tensor  # [T * kv_heads] rows of the V pool's [slots * kv_heads, D] view, token-major
+    # Where each new K value goes: rows like write_rows, or with dim-major K,
+    # [T * kv_heads * D] element offsets into the flat K pool.
+    k_write: torch.Tensor
+    k_dim_major: bool
     decode: DecodeGroup | None
     prefills: list[PrefillSeq]
     num_tokens: int
@@ -68,12 +74,24 @@ class AttentionMetadata:
         dtype: torch.dtype,
         device: torch.device,
         native: NativeKernels | None = None,
+        head_dim: int = 0,
+        store_in_torch: bool = True,
     ) -> AttentionMetadata:
-        """Index tensors and masks for one step; the caller has validated the batch."""
+        """Index tensors and masks for one step; the caller has validated the batch.
+
+        With native kernels the K pool is dim-major (see kv_cache.py). head_dim
+        is needed to address dim-major K when torch stores the new K
+        (store_in_torch; False when a native kernel stores it)."""
         heads = torch.arange(num_kv_heads, device=device)
         slots = slot_mapping.to(device=device, dtype=torch.long)
         block, offset = slots // block_size, slots % block_size
         write_rows = ((block[:, None] * num_kv_heads + heads[None, :]) * block_size + offset[:, None]).reshape(-1)
+        k_dim_major = native is not None
+        k_write = write_rows
+        if k_dim_major and store_in_torch:
+            dims = torch.arange(head_dim, device=device)
+            base = (block[:, None] * num_kv_heads + heads[None, :]) * head_dim  # [T, KV]
+            k_write = ((base[:, :, None] + dims[None, None, :]) * block_size + offset[:, None, None]).reshape(-1)
 
         decode_seqs: list[int] = []
         decode_tokens: list[int] = []
@@ -104,7 +122,15 @@ class AttentionMetadata:
                 device,
                 with_gather=native is None,
             )
-        return cls(write_rows=write_rows, decode=decode, prefills=prefills, num_tokens=start, native=native)
+        return cls(
+            write_rows=write_rows,
+            k_write=k_write,
+            k_dim_major=k_dim_major,
+            decode=decode,
+            prefills=prefills,
+            num_tokens=start,
+            native=native,
+        )
 
 
 def _decode_group(
@@ -190,15 +216,18 @@ def paged_attention(
     """Attention of the step's tokens over their sequences' cached context.
 
     q: [T, H, D]; k, v: [T, KV, D] for the new tokens (already rotated);
-    k_cache, v_cache: one layer of the pool, [num_blocks, KV, block_size, D].
+    k_cache, v_cache: one layer of the pool (layouts: module docstring).
     store=False: the caller has already written k, v into the pool.
     Returns [T, H * D].
     """
     num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+    num_kv_heads, block_size = v_cache.shape[1], v_cache.shape[2]
     group = num_heads // num_kv_heads
     if store:
-        k_cache.view(-1, head_dim).index_copy_(0, meta.write_rows, k.reshape(-1, head_dim))
+        if meta.k_dim_major:
+            k_cache.view(-1).index_copy_(0, meta.k_write, k.reshape(-1))
+        else:
+            k_cache.view(-1, head_dim).index_copy_(0, meta.k_write, k.reshape(-1, head_dim))
         v_cache.view(-1, head_dim).index_copy_(0, meta.write_rows, v.reshape(-1, head_dim))
     k_blocks = k_cache.view(-1, block_size * head_dim)
     v_blocks = v_cache.view(-1, block_size * head_dim)
@@ -214,7 +243,9 @@ def paged_attention(
         else:
             out.index_copy_(0, decode.tokens, result)
     for seq in meta.prefills:
-        out[seq.start : seq.end] = _prefill(q, k, v, k_blocks, v_blocks, seq, num_kv_heads, head_dim, scale)
+        out[seq.start : seq.end] = _prefill(
+            q, k, v, k_blocks, v_blocks, seq, num_kv_heads, head_dim, scale, meta.k_dim_major
+        )
     return out
 
 
@@ -255,6 +286,7 @@ def _prefill(
     num_kv_heads: int,
     head_dim: int,
     scale: float,
+    k_dim_major: bool,
 ) -> torch.Tensor:
     """One sequence's chunk: -> [chunk, H * D]."""
     sq = q[seq.start : seq.end].transpose(0, 1)  # [H, chunk, D]
@@ -263,7 +295,10 @@ def _prefill(
         values = v[seq.start : seq.end].transpose(0, 1)
         out = F.scaled_dot_product_attention(sq, keys, values, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        keys = k_blocks.index_select(0, seq.gather_rows).view(num_kv_heads, -1, head_dim)
+        keys = k_blocks.index_select(0, seq.gather_rows)
+        if k_dim_major:  # [KV * blocks, D * block_size] -> [KV, blocks * block_size, D]
+            keys = keys.view(num_kv_heads, -1, head_dim, k_blocks.shape[1] // head_dim).transpose(2, 3)
+        keys = keys.reshape(num_kv_heads, -1, head_dim)
         values = v_blocks.index_select(0, seq.gather_rows).view(num_kv_heads, -1, head_dim)
         out = F.scaled_dot_product_attention(sq, keys, values, attn_mask=seq.mask, scale=scale, enable_gqa=True)
     return out.transpose(0, 1).reshape(seq.end - seq.start, -1)
@@ -276,14 +311,19 @@ def reference_decode_attention(
     block_table: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    *,
+    k_dim_major: bool,
 ) -> torch.Tensor:
     """Slow, obvious decode attention, one sequence at a time (for checks).
 
-    q: [B, H, D]; caches: [blocks, KV, block_size, D]; block_table: [B, max_blocks];
+    q: [B, H, D]; v_cache: [blocks, KV, block_size, D], k_cache the same or
+    dim-major [blocks, KV, D, block_size]; block_table: [B, max_blocks];
     context_lens: [B]. Returns [B, H * D].
     """
     batch, num_heads, head_dim = q.shape
-    num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+    num_kv_heads, block_size = v_cache.shape[1], v_cache.shape[2]
+    if k_dim_major:
+        k_cache = k_cache.transpose(2, 3)
     out = []
     for b in range(batch):
         n = int(context_lens[b])

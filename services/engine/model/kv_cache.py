@@ -1,12 +1,14 @@
 """The KV pool: every layer's K and V for every block, preallocated once.
 
-Layout per layer: [num_blocks, num_kv_heads, block_size, head_dim]. A slot id
-(block_id * block_size + offset, what the engine core hands out) names one
-token position; its K for head h lives at [block_id, h, offset]. Keeping a
-block's tokens of one head contiguous makes "one block of one head" a single
-row of block_size * head_dim values, so attention gathers a sequence's cache
-with one index_select of whole rows and gets it directly in the
-[seq * kv_head, tokens, head_dim] layout batched matmuls want.
+A slot id (block_id * block_size + offset, what the engine core hands out)
+names one token position. Layout per layer:
+- V: [num_blocks, num_kv_heads, block_size, head_dim]. One block of one head is
+  a single row of block_size * head_dim values, so the torch attention path
+  gathers a sequence's cache with one index_select of whole rows and gets it
+  directly in the [seq * kv_head, tokens, head_dim] layout batched matmuls want.
+- K: the same, or with k_dim_major (used with the native kernels)
+  [num_blocks, num_kv_heads, head_dim, block_size], so that the kernel computes
+  q.k for a block's tokens with vertical SIMD (see csrc/paged_attention.c).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        k_dim_major: bool = False,
     ) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV pool needs at least one block, got {num_blocks}")
@@ -50,12 +53,14 @@ class KVCache:
         self.block_size = block_size
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        self.k_dim_major = k_dim_major
         shape = (num_layers, num_blocks, num_kv_heads, block_size, head_dim)
+        k_shape = (num_layers, num_blocks, num_kv_heads, head_dim, block_size) if k_dim_major else shape
         # Zeros, not empty: padded attention reads of never-written slots get
         # zero probability, and 0 * NaN garbage would still poison the output.
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = torch.zeros(k_shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of one layer, each [num_blocks, num_kv_heads, block_size, head_dim]."""
+        """K and V of one layer (layouts: module docstring)."""
         return self.k[index], self.v[index]

@@ -81,9 +81,10 @@ class NativeKernels:
         num_heads: int,
     ) -> None:
         """Rotate q and k in place in bfloat16 qkv [T, (H + 2 KV) * D] (contiguous), and
-        store k, v at slots [T] in the caches [blocks, KV, block_size, D].
-        positions, slots: int64 [T]; cos, sin: float32 [max_positions, D / 2]."""
-        _, num_kv_heads, block_size, head_dim = k_cache.shape
+        store k, v at slots [T] in the caches (k [blocks, KV, D, block_size],
+        v [blocks, KV, block_size, D]). positions, slots: int64 [T];
+        cos, sin: float32 [max_positions, D / 2]."""
+        _, num_kv_heads, block_size, head_dim = v_cache.shape
         if not qkv.is_contiguous():
             raise ValueError("rope_store needs a contiguous qkv tensor")
         self._rope_store(
@@ -120,8 +121,9 @@ class NativeKernels:
         context_lens: torch.Tensor,
         scale: float,
     ) -> torch.Tensor:
-        """q: [B, H, D] (rows may be strided, D contiguous); caches: [blocks, KV, block_size, D]
-        contiguous; block_table: [B, max_blocks] int64; context_lens: [B] int64. Returns [B, H * D]."""
+        """q: [B, H, D] (rows may be strided, D contiguous); k_cache: [blocks, KV, D, block_size],
+        v_cache: [blocks, KV, block_size, D], both contiguous; block_table: [B, max_blocks] int64;
+        context_lens: [B] int64. Returns [B, H * D]."""
         batch, num_heads, head_dim = q.shape
         if q.stride(2) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
             raise ValueError("native attention needs contiguous head rows and a contiguous pool")
@@ -138,9 +140,9 @@ class NativeKernels:
             out.data_ptr(),
             batch,
             num_heads,
-            k_cache.shape[1],
+            v_cache.shape[1],
             head_dim,
-            k_cache.shape[2],
+            v_cache.shape[2],
             scale,
         )
         if status != 0:
@@ -235,13 +237,14 @@ def _self_check(native: NativeKernels) -> None:
             raise RuntimeError(f"self-check of {name} failed: max error {(got.float() - want.float()).abs().max()}")
 
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
-        k_cache = torch.randn(6, 2, 4, 64, generator=gen).to(dtype)
+        k_cache = torch.randn(6, 2, 64, 4, generator=gen).to(dtype)
         v_cache = torch.randn(6, 2, 4, 64, generator=gen).to(dtype)
         q = torch.randn(2, 6, 64, generator=gen).to(dtype)
         table = torch.tensor([[4, 1, 5], [2, 0, 0]])
         lens = torch.tensor([11, 3])
         got = native.decode(q, k_cache, v_cache, table, lens, 0.125)
-        check(f"decode attention ({dtype})", got, reference_decode_attention(q, k_cache, v_cache, table, lens, 0.125), tol)
+        want = reference_decode_attention(q, k_cache, v_cache, table, lens, 0.125, k_dim_major=True)
+        check(f"decode attention ({dtype})", got, want, tol)
 
     bf16 = torch.bfloat16
     x = torch.randn(3, 40, generator=gen).to(bf16)
@@ -255,7 +258,7 @@ def _self_check(native: NativeKernels) -> None:
     angles = torch.rand(10, dim // 2, generator=gen)
     cos, sin = angles.cos(), angles.sin()
     positions, slots = torch.tensor([7, 0, 9]), torch.tensor([5, 0, 2])
-    k_cache = torch.zeros(2, kv_heads, 4, dim, dtype=bf16)
+    k_cache = torch.zeros(2, kv_heads, dim, 4, dtype=bf16)
     v_cache = torch.zeros(2, kv_heads, 4, dim, dtype=bf16)
     rotated = apply_rope(
         qkv[:, : (heads + kv_heads) * dim].float().view(3, -1, dim), cos[positions][:, None], sin[positions][:, None]
@@ -264,5 +267,5 @@ def _self_check(native: NativeKernels) -> None:
     native.rope_store(qkv, positions, cos, sin, slots, k_cache, v_cache, heads)
     check("rope", qkv[:, : (heads + kv_heads) * dim].view(3, -1, dim), rotated, 3e-2)
     for t, slot in enumerate(slots.tolist()):
-        check("kv store", k_cache[slot // 4, :, slot % 4], rotated[t, heads:], 3e-2)
+        check("kv store", k_cache[slot // 4, :, :, slot % 4], rotated[t, heads:], 3e-2)
         check("kv store", v_cache[slot // 4, :, slot % 4], values[t], 0)

@@ -89,6 +89,7 @@ class ModelRunner:
             head_dim=cfg.head_dim,
             dtype=self.dtype,
             device=self.device,
+            k_dim_major=self.native is not None,
         )
         log.info(
             "model %s (%s) on %s in %s, %s kernels; KV pool %d blocks of %d tokens (%.1f MiB)",
@@ -133,6 +134,8 @@ class ModelRunner:
             dtype=self.dtype,
             device=device,
             native=self.native,
+            head_dim=self.config.head_dim,
+            store_in_torch=self.model.native_layers is None,
         )
         return self.model.forward(
             batch.input_ids.to(device, torch.long),

@@ -43,7 +43,8 @@ void rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *weight, 
 
 /* Rotate q and k in place inside the fused qkv rows ([T, (H + 2 KV) * D], half-split
  * rotation as in transformers' rotate_half), then store k and v at their slots in the
- * pool ([num_blocks, KV, block_size, D]). cos/sin: [max_positions, D / 2] float32. */
+ * pool: K [num_blocks, KV, D, block_size], V [num_blocks, KV, block_size, D] (see
+ * paged_attention.c). cos/sin: [max_positions, D / 2] float32. */
 void rope_store_bf16(uint16_t *qkv, int64_t qkv_stride, const int64_t *positions, const float *cos_table,
                      const float *sin_table, const int64_t *slots, uint16_t *k_cache, uint16_t *v_cache,
                      int64_t tokens, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size) {
@@ -64,12 +65,13 @@ void rope_store_bf16(uint16_t *qkv, int64_t qkv_stride, const int64_t *positions
         int64_t slot = slots[t];
         int64_t block = slot / block_size, offset = slot % block_size;
         for (int64_t h = 0; h < kv_heads; ++h) {
-            int64_t dst = ((block * kv_heads + h) * block_size + offset) * head_dim;
             const uint16_t *k = row + (heads + h) * head_dim;
             const uint16_t *v = row + (heads + kv_heads + h) * head_dim;
+            uint16_t *kd = k_cache + (block * kv_heads + h) * head_dim * block_size + offset;
+            uint16_t *vd = v_cache + ((block * kv_heads + h) * block_size + offset) * head_dim;
             for (int64_t d = 0; d < head_dim; ++d) {
-                k_cache[dst + d] = k[d];
-                v_cache[dst + d] = v[d];
+                kd[d * block_size] = k[d];
+                vd[d] = v[d];
             }
         }
     }
