@@ -93,5 +93,6 @@ def main() -> None:
                 )
             del runner
 
+
 if __name__ == "__main__":
     main()

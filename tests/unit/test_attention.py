@@ -46,7 +46,9 @@ def random_case(
     for count in blocks_per_seq:
         row, ids = ids[:count], ids[count:]
         table.append(row + [0] * (max_blocks - count))
-    k_shape = (num_blocks, kv_heads, head_dim, block_size) if k_dim_major else (num_blocks, kv_heads, block_size, head_dim)
+    k_shape = (
+        (num_blocks, kv_heads, head_dim, block_size) if k_dim_major else (num_blocks, kv_heads, block_size, head_dim)
+    )
     k_cache = torch.randn(k_shape, generator=gen).to(dtype)
     v_cache = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen).to(dtype)
     q = torch.randn(len(lens), heads, head_dim, generator=gen).to(dtype)
@@ -54,11 +56,11 @@ def random_case(
 
 
 CASES = [
-    dict(heads=9, kv_heads=3, head_dim=64, block_size=16, lens=[1, 16, 17, 300]),
-    dict(heads=4, kv_heads=4, head_dim=128, block_size=4, lens=[5, 2, 33]),
-    dict(heads=8, kv_heads=1, head_dim=32, block_size=8, lens=[64, 7]),  # group of 8: two passes of 4
-    dict(heads=6, kv_heads=2, head_dim=24, block_size=32, lens=[40, 3]),  # head_dim % 16: scalar path
-    dict(heads=10, kv_heads=2, head_dim=16, block_size=32, lens=[70, 33, 1]),  # group of 5: 4 + 1
+    {"heads": 9, "kv_heads": 3, "head_dim": 64, "block_size": 16, "lens": [1, 16, 17, 300]},
+    {"heads": 4, "kv_heads": 4, "head_dim": 128, "block_size": 4, "lens": [5, 2, 33]},
+    {"heads": 8, "kv_heads": 1, "head_dim": 32, "block_size": 8, "lens": [64, 7]},  # group of 8: two passes of 4
+    {"heads": 6, "kv_heads": 2, "head_dim": 24, "block_size": 32, "lens": [40, 3]},  # head_dim % 16: scalar path
+    {"heads": 10, "kv_heads": 2, "head_dim": 16, "block_size": 32, "lens": [70, 33, 1]},  # group of 5: 4 + 1
 ]
 
 
@@ -80,7 +82,9 @@ def test_paged_attention_decode_batch_matches_reference(kernel: NativeKernels, u
     block_size = case["block_size"]
     new_k = torch.randn(len(lens), case["kv_heads"], case["head_dim"])
     new_v = torch.randn(len(lens), case["kv_heads"], case["head_dim"])
-    slots = [int(table[b, (n - 1) // block_size]) * block_size + (n - 1) % block_size for b, n in enumerate(lens.tolist())]
+    slots = [
+        int(table[b, (n - 1) // block_size]) * block_size + (n - 1) % block_size for b, n in enumerate(lens.tolist())
+    ]
     meta = AttentionMetadata.build(
         slot_mapping=torch.tensor(slots),
         query_lens=[1] * len(lens),
@@ -95,9 +99,10 @@ def test_paged_attention_decode_batch_matches_reference(kernel: NativeKernels, u
     )
     got = paged_attention(q, new_k, new_v, k_cache, v_cache, meta, 0.125)
     for b, slot in enumerate(slots):  # the new tokens landed in the pool
-        stored = k_cache[slot // block_size, :, :, slot % block_size] if use_native else k_cache[slot // block_size, :, slot % block_size]
+        block, offset = slot // block_size, slot % block_size
+        stored = k_cache[block, :, :, offset] if use_native else k_cache[block, :, offset]
         torch.testing.assert_close(stored, new_k[b])
-        torch.testing.assert_close(v_cache[slot // block_size, :, slot % block_size], new_v[b])
+        torch.testing.assert_close(v_cache[block, :, offset], new_v[b])
     want = reference_decode_attention(q, k_cache, v_cache, table, lens, 0.125, k_dim_major=use_native)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 

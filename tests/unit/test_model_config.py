@@ -124,8 +124,12 @@ def test_auto_dtype_follows_the_cpu_bf16_flags(tmp_path: Path) -> None:
 def test_pool_size_from_bytes() -> None:
     per_block = kv_bytes_per_block(num_layers=30, block_size=16, num_kv_heads=3, head_dim=64, dtype=torch.bfloat16)
     assert per_block == 2 * 30 * 16 * 3 * 64 * 2
-    assert num_blocks_for(10 * per_block + 5, num_layers=30, block_size=16, num_kv_heads=3, head_dim=64,
-                          dtype=torch.bfloat16) == 10
+    assert (
+        num_blocks_for(
+            10 * per_block + 5, num_layers=30, block_size=16, num_kv_heads=3, head_dim=64, dtype=torch.bfloat16
+        )
+        == 10
+    )
 
 
 def test_missing_weights_and_tiny_pool_are_refused_clearly(tmp_path: Path) -> None:
@@ -133,8 +137,10 @@ def test_missing_weights_and_tiny_pool_are_refused_clearly(tmp_path: Path) -> No
     with pytest.raises(WeightsError, match="no \\*.safetensors"):
         runner_for(folder)
     with pytest.raises(ValueError, match="holds no block"):
-        ModelRunner(folder, dtype="float32", device="cpu", block_size=4, num_blocks=None, kv_cache_bytes=100,
-                    max_model_len=None)
+        ModelRunner(
+            folder, dtype="float32", device="cpu", block_size=4, num_blocks=None, kv_cache_bytes=100, max_model_len=None
+        )
     with pytest.raises(ValueError, match="exceeds"):
-        ModelRunner(folder, dtype="float32", device="cpu", block_size=4, num_blocks=8, kv_cache_bytes=None,
-                    max_model_len=4096)
+        ModelRunner(
+            folder, dtype="float32", device="cpu", block_size=4, num_blocks=8, kv_cache_bytes=None, max_model_len=4096
+        )

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 BLOCK = 16
 NEW_TOKENS = 16
-PROMPTS = ["The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"]
+PROMPTS = ["The capital of France is", 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n']
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,7 +50,12 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
 def our_greedy(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
     """Both prompts in one batch: one prefill step, then batched decode steps."""
     runner = ModelRunner(
-        model_dir, dtype="float32", device="cpu", block_size=BLOCK, num_blocks=32, kv_cache_bytes=None,
+        model_dir,
+        dtype="float32",
+        device="cpu",
+        block_size=BLOCK,
+        num_blocks=32,
+        kv_cache_bytes=None,
         max_model_len=512,
     )
     eos = set(runner.config.eos_token_ids)

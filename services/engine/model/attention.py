@@ -36,7 +36,9 @@ class DecodeGroup:
     block_table: torch.Tensor  # [num_seqs, Lp / block_size] int64, padded with block 0
     context_lens: torch.Tensor  # [num_seqs] int64
     # The torch path only (None with the native kernel):
-    gather_rows: torch.Tensor | None  # [num_seqs * kv_heads * blocks] rows of the pool's [blocks * kv_heads, block_size * D] view
+    gather_rows: (
+        torch.Tensor | None
+    )  # [num_seqs * kv_heads * blocks] rows of the pool's [blocks * kv_heads, block_size * D] view
     mask: torch.Tensor | None  # [num_seqs * kv_heads, 1, Lp] additive: 0 inside the context, -inf past it
 
 
@@ -89,6 +91,8 @@ class AttentionMetadata:
         k_dim_major = native is not None
         k_write = write_rows
         if k_dim_major and store_in_torch:
+            if head_dim < 1:
+                raise ValueError("head_dim is needed to store K in the dim-major pool")
             dims = torch.arange(head_dim, device=device)
             base = (block[:, None] * num_kv_heads + heads[None, :]) * head_dim  # [T, KV]
             k_write = ((base[:, :, None] + dims[None, None, :]) * block_size + offset[:, None, None]).reshape(-1)
@@ -197,9 +201,7 @@ def _prefill_seq(
     # that also hides the padding past context_len.
     query_pos = torch.arange(context_len - q_len, context_len, device=device)
     mask = torch.arange(padded_len, device=device)[None, :] <= query_pos[:, None]
-    return PrefillSeq(
-        start=start, end=start + q_len, context_len=context_len, gather_rows=gather_rows, mask=mask
-    )
+    return PrefillSeq(start=start, end=start + q_len, context_len=context_len, gather_rows=gather_rows, mask=mask)
 
 
 def paged_attention(

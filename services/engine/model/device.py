@@ -11,7 +11,7 @@ _BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto": CUDA when present, else CPU."""
+    """ "auto": CUDA when present, else CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -22,7 +22,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) -> torch.dtype:
-    """"auto": bfloat16 on CUDA or on a CPU with native bf16 instructions, else float32.
+    """ "auto": bfloat16 on CUDA or on a CPU with native bf16 instructions, else float32.
 
     Without native bf16 the CPU emulates it, which is slower than float32.
     """

@@ -24,7 +24,7 @@ def use_prepacked(dtype: torch.dtype, device: torch.device) -> bool:
 class Linear:
     """y = x @ weight.T + bias; weight [out, in], bias [out] or None, x [T, in]."""
 
-    __slots__ = ("weight", "bias", "packed", "out_features", "in_features")
+    __slots__ = ("bias", "in_features", "out_features", "packed", "weight")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, packed: bool) -> None:
         self.out_features, self.in_features = weight.shape

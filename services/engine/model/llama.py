@@ -132,7 +132,9 @@ class LlamaModel:
 
     def matmul_params(self) -> int:
         """Weights touched by matmuls per token (for FLOP accounting)."""
-        per_layer = sum(layer.qkv.numel + layer.o.numel + layer.gate_up.numel + layer.down.numel for layer in self.layers)
+        per_layer = sum(
+            layer.qkv.numel + layer.o.numel + layer.gate_up.numel + layer.down.numel for layer in self.layers
+        )
         return per_layer + self.lm_head.numel
 
     def forward(

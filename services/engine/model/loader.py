@@ -54,7 +54,7 @@ class _Tensors:
                 handle = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
             except Exception as exc:  # safetensors raises its own error types
                 raise WeightsError(f"cannot open {path}: {exc}") from exc
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
                 self._where[name] = handle
                 if name.startswith("model."):
                     self._where.setdefault(name[len("model.") :], handle)
@@ -111,10 +111,14 @@ def load_weights(model_dir: Path, config: ModelConfig, dtype: torch.dtype, devic
                         ]
                     )
                 )
-            gate_up = torch.cat([get(mlp + "gate_proj.weight", (inter, hidden)), get(mlp + "up_proj.weight", (inter, hidden))])
+            gate_up = torch.cat(
+                [get(mlp + "gate_proj.weight", (inter, hidden)), get(mlp + "up_proj.weight", (inter, hidden))]
+            )
             gate_up_bias = down_bias = None
             if config.mlp_bias:
-                gate_up_bias = put(torch.cat([get(mlp + "gate_proj.bias", (inter,)), get(mlp + "up_proj.bias", (inter,))]))
+                gate_up_bias = put(
+                    torch.cat([get(mlp + "gate_proj.bias", (inter,)), get(mlp + "up_proj.bias", (inter,))])
+                )
                 down_bias = put(get(mlp + "down_proj.bias", (hidden,)))
             layers.append(
                 LayerWeights(
@@ -141,4 +145,4 @@ def load_weights(model_dir: Path, config: ModelConfig, dtype: torch.dtype, devic
     return ModelWeights(embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head)
 
 
-__all__ = ["WeightsError", "UnsupportedModelError", "checkpoint_files", "load_weights"]
+__all__ = ["UnsupportedModelError", "WeightsError", "checkpoint_files", "load_weights"]

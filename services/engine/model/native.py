@@ -146,7 +146,9 @@ class NativeKernels:
             scale,
         )
         if status != 0:
-            raise RuntimeError(f"native attention failed (status {status}: head_dim or group too large, or out of memory)")
+            raise RuntimeError(
+                f"native attention failed (status {status}: head_dim or group too large, or out of memory)"
+            )
         return out
 
 
@@ -171,7 +173,7 @@ def _load_once() -> NativeKernels | Exception:
     try:
         native = NativeKernels(ctypes.CDLL(str(_build())))
         _self_check(native)
-    except Exception as exc:  # any failure here only costs speed: the caller reports it
+    except Exception as exc:  # noqa: BLE001 - any failure only costs speed; the caller reports it
         return exc
     return native
 
@@ -198,7 +200,7 @@ def _build() -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
     texts = [source.read_text() for source in SOURCES]
     key = hashlib.sha256("\0".join([*texts, " ".join(FLAGS), version, _cpu_flags()]).encode()).hexdigest()
     target = _cache_dir() / f"scalellm_kernels-{key[:16]}.so"
@@ -214,6 +216,7 @@ def _build() -> Path:
             capture_output=True,
             text=True,
             timeout=_COMPILE_TIMEOUT_S,
+            check=False,
         )
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
