@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from services.engine.model import attention as attention_module
 from services.engine.model import native as native_module
 from services.engine.model.attention import AttentionMetadata, paged_attention, reference_decode_attention
 from services.engine.model.llama import apply_rope, rms_norm
@@ -158,3 +159,42 @@ def test_native_layer_kernels_match_torch_at_engine_sizes(kernel: NativeKernels)
     stored_k = k_cache[slots // block, :, :, slots % block]  # [tokens, kv_heads, dim]
     torch.testing.assert_close(stored_k.float(), rotated[:, heads:], atol=3e-2, rtol=1e-2)
     assert torch.equal(v_cache[slots // block, :, slots % block], values)
+
+
+@pytest.mark.parametrize("tile_elements", [1 << 23, 96], ids=["one-tile", "many-tiles"])
+def test_prefill_chunk_after_cached_prefix_matches_sdpa(monkeypatch: pytest.MonkeyPatch, tile_elements: int) -> None:
+    monkeypatch.setattr(attention_module, "_PREFILL_TILE_ELEMENTS", tile_elements)
+    heads, kv_heads, dim, block = 6, 2, 16, 4
+    cached, chunk = 9, 7
+    gen = torch.Generator().manual_seed(5)
+    k_cache = torch.zeros(8, kv_heads, block, dim)
+    v_cache = torch.zeros(8, kv_heads, block, dim)
+    table = [5, 2, 7, 0]
+    all_k = torch.randn(cached + chunk, kv_heads, dim, generator=gen)
+    all_v = torch.randn(cached + chunk, kv_heads, dim, generator=gen)
+    for pos in range(cached):  # the prefix is already in the pool
+        k_cache[table[pos // block], :, pos % block] = all_k[pos]
+        v_cache[table[pos // block], :, pos % block] = all_v[pos]
+    q = torch.randn(chunk, heads, dim, generator=gen)
+    slots = [table[p // block] * block + p % block for p in range(cached, cached + chunk)]
+    meta = AttentionMetadata.build(
+        slot_mapping=torch.tensor(slots),
+        query_lens=[chunk],
+        context_lens=[cached + chunk],
+        block_tables=[table],
+        block_size=block,
+        num_kv_heads=kv_heads,
+        num_heads=heads,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+    )
+    got = paged_attention(q, all_k[cached:], all_v[cached:], k_cache, v_cache, meta, 0.25)
+    visible = torch.arange(cached + chunk)[None, :] <= torch.arange(cached, cached + chunk)[:, None]
+    want = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        all_k.transpose(0, 1).repeat_interleave(3, dim=0),
+        all_v.transpose(0, 1).repeat_interleave(3, dim=0),
+        attn_mask=visible,
+        scale=0.25,
+    )
+    torch.testing.assert_close(got, want.transpose(0, 1).reshape(chunk, -1), atol=1e-5, rtol=1e-5)

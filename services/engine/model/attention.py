@@ -9,9 +9,12 @@ index tensors and masks once; every layer reuses them. Per layer,
   sequence's blocks are gathered from the pool, padded to the longest context,
   and attended with a mask, as batched matmuls in which the query heads
   sharing a KV head form the rows (GQA without copying K/V per query head);
-- prefill chunks are attended one sequence at a time with SDPA: causal over
-  the fresh K/V when nothing is cached before the chunk, otherwise over the
-  gathered cache with a causal mask shifted by the cached length.
+- prefill chunks are attended one sequence at a time, with batched matmuls
+  whose rows are (query token, query head of a KV head's group): over the
+  fresh K/V when nothing is cached before the chunk, otherwise over the
+  gathered cache, with a causal mask shifted by the cached length. (On the
+  CPU this is 3-6x faster than SDPA, whose GQA / masked cases here take a
+  slow path.)
 
 Cache layout: see kv_cache.py. V is [num_blocks, num_kv_heads, block_size, head_dim];
 K is the same, or with the native kernels dim-major: [num_blocks, num_kv_heads,
@@ -23,7 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from services.engine.model.native import NativeKernels
 
@@ -48,7 +50,9 @@ class PrefillSeq:
     end: int
     context_len: int
     gather_rows: torch.Tensor | None  # [kv_heads * blocks] when tokens are cached before the chunk
-    mask: torch.Tensor | None  # [chunk, Lp] bool, True where a query may look, with gather_rows
+    # [chunk * group, keys] additive, rows (query token, head in group): 0 where
+    # the query may look, -inf elsewhere; keys = chunk, or the gathered length.
+    mask: torch.Tensor
 
 
 @dataclass(slots=True)
@@ -75,6 +79,7 @@ class AttentionMetadata:
         num_kv_heads: int,
         dtype: torch.dtype,
         device: torch.device,
+        num_heads: int | None = None,
         native: NativeKernels | None = None,
         head_dim: int = 0,
         store_in_torch: bool = True,
@@ -83,7 +88,9 @@ class AttentionMetadata:
 
         With native kernels the K pool is dim-major (see kv_cache.py). head_dim
         is needed to address dim-major K when torch stores the new K
-        (store_in_torch; False when a native kernel stores it)."""
+        (store_in_torch; False when a native kernel stores it). num_heads
+        (default: num_kv_heads) shapes the prefill masks."""
+        group = (num_heads or num_kv_heads) // num_kv_heads
         heads = torch.arange(num_kv_heads, device=device)
         slots = slot_mapping.to(device=device, dtype=torch.long)
         block, offset = slots // block_size, slots % block_size
@@ -108,7 +115,16 @@ class AttentionMetadata:
             else:
                 prefills.append(
                     _prefill_seq(
-                        start, q_len, context_lens[i], block_tables[i], block_size, num_kv_heads, heads, device
+                        start,
+                        q_len,
+                        context_lens[i],
+                        block_tables[i],
+                        block_size,
+                        num_kv_heads,
+                        group,
+                        heads,
+                        dtype,
+                        device,
                     )
                 )
             start += q_len
@@ -188,20 +204,30 @@ def _prefill_seq(
     block_table: list[int],
     block_size: int,
     num_kv_heads: int,
+    group: int,
     heads: torch.Tensor,
+    dtype: torch.dtype,
     device: torch.device,
 ) -> PrefillSeq:
-    if context_len == q_len:
-        return PrefillSeq(start=start, end=start + q_len, context_len=context_len, gather_rows=None, mask=None)
-    num_blocks = (context_len + block_size - 1) // block_size
-    table = torch.tensor(block_table[:num_blocks], dtype=torch.long, device=device)
-    gather_rows = (table[None, :] * num_kv_heads + heads[:, None]).reshape(-1)
-    padded_len = num_blocks * block_size
+    gather_rows = None
+    key_len = q_len
+    if context_len != q_len:
+        num_blocks = (context_len + block_size - 1) // block_size
+        table = torch.tensor(block_table[:num_blocks], dtype=torch.long, device=device)
+        gather_rows = (table[None, :] * num_kv_heads + heads[:, None]).reshape(-1)
+        key_len = num_blocks * block_size
     # Query i sits at position context_len - q_len + i and sees keys up to it;
     # that also hides the padding past context_len.
     query_pos = torch.arange(context_len - q_len, context_len, device=device)
-    mask = torch.arange(padded_len, device=device)[None, :] <= query_pos[:, None]
-    return PrefillSeq(start=start, end=start + q_len, context_len=context_len, gather_rows=gather_rows, mask=mask)
+    visible = torch.arange(key_len, device=device)[None, :] <= query_pos[:, None]
+    mask = torch.zeros(q_len, key_len, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
+    return PrefillSeq(
+        start=start,
+        end=start + q_len,
+        context_len=context_len,
+        gather_rows=gather_rows,
+        mask=mask.repeat_interleave(group, dim=0),
+    )
 
 
 def paged_attention(
@@ -278,6 +304,10 @@ def _decode(
     return torch.bmm(probs, values).view(batch, num_heads * head_dim)
 
 
+# Score elements per matmul call; longer prefills are split into query tiles.
+_PREFILL_TILE_ELEMENTS = 1 << 23
+
+
 def _prefill(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -290,20 +320,31 @@ def _prefill(
     scale: float,
     k_dim_major: bool,
 ) -> torch.Tensor:
-    """One sequence's chunk: -> [chunk, H * D]."""
-    sq = q[seq.start : seq.end].transpose(0, 1)  # [H, chunk, D]
+    """One sequence's chunk: q [T, H, D], k/v [T, KV, D] -> [chunk, H * D]."""
+    chunk = seq.end - seq.start
+    num_heads = q.shape[1]
+    group = num_heads // num_kv_heads
     if seq.gather_rows is None:
         keys = k[seq.start : seq.end].transpose(0, 1)  # [KV, chunk, D]
         values = v[seq.start : seq.end].transpose(0, 1)
-        out = F.scaled_dot_product_attention(sq, keys, values, is_causal=True, scale=scale, enable_gqa=True)
     else:
         keys = k_blocks.index_select(0, seq.gather_rows)
         if k_dim_major:  # [KV * blocks, D * block_size] -> [KV, blocks * block_size, D]
             keys = keys.view(num_kv_heads, -1, head_dim, k_blocks.shape[1] // head_dim).transpose(2, 3)
         keys = keys.reshape(num_kv_heads, -1, head_dim)
         values = v_blocks.index_select(0, seq.gather_rows).view(num_kv_heads, -1, head_dim)
-        out = F.scaled_dot_product_attention(sq, keys, values, attn_mask=seq.mask, scale=scale, enable_gqa=True)
-    return out.transpose(0, 1).reshape(seq.end - seq.start, -1)
+    # Rows (token, head in group) per KV head: [chunk, KV, G, D] -> [KV, chunk * G, D].
+    rows = q[seq.start : seq.end].reshape(chunk, num_kv_heads, group, head_dim).transpose(0, 1)
+    rows = rows.reshape(num_kv_heads, chunk * group, head_dim)
+    keys_t = keys.transpose(1, 2)
+    key_len = keys.shape[1]
+    tile = max(group, _PREFILL_TILE_ELEMENTS // (num_kv_heads * key_len) // group * group)
+    out = rows.new_empty(num_kv_heads, chunk * group, head_dim)
+    for first in range(0, chunk * group, tile):
+        last = min(first + tile, chunk * group)
+        scores = torch.baddbmm(seq.mask[first:last], rows[:, first:last], keys_t, alpha=scale)
+        torch.bmm(torch.softmax(scores, dim=-1), values, out=out[:, first:last])
+    return out.view(num_kv_heads, chunk, group, head_dim).transpose(0, 1).reshape(chunk, num_heads * head_dim)
 
 
 def reference_decode_attention(

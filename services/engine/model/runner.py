@@ -131,6 +131,7 @@ class ModelRunner:
             block_tables=batch.block_tables,
             block_size=self.block_size,
             num_kv_heads=self.config.num_kv_heads,
+            num_heads=self.config.num_heads,
             dtype=self.dtype,
             device=device,
             native=self.native,
