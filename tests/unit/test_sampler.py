@@ -173,3 +173,28 @@ def test_padded_vocabulary_columns_are_never_chosen() -> None:
 def test_mismatched_logits_are_refused() -> None:
     with pytest.raises(ValueError, match="for 2 sequences"):
         Sampler(vocab_size=4)(torch.zeros(3, 4), seqs(2))
+
+
+def test_top_p_on_a_large_vocabulary_uses_the_whole_distribution() -> None:
+    # 1000 tokens: four likely ones (98% of the mass) and a long tail sharing 2%.
+    vocab = 1000
+    probs = torch.full((vocab,), 0.02 / (vocab - 4))
+    probs[:4] = torch.tensor(PROBS) * 0.98
+    sampler = Sampler(vocab_size=vocab, seed=9)
+    # top_p = 0.7 of the whole distribution: 0.49 + 0.245 reaches it, so tokens 0 and 1.
+    observed = frequencies(sampler, probs.log(), seqs(N, top_p=0.7))
+    assert chi_square(observed[:4], [2 / 3, 1 / 3, 0, 0], N) < CHI2_BOUND
+    assert sum(observed[4:]) == 0
+
+
+def test_top_p_on_a_flat_distribution_reaches_beyond_the_candidates() -> None:
+    # Nearly flat over 2000 tokens, decreasing with the id: top_p = 0.5 needs some
+    # 760 tokens, far more than the sampler's first candidates.
+    vocab = 2000
+    logits = torch.linspace(0.0, -1.0, vocab)
+    probs = torch.softmax(logits, dim=0)
+    keep = int((probs.cumsum(0) - probs < 0.5).sum())
+    assert keep > 700
+    tokens = Sampler(vocab_size=vocab, seed=4)(logits.expand(N, -1).clone(), seqs(N, top_p=0.5)).token_ids
+    assert max(tokens) < keep
+    assert len(set(tokens)) > 500  # drawn from the whole kept set, not a few hundred candidates

@@ -15,10 +15,11 @@ Order of operations on a row of logits (vLLM's and transformers' meanings):
    set of tokens whose probability reaches top_p, then drop tokens whose
    probability is below min_p times the top token's, and draw.
 
-Drawing uses the exponential race (argmax of p / E with E ~ Exp(1)), which
-picks token i with probability p_i. A request with a seed draws its E from
-its own torch.Generator, so its tokens depend on its seed alone and not on
-what else is in the batch.
+Drawing inverts the cumulative distribution at one uniform number per row
+(only the top_k / top_p candidates are looked at when those options are set,
+which avoids sorting the vocabulary). A request with a seed draws its
+uniform from its own torch.Generator, so its tokens depend on its seed alone
+and not on what else is in the batch.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 
 from services.engine.backend import TokenLogprobs
 from services.engine.core.sequence import Sequence
+from shared.messages import SamplingParams
 
 _GREEDY_BELOW = 1e-5
 
@@ -135,59 +137,70 @@ class Sampler:
         return logits
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
-        params = [seq.sampling for seq in seqs]
-        vocab = logits.shape[1]
+        """[S] token ids: argmax for greedy rows, a draw for the others."""
         device = logits.device
-        temperature = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)], device=device)
-        scaled = logits / temperature[:, None]
-
-        top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
-        if any(k < vocab for k in top_k):
-            scaled = self._apply_top_k(scaled, top_k)
-        top_p = [p.top_p for p in params]
-        if any(v < 1.0 for v in top_p):
-            scaled = self._apply_top_p(scaled, torch.tensor(top_p, device=device))
-        probs = torch.softmax(scaled, dim=-1)
-        min_p = [p.min_p for p in params]
-        if any(v > 0.0 for v in min_p):
-            threshold = torch.tensor(min_p, device=device)[:, None] * probs.max(dim=-1, keepdim=True).values
-            probs = probs.masked_fill(probs < threshold, 0.0)
-
-        noise = torch.empty_like(probs)
-        noise.exponential_(generator=self._generator)
-        for i, seq in enumerate(seqs):
-            generator = seq.generator(device)
-            if generator is not None and not greedy[i]:
-                noise[i].exponential_(generator=generator)
-        # An exact 0 draw would turn a masked (0 probability) token into 0/0.
-        noise.clamp_(min=torch.finfo(noise.dtype).tiny)
-        sampled = (probs / noise).argmax(dim=-1)
-        if any(greedy):
-            greedy_rows = torch.tensor(greedy, device=device)
-            sampled = torch.where(greedy_rows, logits.argmax(dim=-1), sampled)
-        return sampled
-
-    @staticmethod
-    def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
-        """top_k: per row, how many logits to keep (vocab size: no limit)."""
+        tokens = torch.empty(len(seqs), dtype=torch.long, device=device)
+        greedy_rows = [i for i, g in enumerate(greedy) if g]
+        if greedy_rows:
+            tokens[greedy_rows] = logits[greedy_rows].argmax(dim=-1)
+        rows = [i for i, g in enumerate(greedy) if not g]
+        params = [seqs[i].sampling for i in rows]
         vocab = logits.shape[1]
-        limited = [k for k in top_k if k < vocab]
-        top_values = logits.topk(max(limited), dim=-1).values  # [S, max_k], descending
-        k = torch.tensor([min(k, top_values.shape[1]) for k in top_k], device=logits.device)
-        kth = top_values.gather(1, (k - 1)[:, None])
-        unlimited = torch.tensor([k >= vocab for k in top_k], device=logits.device)
-        kth = kth.masked_fill(unlimited[:, None], float("-inf"))
-        return logits.masked_fill(logits < kth, float("-inf"))
+        temperature = torch.tensor([p.temperature for p in params], device=device)
+        probs = torch.softmax(logits[rows] / temperature[:, None], dim=-1)  # [R, V]
+        uniforms = self._uniforms([seqs[i] for i in rows], device)  # [R]
+        min_p = torch.tensor([p.min_p for p in params], device=device)
+
+        # Rows limited by top_k / top_p are drawn among their most likely tokens only,
+        # which spares a sort of the whole vocabulary (the slowest op here on a CPU).
+        limits = [_candidate_limit(p.top_k, p.top_p, vocab) for p in params]
+        full = [j for j, limit in enumerate(limits) if limit is None]
+        if full:
+            chosen = _inverse_cdf(_apply_min_p(probs[full], min_p[full]), uniforms[full])
+            tokens[[rows[j] for j in full]] = chosen
+        cut = [j for j, limit in enumerate(limits) if limit is not None]
+        if cut:
+            tokens[[rows[j] for j in cut]] = self._draw_truncated(
+                probs[cut], [params[j] for j in cut], [limits[j] or vocab for j in cut], uniforms[cut], min_p[cut]
+            )
+        return tokens
+
+    def _uniforms(self, seqs: list[Sequence], device: torch.device) -> torch.Tensor:
+        """One U[0, 1) per row; a seeded request draws its own from its generator."""
+        uniforms = torch.rand(len(seqs), generator=self._generator, device=self.device).to(device)
+        for j, seq in enumerate(seqs):
+            generator = seq.generator(self.device)
+            if generator is not None:
+                uniforms[j] = torch.rand(1, generator=generator, device=self.device)[0]
+        return uniforms
 
     @staticmethod
-    def _apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-        sorted_logits, order = logits.sort(dim=-1, descending=False)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop the low tail whose total is at most 1 - top_p; the top token always stays.
-        drop = cumulative <= (1.0 - top_p)[:, None]
-        drop[:, -1] = False
-        mask = torch.zeros_like(drop).scatter_(1, order, drop)
-        return logits.masked_fill(mask, float("-inf"))
+    def _draw_truncated(
+        probs: torch.Tensor, params: list[SamplingParams], limits: list[int], uniforms: torch.Tensor, min_p: torch.Tensor
+    ) -> torch.Tensor:
+        """probs: [R, V] after temperature; limits: per row, how many of the most likely
+        tokens can matter (top_k, or _TOP_P_CANDIDATES for top_p alone)."""
+        device = probs.device
+        values, ids = probs.topk(max(limits), dim=-1)  # [R, K], descending
+        has_top_k = torch.tensor([0 < p.top_k < probs.shape[1] for p in params], device=device)
+        in_limit = torch.arange(values.shape[1], device=device)[None, :] < torch.tensor(limits, device=device)[:, None]
+        values = values * in_limit
+        # top_k renormalises over the k kept tokens before top_p applies (transformers' order);
+        # with top_p alone the candidates keep their share of the whole vocabulary.
+        values = torch.where(has_top_k[:, None], values / values.sum(dim=-1, keepdim=True), values)
+        top_p = torch.tensor([p.top_p for p in params], device=device)
+        missing = (~has_top_k) & (values.sum(dim=-1) < top_p)
+        if bool(missing.any()):
+            # A flat distribution: top_p needs more tokens than the candidates. Sort those rows fully.
+            for j in missing.nonzero().flatten().tolist():
+                row_values, row_ids = probs[j].sort(descending=True)
+                values, ids = _widen(values, ids, probs.shape[1])
+                values[j], ids[j] = row_values, row_ids
+            in_limit = values > 0
+        kept = values.cumsum(dim=-1) - values < top_p[:, None]  # the smallest prefix reaching top_p
+        kept &= in_limit
+        weights = _apply_min_p(values * kept, min_p)
+        return ids.gather(1, _inverse_cdf(weights, uniforms)[:, None]).squeeze(1)
 
     # ---- logprobs ---------------------------------------------------------
 
@@ -213,3 +226,45 @@ class Sampler:
             n = wanted[i] or 0
             result[i] = (chosen_lp[j], list(zip(top_ids[j][:n], top_values[j][:n])))
         return result
+
+
+# top_p without top_k draws among this many most likely tokens when they hold
+# top_p of the probability (nearly always); otherwise the row is sorted in full.
+_TOP_P_CANDIDATES = 256
+
+
+def _candidate_limit(top_k: int, top_p: float, vocab: int) -> int | None:
+    """How many of the most likely tokens a row can draw from; None: all of them."""
+    if 0 < top_k < vocab:
+        return top_k
+    if top_p < 1.0:
+        return min(_TOP_P_CANDIDATES, vocab)
+    return None
+
+
+def _apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """probs: [R, N]; zero the tokens below min_p x the row's most likely one."""
+    if not bool((min_p > 0).any()):
+        return probs
+    threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    return probs.masked_fill(probs < threshold, 0.0)
+
+
+def _inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """weights: [R, N] >= 0 (unnormalised); uniforms: [R] in [0, 1). Index i is
+    picked with probability weights[i] / sum, and never one of weight 0."""
+    cdf = weights.cumsum(dim=-1)
+    targets = (uniforms * cdf[:, -1])[:, None]
+    picked = torch.searchsorted(cdf, targets, right=True).squeeze(1)
+    return picked.clamp_(max=weights.shape[1] - 1)
+
+
+def _widen(values: torch.Tensor, ids: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad [R, K] candidates with zero-probability entries up to [R, width]."""
+    if values.shape[1] >= width:
+        return values, ids
+    pad = width - values.shape[1]
+    return (
+        torch.cat([values, values.new_zeros(values.shape[0], pad)], dim=1),
+        torch.cat([ids, ids.new_zeros(ids.shape[0], pad)], dim=1),
+    )
