@@ -27,7 +27,9 @@ def reference_logits(context: list[int], vocab: int = VOCAB) -> torch.Tensor:
     return torch.randn(vocab, generator=generator) * 3.0
 
 
-def reference_greedy(prompt: list[int], max_tokens: int, stop_ids: set[int] = frozenset(), vocab: int = VOCAB) -> list[int]:
+def reference_greedy(
+    prompt: list[int], max_tokens: int, stop_ids: set[int] = frozenset(), vocab: int = VOCAB
+) -> list[int]:
     tokens = list(prompt)
     out: list[int] = []
     for _ in range(max_tokens):

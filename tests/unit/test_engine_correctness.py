@@ -121,7 +121,9 @@ def runner(model_dir: Path):  # type: ignore[no-untyped-def]
     )
 
 
-def make_core(runner, *, budget: int = 512, max_running: int = 64, prefix: bool = True, num_blocks: int | None = None) -> EngineCore:  # type: ignore[no-untyped-def]
+def make_core(
+    runner, *, budget: int = 512, max_running: int = 64, prefix: bool = True, num_blocks: int | None = None
+) -> EngineCore:  # type: ignore[no-untyped-def]
     return engine_core_for(
         runner,
         max_num_batched_tokens=budget,

@@ -72,7 +72,9 @@ def test_stop_and_eos_end_the_request_unless_ignored(tiny_model) -> None:  # typ
     hf = backend(tiny_model, eos=[stop])
     greedy = SamplingParams(max_tokens=10, temperature=0.0)
     assert hf.generate(EngineRequest("a", prompt, greedy)).new_token_ids == cut  # the model's default EOS
-    out = hf.generate(EngineRequest("b", prompt, greedy.model_copy(update={"eos_token_ids": [77], "stop_token_ids": [stop]})))
+    out = hf.generate(
+        EngineRequest("b", prompt, greedy.model_copy(update={"eos_token_ids": [77], "stop_token_ids": [stop]}))
+    )
     assert out.new_token_ids == cut and out.finish_reason == "stop"
     out = hf.generate(EngineRequest("c", prompt, greedy.model_copy(update={"ignore_eos": True})))
     assert out.new_token_ids == expected and out.finish_reason == "length"
@@ -89,7 +91,9 @@ def test_min_tokens_holds_back_eos(tiny_model) -> None:  # type: ignore[no-untyp
 
 def test_context_limit_and_refusals(tiny_model) -> None:  # type: ignore[no-untyped-def]
     hf = backend(tiny_model, max_model_len=14)
-    hf.add_request(EngineRequest("fits", list(range(3, 13)), SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)))
+    hf.add_request(
+        EngineRequest("fits", list(range(3, 13)), SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))
+    )
     hf.add_request(EngineRequest("long", list(range(3, 18)), SamplingParams(max_tokens=5)))
     hf.add_request(EngineRequest("empty", [], SamplingParams()))
     hf.add_request(EngineRequest("vocab", [1, VOCAB], SamplingParams()))
@@ -144,7 +148,9 @@ def test_engine_core_matches_hf_on_a_tiny_llama_with_penalties(tiny_model, tmp_p
     cases = {
         "plain": SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True),
         "repetition": SamplingParams(max_tokens=16, temperature=0.0, repetition_penalty=1.8, ignore_eos=True),
-        "presence": SamplingParams(max_tokens=16, temperature=0.0, presence_penalty=1.5, frequency_penalty=0.5, ignore_eos=True),
+        "presence": SamplingParams(
+            max_tokens=16, temperature=0.0, presence_penalty=1.5, frequency_penalty=0.5, ignore_eos=True
+        ),
         "min_tokens": SamplingParams(max_tokens=16, temperature=0.0, min_tokens=6),
     }
     prompts = {"plain": [5, 17, 33, 2, 40, 41, 42], "repetition": [8] * 9, "presence": [60, 61], "min_tokens": [8] * 9}

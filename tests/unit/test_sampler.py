@@ -18,7 +18,9 @@ N = 4000
 CHI2_BOUND = 25.0
 
 
-def seqs(count: int, output: list[int] | None = None, prompt: list[int] | None = None, **params: object) -> list[Sequence]:
+def seqs(
+    count: int, output: list[int] | None = None, prompt: list[int] | None = None, **params: object
+) -> list[Sequence]:
     result = []
     for i in range(count):
         s = Sequence(f"s{i}", prompt or [0], SamplingParams(**params), arrival=i)
@@ -79,7 +81,9 @@ def test_unlimited_rows_are_untouched_by_other_rows_top_k() -> None:
     assert chi_square(counts, PROBS, N // 2) < CHI2_BOUND
 
 
-@pytest.mark.parametrize("params", [{"temperature": 0.0}, {"top_k": 1}, {"top_p": 1e-6}, {"top_k": 1, "temperature": 3.0}])
+@pytest.mark.parametrize(
+    "params", [{"temperature": 0.0}, {"top_k": 1}, {"top_p": 1e-6}, {"top_k": 1, "temperature": 3.0}]
+)
 def test_greedy_equivalents_pick_the_argmax(params: dict[str, object]) -> None:
     logits = torch.randn(64, 1000, generator=torch.Generator().manual_seed(0))
     out = Sampler(vocab_size=1000, seed=0)(logits, seqs(64, **params))

@@ -10,9 +10,22 @@ from shared.messages import SamplingParams
 _arrivals = iter(range(1, 1_000_000))
 
 
-def make(num_blocks: int = 64, block_size: int = 4, budget: int = 16, max_running: int = 8, max_len: int = 4096, watermark: int = 0) -> Scheduler:
+def make(
+    num_blocks: int = 64,
+    block_size: int = 4,
+    budget: int = 16,
+    max_running: int = 8,
+    max_len: int = 4096,
+    watermark: int = 0,
+) -> Scheduler:
     bm = BlockManager(num_blocks, block_size)
-    return Scheduler(bm, max_num_batched_tokens=budget, max_running_requests=max_running, max_model_len=max_len, watermark_blocks=watermark)
+    return Scheduler(
+        bm,
+        max_num_batched_tokens=budget,
+        max_running_requests=max_running,
+        max_model_len=max_len,
+        watermark_blocks=watermark,
+    )
 
 
 def new_seq(sched: Scheduler, name: str, prompt_len: int, max_tokens: int = 1000) -> Sequence:
@@ -122,7 +135,7 @@ def test_newest_is_preempted_first_and_the_oldest_never() -> None:
 
 def test_preempted_sequences_wait_in_arrival_order_ahead_of_newer_ones() -> None:
     sched = make(num_blocks=12, block_size=4, budget=64, max_running=8)
-    a, b, c = (new_seq(sched, name, 15) for name in "abc")
+    _, b, c = (new_seq(sched, name, 15) for name in "abc")
     for _ in range(3):
         step(sched)
     d = new_seq(sched, "d", 3)
@@ -166,6 +179,8 @@ def test_prompt_chunk_shrinks_to_the_free_room_instead_of_preempting() -> None:
     assert bm.num_free_blocks == 3
     batch = sched.schedule()
     assert batch.preempted == [] and batch.seqs == [young, old] and batch.num_new_tokens == [1, 12]
+
+
 def test_refusals_explain_what_can_never_fit() -> None:
     sched = make(num_blocks=8, block_size=4, max_len=100)
     assert sched.refusal(32) is None

@@ -124,11 +124,7 @@ class EngineCore:
         slots = scheduler.max_running - len(scheduler.running) - len(scheduler.waiting)
         if slots <= 0:
             return 0
-        room = (
-            self.block_manager.num_free_blocks
-            - scheduler.blocks_wanted_by_waiting()
-            - scheduler.watermark_blocks
-        )
+        room = self.block_manager.num_free_blocks - scheduler.blocks_wanted_by_waiting() - scheduler.watermark_blocks
         return max(0, min(slots, room))
 
     def load(self) -> EngineLoad:

@@ -176,7 +176,11 @@ class Sampler:
 
     @staticmethod
     def _draw_truncated(
-        probs: torch.Tensor, params: list[SamplingParams], limits: list[int], uniforms: torch.Tensor, min_p: torch.Tensor
+        probs: torch.Tensor,
+        params: list[SamplingParams],
+        limits: list[int],
+        uniforms: torch.Tensor,
+        min_p: torch.Tensor,
     ) -> torch.Tensor:
         """probs: [R, V] after temperature; limits: per row, how many of the most likely
         tokens can matter (top_k, or _TOP_P_CANDIDATES for top_p alone)."""

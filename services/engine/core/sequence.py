@@ -6,7 +6,7 @@ import enum
 
 import torch
 
-from services.engine.backend import EngineFinish, TokenLogprobs
+from services.engine.backend import EngineFinish
 from shared.messages import SamplingParams
 
 _SEED_MASK = (1 << 64) - 1
@@ -29,23 +29,22 @@ class Sequence:
     """
 
     __slots__ = (
-        "request_id",
-        "arrival",
-        "sampling",
-        "token_ids",
-        "num_prompt_tokens",
-        "status",
-        "num_computed_tokens",
-        "num_cached_tokens",
-        "block_table",
-        "block_hashes",
-        "num_hashed_blocks",
-        "stop_ids",
-        "finish_reason",
-        "error",
-        "pending_logprobs",
-        "num_preemptions",
         "_generator",
+        "arrival",
+        "block_hashes",
+        "block_table",
+        "error",
+        "finish_reason",
+        "num_cached_tokens",
+        "num_computed_tokens",
+        "num_hashed_blocks",
+        "num_preemptions",
+        "num_prompt_tokens",
+        "request_id",
+        "sampling",
+        "status",
+        "stop_ids",
+        "token_ids",
     )
 
     def __init__(
@@ -80,7 +79,6 @@ class Sequence:
         )
         self.finish_reason: EngineFinish | None = None
         self.error: str | None = None
-        self.pending_logprobs: TokenLogprobs | None = None
         self.num_preemptions = 0
         self._generator: torch.Generator | None = None
 
