@@ -5,9 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from services.engine.backend import EngineRequest, RequestOutput
 from services.engine.core.engine_core import EngineCore, EngineCoreConfig
+from services.engine.model.batch import ForwardBatch
 from shared.messages import SamplingParams
 from tests.unit.test_engine_core_fake_runner import VOCAB, FakeRunner, reference_greedy
 
@@ -34,6 +36,12 @@ def make_engine(
         sampler_seed=0,
     )
     return EngineCore(runner, config)
+
+
+def runner_of(core: EngineCore) -> FakeRunner:
+    runner = core.runner
+    assert isinstance(runner, FakeRunner)
+    return runner
 
 
 def greedy(max_tokens: int = 8, **kwargs: object) -> SamplingParams:
@@ -89,7 +97,7 @@ def test_chunked_prefill_splits_long_prompts_and_stays_correct() -> None:
     for i, prompt in enumerate(prompts):
         core.add_request(EngineRequest(f"r{i}", prompt, greedy(6)))
     results = run(core)
-    runner: FakeRunner = core.runner  # type: ignore[assignment]
+    runner = runner_of(core)
     assert all(sum(b.query_lens) <= 8 for b in runner.batches)
     assert any(max(b.query_lens) == 8 and len(b.query_lens) == 1 for b in runner.batches)
     for i, prompt in enumerate(prompts):
@@ -103,7 +111,7 @@ def test_prefix_cache_hits_skip_computation_and_give_the_same_tokens() -> None:
     core.add_request(EngineRequest("first", shared + [1, 2], greedy(5)))
     run(core)
     core.add_request(EngineRequest("second", shared + [3], greedy(5)))
-    runner: FakeRunner = core.runner  # type: ignore[assignment]
+    runner = runner_of(core)
     before = len(runner.batches)
     results = run(core)
     # The 40 shared tokens (10 full blocks) come from the cache: only 1 prompt token is computed.
@@ -164,7 +172,7 @@ def test_abort_leaves_the_batch_and_frees_blocks_within_one_step() -> None:
     aborted = [o for o in outputs if o.request_id == "r1"]
     assert len(aborted) == 1 and aborted[0].finish_reason == "abort" and aborted[0].new_token_ids == []
     assert core.block_manager.num_blocks - core.block_manager.num_free_blocks < used_before
-    runner: FakeRunner = core.runner  # type: ignore[assignment]
+    runner = runner_of(core)
     assert len(runner.batches[-1].query_lens) == 3
     core.abort(["r0", "r2", "r3"])
     outputs = core.step()
@@ -311,7 +319,7 @@ def test_forward_share_is_time_in_forward_over_wall_time() -> None:
     now = [0.0]
 
     class SlowRunner(FakeRunner):
-        def forward(self, batch):  # type: ignore[no-untyped-def]
+        def forward(self, batch: ForwardBatch) -> torch.Tensor:
             now[0] += 0.3  # the forward pass takes 0.3 s of the fake clock
             return super().forward(batch)
 

@@ -19,6 +19,7 @@ import torch
 from services.engine.backend import EngineRequest
 from services.engine.core.build import engine_core_for
 from services.engine.core.engine_core import EngineCore
+from services.engine.model.runner import ModelRunner
 from shared.messages import SamplingParams
 from shared.settings import EngineSettings
 
@@ -73,8 +74,9 @@ def prompts(model_dir: Path) -> list[list[int]]:
     result = [tokenizer(text)["input_ids"] for text in _TEXTS]
     for question in _CHATS:
         # Chat prompts share the template's system preamble: natural prefix-cache hits.
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
-        result.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
+        messages = [{"role": "user", "content": question}]
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+        result.append(list(encoded["input_ids"]))
     result.append([tokenizer.convert_tokens_to_ids("Hello")])  # a one-token prompt
     assert len(result) == 20
     assert len({len(p) for p in result}) > 12  # varied lengths, some over three blocks
@@ -105,9 +107,7 @@ def reference(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def runner(model_dir: Path):  # type: ignore[no-untyped-def]
-    from services.engine.model.runner import ModelRunner
-
+def runner(model_dir: Path) -> ModelRunner:
     # One runner (weights + pool) for every engine below; each EngineCore's own
     # block manager decides which of the pool's blocks it uses.
     return ModelRunner(
@@ -122,8 +122,8 @@ def runner(model_dir: Path):  # type: ignore[no-untyped-def]
 
 
 def make_core(
-    runner, *, budget: int = 512, max_running: int = 64, prefix: bool = True, num_blocks: int | None = None
-) -> EngineCore:  # type: ignore[no-untyped-def]
+    runner: ModelRunner, *, budget: int = 512, max_running: int = 64, prefix: bool = True, num_blocks: int | None = None
+) -> EngineCore:
     return engine_core_for(
         runner,
         max_num_batched_tokens=budget,
@@ -161,14 +161,16 @@ def assert_matches(tokens: dict[str, list[int]], reference: list[list[int]], tag
     assert not mismatched, f"differs from transformers for prompts {mismatched}"
 
 
-def test_each_prompt_alone(runner, prompts, reference) -> None:  # type: ignore[no-untyped-def]
+def test_each_prompt_alone(runner: ModelRunner, prompts: list[list[int]], reference: list[list[int]]) -> None:
     core = make_core(runner, prefix=False)
     for i, request in enumerate(requests_for(prompts, "alone")):
         tokens = run(core, [request])
         assert tokens[request.request_id] == reference[i], f"prompt {i}"
 
 
-def test_inside_a_batch_of_64_mixed_length_requests(runner, prompts, reference) -> None:  # type: ignore[no-untyped-def]
+def test_inside_a_batch_of_64_mixed_length_requests(
+    runner: ModelRunner, prompts: list[list[int]], reference: list[list[int]]
+) -> None:
     core = make_core(runner, prefix=False)
     # Every prompt three times (plus four), shuffled: 64 running together, all checkable.
     order = list(range(20)) * 3 + [0, 5, 10, 15]
@@ -182,7 +184,9 @@ def test_inside_a_batch_of_64_mixed_length_requests(runner, prompts, reference) 
     assert not mismatched, f"requests {mismatched} differ from transformers"
 
 
-def test_chunked_prefill_then_served_from_the_prefix_cache(runner, prompts, reference) -> None:  # type: ignore[no-untyped-def]
+def test_chunked_prefill_then_served_from_the_prefix_cache(
+    runner: ModelRunner, prompts: list[list[int]], reference: list[list[int]]
+) -> None:
     # 24 tokens per step: every prompt over that is split, and decodes share the budget.
     core = make_core(runner, budget=24, max_running=24)
     tokens = run(core, requests_for(prompts, "chunk"))
@@ -199,7 +203,9 @@ def test_chunked_prefill_then_served_from_the_prefix_cache(runner, prompts, refe
     assert hit == expected_hits and hit > queried // 2
 
 
-def test_tiny_kv_pool_preempts_and_still_matches(runner, prompts, reference) -> None:  # type: ignore[no-untyped-def]
+def test_tiny_kv_pool_preempts_and_still_matches(
+    runner: ModelRunner, prompts: list[list[int]], reference: list[list[int]]
+) -> None:
     # 64 requests that end up needing some 250 blocks, in a pool of 96 (1536 tokens).
     core = make_core(runner, prefix=False, num_blocks=96)
     order = list(range(20)) * 3 + [1, 2, 3, 4]

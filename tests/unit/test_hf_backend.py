@@ -15,7 +15,7 @@ VOCAB = 96
 
 
 @pytest.fixture(scope="module")
-def tiny_model():  # type: ignore[no-untyped-def]
+def tiny_model() -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -37,11 +37,11 @@ def tiny_model():  # type: ignore[no-untyped-def]
     return model
 
 
-def backend(model, max_model_len: int = 256, eos: list[int] | None = None) -> HFBackend:  # type: ignore[no-untyped-def]
+def backend(model: torch.nn.Module, max_model_len: int = 256, eos: list[int] | None = None) -> HFBackend:
     return HFBackend(model, vocab_size=VOCAB, max_model_len=max_model_len, default_eos_token_ids=eos or [])
 
 
-def manual_greedy(model, prompt: list[int], n: int) -> list[int]:  # type: ignore[no-untyped-def]
+def manual_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
     tokens = list(prompt)
     with torch.inference_mode():
         for _ in range(n):
@@ -57,14 +57,14 @@ def drain(hf: HFBackend) -> dict[str, RequestOutput]:
     return results
 
 
-def test_greedy_matches_a_plain_argmax_loop(tiny_model) -> None:  # type: ignore[no-untyped-def]
+def test_greedy_matches_a_plain_argmax_loop(tiny_model: torch.nn.Module) -> None:
     hf = backend(tiny_model)
     out = hf.generate(EngineRequest("r", [5, 6, 7, 8], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)))
     assert out.new_token_ids == manual_greedy(tiny_model, [5, 6, 7, 8], 12)
     assert out.finish_reason == "length"
 
 
-def test_stop_and_eos_end_the_request_unless_ignored(tiny_model) -> None:  # type: ignore[no-untyped-def]
+def test_stop_and_eos_end_the_request_unless_ignored(tiny_model: torch.nn.Module) -> None:
     prompt = [9, 10, 11]
     expected = manual_greedy(tiny_model, prompt, 10)
     stop = expected[2]
@@ -80,7 +80,7 @@ def test_stop_and_eos_end_the_request_unless_ignored(tiny_model) -> None:  # typ
     assert out.new_token_ids == expected and out.finish_reason == "length"
 
 
-def test_min_tokens_holds_back_eos(tiny_model) -> None:  # type: ignore[no-untyped-def]
+def test_min_tokens_holds_back_eos(tiny_model: torch.nn.Module) -> None:
     prompt = [3, 4]
     first = manual_greedy(tiny_model, prompt, 1)[0]
     hf = backend(tiny_model)
@@ -89,7 +89,7 @@ def test_min_tokens_holds_back_eos(tiny_model) -> None:  # type: ignore[no-untyp
     assert first not in out.new_token_ids[:3] and len(out.new_token_ids) >= 3
 
 
-def test_context_limit_and_refusals(tiny_model) -> None:  # type: ignore[no-untyped-def]
+def test_context_limit_and_refusals(tiny_model: torch.nn.Module) -> None:
     hf = backend(tiny_model, max_model_len=14)
     hf.add_request(
         EngineRequest("fits", list(range(3, 13)), SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))
@@ -104,7 +104,7 @@ def test_context_limit_and_refusals(tiny_model) -> None:  # type: ignore[no-unty
     assert "outside this model's vocabulary" in (results["vocab"].error or "")
 
 
-def test_one_request_at_a_time_abort_and_free_slots(tiny_model) -> None:  # type: ignore[no-untyped-def]
+def test_one_request_at_a_time_abort_and_free_slots(tiny_model: torch.nn.Module) -> None:
     hf = backend(tiny_model)
     assert hf.free_slots() == 1
     hf.add_request(EngineRequest("a", [5], SamplingParams(max_tokens=3, temperature=0.0)))
@@ -117,7 +117,7 @@ def test_one_request_at_a_time_abort_and_free_slots(tiny_model) -> None:  # type
     assert not hf.has_unfinished() and hf.free_slots() == 1
 
 
-def test_seeded_sampling_repeats_and_logprobs_are_reported(tiny_model) -> None:  # type: ignore[no-untyped-def]
+def test_seeded_sampling_repeats_and_logprobs_are_reported(tiny_model: torch.nn.Module) -> None:
     hf = backend(tiny_model)
     params = SamplingParams(max_tokens=8, temperature=1.0, top_k=20, seed=11, ignore_eos=True, logprobs=3)
     a = hf.generate(EngineRequest("a", [7, 8], params))
@@ -134,7 +134,7 @@ def test_presence_and_frequency_processor_counts_output_only() -> None:
     assert scores.tolist() == [[0.0, -0.75, -1.0, 0.0, 0.0]]
 
 
-def test_engine_core_matches_hf_on_a_tiny_llama_with_penalties(tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_engine_core_matches_hf_on_a_tiny_llama_with_penalties(tiny_model: torch.nn.Module, tmp_path: Path) -> None:
     """The torch engine against this reference on options beyond plain greedy."""
     runner_mod = pytest.importorskip("services.engine.model.runner")
     from services.engine.core.build import engine_core_for

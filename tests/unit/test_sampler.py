@@ -161,7 +161,9 @@ def test_logprobs_are_raw_model_logprobs_with_top_alternatives() -> None:
     batch = seqs(1, temperature=0.0, logprobs=2, repetition_penalty=5.0, output=[0]) + seqs(1, temperature=0.0)
     out = Sampler(vocab_size=4)(logits, batch)
     raw = torch.log_softmax(logits[0], dim=-1)
-    chosen, top = out.logprobs[0]  # type: ignore[misc]
+    entry = out.logprobs[0]
+    assert entry is not None
+    chosen, top = entry
     # The penalty moved the choice away from token 0; logprobs still describe the model.
     assert out.token_ids[0] == 1
     assert chosen == pytest.approx(raw[1].item())
