@@ -204,3 +204,18 @@ def test_top_p_on_a_flat_distribution_reaches_beyond_the_candidates() -> None:
     tokens = Sampler(vocab_size=vocab, seed=4)(logits.expand(N, -1).clone(), seqs(N, top_p=0.5)).token_ids
     assert max(tokens) < keep
     assert len(set(tokens)) > 500  # drawn from the whole kept set, not a few hundred candidates
+
+
+def test_logprobs_rows_keep_their_place_in_a_mixed_batch() -> None:
+    logits = torch.randn(5, 30, generator=torch.Generator().manual_seed(8))
+    batch = seqs(5, temperature=0.0)
+    for i, n in ((1, 0), (3, 4)):
+        batch[i].sampling = SamplingParams(temperature=0.0, logprobs=n)
+    out = Sampler(vocab_size=30)(logits, batch)
+    assert [entry is None for entry in out.logprobs] == [True, False, True, False, True]
+    for i in (1, 3):
+        raw = torch.log_softmax(logits[i], dim=-1)
+        chosen, top = out.logprobs[i] or (0.0, [])
+        assert chosen == pytest.approx(raw[out.token_ids[i]].item())
+        assert [t for t, _ in top] == raw.topk(4).indices.tolist()[: len(top)]
+    assert len((out.logprobs[1] or (0.0, [1]))[1]) == 0 and len((out.logprobs[3] or (0.0, []))[1]) == 4

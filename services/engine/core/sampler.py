@@ -62,9 +62,11 @@ class Sampler:
             logits = logits[:, : self.vocab_size]
         params = [seq.sampling for seq in seqs]
 
+        logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         raw_logprobs = None
-        if any(p.logprobs is not None for p in params):
-            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        if logprob_rows:
+            # Before any processing: the model's own distribution, for the rows that ask.
+            raw_logprobs = torch.log_softmax(logits[logprob_rows], dim=-1)  # [L, V]
 
         logits = self._apply_penalties(logits, seqs)
         logits = self._mask_stop_tokens(logits, seqs)
@@ -75,7 +77,7 @@ class Sampler:
         else:
             token_ids = self._draw(logits, seqs, greedy)
         chosen = token_ids.tolist()
-        return SamplerOutput(chosen, self._logprobs(raw_logprobs, seqs, chosen))
+        return SamplerOutput(chosen, self._logprobs(raw_logprobs, logprob_rows, seqs, chosen))
 
     # ---- logit processing -------------------------------------------------
 
@@ -210,24 +212,23 @@ class Sampler:
 
     @staticmethod
     def _logprobs(
-        raw_logprobs: torch.Tensor | None, seqs: list[Sequence], chosen: list[int]
+        raw_logprobs: torch.Tensor | None, rows: list[int], seqs: list[Sequence], chosen: list[int]
     ) -> list[TokenLogprobs | None]:
+        """raw_logprobs: [L, V], the log-distribution of seqs[rows[j]] in row j."""
+        result: list[TokenLogprobs | None] = [None] * len(seqs)
         if raw_logprobs is None:
-            return [None] * len(seqs)
-        wanted = [seq.sampling.logprobs for seq in seqs]
-        rows = [i for i, n in enumerate(wanted) if n is not None]
-        row_index = torch.tensor(rows, device=raw_logprobs.device)
+            return result
+        wanted = [seqs[i].sampling.logprobs or 0 for i in rows]
         chosen_index = torch.tensor([chosen[i] for i in rows], device=raw_logprobs.device)
-        chosen_lp = raw_logprobs[row_index, chosen_index].tolist()
-        top_n = max(wanted[i] or 0 for i in rows)
+        chosen_lp = raw_logprobs.gather(1, chosen_index[:, None]).squeeze(1).tolist()
+        top_n = max(wanted)
         top_values: list[list[float]] = [[] for _ in rows]
         top_ids: list[list[int]] = [[] for _ in rows]
         if top_n > 0:
-            top = raw_logprobs[row_index].topk(top_n, dim=-1)
+            top = raw_logprobs.topk(top_n, dim=-1)
             top_values, top_ids = top.values.tolist(), top.indices.tolist()
-        result: list[TokenLogprobs | None] = [None] * len(seqs)
         for j, i in enumerate(rows):
-            n = wanted[i] or 0
+            n = wanted[j]
             result[i] = (chosen_lp[j], list(zip(top_ids[j][:n], top_values[j][:n])))
         return result
 
