@@ -89,7 +89,7 @@ class EngineSettings(CommonSettings):
     # The KV pool in bytes; when unset, kv_cache_memory_fraction of the memory
     # available at start-up (free GPU memory on CUDA, MemAvailable on CPU).
     kv_cache_bytes: PositiveInt | None = None
-    kv_cache_memory_fraction: Annotated[float, Field(gt=0.0, le=0.95)] = 0.2
+    kv_cache_memory_fraction: Annotated[float, Field(gt=0.0, le=0.95)] = 0.1
     # Tokens computed per step (decodes plus prefill chunks): bounds how long a
     # long prompt can hold up the running decodes.
     max_num_batched_tokens: PositiveInt = 512
