@@ -74,7 +74,7 @@ class TokenizerSettings(CommonSettings):
 
 
 class EngineSettings(CommonSettings):
-    engine_backend: Literal["echo", "torch", "hf"] = "echo"
+    engine_backend: Literal["echo", "torch", "hf"] = "torch"
     max_running_requests: PositiveInt = 64
     # The echo backend sleeps this long per step, standing in for a forward pass.
     echo_step_delay_ms: Annotated[float, Field(ge=0)] = 10.0

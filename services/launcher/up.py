@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engines", type=_count, default=1, metavar="M", help="engine replicas (default 1)")
     parser.add_argument(
         "--backend", choices=["echo", "torch", "hf"],
-        help="engine backend (default: SCALELLM_ENGINE_BACKEND or echo)",
+        help="engine backend (default: SCALELLM_ENGINE_BACKEND or torch)",
     )  # fmt: skip
     parser.add_argument(
         "--ready-timeout", type=float, default=600.0, metavar="S",
