@@ -35,6 +35,10 @@ class TrackedRequest:
     detokenize: DetokenizeParams
     emitted: int = 0  # output tokens published so far
     first_sent: bool = False
+    # Stop strings and the like ride on every delta, not only the first, so that a
+    # detokenizer taking the shard over mid-request still applies them. Requests
+    # with default parameters (most) send them once.
+    resend_detokenize: bool = False
 
 
 @dataclass(slots=True)
@@ -78,6 +82,7 @@ class OutputRouter:
             prompt_tokens=len(request.prompt_token_ids),
             prompt_tail=list(request.prompt_token_ids[-PROMPT_TAIL_TOKENS:]),
             detokenize=request.detokenize,
+            resend_detokenize=request.detokenize != DetokenizeParams(),
         )
 
     def pending_entry_ids(self) -> list[str]:
@@ -156,6 +161,8 @@ class OutputRouter:
             delta.detokenize = tracked.detokenize
             delta.prompt_tail = tracked.prompt_tail
             tracked.first_sent = True
+        elif tracked.resend_detokenize:
+            delta.detokenize = tracked.detokenize
         tracked.emitted += len(output.new_token_ids)
         return delta
 

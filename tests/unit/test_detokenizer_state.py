@@ -95,6 +95,16 @@ def test_output_of_a_request_first_seen_mid_way_is_still_decoded(tokenizer: Any)
     assert final.usage is not None and final.usage.completion_tokens == 12 + len(ids)
 
 
+def test_a_shard_taken_over_mid_request_still_applies_its_stop_strings(tokenizer: Any) -> None:
+    # Engines repeat non-default parameters on every delta, so the new holder has them.
+    state = DetokenizerState(HFTokenDecoder(tokenizer))
+    ids = tokenizer.encode("and then it said STOP here")
+    result = state.process([step(delta("r", 40, ids, first=DetokenizeParams(stop=["STOP"])))], now=0.0)
+    (final,) = result.responses["gw-1"]
+    assert (final.text, final.finish_reason) == ("and then it said ", "stop")
+    assert result.aborts == ["r"]
+
+
 def test_idle_requests_are_forgotten(tokenizer: Any) -> None:
     state = DetokenizerState(HFTokenDecoder(tokenizer), idle_timeout_s=10.0)
     state.process([step(delta("old", 0, [100], first=DetokenizeParams()))], now=0.0)

@@ -80,11 +80,25 @@ def test_offsets_first_delta_params_and_ack_on_the_final_delta() -> None:
     assert first.detokenize == DetokenizeParams(stop=["x"])
     assert first.prompt_tail == prompt[-8:]
     assert first.prompt_tokens == 12 and first.gateway_id == "gw"
-    assert second.detokenize is None and second.prompt_tail is None
+    # Stop strings ride on every delta (a detokenizer taking the shard over needs them);
+    # the prompt tail only matters for the first.
+    assert second.detokenize == DetokenizeParams(stop=["x"]) and second.prompt_tail is None
     assert last.finish_reason == "length"
     assert acks1 == acks2 == []
     assert acks3 == [Ack(NAMES.tokenized, ENGINE_GROUP, "5-0")]
     assert "a" not in router and router.pending_entry_ids() == []
+
+
+def test_default_detokenize_params_are_sent_once() -> None:
+    router = OutputRouter(NAMES, "e", 1)
+    router.track(tokenized("a", [1, 2]).model_copy(update={"detokenize": DetokenizeParams()}), "1-0")
+    deltas = []
+    for output in (RequestOutput("a", [1]), RequestOutput("a", [2])):
+        [(_, message)] = router.route([output]).messages
+        assert isinstance(message, EngineStepOutput)
+        deltas.append(message.deltas[0])
+    assert deltas[0].detokenize == DetokenizeParams()
+    assert deltas[1].detokenize is None
 
 
 def test_short_prompt_tail_is_the_whole_prompt() -> None:
