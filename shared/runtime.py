@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
+import time
+from typing import Literal
+
+from shared.messages import Heartbeat
+from shared.transport import StreamTransport
+
+Role = Literal["gateway", "tokenizer", "engine", "detokenizer"]
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -21,3 +29,16 @@ def stop_on_signals() -> asyncio.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     return stop
+
+
+async def beat_until_stopped(
+    transport: StreamTransport, role: Role, replica_id: str, interval_s: float, stop: asyncio.Event
+) -> None:
+    """Publish this replica's heartbeat every ``interval_s`` until ``stop`` is set.
+
+    The TTL is three intervals, so one late beat does not make the replica look dead.
+    """
+    while not stop.is_set():
+        await transport.beat(Heartbeat(role=role, replica_id=replica_id, time=time.time()), ttl_s=3 * interval_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval_s)

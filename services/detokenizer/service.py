@@ -15,7 +15,14 @@ import time
 
 from services.detokenizer.leases import ShardLeases
 from services.detokenizer.state import DetokenizerState
-from shared.messages import AbortRequests, EngineStepOutput, Heartbeat, Message, ResponseBatch
+from shared.messages import (
+    AbortRequests,
+    EngineStepOutput,
+    Heartbeat,
+    Message,
+    ResponseBatch,
+)
+from shared.runtime import beat_until_stopped
 from shared.transport import Ack, Delivery, StreamTransport, shard_of
 
 log = logging.getLogger(__name__)
@@ -55,7 +62,9 @@ class DetokenizerService:
         """Serve until ``stop`` is set; the batch in hand is finished and leases are given back."""
         # Beat first so that this replica counts itself when it sizes its share.
         await self._beat()
-        heartbeat = asyncio.create_task(self._heartbeat(stop))
+        heartbeat = asyncio.create_task(
+            beat_until_stopped(self.transport, "detokenizer", self.replica_id, self.heartbeat_interval_s, stop)
+        )
         next_lease = next_claim = next_expire = 0.0
         try:
             while not stop.is_set():
@@ -131,12 +140,6 @@ class DetokenizerService:
     async def _beat(self) -> None:
         beat = Heartbeat(role="detokenizer", replica_id=self.replica_id, time=time.time())
         await self.transport.beat(beat, ttl_s=3 * self.heartbeat_interval_s)
-
-    async def _heartbeat(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            await self._beat()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.heartbeat_interval_s)
 
     async def _leave(self) -> None:
         await self.transport.delete(self.names.heartbeat("detokenizer", self.replica_id))

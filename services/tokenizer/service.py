@@ -15,7 +15,13 @@ import time
 from collections.abc import Sequence
 
 from services.tokenizer.prompt import PromptProcessor
-from shared.messages import CompletionRequest, Heartbeat, Message, RequestFailed, TokenizedRequest
+from shared.messages import (
+    CompletionRequest,
+    Message,
+    RequestFailed,
+    TokenizedRequest,
+)
+from shared.runtime import beat_until_stopped
 from shared.transport import Ack, Delivery, StreamNames, StreamTransport
 
 log = logging.getLogger(__name__)
@@ -88,7 +94,9 @@ class TokenizerService:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set; the batch in hand is finished first."""
         await self.transport.ensure_group(self.names.requests, GROUP)
-        heartbeat = asyncio.create_task(self._heartbeat(stop))
+        heartbeat = asyncio.create_task(
+            beat_until_stopped(self.transport, "tokenizer", self.replica_id, self.heartbeat_interval_s, stop)
+        )
         next_claim = 0.0  # claim once at start: a predecessor may have died
         try:
             while not stop.is_set():
@@ -114,12 +122,3 @@ class TokenizerService:
     async def _handle(self, deliveries: list[Delivery]) -> None:
         out, acks = await asyncio.to_thread(self.worker.handle, deliveries, time.time())
         await self.transport.publish(out, acks=acks)
-
-    async def _heartbeat(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            beat = Heartbeat(role="tokenizer", replica_id=self.replica_id, time=time.time())
-            await self.transport.beat(beat, ttl_s=3 * self.heartbeat_interval_s)
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=self.heartbeat_interval_s)
-            except TimeoutError:
-                pass
