@@ -65,6 +65,8 @@ class GatewaySettings(CommonSettings):
     max_inflight_requests: PositiveInt = 4096
     api_key: str | None = None  # when set, clients must send "Authorization: Bearer <key>"
     default_max_tokens: PositiveInt = 256
+    # Larger request bodies are refused with 413 before they are read whole.
+    max_request_bytes: PositiveInt = 16 * 1024 * 1024
 
 
 class TokenizerSettings(CommonSettings):

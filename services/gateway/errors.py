@@ -42,6 +42,11 @@ def bad_request(message: str, param: str | None = None, code: str | None = "inva
     return ApiError(400, message, param=param, code=code)
 
 
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, f"The request body is larger than this server's limit of {limit} bytes.",
+                    code="request_too_large")
+
+
 def model_not_found(model: str) -> ApiError:
     return ApiError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 

@@ -23,7 +23,15 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from services.gateway import protocol
-from services.gateway.errors import ApiError, internal, model_not_found, overloaded, shutting_down, unauthorized
+from services.gateway.errors import (
+    ApiError,
+    internal,
+    model_not_found,
+    overloaded,
+    shutting_down,
+    too_large,
+    unauthorized,
+)
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pipeline_client import PipelineClient
 from services.gateway.registry import Event, RegistryClosed, RegistryFull, RequestRegistry
@@ -78,6 +86,21 @@ class Gateway:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._api_key):
             raise unauthorized()
 
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused with 413 once it passes the limit (never buffered whole first)."""
+        limit = self.settings.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large(limit)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     # -- generation ------------------------------------------------------
 
     async def completions(self, request: Request) -> Response:
@@ -90,7 +113,7 @@ class Gateway:
         endpoint = "chat_completions" if chat else "completions"
         try:
             self._authorize(request)
-            raw = await request.body()
+            raw = await self._read_body(request)
             body: protocol.CompletionBody | protocol.ChatBody = (
                 protocol.parse_chat(raw) if chat else protocol.parse_completion(raw)
             )

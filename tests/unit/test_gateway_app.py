@@ -291,6 +291,25 @@ async def test_bad_bodies_are_400_naming_the_param() -> None:
         assert h.pipeline.requests == []
 
 
+async def test_a_body_over_the_size_limit_is_413_and_never_reaches_the_pipeline() -> None:
+    async with running(max_request_bytes=1000) as h:
+        big = await h.http.post("/v1/completions", json={"prompt": "x" * 2000})
+        assert big.status_code == 413
+        assert big.json()["error"]["code"] == "request_too_large"
+
+        async def chunked() -> AsyncIterator[bytes]:  # no content-length: counted while read
+            yield b'{"prompt": "'
+            for _ in range(10):
+                yield b"y" * 200
+            yield b'"}'
+
+        streamed = await h.http.post("/v1/completions", content=chunked(), headers={"content-type": "application/json"})
+        assert streamed.status_code == 413
+        assert h.pipeline.requests == []
+        small = await h.http.post("/v1/completions", json={"prompt": "x" * 100})
+        assert small.status_code == 200
+
+
 async def test_api_key_is_required_on_v1_but_not_on_health() -> None:
     async with running(api_key="sekret") as h:
         missing = await h.http.post("/v1/completions", json={"prompt": "x"})
