@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -18,3 +21,15 @@ def pytest_configure() -> None:
     # Tests never reach a model hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Any:
+    """The default model's tokenizer (converted once into the shared cache), for
+    tests that compute what the services must return."""
+    from transformers import AutoTokenizer
+
+    from shared.model_files import resolve_model_dir
+    from shared.settings import CommonSettings
+
+    return AutoTokenizer.from_pretrained(resolve_model_dir(CommonSettings(), weights=False))

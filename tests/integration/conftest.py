@@ -4,18 +4,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from services.redis_server import EmbeddedRedis
-from shared.model_files import resolve_model_dir
-from shared.settings import CommonSettings
 from tests.integration.harness import Pipeline
-
-
-@pytest.fixture(scope="session")
-def tokenizer() -> PreTrainedTokenizerBase:
-    """The default model's tokenizer, to compute what the services must return."""
-    return AutoTokenizer.from_pretrained(resolve_model_dir(CommonSettings(), weights=False))
 
 
 @pytest.fixture(scope="module")

@@ -9,26 +9,16 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import fakeredis
-import pytest
 
 from services.detokenizer.leases import ShardLeases, ShardPlanner, lease_name
 from services.detokenizer.service import GROUP, DetokenizerService
 from services.detokenizer.incremental import HFTokenDecoder
 from services.detokenizer.state import DetokenizerState
 from shared.messages import AbortRequests, DetokenizeParams, EngineStepOutput, ResponseBatch, TextDelta, TokenDelta
-from shared.model_files import resolve_model_dir
-from shared.settings import CommonSettings
 from shared.transport import StreamTransport, shard_of
 
 SHARDS = 2
 LEASE_TTL_MS = 600
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(resolve_model_dir(CommonSettings(), weights=False))
 
 
 def transport(server: fakeredis.FakeServer, consumer: str) -> StreamTransport:

@@ -4,20 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 
 from services.detokenizer.incremental import HFTokenDecoder
 from services.detokenizer.state import DetokenizerState
 from shared.messages import DetokenizeParams, EngineStepOutput, FinishReason, TokenDelta
-from shared.model_files import resolve_model_dir
-from shared.settings import CommonSettings
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(resolve_model_dir(CommonSettings(), weights=False))
 
 
 def delta(

@@ -9,18 +9,9 @@ from tokenizers import Tokenizer, decoders, models
 
 from services.detokenizer.incremental import HFTokenDecoder, IncrementalDetokenizer
 from shared.messages import DetokenizeParams, FinishReason, TextDelta, TokenDelta
-from shared.model_files import resolve_model_dir
-from shared.settings import CommonSettings
 
 EOS = 2  # <|im_end|>
 IM_START = 1
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(resolve_model_dir(CommonSettings(), weights=False))
 
 
 def token_delta(

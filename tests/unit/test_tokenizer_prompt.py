@@ -17,15 +17,7 @@ from shared.messages import (
     SamplingParams,
     TokenizedRequest,
 )
-from shared.model_files import resolve_model_dir
-from shared.settings import CommonSettings, TokenizerSettings
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(resolve_model_dir(CommonSettings(), weights=False))
+from shared.settings import TokenizerSettings
 
 
 @pytest.fixture()
