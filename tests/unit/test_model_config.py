@@ -11,6 +11,7 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from services.engine.model.config import ModelConfig, UnsupportedModelError
+from services.engine.model.cpu import CpuFeatures
 from services.engine.model.device import resolve_device, resolve_dtype
 from services.engine.model.kv_cache import kv_bytes_per_block, num_blocks_for
 from services.engine.model.llama import rope_inv_freq
@@ -112,10 +113,11 @@ def test_auto_dtype_follows_the_cpu_bf16_flags(tmp_path: Path) -> None:
     without = tmp_path / "plain"
     without.write_text("processor\t: 0\nflags\t\t: fpu sse avx2\n")
     cpu = torch.device("cpu")
-    assert resolve_dtype("auto", cpu, with_bf16) == torch.bfloat16
-    assert resolve_dtype("auto", cpu, without) == torch.float32
-    assert resolve_dtype("auto", cpu, tmp_path / "missing") == torch.float32
-    assert resolve_dtype("float32", cpu, with_bf16) == torch.float32
+    assert resolve_dtype("auto", cpu, CpuFeatures.detect(with_bf16)) == torch.bfloat16
+    assert resolve_dtype("auto", cpu, CpuFeatures.detect(without)) == torch.float32
+    assert resolve_dtype("auto", cpu, CpuFeatures.detect(tmp_path / "missing")) == torch.float32
+    assert resolve_dtype("float32", cpu, CpuFeatures.detect(with_bf16)) == torch.float32
+    assert resolve_dtype("bfloat16", cpu, CpuFeatures.detect(without)) == torch.bfloat16
     assert resolve_device("cpu") == cpu
     with pytest.raises(ValueError, match="float16"):
         resolve_dtype("float16", cpu)

@@ -6,6 +6,7 @@ test crosses block boundaries and reads the pool out of order.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,12 +17,19 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
 from services.engine.model.batch import ForwardBatch
+from services.engine.model.cpu import CpuFeatures
 from services.engine.model.runner import ModelRunner
 
 BLOCK = 4
 NUM_BLOCKS = 96
 VOCAB = 256
 ATOL = 1e-4
+# An AMD Zen 3 as /proc/cpuinfo shows it: AVX2 and FMA, no AVX-512, no native bf16.
+AVX2_ONLY = CpuFeatures.simulated("avx", "avx2", "fma", "f16c", "bmi2", "movbe")
+# The error torch raises when oneDNN's bf16 prepacking meets such a CPU.
+ONEDNN_REFUSAL = (
+    "mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert or avx512bw, avx512vl and avx512dq"
+)
 
 COMMON = {
     "vocab_size": VOCAB,
@@ -88,7 +96,7 @@ def attention(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def make_runner(path: Path, attention: str, dtype: str = "float32") -> ModelRunner:
+def make_runner(path: Path, attention: str, dtype: str = "float32", cpu: CpuFeatures | None = None) -> ModelRunner:
     return ModelRunner(
         path,
         dtype=dtype,
@@ -98,6 +106,7 @@ def make_runner(path: Path, attention: str, dtype: str = "float32") -> ModelRunn
         kv_cache_bytes=None,
         max_model_len=None,
         kernels=attention,
+        cpu=cpu,
     )
 
 
@@ -228,10 +237,23 @@ def test_batch_of_decodes_with_different_lengths(model: Model, attention: str) -
             torch.testing.assert_close(ours[row], hf_logits(model.hf, s.tokens)[-1], atol=ATOL, rtol=0)
 
 
-def test_bfloat16_mixed_batch_stays_close_to_float32(model: Model, attention: str) -> None:
+@pytest.fixture(params=["onednn-bf16", "avx2-only"])
+def bf16_cpu(request: pytest.FixtureRequest) -> CpuFeatures:
+    """The CPU to plan bfloat16 for: this one when oneDNN multiplies bf16 here (prepacked
+    linears), and a simulated AVX2-only CPU (bf16 storage, float32 math) on every machine."""
+    if request.param == "avx2-only":
+        return AVX2_ONLY
+    host = CpuFeatures.detect()
+    if not host.onednn_bf16:
+        pytest.skip("oneDNN's bf16 matmul needs avx512bw+avx512vl+avx512dq or avx_ne_convert; this CPU lacks them")
+    return host
+
+
+def test_bfloat16_mixed_batch_stays_close_to_float32(model: Model, attention: str, bf16_cpu: CpuFeatures) -> None:
     """bfloat16 (with the native path: fused norm / rope / SiLU kernels too) on
     decode, a chunk after a cached prefix, and a fresh prefill."""
-    runner = make_runner(model.path, attention, dtype="bfloat16")
+    runner = make_runner(model.path, attention, dtype="bfloat16", cpu=bf16_cpu)
+    assert runner.plan.prepacked_linears == (bf16_cpu is not AVX2_ONLY)
     pool = Pool(seed=40)
     decode, chunked, fresh = Seq(prompt(9, seed=41)), Seq(prompt(14, seed=42)), Seq(prompt(5, seed=43))
     runner.forward(pool.schedule([(decode, 8), (chunked, 6)])[0])
@@ -240,6 +262,27 @@ def test_bfloat16_mixed_batch_stays_close_to_float32(model: Model, attention: st
     reference = torch.stack([hf_logits(model.hf, seq.tokens)[-1] for seq in (decode, chunked, fresh)])
     # Observed error is about 4e-3 on logits of magnitude ~1; a broken kernel is off by far more.
     torch.testing.assert_close(ours, reference, atol=2e-2, rtol=0)
+
+
+def test_bfloat16_on_a_cpu_without_bf16_never_asks_onednn_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What crashed engines on Zen 3: now the plan keeps away from oneDNN's bf16 path and says why."""
+    torch.manual_seed(0)
+    hf = VARIANTS["llama-tied"]().eval()
+    hf.save_pretrained(tmp_path / "model")
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(ONEDNN_REFUSAL)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    with caplog.at_level(logging.INFO, logger="services.engine.model.runner"):
+        runner = make_runner(tmp_path / "model", "torch", dtype="bfloat16", cpu=AVX2_ONLY)
+    assert runner.kv_cache.layer(0)[0].dtype == torch.bfloat16
+    assert "avx512bw+avx512vl+avx512dq" in caplog.text and "CPU flags: " in caplog.text
+    seq = Seq(prompt(11, seed=1))
+    logits = runner.forward(Pool().schedule([(seq, 11)])[0])
+    torch.testing.assert_close(logits[0], hf_logits(hf, seq.tokens)[-1], atol=2e-2, rtol=0)
 
 
 def test_sharded_checkpoint_loads_like_a_single_file(model: Model, attention: str, tmp_path: Path) -> None:

@@ -89,7 +89,8 @@ class AttentionMetadata:
         With native kernels the K pool is dim-major (see kv_cache.py). head_dim
         is needed to address dim-major K when torch stores the new K
         (store_in_torch; False when a native kernel stores it). num_heads
-        (default: num_kv_heads) shapes the prefill masks."""
+        (default: num_kv_heads) shapes the prefill masks. dtype: what scores
+        are computed in (the masks' dtype; the kernel plan's compute dtype)."""
         group = (num_heads or num_kv_heads) // num_kv_heads
         heads = torch.arange(num_kv_heads, device=device)
         slots = slot_mapping.to(device=device, dtype=torch.long)
@@ -296,12 +297,15 @@ def _decode(
     rows = group_meta.num_seqs * (num_heads // group)
     k_blocks = k_cache.view(-1, block_size * head_dim)
     v_blocks = v_cache.view(-1, block_size * head_dim)
-    keys = k_blocks.index_select(0, group_meta.gather_rows).view(rows, group_meta.padded_len, head_dim)
-    values = v_blocks.index_select(0, group_meta.gather_rows).view(rows, group_meta.padded_len, head_dim)
+    # The mask is in the plan's compute dtype: float32 where the CPU cannot multiply bf16.
+    compute = group_meta.mask.dtype
+    keys = k_blocks.index_select(0, group_meta.gather_rows).view(rows, group_meta.padded_len, head_dim).to(compute)
+    values = v_blocks.index_select(0, group_meta.gather_rows).view(rows, group_meta.padded_len, head_dim).to(compute)
     # Query heads sharing a KV head are consecutive: [B, KV * G, D] -> [B * KV, G, D].
-    scores = torch.baddbmm(group_meta.mask, q.reshape(rows, group, head_dim), keys.transpose(1, 2), alpha=scale)
+    queries = q.reshape(rows, group, head_dim).to(compute)
+    scores = torch.baddbmm(group_meta.mask, queries, keys.transpose(1, 2), alpha=scale)
     probs = torch.softmax(scores, dim=-1)
-    return torch.bmm(probs, values).view(batch, num_heads * head_dim)
+    return torch.bmm(probs, values).view(batch, num_heads * head_dim).to(q.dtype)
 
 
 # Score elements per matmul call; longer prefills are split into query tiles.
@@ -333,9 +337,11 @@ def _prefill(
             keys = keys.view(num_kv_heads, -1, head_dim, k_blocks.shape[1] // head_dim).transpose(2, 3)
         keys = keys.reshape(num_kv_heads, -1, head_dim)
         values = v_blocks.index_select(0, seq.gather_rows).view(num_kv_heads, -1, head_dim)
+    compute = seq.mask.dtype  # the plan's compute dtype (see _decode)
+    keys, values = keys.to(compute), values.to(compute)
     # Rows (token, head in group) per KV head: [chunk, KV, G, D] -> [KV, chunk * G, D].
     rows = q[seq.start : seq.end].reshape(chunk, num_kv_heads, group, head_dim).transpose(0, 1)
-    rows = rows.reshape(num_kv_heads, chunk * group, head_dim)
+    rows = rows.reshape(num_kv_heads, chunk * group, head_dim).to(compute)
     keys_t = keys.transpose(1, 2)
     key_len = keys.shape[1]
     tile = max(group, _PREFILL_TILE_ELEMENTS // (num_kv_heads * key_len) // group * group)
@@ -344,7 +350,9 @@ def _prefill(
         last = min(first + tile, chunk * group)
         scores = torch.baddbmm(seq.mask[first:last], rows[:, first:last], keys_t, alpha=scale)
         torch.bmm(torch.softmax(scores, dim=-1), values, out=out[:, first:last])
-    return out.view(num_kv_heads, chunk, group, head_dim).transpose(0, 1).reshape(chunk, num_heads * head_dim)
+    return (
+        out.view(num_kv_heads, chunk, group, head_dim).transpose(0, 1).reshape(chunk, num_heads * head_dim).to(q.dtype)
+    )
 
 
 def reference_decode_attention(

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from services.engine.model.attention import AttentionMetadata, paged_attention
 from services.engine.model.config import ModelConfig, RopeScaling
 from services.engine.model.kv_cache import KVCache
-from services.engine.model.linear import Linear, use_prepacked
-from services.engine.model.native import NativeKernels
+from services.engine.model.linear import Linear
+from services.engine.model.plan import KernelPlan
 
 
 @dataclass(slots=True)
@@ -101,9 +101,7 @@ class _Layer:
 
 
 class LlamaModel:
-    def __init__(
-        self, config: ModelConfig, weights: ModelWeights, rotary: RotaryTable, native: NativeKernels | None = None
-    ) -> None:
+    def __init__(self, config: ModelConfig, weights: ModelWeights, rotary: RotaryTable, plan: KernelPlan) -> None:
         self.config = config
         self.rotary = rotary
         self.scale = config.head_dim**-0.5
@@ -111,24 +109,25 @@ class LlamaModel:
         self.kv_size = config.num_kv_heads * config.head_dim
         self.embed = weights.embed
         self.dtype = weights.embed.dtype
-        packed = use_prepacked(self.dtype, self.embed.device)
-        # The fused native layer kernels exist for bfloat16; float32 stays op for
-        # op with transformers (it is the reference mode).
-        self.native_layers = native if self.dtype == torch.bfloat16 and self.embed.device.type == "cpu" else None
+        self.native_layers = plan.native_layers
         self.norm = self.native_layers.rms_norm if self.native_layers else rms_norm
+
+        def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+            return Linear(weight, bias, packed=plan.prepacked_linears, compute_dtype=plan.compute_dtype)
+
         self.layers = [
             _Layer(
                 input_norm=layer.input_norm,
-                qkv=Linear(layer.qkv, layer.qkv_bias, packed=packed),
-                o=Linear(layer.o, layer.o_bias, packed=packed),
+                qkv=linear(layer.qkv, layer.qkv_bias),
+                o=linear(layer.o, layer.o_bias),
                 post_norm=layer.post_norm,
-                gate_up=Linear(layer.gate_up, layer.gate_up_bias, packed=packed),
-                down=Linear(layer.down, layer.down_bias, packed=packed),
+                gate_up=linear(layer.gate_up, layer.gate_up_bias),
+                down=linear(layer.down, layer.down_bias),
             )
             for layer in weights.layers
         ]
         self.final_norm = weights.final_norm
-        self.lm_head = Linear(weights.lm_head, None, packed=packed)
+        self.lm_head = linear(weights.lm_head, None)
 
     def matmul_params(self) -> int:
         """Weights touched by matmuls per token (for FLOP accounting)."""

@@ -32,7 +32,11 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.c", "layers.c")]
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+# The kernels pick their code path by the instruction sets the compiler targets
+# (AVX-512 intrinsics or portable loops it vectorizes for AVX2); "native" is this CPU.
+# Tests build for other targets too, e.g. x86-64-v3 (AVX2 + FMA) on an AVX-512 machine.
+DEFAULT_MARCH = "native"
 KERNEL_CHOICES = ("auto", "torch", "native")
 _COMPILE_TIMEOUT_S = 120
 
@@ -171,10 +175,15 @@ def load_native_kernels(choice: str) -> NativeKernels | None:
 def _load_once() -> NativeKernels | Exception:
     """Build, load and check once per process; the failure is kept to be reported."""
     try:
-        native = NativeKernels(ctypes.CDLL(str(_build())))
-        _self_check(native)
+        return build_and_check(DEFAULT_MARCH)
     except Exception as exc:  # noqa: BLE001 - any failure only costs speed; the caller reports it
         return exc
+
+
+def build_and_check(march: str) -> NativeKernels:
+    """Compile for ``-march=<march>`` (cached), load, and compare with torch; raises on any failure."""
+    native = NativeKernels(ctypes.CDLL(str(_build(march))))
+    _self_check(native)
     return native
 
 
@@ -195,14 +204,15 @@ def _cpu_flags() -> str:
     return ""
 
 
-def _build() -> Path:
-    """Compile (or find already compiled) the kernel; -march=native ties it to this CPU."""
+def _build(march: str) -> Path:
+    """Compile (or find already compiled) the kernels; -march=native ties them to this CPU."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
     texts = [source.read_text() for source in SOURCES]
-    key = hashlib.sha256("\0".join([*texts, " ".join(FLAGS), version, _cpu_flags()]).encode()).hexdigest()
+    flags = [f"-march={march}", *FLAGS]
+    key = hashlib.sha256("\0".join([*texts, " ".join(flags), version, _cpu_flags()]).encode()).hexdigest()
     target = _cache_dir() / f"scalellm_kernels-{key[:16]}.so"
     if target.is_file():
         return target
@@ -212,7 +222,7 @@ def _build() -> Path:
     os.close(fd)
     try:
         result = subprocess.run(
-            [compiler, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"],
+            [compiler, *flags, *map(str, SOURCES), "-o", tmp, "-lm"],
             capture_output=True,
             text=True,
             timeout=_COMPILE_TIMEOUT_S,

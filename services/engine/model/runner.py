@@ -11,11 +11,13 @@ import torch
 from services.engine.model.attention import AttentionMetadata
 from services.engine.model.batch import ForwardBatch
 from services.engine.model.config import ModelConfig
-from services.engine.model.device import resolve_device, resolve_dtype
+from services.engine.model.cpu import CpuFeatures
+from services.engine.model.device import resolve_device
 from services.engine.model.kv_cache import KVCache, kv_bytes_per_block, num_blocks_for
 from services.engine.model.llama import LlamaModel, RotaryTable
 from services.engine.model.loader import load_weights
-from services.engine.model.native import KERNEL_CHOICES, NativeKernels, load_native_kernels
+from services.engine.model.native import KERNEL_CHOICES, NativeKernels
+from services.engine.model.plan import KernelPlan, choose_plan
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ class ModelRunner:
         kv_cache_bytes: int | None,
         max_model_len: int | None,
         kernels: str | None = None,
+        cpu: CpuFeatures | None = None,
     ) -> None:
         """Load the model and allocate the KV pool: num_blocks if given, else as
         many blocks as fit in kv_cache_bytes. Raises UnsupportedModelError /
@@ -39,12 +42,18 @@ class ModelRunner:
 
         kernels: "auto" (the native CPU kernels of native.py when they build,
         else plain torch), "torch" or "native"; None reads SCALELLM_KERNELS
-        (default "auto")."""
+        (default "auto"). cpu: plan for this CPU instead of the one we run on
+        (tests use it to stand in for CPUs they lack)."""
         if block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {block_size}")
         self.config = ModelConfig.from_dir(Path(model_dir))
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        choice = kernels or os.environ.get("SCALELLM_KERNELS", "auto")
+        if choice not in KERNEL_CHOICES:
+            raise ValueError(f"unknown kernels choice {choice!r}; expected one of {', '.join(KERNEL_CHOICES)}")
+        self.plan: KernelPlan = choose_plan(dtype, self.device, choice, cpu)
+        self.dtype = self.plan.dtype
+        self.native: NativeKernels | None = self.plan.native
         self.block_size = block_size
         cfg = self.config
         self.max_model_len = self._resolve_max_model_len(max_model_len)
@@ -71,16 +80,8 @@ class ModelRunner:
                     f"kv_cache_bytes={kv_cache_bytes} holds no block; one block takes {self._per_block} bytes"
                 )
         self.num_blocks = num_blocks
-        choice = kernels or os.environ.get("SCALELLM_KERNELS", "auto")
-        if choice not in KERNEL_CHOICES:
-            raise ValueError(f"unknown kernels choice {choice!r}; expected one of {', '.join(KERNEL_CHOICES)}")
-        self.native: NativeKernels | None = None
-        if self.device.type == "cpu":
-            self.native = load_native_kernels(choice)
-        elif choice == "native":
-            raise ValueError("the native kernels run on the CPU only")
         weights = load_weights(Path(model_dir), cfg, self.dtype, self.device)
-        self.model = LlamaModel(cfg, weights, RotaryTable(cfg, self.max_model_len, self.device), self.native)
+        self.model = LlamaModel(cfg, weights, RotaryTable(cfg, self.max_model_len, self.device), self.plan)
         self.kv_cache = KVCache(
             num_layers=cfg.num_layers,
             num_blocks=num_blocks,
@@ -92,16 +93,17 @@ class ModelRunner:
             k_dim_major=self.native is not None,
         )
         log.info(
-            "model %s (%s) on %s in %s, %s kernels; KV pool %d blocks of %d tokens (%.1f MiB)",
+            "model %s (%s) on %s: %s; KV pool %d blocks of %d tokens (%.1f MiB)",
             cfg.architecture,
             Path(model_dir).name,
             self.device,
-            self.dtype,
-            "native" if self.native else "torch",
+            self.plan.describe(),
             num_blocks,
             block_size,
             num_blocks * self._per_block / 2**20,
         )
+        for reason in self.plan.reasons:
+            log.info("kernel plan: %s", reason)
 
     def _resolve_max_model_len(self, requested: int | None) -> int:
         cfg = self.config
@@ -132,7 +134,7 @@ class ModelRunner:
             block_size=self.block_size,
             num_kv_heads=self.config.num_kv_heads,
             num_heads=self.config.num_heads,
-            dtype=self.dtype,
+            dtype=self.plan.compute_dtype,
             device=device,
             native=self.native,
             head_dim=self.config.head_dim,

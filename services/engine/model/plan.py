@@ -1,0 +1,93 @@
+"""The kernel plan: number formats and kernels, chosen once at start-up and passed down.
+
+One decision, one place: the runner asks ``choose_plan`` and hands the result to
+the model, the attention metadata and the KV pool, which never look at the CPU
+themselves. The plan keeps the reasons for its choices so the engine can log
+them: which dtype, which kernels, and the CPU flags that decided.
+
+bfloat16 on a CPU without oneDNN's bf16 matmul (no AVX-512 BW/VL/DQ, no
+AVX-NE-CONVERT, e.g. AMD Zen 3) is a storage format only: weights and the KV
+cache stay bf16 (half the memory of float32), and every matmul converts its
+operands to float32. torch's own bf16 matmul there runs at about 1 GFLOP/s,
+and oneDNN's prepacked weights are refused outright, so converting is both
+the working and the fast choice.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from services.engine.model.cpu import ONEDNN_BF16_AVX512, ONEDNN_BF16_NE_CONVERT, CpuFeatures
+from services.engine.model.device import resolve_dtype
+from services.engine.model.native import NativeKernels, load_native_kernels
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class KernelPlan:
+    dtype: torch.dtype  # weights, activations between ops, and the KV cache
+    compute_dtype: torch.dtype  # what matmuls and attention scores are computed in
+    prepacked_linears: bool  # oneDNN linears, weights reordered once at load
+    native: NativeKernels | None  # the compiled CPU kernels (native.py), when in use
+    reasons: tuple[str, ...]
+
+    @property
+    def native_layers(self) -> NativeKernels | None:
+        """The fused bf16 norm / RoPE / SiLU kernels; float32 stays op for op with transformers."""
+        return self.native if self.dtype == torch.bfloat16 else None
+
+    @property
+    def linear_kind(self) -> str:
+        if self.prepacked_linears:
+            return "oneDNN prepacked"
+        if self.compute_dtype != self.dtype:
+            return f"{_name(self.dtype)} weights computed in {_name(self.compute_dtype)}"
+        return "torch F.linear"
+
+    def describe(self) -> str:
+        kernels = "native" if self.native else "torch"
+        return f"dtype {_name(self.dtype)}, linears: {self.linear_kind}, attention/layer kernels: {kernels}"
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def choose_plan(dtype: str, device: torch.device, kernels: str, cpu: CpuFeatures | None = None) -> KernelPlan:
+    """dtype: the SCALELLM_DTYPE setting; kernels: "auto", "torch" or "native";
+    cpu: the CPU to plan for (default: this one)."""
+    if device.type != "cpu":
+        if kernels == "native":
+            raise ValueError("the native kernels run on the CPU only")
+        chosen = resolve_dtype(dtype, device)
+        return KernelPlan(chosen, chosen, False, None, (f"{device.type} device",))
+    cpu = cpu or CpuFeatures.detect()
+    chosen = resolve_dtype(dtype, device, cpu)
+    reasons = [f"CPU flags: {cpu.describe()}"]
+    if dtype == "auto":
+        reasons.append(
+            "auto picked bfloat16: the CPU multiplies bf16 natively"
+            if chosen == torch.bfloat16
+            else "auto picked float32: no avx512_bf16 or amx_bf16, so bf16 math would be emulated"
+        )
+    compute, prepacked = chosen, False
+    if chosen == torch.bfloat16:
+        if cpu.onednn_bf16 and _prepacking_available():
+            prepacked = True
+            reasons.append("bf16 linears by oneDNN with prepacked weights")
+        else:
+            compute = torch.float32
+            reasons.append(
+                f"oneDNN's bf16 matmul needs {'+'.join(ONEDNN_BF16_AVX512)} or {ONEDNN_BF16_NE_CONVERT}, which this "
+                "CPU lacks: bf16 is the storage format (weights, KV cache), matmuls and attention run in float32 "
+                "(SCALELLM_DTYPE=float32 uses twice the memory at about the same speed)"
+            )
+    return KernelPlan(chosen, compute, prepacked, load_native_kernels(kernels), tuple(reasons))
+
+
+def _prepacking_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")

@@ -1,0 +1,88 @@
+"""The kernel plan on CPUs this machine may not be: AVX2-only (AMD Zen 3), AVX-512 with
+native bf16 (Zen 4), and the native kernels compiled for instruction sets below the host's."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.engine.model import native as native_module
+from services.engine.model.attention import reference_decode_attention
+from services.engine.model.cpu import CpuFeatures
+from services.engine.model.plan import choose_plan
+
+CPU = torch.device("cpu")
+# /proc/cpuinfo flags as read on the project's two kinds of machine (abridged).
+ZEN3_FLAGS = "fpu sse sse2 ssse3 sse4_1 sse4_2 avx f16c fma avx2 bmi1 bmi2 movbe abm"
+ZEN4_FLAGS = ZEN3_FLAGS + " avx512f avx512dq avx512cd avx512bw avx512vl avx512_vnni avx512_bf16"
+
+
+def cpuinfo(tmp_path: Path, flags: str) -> Path:
+    path = tmp_path / "cpuinfo"
+    path.write_text(f"processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: {flags}\n")
+    return path
+
+
+def test_flags_are_read_from_cpuinfo(tmp_path: Path) -> None:
+    zen3 = CpuFeatures.detect(cpuinfo(tmp_path, ZEN3_FLAGS))
+    assert zen3.has("avx2", "fma") and not zen3.avx512 and not zen3.native_bf16
+    assert "without avx512f" in zen3.describe() and zen3.describe().startswith("avx2 fma")
+    assert CpuFeatures.detect(tmp_path / "missing").flags == frozenset()
+
+
+def test_avx2_only_cpu_keeps_bfloat16_as_storage_and_computes_in_float32(tmp_path: Path) -> None:
+    zen3 = CpuFeatures(CpuFeatures.detect(cpuinfo(tmp_path, ZEN3_FLAGS)).flags)
+    assert not zen3.onednn_bf16
+    plan = choose_plan("bfloat16", CPU, "torch", zen3)
+    assert (plan.dtype, plan.compute_dtype, plan.prepacked_linears) == (torch.bfloat16, torch.float32, False)
+    why = " ".join(plan.reasons)
+    # The log names the missing CPU features and the setting to change.
+    assert "avx512bw+avx512vl+avx512dq" in why and "avx_ne_convert" in why and "SCALELLM_DTYPE" in why
+    assert "bfloat16 weights computed in float32" in plan.describe()
+    auto = choose_plan("auto", CPU, "torch", zen3)
+    assert auto.dtype == auto.compute_dtype == torch.float32
+    assert "auto picked float32" in " ".join(auto.reasons)
+
+
+def test_cpu_with_native_bf16_prepacks_for_onednn(tmp_path: Path) -> None:
+    zen4 = CpuFeatures(CpuFeatures.detect(cpuinfo(tmp_path, ZEN4_FLAGS)).flags)
+    plan = choose_plan("auto", CPU, "torch", zen4)
+    assert (plan.dtype, plan.compute_dtype, plan.prepacked_linears) == (torch.bfloat16, torch.bfloat16, True)
+    assert "avx512_bf16" in plan.reasons[0]
+
+
+def test_avx_ne_convert_alone_is_enough_for_onednn() -> None:
+    assert CpuFeatures.simulated("avx2", "fma", "avx_ne_convert").onednn_bf16
+
+
+# -march targets below the host's, each with the flags a CPU needs to run its code.
+MARCH_NEEDS = {"x86-64-v3": ("avx2", "fma", "bmi2", "f16c", "movbe"), "x86-64": ()}
+
+
+@pytest.mark.parametrize("march", list(MARCH_NEEDS))
+def test_native_kernels_built_for_a_lower_instruction_set_match_torch(
+    march: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The AVX2 and baseline builds of the kernels (what a Zen 3 runs) checked on any x86 machine."""
+    if platform.machine() != "x86_64":
+        pytest.skip(f"-march={march} is an x86-64 target; this machine is {platform.machine()}")
+    host = CpuFeatures.detect()
+    missing = [flag for flag in MARCH_NEEDS[march] if flag not in host.flags]
+    if missing:
+        pytest.skip(f"-march={march} code needs {' '.join(missing)}, which this CPU lacks")
+    monkeypatch.setenv("SCALELLM_KERNEL_CACHE_DIR", str(tmp_path))
+    kernels = native_module.build_and_check(march)  # includes the self-check against torch
+    gen = torch.Generator().manual_seed(7)
+    for dtype in (torch.float32, torch.bfloat16):
+        k_cache = torch.randn(12, 3, 64, 16, generator=gen).to(dtype)
+        v_cache = torch.randn(12, 3, 16, 64, generator=gen).to(dtype)
+        q = torch.randn(3, 9, 64, generator=gen).to(dtype)
+        table = torch.tensor([[5, 2, 11, 0], [7, 1, 0, 0], [3, 4, 6, 8]])
+        lens = torch.tensor([50, 17, 64])
+        got = kernels.decode(q, k_cache, v_cache, table, lens, 0.125)
+        want = reference_decode_attention(q, k_cache, v_cache, table, lens, 0.125, k_dim_major=True)
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
