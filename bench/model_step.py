@@ -2,6 +2,7 @@
 
     python -m bench.model_step            # default model, float32 and bfloat16, batch 1/16/64
     python -m bench.model_step --dtype bfloat16 --batch 64 --context 300 --kernels torch native
+    python -m bench.model_step --dtype bfloat16 float32 --plan-for-cpu avx2,fma   # plan as on an AVX2-only CPU
 
 Every sequence decodes one token per step with ~context tokens already in the
 KV cache (the cache holds zeros: the step's cost does not depend on the values).
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from services.engine.model.batch import ForwardBatch
+from services.engine.model.cpu import CpuFeatures
 from services.engine.model.runner import ModelRunner
 
 
@@ -46,6 +48,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--kernels", nargs="+", default=["auto"], help="auto, torch, native")
+    parser.add_argument(
+        "--plan-for-cpu",
+        default=None,
+        help="comma-separated CPU flags to plan kernels for instead of this CPU's (e.g. avx2,fma: AMD Zen 3)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
@@ -69,9 +76,11 @@ def main() -> None:
                 kv_cache_bytes=None,
                 max_model_len=None,
                 kernels=kernels,
+                cpu=CpuFeatures.simulated(*args.plan_for_cpu.split(",")) if args.plan_for_cpu else None,
             )
             params = runner.model.matmul_params()
             kind = "native" if runner.native else "torch"
+            print(f"{dtype} {kernels}: {runner.plan.describe()}")
             for batch in args.batch:
                 step = decode_batch(batch, args.context, args.block_size)
                 for _ in range(3):

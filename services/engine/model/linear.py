@@ -3,8 +3,10 @@
 On the CPU in bfloat16, oneDNN with the weight reordered once at load time
 ("prepacked") is 1.2-2x faster than F.linear, which re-lays out the weight
 on every call; it also fuses the residual add. Where the CPU cannot multiply
-bf16 (no oneDNN bf16 path), bf16 weights are converted to float32 per call:
-torch's own bf16 matmul there is an order of magnitude slower. float32 keeps
+bf16 (no oneDNN bf16 path), bf16 weights are converted to float32 per call,
+into one reused buffer (a fresh 100 MB tensor per call costs 7x the
+conversion in page faults): torch's own bf16 matmul there is an order of
+magnitude slower. float32 keeps
 F.linear: it is the reference mode, and matching transformers' rounding
 matters more there.
 """
@@ -15,13 +17,28 @@ import torch
 import torch.nn.functional as F
 
 
+class ConversionBuffer:
+    """Scratch for weights converted to the compute dtype, shared by every layer.
+
+    Layers run one after another, so one buffer the size of the largest weight serves all."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self._flat = torch.empty(0, dtype=dtype)
+
+    def convert(self, weight: torch.Tensor) -> torch.Tensor:
+        if self._flat.numel() < weight.numel():
+            self._flat = torch.empty(weight.numel(), dtype=self.dtype, device=weight.device)
+        return self._flat[: weight.numel()].view(weight.shape).copy_(weight)
+
+
 class Linear:
     """y = x @ weight.T + bias; weight [out, in], bias [out] or None, x [T, in].
 
-    packed: reorder the weight for oneDNN at load. compute_dtype: the dtype the
-    product is computed in, when it differs from the weight's (storage) dtype."""
+    packed: reorder the weight for oneDNN at load. convert_into: compute in that
+    buffer's dtype, converting the weight (kept in its storage dtype) per call."""
 
-    __slots__ = ("bias", "compute_dtype", "in_features", "out_features", "packed", "weight")
+    __slots__ = ("bias", "conversion", "in_features", "out_features", "packed", "weight")
 
     def __init__(
         self,
@@ -29,13 +46,13 @@ class Linear:
         bias: torch.Tensor | None,
         *,
         packed: bool,
-        compute_dtype: torch.dtype | None = None,
+        convert_into: ConversionBuffer | None = None,
     ) -> None:
         self.out_features, self.in_features = weight.shape
         self.packed = packed
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight) if packed else weight
         self.bias = bias
-        self.compute_dtype = None if compute_dtype in (None, weight.dtype) else compute_dtype
+        self.conversion = convert_into if convert_into is not None and convert_into.dtype != weight.dtype else None
 
     @property
     def numel(self) -> int:
@@ -44,7 +61,7 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        if self.compute_dtype is not None:
+        if self.conversion is not None:
             return self._converted(x).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
 
@@ -52,11 +69,13 @@ class Linear:
         """residual + x @ weight.T + bias, fused where the backend can."""
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
-        if self.compute_dtype is not None:
-            return (residual.to(self.compute_dtype) + self._converted(x)).to(residual.dtype)
+        if self.conversion is not None:
+            return (residual.to(self.conversion.dtype) + self._converted(x)).to(residual.dtype)
         return residual + F.linear(x, self.weight, self.bias)
 
     def _converted(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.compute_dtype
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x.to(dtype), self.weight.to(dtype), bias)
+        conversion = self.conversion
+        if conversion is None:
+            raise RuntimeError("this layer computes in its weights' dtype")
+        bias = None if self.bias is None else self.bias.to(conversion.dtype)
+        return F.linear(x.to(conversion.dtype), conversion.convert(self.weight), bias)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from services.engine.model.attention import AttentionMetadata, paged_attention
 from services.engine.model.config import ModelConfig, RopeScaling
 from services.engine.model.kv_cache import KVCache
-from services.engine.model.linear import Linear
+from services.engine.model.linear import ConversionBuffer, Linear
 from services.engine.model.plan import KernelPlan
 
 
@@ -112,8 +112,10 @@ class LlamaModel:
         self.native_layers = plan.native_layers
         self.norm = self.native_layers.rms_norm if self.native_layers else rms_norm
 
+        conversion = ConversionBuffer(plan.compute_dtype) if plan.compute_dtype != plan.dtype else None
+
         def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
-            return Linear(weight, bias, packed=plan.prepacked_linears, compute_dtype=plan.compute_dtype)
+            return Linear(weight, bias, packed=plan.prepacked_linears, convert_into=conversion)
 
         self.layers = [
             _Layer(
