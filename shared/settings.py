@@ -105,6 +105,13 @@ class DetokenizerSettings(CommonSettings):
     lease_ttl_ms: PositiveInt = 10_000
 
 
+class LauncherSettings(CommonSettings):
+    # ``scalellm up`` restarts a service that dies; this many deaths of one
+    # service within the window is a crash loop, which stops everything.
+    crash_loop_deaths: PositiveInt = 5
+    crash_loop_window_s: PositiveFloat = 60.0
+
+
 S = TypeVar("S", bound=CommonSettings)
 
 

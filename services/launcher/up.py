@@ -3,8 +3,13 @@
 Starts its own redis-server unless SCALELLM_REDIS_URL is set, prepares the
 model cache once (so replicas do not all convert the GGUF at the same time),
 starts every service, prints the URL once /health says every stage is alive,
-and on Ctrl-C / SIGTERM stops everything it started. If a service dies, it
-says which, how, and what it last wrote, stops the rest and exits non-zero.
+and on Ctrl-C / SIGTERM stops everything it started.
+
+A service (or the redis-server) that dies is restarted after a short backoff
+while the rest keep serving: the replicas cover for each other. One that keeps
+dying (a crash loop) stops everything, with a message that says which, how,
+and what it last wrote, and the exit code 1. If ``scalellm up`` itself is
+killed, its children end too (orphans.py).
 """
 
 from __future__ import annotations
@@ -21,13 +26,17 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
-from services.launcher.supervisor import ChildSpec, Supervisor
+from services.launcher.redis_keeper import RedisKeeper
+from services.launcher.restart_policy import RestartPolicy
+from services.launcher.supervisor import PREFIX, ChildSpec, Supervisor
 from services.redis_server import EmbeddedRedis, EmbeddedRedisError
-from shared.settings import CommonSettings, EngineSettings, GatewaySettings, load_settings
+from shared.settings import CommonSettings, EngineSettings, GatewaySettings, LauncherSettings, load_settings
 
 # The directory holding the ``services`` and ``shared`` packages.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 HEALTH_POLL_S = 0.25
+# How often deaths are looked for: small against the 0.2 s first restart.
+TEND_INTERVAL_S = 0.05
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,31 +139,41 @@ def supervise(
     ready_message: str = "ready",
     ready_timeout_s: float = 600.0,
     started_at: float | None = None,
+    redis: RedisKeeper | None = None,
 ) -> int:
-    """Start the children, wait for ``ready``, then until ``stop`` or a death.
+    """Start the children, wait for ``ready``, restart the ones that die, until ``stop``.
 
-    Returns the exit code: 0 after a requested stop, 1 if a child died or the
-    pipeline never became ready. Always stops every child before returning.
+    Runs on the thread that started ``redis``: children die with the thread
+    that forked them. Returns the exit code: 0 after a requested stop, 1 after
+    a crash loop or if the pipeline never became ready. Always stops every
+    child before returning.
     """
     started_at = time.monotonic() if started_at is None else started_at
     try:
         for spec in specs:
             supervisor.start(spec)
         is_ready = ready is None
+        next_health_check = 0.0
         while not stop.is_set():
-            dead = supervisor.first_unexpected_exit()
-            if dead is not None:
-                supervisor.say(f"scalellm up: {supervisor.report(dead)}")
-                supervisor.say("scalellm up: stopping the other services")
+            looping = supervisor.tend()
+            if looping is not None:
+                supervisor.say(f"{PREFIX} {supervisor.report(looping)}")
+                supervisor.say(f"{PREFIX} {looping.name} keeps dying; stopping everything")
                 return 1
-            if not is_ready and ready is not None:
+            fatal = redis.tend() if redis is not None else None
+            if fatal is not None:
+                supervisor.say(f"{PREFIX} {fatal}")
+                supervisor.say(f"{PREFIX} the redis-server cannot be kept running; stopping everything")
+                return 1
+            if not is_ready and ready is not None and time.monotonic() >= next_health_check:
                 if ready():
                     is_ready = True
                     supervisor.say(f"{ready_message} ({time.monotonic() - started_at:.1f} s)")
                 elif time.monotonic() - started_at > ready_timeout_s:
                     supervisor.say(f"scalellm up: not ready after {ready_timeout_s:.0f} s; stopping")
                     return 1
-            stop.wait(HEALTH_POLL_S)
+                next_health_check = time.monotonic() + HEALTH_POLL_S
+            stop.wait(TEND_INTERVAL_S)
         supervisor.say("scalellm up: stopping")
         return 0
     finally:
@@ -183,7 +202,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     (after stopping the Redis it started); returns the exit code otherwise."""
     started_at = time.monotonic()
     resolve_defaults(args)
-    settings = load_settings(CommonSettings)
+    settings = load_settings(LauncherSettings)
     # Until supervision starts, SIGTERM unwinds like Ctrl-C, so the Redis
     # started below (in its own session) is not left behind.
     previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -193,20 +212,26 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         signal.signal(signal.SIGTERM, previous_sigterm)
 
 
-def _run(args: argparse.Namespace, settings: CommonSettings, out: TextIO, started_at: float) -> int:
+def _run(args: argparse.Namespace, settings: LauncherSettings, out: TextIO, started_at: float) -> int:
+    policy = RestartPolicy(
+        crash_loop_deaths=settings.crash_loop_deaths, crash_loop_window_s=settings.crash_loop_window_s
+    )
     with ExitStack() as stack:
         redis_url = settings.redis_url
+        server: EmbeddedRedis | None = None
         if redis_url:
             out.write(f"using Redis at {redis_url}\n")
         else:
             try:
-                redis_url = stack.enter_context(EmbeddedRedis()).url
+                server = stack.enter_context(EmbeddedRedis())
             except EmbeddedRedisError as exc:
                 raise SystemExit(f"scalellm up: {exc}") from None
-            out.write(f"started redis-server at {redis_url}\n")
+            redis_url = server.url
+            out.write(f"started redis-server at {redis_url}\n{PREFIX} started redis-server (pid {server.pid})\n")
         out.flush()
         prepare_model(args.backend, out)
-        supervisor = Supervisor(out, grace_s=args.grace)
+        supervisor = Supervisor(out, grace_s=args.grace, policy=policy)
+        keeper = RedisKeeper(server, policy, supervisor.say) if server is not None else None
         stop = threading.Event()
         health_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
         health_url = f"http://{_url_host(health_host)}:{args.port}/health"
@@ -219,6 +244,7 @@ def _run(args: argparse.Namespace, settings: CommonSettings, out: TextIO, starte
                 ready_message=f"ready: http://{_url_host(args.host)}:{args.port}",
                 ready_timeout_s=args.ready_timeout,
                 started_at=started_at,
+                redis=keeper,
             )
     return code
 

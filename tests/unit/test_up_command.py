@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import redis
+
 from services.launcher.up import service_specs
 from services.redis_server import EmbeddedRedis, free_port
 
@@ -160,13 +161,16 @@ def test_up_starts_redis_and_services_reports_ready_and_stops_everything(start_u
     assert port_closed(redis_url)
 
 
-def test_up_reports_a_dead_service_and_stops_the_rest(start_up: type[UpProcess]) -> None:
-    up = start_up("--port", str(free_port()), FAKE_ENGINE_DIES="1")
+def test_up_restarts_a_dying_service_then_stops_everything_on_a_crash_loop(start_up: type[UpProcess]) -> None:
+    up = start_up("--port", str(free_port()), FAKE_ENGINE_DIES="1", SCALELLM_CRASH_LOOP_DEATHS="3")
     redis_url = up.read_until("started redis-server at ").rsplit(" ", 1)[1].strip()
-    assert up.process.wait(20) == 1
+    assert up.process.wait(30) == 1
     output = up.rest()
-    assert "engine-1 (pid" in output and "exited with code 2" in output
-    assert "  engine: cannot load the model" in output
+    assert "[launcher] engine-1 exited with code 2; restarting in 0.2 s (death 1 of 3 in 60 s)" in output
+    assert "[launcher] engine-1 exited with code 2; restarting in 0.4 s (death 2 of 3 in 60 s)" in output
+    report = output.split("exited with code 2: crash loop: death 3 of 3 in 60 s", 1)[1]
+    assert "  engine: cannot load the model" in report
+    assert "[launcher] engine-1 keeps dying; stopping everything" in report
     assert all(process_gone(pid) for pid in up.pids())
     assert port_closed(redis_url)
 
