@@ -32,8 +32,14 @@ class CommonSettings(BaseSettings):
     # None means: no Redis configured (``scalellm up`` then starts its own).
     redis_url: str | None = None
     stream_prefix: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-{}]+$")] = "scalellm"
-    # Entries kept per stream (approximate MAXLEN trimming).
+    # Entries kept per broadcast or per-gateway stream (aborts, responses; approximate
+    # MAXLEN). Work streams (requests, tokenized, generated) are never trimmed by length,
+    # only past what their consumer groups have acknowledged (docs/protocol.md).
     stream_maxlen: PositiveInt = 100_000
+    # An entry whose consumers died on it this many times (delivered, never acknowledged)
+    # is dead-lettered and its request fails with a 500. Below the launcher's crash-loop
+    # count, so a poison request is dropped before it stops the whole pipeline.
+    max_deliveries: PositiveInt = 3
     model: str = DEFAULT_MODEL
     # The name clients use in the "model" field; defaults to the model's own name.
     served_model_name: str | None = None
@@ -63,6 +69,9 @@ class GatewaySettings(CommonSettings):
     request_timeout_s: PositiveFloat = 600.0
     # Admission control: requests in flight beyond this are refused with 503.
     max_inflight_requests: PositiveInt = 4096
+    # Admission control: while this many requests wait in the work streams (requests +
+    # tokenized, not yet processed: undelivered or pending), new ones get 503 + Retry-After.
+    max_queued_requests: PositiveInt = 10_000
     api_key: str | None = None  # when set, clients must send "Authorization: Bearer <key>"
     default_max_tokens: PositiveInt = 256
     # Larger request bodies are refused with 413 before they are read whole.

@@ -22,6 +22,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.messages import Heartbeat, Message, MessageError, decode, encode
+from shared.work_streams import DEFAULT_MAX_DELIVERIES, DEFAULT_TRIM_INTERVAL_S, WorkStreamMixin
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,10 @@ class StreamNames:
         self.aborts = f"{prefix}:aborts"
         self.deadletter = f"{prefix}:deadletter"
 
+    def is_work_stream(self, stream: str) -> bool:
+        """Consumed by a group, so trimmed by progress, never by length (shared/work_streams.py)."""
+        return stream in (self.requests, self.tokenized) or stream.startswith(f"{self.prefix}:generated:")
+
     def generated(self, shard: int) -> str:
         return f"{self.prefix}:generated:{shard}"
 
@@ -90,7 +95,7 @@ class StreamNames:
         return f"{self.prefix}:lease:{resource}"
 
 
-class StreamTransport:
+class StreamTransport(WorkStreamMixin):
     """Async Redis streams with retry across lost connections.
 
     Every operation retries with backoff while Redis is unreachable, so a Redis
@@ -104,6 +109,8 @@ class StreamTransport:
         consumer: str,
         *,
         maxlen: int = 100_000,
+        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+        trim_interval_s: float = DEFAULT_TRIM_INTERVAL_S,
         max_backoff_s: float = 2.0,
     ) -> None:
         self.names = StreamNames(prefix)
@@ -115,6 +122,7 @@ class StreamTransport:
         )
         self._known_groups: set[tuple[str, str]] = set()
         self._closed = False
+        self._init_work_streams(max_deliveries, trim_interval_s)
 
     @classmethod
     def from_client(cls, client: aioredis.Redis, prefix: str, consumer: str, **kwargs: float) -> StreamTransport:
@@ -210,7 +218,7 @@ class StreamTransport:
             return [(stream, [e for e in reply[1] if e is not None])]
 
         reply = await self._retry("XAUTOCLAIM", claim)
-        deliveries = await self._decode_entries(reply, group)
+        deliveries = await self.drop_poisoned(stream, group, await self._decode_entries(reply, group))
         if deliveries:
             log.warning("claimed %d stale entries of %s", len(deliveries), stream)
         return deliveries
@@ -251,7 +259,7 @@ class StreamTransport:
             for stream, entry_id, payload in rejected:
                 pipe.xadd(
                     self.names.deadletter,
-                    {b"stream": stream, b"id": entry_id, PAYLOAD_FIELD: payload},
+                    {b"stream": stream, b"id": entry_id, PAYLOAD_FIELD: payload, b"reason": b"undecodable"},
                     maxlen=10_000,
                     approximate=True,
                 )
@@ -267,7 +275,8 @@ class StreamTransport:
         """Append messages to streams, then acknowledge inputs: one round trip.
 
         Acks follow the appends in the same pipeline, so an input is never
-        acknowledged unless what it produced was written first.
+        acknowledged unless what it produced was written first. Work streams get no
+        MAXLEN: they are trimmed by their groups' progress (shared/work_streams.py).
         """
         acks = list(acks)
         if not messages and not acks:
@@ -277,12 +286,16 @@ class StreamTransport:
         async def send() -> None:
             pipe = self._redis.pipeline(transaction=False)
             for stream, payload in encoded:
-                pipe.xadd(stream, {PAYLOAD_FIELD: payload}, maxlen=self.maxlen, approximate=True)
+                if self.names.is_work_stream(stream):
+                    pipe.xadd(stream, {PAYLOAD_FIELD: payload})  # trimmed by progress: _trim_due
+                else:
+                    pipe.xadd(stream, {PAYLOAD_FIELD: payload}, maxlen=self.maxlen, approximate=True)
             for ack in acks:
                 pipe.xack(ack.stream, ack.group, ack.entry_id)
             await pipe.execute()
 
         await self._retry("publish", send)
+        await self._trim_due({stream for stream, _ in encoded})
 
     # -- plain reads (one reader per stream, or broadcast) ------------------
 

@@ -163,7 +163,10 @@ def main() -> None:
         raise SystemExit(str(exc)) from None
 
     def transport_factory() -> StreamTransport:
-        return StreamTransport(redis_url, settings.stream_prefix, engine_id, maxlen=settings.stream_maxlen)
+        return StreamTransport(
+            redis_url, settings.stream_prefix, engine_id, maxlen=settings.stream_maxlen,
+            max_deliveries=settings.max_deliveries,
+        )
 
     service = EngineService(settings, backend, transport_factory, engine_id=engine_id)
 

@@ -65,6 +65,16 @@ def overloaded(limit: int) -> ApiError:
     )
 
 
+def queue_full(queued: int, limit: int) -> ApiError:
+    return ApiError(
+        503,
+        f"The pipeline has {queued} requests waiting, at or over its limit of {limit}; retry shortly.",
+        type="server_error",
+        code="queue_full",
+        headers={"Retry-After": "2"},
+    )
+
+
 def shutting_down() -> ApiError:
     return ApiError(503, "The gateway is shutting down; retry on another replica.", type="server_error",
                     code="service_unavailable", headers={"Retry-After": "1"})

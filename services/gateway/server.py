@@ -23,11 +23,13 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from services.gateway import protocol
+from services.gateway.admission import BacklogMonitor
 from services.gateway.errors import (
     ApiError,
     internal,
     model_not_found,
     overloaded,
+    queue_full,
     shutting_down,
     too_large,
     unauthorized,
@@ -70,6 +72,7 @@ class Gateway:
         self.settings = settings
         self.transport = transport
         self.registry = RequestRegistry(settings.max_inflight_requests)
+        self.backlog = BacklogMonitor(transport, settings.max_queued_requests)
         self.client = PipelineClient(transport, gateway_id, self.registry,
                                      heartbeat_interval_s=settings.heartbeat_interval_s)
         self.metrics = GatewayMetrics()
@@ -134,6 +137,8 @@ class Gateway:
         sampling = protocol.sampling_params(body, self.settings.default_max_tokens)
         detokenize = protocol.detokenize_params(body)
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        if self.backlog.full:
+            raise queue_full(self.backlog.queued, self.backlog.limit)
         try:
             queue = self.registry.open(request_id)
         except RegistryFull:
@@ -252,9 +257,11 @@ def create_app(settings: GatewaySettings, transport: StreamTransport, *, gateway
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await gateway.client.start()
+        gateway.backlog.start()
         try:
             yield
         finally:
+            await gateway.backlog.stop()
             await gateway.client.stop()
             if close_transport:
                 await transport.close()

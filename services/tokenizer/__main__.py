@@ -22,7 +22,10 @@ async def serve(settings: TokenizerSettings) -> None:
         processor = load_prompt_processor(settings)
     except ModelResolutionError as exc:
         raise SystemExit(f"tokenizer: {exc}") from None
-    transport = StreamTransport(redis_url, settings.stream_prefix, replica_id, maxlen=settings.stream_maxlen)
+    transport = StreamTransport(
+        redis_url, settings.stream_prefix, replica_id, maxlen=settings.stream_maxlen,
+        max_deliveries=settings.max_deliveries,
+    )
     service = TokenizerService(
         transport,
         TokenizerWorker(processor, transport.names),
