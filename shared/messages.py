@@ -134,6 +134,9 @@ class TextDelta(_Model):
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    # Code points of the request's output text before ``text``: lets the gateway
+    # drop text it already has if a delta is ever published twice.
+    offset: int | None = None
 
 
 class ResponseBatch(Message):
@@ -166,6 +169,34 @@ class AbortRequests(Message):
     reason: str = "abort"
 
 
+class DecodeCheckpoint(Message):
+    """detokenizer -> key ``{p}:decode:{request_id}``: where a successor resumes decoding.
+
+    Written atomically with the text it accounts for (docs/architecture.md,
+    "Detokenizer takeover"), so a replica taking a shard over continues each
+    request exactly where the client's text ends.
+    """
+
+    TYPE: ClassVar[str] = "decode_checkpoint"
+    request_id: str
+    gateway_id: str
+    detokenize: DetokenizeParams
+    num_tokens: int  # output tokens consumed: the offset the next delta should have
+    # The decoder's window: token ids from its prefix offset on; ``read_offset``
+    # indexes the first id whose text has not been produced yet.
+    window: list[int] = Field(default_factory=list)
+    read_offset: int = 0
+    text_offset: int = 0  # code points of output text before ``text_tail``
+    # The end of the output text: everything not yet sent plus enough context to
+    # find a stop string that straddles the next tokens.
+    text_tail: str = ""
+    sent: int = 0  # code points of ``text_tail`` already sent
+    unsent_token_ids: list[int] = Field(default_factory=list)
+    unsent_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    finish_reason: FinishReason | None = None  # set: the request is over, later deltas are dropped
+    stopped_by_string: bool = False
+
+
 class Heartbeat(Message):
     """Every replica -> key ``{p}:heartbeat:{role}:{replica_id}`` with a TTL."""
 
@@ -189,6 +220,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         ResponseBatch,
         RequestFailed,
         AbortRequests,
+        DecodeCheckpoint,
         Heartbeat,
     )
 }

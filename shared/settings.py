@@ -110,8 +110,11 @@ class EngineSettings(CommonSettings):
 
 class DetokenizerSettings(CommonSettings):
     batch_size: PositiveInt = 64
-    # A shard lease not renewed for this long passes to another replica.
-    lease_ttl_ms: PositiveInt = 10_000
+    # A shard lease not renewed for this long passes to another replica: the pause a
+    # detokenizer's death causes. Renewed, and free shards looked for, every fifth of it.
+    # Too short for the machine, and a replica that stalls loses its shards (safely:
+    # its output is fenced off and the next holder continues from the checkpoints).
+    lease_ttl_ms: Annotated[int, Field(ge=100)] = 1_000
 
 
 class LauncherSettings(CommonSettings):

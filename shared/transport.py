@@ -21,6 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared.fencing import FencedPublishMixin
 from shared.messages import Heartbeat, Message, MessageError, decode, encode
 from shared.work_streams import DEFAULT_MAX_DELIVERIES, DEFAULT_TRIM_INTERVAL_S, WorkStreamMixin
 
@@ -94,8 +95,12 @@ class StreamNames:
     def lease(self, resource: str) -> str:
         return f"{self.prefix}:lease:{resource}"
 
+    def decode_state(self, request_id: str) -> str:
+        """Where a detokenizer checkpoints a request's decoding (docs/architecture.md)."""
+        return f"{self.prefix}:decode:{request_id}"
 
-class StreamTransport(WorkStreamMixin):
+
+class StreamTransport(WorkStreamMixin, FencedPublishMixin):
     """Async Redis streams with retry across lost connections.
 
     Every operation retries with backoff while Redis is unreachable, so a Redis

@@ -32,7 +32,15 @@ async def serve(settings: DetokenizerSettings) -> None:
         raise SystemExit(f"detokenizer: {exc}") from None
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     transport = StreamTransport(redis_url, settings.stream_prefix, replica_id, maxlen=settings.stream_maxlen)
-    planner = ShardPlanner(settings.detokenizer_shards, replica_id, release_grace_s=REBALANCE_GRACE_S)
+    planner = ShardPlanner(
+        settings.detokenizer_shards,
+        replica_id,
+        release_grace_s=REBALANCE_GRACE_S,
+        # Until a dead replica's heartbeat has expired it still counts, making this one look
+        # over its share: shards taken from the dead are kept that long (heartbeats last at
+        # most four intervals), not given back to nobody.
+        orphan_hold_s=4 * settings.heartbeat_interval_s + 1.0,
+    )
     service = DetokenizerService(
         transport,
         DetokenizerState(HFTokenDecoder(tokenizer)),

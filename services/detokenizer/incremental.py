@@ -12,6 +12,10 @@ Stop strings: once one appears in the output, the text is cut before it (or
 after it, with ``include_stop_str_in_output``) and the request finishes with
 "stop". While streaming, a tail of the text that could be the start of a stop
 string is held back until it is decided either way.
+
+``checkpoint()`` / ``restore()``: the whole decoding state in a few dozen
+bytes (the window, the unsent text and the stop-string context), so another
+replica can continue a request exactly where this one left it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from shared.messages import DetokenizeParams, FinishReason, TextDelta, TokenDelta, Usage
+from shared.messages import DecodeCheckpoint, DetokenizeParams, FinishReason, TextDelta, TokenDelta, Usage
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,9 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
         self.text = ""  # the output text decoded so far (cut at a stop string)
+        # Code points of output before ``text``: non-zero once restored from a
+        # checkpoint, which carries only the end of the text.
+        self.text_base = 0
         self._sent = 0  # characters of ``text`` already emitted
         self.num_tokens = start_offset  # output tokens seen: the next expected offset
         self.finish_reason: FinishReason | None = None
@@ -85,6 +92,45 @@ class IncrementalDetokenizer:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    # -- takeover --------------------------------------------------------------------
+
+    def checkpoint(self, gateway_id: str) -> DecodeCheckpoint:
+        """The state a successor needs to produce exactly the text this replica would."""
+        checkpoint = DecodeCheckpoint(
+            request_id=self.request_id,
+            gateway_id=gateway_id,
+            detokenize=self.params,
+            num_tokens=self.num_tokens,
+            finish_reason=self.finish_reason,
+            stopped_by_string=self.stopped_by_string,
+        )
+        if self.finished:
+            return checkpoint  # later deltas are only dropped: nothing else is needed
+        # A stop string completed by the next tokens can start this far back.
+        start = max(0, min(self._sent, len(self.text) - max(0, self._longest_stop - 1)))
+        checkpoint.window = self._ids[self._prefix_offset :]
+        checkpoint.read_offset = self._read_offset - self._prefix_offset
+        checkpoint.text_offset = self.text_base + start
+        checkpoint.text_tail = self.text[start:]
+        checkpoint.sent = self._sent - start
+        checkpoint.unsent_token_ids = list(self._unsent_ids)
+        checkpoint.unsent_logprobs = list(self._unsent_logprobs) or None
+        return checkpoint
+
+    @classmethod
+    def restore(cls, decoder: TokenDecoder, checkpoint: DecodeCheckpoint) -> IncrementalDetokenizer:
+        restored = cls(decoder, checkpoint.request_id, checkpoint.detokenize, start_offset=checkpoint.num_tokens)
+        restored._ids = list(checkpoint.window)
+        restored._read_offset = checkpoint.read_offset
+        restored.text_base = checkpoint.text_offset
+        restored.text = checkpoint.text_tail
+        restored._sent = checkpoint.sent
+        restored._unsent_ids = list(checkpoint.unsent_token_ids)
+        restored._unsent_logprobs = list(checkpoint.unsent_logprobs or [])
+        restored.finish_reason = checkpoint.finish_reason
+        restored.stopped_by_string = checkpoint.stopped_by_string
+        return restored
 
     def add(self, delta: TokenDelta) -> TextDelta | None:
         """Take one engine delta; returns the text to send, or None if there is none yet."""
@@ -125,7 +171,9 @@ class IncrementalDetokenizer:
             return
         self._ids += new_ids
         skip_special = self.params.skip_special_tokens
-        prefix = self._decoder.decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=skip_special)
+        prefix = self._decoder.decode(
+            self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=skip_special
+        )
         window = self._decoder.decode(self._ids[self._prefix_offset :], skip_special_tokens=skip_special)
         if len(window) > len(prefix) and not window.endswith(REPLACEMENT_CHAR):
             self.text += window[len(prefix) :]
@@ -137,7 +185,9 @@ class IncrementalDetokenizer:
         if self._read_offset >= len(self._ids):
             return
         skip_special = self.params.skip_special_tokens
-        prefix = self._decoder.decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=skip_special)
+        prefix = self._decoder.decode(
+            self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=skip_special
+        )
         window = self._decoder.decode(self._ids[self._prefix_offset :], skip_special_tokens=skip_special)
         self.text += window[len(prefix) :]
         self._prefix_offset = self._read_offset = len(self._ids)
@@ -178,7 +228,8 @@ class IncrementalDetokenizer:
 
     def _emit(self, *, prompt_tokens: int) -> TextDelta | None:
         end = len(self.text) if self.finished else len(self.text) - self._held_back()
-        text = self.text[self._sent : end]
+        start = self._sent
+        text = self.text[start:end]
         if not text and not self.finished:
             return None
         self._sent = max(self._sent, end)
@@ -188,6 +239,7 @@ class IncrementalDetokenizer:
             token_ids=self._unsent_ids,
             finish_reason=self.finish_reason,
             logprobs=self._unsent_logprobs or None,
+            offset=self.text_base + start,
         )
         if self.finished:
             delta.usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=self.num_tokens)

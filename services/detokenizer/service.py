@@ -2,8 +2,14 @@
 
 Each loop reads up to ``batch_size`` engine steps from the held shards,
 decodes them, and publishes one ResponseBatch per gateway, one AbortRequests
-for requests ended by a stop string, and the acknowledgements, in one round
-trip. Leases are renewed and rebalanced every ``lease_ttl / 3``.
+for requests ended by a stop string, a checkpoint of every request the batch
+changed, and the acknowledgements: in one atomic script that runs only while
+this replica still holds the batch's shards (``publish_fenced``). A request
+this replica has no state for is restored from its checkpoint first, so a
+shard taken over from a dead replica continues its requests exactly where
+their text ends (docs/architecture.md, "Detokenizer takeover").
+
+Leases are renewed, and free shards looked for, every fifth of the lease TTL.
 """
 
 from __future__ import annotations
@@ -13,10 +19,11 @@ import contextlib
 import logging
 import time
 
-from services.detokenizer.leases import ShardLeases
+from services.detokenizer.leases import ShardLeases, lease_name
 from services.detokenizer.state import DetokenizerState
 from shared.messages import (
     AbortRequests,
+    DecodeCheckpoint,
     EngineStepOutput,
     Heartbeat,
     Message,
@@ -29,6 +36,10 @@ log = logging.getLogger(__name__)
 
 GROUP = "detokenizers"
 EXPIRE_EVERY_S = 10.0
+# A request's checkpoint outlives any pause in its output the gateway would wait out.
+CHECKPOINT_TTL_MS = 600_000
+# A finished request's checkpoint only has to turn away output still in flight.
+FINISHED_CHECKPOINT_TTL_MS = 60_000
 
 
 class DetokenizerService:
@@ -52,10 +63,13 @@ class DetokenizerService:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.names = transport.names
         self.shards = leases.planner.total_shards
+        self._shard_of_stream = {self.names.generated(s): s for s in range(self.shards)}
         lease_ttl_ms = leases.ttl_ms
-        self._lease_every_s = lease_ttl_ms / 3000
+        # Four renewals per TTL can fail before the lease lapses; free shards are
+        # looked for as often, which bounds how long a dead replica's shard waits.
+        self._lease_every_s = lease_ttl_ms / 5000
         # Short enough that leases are renewed in time while no output flows.
-        self._read_block_ms = max(10, min(500, lease_ttl_ms // 6))
+        self._read_block_ms = max(10, min(500, lease_ttl_ms // 10))
         self._backlog: list[Delivery] = []  # claimed entries, served before new ones
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -100,38 +114,87 @@ class DetokenizerService:
                 outputs.append(delivery.message)
             else:
                 log.error("ignoring a %s on %s", type(delivery.message).__name__, delivery.stream)
-        result = self.state.process(outputs, time.monotonic())
+        now = time.monotonic()
+        await self._restore_unknown(outputs, now)
+        result = self.state.process(outputs, now)
         messages: list[tuple[str, Message]] = [
             (self.names.responses(gateway_id), ResponseBatch(deltas=deltas))
             for gateway_id, deltas in result.responses.items()
         ]
         if result.aborts:
             messages.append((self.names.aborts, AbortRequests(request_ids=result.aborts, reason="stop")))
+        states = [
+            (
+                self.names.decode_state(c.request_id),
+                c,
+                FINISHED_CHECKPOINT_TTL_MS if c.finish_reason else CHECKPOINT_TTL_MS,
+            )
+            for c in result.checkpoints
+        ]
+        shards = sorted({self._shard_of_stream[d.stream] for d in deliveries if d.stream in self._shard_of_stream})
         acks = [Ack(d.stream, GROUP, d.entry_id) for d in deliveries]
-        await self.transport.publish(messages, acks=acks)
+        if await self.transport.publish_fenced(
+            messages, leases=[lease_name(s) for s in shards], lease_ttl_ms=self.leases.ttl_ms, states=states, acks=acks
+        ):
+            return
+        # A shard was taken over while this batch was decoded (this replica stalled
+        # past its lease). Nothing was written; the decoding state ran ahead of the
+        # checkpoints, so it goes, and the entries of shards still held are redone.
+        holders = await self.transport.lease_holders([lease_name(s) for s in shards])
+        lost = [s for s, holder in zip(shards, holders) if holder != self.transport.consumer]
+        log.warning("lost shards %s during a batch of %d entries; redoing the rest", lost, len(deliveries))
+        self.state.forget(c.request_id for c in result.checkpoints)
+        self._backlog[:0] = deliveries
+        self.leases.lost(lost)
+        self._drop_shards(lost)
+
+    async def _restore_unknown(self, outputs: list[EngineStepOutput], now: float) -> None:
+        """Pick up requests decoded elsewhere before (or here, before a shard moved)."""
+        unknown = self.state.unknown(delta.request_id for output in outputs for delta in output.deltas)
+        if not unknown:
+            return
+        found = await self.transport.read_states([self.names.decode_state(r) for r in unknown])
+        checkpoints = [c for c in found if isinstance(c, DecodeCheckpoint)]
+        if checkpoints:
+            log.info("continuing %d requests from their checkpoints", len(checkpoints))
+        self.state.restore(checkpoints, now)
 
     async def _maintain_leases(self, now: float) -> None:
         busy = {shard_of(request_id, self.shards) for request_id in self.state.active_request_ids()}
-        acquired = await self.leases.maintain(busy, now)
-        if acquired:
-            # The lease expiring is the evidence that the previous holder is
-            # gone, so its pending entries are taken now, before any newer entry
-            # of the shard is read (keeping each request's output in order).
-            # It renewed every ttl/3 between batches, so whatever it read before
-            # dying has been idle for at least about 2/3 of the TTL by now.
-            await self._claim(acquired, min(self.claim_idle_ms, self.leases.ttl_ms // 2))
+        changes = await self.leases.maintain(busy, now)
+        self._drop_shards(changes.lost)
+        if changes.acquired:
+            # Whoever held these shards before can no longer publish (the lease fences
+            # it), so everything pending on them is ours to redo now, however recently
+            # it was read; before any newer entry, to keep each request's output in order.
+            known = {(d.stream, d.entry_id) for d in self._backlog}
+            for shard in changes.acquired:
+                claimed = await self.transport.claim_all_pending(
+                    self.names.generated(shard), GROUP, count=self.batch_size
+                )
+                self._backlog += [d for d in claimed if (d.stream, d.entry_id) not in known]
 
     async def _claim(self, shards: list[int], min_idle_ms: int) -> None:
         known = {(d.stream, d.entry_id) for d in self._backlog}
         for shard in shards:
             stream = self.names.generated(shard)
             while True:
-                claimed = await self.transport.claim_stale(stream, GROUP, min_idle_ms=min_idle_ms, count=self.batch_size)
+                claimed = await self.transport.claim_stale(
+                    stream, GROUP, min_idle_ms=min_idle_ms, count=self.batch_size
+                )
                 fresh = [d for d in claimed if (d.stream, d.entry_id) not in known]
                 known.update((d.stream, d.entry_id) for d in fresh)
                 self._backlog += fresh
                 if len(claimed) < self.batch_size or not fresh:
                     break
+
+    def _drop_shards(self, shards: list[int]) -> None:
+        """Their next holder advances the checkpoints: what this replica knows of them is stale."""
+        if not shards:
+            return
+        lost = set(shards)
+        self.state.forget(r for r in self.state.active_request_ids() if shard_of(r, self.shards) in lost)
+        self._backlog = [d for d in self._backlog if self._shard_of_stream.get(d.stream) not in lost]
 
     def _take_backlog(self) -> list[Delivery]:
         taken, self._backlog = self._backlog[: self.batch_size], self._backlog[self.batch_size :]

@@ -1,4 +1,10 @@
-"""All requests a detokenizer replica is decoding: engine steps in, text out. No I/O."""
+"""All requests a detokenizer replica is decoding: engine steps in, text out. No I/O.
+
+Each batch also yields a checkpoint of every request it touched; the service
+writes them together with the text (docs/architecture.md, "Detokenizer
+takeover"), and a replica that finds a request it does not know restores it
+from its checkpoint before decoding its tokens.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from services.detokenizer.incremental import IncrementalDetokenizer, TokenDecoder
-from shared.messages import DetokenizeParams, EngineStepOutput, TextDelta, TokenDelta, Usage
+from shared.messages import DecodeCheckpoint, DetokenizeParams, EngineStepOutput, TextDelta, TokenDelta, Usage
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +25,8 @@ class StepResult:
 
     responses: dict[str, list[TextDelta]] = field(default_factory=dict)  # gateway id -> deltas
     aborts: list[str] = field(default_factory=list)  # requests the engines should stop
+    # The state after this batch of every request it changed, to write with its text.
+    checkpoints: list[DecodeCheckpoint] = field(default_factory=list)
 
 
 @dataclass
@@ -51,10 +59,35 @@ class DetokenizerState:
 
     def process(self, outputs: Iterable[EngineStepOutput], now: float) -> StepResult:
         result = StepResult()
+        touched: dict[str, _Tracked] = {}
         for output in outputs:
             for delta in output.deltas:
-                self._add(delta, now, result)
+                tracked = self._add(delta, now, result)
+                if tracked is not None:
+                    touched[delta.request_id] = tracked
+        result.checkpoints = [t.detokenizer.checkpoint(t.gateway_id) for t in touched.values()]
         return result
+
+    def unknown(self, request_ids: Iterable[str]) -> list[str]:
+        """Requests this replica has no state for: their checkpoints must be looked up first."""
+        return [r for r in dict.fromkeys(request_ids) if r not in self._active and r not in self._finished]
+
+    def restore(self, checkpoints: Iterable[DecodeCheckpoint], now: float) -> None:
+        """Continue requests another replica (or this one, earlier) was decoding."""
+        for checkpoint in checkpoints:
+            request_id = checkpoint.request_id
+            if checkpoint.finish_reason is not None:
+                self._finish(request_id, now)
+                continue
+            detokenizer = IncrementalDetokenizer.restore(self._decoder, checkpoint)
+            self._active[request_id] = _Tracked(detokenizer, checkpoint.gateway_id, now)
+            self._active.move_to_end(request_id)
+
+    def forget(self, request_ids: Iterable[str]) -> None:
+        """Drop local state that may be stale: the checkpoints in Redis are the truth again."""
+        for request_id in request_ids:
+            self._active.pop(request_id, None)
+            self._finished.pop(request_id, None)
 
     def expire(self, now: float) -> list[str]:
         """Forget requests without output for too long (their engine is gone); returns their ids."""
@@ -74,10 +107,11 @@ class DetokenizerState:
             log.warning("forgot %d requests idle for %.0f s", len(expired), self._idle_timeout_s)
         return expired
 
-    def _add(self, delta: TokenDelta, now: float, result: StepResult) -> None:
+    def _add(self, delta: TokenDelta, now: float, result: StepResult) -> _Tracked | None:
+        """Decode one delta; returns the request's tracking if its state changed."""
         request_id = delta.request_id
         if request_id in self._finished:
-            return  # late or repeated output of a request already answered
+            return None  # late or repeated output of a request already answered
         tracked = self._active.get(request_id)
         if tracked is None:
             tracked = self._start(delta, now)
@@ -95,6 +129,7 @@ class DetokenizerState:
                 finish_reason="error",
                 usage=Usage(prompt_tokens=delta.prompt_tokens, completion_tokens=tracked.detokenizer.num_tokens),
             )
+            tracked.detokenizer.finish_reason = "error"  # so its checkpoint says it is over
             result.aborts.append(request_id)
             self._finish(request_id, now)
         else:
@@ -104,12 +139,13 @@ class DetokenizerState:
                 self._finish(request_id, now)
         if text is not None:
             result.responses.setdefault(tracked.gateway_id, []).append(text)
+        return tracked
 
     def _start(self, delta: TokenDelta, now: float) -> _Tracked:
         if delta.offset > 0 or delta.detokenize is None:
-            # Normally a request starts with offset 0 and its parameters. Without
-            # them (the replica that saw the start died, or a shard moved here),
-            # decode from here on with defaults rather than drop the output.
+            # Normally a request starts with offset 0 and its parameters, or is
+            # restored from its checkpoint. Without either (its first entries
+            # were lost), decode from here on with defaults rather than drop the output.
             log.warning("%s: first seen at output token %d; decoding from there", delta.request_id, delta.offset)
         tracked = _Tracked(
             detokenizer=IncrementalDetokenizer(

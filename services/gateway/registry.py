@@ -3,7 +3,9 @@
 Pure logic (asyncio queues, no I/O). The response reader puts every TextDelta
 and RequestFailed into the queue of its request; a handler releases its entry
 when it ends, for whatever reason, so nothing is left behind. Responses for a
-released or unknown request (late output after an abort) are dropped.
+released or unknown request (late output after an abort) are dropped, and so
+is text a request already received (a delta published twice, told by its
+``offset``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class RequestRegistry:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         self.capacity = capacity
         self._queues: dict[str, asyncio.Queue[Event]] = {}
+        self._text_end: dict[str, int] = {}  # request id -> code points of text delivered
         self.closed = False
         self.dropped = 0  # events that arrived for no waiting request
 
@@ -56,6 +59,7 @@ class RequestRegistry:
 
     def release(self, request_id: str) -> bool:
         """Forget a request; True if it was in flight."""
+        self._text_end.pop(request_id, None)
         return self._queues.pop(request_id, None) is not None
 
     def dispatch(self, message: Message) -> int:
@@ -63,12 +67,32 @@ class RequestRegistry:
         if isinstance(message, ResponseBatch):
             delivered = 0
             for delta in message.deltas:
-                delivered += self._put(delta.request_id, delta)
+                if self._unseen(delta):
+                    delivered += self._put(delta.request_id, delta)
             return delivered
         if isinstance(message, RequestFailed):
             return self._put(message.request_id, message)
         self.dropped += 1  # no other message type belongs on a responses stream
         return 0
+
+    def _unseen(self, delta: TextDelta) -> bool:
+        """Cut text the request already has; False if nothing new is left.
+
+        The detokenizer publishes each delta once (docs/architecture.md), but a
+        client must never see text twice even if something upstream replays.
+        """
+        if delta.offset is None or delta.request_id not in self._queues:
+            return True
+        delivered = self._text_end.get(delta.request_id, 0)
+        end = delta.offset + len(delta.text)
+        if end <= delivered and delta.finish_reason is None:
+            self.dropped += 1
+            return False
+        if delta.offset < delivered:
+            delta.text = delta.text[delivered - delta.offset :]
+            delta.offset = delivered
+        self._text_end[delta.request_id] = max(delivered, end)
+        return True
 
     def _put(self, request_id: str, event: Event) -> int:
         queue = self._queues.get(request_id)

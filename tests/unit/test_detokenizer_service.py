@@ -10,12 +10,12 @@ from typing import Any
 
 import fakeredis
 
+from services.detokenizer.incremental import HFTokenDecoder
 from services.detokenizer.leases import ShardLeases, ShardPlanner, lease_name
 from services.detokenizer.service import GROUP, DetokenizerService
-from services.detokenizer.incremental import HFTokenDecoder
 from services.detokenizer.state import DetokenizerState
 from shared.messages import AbortRequests, DetokenizeParams, EngineStepOutput, ResponseBatch, TextDelta, TokenDelta
-from shared.transport import StreamTransport, shard_of
+from shared.transport import Ack, StreamTransport, shard_of
 
 SHARDS = 2
 LEASE_TTL_MS = 600
@@ -178,3 +178,89 @@ def test_a_dead_replicas_shard_and_pending_entries_are_taken_over(tokenizer: Any
         await dead.close()
 
     asyncio.run(scenario())
+
+
+def test_a_successor_continues_from_the_checkpoint_without_repeating_or_garbling(tokenizer: Any) -> None:
+    async def scenario() -> None:
+        server = fakeredis.FakeServer()
+        dead = transport(server, "detok-dead")
+        rid = "cmpl-takeover"
+        stream, shard = generated(rid, dead), shard_of(rid, SHARDS)
+        ids = tokenizer.encode("Открыться миру 😀 сейчас")
+        cut = 1  # "О" is two tokens: the cut splits it
+        assert tokenizer.decode(ids[:cut]).endswith("\ufffd")
+        await dead.ensure_group(stream, GROUP)
+        assert await dead.acquire_lease(lease_name(shard), 300)
+
+        # The dead replica answered the first entry (text, checkpoint and ack at once)...
+        await dead.publish([(stream, EngineStepOutput(engine_id="e", step=1, deltas=[first_delta(rid, ids[:cut])]))])
+        state = DetokenizerState(HFTokenDecoder(tokenizer))
+        (answered,) = await dead.read_group([stream], GROUP, count=10, block_ms=0)
+        assert isinstance(answered.message, EngineStepOutput)
+        result = state.process([answered.message], 0.0)
+        assert result.responses == {}  # half a character: nothing to send yet
+        (checkpoint,) = result.checkpoints
+        assert await dead.publish_fenced(
+            [],
+            leases=[lease_name(shard)],
+            lease_ttl_ms=300,
+            acks=[Ack(stream, GROUP, answered.entry_id)],
+            states=[(dead.names.decode_state(rid), checkpoint, 60_000)],
+        )
+        # ...then read the second and died before answering it.
+        rest = TokenDelta(
+            request_id=rid, gateway_id="gw-1", offset=cut, token_ids=ids[cut:], prompt_tokens=5, finish_reason="length"
+        )
+        await dead.publish([(stream, EngineStepOutput(engine_id="e", step=2, deltas=[rest]))])
+        assert len(await dead.read_group([stream], GROUP, count=10, block_ms=0)) == 1
+        await asyncio.sleep(0.4)  # its lease expires
+
+        async with running_service(server, tokenizer):
+            batches = await responses(dead, ends(rid))
+            assert "".join(d.text for b in batches for d in b.deltas) == "Открыться миру 😀 сейчас"
+            raw = fakeredis.FakeAsyncRedis(server=server)
+            assert (await raw.xpending(stream, GROUP))["pending"] == 0
+            await raw.aclose()
+        await dead.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_replica_whose_shard_was_taken_mid_batch_publishes_nothing(tokenizer: Any) -> None:
+    async def scenario() -> None:
+        server = fakeredis.FakeServer()
+        other = transport(server, "detok-2")
+        rid = "cmpl-fenced"
+        stream, shard = generated(rid, other), shard_of(rid, SHARDS)
+        raw = fakeredis.FakeAsyncRedis(server=server)
+        async with running_service(server, tokenizer) as service:
+            await wait_for(lambda: _holds(service, shard))
+            process = service.state.process
+
+            def stall_past_the_lease(*args: Any, **kwargs: Any) -> Any:
+                # While it decodes, its lease lapses and another replica takes the shard.
+                asyncio.get_running_loop().create_task(raw.set(other.names.lease(lease_name(shard)), "detok-2"))
+                return process(*args, **kwargs)
+
+            service.state.process = stall_past_the_lease  # type: ignore[method-assign]
+            await raw.delete(other.names.lease(lease_name(shard)))
+            await raw.set(other.names.lease(lease_name(shard)), "detok-1", px=60_000)
+            step = EngineStepOutput(engine_id="e", step=1, deltas=[first_delta(rid, tokenizer.encode("never"))])
+            await other.publish([(stream, step)])
+            await wait_for(lambda: _lost(service, shard))
+            await asyncio.sleep(0.2)
+            assert await raw.exists(other.names.responses("gw-1")) == 0  # fenced off: no text
+            assert (await raw.xpending(stream, GROUP))["pending"] == 1  # left for the new holder
+            assert service.state.unknown([rid]) == [rid]  # its state for the request is gone
+        await raw.aclose()
+        await other.close()
+
+    asyncio.run(scenario())
+
+
+async def _holds(service: DetokenizerService, shard: int) -> bool:
+    return shard in service.leases.held
+
+
+async def _lost(service: DetokenizerService, shard: int) -> bool:
+    return shard not in service.leases.held

@@ -10,6 +10,7 @@ from shared.messages import (
     AbortRequests,
     ChatMessage,
     CompletionRequest,
+    DecodeCheckpoint,
     DetokenizeParams,
     EngineStepOutput,
     Heartbeat,
@@ -51,11 +52,19 @@ EXAMPLES: list[Message] = [
         ],
     ),
     ResponseBatch(deltas=[
-        TextDelta(request_id="a", text="hé", token_ids=[7]),
+        TextDelta(request_id="a", text="hé", token_ids=[7], offset=12),
         TextDelta(request_id="b", text="", finish_reason="stop", usage=Usage(prompt_tokens=5, completion_tokens=11)),
     ]),
     RequestFailed(request_id="r", status=400, error_type="invalid_request_error", message="too long", param="max_tokens"),
     AbortRequests(request_ids=["a", "b"], reason="stop_string"),
+    DecodeCheckpoint(
+        request_id="a", gateway_id="gw", detokenize=DETOK, num_tokens=9, window=[40, 41, 226], read_offset=2,
+        text_offset=17, text_tail="Отк", sent=1, unsent_token_ids=[226], unsent_logprobs=[(-0.5, [(226, -0.5)])],
+    ),
+    DecodeCheckpoint(
+        request_id="b", gateway_id="gw", detokenize=DetokenizeParams(), num_tokens=3,
+        finish_reason="stop", stopped_by_string=True,
+    ),
     Heartbeat(role="engine", replica_id="e0", time=123.0, running=3, waiting=1, kv_usage=0.5, forward_share=0.9),
 ]
 
