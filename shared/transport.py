@@ -3,8 +3,10 @@
 Services see typed messages (``shared.messages``); this module turns them into
 stream entries and back. Delivery is at-least-once: a consumer acknowledges an
 entry only after publishing what it produced from it (``publish(..., acks=)``
-does both in one pipelined round trip), and entries left pending by a dead
-consumer are taken over with ``claim_stale`` (XAUTOCLAIM).
+does both in one pipelined round trip). Entries left pending by a replica whose
+heartbeat expired are taken over at once with ``take_over`` (shared/replicas.py,
+used by shared/failover.py); those of a consumer that never beat, after an idle
+timeout with ``claim_stale`` (XAUTOCLAIM).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.fencing import FencedPublishMixin
 from shared.messages import Heartbeat, Message, MessageError, decode, encode
+from shared.replicas import ReplicaRegistryMixin
 from shared.work_streams import DEFAULT_MAX_DELIVERIES, DEFAULT_TRIM_INTERVAL_S, WorkStreamMixin
 
 log = logging.getLogger(__name__)
@@ -92,6 +95,9 @@ class StreamNames:
     def heartbeat_pattern(self, role: str) -> str:
         return f"{self.prefix}:heartbeat:{role}:*"
 
+    def registry(self, role: str) -> str:
+        return f"{self.prefix}:replicas:{role}"
+
     def lease(self, resource: str) -> str:
         return f"{self.prefix}:lease:{resource}"
 
@@ -100,7 +106,7 @@ class StreamNames:
         return f"{self.prefix}:decode:{request_id}"
 
 
-class StreamTransport(WorkStreamMixin, FencedPublishMixin):
+class StreamTransport(WorkStreamMixin, FencedPublishMixin, ReplicaRegistryMixin):
     """Async Redis streams with retry across lost connections.
 
     Every operation retries with backoff while Redis is unreachable, so a Redis
@@ -333,10 +339,26 @@ class StreamTransport(WorkStreamMixin, FencedPublishMixin):
 
     # -- heartbeats ---------------------------------------------------------
 
-    async def beat(self, heartbeat: Heartbeat, ttl_s: float) -> None:
+    async def beat(self, heartbeat: Heartbeat, ttl_s: float) -> bool:
+        """Renew the replica's heartbeat (it expires after ``ttl_s``) and its entry in the role's registry.
+
+        Both in one MULTI: a replica in the registry without a heartbeat has stopped
+        beating, it is not one that has yet to start. Returns whether the previous
+        heartbeat was still there: False on the first beat, and after a lapse during
+        which the others took this replica for gone.
+        """
         key = self.names.heartbeat(heartbeat.role, heartbeat.replica_id)
+        registry = self.names.registry(heartbeat.role)
         payload = encode(heartbeat)
-        await self._retry("heartbeat", lambda: self._redis.set(key, payload, px=int(ttl_s * 1000)))
+
+        async def send() -> list:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.set(key, payload, px=int(ttl_s * 1000), get=True)
+            pipe.hset(registry, heartbeat.replica_id, repr(heartbeat.time))
+            return await pipe.execute()
+
+        previous, _ = await self._retry("heartbeat", send)
+        return previous is not None
 
     async def live_replicas(self, role: str) -> list[Heartbeat]:
         async def scan() -> list[Heartbeat]:

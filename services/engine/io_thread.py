@@ -8,7 +8,9 @@ only through in-memory structures:
   ``stop_pulling``, ``finish``, ``crash``, ``cancel``;
 - I/O -> main: the ``inbox`` queue of ``NewRequest`` / ``AbortIds`` / ``Wake``.
 
-All request bookkeeping (``OutputRouter``) lives on this thread.
+All request bookkeeping (``OutputRouter``) lives on this thread, and so does
+failover (failover.py: taking over a gone engine's requests, aborting those of
+a gone gateway).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from services.engine.backend import EngineLoad, EngineRequest, RequestOutput
+from services.engine.failover import EngineFailover
 from services.engine.step_outputs import ENGINE_GROUP, OutputRouter, Publication
 from shared.messages import AbortRequests, Heartbeat, TokenizedRequest
 from shared.settings import EngineSettings
@@ -77,6 +80,7 @@ class EngineIO:
         self._inbox = inbox
         self._transport: StreamTransport | None = None
         self._router: OutputRouter | None = None
+        self._failover: EngineFailover | None = None
         self._lock = threading.Lock()
         self._free_slots = 0
         self._admitted = 0  # requests the main thread has taken from the inbox
@@ -182,7 +186,10 @@ class EngineIO:
     async def _main(self) -> None:
         transport = self._transport = self._transport_factory()
         names = transport.names
-        self._router = OutputRouter(names, self._engine_id, self._settings.detokenizer_shards)
+        router = self._router = OutputRouter(names, self._engine_id, self._settings.detokenizer_shards)
+        failover = self._failover = EngineFailover(
+            self._settings, transport, router, room=self._room, intake=self._intake, abort=self._abort_gone
+        )
         try:
             await transport.ensure_group(names.tokenized, ENGINE_GROUP)
             aborts_from = await transport.last_entry_id(names.aborts)
@@ -191,9 +198,9 @@ class EngineIO:
             background = [
                 self._spawn(self._pull_loop()),
                 self._spawn(self._abort_loop(aborts_from)),
-                self._spawn(self._touch_loop()),
+                self._spawn(failover.touch_loop(self._is_closing)),
                 self._spawn(self._heartbeat_loop()),
-                self._spawn(self._claim_loop()),
+                self._spawn(failover.watch_loop(self._is_closing)),
             ]
             try:
                 await self._publish_loop()
@@ -240,20 +247,6 @@ class EngineIO:
             deliveries = await transport.read_group([stream], ENGINE_GROUP, count=room, block_ms=READ_BLOCK_MS)
             await self._intake(deliveries)
 
-    async def _claim_loop(self) -> None:
-        """Re-run the requests of an engine that died with them pending."""
-        transport = self._require_transport()
-        idle_ms = self._settings.claim_idle_ms
-        interval = min(5.0, max(0.1, idle_ms / 2000))
-        while not self._closing:
-            await asyncio.sleep(interval)
-            room = self._room()
-            if room > 0:
-                claimed = await transport.claim_stale(
-                    transport.names.tokenized, ENGINE_GROUP, min_idle_ms=idle_ms, count=room
-                )
-                await self._intake(claimed)
-
     async def _intake(self, deliveries: Sequence[Delivery]) -> None:
         router, transport = self._require_router(), self._require_transport()
         now = time.time()
@@ -269,7 +262,11 @@ class EngineIO:
                 # already running here: the running copy answers for both.
                 if delivery.entry_id not in router.pending_entry_ids():
                     drop.append(ack)
-            elif message.deadline <= now or message.request_id in self._recent_aborts:
+            elif (
+                message.deadline <= now
+                or message.request_id in self._recent_aborts
+                or (self._failover is not None and self._failover.gateway_gone(message.gateway_id))
+            ):
                 drop.append(ack)  # nobody waits for the answer any more
             else:
                 router.track(message, delivery.entry_id)
@@ -298,18 +295,19 @@ class EngineIO:
             if ours:
                 self._inbox.put(AbortIds(ours))
 
+    def _abort_gone(self, request_ids: list[str]) -> None:
+        """Abort requests whose gateway is gone; a copy of one pulled later never runs."""
+        for request_id in request_ids:
+            self._remember_abort(request_id)
+        self._inbox.put(AbortIds(request_ids))
+
+    def _is_closing(self) -> bool:
+        return self._closing
+
     def _remember_abort(self, request_id: str) -> None:
         self._recent_aborts[request_id] = None
         if len(self._recent_aborts) > RECENT_ABORTS:
             self._recent_aborts.popitem(last=False)
-
-    async def _touch_loop(self) -> None:
-        """Keep our pending entries' idle time low so no other engine claims them."""
-        transport, router = self._require_transport(), self._require_router()
-        interval = min(5.0, max(0.05, self._settings.claim_idle_ms / 3000))
-        while not self._closing:
-            await asyncio.sleep(interval)
-            await transport.touch(transport.names.tokenized, ENGINE_GROUP, router.pending_entry_ids())
 
     async def _heartbeat_loop(self) -> None:
         while not self._closing:
@@ -328,7 +326,9 @@ class EngineIO:
             kv_usage=load.kv_usage,
             forward_share=load.forward_share,
         )
-        await self._require_transport().beat(heartbeat, ttl_s=3 * self._settings.heartbeat_interval_s)
+        alive = await self._require_transport().beat(heartbeat, ttl_s=self._settings.heartbeat_ttl_s)
+        if self._failover is not None:
+            self._failover.pulse.record(alive, time.monotonic())
 
     # -- output ---------------------------------------------------------------
 

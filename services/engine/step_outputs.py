@@ -10,7 +10,7 @@ prompt tail) has gone out.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from services.engine.backend import RequestOutput
@@ -94,6 +94,11 @@ class OutputRouter:
 
     def request_ids(self) -> list[str]:
         return list(self._requests)
+
+    def requests_of_gateways(self, gateway_ids: Collection[str]) -> list[str]:
+        if not gateway_ids:
+            return []
+        return [rid for rid, tracked in self._requests.items() if tracked.gateway_id in gateway_ids]
 
     def route(self, outputs: Sequence[RequestOutput]) -> Publication:
         publication = Publication()

@@ -5,8 +5,9 @@
 - The writer coalesces what concurrent HTTP handlers publish (requests,
   aborts) into one pipelined ``transport.publish`` per loop turn, so a burst
   of N requests costs one Redis round trip, not N.
-- The heartbeat announces the gateway and keeps an EXPIRE on its responses
-  stream, so the stream of a gateway that died is removed an hour later.
+- The heartbeat announces the gateway. Once it expires, engines abort the
+  gateway's requests and delete its responses stream (shared/failover.py);
+  the EXPIRE each beat renews on the stream is the backstop if none does.
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ class PipelineClient:
         registry: RequestRegistry,
         *,
         heartbeat_interval_s: float,
+        heartbeat_ttl_s: float | None = None,
         read_count: int = 1024,
         block_ms: int = 1000,
     ) -> None:
@@ -144,6 +146,7 @@ class PipelineClient:
         self.responses_stream = self.names.responses(gateway_id)
         self.writer = BatchingWriter(transport)
         self._heartbeat_interval_s = heartbeat_interval_s
+        self._heartbeat_ttl_s = 4 * heartbeat_interval_s if heartbeat_ttl_s is None else heartbeat_ttl_s
         self._read_count = read_count
         self._block_ms = block_ms
         self._tasks: list[asyncio.Task[None]] = []
@@ -181,11 +184,14 @@ class PipelineClient:
                 await asyncio.sleep(0.5)
 
     async def _heartbeat_loop(self) -> None:
+        first = True
         while True:
             try:
                 beat = Heartbeat(role="gateway", replica_id=self.gateway_id, time=time.time(),
                                  running=len(self.registry))
-                await self.transport.beat(beat, ttl_s=3 * self._heartbeat_interval_s)
+                if not await self.transport.beat(beat, ttl_s=self._heartbeat_ttl_s) and not first:
+                    self._fail_after_lapse()
+                first = False
                 # EXPIRE is a no-op until the stream exists; refreshing it on
                 # every beat keeps a live gateway's stream alive indefinitely.
                 await self.transport.expire(self.responses_stream, RESPONSES_TTL_S)
@@ -194,6 +200,16 @@ class PipelineClient:
             except Exception:  # noqa: BLE001
                 log.exception("heartbeat failed")
             await asyncio.sleep(self._heartbeat_interval_s)
+
+    def _fail_after_lapse(self) -> None:
+        """Our heartbeat expired (a stall of the loop, or of Redis): engines took this
+        gateway for gone and aborted its requests, so none of them would ever end."""
+        failed = self.registry.fail_all(
+            lambda request_id: RequestFailed(request_id=request_id, status=503, error_type="server_error",
+                                             message="The gateway lost contact with the pipeline; retry the request.")
+        )
+        log.error("this gateway's heartbeat lapsed; %d requests in flight end with 503", len(failed))
+        self.abort(failed, reason="gateway heartbeat lapsed")
 
     def fail_in_flight(self) -> None:
         """Refuse new requests; end waiting ones with a 503 and abort them in the engines."""

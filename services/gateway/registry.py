@@ -105,6 +105,10 @@ class RequestRegistry:
     def close(self, failure: Callable[[str], RequestFailed]) -> list[str]:
         """Refuse new requests and end every waiting one with ``failure(request_id)``."""
         self.closed = True
+        return self.fail_all(failure)
+
+    def fail_all(self, failure: Callable[[str], RequestFailed]) -> list[str]:
+        """End every waiting request with ``failure(request_id)``; new ones are still admitted."""
         ids = self.ids()
         for request_id in ids:
             self._queues[request_id].put_nowait(failure(request_id))

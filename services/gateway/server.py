@@ -74,7 +74,8 @@ class Gateway:
         self.registry = RequestRegistry(settings.max_inflight_requests)
         self.backlog = BacklogMonitor(transport, settings.max_queued_requests)
         self.client = PipelineClient(transport, gateway_id, self.registry,
-                                     heartbeat_interval_s=settings.heartbeat_interval_s)
+                                     heartbeat_interval_s=settings.heartbeat_interval_s,
+                                     heartbeat_ttl_s=settings.heartbeat_ttl_s)
         self.metrics = GatewayMetrics()
         self.model_name = served_model_name(settings)
         # The configured model id is accepted too, so clients may use either name.

@@ -23,7 +23,10 @@ async def serve(settings: TokenizerSettings) -> None:
     except ModelResolutionError as exc:
         raise SystemExit(f"tokenizer: {exc}") from None
     transport = StreamTransport(
-        redis_url, settings.stream_prefix, replica_id, maxlen=settings.stream_maxlen,
+        redis_url,
+        settings.stream_prefix,
+        replica_id,
+        maxlen=settings.stream_maxlen,
         max_deliveries=settings.max_deliveries,
     )
     service = TokenizerService(
@@ -33,6 +36,7 @@ async def serve(settings: TokenizerSettings) -> None:
         batch_size=settings.batch_size,
         claim_idle_ms=settings.claim_idle_ms,
         heartbeat_interval_s=settings.heartbeat_interval_s,
+        heartbeat_ttl_s=settings.heartbeat_ttl_s,
     )
     stop = stop_on_signals()
     log.info("tokenizer %s serving %s", replica_id, transport.names.requests)

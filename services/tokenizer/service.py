@@ -2,8 +2,10 @@
 
 Each loop takes up to ``batch_size`` requests, tokenizes them (in a worker
 thread, so heartbeats keep flowing), and publishes every result together with
-the acknowledgements in one round trip. Entries a dead replica left pending
-are claimed periodically.
+the acknowledgements in one round trip. Entries left pending by a replica
+whose heartbeat expired are claimed within a heartbeat interval of noticing
+(shared/failover.py); those of a consumer that never beat, after
+``claim_idle_ms``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from collections.abc import Sequence
 
 from services.tokenizer.prompt import PromptProcessor
+from shared.failover import ConsumerTakeover, OwnPulse
 from shared.messages import (
     CompletionRequest,
     Message,
@@ -82,6 +85,7 @@ class TokenizerService:
         batch_size: int,
         claim_idle_ms: int,
         heartbeat_interval_s: float,
+        heartbeat_ttl_s: float | None = None,
     ) -> None:
         self.transport = transport
         self.worker = worker
@@ -89,26 +93,54 @@ class TokenizerService:
         self.batch_size = batch_size
         self.claim_idle_ms = claim_idle_ms
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.heartbeat_ttl_s = heartbeat_ttl_s
         self.names = transport.names
+        self.pulse = OwnPulse(4 * heartbeat_interval_s if heartbeat_ttl_s is None else heartbeat_ttl_s)
+        # An entry touched within one beat has an owner that is not dead after all.
+        self.takeover = ConsumerTakeover(
+            transport,
+            "tokenizer",
+            self.names.requests,
+            GROUP,
+            min_idle_ms=int(heartbeat_interval_s * 1000),
+            pulse=self.pulse,
+        )
+        # Idle reads end this often, so a gone replica is noticed within an interval.
+        self.read_block_ms = max(1, min(READ_BLOCK_MS, int(heartbeat_interval_s * 1000)))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set; the batch in hand is finished first."""
         await self.transport.ensure_group(self.names.requests, GROUP)
         heartbeat = asyncio.create_task(
-            beat_until_stopped(self.transport, "tokenizer", self.replica_id, self.heartbeat_interval_s, stop)
+            beat_until_stopped(
+                self.transport,
+                "tokenizer",
+                self.replica_id,
+                self.heartbeat_interval_s,
+                stop,
+                ttl_s=self.heartbeat_ttl_s,
+                pulse=self.pulse,
+            )
         )
-        next_claim = 0.0  # claim once at start: a predecessor may have died
+        # Both at once at start: a predecessor may have died.
+        next_takeover = next_claim = 0.0
         try:
             while not stop.is_set():
                 deliveries: list[Delivery] = []
-                if time.monotonic() >= next_claim:
-                    next_claim = time.monotonic() + self.claim_idle_ms / 2000
+                now = time.monotonic()
+                if now >= next_takeover:
+                    deliveries = await self.takeover.claim(self.batch_size)
+                    # A full batch may not be all a gone replica left: look again at once.
+                    full = len(deliveries) >= self.batch_size
+                    next_takeover = now if full else now + self.heartbeat_interval_s
+                if not deliveries and now >= next_claim:
+                    next_claim = now + self.claim_idle_ms / 2000
                     deliveries = await self.transport.claim_stale(
                         self.names.requests, GROUP, min_idle_ms=self.claim_idle_ms, count=self.batch_size
                     )
                 if not deliveries:
                     deliveries = await self.transport.read_group(
-                        [self.names.requests], GROUP, count=self.batch_size, block_ms=READ_BLOCK_MS
+                        [self.names.requests], GROUP, count=self.batch_size, block_ms=self.read_block_ms
                     )
                 if deliveries:
                     await self._handle(deliveries)

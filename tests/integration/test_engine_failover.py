@@ -18,7 +18,8 @@ from tests.integration.harness import Pipeline, ServiceProcess
 pytestmark = pytest.mark.integration
 
 MODEL = "SmolLM2-135M-Instruct"
-ENGINE = {"engine_backend": "echo", "echo_step_delay_ms": "25", "claim_idle_ms": "1500"}
+# The idle-claim fallback keeps its default (30 s): the takeover must come from the heartbeat.
+ENGINE = {"engine_backend": "echo", "echo_step_delay_ms": "25"}
 
 
 @pytest.fixture
@@ -67,4 +68,4 @@ def test_a_request_survives_its_engine_being_killed(pipeline: Pipeline, tokenize
     # tokens the client already has, so the text is whole and nothing is repeated.
     assert "".join(e["choices"][0]["text"] for e in events) == expected, pipeline.logs()
     assert events[-1]["choices"][0]["finish_reason"] == "length"
-    assert "claimed 1 stale entries" in second.log()
+    assert "took over 1 entries" in second.log()

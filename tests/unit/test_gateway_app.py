@@ -415,3 +415,19 @@ async def test_shutdown_ends_waiting_requests_with_503_and_aborts_them() -> None
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         await asyncio.sleep(0.05)
         assert await h.pipeline.aborted_ids() == [h.pipeline.requests[0].request_id]
+
+
+async def test_a_lapsed_heartbeat_ends_waiting_requests_with_503_but_keeps_serving() -> None:
+    async def silent_first(pipeline: FakePipeline, request: CompletionRequest) -> None:
+        if len(pipeline.requests) > 1:
+            await hello_world(pipeline, request)
+
+    async with running(silent_first) as h:
+        waiting = asyncio.create_task(h.http.post("/v1/completions", json={"prompt": "x"}))
+        await h.pipeline.wait_for_requests(1)
+        # As if the gateway had stalled past its TTL: engines have taken it for gone and
+        # aborted its requests, which would then never end.
+        await h.redis.delete(f"t:heartbeat:gateway:{GATEWAY_ID}")
+        reply = await asyncio.wait_for(waiting, 5)
+        assert reply.status_code == 503 and "lost contact" in reply.json()["error"]["message"]
+        assert (await h.http.post("/v1/completions", json={"prompt": "y"})).status_code == 200

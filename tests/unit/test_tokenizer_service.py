@@ -16,6 +16,7 @@ from services.tokenizer.service import GROUP, TokenizerService, TokenizerWorker
 from shared.messages import (
     AbortRequests,
     CompletionRequest,
+    Heartbeat,
     Message,
     RequestFailed,
     SamplingParams,
@@ -181,6 +182,35 @@ def test_entries_left_by_a_dead_replica_are_claimed_and_served(processor: Prompt
             assert pending["pending"] == 0
             await client.close()
         await dead.close()
+
+    asyncio.run(scenario())
+
+
+def test_entries_of_a_replica_whose_heartbeat_expired_are_taken_over_at_once(processor: PromptProcessor) -> None:
+    async def scenario() -> None:
+        server = fakeredis.FakeServer()
+        gone = transport(server, "tok-gone")
+        await gone.beat(Heartbeat(role="tokenizer", replica_id="tok-gone", time=time.time()), ttl_s=0.05)
+        await gone.ensure_group(NAMES.requests, GROUP)
+        await gone.publish([(NAMES.requests, completion("cmpl-orphan"))])
+        assert len(await gone.read_group([NAMES.requests], GROUP, count=10, block_ms=0)) == 1  # then it died
+        started = time.monotonic()
+        # claim_idle_ms is long: only the expired heartbeat can explain a prompt takeover.
+        async with running_service(server, processor, claim_idle_ms=60_000):
+            client = transport(server, "test")
+
+            async def served() -> bool:
+                _, out = await client.read_stream(NAMES.tokenized, "0", count=10, block_ms=0)
+                return [d.message.request_id for d in out] == ["cmpl-orphan"]  # type: ignore[attr-defined]
+
+            await wait_for(served)
+            # The service judges others once its own beats have been steady for a TTL (0.8 s).
+            assert time.monotonic() - started < 2.5
+            pending = await fakeredis.FakeAsyncRedis(server=server).xpending(NAMES.requests, GROUP)
+            assert pending["pending"] == 0
+            assert "tok-gone" not in (await client.replica_census("tokenizer")).gone
+            await client.close()
+        await gone.close()
 
     asyncio.run(scenario())
 

@@ -1,0 +1,113 @@
+"""The engine's part in failover, run on its I/O thread (never on the decode loop).
+
+- Requests of an engine that is gone (heartbeat expired) move here, as many as
+  there is room for, within a heartbeat interval of being noticed; those of a
+  consumer that never beat, after ``claim_idle_ms`` (XAUTOCLAIM). A claimed
+  request is re-run from the start; the detokenizer drops the token offsets
+  the client already has.
+- Requests of a gateway that is gone are aborted (nobody reads their output)
+  and its response stream is deleted (shared/failover.py, ``GoneGateways``).
+- The entries of requests running here are touched, so that XAUTOCLAIM does
+  not hand them to another engine while this one is alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+from services.engine.step_outputs import ENGINE_GROUP, OutputRouter
+from shared.failover import ConsumerTakeover, GoneGateways, OwnPulse
+from shared.settings import EngineSettings
+from shared.transport import Delivery, StreamTransport
+
+log = logging.getLogger(__name__)
+
+
+class EngineFailover:
+    def __init__(
+        self,
+        settings: EngineSettings,
+        transport: StreamTransport,
+        router: OutputRouter,
+        *,
+        room: Callable[[], int],
+        intake: Callable[[Sequence[Delivery]], Awaitable[None]],
+        abort: Callable[[list[str]], None],
+    ) -> None:
+        """``room``: requests to pull now; ``intake``: admit claimed entries; ``abort``: stop running requests."""
+        self._settings = settings
+        self._transport = transport
+        self._router = router
+        self._room = room
+        self._intake = intake
+        self._abort = abort
+        self._interval = settings.heartbeat_interval_s
+        self.pulse = OwnPulse(settings.heartbeat_ttl_s)  # fed by the engine's beats
+        # An entry touched within one beat has an owner that is not dead after all.
+        self._takeover = ConsumerTakeover(
+            transport,
+            "engine",
+            transport.names.tokenized,
+            ENGINE_GROUP,
+            min_idle_ms=int(self._interval * 1000),
+            pulse=self.pulse,
+        )
+        self.gateways = GoneGateways()
+        self._aborted: set[str] = set()  # aborted for a gone gateway, until the router lets go of them
+
+    def gateway_gone(self, gateway_id: str) -> bool:
+        return gateway_id in self.gateways
+
+    async def watch_loop(self, closing: Callable[[], bool]) -> None:
+        """Every heartbeat interval: gone gateways, then gone engines; XAUTOCLAIM now and then."""
+        idle_ms = self._settings.claim_idle_ms
+        fallback_interval = min(5.0, max(0.1, idle_ms / 2000))
+        next_fallback = time.monotonic() + fallback_interval
+        while not closing():
+            await asyncio.sleep(self._interval)
+            # Gateways first, so that requests claimed below for a gone gateway are dropped.
+            await self.check_gateways()
+            await self.take_over()
+            if time.monotonic() >= next_fallback:
+                next_fallback = time.monotonic() + fallback_interval
+                room = self._room()
+                if room > 0:
+                    tokenized = self._transport.names.tokenized
+                    await self._intake(
+                        await self._transport.claim_stale(tokenized, ENGINE_GROUP, min_idle_ms=idle_ms, count=room)
+                    )
+
+    async def take_over(self) -> None:
+        """Claim what gone engines left pending, up to the free room (0: only tidy up)."""
+        room = max(0, self._room())
+        claimed = await self._takeover.claim(room)
+        if claimed:
+            await self._intake(claimed)
+
+    async def check_gateways(self) -> None:
+        transport = self._transport
+        census = await transport.replica_census("gateway")
+        if census.gone and not self.pulse.steady(time.monotonic()):
+            return  # our own heartbeat lapsed too (Redis unreachable?): theirs prove nothing
+        verdict = self.gateways.update(census, time.time())
+        running = self._router.requests_of_gateways(verdict.gone)
+        self._aborted.intersection_update(running)
+        fresh = [request_id for request_id in running if request_id not in self._aborted]
+        if fresh:
+            log.warning("aborting %d requests of gone gateways", len(fresh))
+            self._aborted.update(fresh)
+            self._abort(fresh)
+        if verdict.sweep:
+            await transport.delete(*(transport.names.responses(gateway_id) for gateway_id in verdict.sweep))
+        for gateway_id in verdict.forget:
+            await transport.forget_replica("gateway", gateway_id)
+
+    async def touch_loop(self, closing: Callable[[], bool]) -> None:
+        """Keep our pending entries' idle time low so that XAUTOCLAIM leaves them alone."""
+        interval = min(5.0, max(0.05, self._settings.claim_idle_ms / 3000))
+        while not closing():
+            await asyncio.sleep(interval)
+            await self._transport.touch(self._transport.names.tokenized, ENGINE_GROUP, self._router.pending_entry_ids())

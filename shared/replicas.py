@@ -1,0 +1,155 @@
+"""The replica registry: who ever beat, who stopped, and taking a gone consumer's entries over.
+
+Every beat (``StreamTransport.beat``) renews the replica's heartbeat key and, in
+the same MULTI, its entry in ``{p}:replicas:{role}`` (replica id -> last beat).
+A replica in the registry whose heartbeat has expired is gone. The policy built
+on this (whom to claim from, what to abort) is in shared/failover.py.
+
+``ReplicaRegistryMixin`` is part of ``StreamTransport`` (kept apart only for file size).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+from redis.exceptions import ResponseError
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from shared.transport import Delivery, StreamNames
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Move a gone consumer's pending entries to a live one, and remove the gone consumer from
+# the group once it has none left. One script, so two survivors never both get an entry
+# and no entry is delivered to the gone consumer between the check and the removal.
+# KEYS[1] stream; ARGV group, gone consumer, new owner, min idle ms, count.
+_TAKE_OVER = """
+local stream, group, gone, owner = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+local count = tonumber(ARGV[5])
+local claimed = {}
+if count > 0 then
+  local pending = redis.call('XPENDING', stream, group, '-', '+', count, gone)
+  if #pending > 0 then
+    local ids = {}
+    for i, entry in ipairs(pending) do ids[i] = entry[1] end
+    claimed = redis.call('XCLAIM', stream, group, owner, ARGV[4], unpack(ids))
+    -- Redis 6 keeps entries trimmed from the stream pending (and answers nil for them):
+    -- acknowledge those, or they would stay pending for ever.
+    local returned = {}
+    for _, entry in ipairs(claimed) do if entry then returned[entry[1]] = true end end
+    for _, id in ipairs(ids) do
+      if not returned[id] and #redis.call('XRANGE', stream, id, id) == 0 then redis.call('XACK', stream, group, id) end
+    end
+  end
+end
+if #redis.call('XPENDING', stream, group, '-', '+', 1, gone) > 0 then return {0, claimed} end
+redis.call('XGROUP', 'DELCONSUMER', stream, group, gone)
+return {1, claimed}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaCensus:
+    """The replicas of one role that ever beat: those beating now, and those that stopped.
+
+    ``gone`` maps a replica id to its last beat (unix time). A replica that never beat
+    (a stage of someone else's) is in neither.
+    """
+
+    live: frozenset[str]
+    gone: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class Takeover:
+    """What ``take_over`` claimed from a gone consumer, and whether the consumer is now removed."""
+
+    deliveries: list[Delivery]
+    consumer_removed: bool
+
+
+class ReplicaRegistryMixin:
+    # Provided by StreamTransport.
+    names: StreamNames
+    consumer: str
+    _redis: aioredis.Redis
+    _known_groups: set[tuple[str, str]]
+
+    if TYPE_CHECKING:  # only declared: at run time StreamTransport's (and WorkStreamMixin's) are used
+
+        async def _retry(self, what: str, operation: Callable[[], Awaitable[T]]) -> T: ...
+        async def ensure_group(self, stream: str, group: str) -> None: ...
+        async def _decode_entries(self, reply: list, group: str | None) -> list[Delivery]: ...
+        async def drop_poisoned(self, stream: str, group: str, deliveries: Sequence[Delivery]) -> list[Delivery]: ...
+
+    async def replica_census(self, role: str) -> ReplicaCensus:
+        registry = self.names.registry(role)
+
+        async def look() -> ReplicaCensus:
+            registered = {_text(k): _text(v) for k, v in (await self._redis.hgetall(registry)).items()}
+            if not registered:
+                return ReplicaCensus(frozenset(), {})
+            ids = list(registered)
+            beats = await self._redis.mget([self.names.heartbeat(role, replica_id) for replica_id in ids])
+            live = frozenset(replica_id for replica_id, beat in zip(ids, beats) if beat is not None)
+            gone = {replica_id: _float_or_zero(registered[replica_id]) for replica_id in ids if replica_id not in live}
+            return ReplicaCensus(live, gone)
+
+        return await self._retry("census", look)
+
+    async def forget_replica(self, role: str, replica_id: str) -> None:
+        """Drop a gone replica from the registry once nothing is left to take over from it."""
+        await self._retry("HDEL", lambda: self._redis.hdel(self.names.registry(role), replica_id))
+
+    async def take_over(self, stream: str, group: str, gone: str, *, count: int, min_idle_ms: int) -> Takeover:
+        """Claim up to ``count`` of the entries ``gone`` left pending; remove it from the group once it has none.
+
+        ``min_idle_ms`` spares entries the consumer touched that recently: it is not dead after all.
+        """
+        if gone == self.consumer:
+            raise ValueError("a consumer cannot take over from itself")
+        if (stream, group) not in self._known_groups:
+            await self.ensure_group(stream, group)
+
+        async def claim() -> list:
+            try:
+                return await self._redis.eval(
+                    _TAKE_OVER, 1, stream, group, gone, self.consumer, min_idle_ms, max(0, min(count, 1000))
+                )
+            except ResponseError as exc:
+                if not _is_missing_group(exc):
+                    raise
+                await self.ensure_group(stream, group)
+                return [0, []]
+
+        removed, entries = await self._retry("take over", claim)
+        pairs = [(entry[0], dict(zip(entry[1][::2], entry[1][1::2]))) for entry in entries if entry]
+        deliveries = await self.drop_poisoned(stream, group, await self._decode_entries([(stream, pairs)], group))
+        if deliveries:
+            log.warning("took over %d entries of %s from gone consumer %s", len(deliveries), stream, gone)
+        return Takeover(deliveries, bool(removed))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _float_or_zero(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        return 0.0  # written by someone else's stage: treat as long gone
+
+
+def _is_missing_group(exc: ResponseError) -> bool:
+    # Imported here: shared.transport imports this module.
+    from shared.transport import _is_missing_group as missing_group
+
+    return missing_group(exc)
