@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+from urllib.parse import quote
 
 import redis
 
@@ -58,7 +59,13 @@ class EmbeddedRedis:
         *,
         executable: str | None = None,
         startup_timeout_s: float = 10.0,
+        appendonly: bool = False,
+        password: str | None = None,
     ) -> None:
+        """appendonly: keep an append-only file in the directory (a restart then keeps the
+        streams); password: require it (``requirepass``), and put it in ``url``."""
+        self._appendonly = appendonly
+        self._password = password
         self._given_directory = Path(directory) if directory is not None else None
         self._executable = executable
         self._startup_timeout_s = startup_timeout_s
@@ -71,7 +78,8 @@ class EmbeddedRedis:
     def url(self) -> str:
         if self._process is None:
             raise EmbeddedRedisError("the embedded Redis server is not running")
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{quote(self._password, safe='')}@" if self._password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     @property
     def pid(self) -> int | None:
@@ -81,11 +89,15 @@ class EmbeddedRedis:
         """The server's exit code once it has died by itself; None while it runs (or was never started)."""
         return self._process.poll() if self._process is not None else None
 
-    def restart(self) -> None:
-        """Start it again after it died: same port (the services' URL stays valid), same directory."""
+    def restart(self, *, wipe: bool = False) -> None:
+        """Start it again (stopping it first if it runs): same port (the services' URL stays
+        valid), same directory; wipe: without its data files, as a server that lost its disk."""
         if self._process is None:
             raise EmbeddedRedisError("the embedded Redis server was never started")
         _end(self._process)
+        if wipe:
+            for name in ("appendonly.aof", "dump.rdb"):
+                (self._require_directory() / name).unlink(missing_ok=True)
         process = self._launch(self._executable or redis_executable(), self.port)
         failure = self._wait_until_serving(process, self.port)
         if failure:
@@ -135,11 +147,13 @@ class EmbeddedRedis:
             "--port", str(port),
             "--bind", "127.0.0.1",
             "--save", "",
-            "--appendonly", "no",
+            "--appendonly", "yes" if self._appendonly else "no",
             "--dir", str(directory),
             "--daemonize", "no",
             "--logfile", str(log_path),
         ]  # fmt: skip
+        if self._password:
+            argv += ["--requirepass", self._password]
         # Its own session: a Ctrl-C meant for `scalellm up` must not stop Redis
         # before the services that still publish to it. SIGTERM when its parent
         # dies: Redis acts on it at once, and would save its data if configured to.
@@ -155,7 +169,9 @@ class EmbeddedRedis:
     def _wait_until_serving(self, process: subprocess.Popen[bytes], port: int) -> str:
         """'' once it answers PING; else why not (the process is then ended)."""
         deadline = time.monotonic() + self._startup_timeout_s
-        client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5, socket_timeout=0.5)
+        client = redis.Redis(
+            host="127.0.0.1", port=port, password=self._password, socket_connect_timeout=0.5, socket_timeout=0.5
+        )
         try:
             while time.monotonic() < deadline:
                 if process.poll() is not None:
