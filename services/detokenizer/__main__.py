@@ -31,15 +31,21 @@ async def serve(settings: DetokenizerSettings) -> None:
     except ModelResolutionError as exc:
         raise SystemExit(f"detokenizer: {exc}") from None
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    transport = StreamTransport(redis_url, settings.stream_prefix, replica_id, maxlen=settings.stream_maxlen)
+    transport = StreamTransport(
+        redis_url,
+        settings.stream_prefix,
+        replica_id,
+        maxlen=settings.stream_maxlen,
+        max_deliveries=settings.max_deliveries,
+    )
     planner = ShardPlanner(
         settings.detokenizer_shards,
         replica_id,
         release_grace_s=REBALANCE_GRACE_S,
         # Until a dead replica's heartbeat has expired it still counts, making this one look
-        # over its share: shards taken from the dead are kept that long (heartbeats last at
-        # most four intervals), not given back to nobody.
-        orphan_hold_s=4 * settings.heartbeat_interval_s + 1.0,
+        # over its share: shards taken from the dead are kept that long (a heartbeat
+        # lasts its TTL), not given back to nobody.
+        orphan_hold_s=settings.heartbeat_ttl_s + 1.0,
     )
     service = DetokenizerService(
         transport,
@@ -49,6 +55,7 @@ async def serve(settings: DetokenizerSettings) -> None:
         batch_size=settings.batch_size,
         claim_idle_ms=settings.claim_idle_ms,
         heartbeat_interval_s=settings.heartbeat_interval_s,
+        heartbeat_ttl_s=settings.heartbeat_ttl_s,
     )
     stop = stop_on_signals()
     log.info("detokenizer %s serving %d shards with %s", replica_id, settings.detokenizer_shards, model_dir)

@@ -53,7 +53,9 @@ class DetokenizerService:
         batch_size: int,
         claim_idle_ms: int,
         heartbeat_interval_s: float,
+        heartbeat_ttl_s: float | None = None,
     ) -> None:
+        """heartbeat_ttl_s: how long a heartbeat lasts (default four intervals, as everywhere)."""
         self.transport = transport
         self.state = state
         self.leases = leases
@@ -61,6 +63,7 @@ class DetokenizerService:
         self.batch_size = batch_size
         self.claim_idle_ms = claim_idle_ms
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.heartbeat_ttl_s = heartbeat_ttl_s if heartbeat_ttl_s is not None else 4 * heartbeat_interval_s
         self.names = transport.names
         self.shards = leases.planner.total_shards
         self._shard_of_stream = {self.names.generated(s): s for s in range(self.shards)}
@@ -77,7 +80,14 @@ class DetokenizerService:
         # Beat first so that this replica counts itself when it sizes its share.
         await self._beat()
         heartbeat = asyncio.create_task(
-            beat_until_stopped(self.transport, "detokenizer", self.replica_id, self.heartbeat_interval_s, stop)
+            beat_until_stopped(
+                self.transport,
+                "detokenizer",
+                self.replica_id,
+                self.heartbeat_interval_s,
+                stop,
+                ttl_s=self.heartbeat_ttl_s,
+            )
         )
         next_lease = next_claim = next_expire = 0.0
         try:
@@ -202,7 +212,7 @@ class DetokenizerService:
 
     async def _beat(self) -> None:
         beat = Heartbeat(role="detokenizer", replica_id=self.replica_id, time=time.time())
-        await self.transport.beat(beat, ttl_s=3 * self.heartbeat_interval_s)
+        await self.transport.beat(beat, ttl_s=self.heartbeat_ttl_s)
 
     async def _leave(self) -> None:
         await self.transport.delete(self.names.heartbeat("detokenizer", self.replica_id))
