@@ -75,6 +75,7 @@ def expected(pipeline: Pipeline) -> dict[str, str]:
 
 def report(outcomes: list[Outcome], expected: dict[str, str], pipeline: Pipeline) -> dict[str, int]:
     counts = summary(outcomes, expected)
+    print(f"\n{counts}; max latency {max(o.latency_s for o in outcomes):.2f} s")
     if counts["hung"] or counts["differing"]:
         print(pipeline.logs())
     return counts
