@@ -89,6 +89,14 @@ class GatewaySettings(CommonSettings):
     default_max_tokens: PositiveInt = 256
     # Larger request bodies are refused with 413 before they are read whole.
     max_request_bytes: PositiveInt = 16 * 1024 * 1024
+    # A streaming client that stops reading: once this much output (approximate bytes in
+    # memory) waits for it, or output has waited unread for the timeout, it is disconnected
+    # and its request aborted, so it can neither grow the gateway nor hold an engine slot.
+    max_buffered_bytes_per_request: PositiveInt = 1024 * 1024
+    slow_client_timeout_s: PositiveFloat = 30.0
+    # SO_SNDBUF of each client connection (0: the kernel's autotuning, up to 4 MiB), so
+    # that a stalled client's backlog reaches the bounds above instead of the kernel.
+    client_send_buffer_bytes: Annotated[int, Field(ge=0)] = 256 * 1024
 
 
 class TokenizerSettings(CommonSettings):

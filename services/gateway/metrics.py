@@ -37,6 +37,7 @@ class GatewayMetrics:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.aborted = 0
+        self.slow_clients: Counter[str] = Counter()  # clients cut off for not reading, by reason
         self.time_to_first_event = Histogram()
         self.request_latency = Histogram()
 
@@ -51,7 +52,7 @@ class GatewayMetrics:
             self.time_to_first_event.observe(first_event_s)
         self.request_latency.observe(latency_s)
 
-    def render(self, in_flight: int) -> str:
+    def render(self, in_flight: int, buffered_bytes: int = 0) -> str:
         p = "scalellm_gateway"
         lines = [f"# TYPE {p}_requests_total counter"]
         for (endpoint, status), count in sorted(self.responses.items()):
@@ -59,6 +60,10 @@ class GatewayMetrics:
         lines += [
             f"# TYPE {p}_requests_in_flight gauge", f"{p}_requests_in_flight {in_flight}",
             f"# TYPE {p}_aborted_total counter", f"{p}_aborted_total {self.aborted}",
+            f"# TYPE {p}_slow_clients_total counter",
+            *(f'{p}_slow_clients_total{{reason="{reason}"}} {self.slow_clients[reason]}'
+              for reason in ("buffer", "timeout")),
+            f"# TYPE {p}_buffered_bytes gauge", f"{p}_buffered_bytes {buffered_bytes}",
             f"# TYPE {p}_prompt_tokens_total counter", f"{p}_prompt_tokens_total {self.prompt_tokens}",
             f"# TYPE {p}_generation_tokens_total counter", f"{p}_generation_tokens_total {self.generation_tokens}",
         ]

@@ -1,7 +1,8 @@
-"""Requests in flight: request_id -> the queue its HTTP handler waits on.
+"""Requests in flight: request_id -> the OutputBuffer its HTTP handler takes from.
 
-Pure logic (asyncio queues, no I/O). The response reader puts every TextDelta
-and RequestFailed into the queue of its request; a handler releases its entry
+Pure logic (no I/O). The response reader puts every TextDelta and
+RequestFailed into the buffer of its request, never waiting (buffers are
+bounded and coalesce text: output_buffer.py); a handler releases its entry
 when it ends, for whatever reason, so nothing is left behind. Responses for a
 released or unknown request (late output after an abort) are dropped, and so
 is text a request already received (a delta published twice, told by its
@@ -10,12 +11,10 @@ is text a request already received (a delta published twice, told by its
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
+from services.gateway.output_buffer import Event, OutputBuffer
 from shared.messages import Message, RequestFailed, ResponseBatch, TextDelta
-
-Event = TextDelta | RequestFailed
 
 
 class RegistryFull(Exception):
@@ -31,36 +30,40 @@ class RequestRegistry:
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         self.capacity = capacity
-        self._queues: dict[str, asyncio.Queue[Event]] = {}
+        self._buffers: dict[str, OutputBuffer] = {}
         self._text_end: dict[str, int] = {}  # request id -> code points of text delivered
         self.closed = False
         self.dropped = 0  # events that arrived for no waiting request
 
     def __len__(self) -> int:
-        return len(self._queues)
+        return len(self._buffers)
 
     def __contains__(self, request_id: object) -> bool:
-        return request_id in self._queues
+        return request_id in self._buffers
 
     def ids(self) -> list[str]:
-        return list(self._queues)
+        return list(self._buffers)
 
-    def open(self, request_id: str) -> asyncio.Queue[Event]:
-        """Admit a request; raises RegistryFull / RegistryClosed, ValueError for a reused id."""
+    def open(self, request_id: str, *, max_buffered_bytes: int | None = None) -> OutputBuffer:
+        """Admit a request; raises RegistryFull / RegistryClosed, ValueError for a reused id.
+
+        ``max_buffered_bytes`` bounds the output waiting for its handler (None: unbounded,
+        for handlers that never wait on a client).
+        """
         if self.closed:
             raise RegistryClosed()
-        if request_id in self._queues:
+        if request_id in self._buffers:
             raise ValueError(f"request id {request_id!r} is already in flight")
-        if len(self._queues) >= self.capacity:
+        if len(self._buffers) >= self.capacity:
             raise RegistryFull()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-        self._queues[request_id] = queue
-        return queue
+        buffer = OutputBuffer(request_id, max_bytes=max_buffered_bytes)
+        self._buffers[request_id] = buffer
+        return buffer
 
     def release(self, request_id: str) -> bool:
         """Forget a request; True if it was in flight."""
         self._text_end.pop(request_id, None)
-        return self._queues.pop(request_id, None) is not None
+        return self._buffers.pop(request_id, None) is not None
 
     def dispatch(self, message: Message) -> int:
         """Route one message from the responses stream; returns the events delivered."""
@@ -81,7 +84,7 @@ class RequestRegistry:
         The detokenizer publishes each delta once (docs/architecture.md), but a
         client must never see text twice even if something upstream replays.
         """
-        if delta.offset is None or delta.request_id not in self._queues:
+        if delta.offset is None or delta.request_id not in self._buffers:
             return True
         delivered = self._text_end.get(delta.request_id, 0)
         end = delta.offset + len(delta.text)
@@ -95,12 +98,15 @@ class RequestRegistry:
         return True
 
     def _put(self, request_id: str, event: Event) -> int:
-        queue = self._queues.get(request_id)
-        if queue is None:
+        buffer = self._buffers.get(request_id)
+        if buffer is None or not buffer.put(event):
             self.dropped += 1
             return 0
-        queue.put_nowait(event)
         return 1
+
+    def buffered_bytes(self) -> int:
+        """Output waiting in every request's buffer (the gauge behind the slow-client bound)."""
+        return sum(buffer.pending_bytes for buffer in self._buffers.values())
 
     def close(self, failure: Callable[[str], RequestFailed]) -> list[str]:
         """Refuse new requests and end every waiting one with ``failure(request_id)``."""
@@ -111,5 +117,8 @@ class RequestRegistry:
         """End every waiting request with ``failure(request_id)``; new ones are still admitted."""
         ids = self.ids()
         for request_id in ids:
-            self._queues[request_id].put_nowait(failure(request_id))
+            # A buffer that overflows here releases its request (on_overflow) midway.
+            buffer = self._buffers.get(request_id)
+            if buffer is not None:
+                buffer.put(failure(request_id))
         return ids

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import time
@@ -35,7 +36,7 @@ from services.gateway.errors import (
     unauthorized,
 )
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.pipeline_client import PipelineClient
+from services.gateway.pipeline_client import PipelineClient, cancel_and_wait
 from services.gateway.registry import Event, RegistryClosed, RegistryFull, RequestRegistry
 from services.gateway.responses import CollectedOutput, ResponseBuilder
 from services.gateway.session import (
@@ -47,6 +48,7 @@ from services.gateway.session import (
     race_disconnect,
     stream_events,
 )
+from services.gateway.slow_clients import ClientConnections, SlowClientMonitor
 from shared.messages import CompletionRequest
 from shared.model_files import served_model_name
 from shared.runtime import configure_logging
@@ -77,6 +79,7 @@ class Gateway:
                                      heartbeat_interval_s=settings.heartbeat_interval_s,
                                      heartbeat_ttl_s=settings.heartbeat_ttl_s)
         self.metrics = GatewayMetrics()
+        self.slow_clients = SlowClientMonitor(settings.slow_client_timeout_s)
         self.model_name = served_model_name(settings)
         # The configured model id is accepted too, so clients may use either name.
         self.known_models = {self.model_name, settings.model}
@@ -140,14 +143,18 @@ class Gateway:
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         if self.backlog.full:
             raise queue_full(self.backlog.queued, self.backlog.limit)
+        # Only a streaming handler waits on its client; a non-streaming one takes at once.
+        max_buffered = self.settings.max_buffered_bytes_per_request if body.stream else None
         try:
-            queue = self.registry.open(request_id)
+            buffer = self.registry.open(request_id, max_buffered_bytes=max_buffered)
         except RegistryFull:
             raise overloaded(self.settings.max_inflight_requests) from None
         except RegistryClosed:
             raise shutting_down() from None
         timeout_s = self.settings.request_timeout_s
-        session = RequestSession(self.client, request_id, queue, timeout_s, on_close=self._session_closed)
+        session = RequestSession(self.client, request_id, buffer, timeout_s, on_close=self._session_closed)
+        if body.stream:
+            self.slow_clients.watch(request_id, buffer, functools.partial(self._slow_client, session))
         handed_off = False  # once an SSEResponse owns the session, it closes it
         try:
             message = CompletionRequest(request_id=request_id, gateway_id=self.client.gateway_id,
@@ -188,7 +195,19 @@ class Gateway:
         await session.publish(message)
         return await session.next_event()
 
+    def _slow_client(self, session: RequestSession, reason: str) -> None:
+        """The client stopped reading: cut it off and abort its request (never awaits: may run in dispatch)."""
+        if reason == "buffer":
+            why = f"more than {self.settings.max_buffered_bytes_per_request} bytes of output waited for it"
+        else:
+            why = f"its output waited unread for {self.settings.slow_client_timeout_s:g} s"
+        log.warning("request %s: the client stopped reading (%s); disconnecting it and aborting the request",
+                    session.request_id, why)
+        self.metrics.slow_clients[reason] += 1
+        session.evict()
+
     def _session_closed(self, session: RequestSession) -> None:
+        self.slow_clients.unwatch(session.request_id)
         if not session.finished:
             self.metrics.aborted += 1
             return
@@ -241,7 +260,8 @@ class Gateway:
         return JSONResponse(body, status_code=200 if ready else 503)
 
     async def metrics_text(self, request: Request) -> Response:
-        return PlainTextResponse(self.metrics.render(len(self.registry)), media_type="text/plain; version=0.0.4")
+        text = self.metrics.render(len(self.registry), self.registry.buffered_bytes())
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -259,9 +279,11 @@ def create_app(settings: GatewaySettings, transport: StreamTransport, *, gateway
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await gateway.client.start()
         gateway.backlog.start()
+        sweeper = asyncio.create_task(gateway.slow_clients.run(), name="gateway-slow-clients")
         try:
             yield
         finally:
+            await cancel_and_wait([sweeper], 1.0)
             await gateway.backlog.stop()
             await gateway.client.stop()
             if close_transport:
@@ -300,7 +322,9 @@ async def serve(settings: GatewaySettings) -> None:
     transport = StreamTransport(settings.require_redis_url(), settings.stream_prefix, gateway_id,
                                 maxlen=settings.stream_maxlen)
     app = create_app(settings, transport, gateway_id=gateway_id)
-    config = uvicorn.Config(app, host=settings.gateway_host, port=settings.gateway_port, log_config=None,
+    # A slow client's connection is reset, not left to flush, and its kernel buffer is bounded (slow_clients.py).
+    outer = ClientConnections(app, send_buffer_bytes=settings.client_send_buffer_bytes)
+    config = uvicorn.Config(outer, host=settings.gateway_host, port=settings.gateway_port, log_config=None,
                             access_log=False, timeout_graceful_shutdown=DRAIN_S + 2, lifespan="on")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

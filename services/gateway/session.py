@@ -1,8 +1,9 @@
 """One request's life in the gateway: publish, wait for events, always clean up.
 
-Every request ends in exactly one of three ways: its final TextDelta, a
-RequestFailed, or the deadline (504). ``RequestSession.close()`` runs in every
-case (including client disconnects, which arrive as task cancellation) and is
+Every request ends in exactly one of four ways: its final TextDelta, a
+RequestFailed, the deadline (504), or its client's eviction for not reading
+(slow_clients.py). ``RequestSession.close()`` runs in every case (including
+client disconnects, which arrive as task cancellation) and is
 synchronous on purpose: a cancelled task cannot await, but it can still
 release its registry entry and queue an AbortRequests for the engines.
 """
@@ -18,9 +19,10 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from services.gateway.errors import ApiError, internal, timed_out
+from services.gateway.output_buffer import Event, OutputBuffer
 from services.gateway.pipeline_client import PipelineClient
-from services.gateway.registry import Event
 from services.gateway.responses import SSE_DONE, CollectedOutput, ResponseBuilder, sse_error, usage_body
+from services.gateway.slow_clients import ABORT_CONNECTION
 from shared.messages import CompletionRequest, RequestFailed, TextDelta
 
 log = logging.getLogger(__name__)
@@ -33,11 +35,11 @@ class ClientDisconnected(Exception):
 
 
 class RequestSession:
-    def __init__(self, client: PipelineClient, request_id: str, queue: asyncio.Queue[Event], timeout_s: float,
+    def __init__(self, client: PipelineClient, request_id: str, buffer: OutputBuffer, timeout_s: float,
                  on_close: Callable[[RequestSession], None] | None = None) -> None:
         self.client = client
         self.request_id = request_id
-        self.queue = queue
+        self.buffer = buffer
         self.timeout_s = timeout_s
         loop = asyncio.get_running_loop()
         self.started = loop.time()
@@ -47,6 +49,8 @@ class RequestSession:
         self.closed = False
         self.final: TextDelta | None = None
         self.completion_tokens = 0
+        # Set when the client is cut off for not reading (services/gateway/slow_clients.py).
+        self.evicted = asyncio.Event()
         self._on_close = on_close
 
     async def publish(self, request: CompletionRequest) -> None:
@@ -61,11 +65,10 @@ class RequestSession:
 
     async def next_event(self) -> Event:
         """The next event; TimeoutError at the deadline."""
-        if self.queue.empty():
+        event = self.buffer.take()
+        if event is None:
             async with asyncio.timeout_at(self.deadline):
-                event = await self.queue.get()
-        else:
-            event = self.queue.get_nowait()
+                event = await self.buffer.get()
         if self.first_event_at is None:
             self.first_event_at = asyncio.get_running_loop().time()
         if isinstance(event, RequestFailed):
@@ -76,6 +79,11 @@ class RequestSession:
                 self.finished = True
                 self.final = event
         return event
+
+    def evict(self) -> None:
+        """Cut the client off: its response ends (SSEResponse) and the request is aborted."""
+        self.evicted.set()
+        self.close()
 
     def timeout_error(self) -> ApiError:
         return timed_out(self.timeout_s)
@@ -169,7 +177,9 @@ class SSEResponse(StreamingResponse):
 
     Relying on the generator's ``finally`` is not enough: if the client goes
     away while the response is blocked in ``send``, the generator is never
-    resumed and would only be finalised by the garbage collector.
+    resumed and would only be finalised by the garbage collector. For the same
+    reason an evicted session (a client that stopped reading) cannot end the
+    stream from inside: the response races the stream against the eviction.
     """
 
     media_type = "text/event-stream"
@@ -181,7 +191,20 @@ class SSEResponse(StreamingResponse):
         self.session = session
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        streaming = asyncio.ensure_future(super().__call__(scope, receive, send))
+        evicted = asyncio.ensure_future(self.session.evicted.wait())
         try:
-            await super().__call__(scope, receive, send)
+            await asyncio.wait({streaming, evicted}, return_when=asyncio.FIRST_COMPLETED)
+            if not streaming.done():
+                abort_connection = (scope.get("extensions") or {}).get(ABORT_CONNECTION)
+                if abort_connection is not None:
+                    abort_connection()  # drops what the client never read (slow_clients.py)
+                streaming.cancel()
+                await asyncio.wait({streaming})
         finally:
+            evicted.cancel()
+            if not streaming.done():
+                streaming.cancel()
             self.session.close()
+        if not streaming.cancelled():
+            streaming.result()  # the stream's own error, if it had one

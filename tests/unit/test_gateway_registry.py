@@ -9,7 +9,15 @@ import pytest
 
 from services.gateway.pipeline_client import BatchingWriter, cancel_and_wait, merge_aborts
 from services.gateway.registry import RegistryClosed, RegistryFull, RequestRegistry
-from shared.messages import AbortRequests, CompletionRequest, Heartbeat, Message, RequestFailed, ResponseBatch, TextDelta
+from shared.messages import (
+    AbortRequests,
+    CompletionRequest,
+    Heartbeat,
+    Message,
+    RequestFailed,
+    ResponseBatch,
+    TextDelta,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -29,10 +37,13 @@ async def test_dispatch_routes_each_delta_to_its_request() -> None:
     batch = ResponseBatch(deltas=[TextDelta(request_id="a", text="x"), TextDelta(request_id="b", text="y"),
                                   TextDelta(request_id="a", text="z")])
     assert registry.dispatch(batch) == 3
-    assert [a.get_nowait().text, a.get_nowait().text] == ["x", "z"]
-    assert b.get_nowait().text == "y"
+    first = a.take()
+    assert isinstance(first, TextDelta) and first.text == "xz"  # waiting text is coalesced
+    assert a.take() is None
+    second = b.take()
+    assert isinstance(second, TextDelta) and second.text == "y"
     assert registry.dispatch(failed("b")) == 1
-    assert isinstance(b.get_nowait(), RequestFailed)
+    assert isinstance(b.take(), RequestFailed)
 
 
 async def test_events_for_released_or_unknown_requests_are_dropped() -> None:
@@ -43,6 +54,18 @@ async def test_events_for_released_or_unknown_requests_are_dropped() -> None:
     assert registry.dispatch(failed("ghost")) == 0
     assert registry.dispatch(Heartbeat(role="engine", replica_id="e", time=0.0)) == 0
     assert registry.dropped == 3 and len(registry) == 0
+
+
+async def test_a_buffer_over_its_bound_refuses_events_and_counts_them_dropped() -> None:
+    registry = RequestRegistry(capacity=4)
+    bounded = registry.open("a", max_buffered_bytes=1000)
+    unbounded = registry.open("b")
+    for _ in range(20):
+        registry.dispatch(ResponseBatch(deltas=[TextDelta(request_id="a", text="x" * 100),
+                                                TextDelta(request_id="b", text="y" * 100)]))
+    assert bounded.overflowed and bounded.pending_bytes == 0
+    assert registry.dropped > 0
+    assert unbounded.pending_bytes > 2000 and registry.buffered_bytes() == unbounded.pending_bytes
 
 
 async def test_capacity_is_enforced_and_freed_on_release() -> None:
@@ -59,10 +82,10 @@ async def test_capacity_is_enforced_and_freed_on_release() -> None:
 
 async def test_close_fails_every_waiter_and_refuses_new_requests() -> None:
     registry = RequestRegistry(capacity=4)
-    queues = {rid: registry.open(rid) for rid in ("a", "b")}
+    buffers = {rid: registry.open(rid) for rid in ("a", "b")}
     assert sorted(registry.close(failed)) == ["a", "b"]
-    for rid, queue in queues.items():
-        event = queue.get_nowait()
+    for rid, buffer in buffers.items():
+        event = buffer.take()
         assert isinstance(event, RequestFailed) and event.request_id == rid
     with pytest.raises(RegistryClosed):
         registry.open("c")
