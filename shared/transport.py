@@ -25,6 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.fencing import FencedPublishMixin
 from shared.messages import Heartbeat, Message, MessageError, decode, encode
+from shared.output_checkpoints import OutputCheckpointMixin
 from shared.replicas import ReplicaRegistryMixin
 from shared.work_streams import DEFAULT_MAX_DELIVERIES, DEFAULT_TRIM_INTERVAL_S, WorkStreamMixin
 
@@ -105,8 +106,12 @@ class StreamNames:
         """Where a detokenizer checkpoints a request's decoding (docs/architecture.md)."""
         return f"{self.prefix}:decode:{request_id}"
 
+    def output_checkpoint(self, request_id: str) -> str:
+        """Where an engine checkpoints the output token ids it published (shared/output_checkpoints.py)."""
+        return f"{self.prefix}:outputs:{request_id}"
 
-class StreamTransport(WorkStreamMixin, FencedPublishMixin, ReplicaRegistryMixin):
+
+class StreamTransport(WorkStreamMixin, FencedPublishMixin, OutputCheckpointMixin, ReplicaRegistryMixin):
     """Async Redis streams with retry across lost connections.
 
     Every operation retries with backoff while Redis is unreachable, so a Redis

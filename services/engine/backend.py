@@ -23,6 +23,10 @@ class EngineRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
+    # A request taken over from an engine that died: the output tokens it had already
+    # published. The backend continues after them (they count toward max_tokens,
+    # min_tokens and the penalties) and reports only the tokens that follow.
+    output_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -48,7 +52,8 @@ class EngineLoad:
 
 class EngineBackend(Protocol):
     def add_request(self, request: EngineRequest) -> None:
-        """Queue a request; it starts in a later step()."""
+        """Queue a request; it starts in a later step(). One whose ``output_token_ids``
+        already end it (a stop token, max_tokens) finishes in the next step with no tokens."""
 
     def abort(self, request_ids: Iterable[str]) -> None:
         """Drop requests; the next step() reports each as finish_reason "abort"

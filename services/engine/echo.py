@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from services.engine.backend import EngineLoad, EngineRequest, RequestOutput, TokenLogprobs
+from services.engine.backend import EngineFinish, EngineLoad, EngineRequest, RequestOutput, TokenLogprobs
 from shared.settings import EngineSettings
 
 
@@ -29,7 +29,15 @@ class _EchoSequence:
         stop_ids = set(sampling.stop_token_ids)
         if not sampling.ignore_eos:
             stop_ids.update(sampling.eos_token_ids)
-        return cls(request, frozenset(stop_ids))
+        # Taken over from another engine: continue the cycle where its output ended.
+        return cls(request, frozenset(stop_ids), generated=len(request.output_token_ids))
+
+    def ended(self) -> EngineFinish | None:
+        """Why a taken-over request was already over when it arrived, if it was."""
+        done = self.request.output_token_ids
+        if done and done[-1] in self.stop_ids and len(done) > self.request.sampling.min_tokens:
+            return "stop"
+        return "length" if self.generated >= self.request.sampling.max_tokens else None
 
     def next_token(self) -> tuple[int, str | None]:
         """The next token and, if it ends the request, why."""
@@ -146,7 +154,12 @@ class EchoBackend:
                     RequestOutput(request.request_id, [], "error", error="the prompt has no tokens to echo")
                 )
                 continue
-            self._running[request.request_id] = _EchoSequence.start(request)
+            sequence = _EchoSequence.start(request)
+            ended = sequence.ended()
+            if ended is not None:
+                refused.append(RequestOutput(request.request_id, [], ended))
+                continue
+            self._running[request.request_id] = sequence
         return refused
 
 

@@ -3,12 +3,13 @@
 - Requests of an engine that is gone (heartbeat expired) move here, as many as
   there is room for, within a heartbeat interval of being noticed; those of a
   consumer that never beat, after ``claim_idle_ms`` (XAUTOCLAIM). A claimed
-  request is re-run from the start; the detokenizer drops the token offsets
-  the client already has.
+  request continues after the output tokens its engine published (ownership.py).
 - Requests of a gateway that is gone are aborted (nobody reads their output)
   and its response stream is deleted (shared/failover.py, ``GoneGateways``).
 - The entries of requests running here are touched, so that XAUTOCLAIM does
-  not hand them to another engine while this one is alive.
+  not hand them to another engine while this one is alive (only those still
+  ours: an engine that stalled must not take its requests back from the one
+  that took them over).
 """
 
 from __future__ import annotations
@@ -36,14 +37,17 @@ class EngineFailover:
         room: Callable[[], int],
         intake: Callable[[Sequence[Delivery]], Awaitable[None]],
         abort: Callable[[list[str]], None],
+        touch: Callable[[], Awaitable[None]],
     ) -> None:
-        """``room``: requests to pull now; ``intake``: admit claimed entries; ``abort``: stop running requests."""
+        """``room``: requests to pull now; ``intake``: admit claimed entries; ``abort``: stop running requests;
+        ``touch``: refresh the idle time of the entries of the requests running here."""
         self._settings = settings
         self._transport = transport
         self._router = router
         self._room = room
         self._intake = intake
         self._abort = abort
+        self._touch = touch
         self._interval = settings.heartbeat_interval_s
         self.pulse = OwnPulse(settings.heartbeat_ttl_s)  # fed by the engine's beats
         # An entry touched within one beat has an owner that is not dead after all.
@@ -110,4 +114,4 @@ class EngineFailover:
         interval = min(5.0, max(0.05, self._settings.claim_idle_ms / 3000))
         while not closing():
             await asyncio.sleep(interval)
-            await self._transport.touch(self._transport.names.tokenized, ENGINE_GROUP, self._router.pending_entry_ids())
+            await self._touch()

@@ -79,6 +79,9 @@ class HFBackend:
         if request.request_id in self._queue:
             return
         problem = self._refusal(request.prompt_token_ids)
+        bad = next((t for t in request.output_token_ids if t < 0 or t >= self.vocab_size), None)
+        if problem is None and bad is not None:
+            problem = f"token id {bad} is outside this model's vocabulary (0..{self.vocab_size - 1})"
         if problem is not None:
             self._pending.append(RequestOutput(request.request_id, [], "error", error=problem))
             return
@@ -145,10 +148,15 @@ class HFBackend:
 
         sampling = request.sampling
         prompt = request.prompt_token_ids
+        done = request.output_token_ids  # taken over: generate after them, as part of the context
+        stop_ids = self.stop_ids(sampling)
         # The same context rule as the torch engine: prompt + output <= max_model_len,
         # with at least one token (vLLM's behaviour for a prompt that fills the context).
         max_new = max(1, min(sampling.max_tokens, self.max_model_len - len(prompt)))
-        stop_ids = self.stop_ids(sampling)
+        if done:
+            max_new = min(sampling.max_tokens - len(done), self.max_model_len - len(prompt) - len(done))
+            if done[-1] in stop_ids or max_new <= 0:
+                return RequestOutput(request.request_id, [], "stop" if done[-1] in stop_ids else "length")
         do_sample = sampling.temperature >= _GREEDY_BELOW
         # Greedy leaves the sampling options unset: transformers warns about them otherwise.
         sampling_options: dict[str, object] = {}
@@ -161,7 +169,7 @@ class HFBackend:
             }
         config = GenerationConfig(
             max_new_tokens=max_new,
-            min_new_tokens=min(sampling.min_tokens, max_new) or None,
+            min_new_tokens=min(max(0, sampling.min_tokens - len(done)), max_new) or None,
             do_sample=do_sample,
             repetition_penalty=sampling.repetition_penalty,
             eos_token_id=stop_ids or None,
@@ -177,14 +185,14 @@ class HFBackend:
             )
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed & ((1 << 64) - 1))
-        input_ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
+        input_ids = torch.tensor([[*prompt, *done]], dtype=torch.long, device=self.device)
         result = self.model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
             generation_config=config,
             logits_processor=processors,
         )
-        tokens = result.sequences[0, len(prompt) :].tolist()
+        tokens = result.sequences[0, input_ids.shape[1] :].tolist()
         finish = "stop" if tokens and tokens[-1] in stop_ids else "length"
         logprobs = self._logprobs(result.logits, tokens, sampling.logprobs) if sampling.logprobs is not None else None
         return RequestOutput(request.request_id, tokens, finish, logprobs=logprobs)

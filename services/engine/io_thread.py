@@ -10,7 +10,7 @@ only through in-memory structures:
 
 All request bookkeeping (``OutputRouter``) lives on this thread, and so does
 failover (failover.py: taking over a gone engine's requests, aborting those of
-a gone gateway).
+a gone gateway) and publishing fenced by entry ownership (ownership.py).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from services.engine.backend import EngineLoad, EngineRequest, RequestOutput
 from services.engine.failover import EngineFailover
+from services.engine.ownership import OwnedPublisher
 from services.engine.step_outputs import ENGINE_GROUP, OutputRouter, Publication
 from shared.messages import AbortRequests, Heartbeat, TokenizedRequest
 from shared.settings import EngineSettings
@@ -81,6 +82,7 @@ class EngineIO:
         self._transport: StreamTransport | None = None
         self._router: OutputRouter | None = None
         self._failover: EngineFailover | None = None
+        self._owned: OwnedPublisher | None = None
         self._lock = threading.Lock()
         self._free_slots = 0
         self._admitted = 0  # requests the main thread has taken from the inbox
@@ -187,8 +189,10 @@ class EngineIO:
         transport = self._transport = self._transport_factory()
         names = transport.names
         router = self._router = OutputRouter(names, self._engine_id, self._settings.detokenizer_shards)
+        owned = self._owned = OwnedPublisher(transport, router, on_lost=self._abort_lost)
         failover = self._failover = EngineFailover(
-            self._settings, transport, router, room=self._room, intake=self._intake, abort=self._abort_gone
+            self._settings, transport, router, room=self._room, intake=self._intake_claimed,
+            abort=self._abort_gone, touch=owned.touch,
         )
         try:
             await transport.ensure_group(names.tokenized, ENGINE_GROUP)
@@ -203,7 +207,7 @@ class EngineIO:
                 self._spawn(failover.watch_loop(self._is_closing)),
             ]
             try:
-                await self._publish_loop()
+                await self._publish_loop(owned)
             finally:
                 # The flag ends a loop even if a library swallowed its cancellation.
                 self._closing = True
@@ -247,7 +251,12 @@ class EngineIO:
             deliveries = await transport.read_group([stream], ENGINE_GROUP, count=room, block_ms=READ_BLOCK_MS)
             await self._intake(deliveries)
 
-    async def _intake(self, deliveries: Sequence[Delivery]) -> None:
+    async def _intake_claimed(self, deliveries: Sequence[Delivery]) -> None:
+        """Entries taken over from another engine: continue after the output it published."""
+        owned = self._owned
+        await self._intake(deliveries, await owned.done_tokens(deliveries) if owned is not None else {})
+
+    async def _intake(self, deliveries: Sequence[Delivery], done: dict[str, list[int]] | None = None) -> None:
         router, transport = self._require_router(), self._require_transport()
         now = time.time()
         drop: list[Ack] = []
@@ -269,9 +278,10 @@ class EngineIO:
             ):
                 drop.append(ack)  # nobody waits for the answer any more
             else:
-                router.track(message, delivery.entry_id)
+                outputs = (done or {}).get(message.request_id, [])
+                router.track(message, delivery.entry_id, outputs)
                 self._pulled += 1
-                request = EngineRequest(message.request_id, list(message.prompt_token_ids), message.sampling)
+                request = EngineRequest(message.request_id, list(message.prompt_token_ids), message.sampling, outputs)
                 self._inbox.put(NewRequest(request))
         if drop:
             await transport.ack(drop)
@@ -299,6 +309,10 @@ class EngineIO:
         """Abort requests whose gateway is gone; a copy of one pulled later never runs."""
         for request_id in request_ids:
             self._remember_abort(request_id)
+        self._inbox.put(AbortIds(request_ids))
+
+    def _abort_lost(self, request_ids: list[str]) -> None:
+        """Stop running requests another engine owns now (not remembered: it may hand them back)."""
         self._inbox.put(AbortIds(request_ids))
 
     def _is_closing(self) -> bool:
@@ -332,9 +346,9 @@ class EngineIO:
 
     # -- output ---------------------------------------------------------------
 
-    async def _publish_loop(self) -> None:
+    async def _publish_loop(self, owned: OwnedPublisher) -> None:
         """Publish steps in order; a backlog of steps goes out in one round trip."""
-        transport, router = self._require_transport(), self._require_router()
+        router = self._require_router()
         while True:
             items = [await self._outbox.get()]
             while not self._outbox.empty():
@@ -348,7 +362,7 @@ class EngineIO:
                 publication.extend(router.route(item))
             if end is not None:
                 publication.extend(self._last_words(end))
-            await transport.publish(publication.messages, acks=publication.acks)
+            await owned.publish(publication)
             if end is not None:
                 return
 

@@ -4,17 +4,21 @@ One engine step becomes one EngineStepOutput per detokenizer shard that has
 deltas in it. The router remembers, per request, the tokenized-stream entry to
 acknowledge when it ends, how many output tokens were published (each delta's
 ``offset``), and whether its first delta (with the detokenize parameters and
-prompt tail) has gone out.
+prompt tail) has gone out. With each delta goes an output checkpoint of its
+tokens, and with each end the checkpoint's deletion (shared/output_checkpoints.py),
+so that an engine taking the request over continues after what was published.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from services.engine.backend import RequestOutput
 from shared.messages import DetokenizeParams, EngineStepOutput, Message, RequestFailed, TokenDelta, TokenizedRequest
+from shared.output_checkpoints import OutputCheckpoint
 from shared.transport import Ack, StreamNames, shard_of
 
 log = logging.getLogger(__name__)
@@ -22,6 +26,8 @@ log = logging.getLogger(__name__)
 ENGINE_GROUP = "engines"
 # Prompt tokens sent with a request's first delta: decoding context for the detokenizer.
 PROMPT_TAIL_TOKENS = 8
+# Requests let go of (lost to another engine, or left for one), whose late outputs are dropped quietly.
+RECENTLY_FORGOTTEN = 10_000
 
 
 @dataclass(slots=True)
@@ -43,16 +49,44 @@ class TrackedRequest:
 
 @dataclass(slots=True)
 class Publication:
-    """What to publish, and which inputs to acknowledge after it, in one call."""
+    """What to publish, checkpoint and acknowledge, in one call."""
 
     messages: list[tuple[str, Message]] = field(default_factory=list)
     acks: list[Ack] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)  # request ids no longer tracked
+    checkpoints: list[OutputCheckpoint] = field(default_factory=list)
+    # Every request this publication touches -> its tokenized-stream entry, which this
+    # engine must still own for the publication to be written (the fence).
+    entries: dict[str, str] = field(default_factory=dict)
 
     def extend(self, other: Publication) -> None:
         self.messages.extend(other.messages)
         self.acks.extend(other.acks)
         self.finished.extend(other.finished)
+        self.checkpoints.extend(other.checkpoints)
+        self.entries.update(other.entries)
+
+    def requests_of(self, entry_ids: Collection[str]) -> list[str]:
+        return [request_id for request_id, entry_id in self.entries.items() if entry_id in entry_ids]
+
+    def without(self, request_ids: Collection[str]) -> Publication:
+        """The same minus everything of ``request_ids`` (requests this engine no longer owns)."""
+        lost_entries = {self.entries[r] for r in request_ids if r in self.entries}
+        messages: list[tuple[str, Message]] = []
+        for stream, message in self.messages:
+            if isinstance(message, EngineStepOutput):
+                deltas = [d for d in message.deltas if d.request_id not in request_ids]
+                if deltas:
+                    messages.append((stream, message.model_copy(update={"deltas": deltas})))
+            elif getattr(message, "request_id", None) not in request_ids:
+                messages.append((stream, message))
+        return Publication(
+            messages=messages,
+            acks=[ack for ack in self.acks if ack.entry_id not in lost_entries],
+            finished=[r for r in self.finished if r not in request_ids],
+            checkpoints=[c for c in self.checkpoints if c.request_id not in request_ids],
+            entries={r: e for r, e in self.entries.items() if r not in request_ids},
+        )
 
 
 class OutputRouter:
@@ -63,6 +97,7 @@ class OutputRouter:
         self._engine_id = engine_id
         self._shards = shards
         self._requests: dict[str, TrackedRequest] = {}
+        self._forgotten: OrderedDict[str, None] = OrderedDict()
         self._step = 0
 
     def __len__(self) -> int:
@@ -71,19 +106,31 @@ class OutputRouter:
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._requests
 
-    def track(self, request: TokenizedRequest, entry_id: str) -> None:
+    def track(self, request: TokenizedRequest, entry_id: str, done_token_ids: Sequence[int] = ()) -> None:
+        """``done_token_ids``: output a previous engine published (a takeover); deltas continue after it."""
         if request.request_id in self._requests:
             raise ValueError(f"request {request.request_id!r} is already tracked")
+        self._forgotten.pop(request.request_id, None)
+        # The decoding context of the first delta is what precedes it: for a takeover, the last outputs.
+        context = [*request.prompt_token_ids[-PROMPT_TAIL_TOKENS:], *done_token_ids[-PROMPT_TAIL_TOKENS:]]
         self._requests[request.request_id] = TrackedRequest(
             request_id=request.request_id,
             gateway_id=request.gateway_id,
             entry_id=entry_id,
             shard=shard_of(request.request_id, self._shards),
             prompt_tokens=len(request.prompt_token_ids),
-            prompt_tail=list(request.prompt_token_ids[-PROMPT_TAIL_TOKENS:]),
+            prompt_tail=context[-PROMPT_TAIL_TOKENS:],
             detokenize=request.detokenize,
+            emitted=len(done_token_ids),
             resend_detokenize=request.detokenize != DetokenizeParams(),
         )
+
+    def entry_of(self, request_id: str) -> str | None:
+        tracked = self._requests.get(request_id)
+        return None if tracked is None else tracked.entry_id
+
+    def requests_of_entries(self, entry_ids: Collection[str]) -> list[str]:
+        return [rid for rid, tracked in self._requests.items() if tracked.entry_id in entry_ids]
 
     def pending_entry_ids(self) -> list[str]:
         return [tracked.entry_id for tracked in self._requests.values()]
@@ -106,8 +153,10 @@ class OutputRouter:
         for output in outputs:
             tracked = self._requests.get(output.request_id)
             if tracked is None:
-                log.warning("output for unknown request %s dropped", output.request_id)
+                if output.request_id not in self._forgotten:
+                    log.warning("output for unknown request %s dropped", output.request_id)
                 continue
+            publication.entries[tracked.request_id] = tracked.entry_id
             if output.finish_reason == "abort":
                 # Whoever aborted (a gone client, a stop string) expects nothing more.
                 self._finish(tracked, publication)
@@ -119,7 +168,7 @@ class OutputRouter:
                 publication.messages.append((self._names.responses(tracked.gateway_id), failure))
                 self._finish(tracked, publication)
             else:
-                by_shard.setdefault(tracked.shard, []).append(self._delta(tracked, output))
+                by_shard.setdefault(tracked.shard, []).append(self._delta(tracked, output, publication))
                 if output.finish_reason is not None:
                     self._finish(tracked, publication)
         if by_shard:
@@ -144,15 +193,19 @@ class OutputRouter:
                 continue
             failure = RequestFailed(request_id=request_id, status=status, error_type=error_type, message=message)
             publication.messages.append((self._names.responses(tracked.gateway_id), failure))
+            publication.entries[request_id] = tracked.entry_id
             self._finish(tracked, publication)
         return publication
 
     def forget(self, request_ids: Iterable[str]) -> None:
         """Stop tracking without acknowledging: the entries stay for another engine."""
         for request_id in list(request_ids):
-            self._requests.pop(request_id, None)
+            if self._requests.pop(request_id, None) is not None:
+                self._forgotten[request_id] = None
+                if len(self._forgotten) > RECENTLY_FORGOTTEN:
+                    self._forgotten.popitem(last=False)
 
-    def _delta(self, tracked: TrackedRequest, output: RequestOutput) -> TokenDelta:
+    def _delta(self, tracked: TrackedRequest, output: RequestOutput, publication: Publication) -> TokenDelta:
         delta = TokenDelta(
             request_id=tracked.request_id,
             gateway_id=tracked.gateway_id,
@@ -168,6 +221,10 @@ class OutputRouter:
             tracked.first_sent = True
         elif tracked.resend_detokenize:
             delta.detokenize = tracked.detokenize
+        if output.new_token_ids and output.finish_reason is None:
+            # An ending request's checkpoint is deleted instead (_finish), with its ack.
+            checkpoint = OutputCheckpoint(tracked.request_id, tracked.emitted, tuple(output.new_token_ids))
+            publication.checkpoints.append(checkpoint)
         tracked.emitted += len(output.new_token_ids)
         return delta
 
@@ -175,3 +232,4 @@ class OutputRouter:
         del self._requests[tracked.request_id]
         publication.acks.append(Ack(self._names.tokenized, ENGINE_GROUP, tracked.entry_id))
         publication.finished.append(tracked.request_id)
+        publication.checkpoints.append(OutputCheckpoint(tracked.request_id, done=True))

@@ -159,6 +159,7 @@ def test_sigkill_of_an_engine_running_requests(pipeline: Pipeline, redis_client:
     assert running > 0, "the killed engine held no request: the test proved nothing"
     survivor = next(s for rid, s in engines.items() if rid != victim_id)
     assert f"from gone consumer {victim_id}" in survivor.log()
+    assert "resuming" in survivor.log()  # continued after the published tokens, not re-run
     poll(lambda: redis_client.xpending(NAMES.tokenized, "engines")["pending"] == 0, "every entry's ack")
     poll(lambda: not redis_client.hexists(NAMES.registry("engine"), victim_id), "the registry to forget it")
     pipeline.start("engine", **ENGINE)

@@ -64,8 +64,9 @@ def test_a_request_survives_its_engine_being_killed(pipeline: Pipeline, tokenize
     events = [json.loads(chunk) for chunk in chunks]
     ids = tokenizer(prompt)["input_ids"]
     expected = tokenizer.decode((ids * (max_tokens // len(ids) + 1))[:max_tokens])
-    # The second engine re-runs the request from the start; the detokenizer drops the
-    # tokens the client already has, so the text is whole and nothing is repeated.
+    # The second engine continues after the tokens the first one published (its output
+    # checkpoint), so the text is whole and nothing is repeated.
     assert "".join(e["choices"][0]["text"] for e in events) == expected, pipeline.logs()
     assert events[-1]["choices"][0]["finish_reason"] == "length"
     assert "took over 1 entries" in second.log()
+    assert "resuming 1 taken-over requests" in second.log()

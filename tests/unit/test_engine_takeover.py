@@ -9,6 +9,7 @@ from collections.abc import Callable
 import fakeredis
 
 from shared.messages import DetokenizeParams, SamplingParams, TokenizedRequest, encode
+from shared.output_checkpoints import pack_token_ids, unpack_token_ids
 from shared.transport import PAYLOAD_FIELD
 from tests.unit.test_engine_shell import NAMES, RunningEngine, start_engine, tokens_of, wait_for
 
@@ -63,6 +64,24 @@ def test_a_gone_engines_requests_are_taken_over_long_before_the_idle_timeout(
     assert not engine.redis.hexists(NAMES.registry("engine"), "engine-gone")
 
 
+def test_a_taken_over_request_continues_after_the_output_its_engine_published(
+    start_engine: Callable[..., RunningEngine],
+) -> None:
+    orphan = request("orphan", [4, 5, 6], "gw", max_tokens=7)
+
+    def prepare(redis: fakeredis.FakeRedis) -> None:
+        left_by_gone_engine(orphan)(redis)
+        redis.set(NAMES.output_checkpoint("orphan"), pack_token_ids([4, 5, 6, 4]))  # what it had published
+
+    engine = start_engine(before=prepare, **FAST)
+    wait_for(lambda: engine.finished("orphan"), timeout=3, what="the orphan to be taken over")
+    deltas = engine.deltas()["orphan"]
+    assert deltas[0].offset == 4 and deltas[0].prompt_tail == [4, 5, 6, 4, 5, 6, 4]
+    assert tokens_of(deltas) == [5, 6, 4]  # the echo's cycle, continued where it was
+    wait_for(lambda: engine.pending() == 0, what="the orphan's ack")
+    assert not engine.redis.exists(NAMES.output_checkpoint("orphan"))
+
+
 def test_an_engine_takes_over_only_as_many_requests_as_it_has_room_for(
     start_engine: Callable[..., RunningEngine],
 ) -> None:
@@ -104,3 +123,21 @@ def test_a_gone_gateways_requests_are_aborted_and_its_stream_deleted(
     assert "late" not in engine.deltas()
     engine.abort("kept")
     wait_for(lambda: engine.pending() == 0, what="the kept request's abort")
+
+
+def test_an_engine_stops_publishing_a_request_another_engine_claimed(
+    start_engine: Callable[..., RunningEngine],
+) -> None:
+    """An engine taken for dead (stalled past its TTL) whose request was claimed must not mix its tokens in."""
+    engine = start_engine(echo_step_delay_ms=5.0, **FAST)
+    entry = engine.submit("taken", [1], max_tokens=100_000)
+    wait_for(lambda: "taken" in engine.deltas(), what="the request to run")
+    engine.redis.xclaim(NAMES.tokenized, "engines", "survivor", 0, [entry], justid=True)
+    wait_for(lambda: not engine.service._backend.has_unfinished(), what="the engine to drop the request")
+    published = len(tokens_of(engine.deltas()["taken"]))
+    time.sleep(0.1)
+    assert len(tokens_of(engine.deltas()["taken"])) == published
+    assert not engine.finished("taken")
+    assert pending_of(engine, "survivor") == 1 and pending_of(engine, "engine-test") == 0
+    # Left for the survivor to continue from: exactly what was published.
+    assert unpack_token_ids(engine.redis.get(NAMES.output_checkpoint("taken"))) == tokens_of(engine.deltas()["taken"])

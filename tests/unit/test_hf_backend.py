@@ -64,6 +64,18 @@ def test_greedy_matches_a_plain_argmax_loop(tiny_model: torch.nn.Module) -> None
     assert out.finish_reason == "length"
 
 
+def test_a_taken_over_request_continues_after_its_output(tiny_model: torch.nn.Module) -> None:
+    hf = backend(tiny_model)
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, repetition_penalty=1.3, presence_penalty=0.5)
+    hf.add_request(EngineRequest("full", [3, 4, 5], params))
+    full = drain(hf)["full"].new_token_ids
+    hf.add_request(EngineRequest("resumed", [3, 4, 5], params, output_token_ids=full[:4]))
+    hf.add_request(EngineRequest("over", [3, 4, 5], params, output_token_ids=full))
+    results = drain(hf)
+    assert (results["resumed"].new_token_ids, results["resumed"].finish_reason) == (full[4:], "length")
+    assert (results["over"].new_token_ids, results["over"].finish_reason) == ([], "length")
+
+
 def test_stop_and_eos_end_the_request_unless_ignored(tiny_model: torch.nn.Module) -> None:
     prompt = [9, 10, 11]
     expected = manual_greedy(tiny_model, prompt, 10)

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from services.engine.backend import EngineLoad, EngineRequest, RequestOutput, TokenLogprobs
+from services.engine.backend import EngineFinish, EngineLoad, EngineRequest, RequestOutput, TokenLogprobs
 from services.engine.core.block_manager import BlockManager
 from services.engine.core.sampler import Sampler
 from services.engine.core.scheduler import ScheduledBatch, Scheduler
@@ -87,9 +87,11 @@ class EngineCore:
             return
         prompt = request.prompt_token_ids
         problem = self.scheduler.refusal(len(prompt))
-        if problem is None and (min(prompt) < 0 or max(prompt) >= self.config.vocab_size):
-            bad = next(t for t in prompt if t < 0 or t >= self.config.vocab_size)
-            problem = f"prompt token id {bad} is outside this model's vocabulary (0..{self.config.vocab_size - 1})"
+        vocab = self.config.vocab_size
+        if problem is None:
+            bad = next((t for t in (*prompt, *request.output_token_ids) if t < 0 or t >= vocab), None)
+            if bad is not None:
+                problem = f"prompt token id {bad} is outside this model's vocabulary (0..{vocab - 1})"
         if problem is not None:
             self._pending.append(RequestOutput(request.request_id, [], "error", error=problem))
             return
@@ -100,7 +102,13 @@ class EngineCore:
             request.sampling,
             arrival=self._arrivals,
             default_eos_token_ids=self.config.default_eos_token_ids,
+            output_token_ids=request.output_token_ids,
         )
+        done = self._finish_reason(seq) if request.output_token_ids else None
+        if done is not None:
+            # Taken over just as it ended (or this engine's context is shorter): nothing to add.
+            self._pending.append(RequestOutput(request.request_id, [], done))
+            return
         self._sequences[request.request_id] = seq
         self.scheduler.add(seq)
 
@@ -203,11 +211,7 @@ class EngineCore:
 
     def _append(self, seq: Sequence, token_id: int, logprobs: TokenLogprobs | None) -> RequestOutput:
         seq.append_token(token_id)
-        reason = None
-        if token_id in seq.stop_ids:
-            reason = "stop"
-        elif seq.num_output_tokens >= seq.sampling.max_tokens or seq.num_tokens >= self.max_model_len:
-            reason = "length"
+        reason = self._finish_reason(seq)
         if reason is not None:
             self.scheduler.finish(seq)
             seq.finish(reason)
@@ -218,6 +222,14 @@ class EngineCore:
             reason,
             logprobs=None if logprobs is None else [logprobs],
         )
+
+    def _finish_reason(self, seq: Sequence) -> EngineFinish | None:
+        """Whether the sequence's last token ends it."""
+        if seq.num_output_tokens and seq.token_ids[-1] in seq.stop_ids:
+            return "stop"
+        if seq.num_output_tokens >= seq.sampling.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
 
     def _record_forward(self, ended: float, seconds: float) -> None:
         self._forward_times.append((ended, seconds))

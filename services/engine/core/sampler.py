@@ -17,9 +17,10 @@ Order of operations on a row of logits (vLLM's and transformers' meanings):
 
 Drawing inverts the cumulative distribution at one uniform number per row
 (only the top_k / top_p candidates are looked at when those options are set,
-which avoids sorting the vocabulary). A request with a seed draws its
-uniform from its own torch.Generator, so its tokens depend on its seed alone
-and not on what else is in the batch.
+which avoids sorting the vocabulary). A request with a seed takes its
+uniform from a hash of (seed, output position), so its tokens depend on its
+seed alone, not on what else is in the batch, and an engine that resumes it
+at output token k draws what the first engine would have drawn there.
 """
 
 from __future__ import annotations
@@ -168,12 +169,13 @@ class Sampler:
         return tokens
 
     def _uniforms(self, seqs: list[Sequence], device: torch.device) -> torch.Tensor:
-        """One U[0, 1) per row; a seeded request draws its own from its generator."""
+        """One U[0, 1) per row; a seeded request's is a function of its seed and output position."""
         uniforms = torch.rand(len(seqs), generator=self._generator, device=self.device).to(device)
-        for j, seq in enumerate(seqs):
-            generator = seq.generator(self.device)
-            if generator is not None:
-                uniforms[j] = torch.rand(1, generator=generator, device=self.device)[0]
+        seeded = [j for j, seq in enumerate(seqs) if seq.sampling.seed is not None]
+        if seeded:
+            values = [seeded_uniform(seqs[j].sampling.seed or 0, seqs[j].num_output_tokens) for j in seeded]
+            # One copy to the device for all seeded rows, not one per row.
+            uniforms[seeded] = torch.tensor(values, dtype=uniforms.dtype).to(device)
         return uniforms
 
     @staticmethod
@@ -231,6 +233,26 @@ class Sampler:
             n = wanted[j]
             result[i] = (chosen_lp[j], list(zip(top_ids[j][:n], top_values[j][:n])))
         return result
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def seeded_uniform(seed: int, position: int) -> float:
+    """U[0, 1) for a seeded request's token at output ``position``.
+
+    Counter-based (no generator state), so it is the same on any engine and device,
+    after a preemption and after a takeover. 24 bits, like torch.rand in float32, so
+    the value is exact in the float32 tensor it goes into and never rounds up to 1.
+    """
+    return (_splitmix64(_splitmix64(seed & _MASK64) ^ position) >> 40) / float(1 << 24)
 
 
 # top_p without top_k draws among this many most likely tokens when they hold

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import enum
-
-import torch
+from collections.abc import Sequence as Tokens
 
 from services.engine.backend import EngineFinish
 from shared.messages import SamplingParams
-
-_SEED_MASK = (1 << 64) - 1
 
 
 class SequenceStatus(enum.Enum):
@@ -29,7 +26,6 @@ class Sequence:
     """
 
     __slots__ = (
-        "_generator",
         "arrival",
         "block_hashes",
         "block_table",
@@ -54,12 +50,15 @@ class Sequence:
         sampling: SamplingParams,
         arrival: int,
         default_eos_token_ids: list[int] | None = None,
+        output_token_ids: Tokens[int] = (),
     ) -> None:
+        """``output_token_ids``: tokens another engine already generated for this request
+        (a takeover); they are computed like a prompt but count as output."""
         self.request_id = request_id
         # Order of arrival: the scheduler serves and protects older requests first.
         self.arrival = arrival
         self.sampling = sampling
-        self.token_ids: list[int] = list(prompt_token_ids)
+        self.token_ids: list[int] = [*prompt_token_ids, *output_token_ids]
         self.num_prompt_tokens = len(prompt_token_ids)
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
@@ -80,7 +79,6 @@ class Sequence:
         self.finish_reason: EngineFinish | None = None
         self.error: str | None = None
         self.num_preemptions = 0
-        self._generator: torch.Generator | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -105,19 +103,6 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
-
-    def generator(self, device: torch.device) -> torch.Generator | None:
-        """The request's own random stream when it has a seed, else None.
-
-        Created once and kept across preemptions, so a seeded request draws
-        the same numbers whatever else shares its batches.
-        """
-        if self.sampling.seed is None:
-            return None
-        if self._generator is None:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.sampling.seed & _SEED_MASK)
-        return self._generator
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
