@@ -12,8 +12,9 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import redis
@@ -22,6 +23,17 @@ from shared.messages import Heartbeat, decode
 from shared.transport import StreamNames
 
 MODEL = "SmolLM2-135M-Instruct"
+# Non-ASCII chat prompts for the runs with the real model: multi-byte characters split over tokens.
+CHAT_PROMPTS = [
+    "Напиши короткое стихотворение о море.",
+    "Объясни, что такое гравитация, простыми словами.",
+    "Écris une phrase sur la pluie à Paris.",
+    "Расскажи сказку про ёжика и туман.",
+    "日本の首都はどこですか？一文で答えてください。",
+    "Wie spät ist es auf dem Mond? Antworte kurz.",
+    "Назови три цвета радуги и опиши каждый.",
+    "Describe a sunrise using emoji 🌅 and words.",
+]
 
 
 @dataclass
@@ -39,6 +51,13 @@ class Outcome:
         return self.finish_reason is not None and self.error is None and not self.hung
 
 
+async def sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The JSON events of an OpenAI-style SSE response, up to (not including) ``[DONE]``."""
+    async for line in response.aiter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])
+
+
 async def stream_one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, timeout_s: float) -> Outcome:
     outcome = Outcome(prompt)
     started = time.monotonic()
@@ -49,10 +68,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, prompt: str, max_token
                 if response.status_code != 200:
                     outcome.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                     return outcome
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    event = json.loads(line[6:])
+                async for event in sse_events(response):
                     if "error" in event:
                         outcome.error = str(event["error"])
                         continue

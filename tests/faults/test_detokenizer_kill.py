@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import signal
 import statistics
 import time
@@ -31,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from services.redis_server import EmbeddedRedis
 from shared.transport import StreamNames
+from tests.faults.streams import CHAT_PROMPTS, sse_events
 from tests.integration.harness import Pipeline, ServiceProcess
 
 pytestmark = pytest.mark.integration
@@ -69,10 +69,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, path: str, body: dict[
         if response.status_code != 200:
             result.error = f"HTTP {response.status_code}"
             return
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
+        async for event in sse_events(response):
             if "error" in event:
                 result.error = str(event["error"])
                 continue
@@ -225,18 +222,6 @@ def test_text_is_exact_across_a_detokenizer_kill_echo(
         raise
     finally:
         pipeline.stop_all()
-
-
-CHAT_PROMPTS = [
-    "Напиши короткое стихотворение о море.",
-    "Объясни, что такое гравитация, простыми словами.",
-    "Écris une phrase sur la pluie à Paris.",
-    "Расскажи сказку про ёжика и туман.",
-    "日本の首都はどこですか？一文で答えてください。",
-    "Wie spät ist es auf dem Mond? Antworte kurz.",
-    "Назови три цвета радуги и опиши каждый.",
-    "Describe a sunrise using emoji 🌅 and words.",
-]
 
 
 @pytest.mark.slow

@@ -19,7 +19,6 @@ docs/architecture.md, "Engine takeover".
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import statistics
 import time
@@ -38,8 +37,7 @@ from transformers import PreTrainedTokenizerBase
 from services.redis_server import EmbeddedRedis
 from shared.messages import TokenizedRequest, decode
 from shared.transport import PAYLOAD_FIELD, StreamNames
-from tests.faults.streams import replica_id_in
-from tests.faults.test_detokenizer_kill import CHAT_PROMPTS
+from tests.faults.streams import CHAT_PROMPTS, replica_id_in, sse_events
 from tests.integration.harness import Pipeline, ServiceProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -74,7 +72,9 @@ def bodies(tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, list[int], dic
     found = []
     for i in range(CONCURRENCY):
         messages = [{"role": "user", "content": f"{CHAT_PROMPTS[i % len(CHAT_PROMPTS)]} ({i})"}]
-        prompt_ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+        prompt_ids = list(
+            tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+        )
         kind = KINDS[i % len(KINDS)]
         sampling: dict[str, Any] = {"temperature": 0.0} if kind == "greedy" else {"temperature": 1.0}
         if kind == "seeded":
@@ -98,10 +98,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict[str, Any], 
         if response.status_code != 200:
             result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
             return
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
+        async for event in sse_events(response):
             if "error" in event:
                 result.error = str(event["error"])
                 continue
@@ -141,7 +138,9 @@ def held_by(client: redis.Redis, consumer: str) -> list[str]:
 
 
 async def run_load(
-    url: str, load: list[tuple[str, list[int], dict[str, Any]]], engines: dict[str, ServiceProcess] | None,
+    url: str,
+    load: list[tuple[str, list[int], dict[str, Any]]],
+    engines: dict[str, ServiceProcess] | None,
     client: redis.Redis,
 ) -> tuple[list[Stream], Kill | None]:
     streams = [Stream(kind, prompt_ids) for kind, prompt_ids, _ in load]
@@ -226,10 +225,15 @@ def check(
     from shared.settings import CommonSettings
 
     for run in (clean, faulted):
-        bad = [(s.request_id, s.error, s.finish_reason, s.completion_tokens) for s in run if s.error or not s.finish_reason]
+        bad = [
+            (s.request_id, s.error, s.finish_reason, s.completion_tokens) for s in run if s.error or not s.finish_reason
+        ]
         assert not bad, bad
         for s in run:
-            assert s.finish_reason == "length" and s.completion_tokens == MAX_TOKENS, (s.request_id, s.completion_tokens)
+            assert s.finish_reason == "length" and s.completion_tokens == MAX_TOKENS, (
+                s.request_id,
+                s.completion_tokens,
+            )
             assert len(s.token_ids) == MAX_TOKENS == len(s.logprobs), (s.request_id, len(s.token_ids))
             assert tokenizer.decode(s.token_ids, skip_special_tokens=True) == s.text, s.request_id
     exact = [(c.text, f.text) for c, f in zip(clean, faulted) if c.kind != "random"]
@@ -264,6 +268,8 @@ def check(
     print(f"engine kill (torch): {figures}")
     for s in faulted:
         assert max(diffs[id(s)]) < LOGPROB_TOLERANCE, (
-            s.kind, s.request_id in kill.held, [round(d, 4) for d in diffs[id(s)]]
+            s.kind,
+            s.request_id in kill.held,
+            [round(d, 4) for d in diffs[id(s)]],
         )
     assert "resuming" in survivor.log(), "the survivor never continued from a checkpoint"

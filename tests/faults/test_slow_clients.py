@@ -77,16 +77,19 @@ def open_stalled_stream(url: str) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: sets the window
     sock.connect((host, int(port)))
-    body = json.dumps({"model": MODEL, "prompt": [LONG_TOKEN], "max_tokens": STALLED_TOKENS, "stream": True,
-                       "ignore_eos": True}).encode()
-    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    body = json.dumps(
+        {"model": MODEL, "prompt": [LONG_TOKEN], "max_tokens": STALLED_TOKENS, "stream": True, "ignore_eos": True}
+    ).encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
     sock.sendall(head + body)
     return sock
 
 
 def how_it_ended(sock: socket.socket, timeout_s: float) -> str:
-    """"reset", "closed" (EOF) or "open": read what the connection still holds until it ends."""
+    """ "reset", "closed" (EOF) or "open": read what the connection still holds until it ends."""
     sock.settimeout(timeout_s)
     try:
         while sock.recv(65536):
@@ -163,8 +166,7 @@ def test_stalled_readers_cost_bounded_memory_are_aborted_and_slow_no_one(
         await wait_until(lambda: metric(url, "scalellm_gateway_buffered_bytes") > piled_up, 30, "output to pile up")
         outcomes = await run_load(url, load, max_tokens=MAX_TOKENS)
         # Still stalled, still generating: then cut off within the bound or the timeout.
-        cut_off = await wait_until(lambda: engine_running() == 0, 60,
-                                   "the engine to stop the stalled requests")
+        cut_off = await wait_until(lambda: engine_running() == 0, 60, "the engine to stop the stalled requests")
         stop.set()
         await sampler
         return outcomes, rss_peak, sockets, cut_off
@@ -177,10 +179,12 @@ def test_stalled_readers_cost_bounded_memory_are_aborted_and_slow_no_one(
         (base_max, base_p99), (fault_max, fault_p99) = latencies(base), latencies(outcomes)
         reasons = slow_client_counts(url)
         growth = rss_peak - rss_before
-        print(f"\n{counts}; latency max {fault_max:.2f} s / p99 {fault_p99:.2f} s with {STALLED} stalled clients, "
-              f"{base_max:.2f} s / {base_p99:.2f} s without; gateway RSS {rss_before:.1f} MB -> peak "
-              f"{rss_peak:.1f} MB (+{growth:.1f}); stalled requests stopped {stopped:.1f} s "
-              f"after they began ({cut_off:.1f} s after the load ended); cut off by {reasons}")
+        print(
+            f"\n{counts}; latency max {fault_max:.2f} s / p99 {fault_p99:.2f} s with {STALLED} stalled clients, "
+            f"{base_max:.2f} s / {base_p99:.2f} s without; gateway RSS {rss_before:.1f} MB -> peak "
+            f"{rss_peak:.1f} MB (+{growth:.1f}); stalled requests stopped {stopped:.1f} s "
+            f"after they began ({cut_off:.1f} s after the load ended); cut off by {reasons}"
+        )
         assert counts == {"ok": CONCURRENCY, "error": 0, "hung": 0, "differing": 0}, services.logs()
         assert fault_max - base_max < LATENCY_SLACK_S and fault_p99 - base_p99 < LATENCY_SLACK_S
         assert growth < RSS_GROWTH_LIMIT_MB
