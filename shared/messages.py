@@ -15,6 +15,10 @@ import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 FinishReason = Literal["stop", "length", "abort", "error"]
+# Every kind of replica; each beats as one of these.
+Role = Literal["gateway", "tokenizer", "engine", "detokenizer"]
+# Per generated token: (logprob of the chosen token, [(alternative id, logprob), ...]).
+TokenLogprobs = tuple[float, list[tuple[int, float]]]
 
 
 class MessageError(ValueError):
@@ -105,7 +109,7 @@ class TokenDelta(_Model):
     prompt_tokens: int
     finish_reason: FinishReason | None = None
     # Per token: [chosen logprob, [[alt token id, alt logprob], ...]].
-    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    logprobs: list[TokenLogprobs] | None = None
     # Set on a request's first delta only: what the detokenizer needs to start.
     detokenize: DetokenizeParams | None = None
     prompt_tail: list[int] | None = None
@@ -133,7 +137,7 @@ class TextDelta(_Model):
     token_ids: list[int] = Field(default_factory=list)
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
-    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    logprobs: list[TokenLogprobs] | None = None
     # Code points of the request's output text before ``text``: lets the gateway
     # drop text it already has if a delta is ever published twice.
     offset: int | None = None
@@ -192,7 +196,7 @@ class DecodeCheckpoint(Message):
     text_tail: str = ""
     sent: int = 0  # code points of ``text_tail`` already sent
     unsent_token_ids: list[int] = Field(default_factory=list)
-    unsent_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    unsent_logprobs: list[TokenLogprobs] | None = None
     finish_reason: FinishReason | None = None  # set: the request is over, later deltas are dropped
     stopped_by_string: bool = False
 
@@ -201,7 +205,7 @@ class Heartbeat(Message):
     """Every replica -> key ``{p}:heartbeat:{role}:{replica_id}`` with a TTL."""
 
     TYPE: ClassVar[str] = "heartbeat"
-    role: Literal["gateway", "tokenizer", "engine", "detokenizer"]
+    role: Role
     replica_id: str
     time: float
     # Engine load; zero elsewhere.

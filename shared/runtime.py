@@ -8,13 +8,10 @@ import logging
 import signal
 import sys
 import time
-from typing import Literal
 
 from shared.failover import OwnPulse
-from shared.messages import Heartbeat
+from shared.messages import Heartbeat, Role
 from shared.transport import StreamTransport
-
-Role = Literal["gateway", "tokenizer", "engine", "detokenizer"]
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

@@ -24,11 +24,18 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from shared.messages import DecodeCheckpoint, DetokenizeParams, FinishReason, TextDelta, TokenDelta, Usage
+from shared.messages import (
+    DecodeCheckpoint,
+    DetokenizeParams,
+    FinishReason,
+    TextDelta,
+    TokenDelta,
+    TokenLogprobs,
+    Usage,
+)
 
 log = logging.getLogger(__name__)
 
-Logprob = tuple[float, list[tuple[int, float]]]
 REPLACEMENT_CHAR = "\ufffd"
 
 
@@ -87,7 +94,7 @@ class IncrementalDetokenizer:
         # Tokens (and their logprobs) not yet reported in a TextDelta, because
         # they produced no text yet.
         self._unsent_ids: list[int] = []
-        self._unsent_logprobs: list[Logprob] = []
+        self._unsent_logprobs: list[TokenLogprobs] = []
 
     @property
     def finished(self) -> bool:

@@ -9,13 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
-from shared.messages import SamplingParams
-
-EngineFinish = Literal["stop", "length", "abort", "error"]
-# Per generated token: (logprob of the chosen token, [(alternative id, logprob), ...]).
-TokenLogprobs = tuple[float, list[tuple[int, float]]]
+from shared.messages import FinishReason, SamplingParams, TokenLogprobs
 
 
 @dataclass(slots=True)
@@ -35,7 +31,7 @@ class RequestOutput:
 
     request_id: str
     new_token_ids: list[int]
-    finish_reason: EngineFinish | None = None
+    finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprobs] | None = None
     # With finish_reason "error": why, in words a client can act on.
     error: str | None = None

@@ -13,7 +13,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from services.engine.backend import EngineFinish, EngineLoad, EngineRequest, RequestOutput, TokenLogprobs
+from services.engine.backend import EngineLoad, EngineRequest, RequestOutput
+from shared.messages import FinishReason, TokenLogprobs
 from shared.settings import EngineSettings
 
 
@@ -32,7 +33,7 @@ class _EchoSequence:
         # Taken over from another engine: continue the cycle where its output ended.
         return cls(request, frozenset(stop_ids), generated=len(request.output_token_ids))
 
-    def ended(self) -> EngineFinish | None:
+    def ended(self) -> FinishReason | None:
         """Why a taken-over request was already over when it arrived, if it was."""
         done = self.request.output_token_ids
         if done and done[-1] in self.stop_ids and len(done) > self.request.sampling.min_tokens:
@@ -115,9 +116,7 @@ class EchoBackend:
         finished: list[str] = []
         for request_id, sequence in self._running.items():
             token, finish = sequence.next_token()
-            outputs.append(
-                RequestOutput(request_id, [token], finish, logprobs=_echo_logprobs(sequence.request, token))
-            )
+            outputs.append(RequestOutput(request_id, [token], finish, logprobs=_echo_logprobs(sequence.request, token)))
             if finish is not None:
                 finished.append(request_id)
         for request_id in finished:
@@ -150,9 +149,7 @@ class EchoBackend:
         while self._waiting and len(self._running) < self.max_running_requests:
             _, request = self._waiting.popitem(last=False)
             if not request.prompt_token_ids:
-                refused.append(
-                    RequestOutput(request.request_id, [], "error", error="the prompt has no tokens to echo")
-                )
+                refused.append(RequestOutput(request.request_id, [], "error", error="the prompt has no tokens to echo"))
                 continue
             sequence = _EchoSequence.start(request)
             ended = sequence.ended()

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from services.engine.backend import EngineLoad, EngineRequest, RequestOutput, TokenLogprobs
-from shared.messages import SamplingParams
+from services.engine.backend import EngineLoad, EngineRequest, RequestOutput
+from shared.messages import SamplingParams, TokenLogprobs
 from shared.settings import EngineSettings
 
 log = logging.getLogger(__name__)

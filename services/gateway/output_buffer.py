@@ -28,10 +28,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from shared.messages import FinishReason, RequestFailed, TextDelta, Usage
+from shared.messages import FinishReason, RequestFailed, TextDelta, TokenLogprobs, Usage
 
 Event = TextDelta | RequestFailed
-Logprobs = list[tuple[float, list[tuple[int, float]]]]
 
 # Rounded CPython sizes of what a pending delta keeps alive; the bound is on memory.
 _POINTER = 8
@@ -58,7 +57,7 @@ class _Merged:
     offset: int | None
     parts: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
-    logprobs: Logprobs | None = None
+    logprobs: list[TokenLogprobs] | None = None
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
 
@@ -82,17 +81,27 @@ class _Merged:
     def delta(self) -> TextDelta:
         # Built from fields that were validated when each part was decoded.
         return TextDelta.model_construct(
-            request_id=self.request_id, text="".join(self.parts), token_ids=self.token_ids,
-            finish_reason=self.finish_reason, usage=self.usage, logprobs=self.logprobs, offset=self.offset,
+            request_id=self.request_id,
+            text="".join(self.parts),
+            token_ids=self.token_ids,
+            finish_reason=self.finish_reason,
+            usage=self.usage,
+            logprobs=self.logprobs,
+            offset=self.offset,
         )
 
 
 class OutputBuffer:
     """Pending events of one request: never blocks the producer, bounded, coalesced."""
 
-    def __init__(self, request_id: str, *, max_bytes: int | None = None,
-                 on_overflow: Callable[[], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        *,
+        max_bytes: int | None = None,
+        on_overflow: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if max_bytes is not None and max_bytes < 1:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         self.request_id = request_id
@@ -188,7 +197,10 @@ class OutputBuffer:
 
     def _overflow_failure(self) -> RequestFailed:
         limit = self.max_bytes or 0
-        return RequestFailed(request_id=self.request_id, status=503, error_type="server_error",
-                             message=f"The client read the stream too slowly: more than {limit} bytes of output "
-                                     "waited to be sent, so the request was aborted.")
-
+        return RequestFailed(
+            request_id=self.request_id,
+            status=503,
+            error_type="server_error",
+            message=f"The client read the stream too slowly: more than {limit} bytes of output "
+            "waited to be sent, so the request was aborted.",
+        )

@@ -16,13 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.gateway.errors import ApiError
-from shared.messages import TextDelta, Usage
+from shared.messages import TextDelta, TokenLogprobs, Usage
 
 SSE_DONE = b"data: [DONE]\n\n"
 # JSON has no -inf; vLLM sends this value in its place.
 _MIN_LOGPROB = -9999.0
-
-TokenLogprobs = tuple[float, list[tuple[int, float]]]
 
 
 def sse(payload: dict[str, Any]) -> bytes:
@@ -82,15 +80,17 @@ def chat_logprobs(token_ids: list[int], logprobs: list[TokenLogprobs]) -> list[d
     """Entries of a chat choice's ``logprobs.content``."""
     content = []
     for i, (chosen, alternatives) in enumerate(logprobs):
-        content.append({
-            "token": token_name(token_ids[i] if i < len(token_ids) else None),
-            "logprob": _finite(chosen),
-            "bytes": None,
-            "top_logprobs": [
-                {"token": token_name(alt_id), "logprob": _finite(alt_lp), "bytes": None}
-                for alt_id, alt_lp in alternatives
-            ],
-        })
+        content.append(
+            {
+                "token": token_name(token_ids[i] if i < len(token_ids) else None),
+                "logprob": _finite(chosen),
+                "bytes": None,
+                "top_logprobs": [
+                    {"token": token_name(alt_id), "logprob": _finite(alt_lp), "bytes": None}
+                    for alt_id, alt_lp in alternatives
+                ],
+            }
+        )
     return content
 
 
@@ -108,16 +108,24 @@ class ResponseBuilder:
         self._text_len = 0  # characters sent so far, for completion text offsets
 
     def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
-        body = {"id": self.request_id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": [choice]}
+        body = {
+            "id": self.request_id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
         if self.include_usage:
             body["usage"] = None  # as OpenAI: present but null on all but the usage chunk
         return body
 
     def role_chunk(self) -> bytes:
         """The first chat chunk, announcing the assistant's turn."""
-        return sse(self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                "finish_reason": None}))
+        return sse(
+            self._chunk(
+                {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            )
+        )
 
     def text_chunk(self, text: str, delta: TextDelta | None = None) -> bytes:
         """A chunk with new text; ``delta`` adds its logprobs and finish reason."""
@@ -132,29 +140,51 @@ class ResponseBuilder:
                 logprobs = partial.body()
         self._text_len += len(text)
         if self.chat:
-            choice = {"index": 0, "delta": {"content": text} if text or not finish else {}, "logprobs": logprobs,
-                      "finish_reason": finish}
+            choice = {
+                "index": 0,
+                "delta": {"content": text} if text or not finish else {},
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }
         else:
             choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return sse(self._chunk(choice))
 
     def usage_chunk(self, usage: dict[str, int]) -> bytes:
-        return sse({"id": self.request_id, "object": self.object, "created": self.created, "model": self.model,
-                    "choices": [], "usage": usage})
+        return sse(
+            {
+                "id": self.request_id,
+                "object": self.object,
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": usage,
+            }
+        )
 
     def full_response(self, result: CollectedOutput) -> dict[str, Any]:
         usage = usage_body(result.usage, result.completion_tokens)
         if self.chat:
             logprobs = {"content": result.chat_logprobs} if self.logprobs else None
-            choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": logprobs,
-                      "finish_reason": result.finish_reason}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.text},
+                "logprobs": logprobs,
+                "finish_reason": result.finish_reason,
+            }
             obj = "chat.completion"
         else:
             logprobs = result.completion_logprobs.body() if self.logprobs else None
             choice = {"index": 0, "text": result.text, "logprobs": logprobs, "finish_reason": result.finish_reason}
             obj = "text_completion"
-        return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model,
-                "choices": [choice], "usage": usage}
+        return {
+            "id": self.request_id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": usage,
+        }
 
 
 class CollectedOutput:

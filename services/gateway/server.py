@@ -49,7 +49,7 @@ from services.gateway.session import (
     stream_events,
 )
 from services.gateway.slow_clients import ClientConnections, SlowClientMonitor
-from shared.messages import CompletionRequest
+from shared.messages import CompletionRequest, Role
 from shared.model_files import served_model_name
 from shared.runtime import configure_logging
 from shared.settings import GatewaySettings, load_settings, new_replica_id
@@ -57,7 +57,7 @@ from shared.transport import StreamTransport
 
 log = logging.getLogger("services.gateway")
 
-PIPELINE_ROLES = ("tokenizer", "engine", "detokenizer")
+PIPELINE_ROLES: tuple[Role, ...] = ("tokenizer", "engine", "detokenizer")
 HEALTH_TIMEOUT_S = 3.0
 # On SIGTERM, running requests get this long to finish before they end with a 503.
 DRAIN_S = 8

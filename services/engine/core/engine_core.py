@@ -15,12 +15,13 @@ from typing import Protocol
 
 import torch
 
-from services.engine.backend import EngineFinish, EngineLoad, EngineRequest, RequestOutput, TokenLogprobs
+from services.engine.backend import EngineLoad, EngineRequest, RequestOutput
 from services.engine.core.block_manager import BlockManager
 from services.engine.core.sampler import Sampler
 from services.engine.core.scheduler import ScheduledBatch, Scheduler
 from services.engine.core.sequence import Sequence
 from services.engine.model.batch import ForwardBatch
+from shared.messages import FinishReason, TokenLogprobs
 
 
 class Runner(Protocol):
@@ -223,7 +224,7 @@ class EngineCore:
             logprobs=None if logprobs is None else [logprobs],
         )
 
-    def _finish_reason(self, seq: Sequence) -> EngineFinish | None:
+    def _finish_reason(self, seq: Sequence) -> FinishReason | None:
         """Whether the sequence's last token ends it."""
         if seq.num_output_tokens and seq.token_ids[-1] in seq.stop_ids:
             return "stop"

@@ -29,9 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from services.engine.backend import TokenLogprobs
 from services.engine.core.sequence import Sequence
-from shared.messages import SamplingParams
+from shared.messages import SamplingParams, TokenLogprobs
 
 _GREEDY_BELOW = 1e-5
 

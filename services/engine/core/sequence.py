@@ -5,8 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence as Tokens
 
-from services.engine.backend import EngineFinish
-from shared.messages import SamplingParams
+from shared.messages import FinishReason, SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -76,7 +75,7 @@ class Sequence:
         self.stop_ids: frozenset[int] = frozenset(sampling.stop_token_ids) | (
             frozenset() if sampling.ignore_eos else frozenset(eos)
         )
-        self.finish_reason: EngineFinish | None = None
+        self.finish_reason: FinishReason | None = None
         self.error: str | None = None
         self.num_preemptions = 0
 
@@ -107,7 +106,7 @@ class Sequence:
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
 
-    def finish(self, reason: EngineFinish, error: str | None = None) -> None:
+    def finish(self, reason: FinishReason, error: str | None = None) -> None:
         self.status = SequenceStatus.FINISHED
         self.finish_reason = reason
         self.error = error
