@@ -43,7 +43,6 @@ class EngineLoad:
     waiting: int = 0
     kv_usage: float = 0.0  # share of KV blocks in use, 0..1
     forward_share: float = 0.0  # share of wall time spent in model forward, 0..1
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class EngineBackend(Protocol):

@@ -53,7 +53,6 @@ class Publication:
 
     messages: list[tuple[str, Message]] = field(default_factory=list)
     acks: list[Ack] = field(default_factory=list)
-    finished: list[str] = field(default_factory=list)  # request ids no longer tracked
     checkpoints: list[OutputCheckpoint] = field(default_factory=list)
     # Every request this publication touches -> its tokenized-stream entry, which this
     # engine must still own for the publication to be written (the fence).
@@ -62,7 +61,6 @@ class Publication:
     def extend(self, other: Publication) -> None:
         self.messages.extend(other.messages)
         self.acks.extend(other.acks)
-        self.finished.extend(other.finished)
         self.checkpoints.extend(other.checkpoints)
         self.entries.update(other.entries)
 
@@ -83,7 +81,6 @@ class Publication:
         return Publication(
             messages=messages,
             acks=[ack for ack in self.acks if ack.entry_id not in lost_entries],
-            finished=[r for r in self.finished if r not in request_ids],
             checkpoints=[c for c in self.checkpoints if c.request_id not in request_ids],
             entries={r: e for r, e in self.entries.items() if r not in request_ids},
         )
@@ -231,5 +228,4 @@ class OutputRouter:
     def _finish(self, tracked: TrackedRequest, publication: Publication) -> None:
         del self._requests[tracked.request_id]
         publication.acks.append(Ack(self._names.tokenized, ENGINE_GROUP, tracked.entry_id))
-        publication.finished.append(tracked.request_id)
         publication.checkpoints.append(OutputCheckpoint(tracked.request_id, done=True))

@@ -64,7 +64,7 @@ def test_token_budget_is_never_exceeded_and_everything_finishes() -> None:
         batch = step(sched)
         assert 0 < batch.num_tokens <= 16
         assert len(sched.running) <= 8
-    assert all(s.is_finished for s in seqs)
+    assert all(s.status is SequenceStatus.FINISHED for s in seqs)
     assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
 
 

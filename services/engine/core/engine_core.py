@@ -137,17 +137,11 @@ class EngineCore:
         return max(0, min(slots, room))
 
     def load(self) -> EngineLoad:
-        bm = self.block_manager
         return EngineLoad(
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
-            kv_usage=bm.usage(),
+            kv_usage=self.block_manager.usage(),
             forward_share=self.forward_share(),
-            extra={
-                "prefix_cache_hit_rate": bm.prefix_hits / bm.prefix_queries if bm.prefix_queries else 0.0,
-                "preemptions": float(self.scheduler.num_preemptions),
-                "steps": float(self.num_steps),
-            },
         )
 
     def step(self) -> list[RequestOutput]:

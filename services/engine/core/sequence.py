@@ -28,7 +28,6 @@ class Sequence:
         "arrival",
         "block_hashes",
         "block_table",
-        "error",
         "finish_reason",
         "num_cached_tokens",
         "num_computed_tokens",
@@ -76,7 +75,6 @@ class Sequence:
             frozenset() if sampling.ignore_eos else frozenset(eos)
         )
         self.finish_reason: FinishReason | None = None
-        self.error: str | None = None
         self.num_preemptions = 0
 
     @property
@@ -99,17 +97,12 @@ class Sequence:
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
 
-    @property
-    def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
-
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
 
-    def finish(self, reason: FinishReason, error: str | None = None) -> None:
+    def finish(self, reason: FinishReason) -> None:
         self.status = SequenceStatus.FINISHED
         self.finish_reason = reason
-        self.error = error
 
     def __repr__(self) -> str:
         return (
