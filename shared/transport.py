@@ -16,7 +16,7 @@ import logging
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -36,7 +36,9 @@ PAYLOAD_FIELD = b"m"
 _RETRYABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 # Renew or release a lease only if we still hold it.
-_RENEW_LEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
+_RENEW_LEASE = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
+)
 _RELEASE_LEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 
 
@@ -71,7 +73,12 @@ def shard_of(request_id: str, shards: int) -> int:
 
 
 class StreamNames:
-    """Every stream and key name, derived from the configured prefix."""
+    """Every stream, consumer-group and key name; streams and keys derive from the configured prefix."""
+
+    # The consumer group each stage reads its work stream in (docs/protocol.md).
+    tokenizer_group: ClassVar[str] = "tokenizers"  # on requests
+    engine_group: ClassVar[str] = "engines"  # on tokenized
+    detokenizer_group: ClassVar[str] = "detokenizers"  # on generated:{shard}
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -190,9 +197,7 @@ class StreamTransport(WorkStreamMixin, FencedPublishMixin, OutputCheckpointMixin
         await self._retry("XGROUP CREATE", create)
         self._known_groups.add((stream, group))
 
-    async def read_group(
-        self, streams: Sequence[str], group: str, *, count: int, block_ms: int
-    ) -> list[Delivery]:
+    async def read_group(self, streams: Sequence[str], group: str, *, count: int, block_ms: int) -> list[Delivery]:
         """New entries for this consumer; waits up to ``block_ms`` for one."""
         if not streams or count <= 0:
             if block_ms:
@@ -315,9 +320,7 @@ class StreamTransport(WorkStreamMixin, FencedPublishMixin, OutputCheckpointMixin
 
     # -- plain reads (one reader per stream, or broadcast) ------------------
 
-    async def read_stream(
-        self, stream: str, last_id: str, *, count: int, block_ms: int
-    ) -> tuple[str, list[Delivery]]:
+    async def read_stream(self, stream: str, last_id: str, *, count: int, block_ms: int) -> tuple[str, list[Delivery]]:
         """Entries after ``last_id`` (``"$"``: only new ones); returns the new last id."""
         reply = await self._retry(
             "XREAD", lambda: self._redis.xread({stream: last_id}, count=count, block=block_ms or None)
@@ -397,4 +400,3 @@ class StreamTransport(WorkStreamMixin, FencedPublishMixin, OutputCheckpointMixin
     async def release_lease(self, resource: str) -> None:
         key = self.names.lease(resource)
         await self._retry("lease", lambda: self._redis.eval(_RELEASE_LEASE, 1, key, self.consumer))
-

@@ -34,7 +34,6 @@ from shared.transport import Ack, Delivery, StreamTransport, shard_of
 
 log = logging.getLogger(__name__)
 
-GROUP = "detokenizers"
 EXPIRE_EVERY_S = 10.0
 # A request's checkpoint outlives any pause in its output the gateway would wait out.
 CHECKPOINT_TTL_MS = 600_000
@@ -106,7 +105,7 @@ class DetokenizerService:
                 if not deliveries:
                     streams = [self.names.generated(s) for s in self.leases.held]
                     deliveries = await self.transport.read_group(
-                        streams, GROUP, count=self.batch_size, block_ms=self._read_block_ms
+                        streams, self.names.detokenizer_group, count=self.batch_size, block_ms=self._read_block_ms
                     )
                 if deliveries:
                     await self._handle(deliveries)
@@ -142,7 +141,7 @@ class DetokenizerService:
             for c in result.checkpoints
         ]
         shards = sorted({self._shard_of_stream[d.stream] for d in deliveries if d.stream in self._shard_of_stream})
-        acks = [Ack(d.stream, GROUP, d.entry_id) for d in deliveries]
+        acks = [Ack(d.stream, self.names.detokenizer_group, d.entry_id) for d in deliveries]
         if await self.transport.publish_fenced(
             messages, leases=[lease_name(s) for s in shards], lease_ttl_ms=self.leases.ttl_ms, states=states, acks=acks
         ):
@@ -180,7 +179,7 @@ class DetokenizerService:
             known = {(d.stream, d.entry_id) for d in self._backlog}
             for shard in changes.acquired:
                 claimed = await self.transport.claim_all_pending(
-                    self.names.generated(shard), GROUP, count=self.batch_size
+                    self.names.generated(shard), self.names.detokenizer_group, count=self.batch_size
                 )
                 self._backlog += [d for d in claimed if (d.stream, d.entry_id) not in known]
 
@@ -190,7 +189,7 @@ class DetokenizerService:
             stream = self.names.generated(shard)
             while True:
                 claimed = await self.transport.claim_stale(
-                    stream, GROUP, min_idle_ms=min_idle_ms, count=self.batch_size
+                    stream, self.names.detokenizer_group, min_idle_ms=min_idle_ms, count=self.batch_size
                 )
                 fresh = [d for d in claimed if (d.stream, d.entry_id) not in known]
                 known.update((d.stream, d.entry_id) for d in fresh)

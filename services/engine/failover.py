@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-from services.engine.step_outputs import ENGINE_GROUP, OutputRouter
+from services.engine.step_outputs import OutputRouter
 from shared.failover import ConsumerTakeover, GoneGateways, OwnPulse
 from shared.settings import EngineSettings
 from shared.transport import Delivery, StreamTransport
@@ -55,7 +55,7 @@ class EngineFailover:
             transport,
             "engine",
             transport.names.tokenized,
-            ENGINE_GROUP,
+            transport.names.engine_group,
             min_idle_ms=int(self._interval * 1000),
             pulse=self.pulse,
         )
@@ -81,7 +81,9 @@ class EngineFailover:
                 if room > 0:
                     tokenized = self._transport.names.tokenized
                     await self._intake(
-                        await self._transport.claim_stale(tokenized, ENGINE_GROUP, min_idle_ms=idle_ms, count=room)
+                        await self._transport.claim_stale(
+                            tokenized, self._transport.names.engine_group, min_idle_ms=idle_ms, count=room
+                        )
                     )
 
     async def take_over(self) -> None:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 from services.engine.backend import EngineLoad, EngineRequest, RequestOutput
 from services.engine.failover import EngineFailover
 from services.engine.ownership import OwnedPublisher
-from services.engine.step_outputs import ENGINE_GROUP, OutputRouter, Publication
+from services.engine.step_outputs import OutputRouter, Publication
 from shared.messages import AbortRequests, Heartbeat, TokenizedRequest
 from shared.settings import EngineSettings
 from shared.transport import Ack, Delivery, StreamTransport
@@ -191,11 +191,16 @@ class EngineIO:
         router = self._router = OutputRouter(names, self._engine_id, self._settings.detokenizer_shards)
         owned = self._owned = OwnedPublisher(transport, router, on_lost=self._abort_lost)
         failover = self._failover = EngineFailover(
-            self._settings, transport, router, room=self._room, intake=self._intake_claimed,
-            abort=self._abort_gone, touch=owned.touch,
+            self._settings,
+            transport,
+            router,
+            room=self._room,
+            intake=self._intake_claimed,
+            abort=self._abort_gone,
+            touch=owned.touch,
         )
         try:
-            await transport.ensure_group(names.tokenized, ENGINE_GROUP)
+            await transport.ensure_group(names.tokenized, names.engine_group)
             aborts_from = await transport.last_entry_id(names.aborts)
             await self._beat()
             self._ready.set()
@@ -248,7 +253,9 @@ class EngineIO:
                     except TimeoutError:
                         pass
                 continue
-            deliveries = await transport.read_group([stream], ENGINE_GROUP, count=room, block_ms=READ_BLOCK_MS)
+            deliveries = await transport.read_group(
+                [stream], transport.names.engine_group, count=room, block_ms=READ_BLOCK_MS
+            )
             await self._intake(deliveries)
 
     async def _intake_claimed(self, deliveries: Sequence[Delivery]) -> None:
@@ -262,7 +269,7 @@ class EngineIO:
         drop: list[Ack] = []
         for delivery in deliveries:
             message = delivery.message
-            ack = Ack(delivery.stream, ENGINE_GROUP, delivery.entry_id)
+            ack = Ack(delivery.stream, transport.names.engine_group, delivery.entry_id)
             if not isinstance(message, TokenizedRequest):
                 log.error("dropping a %s found on the tokenized stream", type(message).__name__)
                 drop.append(ack)

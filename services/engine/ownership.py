@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from services.engine.step_outputs import ENGINE_GROUP, OutputRouter, Publication
+from services.engine.step_outputs import OutputRouter, Publication
 from shared.messages import TokenizedRequest
 from shared.transport import Delivery, StreamTransport
 
@@ -40,7 +40,7 @@ class OwnedPublisher:
         while publication.messages or publication.checkpoints or publication.acks:
             lost = await transport.publish_owned(
                 stream,
-                ENGINE_GROUP,
+                transport.names.engine_group,
                 publication.messages,
                 owned=sorted(set(publication.entries.values())),
                 checkpoints=publication.checkpoints,
@@ -56,7 +56,7 @@ class OwnedPublisher:
     async def touch(self) -> None:
         """Keep our entries from looking idle (XAUTOCLAIM); let go of those another engine took."""
         lost = await self._transport.touch_owned(
-            self._transport.names.tokenized, ENGINE_GROUP, self._router.pending_entry_ids()
+            self._transport.names.tokenized, self._transport.names.engine_group, self._router.pending_entry_ids()
         )
         if lost:
             self._let_go(self._router.requests_of_entries(set(lost)), "keeping entries fresh")

@@ -23,7 +23,6 @@ from shared.transport import Ack, StreamNames, shard_of
 
 log = logging.getLogger(__name__)
 
-ENGINE_GROUP = "engines"
 # Prompt tokens sent with a request's first delta: decoding context for the detokenizer.
 PROMPT_TAIL_TOKENS = 8
 # Requests let go of (lost to another engine, or left for one), whose late outputs are dropped quietly.
@@ -227,5 +226,5 @@ class OutputRouter:
 
     def _finish(self, tracked: TrackedRequest, publication: Publication) -> None:
         del self._requests[tracked.request_id]
-        publication.acks.append(Ack(self._names.tokenized, ENGINE_GROUP, tracked.entry_id))
+        publication.acks.append(Ack(self._names.tokenized, self._names.engine_group, tracked.entry_id))
         publication.checkpoints.append(OutputCheckpoint(tracked.request_id, done=True))

@@ -29,7 +29,6 @@ from shared.transport import Ack, Delivery, StreamNames, StreamTransport
 
 log = logging.getLogger(__name__)
 
-GROUP = "tokenizers"
 READ_BLOCK_MS = 500  # also bounds how long a SIGTERM waits for an idle read
 
 
@@ -44,7 +43,7 @@ class TokenizerWorker:
         out: list[tuple[str, Message]] = []
         acks: list[Ack] = []
         for delivery in deliveries:
-            acks.append(Ack(delivery.stream, GROUP, delivery.entry_id))
+            acks.append(Ack(delivery.stream, self.names.tokenizer_group, delivery.entry_id))
             request = delivery.message
             if not isinstance(request, CompletionRequest):
                 log.error("ignoring a %s on %s (entry %s)", type(request).__name__, delivery.stream, delivery.entry_id)
@@ -101,7 +100,7 @@ class TokenizerService:
             transport,
             "tokenizer",
             self.names.requests,
-            GROUP,
+            self.names.tokenizer_group,
             min_idle_ms=int(heartbeat_interval_s * 1000),
             pulse=self.pulse,
         )
@@ -110,7 +109,7 @@ class TokenizerService:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set; the batch in hand is finished first."""
-        await self.transport.ensure_group(self.names.requests, GROUP)
+        await self.transport.ensure_group(self.names.requests, self.names.tokenizer_group)
         heartbeat = asyncio.create_task(
             beat_until_stopped(
                 self.transport,
@@ -136,11 +135,17 @@ class TokenizerService:
                 if not deliveries and now >= next_claim:
                     next_claim = now + self.claim_idle_ms / 2000
                     deliveries = await self.transport.claim_stale(
-                        self.names.requests, GROUP, min_idle_ms=self.claim_idle_ms, count=self.batch_size
+                        self.names.requests,
+                        self.names.tokenizer_group,
+                        min_idle_ms=self.claim_idle_ms,
+                        count=self.batch_size,
                     )
                 if not deliveries:
                     deliveries = await self.transport.read_group(
-                        [self.names.requests], GROUP, count=self.batch_size, block_ms=self.read_block_ms
+                        [self.names.requests],
+                        self.names.tokenizer_group,
+                        count=self.batch_size,
+                        block_ms=self.read_block_ms,
                     )
                 if deliveries:
                     await self._handle(deliveries)

@@ -129,7 +129,7 @@ class Kill:
 def held_by(client: redis.Redis, consumer: str) -> list[str]:
     """The request ids of the tokenized entries pending for ``consumer``."""
     request_ids = []
-    for entry in client.xpending_range(NAMES.tokenized, "engines", "-", "+", 1000, consumer):
+    for entry in client.xpending_range(NAMES.tokenized, NAMES.engine_group, "-", "+", 1000, consumer):
         for _, fields in client.xrange(NAMES.tokenized, entry["message_id"], entry["message_id"]):
             message = decode(fields[PAYLOAD_FIELD])
             assert isinstance(message, TokenizedRequest)

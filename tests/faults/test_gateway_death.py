@@ -71,7 +71,7 @@ def test_a_dead_gateways_requests_stop_in_the_engines_and_its_stream_goes(
     kept_prompts = prompts(KEPT, "kept")
 
     def pending() -> int:
-        return int(client.xpending(NAMES.tokenized, "engines")["pending"])
+        return int(client.xpending(NAMES.tokenized, NAMES.engine_group)["pending"])
 
     def engine_running() -> int:
         return sum(beat.running for beat in heartbeats(client, NAMES, "engine").values())

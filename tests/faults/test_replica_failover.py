@@ -112,7 +112,7 @@ def test_sigkill_of_a_tokenizer_holding_requests(pipeline: Pipeline, redis_clien
         held = 0
         deadline = time.monotonic() + 5
         while held < 8 and time.monotonic() < deadline:
-            reply = redis_client.xreadgroup("tokenizers", victim_id, {NAMES.requests: ">"}, count=8 - held)
+            reply = redis_client.xreadgroup(NAMES.tokenizer_group, victim_id, {NAMES.requests: ">"}, count=8 - held)
             held += sum(len(entries) for _, entries in reply or [])
             await asyncio.sleep(0.005)
         assert held > 0, "the load never reached the requests stream"
@@ -123,9 +123,9 @@ def test_sigkill_of_a_tokenizer_holding_requests(pipeline: Pipeline, redis_clien
     added = check(outcomes, expected, base_latency, pipeline)
     print(f"tokenizer SIGKILL: added latency {added:.2f} s")
     assert f"from gone consumer {victim_id}" in survivor.log()
-    assert redis_client.xpending(NAMES.requests, "tokenizers")["pending"] == 0
+    assert redis_client.xpending(NAMES.requests, NAMES.tokenizer_group)["pending"] == 0
     # The gone replica has left the group and the registry.
-    consumers = {c["name"].decode() for c in redis_client.xinfo_consumers(NAMES.requests, "tokenizers")}
+    consumers = {c["name"].decode() for c in redis_client.xinfo_consumers(NAMES.requests, NAMES.tokenizer_group)}
     assert victim_id not in consumers
     poll(lambda: not redis_client.hexists(NAMES.registry("tokenizer"), victim_id), "the registry to forget it")
     pipeline.start("tokenizer")  # back to two, as the launcher would
@@ -138,7 +138,7 @@ def test_sigkill_of_an_engine_running_requests(pipeline: Pipeline, redis_client:
 
     def held() -> dict[str, int]:
         """Requests each engine holds (pending entries by consumer = replica id)."""
-        found = redis_client.xinfo_consumers(NAMES.tokenized, "engines")
+        found = redis_client.xinfo_consumers(NAMES.tokenized, NAMES.engine_group)
         return {c["name"].decode(): int(c["pending"]) for c in found}
 
     async def fault(progress: list[Outcome | None]) -> None:
@@ -160,6 +160,6 @@ def test_sigkill_of_an_engine_running_requests(pipeline: Pipeline, redis_client:
     survivor = next(s for rid, s in engines.items() if rid != victim_id)
     assert f"from gone consumer {victim_id}" in survivor.log()
     assert "resuming" in survivor.log()  # continued after the published tokens, not re-run
-    poll(lambda: redis_client.xpending(NAMES.tokenized, "engines")["pending"] == 0, "every entry's ack")
+    poll(lambda: redis_client.xpending(NAMES.tokenized, NAMES.engine_group)["pending"] == 0, "every entry's ack")
     poll(lambda: not redis_client.hexists(NAMES.registry("engine"), victim_id), "the registry to forget it")
     pipeline.start("engine", **ENGINE)

@@ -96,15 +96,15 @@ def completion(pipeline: Pipeline, prompt: str) -> httpx.Response:
 def test_a_poison_entry_fails_its_request_clearly_and_the_pipeline_keeps_serving(
     pipeline: Pipeline, client: redis.Redis
 ) -> None:
-    client.xgroup_create(NAMES.tokenized, "engines", id="0", mkstream=True)
+    client.xgroup_create(NAMES.tokenized, NAMES.engine_group, id="0", mkstream=True)
     answer: list[httpx.Response] = []
     caller = threading.Thread(target=lambda: answer.append(completion(pipeline, "a poison request")))
     caller.start()
     [(entry_id, _)] = wait_until(lambda: client.xrange(NAMES.tokenized), 30, pipeline)
     # Consumers that take the entry and die with it: one read, then claims by the next ones.
-    assert client.xreadgroup("engines", "ghost-1", {NAMES.tokenized: ">"}, count=1)
+    assert client.xreadgroup(NAMES.engine_group, "ghost-1", {NAMES.tokenized: ">"}, count=1)
     for n in range(2, MAX_DELIVERIES + 1):
-        assert client.xclaim(NAMES.tokenized, "engines", f"ghost-{n}", 0, [entry_id])
+        assert client.xclaim(NAMES.tokenized, NAMES.engine_group, f"ghost-{n}", 0, [entry_id])
 
     engine = pipeline.start("engine", **ENGINE)  # claims it once idle: one delivery too many
     caller.join(60)
@@ -116,7 +116,7 @@ def test_a_poison_entry_fails_its_request_clearly_and_the_pipeline_keeps_serving
     [(_, parked)] = client.xrange(NAMES.deadletter)
     assert parked[b"id"] == entry_id and parked[b"reason"] == b"max_deliveries"
     assert parked[b"stream"] == NAMES.tokenized.encode()
-    assert client.xpending(NAMES.tokenized, "engines")["pending"] == 0
+    assert client.xpending(NAMES.tokenized, NAMES.engine_group)["pending"] == 0
     assert "dead-lettering entry" in engine.log()
 
     healthy = completion(pipeline, "a healthy request")

@@ -12,10 +12,10 @@ import fakeredis
 
 from services.detokenizer.incremental import HFTokenDecoder
 from services.detokenizer.leases import ShardLeases, ShardPlanner, lease_name
-from services.detokenizer.service import GROUP, DetokenizerService
+from services.detokenizer.service import DetokenizerService
 from services.detokenizer.state import DetokenizerState
 from shared.messages import AbortRequests, DetokenizeParams, EngineStepOutput, ResponseBatch, TextDelta, TokenDelta
-from shared.transport import Ack, StreamTransport, shard_of
+from shared.transport import Ack, StreamNames, StreamTransport, shard_of
 
 SHARDS = 2
 LEASE_TTL_MS = 600
@@ -94,7 +94,7 @@ def test_engine_output_becomes_one_response_batch_per_gateway_and_is_acked(token
         client = transport(server, "engine")
         a, b = "cmpl-a", "cmpl-b"
         for rid in (a, b):
-            await client.ensure_group(generated(rid, client), GROUP)
+            await client.ensure_group(generated(rid, client), StreamNames.detokenizer_group)
         ids_a, ids_b = tokenizer.encode("Hello, world"), tokenizer.encode("Bonjour 😀")
         await client.publish(
             [
@@ -120,7 +120,7 @@ def test_engine_output_becomes_one_response_batch_per_gateway_and_is_acked(token
 
             raw = fakeredis.FakeAsyncRedis(server=server)
             for rid in (a, b):
-                assert (await raw.xpending(generated(rid, client), GROUP))["pending"] == 0
+                assert (await raw.xpending(generated(rid, client), StreamNames.detokenizer_group))["pending"] == 0
             assert [h.replica_id for h in await client.live_replicas("detokenizer")] == ["detok-1"]
             await raw.aclose()
         # A clean stop hands the shards back and leaves /health at once.
@@ -163,17 +163,17 @@ def test_a_dead_replicas_shard_and_pending_entries_are_taken_over(tokenizer: Any
         shard = shard_of(rid, SHARDS)
         # The dead replica held the shard and had read this entry, but never answered it.
         assert await dead.acquire_lease(lease_name(shard), 300)
-        await dead.ensure_group(stream, GROUP)
+        await dead.ensure_group(stream, StreamNames.detokenizer_group)
         step = EngineStepOutput(engine_id="e", step=1, deltas=[first_delta(rid, tokenizer.encode("rescued"))])
         await dead.publish([(stream, step)])
-        assert len(await dead.read_group([stream], GROUP, count=10, block_ms=0)) == 1
+        assert len(await dead.read_group([stream], StreamNames.detokenizer_group, count=10, block_ms=0)) == 1
         await asyncio.sleep(0.4)  # it died a while ago: its lease has expired
 
         async with running_service(server, tokenizer):
             batches = await responses(dead, lambda ds: any(d.request_id == rid for d in ds))
             assert [d.text for b in batches for d in b.deltas] == ["rescued"]
             raw = fakeredis.FakeAsyncRedis(server=server)
-            assert (await raw.xpending(stream, GROUP))["pending"] == 0
+            assert (await raw.xpending(stream, StreamNames.detokenizer_group))["pending"] == 0
             await raw.aclose()
         await dead.close()
 
@@ -189,13 +189,13 @@ def test_a_successor_continues_from_the_checkpoint_without_repeating_or_garbling
         ids = tokenizer.encode("Открыться миру 😀 сейчас")
         cut = 1  # "О" is two tokens: the cut splits it
         assert tokenizer.decode(ids[:cut]).endswith("\ufffd")
-        await dead.ensure_group(stream, GROUP)
+        await dead.ensure_group(stream, StreamNames.detokenizer_group)
         assert await dead.acquire_lease(lease_name(shard), 300)
 
         # The dead replica answered the first entry (text, checkpoint and ack at once)...
         await dead.publish([(stream, EngineStepOutput(engine_id="e", step=1, deltas=[first_delta(rid, ids[:cut])]))])
         state = DetokenizerState(HFTokenDecoder(tokenizer))
-        (answered,) = await dead.read_group([stream], GROUP, count=10, block_ms=0)
+        (answered,) = await dead.read_group([stream], StreamNames.detokenizer_group, count=10, block_ms=0)
         assert isinstance(answered.message, EngineStepOutput)
         result = state.process([answered.message], 0.0)
         assert result.responses == {}  # half a character: nothing to send yet
@@ -204,7 +204,7 @@ def test_a_successor_continues_from_the_checkpoint_without_repeating_or_garbling
             [],
             leases=[lease_name(shard)],
             lease_ttl_ms=300,
-            acks=[Ack(stream, GROUP, answered.entry_id)],
+            acks=[Ack(stream, StreamNames.detokenizer_group, answered.entry_id)],
             states=[(dead.names.decode_state(rid), checkpoint, 60_000)],
         )
         # ...then read the second and died before answering it.
@@ -212,14 +212,14 @@ def test_a_successor_continues_from_the_checkpoint_without_repeating_or_garbling
             request_id=rid, gateway_id="gw-1", offset=cut, token_ids=ids[cut:], prompt_tokens=5, finish_reason="length"
         )
         await dead.publish([(stream, EngineStepOutput(engine_id="e", step=2, deltas=[rest]))])
-        assert len(await dead.read_group([stream], GROUP, count=10, block_ms=0)) == 1
+        assert len(await dead.read_group([stream], StreamNames.detokenizer_group, count=10, block_ms=0)) == 1
         await asyncio.sleep(0.4)  # its lease expires
 
         async with running_service(server, tokenizer):
             batches = await responses(dead, ends(rid))
             assert "".join(d.text for b in batches for d in b.deltas) == "Открыться миру 😀 сейчас"
             raw = fakeredis.FakeAsyncRedis(server=server)
-            assert (await raw.xpending(stream, GROUP))["pending"] == 0
+            assert (await raw.xpending(stream, StreamNames.detokenizer_group))["pending"] == 0
             await raw.aclose()
         await dead.close()
 
@@ -250,7 +250,9 @@ def test_a_replica_whose_shard_was_taken_mid_batch_publishes_nothing(tokenizer: 
             await wait_for(lambda: _lost(service, shard))
             await asyncio.sleep(0.2)
             assert await raw.exists(other.names.responses("gw-1")) == 0  # fenced off: no text
-            assert (await raw.xpending(stream, GROUP))["pending"] == 1  # left for the new holder
+            assert (await raw.xpending(stream, StreamNames.detokenizer_group))[
+                "pending"
+            ] == 1  # left for the new holder
             assert service.state.unknown([rid]) == [rid]  # its state for the request is gone
         await raw.aclose()
         await other.close()

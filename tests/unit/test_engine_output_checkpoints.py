@@ -9,10 +9,10 @@ import fakeredis
 
 from services.engine.backend import RequestOutput
 from services.engine.ownership import OwnedPublisher
-from services.engine.step_outputs import ENGINE_GROUP, OutputRouter, Publication
+from services.engine.step_outputs import OutputRouter, Publication
 from shared.messages import DetokenizeParams, EngineStepOutput, SamplingParams, TokenizedRequest, decode
 from shared.output_checkpoints import pack_token_ids, unpack_token_ids
-from shared.transport import PAYLOAD_FIELD, StreamTransport
+from shared.transport import PAYLOAD_FIELD, StreamNames, StreamTransport
 
 PREFIX = "t"
 
@@ -36,16 +36,16 @@ def tokenized(request_id: str, prompt: list[int]) -> TokenizedRequest:
     )
 
 
-async def engine_with(server: fakeredis.FakeServer, consumer: str, *request_ids: str) -> tuple[
-    StreamTransport, OutputRouter, OwnedPublisher, list[list[str]]
-]:
+async def engine_with(
+    server: fakeredis.FakeServer, consumer: str, *request_ids: str
+) -> tuple[StreamTransport, OutputRouter, OwnedPublisher, list[list[str]]]:
     """An engine's transport, router and publisher, having read ``request_ids`` from the tokenized stream."""
     engine = transport(server, consumer)
     names = engine.names
-    await engine.ensure_group(names.tokenized, ENGINE_GROUP)
+    await engine.ensure_group(names.tokenized, StreamNames.engine_group)
     await engine.publish([(names.tokenized, tokenized(rid, [1, 2, 3])) for rid in request_ids])
     router = OutputRouter(names, consumer, shards=1)
-    for delivery in await engine.read_group([names.tokenized], ENGINE_GROUP, count=100, block_ms=0):
+    for delivery in await engine.read_group([names.tokenized], StreamNames.engine_group, count=100, block_ms=0):
         assert isinstance(delivery.message, TokenizedRequest)
         router.track(delivery.message, delivery.entry_id)
     lost: list[list[str]] = []
@@ -85,9 +85,14 @@ def test_the_checkpoint_holds_exactly_the_published_tokens_and_goes_with_the_ack
         await publisher.publish(router.route([RequestOutput("a", [11], "length")]))
         assert await checkpoint(engine, "a") is None  # deleted with the last delta and the ack
         assert await checkpoint(engine, "b") == [7, 8]
-        pending = await engine._redis.xpending(engine.names.tokenized, ENGINE_GROUP)
+        pending = await engine._redis.xpending(engine.names.tokenized, StreamNames.engine_group)
         assert pending["pending"] == 1  # b's entry only
-        assert (await published(engine))["a"] == [(0, [5], None), (1, [6], None), (2, [9, 10], None), (4, [11], "length")]
+        assert (await published(engine))["a"] == [
+            (0, [5], None),
+            (1, [6], None),
+            (2, [9, 10], None),
+            (4, [11], "length"),
+        ]
         assert lost == []
 
     run(scenario)
@@ -114,7 +119,9 @@ def test_an_engine_publishes_nothing_for_a_request_another_engine_claimed() -> N
         survivor = transport(server, "survivor")
         entry_a = router.entry_of("a")
         assert entry_a is not None
-        claimed = await survivor.take_over(stalled.names.tokenized, ENGINE_GROUP, "stalled", count=1, min_idle_ms=0)
+        claimed = await survivor.take_over(
+            stalled.names.tokenized, StreamNames.engine_group, "stalled", count=1, min_idle_ms=0
+        )
         assert [d.entry_id for d in claimed.deliveries] == [entry_a]
         assert await survivor.read_output_checkpoints(["a"]) == [[5]]
 
@@ -127,11 +134,15 @@ def test_an_engine_publishes_nothing_for_a_request_another_engine_claimed() -> N
         assert deltas["b"] == [(0, [7], None), (1, [8], None)]
         assert await checkpoint(stalled, "a") == [5]  # left for the survivor
         # a's entry is still pending, now for the survivor: the stalled engine did not acknowledge it.
-        [entry] = await stalled._redis.xpending_range(stalled.names.tokenized, ENGINE_GROUP, "-", "+", 10, "survivor")
+        [entry] = await stalled._redis.xpending_range(
+            stalled.names.tokenized, StreamNames.engine_group, "-", "+", 10, "survivor"
+        )
         assert entry["message_id"].decode() == entry_a
         # Keeping entries fresh never takes a back.
         await publisher.touch()
-        [entry] = await stalled._redis.xpending_range(stalled.names.tokenized, ENGINE_GROUP, "-", "+", 10, "survivor")
+        [entry] = await stalled._redis.xpending_range(
+            stalled.names.tokenized, StreamNames.engine_group, "-", "+", 10, "survivor"
+        )
         assert entry["message_id"].decode() == entry_a
 
     run(scenario)
@@ -142,11 +153,13 @@ def test_touch_lets_go_of_entries_another_engine_took_and_keeps_the_rest_fresh()
         engine, router, publisher, lost = await engine_with(server, "e1", "a", "b")
         entry_b = router.entry_of("b")
         assert entry_b is not None
-        await engine._redis.xclaim(engine.names.tokenized, ENGINE_GROUP, "other", 0, [entry_b], justid=True)
+        await engine._redis.xclaim(engine.names.tokenized, StreamNames.engine_group, "other", 0, [entry_b], justid=True)
         await asyncio.sleep(0.05)
         await publisher.touch()
         assert lost == [["b"]] and "b" not in router
-        [entry] = await engine._redis.xpending_range(engine.names.tokenized, ENGINE_GROUP, "-", "+", 10, "e1")
+        [entry] = await engine._redis.xpending_range(
+            engine.names.tokenized, StreamNames.engine_group, "-", "+", 10, "e1"
+        )
         assert entry["time_since_delivered"] < 50
 
     run(scenario)
@@ -158,7 +171,7 @@ def test_a_claimed_request_is_tracked_from_its_checkpoint() -> None:
         names = engine.names
         await engine.publish([(names.tokenized, tokenized("a", [1, 2, 3])), (names.tokenized, tokenized("b", [4]))])
         await engine._redis.set(names.output_checkpoint("a"), pack_token_ids([9, 8, 7]))
-        deliveries = await engine.read_group([names.tokenized], ENGINE_GROUP, count=10, block_ms=0)
+        deliveries = await engine.read_group([names.tokenized], StreamNames.engine_group, count=10, block_ms=0)
         done = await publisher.done_tokens(deliveries)
         assert done == {"a": [9, 8, 7]}
         for delivery in deliveries:

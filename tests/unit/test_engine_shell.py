@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import fakeredis
 import pytest
+
 from services.engine.backend import EngineBackend, RequestOutput
 from services.engine.echo import EchoBackend
 from services.engine.service import EngineService
@@ -97,7 +98,7 @@ class RunningEngine:
         return [m for m in self.messages(NAMES.responses("gw")) if isinstance(m, RequestFailed)]
 
     def pending(self) -> int:
-        return int(self.redis.xpending(NAMES.tokenized, "engines")["pending"])
+        return int(self.redis.xpending(NAMES.tokenized, NAMES.engine_group)["pending"])
 
 
 @pytest.fixture
@@ -256,7 +257,7 @@ def test_stop_finishes_running_requests_and_leaves_the_rest(start_engine: Callab
     assert engine.finished("r0")  # the running request was finished before exit
     assert engine.pending() == 0
     # The two never pulled are still there for another replica.
-    other = engine.redis.xreadgroup("engines", "other", {NAMES.tokenized: ">"}, count=10)
+    other = engine.redis.xreadgroup(NAMES.engine_group, "other", {NAMES.tokenized: ">"}, count=10)
     assert len(other[0][1]) == 2
 
 
@@ -301,9 +302,9 @@ def test_refused_request_becomes_a_400(start_engine: Callable[..., RunningEngine
 
 def test_requests_left_by_a_dead_engine_are_rerun(start_engine: Callable[..., RunningEngine]) -> None:
     def dead_engine_took_one(redis: fakeredis.FakeRedis) -> None:
-        redis.xgroup_create(NAMES.tokenized, "engines", id="0", mkstream=True)
+        redis.xgroup_create(NAMES.tokenized, NAMES.engine_group, id="0", mkstream=True)
         redis.xadd(NAMES.tokenized, {PAYLOAD_FIELD: encode(tokenized_request("orphan", [4, 5], max_tokens=3))})
-        redis.xreadgroup("engines", "dead-engine", {NAMES.tokenized: ">"}, count=1)
+        redis.xreadgroup(NAMES.engine_group, "dead-engine", {NAMES.tokenized: ">"}, count=1)
 
     engine = start_engine(claim_idle_ms=200, before=dead_engine_took_one)
     wait_for(lambda: engine.finished("orphan"), what="the orphan to be re-run")

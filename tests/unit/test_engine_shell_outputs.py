@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+
 from services.engine.backend import RequestOutput
-from services.engine.step_outputs import ENGINE_GROUP, OutputRouter
+from services.engine.step_outputs import OutputRouter
 from shared.messages import DetokenizeParams, EngineStepOutput, RequestFailed, SamplingParams, TokenizedRequest
 from shared.transport import Ack, StreamNames, shard_of
 
@@ -85,7 +86,7 @@ def test_offsets_first_delta_params_and_ack_on_the_final_delta() -> None:
     assert second.detokenize == DetokenizeParams(stop=["x"]) and second.prompt_tail is None
     assert last.finish_reason == "length"
     assert acks1 == acks2 == []
-    assert acks3 == [Ack(NAMES.tokenized, ENGINE_GROUP, "5-0")]
+    assert acks3 == [Ack(NAMES.tokenized, NAMES.engine_group, "5-0")]
     assert "a" not in router and router.pending_entry_ids() == []
 
 
@@ -127,7 +128,7 @@ def test_aborted_request_is_acked_with_nothing_published() -> None:
     router.route([RequestOutput("a", [1])])
     publication = router.route([RequestOutput("a", [], "abort")])
     assert publication.messages == []
-    assert publication.acks == [Ack(NAMES.tokenized, ENGINE_GROUP, "1-0")]
+    assert publication.acks == [Ack(NAMES.tokenized, NAMES.engine_group, "1-0")]
     assert "a" not in router
 
 
@@ -137,8 +138,10 @@ def test_refused_request_becomes_a_400_for_its_gateway() -> None:
     publication = router.route([RequestOutput("a", [], "error", error="prompt too long")])
     [(stream, message)] = publication.messages
     assert stream == NAMES.responses("gw-7")
-    assert message == RequestFailed(request_id="a", status=400, error_type="invalid_request_error", message="prompt too long")
-    assert publication.acks == [Ack(NAMES.tokenized, ENGINE_GROUP, "1-0")]
+    assert message == RequestFailed(
+        request_id="a", status=400, error_type="invalid_request_error", message="prompt too long"
+    )
+    assert publication.acks == [Ack(NAMES.tokenized, NAMES.engine_group, "1-0")]
 
 
 def test_outputs_for_unknown_requests_are_dropped() -> None:
@@ -156,7 +159,7 @@ def test_fail_and_forget_after_a_drain_or_crash() -> None:
     [(stream, message)] = publication.messages
     assert stream == NAMES.responses("gw")
     assert isinstance(message, RequestFailed) and message.status == 503
-    assert publication.acks == [Ack(NAMES.tokenized, ENGINE_GROUP, "1-0")]
+    assert publication.acks == [Ack(NAMES.tokenized, NAMES.engine_group, "1-0")]
     router.forget(["queued"])
     assert len(router) == 0
 

@@ -34,17 +34,17 @@ def left_by_gone_engine(*requests: TokenizedRequest) -> Callable[[fakeredis.Fake
     """Before the engine starts: an engine that beat once and died with ``requests`` pending."""
 
     def prepare(redis: fakeredis.FakeRedis) -> None:
-        redis.xgroup_create(NAMES.tokenized, "engines", id="0", mkstream=True)
+        redis.xgroup_create(NAMES.tokenized, NAMES.engine_group, id="0", mkstream=True)
         for message in requests:
             redis.xadd(NAMES.tokenized, {PAYLOAD_FIELD: encode(message)})
-        redis.xreadgroup("engines", "engine-gone", {NAMES.tokenized: ">"}, count=len(requests))
+        redis.xreadgroup(NAMES.engine_group, "engine-gone", {NAMES.tokenized: ">"}, count=len(requests))
         redis.hset(NAMES.registry("engine"), "engine-gone", str(time.time() - 2))  # its heartbeat has expired
 
     return prepare
 
 
 def pending_of(engine: RunningEngine, consumer: str) -> int:
-    consumers = engine.redis.xinfo_consumers(NAMES.tokenized, "engines")
+    consumers = engine.redis.xinfo_consumers(NAMES.tokenized, NAMES.engine_group)
     return sum(c["pending"] for c in consumers if c["name"].decode() == consumer)
 
 
@@ -59,7 +59,7 @@ def test_a_gone_engines_requests_are_taken_over_long_before_the_idle_timeout(
     assert tokens_of(engine.deltas()["orphan"]) == [4, 5, 4]
     wait_for(lambda: engine.pending() == 0, what="the orphan's ack")
     # The gone engine has left its group and the registry.
-    names = {c["name"].decode() for c in engine.redis.xinfo_consumers(NAMES.tokenized, "engines")}
+    names = {c["name"].decode() for c in engine.redis.xinfo_consumers(NAMES.tokenized, NAMES.engine_group)}
     assert "engine-gone" not in names
     assert not engine.redis.hexists(NAMES.registry("engine"), "engine-gone")
 
@@ -132,7 +132,7 @@ def test_an_engine_stops_publishing_a_request_another_engine_claimed(
     engine = start_engine(echo_step_delay_ms=5.0, **FAST)
     entry = engine.submit("taken", [1], max_tokens=100_000)
     wait_for(lambda: "taken" in engine.deltas(), what="the request to run")
-    engine.redis.xclaim(NAMES.tokenized, "engines", "survivor", 0, [entry], justid=True)
+    engine.redis.xclaim(NAMES.tokenized, NAMES.engine_group, "survivor", 0, [entry], justid=True)
     wait_for(lambda: not engine.service._backend.has_unfinished(), what="the engine to drop the request")
     published = len(tokens_of(engine.deltas()["taken"]))
     time.sleep(0.1)

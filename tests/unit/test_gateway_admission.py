@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from shared.messages import DetokenizeParams, SamplingParams, TokenizedRequest, encode
-from shared.transport import PAYLOAD_FIELD
+from shared.transport import PAYLOAD_FIELD, StreamNames
 from tests.unit.test_gateway_app import Harness, running
 
 pytestmark = pytest.mark.anyio
@@ -28,7 +28,7 @@ async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
 async def queue_tokenized(h: Harness, count: int) -> None:
     """Requests waiting for an engine: a group exists, nobody reads."""
     stream = h.gateway.transport.names.tokenized
-    await h.redis.xgroup_create(stream, "engines", id="0", mkstream=True)
+    await h.redis.xgroup_create(stream, StreamNames.engine_group, id="0", mkstream=True)
     for i in range(count):
         message = TokenizedRequest(
             request_id=f"q{i}",
@@ -43,8 +43,8 @@ async def queue_tokenized(h: Harness, count: int) -> None:
 
 async def drain_tokenized(h: Harness) -> None:
     stream = h.gateway.transport.names.tokenized
-    reply = await h.redis.xreadgroup("engines", "engine-1", {stream: ">"}, count=1000)
-    await h.redis.xack(stream, "engines", *[entry_id for entry_id, _ in reply[0][1]])
+    reply = await h.redis.xreadgroup(StreamNames.engine_group, "engine-1", {stream: ">"}, count=1000)
+    await h.redis.xack(stream, StreamNames.engine_group, *[entry_id for entry_id, _ in reply[0][1]])
 
 
 async def test_a_backlog_over_the_bound_gives_503_with_retry_after_until_it_drains() -> None:

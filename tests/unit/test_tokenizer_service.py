@@ -12,7 +12,7 @@ import fakeredis
 import pytest
 
 from services.tokenizer.prompt import PromptProcessor
-from services.tokenizer.service import GROUP, TokenizerService, TokenizerWorker
+from services.tokenizer.service import TokenizerService, TokenizerWorker
 from shared.messages import (
     AbortRequests,
     CompletionRequest,
@@ -64,7 +64,7 @@ def test_worker_routes_results_and_acks_everything(processor: PromptProcessor) -
         (NAMES.tokenized, "TokenizedRequest", "good"),
         (NAMES.responses("gw-1"), "RequestFailed", "bad"),
     ]
-    assert acks == [Ack(NAMES.requests, GROUP, f"{i}-0") for i in range(1, 5)]
+    assert acks == [Ack(NAMES.requests, NAMES.tokenizer_group, f"{i}-0") for i in range(1, 5)]
 
 
 def test_worker_turns_a_tokenizer_crash_into_a_500_for_that_request_only(processor: PromptProcessor) -> None:
@@ -165,9 +165,11 @@ def test_entries_left_by_a_dead_replica_are_claimed_and_served(processor: Prompt
     async def scenario() -> None:
         server = fakeredis.FakeServer()
         dead = transport(server, "tok-dead")
-        await dead.ensure_group(NAMES.requests, GROUP)
+        await dead.ensure_group(NAMES.requests, NAMES.tokenizer_group)
         await dead.publish([(NAMES.requests, completion("cmpl-orphan"))])
-        assert len(await dead.read_group([NAMES.requests], GROUP, count=10, block_ms=0)) == 1  # then it died
+        assert (
+            len(await dead.read_group([NAMES.requests], NAMES.tokenizer_group, count=10, block_ms=0)) == 1
+        )  # then it died
         await asyncio.sleep(0.05)
 
         async with running_service(server, processor, claim_idle_ms=20):
@@ -178,7 +180,7 @@ def test_entries_left_by_a_dead_replica_are_claimed_and_served(processor: Prompt
                 return [d.message.request_id for d in out] == ["cmpl-orphan"]  # type: ignore[attr-defined]
 
             await wait_for(served)
-            pending = await fakeredis.FakeAsyncRedis(server=server).xpending(NAMES.requests, GROUP)
+            pending = await fakeredis.FakeAsyncRedis(server=server).xpending(NAMES.requests, NAMES.tokenizer_group)
             assert pending["pending"] == 0
             await client.close()
         await dead.close()
@@ -191,9 +193,11 @@ def test_entries_of_a_replica_whose_heartbeat_expired_are_taken_over_at_once(pro
         server = fakeredis.FakeServer()
         gone = transport(server, "tok-gone")
         await gone.beat(Heartbeat(role="tokenizer", replica_id="tok-gone", time=time.time()), ttl_s=0.05)
-        await gone.ensure_group(NAMES.requests, GROUP)
+        await gone.ensure_group(NAMES.requests, NAMES.tokenizer_group)
         await gone.publish([(NAMES.requests, completion("cmpl-orphan"))])
-        assert len(await gone.read_group([NAMES.requests], GROUP, count=10, block_ms=0)) == 1  # then it died
+        assert (
+            len(await gone.read_group([NAMES.requests], NAMES.tokenizer_group, count=10, block_ms=0)) == 1
+        )  # then it died
         started = time.monotonic()
         # claim_idle_ms is long: only the expired heartbeat can explain a prompt takeover.
         async with running_service(server, processor, claim_idle_ms=60_000):
@@ -206,7 +210,7 @@ def test_entries_of_a_replica_whose_heartbeat_expired_are_taken_over_at_once(pro
             await wait_for(served)
             # The service judges others once its own beats have been steady for a TTL (0.8 s).
             assert time.monotonic() - started < 2.5
-            pending = await fakeredis.FakeAsyncRedis(server=server).xpending(NAMES.requests, GROUP)
+            pending = await fakeredis.FakeAsyncRedis(server=server).xpending(NAMES.requests, NAMES.tokenizer_group)
             assert pending["pending"] == 0
             assert "tok-gone" not in (await client.replica_census("tokenizer")).gone
             await client.close()

@@ -17,10 +17,10 @@ from shared.messages import (
     TokenizedRequest,
     decode,
 )
-from shared.transport import PAYLOAD_FIELD, Ack, Delivery, StreamTransport
+from shared.transport import PAYLOAD_FIELD, Ack, Delivery, StreamNames, StreamTransport
 from shared.work_streams import GroupProgress, StreamProgress, next_id, split_poisoned
 
-GROUP = "engines"
+GROUP = StreamNames.engine_group
 
 
 def run(scenario: Callable[[fakeredis.FakeServer], Awaitable[None]]) -> None:
@@ -107,10 +107,10 @@ def test_publish_trims_a_work_stream_once_its_entries_are_acknowledged() -> None
         producer, consumer = transport(server, "p", trim_interval_s=0), transport(server, "c")
         client = fakeredis.FakeAsyncRedis(server=server)
         stream = producer.names.generated(0)
-        await consumer.ensure_group(stream, "detokenizers")
+        await consumer.ensure_group(stream, StreamNames.detokenizer_group)
         await producer.publish([(stream, tokenized(i)) for i in range(10)])
-        got = await consumer.read_group([stream], "detokenizers", count=10, block_ms=0)
-        await consumer.ack([Ack(stream, "detokenizers", d.entry_id) for d in got])
+        got = await consumer.read_group([stream], StreamNames.detokenizer_group, count=10, block_ms=0)
+        await consumer.ack([Ack(stream, StreamNames.detokenizer_group, d.entry_id) for d in got])
         await producer.publish([(stream, tokenized(10))])
         assert await client.xlen(stream) == 1
 
@@ -182,9 +182,9 @@ def test_a_poisoned_engine_step_fails_every_request_in_it() -> None:
             ],
         )
         await dead.publish([(stream, step)])
-        await dead.read_group([stream], "detokenizers", count=1, block_ms=0)
+        await dead.read_group([stream], StreamNames.detokenizer_group, count=1, block_ms=0)
         claimer = transport(server, "claimer", max_deliveries=1)
-        assert await claimer.claim_stale(stream, "detokenizers", min_idle_ms=0) == []
+        assert await claimer.claim_stale(stream, StreamNames.detokenizer_group, min_idle_ms=0) == []
         for gateway, request_id in (("gw1", "a"), ("gw2", "b")):
             [(_, fields)] = await client.xrange(names.responses(gateway))
             message = decode(fields[PAYLOAD_FIELD])
