@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from services.engine.backend import EngineRequest
+from services.engine.contract import EngineRequest
 from services.engine.core.build import engine_core_for
 from services.engine.core.engine_core import EngineCore
 from services.engine.model.runner import ModelRunner

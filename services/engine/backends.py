@@ -6,7 +6,7 @@ backend (pipeline tests, overhead benchmarks) starts without loading torch.
 
 from __future__ import annotations
 
-from services.engine.backend import EngineBackend
+from services.engine.contract import EngineBackend
 from services.engine.echo import EchoBackend
 from shared.settings import EngineSettings
 

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from services.engine.backend import EngineLoad, EngineRequest, RequestOutput
+from services.engine.contract import EngineLoad, EngineRequest, RequestOutput
 from shared.messages import FinishReason, TokenLogprobs
 from shared.settings import EngineSettings
 
@@ -56,7 +56,7 @@ class _EchoSequence:
 
 
 class EchoBackend:
-    """Implements services.engine.backend.EngineBackend; not thread-safe (one caller)."""
+    """Implements services.engine.contract.EngineBackend; not thread-safe (one caller)."""
 
     def __init__(
         self,

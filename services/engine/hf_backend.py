@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from services.engine.backend import EngineLoad, EngineRequest, RequestOutput
+from services.engine.contract import EngineLoad, EngineRequest, RequestOutput
 from shared.messages import SamplingParams, TokenLogprobs
 from shared.settings import EngineSettings
 
@@ -42,7 +42,7 @@ class _PresenceFrequencyPenalty:
 
 
 class HFBackend:
-    """Implements services.engine.backend.EngineBackend; not thread-safe (one caller)."""
+    """Implements services.engine.contract.EngineBackend; not thread-safe (one caller)."""
 
     def __init__(
         self,

@@ -25,7 +25,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from services.engine.backend import EngineLoad, EngineRequest, RequestOutput
+from services.engine.contract import EngineLoad, EngineRequest, RequestOutput
 from services.engine.failover import EngineFailover
 from services.engine.ownership import OwnedPublisher
 from services.engine.step_outputs import OutputRouter, Publication

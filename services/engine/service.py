@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-from services.engine.backend import EngineBackend, RequestOutput
+from services.engine.contract import EngineBackend, RequestOutput
 from services.engine.io_thread import AbortIds, EngineIO, InboxItem, NewRequest, Wake
 from shared.runtime import configure_logging
 from shared.settings import EngineSettings, load_settings, new_replica_id
@@ -164,7 +164,10 @@ def main() -> None:
 
     def transport_factory() -> StreamTransport:
         return StreamTransport(
-            redis_url, settings.stream_prefix, engine_id, maxlen=settings.stream_maxlen,
+            redis_url,
+            settings.stream_prefix,
+            engine_id,
+            maxlen=settings.stream_maxlen,
             max_deliveries=settings.max_deliveries,
         )
 

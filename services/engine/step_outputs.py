@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from services.engine.backend import RequestOutput
+from services.engine.contract import RequestOutput
 from shared.messages import DetokenizeParams, EngineStepOutput, Message, RequestFailed, TokenDelta, TokenizedRequest
 from shared.output_checkpoints import OutputCheckpoint
 from shared.transport import Ack, StreamNames, shard_of

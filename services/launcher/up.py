@@ -181,7 +181,7 @@ def supervise(
 
 
 @contextmanager
-def stop_on_signals(stop: threading.Event, supervisor: Supervisor) -> Iterator[None]:
+def handling_stop_signals(stop: threading.Event, supervisor: Supervisor) -> Iterator[None]:
     """SIGINT / SIGTERM set ``stop``; a second one cuts the grace period short."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -235,7 +235,7 @@ def _run(args: argparse.Namespace, settings: LauncherSettings, out: TextIO, star
         stop = threading.Event()
         health_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
         health_url = f"http://{_url_host(health_host)}:{args.port}/health"
-        with stop_on_signals(stop, supervisor):
+        with handling_stop_signals(stop, supervisor):
             code = supervise(
                 supervisor,
                 service_specs(args, redis_url, os.environ),

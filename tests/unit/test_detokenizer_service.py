@@ -1,4 +1,4 @@
-"""The detokenizer process shell over fakeredis: shards in, text to the right gateway out."""
+"""The detokenizer service over fakeredis: shards in, text to the right gateway out."""
 
 from __future__ import annotations
 

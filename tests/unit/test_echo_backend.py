@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from services.engine.backend import EngineRequest, RequestOutput
+
 from services.engine.backends import BackendUnavailable, create_backend
+from services.engine.contract import EngineRequest, RequestOutput
 from services.engine.echo import EchoBackend
 from shared.messages import SamplingParams
 from shared.settings import EngineSettings
@@ -54,7 +55,9 @@ def test_stops_at_eos_unless_ignore_eos() -> None:
     backend.add_request(request("eos", [5, 6, 7], max_tokens=10, eos_token_ids=[6]))
     backend.add_request(request("ignored", [5, 6, 7], max_tokens=5, eos_token_ids=[6], ignore_eos=True))
     # ignore_eos does not silence explicit stop tokens.
-    backend.add_request(request("stop", [5, 6, 7], max_tokens=10, eos_token_ids=[6], stop_token_ids=[7], ignore_eos=True))
+    backend.add_request(
+        request("stop", [5, 6, 7], max_tokens=10, eos_token_ids=[6], stop_token_ids=[7], ignore_eos=True)
+    )
     assert run_to_end(backend) == {
         "eos": ([5, 6], "stop"),
         "ignored": ([5, 6, 7, 5, 6], "length"),

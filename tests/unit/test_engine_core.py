@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from services.engine.backend import EngineRequest, RequestOutput
+from services.engine.contract import EngineRequest, RequestOutput
 from services.engine.core.engine_core import EngineCore, EngineCoreConfig
 from services.engine.model.batch import ForwardBatch
 from shared.messages import SamplingParams
@@ -328,7 +328,7 @@ def test_forward_share_is_time_in_forward_over_wall_time() -> None:
     core.add_request(EngineRequest("r", [1, 2], greedy(100)))
     for _ in range(10):
         core.step()
-        now[0] += 0.2  # shell overhead between steps
+        now[0] += 0.2  # service overhead between steps
     assert core.load().forward_share == pytest.approx(0.6)
     now[0] += 20.0  # idle: the window holds no forward time any more
     assert core.load().forward_share == 0.0

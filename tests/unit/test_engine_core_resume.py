@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from services.engine.backend import EngineRequest
+from services.engine.contract import EngineRequest
 from services.engine.core.engine_core import EngineCore
 from services.engine.core.sampler import seeded_uniform
 from shared.messages import SamplingParams

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 
 import fakeredis
 
-from services.engine.backend import RequestOutput
+from services.engine.contract import RequestOutput
 from services.engine.ownership import OwnedPublisher
 from services.engine.step_outputs import OutputRouter, Publication
 from shared.messages import DetokenizeParams, EngineStepOutput, SamplingParams, TokenizedRequest, decode

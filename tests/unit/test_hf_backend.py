@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.engine.backend import EngineRequest, RequestOutput
+from services.engine.contract import EngineRequest, RequestOutput
 from services.engine.hf_backend import HFBackend, _PresenceFrequencyPenalty
 from shared.messages import SamplingParams
 
@@ -66,7 +66,9 @@ def test_greedy_matches_a_plain_argmax_loop(tiny_model: torch.nn.Module) -> None
 
 def test_a_taken_over_request_continues_after_its_output(tiny_model: torch.nn.Module) -> None:
     hf = backend(tiny_model)
-    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, repetition_penalty=1.3, presence_penalty=0.5)
+    params = SamplingParams(
+        max_tokens=10, temperature=0.0, ignore_eos=True, repetition_penalty=1.3, presence_penalty=0.5
+    )
     hf.add_request(EngineRequest("full", [3, 4, 5], params))
     full = drain(hf)["full"].new_token_ids
     hf.add_request(EngineRequest("resumed", [3, 4, 5], params, output_token_ids=full[:4]))

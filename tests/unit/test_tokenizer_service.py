@@ -1,4 +1,4 @@
-"""The tokenizer process shell: batches from the group, results and acks, claims, shutdown."""
+"""The tokenizer service: batches from the group, results and acks, claims, shutdown."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def test_worker_turns_a_tokenizer_crash_into_a_500_for_that_request_only(process
     assert len(acks) == 2
 
 
-# -- the process shell over fakeredis ------------------------------------------------
+# -- the service over fakeredis -------------------------------------------------------
 
 
 def transport(server: fakeredis.FakeServer, consumer: str) -> StreamTransport:

@@ -166,7 +166,7 @@ def test_a_child_ignoring_sigterm_is_killed_after_the_grace_period() -> None:
 SUPERVISING_SCRIPT = """
 import sys, threading, textwrap
 from services.launcher.supervisor import ChildSpec, Supervisor
-from services.launcher.up import stop_on_signals, supervise
+from services.launcher.up import handling_stop_signals, supervise
 
 # Each child starts a grandchild of its own, which must be stopped too.
 CHILD = textwrap.dedent('''
@@ -178,7 +178,7 @@ CHILD = textwrap.dedent('''
 supervisor = Supervisor(sys.stdout, grace_s=5.0)
 stop = threading.Event()
 specs = [ChildSpec(f"svc-{i}", [sys.executable, "-c", CHILD]) for i in range(2)]
-with stop_on_signals(stop, supervisor):
+with handling_stop_signals(stop, supervisor):
     sys.exit(supervise(supervisor, specs, stop))
 """
 

@@ -1,4 +1,4 @@
 """The pure engine core: sequences, KV block manager, scheduler, sampler, step().
 
-Nothing here does I/O; the engine process shell drives ``EngineCore.step()``.
+Nothing here does I/O; the engine service (services/engine/service.py) drives ``EngineCore.step()``.
 """

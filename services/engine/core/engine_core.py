@@ -1,7 +1,7 @@
 """EngineCore: the torch backend's pure loop (schedule, forward, sample, update).
 
-Plain Python with no I/O, driven by the engine process shell through the
-EngineBackend protocol. Not thread-safe: the shell calls every method from
+Plain Python with no I/O, driven by the engine service (service.py) through the
+EngineBackend protocol. Not thread-safe: the service calls every method from
 its one busy-loop thread.
 """
 
@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from services.engine.backend import EngineLoad, EngineRequest, RequestOutput
+from services.engine.contract import EngineLoad, EngineRequest, RequestOutput
 from services.engine.core.block_manager import BlockManager
 from services.engine.core.sampler import Sampler
 from services.engine.core.scheduler import ScheduledBatch, Scheduler

@@ -1,6 +1,6 @@
-"""The contract between the engine's process shell and a backend (echo, torch, hf).
+"""The contract between the engine service (service.py) and a backend (echo, torch, hf).
 
-The shell owns all I/O; a backend is plain in-process Python driven by
+The service owns all I/O; a backend is plain in-process Python driven by
 ``step()``. Types here are small dataclasses, not wire messages, so that the
 decode loop never builds or parses a stream message.
 """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.engine.backend import RequestOutput
+from services.engine.contract import RequestOutput
 from services.engine.step_outputs import OutputRouter
 from shared.messages import DetokenizeParams, EngineStepOutput, RequestFailed, SamplingParams, TokenizedRequest
 from shared.transport import Ack, StreamNames, shard_of

@@ -1,4 +1,4 @@
-"""The engine process shell, in-process: echo backend, fakeredis, the real I/O thread."""
+"""The engine service, in-process: echo backend, fakeredis, the real I/O thread."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import fakeredis
 import pytest
 
-from services.engine.backend import EngineBackend, RequestOutput
+from services.engine.contract import EngineBackend, RequestOutput
 from services.engine.echo import EchoBackend
 from services.engine.service import EngineService
 from shared.messages import (
