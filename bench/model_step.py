@@ -20,6 +20,7 @@ import torch
 
 from services.engine.model.batch import ForwardBatch
 from services.engine.model.cpu import CpuFeatures
+from services.engine.model.native import KERNEL_CHOICES
 from services.engine.model.runner import ModelRunner
 
 
@@ -47,7 +48,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=300)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--kernels", nargs="+", default=["auto"], help="auto, torch, native")
+    parser.add_argument("--kernels", nargs="+", default=["auto"], choices=KERNEL_CHOICES, help="auto, torch, native")
     parser.add_argument(
         "--plan-for-cpu",
         default=None,
@@ -79,7 +80,7 @@ def main() -> None:
                 cpu=CpuFeatures.simulated(*args.plan_for_cpu.split(",")) if args.plan_for_cpu else None,
             )
             params = runner.model.matmul_params()
-            kind = "native" if runner.native else "torch"
+            kind = "native" if runner.plan.native else "torch"
             print(f"{dtype} {kernels}: {runner.plan.describe()}")
             for batch in args.batch:
                 step = decode_batch(batch, args.context, args.block_size)

@@ -18,6 +18,7 @@ Parts (--only picks some):
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import statistics
 import time
@@ -29,6 +30,7 @@ import torch
 from services.engine.contract import EngineRequest
 from services.engine.core.build import engine_core_for
 from services.engine.core.engine_core import EngineCore
+from services.engine.model.native import KERNEL_CHOICES
 from services.engine.model.runner import ModelRunner
 from shared.messages import SamplingParams
 
@@ -44,8 +46,7 @@ def timed(fn: Callable[[], object]) -> float:
 def make_requests(count: int, seed: int, vocab: int) -> list[tuple[list[int], int]]:
     rng = random.Random(seed)
     return [
-        ([rng.randrange(100, vocab) for _ in range(rng.randint(32, 512))], rng.randint(32, 256))
-        for _ in range(count)
+        ([rng.randrange(100, vocab) for _ in range(rng.randint(32, 512))], rng.randint(32, 256)) for _ in range(count)
     ]
 
 
@@ -68,19 +69,26 @@ def run_hf(model: torch.nn.Module, requests: list[tuple[list[int], int]], batch:
     """transformers generate on padded (left) batches: (seconds, requested output tokens)."""
     total = 0.0
     for start in range(0, len(requests), batch):
-        chunk = requests[start:start + batch]
+        chunk = requests[start : start + batch]
         width = max(len(p) for p, _ in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, (prompt, _) in enumerate(chunk):
-            ids[row, width - len(prompt):] = torch.tensor(prompt)
-            mask[row, width - len(prompt):] = 1
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
         new = max(n for _, n in chunk)
         with torch.inference_mode():
-            total += timed(lambda: model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                do_sample=False, pad_token_id=pad_id,
-            ))
+            total += timed(
+                functools.partial(
+                    model.generate,
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=new,
+                    min_new_tokens=new,
+                    do_sample=False,
+                    pad_token_id=pad_id,
+                )
+            )
     return total, sum(n for _, n in requests)
 
 
@@ -104,8 +112,9 @@ def model_flops_per_token(runner: ModelRunner, context: int) -> float:
 
 
 def part_efficiency(runner: ModelRunner, args: argparse.Namespace) -> None:
-    core = engine_core_for(runner, max_num_batched_tokens=args.budget, max_running_requests=64,
-                           enable_prefix_caching=False)
+    core = engine_core_for(
+        runner, max_num_batched_tokens=args.budget, max_running_requests=64, enable_prefix_caching=False
+    )
     rng = random.Random(1)
     for i in range(64):
         core.add_request(EngineRequest(f"e{i}", [rng.randrange(100, 40000) for _ in range(280)], greedy(64)))
@@ -118,29 +127,35 @@ def part_efficiency(runner: ModelRunner, args: argparse.Namespace) -> None:
     step = statistics.median(step_times)
     flops = 64 * model_flops_per_token(runner, 300) / step
     peak = matmul_rate(torch.bfloat16)
-    print(f"[efficiency] 64 running, context ~300, {runner.dtype}: median step {step * 1000:.1f} ms = "
-          f"{64 / step:.0f} tokens/s, {flops / 1e9:.0f} GFLOP/s; bf16 mm rate {peak / 1e9:.0f} GFLOP/s; "
-          f"share {flops / peak:.0%}")
+    print(
+        f"[efficiency] 64 running, context ~300, {runner.dtype}: median step {step * 1000:.1f} ms = "
+        f"{64 / step:.0f} tokens/s, {flops / 1e9:.0f} GFLOP/s; bf16 mm rate {peak / 1e9:.0f} GFLOP/s; "
+        f"share {flops / peak:.0%}"
+    )
 
 
 def part_throughput(runner: ModelRunner, hf_model: torch.nn.Module, args: argparse.Namespace) -> None:
     requests = make_requests(args.num_requests, args.seed, runner.config.vocab_size)
-    core = engine_core_for(runner, max_num_batched_tokens=args.budget, max_running_requests=64,
-                           enable_prefix_caching=True)
+    core = engine_core_for(
+        runner, max_num_batched_tokens=args.budget, max_running_requests=64, enable_prefix_caching=True
+    )
     ours_s, ours_tokens = run_engine(core, requests)
     print(f"[throughput] ours: {ours_tokens} tokens in {ours_s:.1f} s = {ours_tokens / ours_s:.1f} tokens/s")
     if args.skip_hf:
         return
     hf_s, hf_tokens = run_hf(hf_model, requests, 64, args.pad_id)
-    print(f"[throughput] transformers generate (padded batches of 64): {hf_tokens} tokens in {hf_s:.1f} s "
-          f"= {hf_tokens / hf_s:.1f} tokens/s; ratio ours/hf = {(ours_tokens / ours_s) / (hf_tokens / hf_s):.2f}")
+    print(
+        f"[throughput] transformers generate (padded batches of 64): {hf_tokens} tokens in {hf_s:.1f} s "
+        f"= {hf_tokens / hf_s:.1f} tokens/s; ratio ours/hf = {(ours_tokens / ours_s) / (hf_tokens / hf_s):.2f}"
+    )
 
 
 def part_single(runner: ModelRunner, hf_model: torch.nn.Module, args: argparse.Namespace) -> None:
     prompt = [random.Random(2).randrange(100, 40000) for _ in range(128)]
     new = 128
-    core = engine_core_for(runner, max_num_batched_tokens=args.budget, max_running_requests=64,
-                           enable_prefix_caching=False)
+    core = engine_core_for(
+        runner, max_num_batched_tokens=args.budget, max_running_requests=64, enable_prefix_caching=False
+    )
     core.add_request(EngineRequest("single", prompt, greedy(new)))
     core.step()  # prefill and first token
     decode_s = timed(lambda: [core.step() for _ in range(new - 1)])
@@ -166,8 +181,9 @@ def part_prefix(runner: ModelRunner, args: argparse.Namespace) -> None:
 
     cold, warm = [], []
     for trial in range(5):
-        core = engine_core_for(runner, max_num_batched_tokens=args.budget, max_running_requests=64,
-                               enable_prefix_caching=True)
+        core = engine_core_for(
+            runner, max_num_batched_tokens=args.budget, max_running_requests=64, enable_prefix_caching=True
+        )
         cold.append(ttft(core, f"cold{trial}", [1000 + trial] * 16))
         warm.append(ttft(core, f"warm{trial}", [2000 + trial] * 16))
     c, w = statistics.median(cold), statistics.median(warm)
@@ -178,6 +194,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--kernels", default="auto", choices=KERNEL_CHOICES, help="auto, torch, native")
     parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--budget", type=int, default=512, help="max_num_batched_tokens")
@@ -191,8 +208,16 @@ def main() -> None:
         from shared.settings import CommonSettings
 
         model_dir = resolve_model_dir(CommonSettings(), weights=True)
-    runner = ModelRunner(model_dir, dtype=args.dtype, device="cpu", block_size=16, num_blocks=None,
-                         kv_cache_bytes=2 * 1024**3, max_model_len=None)
+    runner = ModelRunner(
+        model_dir,
+        dtype=args.dtype,
+        device="cpu",
+        block_size=16,
+        num_blocks=None,
+        kv_cache_bytes=2 * 1024**3,
+        max_model_len=None,
+        kernels=args.kernels,
+    )
     print(f"model {model_dir}, dtype {runner.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     hf_model = None
     if {"throughput", "single"} & set(args.only) and not args.skip_hf:

@@ -127,6 +127,13 @@ class EngineSettings(CommonSettings):
     max_num_batched_tokens: PositiveInt = 512
     # Reuse the KV of identical prompt prefixes across requests.
     enable_prefix_caching: bool = True
+    # The native CPU kernels (services/engine/model/native.py): "auto" uses them when they
+    # compile and pass their self-check, else plain torch; "torch" never; "native" always
+    # (start-up fails without them). The choices of services.engine.model.native.KernelChoice.
+    kernels: Literal["auto", "torch", "native"] = "auto"
+    # Where the compiled kernels are kept; default: $XDG_CACHE_HOME/scalellm/kernels,
+    # else ~/.cache/scalellm/kernels.
+    kernel_cache_dir: str | None = None
 
 
 class DetokenizerSettings(CommonSettings):

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 
 from services.engine.model import attention as attention_module
 from services.engine.model import native as native_module
-from services.engine.model.attention import AttentionMetadata, paged_attention, reference_decode_attention
-from services.engine.model.llama import apply_rope, rms_norm
+from services.engine.model.attention import AttentionMetadata, paged_attention
 from services.engine.model.native import NativeKernels, load_native_kernels
+from services.engine.model.plan import KernelPlan
+from services.engine.model.reference import apply_rope, reference_decode_attention, rms_norm
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,11 @@ def random_case(
     return q, k_cache, v_cache, torch.tensor(table), torch.tensor(lens)
 
 
+def float32_plan(native: NativeKernels | None) -> KernelPlan:
+    """float32 throughout: the native decode kernel (dim-major K) or torch; torch stores new K/V either way."""
+    return KernelPlan(torch.float32, torch.float32, False, native, ())
+
+
 CASES = [
     {"heads": 9, "kv_heads": 3, "head_dim": 64, "block_size": 16, "lens": [1, 16, 17, 300]},
     {"heads": 4, "kv_heads": 4, "head_dim": 128, "block_size": 4, "lens": [5, 2, 33]},
@@ -93,10 +99,9 @@ def test_paged_attention_decode_batch_matches_reference(kernel: NativeKernels, u
         block_tables=[row.tolist() for row in table],
         block_size=block_size,
         num_kv_heads=case["kv_heads"],
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-        native=kernel if use_native else None,
         head_dim=case["head_dim"],
+        device=torch.device("cpu"),
+        plan=float32_plan(kernel if use_native else None),
     )
     got = paged_attention(q, new_k, new_v, k_cache, v_cache, meta, 0.125)
     for b, slot in enumerate(slots):  # the new tokens landed in the pool
@@ -109,25 +114,25 @@ def test_paged_attention_decode_batch_matches_reference(kernel: NativeKernels, u
 
 
 @pytest.fixture
-def fresh_native_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("SCALELLM_KERNEL_CACHE_DIR", str(tmp_path))
+def fresh_cache_dir(tmp_path: Path) -> Iterator[Path]:
+    """An empty kernel cache folder, and no kernels loaded in this process yet."""
     native_module._load_once.cache_clear()
-    yield
+    yield tmp_path
     native_module._load_once.cache_clear()
 
 
 def test_without_a_compiler_auto_falls_back_and_native_refuses(
-    fresh_native_load: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    fresh_cache_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("CC", "/bin/false")
     with caplog.at_level(logging.WARNING):
-        assert load_native_kernels("auto") is None
+        assert load_native_kernels("auto", fresh_cache_dir) is None
     assert "using plain torch" in caplog.text
     with pytest.raises(RuntimeError, match="native kernels requested but unavailable"):
-        load_native_kernels("native")
-    assert load_native_kernels("torch") is None
+        load_native_kernels("native", fresh_cache_dir)
+    assert load_native_kernels("torch", fresh_cache_dir) is None
     with pytest.raises(ValueError, match="'flash'"):
-        load_native_kernels("flash")
+        load_native_kernels("flash", fresh_cache_dir)
 
 
 def test_native_layer_kernels_match_torch_at_engine_sizes(kernel: NativeKernels) -> None:
@@ -185,8 +190,9 @@ def test_prefill_chunk_after_cached_prefix_matches_sdpa(monkeypatch: pytest.Monk
         block_size=block,
         num_kv_heads=kv_heads,
         num_heads=heads,
-        dtype=torch.float32,
+        head_dim=dim,
         device=torch.device("cpu"),
+        plan=float32_plan(None),
     )
     got = paged_attention(q, all_k[cached:], all_v[cached:], k_cache, v_cache, meta, 0.25)
     visible = torch.arange(cached + chunk)[None, :] <= torch.arange(cached, cached + chunk)[:, None]

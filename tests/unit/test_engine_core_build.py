@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from services.engine.core.build import available_memory_bytes, engine_core_for, kv_cache_bytes
+from services.engine.core.build import available_memory_bytes, create_torch_backend, engine_core_for, kv_cache_bytes
 from shared.settings import EngineSettings
 
 
@@ -57,3 +57,17 @@ def test_a_smaller_pool_than_the_runners_can_be_chosen_but_not_a_larger_one() ->
             enable_prefix_caching=True,
             num_blocks=101,
         )
+
+
+def test_the_kernel_settings_reach_the_model_runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, object] = {}
+
+    def runner(model_dir: Path, **kwargs: object) -> SimpleNamespace:
+        seen.update(kwargs)
+        return fake_runner()
+
+    monkeypatch.setattr("services.engine.core.build.resolve_model_dir", lambda settings, weights: tmp_path)
+    monkeypatch.setattr("services.engine.core.build.ModelRunner", runner)
+    settings = EngineSettings(kernels="torch", kernel_cache_dir=str(tmp_path / "kernels"), kv_cache_bytes=1 << 20)
+    create_torch_backend(settings)
+    assert seen["kernels"] == "torch" and seen["kernel_cache_dir"] == str(tmp_path / "kernels")

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from services.engine.model import native as native_module
-from services.engine.model.attention import reference_decode_attention
 from services.engine.model.cpu import CpuFeatures
 from services.engine.model.plan import choose_plan
+from services.engine.model.reference import reference_decode_attention
 
 CPU = torch.device("cpu")
 # /proc/cpuinfo flags as read on the project's two kinds of machine (abridged).
@@ -63,9 +63,7 @@ MARCH_NEEDS = {"x86-64-v3": ("avx2", "fma", "bmi2", "f16c", "movbe"), "x86-64": 
 
 
 @pytest.mark.parametrize("march", list(MARCH_NEEDS))
-def test_native_kernels_built_for_a_lower_instruction_set_match_torch(
-    march: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_native_kernels_built_for_a_lower_instruction_set_match_torch(march: str, tmp_path: Path) -> None:
     """The AVX2 and baseline builds of the kernels (what a Zen 3 runs) checked on any x86 machine."""
     if platform.machine() != "x86_64":
         pytest.skip(f"-march={march} is an x86-64 target; this machine is {platform.machine()}")
@@ -73,8 +71,7 @@ def test_native_kernels_built_for_a_lower_instruction_set_match_torch(
     missing = [flag for flag in MARCH_NEEDS[march] if flag not in host.flags]
     if missing:
         pytest.skip(f"-march={march} code needs {' '.join(missing)}, which this CPU lacks")
-    monkeypatch.setenv("SCALELLM_KERNEL_CACHE_DIR", str(tmp_path))
-    kernels = native_module.build_and_check(march)  # includes the self-check against torch
+    kernels = native_module.build_and_check(march, tmp_path)  # includes the self-check against torch
     gen = torch.Generator().manual_seed(7)
     for dtype in (torch.float32, torch.bfloat16):
         k_cache = torch.randn(12, 3, 64, 16, generator=gen).to(dtype)

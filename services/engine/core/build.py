@@ -78,6 +78,8 @@ def create_torch_backend(settings: EngineSettings) -> EngineCore:
         num_blocks=None,
         kv_cache_bytes=kv_cache_bytes(settings, device),
         max_model_len=settings.max_model_len,
+        kernels=settings.kernels,
+        kernel_cache_dir=settings.kernel_cache_dir,
     )
     core = engine_core_for(
         runner,

@@ -17,8 +17,10 @@ index tensors and masks once; every layer reuses them. Per layer,
   slow path.)
 
 Cache layout: see kv_cache.py. V is [num_blocks, num_kv_heads, block_size, head_dim];
-K is the same, or with the native kernels dim-major: [num_blocks, num_kv_heads,
-head_dim, block_size] (``AttentionMetadata.k_dim_major``).
+K is the same, or with the native decode kernel dim-major: [num_blocks, num_kv_heads,
+head_dim, block_size] (``KernelPlan.k_dim_major``). Which kernels run, the K layout,
+who stores the new K/V and the dtype scores are computed in all come from the
+kernel plan (plan.py); nothing here decides them.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from services.engine.model.native import NativeKernels
+from services.engine.model.plan import KernelPlan
 
 
 @dataclass(slots=True)
@@ -62,10 +65,11 @@ class AttentionMetadata:
     # [T * kv_heads * D] element offsets into the flat K pool.
     k_write: torch.Tensor
     k_dim_major: bool
+    store_kv: bool  # paged_attention writes the new K/V into the pool (False: a native kernel already did)
     decode: DecodeGroup | None
     prefills: list[PrefillSeq]
     num_tokens: int
-    native: NativeKernels | None
+    native: NativeKernels | None  # the native decode kernel, when the plan uses it
 
     @classmethod
     def build(
@@ -77,30 +81,28 @@ class AttentionMetadata:
         block_tables: list[list[int]],
         block_size: int,
         num_kv_heads: int,
-        dtype: torch.dtype,
+        head_dim: int,
         device: torch.device,
+        plan: KernelPlan,
         num_heads: int | None = None,
-        native: NativeKernels | None = None,
-        head_dim: int = 0,
-        store_in_torch: bool = True,
     ) -> AttentionMetadata:
         """Index tensors and masks for one step; the caller has validated the batch.
 
-        With native kernels the K pool is dim-major (see kv_cache.py). head_dim
-        is needed to address dim-major K when torch stores the new K
-        (store_in_torch; False when a native kernel stores it). num_heads
-        (default: num_kv_heads) shapes the prefill masks. dtype: what scores
-        are computed in (the masks' dtype; the kernel plan's compute dtype)."""
+        From the plan: the native decode kernel or torch, the K layout
+        (``plan.k_dim_major``; head_dim addresses dim-major K), whether torch
+        stores the new K/V (not when ``plan.stores_kv_natively``), and the dtype
+        scores are computed in (the masks' dtype, ``plan.compute_dtype``).
+        num_heads (default: num_kv_heads) shapes the prefill masks."""
+        native = plan.native
+        dtype = plan.compute_dtype
         group = (num_heads or num_kv_heads) // num_kv_heads
         heads = torch.arange(num_kv_heads, device=device)
         slots = slot_mapping.to(device=device, dtype=torch.long)
         block, offset = slots // block_size, slots % block_size
         write_rows = ((block[:, None] * num_kv_heads + heads[None, :]) * block_size + offset[:, None]).reshape(-1)
-        k_dim_major = native is not None
+        k_dim_major = plan.k_dim_major
         k_write = write_rows
-        if k_dim_major and store_in_torch:
-            if head_dim < 1:
-                raise ValueError("head_dim is needed to store K in the dim-major pool")
+        if k_dim_major and not plan.stores_kv_natively:
             dims = torch.arange(head_dim, device=device)
             base = (block[:, None] * num_kv_heads + heads[None, :]) * head_dim  # [T, KV]
             k_write = ((base[:, :, None] + dims[None, None, :]) * block_size + offset[:, None, None]).reshape(-1)
@@ -147,6 +149,7 @@ class AttentionMetadata:
             write_rows=write_rows,
             k_write=k_write,
             k_dim_major=k_dim_major,
+            store_kv=not plan.stores_kv_natively,
             decode=decode,
             prefills=prefills,
             num_tokens=start,
@@ -239,20 +242,19 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
-    *,
-    store: bool = True,
 ) -> torch.Tensor:
     """Attention of the step's tokens over their sequences' cached context.
 
     q: [T, H, D]; k, v: [T, KV, D] for the new tokens (already rotated);
     k_cache, v_cache: one layer of the pool (layouts: module docstring).
-    store=False: the caller has already written k, v into the pool.
+    Unless meta.store_kv is False (a native kernel of the plan has already
+    written k, v into the pool), k and v are stored at their slots first.
     Returns [T, H * D].
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, block_size = v_cache.shape[1], v_cache.shape[2]
     group = num_heads // num_kv_heads
-    if store:
+    if meta.store_kv:
         if meta.k_dim_major:
             k_cache.view(-1).index_copy_(0, meta.k_write, k.reshape(-1))
         else:
@@ -353,36 +355,3 @@ def _prefill(
     return (
         out.view(num_kv_heads, chunk, group, head_dim).transpose(0, 1).reshape(chunk, num_heads * head_dim).to(q.dtype)
     )
-
-
-def reference_decode_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-    *,
-    k_dim_major: bool,
-) -> torch.Tensor:
-    """Slow, obvious decode attention, one sequence at a time (for checks).
-
-    q: [B, H, D]; v_cache: [blocks, KV, block_size, D], k_cache the same or
-    dim-major [blocks, KV, D, block_size]; block_table: [B, max_blocks];
-    context_lens: [B]. Returns [B, H * D].
-    """
-    batch, num_heads, head_dim = q.shape
-    num_kv_heads, block_size = v_cache.shape[1], v_cache.shape[2]
-    if k_dim_major:
-        k_cache = k_cache.transpose(2, 3)
-    out = []
-    for b in range(batch):
-        n = int(context_lens[b])
-        blocks = block_table[b, : (n + block_size - 1) // block_size]
-        keys = k_cache[blocks].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)[:, :n].float()
-        values = v_cache[blocks].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)[:, :n].float()
-        keys = keys.repeat_interleave(num_heads // num_kv_heads, dim=0)
-        values = values.repeat_interleave(num_heads // num_kv_heads, dim=0)
-        probs = torch.softmax((q[b].float()[:, None, :] @ keys.transpose(1, 2)) * scale, dim=-1)
-        out.append((probs @ values).reshape(-1))
-    return torch.stack(out).to(q.dtype)

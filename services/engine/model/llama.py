@@ -18,6 +18,7 @@ from services.engine.model.config import ModelConfig, RopeScaling
 from services.engine.model.kv_cache import KVCache
 from services.engine.model.linear import ConversionBuffer, Linear
 from services.engine.model.plan import KernelPlan
+from services.engine.model.reference import apply_rope, rms_norm, silu_mul
 
 
 @dataclass(slots=True)
@@ -75,19 +76,6 @@ class RotaryTable:
         cos = self.cos.index_select(0, positions).to(dtype)[:, None, :]
         sin = self.sin.index_select(0, positions).to(dtype)[:, None, :]
         return cos, sin
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D] (may be a strided view), rotated by halves as in HF's rotate_half."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Normalise in float32 and scale in the model dtype, as transformers does."""
-    variance = x.float().pow(2).mean(-1, keepdim=True)
-    return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
 
 
 @dataclass(slots=True)
@@ -172,15 +160,12 @@ class LlamaModel:
                 qk = apply_rope(qkv[:, :qk_size].view(num_tokens, heads + kv_heads, head_dim), cos, sin)
             q, k = qk[:, :heads], qk[:, heads:]
             v = qkv[:, qk_size:].view(num_tokens, kv_heads, head_dim)
-            attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, store=native is None)
+            # meta.store_kv (from the same plan) is False exactly when rope_store has stored k, v.
+            attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
             hidden = layer.o.add_to(hidden, attn)
             normed = norm(hidden, layer.post_norm, eps)
             gate_up = layer.gate_up(normed)
-            if native is not None:
-                activated = native.silu_mul(gate_up)
-            else:
-                gate, up = gate_up.chunk(2, dim=-1)
-                activated = F.silu(gate) * up
+            activated = native.silu_mul(gate_up) if native is not None else silu_mul(gate_up)
             hidden = layer.down.add_to(hidden, activated)
         last = hidden.index_select(0, logits_indices)
         return self.lm_head(norm(last, self.final_norm, eps)).float()

@@ -12,7 +12,9 @@ cached per source and CPU), loaded with ctypes (which releases the GIL), and
 checked against torch on small inputs before they are trusted. Without a
 compiler, or if anything fails, the engine logs why and uses plain torch.
 
-SCALELLM_KERNELS=torch turns them off; =native makes their absence an error.
+SCALELLM_KERNELS=torch turns them off; =native makes their absence an error
+(the setting reaches here through the kernel plan, plan.py). Compiled kernels
+are kept in SCALELLM_KERNEL_CACHE_DIR (default: default_cache_dir()).
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
+
+from services.engine.model.reference import apply_rope, reference_decode_attention, rms_norm, silu_mul
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +42,9 @@ FLAGS = ["-O3", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-shared
 # (AVX-512 intrinsics or portable loops it vectorizes for AVX2); "native" is this CPU.
 # Tests build for other targets too, e.g. x86-64-v3 (AVX2 + FMA) on an AVX-512 machine.
 DEFAULT_MARCH = "native"
-KERNEL_CHOICES = ("auto", "torch", "native")
+# SCALELLM_KERNELS (shared/settings.py declares the same choices without importing torch).
+KernelChoice = Literal["auto", "torch", "native"]
+KERNEL_CHOICES: tuple[str, ...] = get_args(KernelChoice)
 _COMPILE_TIMEOUT_S = 120
 
 
@@ -156,13 +163,15 @@ class NativeKernels:
         return out
 
 
-def load_native_kernels(choice: str) -> NativeKernels | None:
-    """The kernels for choice "auto" / "native", None for "torch" or when "auto" cannot have them."""
+def load_native_kernels(choice: str, cache_dir: str | Path | None = None) -> NativeKernels | None:
+    """The kernels for choice "auto" / "native", None for "torch" or when "auto" cannot have them.
+
+    cache_dir: where compiled kernels are kept (None: default_cache_dir())."""
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"unknown kernels choice {choice!r}; expected one of {', '.join(KERNEL_CHOICES)}")
     if choice == "torch":
         return None
-    native = _load_once()
+    native = _load_once(_resolve_cache_dir(cache_dir))
     if isinstance(native, Exception):
         if choice == "native":
             raise RuntimeError(f"native kernels requested but unavailable: {native}") from native
@@ -172,26 +181,28 @@ def load_native_kernels(choice: str) -> NativeKernels | None:
 
 
 @functools.cache
-def _load_once() -> NativeKernels | Exception:
-    """Build, load and check once per process; the failure is kept to be reported."""
+def _load_once(cache_dir: Path) -> NativeKernels | Exception:
+    """Build, load and check once per process (and cache folder); the failure is kept to be reported."""
     try:
-        return build_and_check(DEFAULT_MARCH)
+        return build_and_check(DEFAULT_MARCH, cache_dir)
     except Exception as exc:  # noqa: BLE001 - any failure only costs speed; the caller reports it
         return exc
 
 
-def build_and_check(march: str) -> NativeKernels:
-    """Compile for ``-march=<march>`` (cached), load, and compare with torch; raises on any failure."""
-    native = NativeKernels(ctypes.CDLL(str(_build(march))))
+def build_and_check(march: str, cache_dir: str | Path | None = None) -> NativeKernels:
+    """Compile for ``-march=<march>`` (cached in cache_dir), load, and compare with torch; raises on any failure."""
+    native = NativeKernels(ctypes.CDLL(str(_build(march, _resolve_cache_dir(cache_dir)))))
     _self_check(native)
     return native
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("SCALELLM_KERNEL_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or "~/.cache", "scalellm", "kernels"
-    )
-    return Path(root).expanduser()
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/scalellm/kernels, or ~/.cache/scalellm/kernels."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "scalellm", "kernels").expanduser()
+
+
+def _resolve_cache_dir(cache_dir: str | Path | None) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
 
 
 def _cpu_flags() -> str:
@@ -204,7 +215,7 @@ def _cpu_flags() -> str:
     return ""
 
 
-def _build(march: str) -> Path:
+def _build(march: str, cache_dir: Path) -> Path:
     """Compile (or find already compiled) the kernels; -march=native ties them to this CPU."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
@@ -213,7 +224,7 @@ def _build(march: str) -> Path:
     texts = [source.read_text() for source in SOURCES]
     flags = [f"-march={march}", *FLAGS]
     key = hashlib.sha256("\0".join([*texts, " ".join(flags), version, _cpu_flags()]).encode()).hexdigest()
-    target = _cache_dir() / f"scalellm_kernels-{key[:16]}.so"
+    target = cache_dir / f"scalellm_kernels-{key[:16]}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -239,10 +250,7 @@ def _build(march: str) -> Path:
 
 
 def _self_check(native: NativeKernels) -> None:
-    """Compare every kernel with plain torch on small random inputs."""
-    from services.engine.model.attention import reference_decode_attention
-    from services.engine.model.llama import apply_rope, rms_norm
-
+    """Compare every kernel with plain torch on small random inputs (reference.py)."""
     gen = torch.Generator().manual_seed(0)
 
     def check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
@@ -264,8 +272,7 @@ def _self_check(native: NativeKernels) -> None:
     weight = torch.randn(40, generator=gen).to(bf16)
     check("rms_norm", native.rms_norm(x, weight, 1e-5), rms_norm(x, weight, 1e-5), 3e-2)
     gate_up = torch.randn(3, 16, generator=gen).to(bf16)
-    gate, up = gate_up.float().chunk(2, dim=-1)
-    check("silu_mul", native.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, 3e-2)
+    check("silu_mul", native.silu_mul(gate_up), silu_mul(gate_up.float()), 3e-2)
     heads, kv_heads, dim = 4, 2, 8
     qkv = torch.randn(3, (heads + 2 * kv_heads) * dim, generator=gen).to(bf16)
     angles = torch.rand(10, dim // 2, generator=gen)

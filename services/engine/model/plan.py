@@ -2,8 +2,10 @@
 
 One decision, one place: the runner asks ``choose_plan`` and hands the result to
 the model, the attention metadata and the KV pool, which never look at the CPU
-themselves. The plan keeps the reasons for its choices so the engine can log
-them: which dtype, which kernels, and the CPU flags that decided.
+themselves, and take everything that follows from "native kernels or not" (the
+K layout, who stores new K/V) from the plan's properties. The plan keeps the
+reasons for its choices so the engine can log them: which dtype, which kernels,
+and the CPU flags that decided.
 
 bfloat16 on a CPU without oneDNN's bf16 matmul (no AVX-512 BW/VL/DQ, no
 AVX-NE-CONVERT, e.g. AMD Zen 3) is a storage format only: weights and the KV
@@ -17,12 +19,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from services.engine.model.cpu import ONEDNN_BF16_AVX512, ONEDNN_BF16_NE_CONVERT, CpuFeatures
 from services.engine.model.device import resolve_dtype
-from services.engine.model.native import NativeKernels, load_native_kernels
+from services.engine.model.native import KERNEL_CHOICES, NativeKernels, load_native_kernels
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,16 @@ class KernelPlan:
         return self.native if self.dtype == torch.bfloat16 else None
 
     @property
+    def k_dim_major(self) -> bool:
+        """K pool layout [blocks, KV, D, block_size], what the native decode kernel reads (kv_cache.py)."""
+        return self.native is not None
+
+    @property
+    def stores_kv_natively(self) -> bool:
+        """The native RoPE kernel writes the new K/V into the pool, so attention must not."""
+        return self.native_layers is not None
+
+    @property
     def linear_kind(self) -> str:
         if self.prepacked_linears:
             return "oneDNN prepacked"
@@ -57,9 +70,19 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def choose_plan(dtype: str, device: torch.device, kernels: str, cpu: CpuFeatures | None = None) -> KernelPlan:
-    """dtype: the SCALELLM_DTYPE setting; kernels: "auto", "torch" or "native";
-    cpu: the CPU to plan for (default: this one)."""
+def choose_plan(
+    dtype: str,
+    device: torch.device,
+    kernels: str,
+    cpu: CpuFeatures | None = None,
+    *,
+    kernel_cache_dir: str | Path | None = None,
+) -> KernelPlan:
+    """dtype: the SCALELLM_DTYPE setting; kernels: SCALELLM_KERNELS, "auto", "torch" or "native";
+    cpu: the CPU to plan for (default: this one); kernel_cache_dir: where compiled
+    kernels are kept (SCALELLM_KERNEL_CACHE_DIR; None: native.default_cache_dir())."""
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"unknown kernels choice {kernels!r}; expected one of {', '.join(KERNEL_CHOICES)}")
     if device.type != "cpu":
         if kernels == "native":
             raise ValueError("the native kernels run on the CPU only")
@@ -86,7 +109,7 @@ def choose_plan(dtype: str, device: torch.device, kernels: str, cpu: CpuFeatures
                 "CPU lacks: bf16 is the storage format (weights, KV cache), matmuls and attention run in float32 "
                 "(SCALELLM_DTYPE=float32 uses twice the memory at about the same speed)"
             )
-    return KernelPlan(chosen, compute, prepacked, load_native_kernels(kernels), tuple(reasons))
+    return KernelPlan(chosen, compute, prepacked, load_native_kernels(kernels, kernel_cache_dir), tuple(reasons))
 
 
 def _prepacking_available() -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ from services.engine.model.device import resolve_device
 from services.engine.model.kv_cache import KVCache, kv_bytes_per_block, num_blocks_for
 from services.engine.model.llama import LlamaModel, RotaryTable
 from services.engine.model.loader import load_weights
-from services.engine.model.native import KERNEL_CHOICES, NativeKernels
+from services.engine.model.native import KernelChoice
 from services.engine.model.plan import KernelPlan, choose_plan
 
 log = logging.getLogger(__name__)
@@ -33,27 +32,26 @@ class ModelRunner:
         num_blocks: int | None,
         kv_cache_bytes: int | None,
         max_model_len: int | None,
-        kernels: str | None = None,
+        kernels: KernelChoice = "auto",
+        kernel_cache_dir: str | Path | None = None,
         cpu: CpuFeatures | None = None,
     ) -> None:
         """Load the model and allocate the KV pool: num_blocks if given, else as
         many blocks as fit in kv_cache_bytes. Raises UnsupportedModelError /
         WeightsError / ValueError with a message naming the problem.
 
-        kernels: "auto" (the native CPU kernels of native.py when they build,
-        else plain torch), "torch" or "native"; None reads SCALELLM_KERNELS
-        (default "auto"). cpu: plan for this CPU instead of the one we run on
-        (tests use it to stand in for CPUs they lack)."""
+        kernels (SCALELLM_KERNELS): "auto" (the native CPU kernels of native.py
+        when they build, else plain torch), "torch" or "native".
+        kernel_cache_dir (SCALELLM_KERNEL_CACHE_DIR): where compiled kernels are
+        kept; None: native.default_cache_dir(). cpu: plan for this CPU instead
+        of the one we run on (tests use it to stand in for CPUs they lack)."""
         if block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {block_size}")
         self.config = ModelConfig.from_dir(Path(model_dir))
         self.device = resolve_device(device)
-        choice = kernels or os.environ.get("SCALELLM_KERNELS", "auto")
-        if choice not in KERNEL_CHOICES:
-            raise ValueError(f"unknown kernels choice {choice!r}; expected one of {', '.join(KERNEL_CHOICES)}")
-        self.plan: KernelPlan = choose_plan(dtype, self.device, choice, cpu)
+        # The one "which kernels" decision; the model, attention metadata and KV pool take it from here.
+        self.plan: KernelPlan = choose_plan(dtype, self.device, kernels, cpu, kernel_cache_dir=kernel_cache_dir)
         self.dtype = self.plan.dtype
-        self.native: NativeKernels | None = self.plan.native
         self.block_size = block_size
         cfg = self.config
         self.max_model_len = self._resolve_max_model_len(max_model_len)
@@ -90,7 +88,7 @@ class ModelRunner:
             head_dim=cfg.head_dim,
             dtype=self.dtype,
             device=self.device,
-            k_dim_major=self.native is not None,
+            k_dim_major=self.plan.k_dim_major,
         )
         log.info(
             "model %s (%s) on %s: %s; KV pool %d blocks of %d tokens (%.1f MiB)",
@@ -134,11 +132,9 @@ class ModelRunner:
             block_size=self.block_size,
             num_kv_heads=self.config.num_kv_heads,
             num_heads=self.config.num_heads,
-            dtype=self.plan.compute_dtype,
-            device=device,
-            native=self.native,
             head_dim=self.config.head_dim,
-            store_in_torch=self.model.native_layers is None,
+            device=device,
+            plan=self.plan,
         )
         return self.model.forward(
             batch.input_ids.to(device, torch.long),
