@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from shared.messages import Message, MessageError, decode, encode
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
-    from shared.transport import Ack, Delivery, StreamNames
+    from shared.transport import Ack, Delivery, StreamNames, StreamReply
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class FencedPublishMixin:
     async def ensure_group(self, stream: str, group: str) -> None:
         raise NotImplementedError  # StreamTransport's
 
-    async def _decode_entries(self, reply: list, group: str | None) -> list[Delivery]:
+    async def _decode_entries(self, reply: StreamReply | None, group: str | None) -> list[Delivery]:
         raise NotImplementedError  # StreamTransport's
 
     async def publish_fenced(
@@ -132,10 +132,11 @@ class FencedPublishMixin:
         claimed: list[Delivery] = []
         cursor = "0-0"
         while True:
-            reply = await self._retry(
-                "XAUTOCLAIM",
-                lambda start=cursor: self._redis.xautoclaim(stream, group, self.consumer, 0, start, count=count),
-            )
+
+            async def autoclaim(start: str = cursor) -> list[Any]:
+                return await self._redis.xautoclaim(stream, group, self.consumer, 0, start, count=count)
+
+            reply = await self._retry("XAUTOCLAIM", autoclaim)
             entries = [entry for entry in reply[1] if entry is not None]
             claimed += await self._decode_entries([(stream, entries)], group)
             cursor = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
@@ -153,7 +154,7 @@ class FencedPublishMixin:
         found: list[Message | None] = []
         for key, value in zip(keys, values):
             try:
-                found.append(None if value is None else decode(value))
+                found.append(None if value is None else decode(cast(bytes, value)))  # responses are not decoded: bytes
             except MessageError as exc:
                 log.error("ignoring unreadable state %s: %s", key, exc)
                 found.append(None)

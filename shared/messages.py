@@ -233,7 +233,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 def encode(message: Message) -> bytes:
     fields = message.model_dump(mode="python", exclude_none=True)
     fields["type"] = message.TYPE
-    return msgpack.packb(fields, use_bin_type=True)
+    packed: bytes = msgpack.packb(fields, use_bin_type=True)
+    return packed
 
 
 def decode(data: bytes) -> Message:

@@ -13,14 +13,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from redis.exceptions import ResponseError
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
-    from shared.transport import Delivery, StreamNames
+    from shared.transport import Delivery, StreamNames, StreamReply
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class ReplicaRegistryMixin:
 
         async def _retry(self, what: str, operation: Callable[[], Awaitable[T]]) -> T: ...
         async def ensure_group(self, stream: str, group: str) -> None: ...
-        async def _decode_entries(self, reply: list, group: str | None) -> list[Delivery]: ...
+        async def _decode_entries(self, reply: StreamReply | None, group: str | None) -> list[Delivery]: ...
         async def drop_poisoned(self, stream: str, group: str, deliveries: Sequence[Delivery]) -> list[Delivery]: ...
 
     async def replica_census(self, role: str) -> ReplicaCensus:
@@ -118,11 +118,12 @@ class ReplicaRegistryMixin:
         if (stream, group) not in self._known_groups:
             await self.ensure_group(stream, group)
 
-        async def claim() -> list:
+        async def claim() -> list[Any]:
             try:
-                return await self._redis.eval(
+                reply: list[Any] = await self._redis.eval(
                     _TAKE_OVER, 1, stream, group, gone, self.consumer, min_idle_ms, max(0, min(count, 1000))
                 )
+                return reply
             except ResponseError as exc:
                 if not _is_missing_group(exc):
                     raise

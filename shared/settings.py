@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 import uuid
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -155,7 +155,7 @@ class LauncherSettings(CommonSettings):
 S = TypeVar("S", bound=CommonSettings)
 
 
-def load_settings(cls: type[S], **overrides: object) -> S:
+def load_settings(cls: type[S], **overrides: Any) -> S:
     """Read settings from the environment; exit with a readable message if bad."""
     try:
         return cls(**overrides)

@@ -16,7 +16,7 @@ import logging
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 PAYLOAD_FIELD = b"m"
 _RETRYABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+# A stream read as this client gets it (RESP2, responses not decoded, so values are
+# bytes): [(stream, [(entry id, {field: value}, or None for a deleted entry), ...]), ...].
+# redis-py's own reply types also cover RESP3 and decoded responses, hence the casts.
+StreamEntry = tuple[bytes | str, dict[bytes, bytes] | None]
+StreamReply = Sequence[tuple[bytes | str, Sequence[StreamEntry]]]
 
 # Renew or release a lease only if we still hold it.
 _RENEW_LEASE = (
@@ -207,11 +213,12 @@ class StreamTransport(WorkStreamMixin, FencedPublishMixin, OutputCheckpointMixin
             if (stream, group) not in self._known_groups:
                 await self.ensure_group(stream, group)
 
-        async def read() -> list:
+        async def read() -> StreamReply:
             try:
-                return await self._redis.xreadgroup(
+                reply = await self._redis.xreadgroup(
                     group, self.consumer, {s: ">" for s in streams}, count=count, block=block_ms or None
                 )
+                return cast(StreamReply, reply)
             except ResponseError as exc:
                 # The stream or group vanished (e.g. Redis restarted empty).
                 if not _is_missing_group(exc):
@@ -228,7 +235,7 @@ class StreamTransport(WorkStreamMixin, FencedPublishMixin, OutputCheckpointMixin
         if (stream, group) not in self._known_groups:
             await self.ensure_group(stream, group)
 
-        async def claim() -> list:
+        async def claim() -> StreamReply:
             try:
                 reply = await self._redis.xautoclaim(stream, group, self.consumer, min_idle_ms, "0-0", count=count)
             except ResponseError as exc:
@@ -255,7 +262,7 @@ class StreamTransport(WorkStreamMixin, FencedPublishMixin, OutputCheckpointMixin
     async def ack(self, acks: Iterable[Ack]) -> None:
         await self.publish([], acks=acks)
 
-    async def _decode_entries(self, reply: list, group: str | None) -> list[Delivery]:
+    async def _decode_entries(self, reply: StreamReply | None, group: str | None) -> list[Delivery]:
         deliveries: list[Delivery] = []
         rejected: list[tuple[str, str, bytes]] = []
         for raw_stream, entries in reply or []:
@@ -322,9 +329,12 @@ class StreamTransport(WorkStreamMixin, FencedPublishMixin, OutputCheckpointMixin
 
     async def read_stream(self, stream: str, last_id: str, *, count: int, block_ms: int) -> tuple[str, list[Delivery]]:
         """Entries after ``last_id`` (``"$"``: only new ones); returns the new last id."""
-        reply = await self._retry(
-            "XREAD", lambda: self._redis.xread({stream: last_id}, count=count, block=block_ms or None)
-        )
+
+        async def read() -> StreamReply:
+            reply = await self._redis.xread({stream: last_id}, count=count, block=block_ms or None)
+            return cast(StreamReply, reply)
+
+        reply = await self._retry("XREAD", read)
         for _, entries in reply or []:
             if entries:
                 raw_id = entries[-1][0]
@@ -337,7 +347,7 @@ class StreamTransport(WorkStreamMixin, FencedPublishMixin, OutputCheckpointMixin
         if not reply:
             return "0-0"
         raw_id = reply[0][0]
-        return raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+        return raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
 
     async def delete(self, *keys: str) -> None:
         await self._retry("DEL", lambda: self._redis.delete(*keys))
@@ -359,7 +369,7 @@ class StreamTransport(WorkStreamMixin, FencedPublishMixin, OutputCheckpointMixin
         registry = self.names.registry(heartbeat.role)
         payload = encode(heartbeat)
 
-        async def send() -> list:
+        async def send() -> list[Any]:
             pipe = self._redis.pipeline(transaction=True)
             pipe.set(key, payload, px=int(ttl_s * 1000), get=True)
             pipe.hset(registry, heartbeat.replica_id, repr(heartbeat.time))
@@ -378,7 +388,7 @@ class StreamTransport(WorkStreamMixin, FencedPublishMixin, OutputCheckpointMixin
                 if payload is None:
                     continue  # expired between SCAN and MGET
                 try:
-                    message = decode(payload)
+                    message = decode(cast(bytes, payload))  # responses are not decoded: bytes
                 except MessageError:
                     continue
                 if isinstance(message, Heartbeat):
