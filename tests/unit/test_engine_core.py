@@ -2,80 +2,24 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
-from services.engine.contract import EngineRequest, RequestOutput
+from services.engine.contract import EngineRequest
 from services.engine.core.engine_core import EngineCore, EngineCoreConfig
 from services.engine.model.batch import ForwardBatch
 from shared.messages import SamplingParams
-from tests.unit.test_engine_core_fake_runner import VOCAB, FakeRunner, reference_greedy
-
-
-def make_engine(
-    num_blocks: int = 256,
-    block_size: int = 4,
-    max_num_batched_tokens: int = 64,
-    max_running_requests: int = 16,
-    max_model_len: int = 1024,
-    enable_prefix_caching: bool = True,
-    default_eos: list[int] | None = None,
-) -> EngineCore:
-    runner = FakeRunner(num_blocks, block_size)
-    config = EngineCoreConfig(
-        num_blocks=num_blocks,
-        block_size=block_size,
-        vocab_size=VOCAB,
-        max_model_len=max_model_len,
-        max_num_batched_tokens=max_num_batched_tokens,
-        max_running_requests=max_running_requests,
-        enable_prefix_caching=enable_prefix_caching,
-        default_eos_token_ids=default_eos or [],
-        sampler_seed=0,
-    )
-    return EngineCore(runner, config)
-
-
-def runner_of(core: EngineCore) -> FakeRunner:
-    runner = core.runner
-    assert isinstance(runner, FakeRunner)
-    return runner
-
-
-def greedy(max_tokens: int = 8, **kwargs: object) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kwargs)
-
-
-def run(core: EngineCore, max_steps: int = 10_000) -> dict[str, tuple[list[int], str | None, list[RequestOutput]]]:
-    """Step until done; per request: tokens, finish reason, raw outputs."""
-    results: dict[str, tuple[list[int], str | None, list[RequestOutput]]] = {}
-    for _ in range(max_steps):
-        if not core.has_unfinished():
-            break
-        for out in core.step():
-            tokens, finish, outs = results.setdefault(out.request_id, ([], None, []))
-            tokens.extend(out.new_token_ids)
-            outs.append(out)
-            if out.finish_reason is not None:
-                if finish is not None:
-                    raise AssertionError(f"{out.request_id} finished twice")
-                results[out.request_id] = (tokens, out.finish_reason, outs)
-    else:
-        raise AssertionError("engine did not finish")
-    return results
-
-
-def random_prompts(count: int, low: int, high: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(VOCAB) for _ in range(rng.randint(low, high))] for _ in range(count)]
-
-
-def assert_all_blocks_free(core: EngineCore) -> None:
-    bm = core.block_manager
-    assert bm.num_free_blocks == bm.num_blocks
-    assert all(count == 0 for count in bm.ref_counts)
+from tests.fakes.engine_core import (
+    VOCAB,
+    FakeRunner,
+    assert_all_blocks_free,
+    greedy,
+    make_engine,
+    random_prompts,
+    reference_greedy,
+    run,
+    runner_of,
+)
 
 
 def test_greedy_batch_matches_reference_token_for_token() -> None:

@@ -19,8 +19,7 @@ from services.engine.contract import EngineRequest
 from services.engine.core.engine_core import EngineCore
 from services.engine.core.sampler import seeded_uniform
 from shared.messages import SamplingParams
-from tests.unit.test_engine_core import assert_all_blocks_free, make_engine, random_prompts, run
-from tests.unit.test_engine_core_fake_runner import reference_logits
+from tests.fakes.engine_core import assert_all_blocks_free, make_engine, random_prompts, reference_logits, run
 
 PROMPT = [11, 42, 7, 99, 3, 58, 21]
 MAX_TOKENS = 40

@@ -11,9 +11,7 @@ import fakeredis
 from shared.messages import DetokenizeParams, SamplingParams, TokenizedRequest, encode
 from shared.output_checkpoints import pack_token_ids, unpack_token_ids
 from shared.transport import PAYLOAD_FIELD
-from tests.unit.test_engine_service import NAMES, RunningEngine, start_engine, tokens_of, wait_for
-
-__all__ = ["start_engine"]  # the fixture, shared with test_engine_service
+from tests.fakes.engine_service import NAMES, RunningEngine, tokens_of, wait_for
 
 # Beats every 0.1 s (the fixture's), gone after 0.3 s: the engine judges others 0.3 s after it starts.
 FAST = {"heartbeat_ttl_s": 0.3}

@@ -9,14 +9,9 @@ import pytest
 
 from shared.messages import DetokenizeParams, SamplingParams, TokenizedRequest, encode
 from shared.transport import PAYLOAD_FIELD, StreamNames
-from tests.unit.test_gateway_app import Harness, running
+from tests.fakes.gateway import Harness, running
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:

@@ -22,11 +22,6 @@ from shared.messages import (
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def failed(request_id: str) -> RequestFailed:
     return RequestFailed(request_id=request_id, status=400, error_type="invalid_request_error", message="bad")
 
@@ -34,8 +29,13 @@ def failed(request_id: str) -> RequestFailed:
 async def test_dispatch_routes_each_delta_to_its_request() -> None:
     registry = RequestRegistry(capacity=4)
     a, b = registry.open("a"), registry.open("b")
-    batch = ResponseBatch(deltas=[TextDelta(request_id="a", text="x"), TextDelta(request_id="b", text="y"),
-                                  TextDelta(request_id="a", text="z")])
+    batch = ResponseBatch(
+        deltas=[
+            TextDelta(request_id="a", text="x"),
+            TextDelta(request_id="b", text="y"),
+            TextDelta(request_id="a", text="z"),
+        ]
+    )
     assert registry.dispatch(batch) == 3
     first = a.take()
     assert isinstance(first, TextDelta) and first.text == "xz"  # waiting text is coalesced
@@ -61,8 +61,9 @@ async def test_a_buffer_over_its_bound_refuses_events_and_counts_them_dropped() 
     bounded = registry.open("a", max_buffered_bytes=1000)
     unbounded = registry.open("b")
     for _ in range(20):
-        registry.dispatch(ResponseBatch(deltas=[TextDelta(request_id="a", text="x" * 100),
-                                                TextDelta(request_id="b", text="y" * 100)]))
+        registry.dispatch(
+            ResponseBatch(deltas=[TextDelta(request_id="a", text="x" * 100), TextDelta(request_id="b", text="y" * 100)])
+        )
     assert bounded.overflowed and bounded.pending_bytes == 0
     assert registry.dropped > 0
     assert unbounded.pending_bytes > 2000 and registry.buffered_bytes() == unbounded.pending_bytes
@@ -93,14 +94,19 @@ async def test_close_fails_every_waiter_and_refuses_new_requests() -> None:
 
 def test_merge_aborts_folds_aborts_per_stream_and_reason() -> None:
     request = CompletionRequest(request_id="r", gateway_id="g", deadline=0.0, prompt="x")
-    merged = merge_aborts([
-        ("aborts", AbortRequests(request_ids=["a"])),
-        ("requests", request),
-        ("aborts", AbortRequests(request_ids=["b", "c"])),
-        ("aborts", AbortRequests(request_ids=["d"], reason="gateway shutdown")),
-    ])
+    merged = merge_aborts(
+        [
+            ("aborts", AbortRequests(request_ids=["a"])),
+            ("requests", request),
+            ("aborts", AbortRequests(request_ids=["b", "c"])),
+            ("aborts", AbortRequests(request_ids=["d"], reason="gateway shutdown")),
+        ]
+    )
     assert [(stream, type(m).__name__) for stream, m in merged] == [
-        ("aborts", "AbortRequests"), ("requests", "CompletionRequest"), ("aborts", "AbortRequests")]
+        ("aborts", "AbortRequests"),
+        ("requests", "CompletionRequest"),
+        ("aborts", "AbortRequests"),
+    ]
     assert merged[0][1].request_ids == ["a", "b", "c"]  # type: ignore[attr-defined]
     assert merged[2][1].request_ids == ["d"]  # type: ignore[attr-defined]
 

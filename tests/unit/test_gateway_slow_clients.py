@@ -16,20 +16,15 @@ import pytest
 
 from services.gateway.slow_clients import ABORT_CONNECTION
 from shared.messages import CompletionRequest, ResponseBatch
-from tests.unit.test_gateway_app import FakePipeline, Harness, delta, running, sse_events
+from tests.fakes.gateway import FakePipeline, Harness, delta, running, sse_events
 
 pytestmark = pytest.mark.anyio
 CAP = 64 * 1024
 CHUNK = "x" * 1000
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def floods_or_greets(pipeline: FakePipeline, request: CompletionRequest) -> None:
-    """"flood": 1 MB of text in 1 kB deltas, as fast as it goes; "slow": two words 0.45 s apart;
+    """ "flood": 1 MB of text in 1 kB deltas, as fast as it goes; "slow": two words 0.45 s apart;
     anything else: five words, 50 ms apart."""
     if request.prompt == "flood":
         for i in range(0, 1000, 10):
@@ -66,10 +61,21 @@ class StalledClient:
             await asyncio.Event().wait()  # the TCP window is full: send blocks for good
 
     def scope(self) -> dict[str, Any]:
-        return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
-                "headers": [(b"content-type", b"application/json")], "server": ("gw", 80), "client": None,
-                "root_path": "", "extensions": {ABORT_CONNECTION: self.aborted.set}}
+        return {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/completions",
+            "raw_path": b"/v1/completions",
+            "query_string": b"",
+            "headers": [(b"content-type", b"application/json")],
+            "server": ("gw", 80),
+            "client": None,
+            "root_path": "",
+            "extensions": {ABORT_CONNECTION: self.aborted.set},
+        }
 
 
 async def watch_buffered(h: Harness, peaks: list[int]) -> None:
