@@ -54,8 +54,13 @@ async def one_request(
     client: httpx.AsyncClient, model: str, prompt: str | list[int], output_len: int, input_len: int
 ) -> RequestResult:
     body = {
-        "model": model, "prompt": prompt, "max_tokens": output_len, "min_tokens": output_len,
-        "ignore_eos": True, "temperature": 0.0, "stream": True,
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": output_len,
+        "min_tokens": output_len,
+        "ignore_eos": True,
+        "temperature": 0.0,
+        "stream": True,
         "stream_options": {"include_usage": True},
     }
     result = RequestResult(ok=False, prompt_tokens=input_len)
@@ -163,7 +168,9 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--max-concurrency", type=int, default=64)
-    parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: all at once")
+    parser.add_argument(
+        "--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: all at once"
+    )
     parser.add_argument("--prompt-format", choices=["ids", "text"], default="ids")
     parser.add_argument("--vocab-size", type=int, default=49152)
     parser.add_argument("--seed", type=int, default=0)

@@ -154,8 +154,15 @@ class OutputCheckpointMixin:
             return []
         keys = [stream, *(s for s, _ in messages), *(self.names.output_checkpoint(c.request_id) for c in checkpoints)]
         args: list[str | bytes | int] = [
-            group, self.consumer, len(owned), len(messages), len(checkpoints), len(acks), self.maxlen,
-            OUTPUT_CHECKPOINT_TTL_MS, *owned,
+            group,
+            self.consumer,
+            len(owned),
+            len(messages),
+            len(checkpoints),
+            len(acks),
+            self.maxlen,
+            OUTPUT_CHECKPOINT_TTL_MS,
+            *owned,
         ]
         for target, message in messages:
             args += [encode(message), 0 if self.names.is_work_stream(target) else 1]
@@ -176,9 +183,7 @@ class OutputCheckpointMixin:
         if not entry_ids:
             return []
         script = self._script("_touch_script", _TOUCH_OWNED)
-        lost = await self._retry(
-            "touch", lambda: script(keys=[stream], args=[group, self.consumer, *entry_ids])
-        )
+        lost = await self._retry("touch", lambda: script(keys=[stream], args=[group, self.consumer, *entry_ids]))
         return [_text(entry_id) for entry_id in lost or []]
 
     async def read_output_checkpoints(self, request_ids: Sequence[str]) -> list[list[int] | None]:

@@ -43,8 +43,9 @@ def bad_request(message: str, param: str | None = None, code: str | None = "inva
 
 
 def too_large(limit: int) -> ApiError:
-    return ApiError(413, f"The request body is larger than this server's limit of {limit} bytes.",
-                    code="request_too_large")
+    return ApiError(
+        413, f"The request body is larger than this server's limit of {limit} bytes.", code="request_too_large"
+    )
 
 
 def model_not_found(model: str) -> ApiError:
@@ -76,8 +77,13 @@ def queue_full(queued: int, limit: int) -> ApiError:
 
 
 def shutting_down() -> ApiError:
-    return ApiError(503, "The gateway is shutting down; retry on another replica.", type="server_error",
-                    code="service_unavailable", headers={"Retry-After": "1"})
+    return ApiError(
+        503,
+        "The gateway is shutting down; retry on another replica.",
+        type="server_error",
+        code="service_unavailable",
+        headers={"Retry-After": "1"},
+    )
 
 
 def timed_out(timeout_s: float) -> ApiError:

@@ -44,8 +44,9 @@ class GatewayMetrics:
     def request_done(self, endpoint: str, status: int) -> None:
         self.responses[(endpoint, status)] += 1
 
-    def output_done(self, prompt_tokens: int, completion_tokens: int, first_event_s: float | None,
-                    latency_s: float) -> None:
+    def output_done(
+        self, prompt_tokens: int, completion_tokens: int, first_event_s: float | None, latency_s: float
+    ) -> None:
         self.prompt_tokens += prompt_tokens
         self.generation_tokens += completion_tokens
         if first_event_s is not None:
@@ -58,14 +59,21 @@ class GatewayMetrics:
         for (endpoint, status), count in sorted(self.responses.items()):
             lines.append(f'{p}_requests_total{{endpoint="{endpoint}",status="{status}"}} {count}')
         lines += [
-            f"# TYPE {p}_requests_in_flight gauge", f"{p}_requests_in_flight {in_flight}",
-            f"# TYPE {p}_aborted_total counter", f"{p}_aborted_total {self.aborted}",
+            f"# TYPE {p}_requests_in_flight gauge",
+            f"{p}_requests_in_flight {in_flight}",
+            f"# TYPE {p}_aborted_total counter",
+            f"{p}_aborted_total {self.aborted}",
             f"# TYPE {p}_slow_clients_total counter",
-            *(f'{p}_slow_clients_total{{reason="{reason}"}} {self.slow_clients[reason]}'
-              for reason in ("buffer", "timeout")),
-            f"# TYPE {p}_buffered_bytes gauge", f"{p}_buffered_bytes {buffered_bytes}",
-            f"# TYPE {p}_prompt_tokens_total counter", f"{p}_prompt_tokens_total {self.prompt_tokens}",
-            f"# TYPE {p}_generation_tokens_total counter", f"{p}_generation_tokens_total {self.generation_tokens}",
+            *(
+                f'{p}_slow_clients_total{{reason="{reason}"}} {self.slow_clients[reason]}'
+                for reason in ("buffer", "timeout")
+            ),
+            f"# TYPE {p}_buffered_bytes gauge",
+            f"{p}_buffered_bytes {buffered_bytes}",
+            f"# TYPE {p}_prompt_tokens_total counter",
+            f"{p}_prompt_tokens_total {self.prompt_tokens}",
+            f"# TYPE {p}_generation_tokens_total counter",
+            f"{p}_generation_tokens_total {self.generation_tokens}",
         ]
         lines += self.time_to_first_event.render(f"{p}_time_to_first_event_seconds")
         lines += self.request_latency.render(f"{p}_request_latency_seconds")

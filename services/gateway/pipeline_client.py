@@ -187,8 +187,9 @@ class PipelineClient:
         first = True
         while True:
             try:
-                beat = Heartbeat(role="gateway", replica_id=self.gateway_id, time=time.time(),
-                                 running=len(self.registry))
+                beat = Heartbeat(
+                    role="gateway", replica_id=self.gateway_id, time=time.time(), running=len(self.registry)
+                )
                 if not await self.transport.beat(beat, ttl_s=self._heartbeat_ttl_s) and not first:
                     self._fail_after_lapse()
                 first = False
@@ -205,8 +206,12 @@ class PipelineClient:
         """Our heartbeat expired (a stall of the loop, or of Redis): engines took this
         gateway for gone and aborted its requests, so none of them would ever end."""
         failed = self.registry.fail_all(
-            lambda request_id: RequestFailed(request_id=request_id, status=503, error_type="server_error",
-                                             message="The gateway lost contact with the pipeline; retry the request.")
+            lambda request_id: RequestFailed(
+                request_id=request_id,
+                status=503,
+                error_type="server_error",
+                message="The gateway lost contact with the pipeline; retry the request.",
+            )
         )
         log.error("this gateway's heartbeat lapsed; %d requests in flight end with 503", len(failed))
         self.abort(failed, reason="gateway heartbeat lapsed")
@@ -214,8 +219,12 @@ class PipelineClient:
     def fail_in_flight(self) -> None:
         """Refuse new requests; end waiting ones with a 503 and abort them in the engines."""
         failed = self.registry.close(
-            lambda request_id: RequestFailed(request_id=request_id, status=503, error_type="server_error",
-                                             message="The gateway is shutting down; retry the request.")
+            lambda request_id: RequestFailed(
+                request_id=request_id,
+                status=503,
+                error_type="server_error",
+                message="The gateway is shutting down; retry the request.",
+            )
         )
         self.abort(failed, reason="gateway shutdown")
 

@@ -205,11 +205,13 @@ class ChatBody(_Body):
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true.", "top_logprobs")
         if self.tools:
-            raise bad_request("tools (function calling) are not supported by this server.", "tools",
-                              "unsupported_parameter")
+            raise bad_request(
+                "tools (function calling) are not supported by this server.", "tools", "unsupported_parameter"
+            )
         if self.response_format and self.response_format.get("type", "text") != "text":
-            raise bad_request("only response_format type 'text' is supported.", "response_format",
-                              "unsupported_parameter")
+            raise bad_request(
+                "only response_format type 'text' is supported.", "response_format", "unsupported_parameter"
+            )
 
 
 def _param_name(loc: tuple[int | str, ...]) -> str | None:

@@ -75,9 +75,13 @@ class Gateway:
         self.transport = transport
         self.registry = RequestRegistry(settings.max_inflight_requests)
         self.backlog = BacklogMonitor(transport, settings.max_queued_requests)
-        self.client = PipelineClient(transport, gateway_id, self.registry,
-                                     heartbeat_interval_s=settings.heartbeat_interval_s,
-                                     heartbeat_ttl_s=settings.heartbeat_ttl_s)
+        self.client = PipelineClient(
+            transport,
+            gateway_id,
+            self.registry,
+            heartbeat_interval_s=settings.heartbeat_interval_s,
+            heartbeat_ttl_s=settings.heartbeat_ttl_s,
+        )
         self.metrics = GatewayMetrics()
         self.slow_clients = SlowClientMonitor(settings.slow_client_timeout_s)
         self.model_name = served_model_name(settings)
@@ -136,8 +140,9 @@ class Gateway:
         self.metrics.request_done(endpoint, response.status_code)
         return response
 
-    async def _run(self, request: Request, body: protocol.CompletionBody | protocol.ChatBody, *,
-                   chat: bool) -> Response:
+    async def _run(
+        self, request: Request, body: protocol.CompletionBody | protocol.ChatBody, *, chat: bool
+    ) -> Response:
         sampling = protocol.sampling_params(body, self.settings.default_max_tokens)
         detokenize = protocol.detokenize_params(body)
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -157,8 +162,13 @@ class Gateway:
             self.slow_clients.watch(request_id, buffer, functools.partial(self._slow_client, session))
         handed_off = False  # once an SSEResponse owns the session, it closes it
         try:
-            message = CompletionRequest(request_id=request_id, gateway_id=self.client.gateway_id,
-                                        deadline=time.time() + timeout_s, sampling=sampling, detokenize=detokenize)
+            message = CompletionRequest(
+                request_id=request_id,
+                gateway_id=self.client.gateway_id,
+                deadline=time.time() + timeout_s,
+                sampling=sampling,
+                detokenize=detokenize,
+            )
             echo: str | None = None
             if isinstance(body, protocol.ChatBody):
                 message.messages = body.chat_messages()
@@ -166,8 +176,13 @@ class Gateway:
             else:
                 message.prompt = body.prompt
                 echo = body.prompt if body.echo else None
-            builder = ResponseBuilder(request_id, self.model_name, chat=chat, logprobs=sampling.logprobs is not None,
-                                      include_usage=body.include_usage)
+            builder = ResponseBuilder(
+                request_id,
+                self.model_name,
+                chat=chat,
+                logprobs=sampling.logprobs is not None,
+                include_usage=body.include_usage,
+            )
             if not body.stream:
                 output = await race_disconnect(self._whole(session, message, echo, chat), request.receive)
                 return JSONResponse(builder.full_response(output), headers={"X-Request-Id": request_id})
@@ -185,8 +200,9 @@ class Gateway:
                 session.close()
 
     @staticmethod
-    async def _whole(session: RequestSession, message: CompletionRequest, echo: str | None,
-                     chat: bool) -> CollectedOutput:
+    async def _whole(
+        session: RequestSession, message: CompletionRequest, echo: str | None, chat: bool
+    ) -> CollectedOutput:
         await session.publish(message)
         return await collect(session, CollectedOutput(echo or ""), chat=chat)
 
@@ -201,8 +217,11 @@ class Gateway:
             why = f"more than {self.settings.max_buffered_bytes_per_request} bytes of output waited for it"
         else:
             why = f"its output waited unread for {self.settings.slow_client_timeout_s:g} s"
-        log.warning("request %s: the client stopped reading (%s); disconnecting it and aborting the request",
-                    session.request_id, why)
+        log.warning(
+            "request %s: the client stopped reading (%s); disconnecting it and aborting the request",
+            session.request_id,
+            why,
+        )
         self.metrics.slow_clients[reason] += 1
         session.evict()
 
@@ -222,8 +241,14 @@ class Gateway:
     # -- models, health, metrics ---------------------------------------------
 
     def _model_card(self) -> dict[str, Any]:
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "scalellm",
-                "root": self.settings.model, "parent": None}
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "scalellm",
+            "root": self.settings.model,
+            "parent": None,
+        }
 
     async def models(self, request: Request) -> Response:
         try:
@@ -255,8 +280,14 @@ class Gateway:
             redis_ok = False
         missing = [role for role, count in alive.items() if count == 0]
         ready = redis_ok and not missing and not self.registry.closed
-        body = {"status": "ok" if ready else "unavailable", "redis": redis_ok, "alive": alive, "missing": missing,
-                "gateway_id": self.client.gateway_id, "in_flight": len(self.registry)}
+        body = {
+            "status": "ok" if ready else "unavailable",
+            "redis": redis_ok,
+            "alive": alive,
+            "missing": missing,
+            "gateway_id": self.client.gateway_id,
+            "in_flight": len(self.registry),
+        }
         return JSONResponse(body, status_code=200 if ready else 503)
 
     async def metrics_text(self, request: Request) -> Response:
@@ -270,8 +301,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(ApiError(status, f"{detail}: {request.method} {request.url.path}"))
 
 
-def create_app(settings: GatewaySettings, transport: StreamTransport, *, gateway_id: str | None = None,
-               close_transport: bool = True) -> Starlette:
+def create_app(
+    settings: GatewaySettings,
+    transport: StreamTransport,
+    *,
+    gateway_id: str | None = None,
+    close_transport: bool = True,
+) -> Starlette:
     """The ASGI app; its lifespan starts and stops the Redis tasks (and closes ``transport``)."""
     gateway = Gateway(settings, transport, gateway_id or new_replica_id("gateway"))
 
@@ -319,13 +355,21 @@ async def _drain_on_exit(server: uvicorn.Server, gateway: Gateway) -> None:
 
 async def serve(settings: GatewaySettings) -> None:
     gateway_id = new_replica_id("gateway")
-    transport = StreamTransport(settings.require_redis_url(), settings.stream_prefix, gateway_id,
-                                maxlen=settings.stream_maxlen)
+    transport = StreamTransport(
+        settings.require_redis_url(), settings.stream_prefix, gateway_id, maxlen=settings.stream_maxlen
+    )
     app = create_app(settings, transport, gateway_id=gateway_id)
     # A slow client's connection is reset, not left to flush, and its kernel buffer is bounded (slow_clients.py).
     outer = ClientConnections(app, send_buffer_bytes=settings.client_send_buffer_bytes)
-    config = uvicorn.Config(outer, host=settings.gateway_host, port=settings.gateway_port, log_config=None,
-                            access_log=False, timeout_graceful_shutdown=DRAIN_S + 2, lifespan="on")
+    config = uvicorn.Config(
+        outer,
+        host=settings.gateway_host,
+        port=settings.gateway_port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=DRAIN_S + 2,
+        lifespan="on",
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     drain = asyncio.create_task(_drain_on_exit(server, app.state.gateway))
@@ -333,8 +377,7 @@ async def serve(settings: GatewaySettings) -> None:
         await asyncio.sleep(0.05)
     if server.started:
         host, port = server.servers[0].sockets[0].getsockname()[:2]
-        log.info("gateway ready on http://%s:%s (model %s, id %s)", host, port, served_model_name(settings),
-                 gateway_id)
+        log.info("gateway ready on http://%s:%s (model %s, id %s)", host, port, served_model_name(settings), gateway_id)
     try:
         await task
     finally:

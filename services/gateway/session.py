@@ -35,8 +35,14 @@ class ClientDisconnected(Exception):
 
 
 class RequestSession:
-    def __init__(self, client: PipelineClient, request_id: str, buffer: OutputBuffer, timeout_s: float,
-                 on_close: Callable[[RequestSession], None] | None = None) -> None:
+    def __init__(
+        self,
+        client: PipelineClient,
+        request_id: str,
+        buffer: OutputBuffer,
+        timeout_s: float,
+        on_close: Callable[[RequestSession], None] | None = None,
+    ) -> None:
         self.client = client
         self.request_id = request_id
         self.buffer = buffer
@@ -144,8 +150,9 @@ async def collect(session: RequestSession, output: CollectedOutput, *, chat: boo
             return output
 
 
-async def stream_events(session: RequestSession, builder: ResponseBuilder, first: Event,
-                        echo: str | None) -> AsyncIterator[bytes]:
+async def stream_events(
+    session: RequestSession, builder: ResponseBuilder, first: Event, echo: str | None
+) -> AsyncIterator[bytes]:
     """SSE body; once the stream has begun, errors are SSE error events."""
     if builder.chat:
         yield builder.role_chunk()
@@ -186,8 +193,10 @@ class SSEResponse(StreamingResponse):
 
     def __init__(self, content: AsyncIterator[bytes], session: RequestSession) -> None:
         # X-Accel-Buffering: a reverse proxy (nginx) must pass each event on at once.
-        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                                           "X-Request-Id": session.request_id})
+        super().__init__(
+            content,
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": session.request_id},
+        )
         self.session = session
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -60,7 +60,10 @@ class Pipeline:
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
                 [sys.executable, "-m", f"services.{role}"],
-                cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
             )
         service = ServiceProcess(name, process, log_path)
         self.processes.append(service)

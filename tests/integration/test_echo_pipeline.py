@@ -33,7 +33,7 @@ def chat_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 
 def sse_events(body: str) -> list[str]:
-    return [line[len("data: "):] for line in body.splitlines() if line.startswith("data: ")]
+    return [line[len("data: ") :] for line in body.splitlines() if line.startswith("data: ")]
 
 
 def test_models_lists_the_served_model(echo_pipeline: Pipeline) -> None:
@@ -98,8 +98,13 @@ def test_chat_completion_stops_at_the_end_of_turn_token(
 def test_streamed_chat(echo_pipeline: Pipeline, tokenizer: PreTrainedTokenizerBase) -> None:
     response = httpx.post(
         f"{echo_pipeline.gateway_url}/v1/chat/completions",
-        json={"model": MODEL, "messages": CHAT, "max_tokens": 5, "stream": True,
-              "stream_options": {"include_usage": True}},
+        json={
+            "model": MODEL,
+            "messages": CHAT,
+            "max_tokens": 5,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
         timeout=30,
     )
     assert response.status_code == 200, response.text

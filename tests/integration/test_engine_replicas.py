@@ -57,9 +57,9 @@ def test_two_engine_replicas_both_serve(
 
     async def send_all() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=two_engines.gateway_url, timeout=60) as client:
-            return await asyncio.gather(*(
-                client.post("/v1/completions", json={"model": MODEL, "prompt": p, "max_tokens": 10}) for p in prompts
-            ))
+            return await asyncio.gather(
+                *(client.post("/v1/completions", json={"model": MODEL, "prompt": p, "max_tokens": 10}) for p in prompts)
+            )
 
     responses = asyncio.run(send_all())
     for prompt, response in zip(prompts, responses, strict=True):

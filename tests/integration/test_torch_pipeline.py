@@ -48,19 +48,28 @@ def reference_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
         for prompt in PROMPTS:
             ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
             out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
-            texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+            texts.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     return texts
 
 
 def test_greedy_completions_equal_transformers_generate(torch_pipeline: Pipeline, reference_texts: list[str]) -> None:
     async def send_all() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=torch_pipeline.gateway_url, timeout=120) as client:
-            return await asyncio.gather(*(
-                client.post("/v1/completions", json={
-                    "model": MODEL, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "stream": i == 0,
-                })
-                for i, prompt in enumerate(PROMPTS)
-            ))
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        "/v1/completions",
+                        json={
+                            "model": MODEL,
+                            "prompt": prompt,
+                            "max_tokens": NEW_TOKENS,
+                            "temperature": 0,
+                            "stream": i == 0,
+                        },
+                    )
+                    for i, prompt in enumerate(PROMPTS)
+                )
+            )
 
     responses = asyncio.run(send_all())
     texts = []
@@ -77,8 +86,12 @@ def test_greedy_completions_equal_transformers_generate(torch_pipeline: Pipeline
 def test_chat_answers_and_stops_at_end_of_turn(torch_pipeline: Pipeline) -> None:
     response = httpx.post(
         f"{torch_pipeline.gateway_url}/v1/chat/completions",
-        json={"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
-              "max_tokens": 64, "temperature": 0},
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 64,
+            "temperature": 0,
+        },
         timeout=120,
     )
     assert response.status_code == 200, response.text
@@ -89,6 +102,8 @@ def test_chat_answers_and_stops_at_end_of_turn(torch_pipeline: Pipeline) -> None
 
 def test_the_same_seed_gives_the_same_sample(torch_pipeline: Pipeline) -> None:
     body = {"model": MODEL, "prompt": "My favourite colour is", "max_tokens": 12, "temperature": 1.0, "seed": 1234}
-    first, second = (httpx.post(f"{torch_pipeline.gateway_url}/v1/completions", json=body, timeout=120) for _ in range(2))
+    first, second = (
+        httpx.post(f"{torch_pipeline.gateway_url}/v1/completions", json=body, timeout=120) for _ in range(2)
+    )
     assert first.status_code == second.status_code == 200
     assert first.json()["choices"][0]["text"] == second.json()["choices"][0]["text"]

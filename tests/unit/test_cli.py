@@ -7,14 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from services import cli
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_a_role_runs_its_package_main_like_python_dash_m(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_a_role_runs_its_package_main_like_python_dash_m(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     package = tmp_path / "fake_role"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -62,7 +61,9 @@ def test_up_options_parse_and_defaults_come_from_settings(monkeypatch: pytest.Mo
     assert (defaults.host, defaults.backend) == ("0.0.0.0", "torch")
 
 
-@pytest.mark.parametrize("argv", [["up", "--engines", "0"], ["up", "--port", "70000"], ["up", "--backend", "vllm"], ["serve"]])
+@pytest.mark.parametrize(
+    "argv", [["up", "--engines", "0"], ["up", "--port", "70000"], ["up", "--backend", "vllm"], ["serve"]]
+)
 def test_bad_arguments_are_refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli.build_parser().parse_args(argv)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 from services.detokenizer.incremental import HFTokenDecoder
 from services.detokenizer.state import DetokenizerState
 from shared.messages import DetokenizeParams, EngineStepOutput, FinishReason, TokenDelta
@@ -39,7 +38,12 @@ def test_text_goes_to_each_requests_gateway(tokenizer: Any) -> None:
     state = DetokenizerState(HFTokenDecoder(tokenizer))
     a, b = tokenizer.encode("Hello there"), tokenizer.encode("你好")
     result = state.process(
-        [step(delta("r-a", 0, a, first=DetokenizeParams()), delta("r-b", 0, b, gateway="gw-2", first=DetokenizeParams()))],
+        [
+            step(
+                delta("r-a", 0, a, first=DetokenizeParams()),
+                delta("r-b", 0, b, gateway="gw-2", first=DetokenizeParams()),
+            )
+        ],
         now=0.0,
     )
     assert {gw: [(d.request_id, d.text) for d in ds] for gw, ds in result.responses.items()} == {

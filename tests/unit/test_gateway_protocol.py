@@ -35,12 +35,15 @@ def rejected(parse: Any, body: Any) -> ApiError:
     return caught.value
 
 
-@pytest.mark.parametrize("prompt, expected", [
-    ("Hello", "Hello"),
-    (["Hello"], "Hello"),
-    ([1, 2, 3], [1, 2, 3]),
-    ([[1, 2, 3]], [1, 2, 3]),
-])
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [
+        ("Hello", "Hello"),
+        (["Hello"], "Hello"),
+        ([1, 2, 3], [1, 2, 3]),
+        ([[1, 2, 3]], [1, 2, 3]),
+    ],
+)
 def test_prompt_forms_accepted(prompt: Any, expected: Any) -> None:
     assert completion(prompt=prompt).prompt == expected
 
@@ -52,9 +55,21 @@ def test_bad_prompts_are_400_on_prompt(prompt: Any) -> None:
 
 
 def test_sampling_options_map_to_sampling_params() -> None:
-    body = completion(max_tokens=9, temperature=0, top_p=0.5, top_k=-1, min_p=0.1, seed=7, stop_token_ids=[2],
-                      ignore_eos=True, min_tokens=3, presence_penalty=0.5, frequency_penalty=-0.5,
-                      repetition_penalty=1.1, logprobs=2)
+    body = completion(
+        max_tokens=9,
+        temperature=0,
+        top_p=0.5,
+        top_k=-1,
+        min_p=0.1,
+        seed=7,
+        stop_token_ids=[2],
+        ignore_eos=True,
+        min_tokens=3,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        repetition_penalty=1.1,
+        logprobs=2,
+    )
     sampling = sampling_params(body, default_max_tokens=16)
     assert sampling.max_tokens == 9 and sampling.temperature == 0.0 and sampling.top_p == 0.5
     assert sampling.top_k == 0  # vLLM's -1 (no limit) is our 0
@@ -78,15 +93,38 @@ def test_stop_and_detokenize_options() -> None:
     assert detokenize_params(completion()).stop == []
 
 
-@pytest.mark.parametrize("field, value", [
-    ("temperature", -0.1), ("temperature", "0.5"), ("temperature", float("nan")),
-    ("top_p", 0), ("top_p", 1.5), ("top_k", -2), ("min_p", 2),
-    ("max_tokens", 0), ("max_tokens", 1.0), ("max_tokens", "10"),
-    ("presence_penalty", 3), ("frequency_penalty", -2.5), ("repetition_penalty", 0),
-    ("stop", [1]), ("stop", ""), ("stop", ["ok", ""]), ("stop_token_ids", 5),
-    ("logprobs", 21), ("logprobs", -1), ("ignore_eos", 1), ("stream", "yes"), ("n", 2), ("best_of", 3),
-    ("min_tokens", -1), ("seed", 2**70), ("logit_bias", {"5": 1.0}), ("suffix", "end"),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", -0.1),
+        ("temperature", "0.5"),
+        ("temperature", float("nan")),
+        ("top_p", 0),
+        ("top_p", 1.5),
+        ("top_k", -2),
+        ("min_p", 2),
+        ("max_tokens", 0),
+        ("max_tokens", 1.0),
+        ("max_tokens", "10"),
+        ("presence_penalty", 3),
+        ("frequency_penalty", -2.5),
+        ("repetition_penalty", 0),
+        ("stop", [1]),
+        ("stop", ""),
+        ("stop", ["ok", ""]),
+        ("stop_token_ids", 5),
+        ("logprobs", 21),
+        ("logprobs", -1),
+        ("ignore_eos", 1),
+        ("stream", "yes"),
+        ("n", 2),
+        ("best_of", 3),
+        ("min_tokens", -1),
+        ("seed", 2**70),
+        ("logit_bias", {"5": 1.0}),
+        ("suffix", "end"),
+    ],
+)
 def test_bad_completion_options_are_400_naming_the_param(field: str, value: Any) -> None:
     raw = json.dumps({"prompt": "x", field: value}, allow_nan=True).encode()
     error = rejected(parse_completion, raw)
@@ -112,8 +150,9 @@ def test_malformed_bodies() -> None:
 
 
 def test_stream_options_need_stream() -> None:
-    assert rejected(parse_completion, {"prompt": "x", "stream_options": {"include_usage": True}}).param == \
-        "stream_options"
+    assert (
+        rejected(parse_completion, {"prompt": "x", "stream_options": {"include_usage": True}}).param == "stream_options"
+    )
     assert completion(stream=True, stream_options={"include_usage": True}).include_usage
     assert not completion(stream=True).include_usage
 
@@ -125,24 +164,38 @@ def test_echo_needs_a_text_prompt_and_no_logprobs() -> None:
 
 
 def test_chat_content_may_be_text_parts_and_developer_means_system() -> None:
-    body = parse_chat(json.dumps({"messages": [
-        {"role": "developer", "content": "Rules"},
-        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
-        {"role": "assistant", "content": None},
-    ]}).encode())
-    assert [(m.role, m.content) for m in body.chat_messages()] == [("system", "Rules"), ("user", "a\nb"),
-                                                                    ("assistant", "")]
+    body = parse_chat(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "developer", "content": "Rules"},
+                    {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                    {"role": "assistant", "content": None},
+                ]
+            }
+        ).encode()
+    )
+    assert [(m.role, m.content) for m in body.chat_messages()] == [
+        ("system", "Rules"),
+        ("user", "a\nb"),
+        ("assistant", ""),
+    ]
 
 
-@pytest.mark.parametrize("messages, param", [
-    ([], "messages"),
-    ("Hi", "messages"),
-    ([{"content": "x"}], "messages[0].role"),
-    ([{"role": "robot", "content": "x"}], "messages[0].role"),
-    ([{"role": "user", "content": 5}], "messages[0].content"),
-    ([{"role": "user", "content": "ok"}, {"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
-     "messages[1].content"),
-])
+@pytest.mark.parametrize(
+    "messages, param",
+    [
+        ([], "messages"),
+        ("Hi", "messages"),
+        ([{"content": "x"}], "messages[0].role"),
+        ([{"role": "robot", "content": "x"}], "messages[0].role"),
+        ([{"role": "user", "content": 5}], "messages[0].content"),
+        (
+            [{"role": "user", "content": "ok"}, {"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+            "messages[1].content",
+        ),
+    ],
+)
 def test_bad_chat_messages_name_the_message(messages: Any, param: str) -> None:
     error = rejected(parse_chat, {"messages": messages})
     assert (error.status, error.param) == (400, param)
@@ -156,14 +209,17 @@ def test_chat_max_completion_tokens_wins_and_logprobs_map() -> None:
     assert sampling_params(chat(logprobs=False), 16).logprobs is None
 
 
-@pytest.mark.parametrize("fields, param", [
-    ({"top_logprobs": 2}, "top_logprobs"),
-    ({"logprobs": True, "top_logprobs": 30}, "top_logprobs"),
-    ({"n": 3}, "n"),
-    ({"tools": [{"type": "function"}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"max_completion_tokens": 0}, "max_completion_tokens"),
-])
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 30}, "top_logprobs"),
+        ({"n": 3}, "n"),
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    ],
+)
 def test_bad_chat_options(fields: dict[str, Any], param: str) -> None:
     assert rejected(parse_chat, {"messages": USER} | fields).param == param
 

@@ -42,12 +42,21 @@ def test_full_chat_response_shape() -> None:
     builder = ResponseBuilder("chatcmpl-1", "m", chat=True, logprobs=False, include_usage=False)
     output = CollectedOutput()
     output.add(TextDelta(request_id="x", text="Hi", token_ids=[1]), chat=True)
-    output.add(TextDelta(request_id="x", text=" there", token_ids=[2], finish_reason="stop",
-                         usage=Usage(prompt_tokens=4, completion_tokens=2)), chat=True)
+    output.add(
+        TextDelta(
+            request_id="x",
+            text=" there",
+            token_ids=[2],
+            finish_reason="stop",
+            usage=Usage(prompt_tokens=4, completion_tokens=2),
+        ),
+        chat=True,
+    )
     body = builder.full_response(output)
     assert body["object"] == "chat.completion"
-    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Hi there"},
-                                "logprobs": None, "finish_reason": "stop"}]
+    assert body["choices"] == [
+        {"index": 0, "message": {"role": "assistant", "content": "Hi there"}, "logprobs": None, "finish_reason": "stop"}
+    ]
     assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
 
 
@@ -56,17 +65,26 @@ def test_echo_prefix_and_usage_fallback() -> None:
     output.add(TextDelta(request_id="x", text="A", token_ids=[5, 6], finish_reason="stop"), chat=False)
     assert output.text == "Q: A"
     # A final delta without usage still gives a truthful completion count.
-    assert usage_body(output.usage, output.completion_tokens) == {"prompt_tokens": 0, "completion_tokens": 2,
-                                                                  "total_tokens": 2}
+    assert usage_body(output.usage, output.completion_tokens) == {
+        "prompt_tokens": 0,
+        "completion_tokens": 2,
+        "total_tokens": 2,
+    }
 
 
 def test_completion_logprobs_use_token_id_names_and_text_offsets() -> None:
     builder = ResponseBuilder("cmpl-1", "m", chat=False, logprobs=True, include_usage=False)
     output = CollectedOutput()
-    output.add(TextDelta(request_id="x", text="ab", token_ids=[7, 8],
-                         logprobs=[(-0.1, [(7, -0.1), (9, -2.0)]), (-0.2, [(3, -0.05)])]), chat=False)
-    output.add(TextDelta(request_id="x", text="c", token_ids=[4], finish_reason="stop",
-                         logprobs=[(float("-inf"), [])]), chat=False)
+    output.add(
+        TextDelta(
+            request_id="x", text="ab", token_ids=[7, 8], logprobs=[(-0.1, [(7, -0.1), (9, -2.0)]), (-0.2, [(3, -0.05)])]
+        ),
+        chat=False,
+    )
+    output.add(
+        TextDelta(request_id="x", text="c", token_ids=[4], finish_reason="stop", logprobs=[(float("-inf"), [])]),
+        chat=False,
+    )
     logprobs = builder.full_response(output)["choices"][0]["logprobs"]
     assert logprobs["tokens"] == ["token_id:7", "token_id:8", "token_id:4"]
     assert logprobs["token_logprobs"] == [-0.1, -0.2, -9999.0]  # -inf is not JSON
@@ -78,19 +96,29 @@ def test_completion_logprobs_use_token_id_names_and_text_offsets() -> None:
 
 def test_chat_logprobs_stream_chunk() -> None:
     builder = ResponseBuilder("chatcmpl-1", "m", chat=True, logprobs=True, include_usage=False)
-    chunk = decode(builder.text_chunk("x", TextDelta(request_id="r", text="x", token_ids=[11],
-                                                     logprobs=[(-1.0, [(11, -1.0), (12, -1.5)])])))
+    chunk = decode(
+        builder.text_chunk(
+            "x", TextDelta(request_id="r", text="x", token_ids=[11], logprobs=[(-1.0, [(11, -1.0), (12, -1.5)])])
+        )
+    )
     content = chunk["choices"][0]["logprobs"]["content"]
-    assert content == [{"token": "token_id:11", "logprob": -1.0, "bytes": None, "top_logprobs": [
-        {"token": "token_id:11", "logprob": -1.0, "bytes": None},
-        {"token": "token_id:12", "logprob": -1.5, "bytes": None}]}]
+    assert content == [
+        {
+            "token": "token_id:11",
+            "logprob": -1.0,
+            "bytes": None,
+            "top_logprobs": [
+                {"token": "token_id:11", "logprob": -1.0, "bytes": None},
+                {"token": "token_id:12", "logprob": -1.5, "bytes": None},
+            ],
+        }
+    ]
 
 
 def test_sse_error_event_ends_the_stream() -> None:
     raw = sse_error(ApiError(500, "boom", type="server_error"))
     first, done = raw.split(b"\n\n")[:2]
-    assert json.loads(first[6:]) == {"error": {"message": "boom", "type": "server_error", "param": None,
-                                               "code": None}}
+    assert json.loads(first[6:]) == {"error": {"message": "boom", "type": "server_error", "param": None, "code": None}}
     assert done == b"data: [DONE]"
 
 

@@ -18,7 +18,12 @@ def token_delta(
     offset: int, ids: list[int], finish: FinishReason | None = None, logprobs: list[Any] | None = None
 ) -> TokenDelta:
     return TokenDelta(
-        request_id="r", gateway_id="gw", offset=offset, token_ids=ids, prompt_tokens=7, finish_reason=finish,
+        request_id="r",
+        gateway_id="gw",
+        offset=offset,
+        token_ids=ids,
+        prompt_tokens=7,
+        finish_reason=finish,
         logprobs=logprobs,
     )
 
@@ -151,7 +156,9 @@ def test_the_stop_token_is_counted_but_not_shown(tokenizer: Any) -> None:
     ids = tokenizer.encode("Bye.") + [EOS]
     shown = stream(detokenizer(tokenizer, skip_special_tokens=False), ids, finish="stop")
     assert text_of(shown) == "Bye." and shown[-1].usage.completion_tokens == len(ids)  # type: ignore[union-attr]
-    included = stream(detokenizer(tokenizer, skip_special_tokens=False, include_stop_str_in_output=True), ids, finish="stop")
+    included = stream(
+        detokenizer(tokenizer, skip_special_tokens=False, include_stop_str_in_output=True), ids, finish="stop"
+    )
     assert text_of(included) == "Bye.<|im_end|>"
 
 

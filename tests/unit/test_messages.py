@@ -28,42 +28,91 @@ from shared.messages import (
 )
 
 SAMPLING = SamplingParams(
-    max_tokens=32, temperature=0.7, top_p=0.9, top_k=40, min_p=0.05, seed=7,
-    stop_token_ids=[5], eos_token_ids=[2], ignore_eos=True, min_tokens=3, logprobs=2,
+    max_tokens=32,
+    temperature=0.7,
+    top_p=0.9,
+    top_k=40,
+    min_p=0.05,
+    seed=7,
+    stop_token_ids=[5],
+    eos_token_ids=[2],
+    ignore_eos=True,
+    min_tokens=3,
+    logprobs=2,
 )
 DETOK = DetokenizeParams(stop=["\n\n", "END"], include_stop_str_in_output=True, skip_special_tokens=False)
 
 EXAMPLES: list[Message] = [
-    CompletionRequest(request_id="cmpl-1", gateway_id="gw", deadline=1.5, prompt="Hello", sampling=SAMPLING, detokenize=DETOK),
+    CompletionRequest(
+        request_id="cmpl-1", gateway_id="gw", deadline=1.5, prompt="Hello", sampling=SAMPLING, detokenize=DETOK
+    ),
     CompletionRequest(request_id="cmpl-2", gateway_id="gw", deadline=1.5, prompt=[1, 2, 3]),
     CompletionRequest(
-        request_id="chat-1", gateway_id="gw", deadline=2.0,
-        messages=[ChatMessage(role="user", content="hi ✓")], add_generation_prompt=False,
+        request_id="chat-1",
+        gateway_id="gw",
+        deadline=2.0,
+        messages=[ChatMessage(role="user", content="hi ✓")],
+        add_generation_prompt=False,
     ),
-    TokenizedRequest(request_id="r", gateway_id="gw", deadline=3.0, prompt_token_ids=[1, 2], sampling=SAMPLING, detokenize=DETOK),
+    TokenizedRequest(
+        request_id="r", gateway_id="gw", deadline=3.0, prompt_token_ids=[1, 2], sampling=SAMPLING, detokenize=DETOK
+    ),
     EngineStepOutput(
-        engine_id="e0", step=12,
+        engine_id="e0",
+        step=12,
         deltas=[
-            TokenDelta(request_id="a", gateway_id="gw", offset=0, token_ids=[7], prompt_tokens=4, detokenize=DETOK, prompt_tail=[1, 2]),
             TokenDelta(
-                request_id="b", gateway_id="gw2", offset=9, token_ids=[8, 9], prompt_tokens=5,
-                finish_reason="length", logprobs=[(-0.5, [(8, -0.5), (3, -1.25)]), (-0.1, [])],
+                request_id="a",
+                gateway_id="gw",
+                offset=0,
+                token_ids=[7],
+                prompt_tokens=4,
+                detokenize=DETOK,
+                prompt_tail=[1, 2],
+            ),
+            TokenDelta(
+                request_id="b",
+                gateway_id="gw2",
+                offset=9,
+                token_ids=[8, 9],
+                prompt_tokens=5,
+                finish_reason="length",
+                logprobs=[(-0.5, [(8, -0.5), (3, -1.25)]), (-0.1, [])],
             ),
         ],
     ),
-    ResponseBatch(deltas=[
-        TextDelta(request_id="a", text="hé", token_ids=[7], offset=12),
-        TextDelta(request_id="b", text="", finish_reason="stop", usage=Usage(prompt_tokens=5, completion_tokens=11)),
-    ]),
-    RequestFailed(request_id="r", status=400, error_type="invalid_request_error", message="too long", param="max_tokens"),
+    ResponseBatch(
+        deltas=[
+            TextDelta(request_id="a", text="hé", token_ids=[7], offset=12),
+            TextDelta(
+                request_id="b", text="", finish_reason="stop", usage=Usage(prompt_tokens=5, completion_tokens=11)
+            ),
+        ]
+    ),
+    RequestFailed(
+        request_id="r", status=400, error_type="invalid_request_error", message="too long", param="max_tokens"
+    ),
     AbortRequests(request_ids=["a", "b"], reason="stop_string"),
     DecodeCheckpoint(
-        request_id="a", gateway_id="gw", detokenize=DETOK, num_tokens=9, window=[40, 41, 226], read_offset=2,
-        text_offset=17, text_tail="Отк", sent=1, unsent_token_ids=[226], unsent_logprobs=[(-0.5, [(226, -0.5)])],
+        request_id="a",
+        gateway_id="gw",
+        detokenize=DETOK,
+        num_tokens=9,
+        window=[40, 41, 226],
+        read_offset=2,
+        text_offset=17,
+        text_tail="Отк",
+        sent=1,
+        unsent_token_ids=[226],
+        unsent_logprobs=[(-0.5, [(226, -0.5)])],
     ),
     DecodeCheckpoint(
-        request_id="b", gateway_id="gw", detokenize=DetokenizeParams(), num_tokens=3,
-        finish_reason="stop", stopped_by_string=True,
+        request_id="b",
+        gateway_id="gw",
+        detokenize=DetokenizeParams(),
+        num_tokens=3,
+        finish_reason="stop",
+        stopped_by_string=True,
     ),
     Heartbeat(role="engine", replica_id="e0", time=123.0, running=3, waiting=1, kv_usage=0.5, forward_share=0.9),
 ]

@@ -13,6 +13,7 @@ from shared import model_files
 from shared.model_files import ModelResolutionError, resolve_model_dir, served_model_name
 from shared.settings import CommonSettings
 
+
 def _settings(**overrides: object) -> CommonSettings:
     return CommonSettings(**overrides)  # type: ignore[arg-type]
 
@@ -124,7 +125,9 @@ def test_weights_stage_adds_the_weights_file_to_the_existing_folder(
     assert sorted(p.name for p in with_weights.iterdir()) == ["config.json", model_files.WEIGHTS_FILE]
 
 
-def test_failed_conversion_leaves_nothing_behind_and_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_conversion_leaves_nothing_behind_and_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _fake_gguf(tmp_path, monkeypatch)
     cache = tmp_path / "cache"
     settings = _settings(model_cache_dir=str(cache))
@@ -196,4 +199,7 @@ def test_malformed_hub_id_fails_with_a_clear_message() -> None:
 def test_served_model_name() -> None:
     assert served_model_name(_settings()) == "SmolLM2-135M-Instruct"
     assert served_model_name(_settings(served_model_name="smol")) == "smol"
-    assert served_model_name(_settings(model="HuggingFaceTB/SmolLM2-360M-Instruct")) == "HuggingFaceTB/SmolLM2-360M-Instruct"
+    assert (
+        served_model_name(_settings(model="HuggingFaceTB/SmolLM2-360M-Instruct"))
+        == "HuggingFaceTB/SmolLM2-360M-Instruct"
+    )

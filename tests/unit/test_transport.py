@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import fakeredis
+
 from shared.messages import AbortRequests, Heartbeat, RequestFailed
 from shared.transport import PAYLOAD_FIELD, Ack, StreamTransport
 
