@@ -148,6 +148,25 @@ async def running(behaviour: Behaviour = hello_world, **overrides: Any) -> Async
         await redis.aclose()
 
 
+def completion_scope(**extensions: Any) -> dict[str, Any]:
+    """The ASGI scope of a POST /v1/completions, for tests that drive the app without a server."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json")],
+        "server": ("gw", 80),
+        "client": None,
+        "root_path": "",
+        **({"extensions": extensions} if extensions else {}),
+    }
+
+
 def sse_events(body: str) -> list[Any]:
     """The data payloads of an SSE body, JSON-decoded except the final "[DONE]"."""
     assert body.endswith("\n\n")

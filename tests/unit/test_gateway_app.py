@@ -13,6 +13,7 @@ from shared.messages import CompletionRequest, Heartbeat, ResponseBatch
 from tests.fakes.gateway import (
     GATEWAY_ID,
     FakePipeline,
+    completion_scope,
     delta,
     fails_mid_stream,
     hello_world,
@@ -233,21 +234,7 @@ async def test_client_disconnect_while_streaming_aborts_and_releases() -> None:
             if message["type"] == "http.response.body" and message.get("body"):
                 disconnected.set()  # the client leaves after the first chunk
 
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/v1/completions",
-            "raw_path": b"/v1/completions",
-            "query_string": b"",
-            "headers": [(b"content-type", b"application/json")],
-            "server": ("gw", 80),
-            "client": None,
-            "root_path": "",
-        }
-        await asyncio.wait_for(h.app(scope, receive, send), 5)
+        await asyncio.wait_for(h.app(completion_scope(), receive, send), 5)
         assert sent[0]["status"] == 200
         await asyncio.sleep(0.05)
         assert await h.pipeline.aborted_ids() == [h.pipeline.requests[0].request_id]

@@ -16,7 +16,7 @@ import pytest
 
 from services.gateway.slow_clients import ABORT_CONNECTION
 from shared.messages import CompletionRequest, ResponseBatch
-from tests.fakes.gateway import FakePipeline, Harness, delta, running, sse_events
+from tests.fakes.gateway import FakePipeline, Harness, completion_scope, delta, running, sse_events
 
 pytestmark = pytest.mark.anyio
 CAP = 64 * 1024
@@ -61,21 +61,7 @@ class StalledClient:
             await asyncio.Event().wait()  # the TCP window is full: send blocks for good
 
     def scope(self) -> dict[str, Any]:
-        return {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/v1/completions",
-            "raw_path": b"/v1/completions",
-            "query_string": b"",
-            "headers": [(b"content-type", b"application/json")],
-            "server": ("gw", 80),
-            "client": None,
-            "root_path": "",
-            "extensions": {ABORT_CONNECTION: self.aborted.set},
-        }
+        return completion_scope(**{ABORT_CONNECTION: self.aborted.set})
 
 
 async def watch_buffered(h: Harness, peaks: list[int]) -> None:
