@@ -39,7 +39,8 @@ REPORTED_FLAGS = (
 def _onednn_reports_bf16() -> bool | None:
     """torch's own answer, when this build can give it."""
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    if check is None or not torch.backends.mkldnn.is_available():
+    # torch leaves mkldnn.is_available unannotated.
+    if check is None or not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
         return None
     try:
         return bool(check())

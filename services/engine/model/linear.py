@@ -60,7 +60,8 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            # torch.ops resolves ops at run time, so mypy sees Any.
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")  # type: ignore[no-any-return]
         if self.conversion is not None:
             return self._converted(x).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
@@ -68,7 +69,7 @@ class Linear:
     def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """residual + x @ weight.T + bias, fused where the backend can."""
         if self.packed:
-            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")  # type: ignore[no-any-return]
         if self.conversion is not None:
             return (residual.to(self.conversion.dtype) + self._converted(x)).to(residual.dtype)
         return residual + F.linear(x, self.weight, self.bias)

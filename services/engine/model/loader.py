@@ -66,7 +66,9 @@ class _Tensors:
         for key in (f"model.{name}", name):
             handle = self._where.get(key)
             if handle is not None:
-                return handle.get_tensor(key)  # type: ignore[attr-defined]
+                # safetensors' handle is stored as object (safe_open ships no usable type).
+                tensor: torch.Tensor = handle.get_tensor(key)  # type: ignore[attr-defined]
+                return tensor
         raise WeightsError(f"the checkpoint has no tensor {name!r}")
 
     def names(self) -> Iterator[str]:

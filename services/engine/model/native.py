@@ -19,6 +19,7 @@ are kept in SCALELLM_KERNEL_CACHE_DIR (default: default_cache_dir()).
 
 from __future__ import annotations
 
+import _ctypes
 import ctypes
 import functools
 import hashlib
@@ -51,7 +52,7 @@ _COMPILE_TIMEOUT_S = 120
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
-def _declare(fn: ctypes._CFuncPtr, restype: type | None, *argtypes: type) -> ctypes._CFuncPtr:
+def _declare(fn: _ctypes.CFuncPtr, restype: type | None, *argtypes: type) -> _ctypes.CFuncPtr:
     fn.restype = restype
     fn.argtypes = list(argtypes)
     return fn

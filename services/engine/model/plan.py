@@ -113,4 +113,5 @@ def choose_plan(
 
 
 def _prepacking_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    # torch leaves mkldnn.is_available unannotated.
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")  # type: ignore[no-untyped-call]
