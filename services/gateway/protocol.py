@@ -9,7 +9,7 @@ clients sending newer or vendor-specific options keep working.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -237,6 +237,9 @@ def _validation_error(exc: ValidationError) -> ApiError:
     return bad_request(f"Invalid value for '{param}': {message}.", param, code)
 
 
+_ParsedBody = TypeVar("_ParsedBody", bound=_Body)
+
+
 def parse_completion(raw: bytes) -> CompletionBody:
     return _parse(CompletionBody, raw)
 
@@ -245,7 +248,7 @@ def parse_chat(raw: bytes) -> ChatBody:
     return _parse(ChatBody, raw)
 
 
-def _parse(cls: type[CompletionBody] | type[ChatBody], raw: bytes) -> Any:
+def _parse(cls: type[_ParsedBody], raw: bytes) -> _ParsedBody:
     try:
         body = cls.model_validate_json(raw)
     except ValidationError as exc:

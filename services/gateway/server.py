@@ -36,8 +36,9 @@ from services.gateway.errors import (
     unauthorized,
 )
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.output_buffer import Event
 from services.gateway.pipeline_client import PipelineClient, cancel_and_wait
-from services.gateway.registry import Event, RegistryClosed, RegistryFull, RequestRegistry
+from services.gateway.registry import RegistryClosed, RegistryFull, RequestRegistry
 from services.gateway.responses import CollectedOutput, ResponseBuilder
 from services.gateway.session import (
     ClientDisconnected,
