@@ -207,9 +207,23 @@ def test_prompt_larger_than_the_pool_is_refused_naming_the_kv_cache() -> None:
 def test_duplicate_request_id_is_ignored() -> None:
     core = make_engine()
     core.add_request(EngineRequest("r", [1, 2, 3], greedy(4)))
+    core.step()
+    # A redelivery of a running request: the running copy answers, once.
     core.add_request(EngineRequest("r", [9, 9, 9], greedy(4)))
     results = run(core)
-    assert results["r"][0] == reference_greedy([1, 2, 3], 4)
+    assert results["r"][0] == reference_greedy([1, 2, 3], 4)[1:]
+
+
+def test_an_aborted_request_id_can_be_added_anew() -> None:
+    """Let go of (another engine took it over), then claimed back later: it runs again."""
+    core = make_engine()
+    core.add_request(EngineRequest("r", [1, 2, 3], greedy(4)))
+    [first] = core.step()
+    core.abort(["r"])
+    assert [(o.request_id, o.finish_reason) for o in core.step()] == [("r", "abort")]
+    core.add_request(EngineRequest("r", [1, 2, 3], greedy(4), output_token_ids=first.new_token_ids))
+    assert run(core)["r"][0] == reference_greedy([1, 2, 3], 4)[1:]
+    assert_all_blocks_free(core)
 
 
 def test_seeded_request_gives_the_same_tokens_alone_and_in_a_full_batch() -> None:

@@ -8,14 +8,13 @@ its one busy-loop thread.
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
-from services.engine.contract import EngineLoad, EngineRequest, RequestOutput
+from services.engine.contract import EngineLoad, EngineRequest, ForwardTime, RequestOutput, refusal
 from services.engine.core.block_manager import BlockManager
 from services.engine.core.sampler import Sampler
 from services.engine.core.scheduler import ScheduledBatch, Scheduler
@@ -70,9 +69,7 @@ class EngineCore:
         # Outputs decided between steps (refusals, aborts), reported by the next step().
         self._pending: list[RequestOutput] = []
         self._arrivals = 0
-        self._clock = clock
-        self._started = clock()
-        self._forward_times: deque[tuple[float, float]] = deque()  # (end time, seconds in forward)
+        self._forward_time = ForwardTime(clock, config.load_window_s)
         self.num_steps = 0
 
     @property
@@ -82,17 +79,13 @@ class EngineCore:
     # ---- EngineBackend ----------------------------------------------------
 
     def add_request(self, request: EngineRequest) -> None:
-        """Queue a request. An id already in the engine is ignored: at-least-once
-        delivery may bring the same request twice."""
+        """Queue a request. An id already in the engine is ignored (contract.EngineBackend)."""
         if request.request_id in self._sequences:
             return
         prompt = request.prompt_token_ids
-        problem = self.scheduler.refusal(len(prompt))
-        vocab = self.config.vocab_size
-        if problem is None:
-            bad = next((t for t in (*prompt, *request.output_token_ids) if t < 0 or t >= vocab), None)
-            if bad is not None:
-                problem = f"prompt token id {bad} is outside this model's vocabulary (0..{vocab - 1})"
+        problem = refusal(
+            request, max_model_len=self.config.max_model_len, vocab_size=self.config.vocab_size
+        ) or self.scheduler.refusal(len(prompt))
         if problem is not None:
             self._pending.append(RequestOutput(request.request_id, [], "error", error=problem))
             return
@@ -141,7 +134,7 @@ class EngineCore:
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
             kv_usage=self.block_manager.usage(),
-            forward_share=self.forward_share(),
+            forward_share=self._forward_time.share(),
         )
 
     def step(self) -> list[RequestOutput]:
@@ -150,10 +143,8 @@ class EngineCore:
         if not scheduled:
             return outputs
         batch, sampling_seqs = self._build_batch(scheduled)
-        started = self._clock()
-        logits = self.runner.forward(batch)
-        ended = self._clock()
-        self._record_forward(ended, ended - started)
+        with self._forward_time.measure():
+            logits = self.runner.forward(batch)
         self.num_steps += 1
 
         for seq, num_new in zip(scheduled.seqs, scheduled.num_new_tokens):
@@ -225,22 +216,3 @@ class EngineCore:
         if seq.num_output_tokens >= seq.sampling.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None
-
-    def _record_forward(self, ended: float, seconds: float) -> None:
-        self._forward_times.append((ended, seconds))
-        self._trim_window(ended)
-
-    def _trim_window(self, now: float) -> None:
-        horizon = now - self.config.load_window_s
-        times = self._forward_times
-        while times and times[0][0] < horizon:
-            times.popleft()
-
-    def forward_share(self) -> float:
-        """Share of the last load_window_s seconds of wall time spent in forward."""
-        now = self._clock()
-        self._trim_window(now)
-        span = min(self.config.load_window_s, now - self._started)
-        if span <= 0:
-            return 0.0
-        return min(1.0, sum(seconds for _, seconds in self._forward_times) / span)

@@ -83,14 +83,8 @@ class Scheduler:
     # ---- queue ------------------------------------------------------------
 
     def refusal(self, num_prompt_tokens: int) -> str | None:
-        """Why a prompt of this length can never run here, or None if it can."""
-        if num_prompt_tokens == 0:
-            return "the prompt is empty: at least one token is needed"
-        if num_prompt_tokens > self.model_max_len:
-            return (
-                f"the prompt has {num_prompt_tokens} tokens, more than this model's context "
-                f"length of {self.model_max_len} tokens"
-            )
+        """Why a prompt of this length can never fit this engine's KV cache, or None if it can.
+        (What every backend refuses, an empty prompt or one past the context, is contract.refusal.)"""
         if num_prompt_tokens > self.kv_capacity_tokens:
             return (
                 f"the prompt has {num_prompt_tokens} tokens but this engine's KV cache holds at most "

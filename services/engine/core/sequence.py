@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence as Tokens
 
+from services.engine.contract import stop_token_ids
 from shared.messages import FinishReason, SamplingParams
 
 
@@ -68,12 +69,7 @@ class Sequence:
         self.block_hashes: list[bytes] = []
         # Leading blocks of block_table already offered to the prefix cache.
         self.num_hashed_blocks = 0
-        eos = sampling.eos_token_ids or default_eos_token_ids or []
-        # Tokens that end generation (after min_tokens); the token itself is kept
-        # in the output, as transformers and vLLM do.
-        self.stop_ids: frozenset[int] = frozenset(sampling.stop_token_ids) | (
-            frozenset() if sampling.ignore_eos else frozenset(eos)
-        )
+        self.stop_ids = stop_token_ids(sampling, default_eos_token_ids or ())
         self.finish_reason: FinishReason | None = None
         self.num_preemptions = 0
 
