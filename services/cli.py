@@ -3,8 +3,9 @@
 ``scalellm gateway|tokenizer|engine|detokenizer`` runs one role exactly as
 ``python -m services.<role>`` does: it runs that package's ``__main__``
 (settings come from SCALELLM_* variables). ``scalellm up`` runs the whole
-pipeline locally. Roles are imported only when chosen, so e.g. the gateway
-never loads torch.
+pipeline locally; ``scalellm health ROLE`` checks this host's replica of ROLE
+(container health checks). Roles are imported only when chosen, so e.g. the
+gateway never loads torch.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     from services.launcher.up import add_arguments
 
     add_arguments(up)
+    health = commands.add_parser("health", help="exit 0 if this host's replica of a role is alive (its heartbeat)")
+    health.add_argument("role", choices=list(ROLES), help="the role of the replica running on this host")
     for role in ROLES:
         commands.add_parser(role, help=f"run one {role} replica (settings from SCALELLM_* variables)")
     return parser
@@ -62,6 +65,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         except KeyboardInterrupt:
             code = 130
         sys.exit(code)
+    if args.command == "health":
+        from services.launcher.health import run as check_health
+
+        sys.exit(check_health(args))
     run_role(args.command)
 
 
