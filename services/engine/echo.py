@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from services.engine.contract import EngineLoad, EngineRequest, RequestOutput
+from services.engine.contract import EngineLoad, EngineRequest, ForwardTime, RequestOutput, refusal, stop_token_ids
 from shared.messages import FinishReason, TokenLogprobs
 from shared.settings import EngineSettings
 
@@ -26,12 +26,9 @@ class _EchoSequence:
 
     @classmethod
     def start(cls, request: EngineRequest) -> _EchoSequence:
-        sampling = request.sampling
-        stop_ids = set(sampling.stop_token_ids)
-        if not sampling.ignore_eos:
-            stop_ids.update(sampling.eos_token_ids)
-        # Taken over from another engine: continue the cycle where its output ended.
-        return cls(request, frozenset(stop_ids), generated=len(request.output_token_ids))
+        # No model, so no model EOS: only the request's own. Taken over from another
+        # engine: continue the cycle where its output ended.
+        return cls(request, stop_token_ids(request.sampling), generated=len(request.output_token_ids))
 
     def ended(self) -> FinishReason | None:
         """Why a taken-over request was already over when it arrived, if it was."""
@@ -40,7 +37,7 @@ class _EchoSequence:
             return "stop"
         return "length" if self.generated >= self.request.sampling.max_tokens else None
 
-    def next_token(self) -> tuple[int, str | None]:
+    def next_token(self) -> tuple[int, FinishReason | None]:
         """The next token and, if it ends the request, why."""
         prompt = self.request.prompt_token_ids
         sampling = self.request.sampling
@@ -73,13 +70,11 @@ class EchoBackend:
         self.max_running_requests = max_running_requests
         self.step_delay_s = step_delay_s
         self._sleep = sleep
-        self._clock = clock
-        self._waiting: OrderedDict[str, EngineRequest] = OrderedDict()
+        self._waiting: OrderedDict[str, _EchoSequence] = OrderedDict()
         self._running: dict[str, _EchoSequence] = {}
-        self._abort_ids: set[str] = set()
-        # forward_share is measured over the window since the previous load() call.
-        self._window_start = clock()
-        self._window_forward_s = 0.0
+        # Outputs decided between steps (refusals, aborts), reported by the next step().
+        self._pending: list[RequestOutput] = []
+        self._forward_time = ForwardTime(clock)
 
     @classmethod
     def from_settings(cls, settings: EngineSettings) -> EchoBackend:
@@ -89,30 +84,41 @@ class EchoBackend:
         )
 
     def add_request(self, request: EngineRequest) -> None:
+        """An id already in the engine is ignored (contract.EngineBackend)."""
         if request.request_id in self._waiting or request.request_id in self._running:
-            raise ValueError(f"request {request.request_id!r} is already in the engine")
-        self._waiting[request.request_id] = request
+            return
+        problem = refusal(request)
+        if problem is not None:
+            self._pending.append(RequestOutput(request.request_id, [], "error", error=problem))
+            return
+        sequence = _EchoSequence.start(request)
+        ended = sequence.ended()
+        if ended is not None:
+            self._pending.append(RequestOutput(request.request_id, [], ended))
+            return
+        self._waiting[request.request_id] = sequence
 
     def abort(self, request_ids: Iterable[str]) -> None:
         for request_id in request_ids:
-            if request_id in self._waiting or request_id in self._running:
-                self._abort_ids.add(request_id)
+            if self._running.pop(request_id, None) is not None or self._waiting.pop(request_id, None) is not None:
+                self._pending.append(RequestOutput(request_id, [], "abort"))
 
     def has_unfinished(self) -> bool:
-        return bool(self._waiting or self._running)
+        return bool(self._waiting or self._running or self._pending)
 
     def free_slots(self) -> int:
         return max(0, self.max_running_requests - len(self._running) - len(self._waiting))
 
     def step(self) -> list[RequestOutput]:
-        outputs = self._take_aborts()
-        outputs.extend(self._admit())
+        outputs, self._pending = self._pending, []
+        while self._waiting and len(self._running) < self.max_running_requests:
+            request_id, sequence = self._waiting.popitem(last=False)
+            self._running[request_id] = sequence
         if not self._running:
             return outputs
-        started = self._clock()
-        if self.step_delay_s:
-            self._sleep(self.step_delay_s)
-        self._window_forward_s += self._clock() - started
+        with self._forward_time.measure():
+            if self.step_delay_s:
+                self._sleep(self.step_delay_s)
         finished: list[str] = []
         for request_id, sequence in self._running.items():
             token, finish = sequence.next_token()
@@ -124,40 +130,12 @@ class EchoBackend:
         return outputs
 
     def load(self) -> EngineLoad:
-        now = self._clock()
-        wall = now - self._window_start
-        share = min(1.0, self._window_forward_s / wall) if wall > 0 else 0.0
-        self._window_start = now
-        self._window_forward_s = 0.0
         return EngineLoad(
             running=len(self._running),
             waiting=len(self._waiting),
             kv_usage=len(self._running) / self.max_running_requests,
-            forward_share=share,
+            forward_share=self._forward_time.share(),
         )
-
-    def _take_aborts(self) -> list[RequestOutput]:
-        outputs: list[RequestOutput] = []
-        for request_id in sorted(self._abort_ids):
-            if self._running.pop(request_id, None) is not None or self._waiting.pop(request_id, None) is not None:
-                outputs.append(RequestOutput(request_id, [], "abort"))
-        self._abort_ids.clear()
-        return outputs
-
-    def _admit(self) -> list[RequestOutput]:
-        refused: list[RequestOutput] = []
-        while self._waiting and len(self._running) < self.max_running_requests:
-            _, request = self._waiting.popitem(last=False)
-            if not request.prompt_token_ids:
-                refused.append(RequestOutput(request.request_id, [], "error", error="the prompt has no tokens to echo"))
-                continue
-            sequence = _EchoSequence.start(request)
-            ended = sequence.ended()
-            if ended is not None:
-                refused.append(RequestOutput(request.request_id, [], ended))
-                continue
-            self._running[request.request_id] = sequence
-        return refused
 
 
 def _echo_logprobs(request: EngineRequest, token: int) -> list[TokenLogprobs] | None:

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
-from services.engine.contract import EngineLoad, EngineRequest, RequestOutput
-from shared.messages import SamplingParams, TokenLogprobs
+from services.engine.contract import EngineLoad, EngineRequest, ForwardTime, RequestOutput, refusal, stop_token_ids
+from shared.messages import FinishReason, TokenLogprobs
 from shared.settings import EngineSettings
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +50,7 @@ class HFBackend:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: PreTrainedModel,
         *,
         vocab_size: int,
         max_model_len: int,
@@ -62,26 +66,23 @@ class HFBackend:
         self.default_eos_token_ids = list(default_eos_token_ids)
         # A blank generation config: generate() fills every unset option from the
         # model's own, which would bring back EOS (against ignore_eos) and top_k=50.
-        model.generation_config = GenerationConfig(
+        # transformers leaves GenerationConfig.__init__ unannotated.
+        model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
             pad_token_id=self.default_eos_token_ids[0] if self.default_eos_token_ids else 0
         )
         self.device = next(model.parameters()).device
         self._queue: OrderedDict[str, EngineRequest] = OrderedDict()
+        # Outputs decided between steps (refusals, aborts), reported by the next step().
         self._pending: list[RequestOutput] = []
-        self._clock = clock
-        self._started = clock()
-        self._window_s = load_window_s
-        self._forward_times: deque[tuple[float, float]] = deque()
+        self._forward_time = ForwardTime(clock, load_window_s)
 
     # ---- EngineBackend ----------------------------------------------------
 
     def add_request(self, request: EngineRequest) -> None:
+        """An id already queued is ignored (contract.EngineBackend)."""
         if request.request_id in self._queue:
             return
-        problem = self._refusal(request.prompt_token_ids)
-        bad = next((t for t in request.output_token_ids if t < 0 or t >= self.vocab_size), None)
-        if problem is None and bad is not None:
-            problem = f"token id {bad} is outside this model's vocabulary (0..{self.vocab_size - 1})"
+        problem = refusal(request, max_model_len=self.max_model_len, vocab_size=self.vocab_size)
         if problem is not None:
             self._pending.append(RequestOutput(request.request_id, [], "error", error=problem))
             return
@@ -96,10 +97,8 @@ class HFBackend:
         outputs, self._pending = self._pending, []
         if self._queue:
             _, request = self._queue.popitem(last=False)
-            started = self._clock()
-            outputs.append(self.generate(request))
-            ended = self._clock()
-            self._forward_times.append((ended, ended - started))
+            with self._forward_time.measure():
+                outputs.append(self.generate(request))
         return outputs
 
     def has_unfinished(self) -> bool:
@@ -110,36 +109,9 @@ class HFBackend:
         return 0 if self._queue else 1
 
     def load(self) -> EngineLoad:
-        now = self._clock()
-        while self._forward_times and self._forward_times[0][0] < now - self._window_s:
-            self._forward_times.popleft()
-        span = min(self._window_s, now - self._started)
-        busy = sum(seconds for _, seconds in self._forward_times)
-        return EngineLoad(
-            running=0,
-            waiting=len(self._queue),
-            kv_usage=0.0,
-            forward_share=min(1.0, busy / span) if span > 0 else 0.0,
-        )
+        return EngineLoad(running=0, waiting=len(self._queue), kv_usage=0.0, forward_share=self._forward_time.share())
 
     # ---- generation -------------------------------------------------------
-
-    def _refusal(self, prompt: list[int]) -> str | None:
-        if not prompt:
-            return "the prompt is empty: at least one token is needed"
-        if len(prompt) > self.max_model_len:
-            return (
-                f"the prompt has {len(prompt)} tokens, more than this model's context "
-                f"length of {self.max_model_len} tokens"
-            )
-        bad = next((t for t in prompt if t < 0 or t >= self.vocab_size), None)
-        if bad is not None:
-            return f"prompt token id {bad} is outside this model's vocabulary (0..{self.vocab_size - 1})"
-        return None
-
-    def stop_ids(self, sampling: SamplingParams) -> list[int]:
-        eos = [] if sampling.ignore_eos else (sampling.eos_token_ids or self.default_eos_token_ids)
-        return sorted(set(sampling.stop_token_ids) | set(eos))
 
     @torch.inference_mode()
     def generate(self, request: EngineRequest) -> RequestOutput:
@@ -149,7 +121,7 @@ class HFBackend:
         sampling = request.sampling
         prompt = request.prompt_token_ids
         done = request.output_token_ids  # taken over: generate after them, as part of the context
-        stop_ids = self.stop_ids(sampling)
+        stop_ids = sorted(stop_token_ids(sampling, self.default_eos_token_ids))
         # The same context rule as the torch engine: prompt + output <= max_model_len,
         # with at least one token (vLLM's behaviour for a prompt that fills the context).
         max_new = max(1, min(sampling.max_tokens, self.max_model_len - len(prompt)))
@@ -167,7 +139,7 @@ class HFBackend:
                 "top_p": sampling.top_p,
                 "min_p": sampling.min_p if sampling.min_p > 0 else None,
             }
-        config = GenerationConfig(
+        config = GenerationConfig(  # type: ignore[no-untyped-call]  # transformers leaves __init__ unannotated
             max_new_tokens=max_new,
             min_new_tokens=min(max(0, sampling.min_tokens - len(done)), max_new) or None,
             do_sample=do_sample,
@@ -186,14 +158,16 @@ class HFBackend:
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed & ((1 << 64) - 1))
         input_ids = torch.tensor([[*prompt, *done]], dtype=torch.long, device=self.device)
-        result = self.model.generate(
+        # transformers 5 declares generate on GenerationMixin, which PreTrainedModel no longer
+        # subclasses (every *ForCausalLM class mixes both in).
+        result = self.model.generate(  # type: ignore[operator]
             input_ids,
             attention_mask=torch.ones_like(input_ids),
             generation_config=config,
             logits_processor=processors,
         )
         tokens = result.sequences[0, input_ids.shape[1] :].tolist()
-        finish = "stop" if tokens and tokens[-1] in stop_ids else "length"
+        finish: FinishReason = "stop" if tokens and tokens[-1] in stop_ids else "length"
         logprobs = self._logprobs(result.logits, tokens, sampling.logprobs) if sampling.logprobs is not None else None
         return RequestOutput(request.request_id, tokens, finish, logprobs=logprobs)
 
@@ -220,7 +194,8 @@ def create_hf_backend(settings: EngineSettings) -> HFBackend:
     model_dir = resolve_model_dir(settings, weights=True)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    # transformers wraps PreTrainedModel.to in a decorator whose signature mypy misreads.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)  # type: ignore[arg-type]
     model.eval()
     config = model.config
     eos = model.generation_config.eos_token_id

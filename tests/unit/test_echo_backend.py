@@ -112,11 +112,24 @@ def test_empty_prompt_is_refused_not_crashed() -> None:
     assert output.error
 
 
-def test_duplicate_request_id_is_refused() -> None:
+def test_duplicate_request_id_is_ignored() -> None:
     backend = EchoBackend()
-    backend.add_request(request("a", [1]))
-    with pytest.raises(ValueError, match="already"):
-        backend.add_request(request("a", [1]))
+    backend.add_request(request("a", [1, 2, 3], max_tokens=3))
+    assert backend.step() == [RequestOutput("a", [1])]
+    # A redelivery of a running request: the running copy answers, once.
+    backend.add_request(request("a", [7, 8, 9], max_tokens=3))
+    assert run_to_end(backend) == {"a": ([2, 3], "length")}
+
+
+def test_an_aborted_request_id_can_be_added_anew() -> None:
+    """Let go of (another engine took it over), then claimed back later: it runs again."""
+    backend = EchoBackend()
+    backend.add_request(request("a", [1, 2, 3], max_tokens=3))
+    backend.step()
+    backend.abort(["a"])
+    assert backend.step() == [RequestOutput("a", [], "abort")]
+    backend.add_request(EngineRequest("a", [1, 2, 3], SamplingParams(max_tokens=3), output_token_ids=[1]))
+    assert run_to_end(backend) == {"a": ([2, 3], "length")}
 
 
 def test_logprobs_when_asked() -> None:

@@ -131,6 +131,29 @@ def test_one_request_at_a_time_abort_and_free_slots(tiny_model: torch.nn.Module)
     assert not hf.has_unfinished() and hf.free_slots() == 1
 
 
+def test_duplicate_request_id_is_ignored(tiny_model: torch.nn.Module) -> None:
+    hf = backend(tiny_model)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    hf.add_request(EngineRequest("r", [5, 6], params))
+    # A redelivery of a queued request: the queued copy answers, once.
+    hf.add_request(EngineRequest("r", [9, 9, 9], params))
+    assert hf.load().waiting == 1
+    [out] = hf.step()
+    assert (out.request_id, out.new_token_ids) == ("r", manual_greedy(tiny_model, [5, 6], 4))
+    assert not hf.has_unfinished()
+
+
+def test_an_aborted_request_id_can_be_added_anew(tiny_model: torch.nn.Module) -> None:
+    """Let go of (another engine took it over), then claimed back later: it runs again."""
+    hf = backend(tiny_model)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    hf.add_request(EngineRequest("r", [5, 6], params))
+    hf.abort(["r"])
+    assert hf.step() == [RequestOutput("r", [], "abort")]
+    hf.add_request(EngineRequest("r", [5, 6], params))
+    assert [o.new_token_ids for o in hf.step()] == [manual_greedy(tiny_model, [5, 6], 4)]
+
+
 def test_seeded_sampling_repeats_and_logprobs_are_reported(tiny_model: torch.nn.Module) -> None:
     hf = backend(tiny_model)
     params = SamplingParams(max_tokens=8, temperature=1.0, top_k=20, seed=11, ignore_eos=True, logprobs=3)
