@@ -8,16 +8,20 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Iterable
 
 from shared.failover import OwnPulse
 from shared.messages import Heartbeat, Role
+from shared.redaction import install_log_redaction
 from shared.transport import StreamTransport
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, secrets: Iterable[str] = ()) -> None:
+    """Log to stderr; credentials in URLs, and ``secrets`` (settings.secrets()), are scrubbed from every line."""
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+    install_log_redaction(secrets)
 
 
 def stop_on_signals() -> asyncio.Event:

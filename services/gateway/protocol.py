@@ -5,24 +5,70 @@ Pure logic (no I/O). Every problem becomes an ``ApiError`` with status 400 and
 Types are strict, as OpenAI's own API is: ``"0.5"`` is not a number and
 ``1.0`` is not an integer. Unknown fields are ignored, as vLLM does, so that
 clients sending newer or vendor-specific options keep working.
+
+The models check what follows from the protocol: types, ranges, and that every
+integer fits the 64 bits msgpack carries (a larger one could not be published,
+and would fail the whole batch it was coalesced into). Policy bounds (how many
+stop strings, how long a prompt) are settings, checked by limits.py. The JSON
+schemas of these models are the request bodies of /openapi.json (openapi.py),
+so fields validated by hand declare their accepted shapes with WithJsonSchema.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
 from services.gateway.errors import ApiError, bad_request, model_not_found
+from services.gateway.limits import RequestLimits
 from shared.messages import ChatMessage, DetokenizeParams, SamplingParams
 
-MAX_LOGPROBS = 20  # what SamplingParams.logprobs allows
-MAX_STOP_STRINGS = 64
 MAX_TOKEN_ID = 2**31 - 1
+MAX_INT64 = 2**63 - 1
 CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
+DEFAULT_LIMITS = RequestLimits.defaults()
 
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]  # what msgpack carries
+Count = Annotated[int, Field(ge=0, le=MAX_INT64)]
+PositiveCount = Annotated[int, Field(ge=1, le=MAX_INT64)]
+
+_TOKEN_IDS_SCHEMA = {
+    "type": "array",
+    "items": {"type": "integer", "minimum": 0, "maximum": MAX_TOKEN_ID},
+    "minItems": 1,
+}
+# What _check_prompt accepts: text, a batch of one text, token ids, a batch of one list of token ids.
+PROMPT_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
+        _TOKEN_IDS_SCHEMA,
+        {"type": "array", "items": _TOKEN_IDS_SCHEMA, "minItems": 1, "maxItems": 1},
+    ]
+}
+STOP_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}},
+        {"type": "null"},
+    ]
+}
+CONTENT_SCHEMA = {
+    "anyOf": [
+        {"type": "string"},
+        {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+                "required": ["type", "text"],
+            },
+        },
+        {"type": "null"},
+    ]
+}
 
 
 class StreamOptions(BaseModel):
@@ -40,20 +86,20 @@ class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: PositiveCount | None = None
     temperature: Annotated[float, Field(ge=0.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None  # -1 and 0: no limit
+    top_k: Annotated[int, Field(ge=-1, le=MAX_INT64)] | None = None  # -1 and 0: no limit
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     seed: Seed | None = None
-    stop: Any = None  # str | list[str]; checked below for a clear message
+    stop: Annotated[Any, WithJsonSchema(STOP_SCHEMA)] = None  # str | list[str]; checked below for a clear message
     stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool | None = False
-    min_tokens: Annotated[int, Field(ge=0)] | None = 0
+    min_tokens: Count | None = 0
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
-    n: int | None = 1
+    n: PositiveCount | None = 1
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     include_stop_str_in_output: bool | None = False
@@ -63,21 +109,22 @@ class _Body(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _check_stop(cls, value: Any) -> list[str]:
+    def _check_stop(cls, value: Any) -> str | list[str] | None:
+        # Kept as sent: a limit's error names "stop" for one string, "stop[i]" for a list's item.
         if value is None:
-            return []
-        strings = [value] if isinstance(value, str) else value
+            return None
+        strings: list[str] = [value] if isinstance(value, str) else value
         if not isinstance(strings, list) or not all(isinstance(s, str) for s in strings):
             raise ValueError("must be a string or a list of strings")
         if any(s == "" for s in strings):
             raise ValueError("stop strings must not be empty")
-        if len(strings) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are supported")
-        return strings
+        return strings[0] if isinstance(value, str) else strings
 
     @property
     def stop_strings(self) -> list[str]:
-        return self.stop or []  # a list once _check_stop has run; None when absent
+        if isinstance(self.stop, str):
+            return [self.stop]
+        return self.stop or []
 
     @property
     def include_usage(self) -> bool:
@@ -90,10 +137,12 @@ class _Body(BaseModel):
         """Alternatives per token for SamplingParams.logprobs; None: no logprobs."""
         return None
 
-    def check(self) -> None:
-        """Cross-field rules; raises ApiError."""
-        if self.n not in (None, 1):
-            raise bad_request("Only n=1 is supported; send several requests for several choices.", "n")
+    def check(self, limits: RequestLimits) -> None:
+        """The limits, then cross-field rules; raises ApiError."""
+        limits.check_n(self.n or 1)
+        limits.check_stop(self.stop_strings, single=isinstance(self.stop, str))
+        if self.top_k is not None:
+            limits.check_top_k(self.top_k)
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true.", "stream_options")
         if self.logit_bias:
@@ -103,9 +152,9 @@ class _Body(BaseModel):
 class CompletionBody(_Body):
     """POST /v1/completions."""
 
-    prompt: Any  # str | [str] | [int, ...] | [[int, ...]]; see prompt_value()
+    prompt: Annotated[Any, WithJsonSchema(PROMPT_SCHEMA)]  # str | [str] | [int, ...] | [[int, ...]]
     echo: bool | None = False
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    logprobs: Count | None = None  # bounded by limits.max_logprobs
     suffix: str | None = None
     best_of: int | None = None
 
@@ -135,8 +184,12 @@ class CompletionBody(_Body):
     def requested_logprobs(self) -> int | None:
         return self.logprobs
 
-    def check(self) -> None:
-        super().check()
+    def check(self, limits: RequestLimits) -> None:
+        super().check(limits)
+        if self.logprobs is not None:
+            limits.check_logprobs(self.logprobs, "logprobs")
+        if isinstance(self.prompt, str):
+            limits.check_prompt_chars(len(self.prompt), "prompt")
         if self.suffix:
             raise bad_request("suffix is not supported by this server.", "suffix", "unsupported_parameter")
         if self.best_of not in (None, 1):
@@ -150,7 +203,7 @@ class CompletionBody(_Body):
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: str
-    content: Any = None  # str | [{"type": "text", "text": str}, ...] | null
+    content: Annotated[Any, WithJsonSchema(CONTENT_SCHEMA)] = None  # str | [{"type": "text", "text": str}, ...] | null
 
     @field_validator("role")
     @classmethod
@@ -184,9 +237,9 @@ class ChatBody(_Body):
     """POST /v1/chat/completions."""
 
     messages: Annotated[list[ChatMessageIn], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: PositiveCount | None = None
     logprobs: bool | None = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    top_logprobs: Count | None = None  # bounded by limits.max_logprobs
     add_generation_prompt: bool | None = True
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -200,8 +253,12 @@ class ChatBody(_Body):
     def chat_messages(self) -> list[ChatMessage]:
         return [m.to_message() for m in self.messages]
 
-    def check(self) -> None:
-        super().check()
+    def check(self, limits: RequestLimits) -> None:
+        super().check(limits)
+        limits.check_chat_messages(len(self.messages))
+        limits.check_prompt_chars(sum(len(m.content or "") for m in self.messages), "messages")
+        if self.top_logprobs is not None:
+            limits.check_logprobs(self.top_logprobs, "top_logprobs")
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true.", "top_logprobs")
         if self.tools:
@@ -240,20 +297,20 @@ def _validation_error(exc: ValidationError) -> ApiError:
 _ParsedBody = TypeVar("_ParsedBody", bound=_Body)
 
 
-def parse_completion(raw: bytes) -> CompletionBody:
-    return _parse(CompletionBody, raw)
+def parse_completion(raw: bytes, limits: RequestLimits = DEFAULT_LIMITS) -> CompletionBody:
+    return _parse(CompletionBody, raw, limits)
 
 
-def parse_chat(raw: bytes) -> ChatBody:
-    return _parse(ChatBody, raw)
+def parse_chat(raw: bytes, limits: RequestLimits = DEFAULT_LIMITS) -> ChatBody:
+    return _parse(ChatBody, raw, limits)
 
 
-def _parse(cls: type[_ParsedBody], raw: bytes) -> _ParsedBody:
+def _parse(cls: type[_ParsedBody], raw: bytes, limits: RequestLimits) -> _ParsedBody:
     try:
         body = cls.model_validate_json(raw)
     except ValidationError as exc:
         raise _validation_error(exc) from None
-    body.check()
+    body.check(limits)
     return body
 
 

@@ -1,7 +1,7 @@
 """The gateway's HTTP app (Starlette) and its entry point (uvicorn).
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
-GET /v1/models/{model}, GET /health, GET /metrics. See docs/api.md.
+GET /v1/models/{model}, GET /health, GET /metrics, GET /openapi.json. See docs/api.md.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ from services.gateway.errors import (
     too_large,
     unauthorized,
 )
+from services.gateway.limits import RequestLimits
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.openapi import openapi_document
 from services.gateway.output_buffer import Event
 from services.gateway.pipeline_client import PipelineClient, cancel_and_wait
 from services.gateway.registry import RegistryClosed, RegistryFull, RequestRegistry
@@ -89,7 +91,9 @@ class Gateway:
         # The configured model id is accepted too, so clients may use either name.
         self.known_models = {self.model_name, settings.model}
         self.created = int(time.time())
-        self._api_key = settings.api_key.encode() if settings.api_key else None
+        self._api_key = settings.api_key.get_secret_value().encode() if settings.api_key else None
+        self.limits = RequestLimits.from_settings(settings)
+        self._openapi = openapi_document(self.limits, auth=self._api_key is not None)
 
     def _authorize(self, request: Request) -> None:
         if self._api_key is None:
@@ -127,7 +131,7 @@ class Gateway:
             self._authorize(request)
             raw = await self._read_body(request)
             body: protocol.CompletionBody | protocol.ChatBody = (
-                protocol.parse_chat(raw) if chat else protocol.parse_completion(raw)
+                protocol.parse_chat(raw, self.limits) if chat else protocol.parse_completion(raw, self.limits)
             )
             protocol.check_model(body.model, self.known_models)
             response = await self._run(request, body, chat=chat)
@@ -281,15 +285,20 @@ class Gateway:
             redis_ok = False
         missing = [role for role, count in alive.items() if count == 0]
         ready = redis_ok and not missing and not self.registry.closed
-        body = {
+        body: dict[str, Any] = {
             "status": "ok" if ready else "unavailable",
             "redis": redis_ok,
             "alive": alive,
             "missing": missing,
-            "gateway_id": self.client.gateway_id,
             "in_flight": len(self.registry),
         }
+        # /health is open even when an API key is set; the id names this host (new_replica_id).
+        if self._api_key is None:
+            body["gateway_id"] = self.client.gateway_id
         return JSONResponse(body, status_code=200 if ready else 503)
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(self._openapi)
 
     async def metrics_text(self, request: Request) -> Response:
         text = self.metrics.render(len(self.registry), self.registry.buffered_bytes())
@@ -333,6 +342,7 @@ def create_app(
         Route("/v1/models/{model:path}", gateway.model, methods=["GET"]),
         Route("/health", gateway.health, methods=["GET"]),
         Route("/metrics", gateway.metrics_text, methods=["GET"]),
+        Route("/openapi.json", gateway.openapi, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error})
     app.state.gateway = gateway
@@ -387,6 +397,6 @@ async def serve(settings: GatewaySettings) -> None:
 
 def main() -> None:
     settings = load_settings(GatewaySettings)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.secrets())
     settings.require_redis_url()
     asyncio.run(serve(settings))

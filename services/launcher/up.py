@@ -30,6 +30,7 @@ from services.launcher.redis_keeper import RedisKeeper
 from services.launcher.restart_policy import RestartPolicy
 from services.launcher.supervisor import PREFIX, ChildSpec, Supervisor
 from services.redis_server import EmbeddedRedis, EmbeddedRedisError
+from shared.redaction import redact_url
 from shared.settings import CommonSettings, EngineSettings, GatewaySettings, LauncherSettings, load_settings
 
 # The directory holding the ``services`` and ``shared`` packages.
@@ -220,7 +221,7 @@ def _run(args: argparse.Namespace, settings: LauncherSettings, out: TextIO, star
         redis_url = settings.redis_url
         server: EmbeddedRedis | None = None
         if redis_url:
-            out.write(f"using Redis at {redis_url}\n")
+            out.write(f"using Redis at {redact_url(redis_url)}\n")
         else:
             try:
                 server = stack.enter_context(EmbeddedRedis())

@@ -16,7 +16,9 @@ from shared.messages import (
     Message,
     RequestFailed,
     ResponseBatch,
+    SamplingParams,
     TextDelta,
+    encode,
 )
 
 pytestmark = pytest.mark.anyio
@@ -152,3 +154,30 @@ async def test_a_failed_publish_reaches_the_waiting_handler_and_the_writer_survi
     await asyncio.wait_for(writer.send("requests", AbortRequests(request_ids=["y"])), 1)
     await cancel_and_wait([task], 1)
     assert task.done()
+
+
+class EncodingTransport(RecordingTransport):
+    """Encodes what it publishes, as the real transport does before its single round trip."""
+
+    async def publish(self, messages: Sequence[tuple[str, Message]], *, acks: object = ()) -> None:
+        for _, message in messages:
+            encode(message)  # raises for a message that cannot go on the wire
+        self.calls.append(list(messages))
+
+
+async def test_an_unencodable_message_fails_only_its_own_sender_not_its_batch() -> None:
+    transport = EncodingTransport()
+    writer = BatchingWriter(transport)  # type: ignore[arg-type]
+    task = asyncio.create_task(writer.run())
+    good = [CompletionRequest(request_id=f"r{i}", gateway_id="g", deadline=0.0, prompt="x") for i in range(3)]
+    # msgpack carries 64-bit integers; the gateway refuses larger ones, this stands for any bad message.
+    bad = CompletionRequest(
+        request_id="bad", gateway_id="g", deadline=0.0, prompt="x", sampling=SamplingParams(max_tokens=2**70)
+    )
+    results = await asyncio.wait_for(
+        asyncio.gather(*(writer.send("requests", m) for m in [good[0], bad, *good[1:]]), return_exceptions=True), 1
+    )
+    assert [type(r) for r in results] == [type(None), OverflowError, type(None), type(None)]
+    published = [m.request_id for call in transport.calls for _, m in call]  # type: ignore[attr-defined]
+    assert published == ["r0", "r1", "r2"]
+    await cancel_and_wait([task], 1)
