@@ -1,11 +1,14 @@
 """The engine's part in failover, run on its I/O thread (never on the decode loop).
 
-- Requests of an engine that is gone (heartbeat expired) move here, as many as
-  there is room for, within a heartbeat interval of being noticed; those of a
-  consumer that never beat, after ``claim_idle_ms`` (XAUTOCLAIM). A claimed
+Only the Redis side: what it finds goes to the main thread, which decides what
+becomes of each request (requests.py).
+
+- Requests of an engine that is gone (heartbeat expired) are claimed here, as
+  many as there is room for, within a heartbeat interval of being noticed; those
+  of a consumer that never beat, after ``claim_idle_ms`` (XAUTOCLAIM). A claimed
   request continues after the output tokens its engine published (ownership.py).
-- Requests of a gateway that is gone are aborted (nobody reads their output)
-  and its response stream is deleted (shared/failover.py, ``GoneGateways``).
+- Gateways that are gone are reported (their requests are aborted: nobody reads
+  their output), and their response streams deleted (shared/failover.py, ``GoneGateways``).
 - The entries of requests running here are touched, so that XAUTOCLAIM does
   not hand them to another engine while this one is alive (only those still
   ours: an engine that stalled must not take its requests back from the one
@@ -17,9 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 
-from services.engine.step_outputs import OutputRouter
 from shared.failover import ConsumerTakeover, GoneGateways, OwnPulse
 from shared.settings import EngineSettings
 from shared.transport import Delivery, StreamTransport
@@ -32,21 +34,19 @@ class EngineFailover:
         self,
         settings: EngineSettings,
         transport: StreamTransport,
-        router: OutputRouter,
         *,
         room: Callable[[], int],
-        intake: Callable[[Sequence[Delivery]], Awaitable[None]],
-        abort: Callable[[list[str]], None],
+        claimed: Callable[[list[Delivery]], Awaitable[None]],
+        gateways_gone: Callable[[frozenset[str]], None],
         touch: Callable[[], Awaitable[None]],
     ) -> None:
-        """``room``: requests to pull now; ``intake``: admit claimed entries; ``abort``: stop running requests;
-        ``touch``: refresh the idle time of the entries of the requests running here."""
+        """``room``: entries to read now; ``claimed``: hand claimed entries on; ``gateways_gone``: the gone
+        gateways, whenever they change; ``touch``: refresh the idle time of the entries held here."""
         self._settings = settings
         self._transport = transport
-        self._router = router
         self._room = room
-        self._intake = intake
-        self._abort = abort
+        self._claimed = claimed
+        self._gateways_gone = gateways_gone
         self._touch = touch
         self._interval = settings.heartbeat_interval_s
         self.pulse = OwnPulse(settings.heartbeat_ttl_s)  # fed by the engine's beats
@@ -60,10 +60,6 @@ class EngineFailover:
             pulse=self.pulse,
         )
         self.gateways = GoneGateways()
-        self._aborted: set[str] = set()  # aborted for a gone gateway, until the router lets go of them
-
-    def gateway_gone(self, gateway_id: str) -> bool:
-        return gateway_id in self.gateways
 
     async def watch_loop(self, closing: Callable[[], bool]) -> None:
         """Every heartbeat interval: gone gateways, then gone engines; XAUTOCLAIM now and then."""
@@ -80,32 +76,28 @@ class EngineFailover:
                 room = self._room()
                 if room > 0:
                     tokenized = self._transport.names.tokenized
-                    await self._intake(
-                        await self._transport.claim_stale(
-                            tokenized, self._transport.names.engine_group, min_idle_ms=idle_ms, count=room
-                        )
+                    stale = await self._transport.claim_stale(
+                        tokenized, self._transport.names.engine_group, min_idle_ms=idle_ms, count=room
                     )
+                    if stale:
+                        await self._claimed(stale)
 
     async def take_over(self) -> None:
         """Claim what gone engines left pending, up to the free room (0: only tidy up)."""
         room = max(0, self._room())
         claimed = await self._takeover.claim(room)
         if claimed:
-            await self._intake(claimed)
+            await self._claimed(claimed)
 
     async def check_gateways(self) -> None:
         transport = self._transport
         census = await transport.replica_census("gateway")
         if census.gone and not self.pulse.steady(time.monotonic()):
             return  # our own heartbeat lapsed too (Redis unreachable?): theirs prove nothing
+        before = self.gateways.gone
         verdict = self.gateways.update(census, time.time())
-        running = self._router.requests_of_gateways(verdict.gone)
-        self._aborted.intersection_update(running)
-        fresh = [request_id for request_id in running if request_id not in self._aborted]
-        if fresh:
-            log.warning("aborting %d requests of gone gateways", len(fresh))
-            self._aborted.update(fresh)
-            self._abort(fresh)
+        if verdict.gone != before:
+            self._gateways_gone(verdict.gone)
         if verdict.sweep:
             await transport.delete(*(transport.names.responses(gateway_id) for gateway_id in verdict.sweep))
         for gateway_id in verdict.forget:

@@ -1,10 +1,11 @@
 """The engine process: a decode loop on the main thread, Redis on an I/O thread.
 
-The main thread runs a short loop that only touches in-memory queues and
-``backend.step()``; it blocks on the inbox when there is nothing to run.
-SIGTERM / SIGINT stop the intake, let running requests finish (at most
-``drain_timeout_s``), publish, and exit 0. A backend failure fails the running
-requests with status 500 so no client hangs, and exits non-zero.
+The main thread runs a short loop that only touches in-memory queues,
+``backend.step()`` and the request bookkeeping (requests.py), which decides
+what becomes of everything the I/O thread reads; it blocks on the inbox when
+there is nothing to run. SIGTERM / SIGINT stop the intake, let running requests
+finish (at most ``drain_timeout_s``), publish, and exit 0. A backend failure
+fails the running requests with status 500 so no client hangs, and exits non-zero.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-from services.engine.contract import EngineBackend, RequestOutput
-from services.engine.io_thread import AbortIds, EngineIO, InboxItem, NewRequest, Wake
+from services.engine.contract import EngineBackend, EngineRequest, RequestOutput
+from services.engine.handoff import AbortsRead, EntriesLost, GatewaysGone, InboxItem, Pulled, Wake
+from services.engine.io_thread import EngineIO
+from services.engine.requests import EngineRequests
+from services.engine.step_outputs import Publication
 from shared.runtime import configure_logging
 from shared.settings import EngineSettings, load_settings, new_replica_id
-from shared.transport import StreamTransport
+from shared.transport import StreamNames, StreamTransport
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +55,13 @@ class EngineService:
         self.settings = settings
         self.engine_id = engine_id or new_replica_id("engine")
         self._backend = backend
+        self._requests = EngineRequests(
+            StreamNames(settings.stream_prefix), self.engine_id, settings.detokenizer_shards
+        )
         self._inbox: queue.SimpleQueue[InboxItem] = queue.SimpleQueue()
         self._io = EngineIO(settings, self.engine_id, transport_factory, self._inbox)
         self._stop = threading.Event()
-        self._admitted = 0
-        self._draining = False
+        self._taken = 0  # pulled entries taken from the inbox since the I/O thread last heard
 
     def request_stop(self) -> None:
         """Begin a graceful stop; safe from a signal handler or another thread."""
@@ -75,12 +81,12 @@ class EngineService:
             self._decode_loop()
         except Exception as exc:
             log.exception("engine failed; failing its running requests")
-            self._io.crash(f"{type(exc).__name__}: {exc}")
+            self._io.close(self._requests.fail_all(f"{type(exc).__name__}: {exc}"))
             if not self._io.join(IO_FLUSH_TIMEOUT_S):
                 log.error("could not publish the failures within %.0f s", IO_FLUSH_TIMEOUT_S)
                 self._io.cancel()
             return 1
-        self._io.finish()
+        self._io.close(self._requests.release_all())
         if not self._io.join(IO_FLUSH_TIMEOUT_S):
             log.error("could not publish the last outputs within %.0f s", IO_FLUSH_TIMEOUT_S)
             self._io.cancel()
@@ -98,7 +104,7 @@ class EngineService:
                 raise EngineIOFailed(f"the engine's I/O thread failed: {self._io.failure!r}")
             if self._stop.is_set() and drain_deadline is None:
                 drain_deadline = time.monotonic() + self.settings.drain_timeout_s
-                self._draining = True
+                self._requests.stop_admitting()
                 self._io.stop_pulling()
                 log.info("stopping: finishing running requests (at most %.0f s)", self.settings.drain_timeout_s)
             busy = backend.has_unfinished()
@@ -108,8 +114,12 @@ class EngineService:
             if backend.has_unfinished():
                 outputs = backend.step()
                 if outputs:
-                    self._io.send_outputs(outputs)
-            self._io.set_capacity(backend.free_slots(), self._admitted)
+                    self._io.publish(self._requests.route(outputs))
+            self._io.set_capacity(backend.free_slots(), self._taken)
+            self._taken = 0
+            owned = self._requests.owned_entries()
+            if owned is not None:
+                self._io.set_owned_entries(owned)
             now = time.monotonic()
             if now >= next_load:
                 self._io.set_load(backend.load())
@@ -120,26 +130,33 @@ class EngineService:
             item = self._inbox.get(timeout=IDLE_WAIT_S) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
+        dropped = Publication()
         refused: list[RequestOutput] = []
         while True:
-            if isinstance(item, NewRequest):
-                self._admitted += 1
-                # While draining, new work stays unacknowledged for another replica.
-                if not self._draining:
-                    refusal = self._add(item)
+            if isinstance(item, Pulled):
+                self._taken += len(item.deliveries)
+                admission = self._requests.admit(item)
+                dropped.extend(admission.dropped)
+                for request in admission.requests:
+                    refusal = self._add(request)
                     if refusal is not None:
                         refused.append(refusal)
-            elif isinstance(item, AbortIds):
-                self._backend.abort(item.request_ids)
+            elif isinstance(item, AbortsRead):
+                self._backend.abort(self._requests.aborts_read(item.request_ids))
+            elif isinstance(item, GatewaysGone):
+                self._backend.abort(self._requests.gateways_gone(item.gateway_ids))
+            elif isinstance(item, EntriesLost):
+                self._backend.abort(self._requests.entries_lost(item.entry_ids))
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 break
         if refused:
-            self._io.send_outputs(refused)
+            dropped.extend(self._requests.route(refused))
+        if not dropped.empty:
+            self._io.publish(dropped)
 
-    def _add(self, item: NewRequest) -> RequestOutput | None:
-        request = item.request
+    def _add(self, request: EngineRequest) -> RequestOutput | None:
         try:
             self._backend.add_request(request)
         except (ValueError, TypeError) as exc:

@@ -57,6 +57,10 @@ class Publication:
     # engine must still own for the publication to be written (the fence).
     entries: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def empty(self) -> bool:
+        return not (self.messages or self.acks or self.checkpoints)
+
     def extend(self, other: Publication) -> None:
         self.messages.extend(other.messages)
         self.acks.extend(other.acks)
@@ -95,6 +99,9 @@ class OutputRouter:
         self._requests: dict[str, TrackedRequest] = {}
         self._forgotten: OrderedDict[str, None] = OrderedDict()
         self._step = 0
+        # Bumped whenever a request starts or stops being tracked: whoever keeps a copy
+        # of pending_entry_ids() knows by it when the copy is stale.
+        self.changes = 0
 
     def __len__(self) -> int:
         return len(self._requests)
@@ -107,6 +114,7 @@ class OutputRouter:
         if request.request_id in self._requests:
             raise ValueError(f"request {request.request_id!r} is already tracked")
         self._forgotten.pop(request.request_id, None)
+        self.changes += 1
         # The decoding context of the first delta is what precedes it: for a takeover, the last outputs.
         context = [*request.prompt_token_ids[-PROMPT_TAIL_TOKENS:], *done_token_ids[-PROMPT_TAIL_TOKENS:]]
         self._requests[request.request_id] = TrackedRequest(
@@ -197,6 +205,7 @@ class OutputRouter:
         """Stop tracking without acknowledging: the entries stay for another engine."""
         for request_id in list(request_ids):
             if self._requests.pop(request_id, None) is not None:
+                self.changes += 1
                 self._forgotten[request_id] = None
                 if len(self._forgotten) > RECENTLY_FORGOTTEN:
                     self._forgotten.popitem(last=False)
@@ -226,5 +235,6 @@ class OutputRouter:
 
     def _finish(self, tracked: TrackedRequest, publication: Publication) -> None:
         del self._requests[tracked.request_id]
+        self.changes += 1
         publication.acks.append(Ack(self._names.tokenized, self._names.engine_group, tracked.entry_id))
         publication.checkpoints.append(OutputCheckpoint(tracked.request_id, done=True))
