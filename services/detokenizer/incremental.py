@@ -57,9 +57,10 @@ class HFTokenDecoder:
         self._tokenizer = tokenizer
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self._tokenizer.decode(
+        text: str = self._tokenizer.decode(
             token_ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
         )
+        return text
 
 
 class IncrementalDetokenizer:
