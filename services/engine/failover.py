@@ -18,15 +18,12 @@ becomes of each request (requests.py).
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Awaitable, Callable
 
 from shared.failover import ConsumerTakeover, GoneGateways, OwnPulse
 from shared.settings import EngineSettings
 from shared.transport import Delivery, StreamTransport
-
-log = logging.getLogger(__name__)
 
 
 class EngineFailover:
@@ -59,7 +56,7 @@ class EngineFailover:
             min_idle_ms=int(self._interval * 1000),
             pulse=self.pulse,
         )
-        self.gateways = GoneGateways()
+        self._gateways = GoneGateways()
 
     async def watch_loop(self, closing: Callable[[], bool]) -> None:
         """Every heartbeat interval: gone gateways, then gone engines; XAUTOCLAIM now and then."""
@@ -94,8 +91,8 @@ class EngineFailover:
         census = await transport.replica_census("gateway")
         if census.gone and not self.pulse.steady(time.monotonic()):
             return  # our own heartbeat lapsed too (Redis unreachable?): theirs prove nothing
-        before = self.gateways.gone
-        verdict = self.gateways.update(census, time.time())
+        before = self._gateways.gone
+        verdict = self._gateways.update(census, time.time())
         if verdict.gone != before:
             self._gateways_gone(verdict.gone)
         if verdict.sweep:
