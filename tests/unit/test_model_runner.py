@@ -237,6 +237,25 @@ def test_batch_of_decodes_with_different_lengths(model: Model, attention: str) -
             torch.testing.assert_close(ours[row], hf_logits(model.hf, s.tokens)[-1], atol=ATOL, rtol=0)
 
 
+def test_step_padded_to_a_bucket_gives_the_same_logits_and_touches_only_its_slots(model: Model, attention: str) -> None:
+    """73 tokens run as 80 rows on the CPU (shapes.py); the padding rows change
+    no logit and write nothing into the KV pool."""
+    runner = make_runner(model.path, attention)
+    decode, long, short = Seq(prompt(9, seed=40)), Seq(prompt(60, seed=41)), Seq(prompt(12, seed=42))
+    pool = Pool(seed=43)
+    runner.forward(pool.schedule([(decode, 8)])[0])
+    batch, _ = pool.schedule([(decode, 1), (long, 60), (short, 12)])
+    assert batch.input_ids.shape[0] == 73 and runner._padded_rows(73) == 80
+    ours = runner.forward(batch)
+    for row, seq in enumerate((decode, long, short)):
+        torch.testing.assert_close(ours[row], hf_logits(model.hf, seq.tokens)[-1], atol=ATOL, rtol=0)
+    used = {block for seq in (decode, long, short) for block in seq.blocks}
+    unused = [block for block in range(NUM_BLOCKS) if block not in used]
+    for index in range(runner.config.num_layers):
+        k_cache, v_cache = runner.kv_cache.layer(index)
+        assert not k_cache[unused].any() and not v_cache[unused].any()
+
+
 @pytest.fixture(params=["onednn-bf16", "avx2-only"])
 def bf16_cpu(request: pytest.FixtureRequest) -> CpuFeatures:
     """The CPU to plan bfloat16 for: this one when oneDNN multiplies bf16 here (prepacked

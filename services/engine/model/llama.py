@@ -134,9 +134,13 @@ class LlamaModel:
         logits_indices: torch.Tensor,
         meta: AttentionMetadata,
         kv_cache: KVCache,
+        padded_rows: int | None = None,
     ) -> torch.Tensor:
         """input_ids, positions, slots: [T] int64 (positions and slots contiguous);
-        logits_indices: [S]. Returns [S, vocab] float32 logits."""
+        logits_indices: [S]. Returns [S, vocab] float32 logits.
+
+        padded_rows (>= T; see shapes.py): run the matmuls on that many rows, the
+        T tokens followed by padding rows that attention and the KV pool never see."""
         cfg = self.config
         eps = cfg.rms_norm_eps
         norm = self.norm
@@ -145,11 +149,16 @@ class LlamaModel:
         native = self.native_layers
         if native is None:
             cos, sin = self.rotary.lookup(positions, self.dtype)
-        hidden = F.embedding(input_ids, self.embed)
+        padding = (padded_rows or num_tokens) - num_tokens
+        if padding < 0:
+            raise ValueError(f"padded_rows {padded_rows} is fewer than the step's {num_tokens} tokens")
+        hidden = F.embedding(F.pad(input_ids, (0, padding)) if padding else input_ids, self.embed)
+        # Attention's output for the real tokens, then zero rows for the padding: [T + padding, H * D].
+        attn_rows = hidden.new_zeros(num_tokens + padding, self.q_size) if padding else None
         qk_size = self.q_size + self.kv_size
         for index, layer in enumerate(self.layers):
             normed = norm(hidden, layer.input_norm, eps)
-            qkv = layer.qkv(normed)
+            qkv = layer.qkv(normed)[:num_tokens]  # a contiguous view: the real tokens' rows
             k_cache, v_cache = kv_cache.layer(index)
             if native is not None:
                 # Rotates q, k in place and stores k, v in the pool in one pass.
@@ -162,6 +171,9 @@ class LlamaModel:
             v = qkv[:, qk_size:].view(num_tokens, kv_heads, head_dim)
             # meta.store_kv (from the same plan) is False exactly when rope_store has stored k, v.
             attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+            if attn_rows is not None:
+                attn_rows[:num_tokens] = attn
+                attn = attn_rows
             hidden = layer.o.add_to(hidden, attn)
             normed = norm(hidden, layer.post_norm, eps)
             gate_up = layer.gate_up(normed)

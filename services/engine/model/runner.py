@@ -17,6 +17,7 @@ from services.engine.model.llama import LlamaModel, RotaryTable
 from services.engine.model.loader import load_weights
 from services.engine.model.native import KernelChoice
 from services.engine.model.plan import KernelPlan, choose_plan
+from services.engine.model.shapes import padded_token_count
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,13 @@ class ModelRunner:
             batch.logits_indices.to(device, torch.long),
             meta,
             self.kv_cache,
+            padded_rows=self._padded_rows(batch.input_ids.shape[0]),
         )
+
+    def _padded_rows(self, num_tokens: int) -> int:
+        # The per-shape caches that padding bounds (shapes.py) are the CPU's; on
+        # CUDA the padding would only be extra work.
+        return padded_token_count(num_tokens) if self.device.type == "cpu" else num_tokens
 
     def _validate(self, batch: ForwardBatch) -> None:
         """Cheap consistency checks; a malformed batch is an engine bug, so name it clearly."""
