@@ -17,8 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 FinishReason = Literal["stop", "length", "abort", "error"]
 # Every kind of replica; each beats as one of these.
 Role = Literal["gateway", "tokenizer", "engine", "detokenizer"]
+# A token id is an int32 that is not negative: engines checkpoint output ids packed as int32
+# (shared/output_checkpoints.py), so a larger one from the wire must fail decoding (and be
+# dead-lettered), not crash the engine that packs it.
+MAX_TOKEN_ID = 2**31 - 1
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 # Per generated token: (logprob of the chosen token, [(alternative id, logprob), ...]).
-TokenLogprobs = tuple[float, list[tuple[int, float]]]
+TokenLogprobs = tuple[float, list[tuple[TokenId, float]]]
 
 
 class MessageError(ValueError):
@@ -43,9 +48,9 @@ class SamplingParams(_Model):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
-    stop_token_ids: list[int] = Field(default_factory=list)
+    stop_token_ids: list[TokenId] = Field(default_factory=list)
     # Filled in by the tokenizer stage from the model's generation config.
-    eos_token_ids: list[int] = Field(default_factory=list)
+    eos_token_ids: list[TokenId] = Field(default_factory=list)
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None  # top-N alternatives
@@ -80,7 +85,7 @@ class CompletionRequest(Message):
     request_id: str
     gateway_id: str
     deadline: float  # unix time after which nobody waits for the answer
-    prompt: str | list[int] | None = None
+    prompt: str | list[TokenId] | None = None
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
     sampling: SamplingParams = Field(default_factory=SamplingParams)
@@ -94,7 +99,7 @@ class TokenizedRequest(Message):
     request_id: str
     gateway_id: str
     deadline: float
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[TokenId]
     sampling: SamplingParams
     detokenize: DetokenizeParams
 
@@ -105,14 +110,14 @@ class TokenDelta(_Model):
     request_id: str
     gateway_id: str
     offset: int  # index of token_ids[0] among the request's output tokens
-    token_ids: list[int]
+    token_ids: list[TokenId]
     prompt_tokens: int
     finish_reason: FinishReason | None = None
     # Per token: [chosen logprob, [[alt token id, alt logprob], ...]].
     logprobs: list[TokenLogprobs] | None = None
     # Set on a request's first delta only: what the detokenizer needs to start.
     detokenize: DetokenizeParams | None = None
-    prompt_tail: list[int] | None = None
+    prompt_tail: list[TokenId] | None = None
 
 
 class EngineStepOutput(Message):
@@ -134,7 +139,7 @@ class TextDelta(_Model):
 
     request_id: str
     text: str
-    token_ids: list[int] = Field(default_factory=list)
+    token_ids: list[TokenId] = Field(default_factory=list)
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     logprobs: list[TokenLogprobs] | None = None
@@ -188,14 +193,14 @@ class DecodeCheckpoint(Message):
     num_tokens: int  # output tokens consumed: the offset the next delta should have
     # The decoder's window: token ids from its prefix offset on; ``read_offset``
     # indexes the first id whose text has not been produced yet.
-    window: list[int] = Field(default_factory=list)
+    window: list[TokenId] = Field(default_factory=list)
     read_offset: int = 0
     text_offset: int = 0  # code points of output text before ``text_tail``
     # The end of the output text: everything not yet sent plus enough context to
     # find a stop string that straddles the next tokens.
     text_tail: str = ""
     sent: int = 0  # code points of ``text_tail`` already sent
-    unsent_token_ids: list[int] = Field(default_factory=list)
+    unsent_token_ids: list[TokenId] = Field(default_factory=list)
     unsent_logprobs: list[TokenLogprobs] | None = None
     finish_reason: FinishReason | None = None  # set: the request is over, later deltas are dropped
     stopped_by_string: bool = False

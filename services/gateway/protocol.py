@@ -22,14 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSche
 
 from services.gateway.errors import ApiError, bad_request, model_not_found
 from services.gateway.limits import RequestLimits
-from shared.messages import ChatMessage, DetokenizeParams, SamplingParams
+from shared.messages import MAX_TOKEN_ID, ChatMessage, DetokenizeParams, SamplingParams, TokenId
 
-MAX_TOKEN_ID = 2**31 - 1
 MAX_INT64 = 2**63 - 1
 CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
 DEFAULT_LIMITS = RequestLimits.defaults()
 
-TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]  # what msgpack carries
 Count = Annotated[int, Field(ge=0, le=MAX_INT64)]
 PositiveCount = Annotated[int, Field(ge=1, le=MAX_INT64)]
