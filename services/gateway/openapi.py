@@ -59,6 +59,12 @@ class Health(BaseModel):
     in_flight: int
 
 
+# Before OpenAPI 3.2 (itemSchema), an event stream's schema describes each event.
+_SSE_EVENT = {
+    "type": "object",
+    "properties": {"data": {"type": "string", "description": "A JSON chunk, an error object, or [DONE] (the last)"}},
+    "required": ["data"],
+}
 _ERRORS = {
     400: "Invalid request: JSON, type, range, a limit, or the tokenizer refused the prompt",
     401: "Missing or wrong API key",
@@ -185,7 +191,7 @@ def _generation(operation_id: str, request: str, auth: bool) -> dict[str, Any]:
         "responses": {
             "200": {
                 "description": "The completion: a JSON body, or Server-Sent Events when stream is true",
-                "content": {JSON: {"schema": {"type": "object"}}, "text/event-stream": {"schema": {"type": "string"}}},
+                "content": {JSON: {"schema": {"type": "object"}}, "text/event-stream": {"schema": _SSE_EVENT}},
             },
             **_errors(auth, 400, 401, 404, 413, 500, 503, 504),
         },

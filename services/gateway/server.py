@@ -308,7 +308,9 @@ class Gateway:
 async def _http_error(request: Request, exc: Exception) -> Response:
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     detail = exc.detail if isinstance(exc, HTTPException) else "Internal error"
-    return error_response(ApiError(status, f"{detail}: {request.method} {request.url.path}"))
+    # Kept: a 405 must say which methods the route allows (Allow, RFC 9110).
+    headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else None
+    return error_response(ApiError(status, f"{detail}: {request.method} {request.url.path}", headers=headers))
 
 
 def create_app(

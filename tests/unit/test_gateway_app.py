@@ -311,3 +311,10 @@ async def test_a_lapsed_heartbeat_ends_waiting_requests_with_503_but_keeps_servi
         reply = await asyncio.wait_for(waiting, 5)
         assert reply.status_code == 503 and "lost contact" in reply.json()["error"]["message"]
         assert (await h.http.post("/v1/completions", json={"prompt": "y"})).status_code == 200
+
+
+async def test_a_wrong_method_is_a_json_405_that_says_which_methods_are_allowed() -> None:
+    async with running() as h:
+        reply = await h.http.request("TRACE", "/v1/completions")
+        assert reply.status_code == 405 and reply.headers["allow"] == "POST"
+        assert reply.json()["error"]["message"] == "Method Not Allowed: TRACE /v1/completions"
