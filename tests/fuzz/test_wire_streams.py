@@ -35,7 +35,7 @@ from tests.fuzz.strategies import hostile_payloads, model_strategy
 
 pytestmark = pytest.mark.integration
 
-EXAMPLES = int(os.environ.get("SCALELLM_FUZZ_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("SCALELLM_FUZZ_EXAMPLES", "50"))
 SETTLE_S = 15.0
 SHARDS = 4  # SCALELLM_DETOKENIZER_SHARDS's default, which the fuzz pipeline keeps
 
