@@ -257,7 +257,8 @@ def test_logprobs_are_reported_per_token_when_asked() -> None:
 
 
 def test_free_slots_follow_the_running_cap_and_kv_room() -> None:
-    core = make_engine(num_blocks=40, block_size=4, max_running_requests=4)
+    # A token budget large enough that pull pacing (next test) never binds here.
+    core = make_engine(num_blocks=40, block_size=4, max_running_requests=4, max_num_batched_tokens=512)
     assert core.free_slots() == 4
     core.add_request(EngineRequest("a", [1] * 30, greedy(50)))
     assert core.free_slots() == 3
@@ -271,6 +272,25 @@ def test_free_slots_follow_the_running_cap_and_kv_room() -> None:
     load = core.load()
     assert (load.running, load.waiting) == (1, 2)
     assert load.kv_usage == pytest.approx(8 / 40)
+
+
+def test_a_replica_pulls_only_what_its_next_two_steps_can_start() -> None:
+    """Two steps of 64 tokens: with room for 16 requests it takes fewer, so a burst is
+    shared with the other replicas (and a replica that dies holds fewer)."""
+    core = make_engine(max_num_batched_tokens=64, max_running_requests=16, num_blocks=256)
+    assert core.free_slots() == 1  # nothing seen yet: a request is taken to bring 128 tokens
+    for i in range(40):  # 16-token requests, taken and finished: the mean request shrinks
+        core.add_request(EngineRequest(f"warm{i}", [1] * 16, greedy(1)))
+        run(core)
+    assert core.free_slots() >= 5
+    added = 0
+    while core.free_slots():
+        core.add_request(EngineRequest(f"r{added}", [2] * 16, greedy(4)))
+        added += 1
+    # Stopped at two steps' worth (128 tokens) queued, though 16 would fit the cap and the pool.
+    assert 8 <= added <= 9
+    core.step()  # the first 64 tokens start
+    assert core.free_slots() >= 1
 
 
 def test_forward_share_is_time_in_forward_over_wall_time() -> None:

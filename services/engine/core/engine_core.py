@@ -7,6 +7,7 @@ its one busy-loop thread.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -21,6 +22,14 @@ from services.engine.core.scheduler import ScheduledBatch, Scheduler
 from services.engine.core.sequence import Sequence
 from services.engine.model.batch import ForwardBatch
 from shared.messages import FinishReason, TokenLogprobs
+
+# Pull pacing (free_slots): a replica takes from the stream only the requests its next
+# PULL_AHEAD_STEPS steps can start. Taking more would queue them here while another
+# replica may be idle, and a replica that dies takes its whole queue into the takeover.
+PULL_AHEAD_STEPS = 2
+# Tokens a request is taken to bring to prefill before any has been seen; then a running mean.
+TYPICAL_REQUEST_TOKENS = 128
+_REQUEST_TOKENS_SMOOTHING = 1 / 8
 
 
 class Runner(Protocol):
@@ -69,6 +78,7 @@ class EngineCore:
         # Outputs decided between steps (refusals, aborts), reported by the next step().
         self._pending: list[RequestOutput] = []
         self._arrivals = 0
+        self._request_tokens = float(TYPICAL_REQUEST_TOKENS)  # running mean of tokens to prefill per request
         self._forward_time = ForwardTime(clock, config.load_window_s)
         self.num_steps = 0
 
@@ -90,6 +100,8 @@ class EngineCore:
             self._pending.append(RequestOutput(request.request_id, [], "error", error=problem))
             return
         self._arrivals += 1
+        brought = len(prompt) + len(request.output_token_ids)
+        self._request_tokens += (brought - self._request_tokens) * _REQUEST_TOKENS_SMOOTHING
         seq = Sequence(
             request.request_id,
             prompt,
@@ -120,14 +132,22 @@ class EngineCore:
         return bool(self._pending) or self.scheduler.has_unfinished()
 
     def free_slots(self) -> int:
-        """Requests worth pulling now: room under the running cap, and KV blocks
-        left after the waiting prompts and a reserve for running sequences to grow."""
+        """Requests worth pulling now: room under the running cap, KV blocks left after
+        the waiting prompts and a reserve for running sequences to grow, and no more than
+        the next PULL_AHEAD_STEPS steps' token budget can start (at the mean request size)."""
         scheduler = self.scheduler
         slots = scheduler.max_running - len(scheduler.running) - len(scheduler.waiting)
         if slots <= 0:
             return 0
         room = self.block_manager.num_free_blocks - scheduler.blocks_wanted_by_waiting() - scheduler.watermark_blocks
-        return max(0, min(slots, room))
+        queued = sum(seq.num_uncomputed_tokens for seq in scheduler.running) + sum(
+            seq.num_uncomputed_tokens for seq in scheduler.waiting
+        )
+        ahead = PULL_AHEAD_STEPS * scheduler.max_num_batched_tokens - queued
+        if ahead <= 0:
+            return 0
+        startable = math.ceil(ahead / self._request_tokens)
+        return max(0, min(slots, room, startable))
 
     def load(self) -> EngineLoad:
         return EngineLoad(
