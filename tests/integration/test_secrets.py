@@ -83,6 +83,13 @@ def exercise(url: str) -> list[httpx.Response]:
     return replies
 
 
+def wait_healthy(url: str, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"{url}/health", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, "the pipeline did not recover from the dropped connections"
+        time.sleep(0.1)
+
+
 def stored_values(client: redis.Redis) -> Iterator[bytes]:
     """Every key and value in Redis: strings, hashes, streams."""
     for key in client.scan_iter(count=500):
@@ -105,7 +112,7 @@ def test_no_secret_in_logs_responses_heartbeats_or_redis(launcher: tuple[Launche
     try:
         # Every service loses its connections once: the paths that log Redis errors run too.
         client.client_kill_filter(_type="normal", skipme=True)
-        time.sleep(1.0)
+        wait_healthy(up.url)
         replies += exercise(up.url)
         stored = list(stored_values(client))
         assert any(b":heartbeat:engine:" in value for value in stored)  # the scan did see the heartbeats

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from shared.redaction import RedactingFilter, Redactor, install_log_redaction, redact_url, url_secrets
-from shared.settings import GatewaySettings
+from shared.settings import GatewaySettings, load_settings
 
 
 @pytest.mark.parametrize(
@@ -100,3 +100,11 @@ def test_install_scrubs_root_handlers_and_uncaught_exceptions(capsys: pytest.Cap
     assert stream.getvalue() == "child logger with ***\n"
     err = capsys.readouterr().err
     assert "RuntimeError: boom ***" in err and "sk-abc" not in err
+
+
+def test_a_bad_secret_setting_is_named_but_never_echoed() -> None:
+    with pytest.raises(SystemExit) as stopped:
+        load_settings(GatewaySettings, api_key=987654321, max_n=5)
+    message = str(stopped.value)
+    assert "SCALELLM_API_KEY" in message and "987654321" not in message
+    assert "SCALELLM_MAX_N" in message and "(got 5)" in message  # other settings still show what they got
