@@ -1,8 +1,9 @@
 """tests/docker: compose.yaml in a real Docker engine (host.py provides one when it can).
 
-Opt-in: a cold run takes 8-10 minutes on the project's 2-core machine (debootstrap, the
-image, the model converted on first start), more than CI's budget for one test, so these
-tests run only when ``-m`` names the marker: ``python -m pytest -m docker -s``.
+Opt-in: on a fresh machine (as CI's are) the set-up alone takes about 6 minutes on the
+project's 2 cores (debootstrap, the image, the model converted on first start), CI's whole
+budget for one test (docs/operations.md, "Docker"), so these tests run only when ``-m``
+names the marker: ``python -m pytest -m docker -s``.
 """
 
 from __future__ import annotations
