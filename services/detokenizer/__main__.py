@@ -68,7 +68,7 @@ async def serve(settings: DetokenizerSettings) -> None:
 
 def main() -> None:
     settings = load_settings(DetokenizerSettings)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.secrets())
     asyncio.run(serve(settings))
 
 

@@ -170,7 +170,7 @@ def main() -> None:
     from services.engine.backends import BackendUnavailable, create_backend
 
     settings = load_settings(EngineSettings)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.secrets())
     redis_url = settings.require_redis_url()
     engine_id = new_replica_id("engine")
     log.info("engine %s: building the %s backend", engine_id, settings.engine_backend)

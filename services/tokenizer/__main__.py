@@ -49,7 +49,7 @@ async def serve(settings: TokenizerSettings) -> None:
 
 def main() -> None:
     settings = load_settings(TokenizerSettings)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.secrets())
     asyncio.run(serve(settings))
 
 
