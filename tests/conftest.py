@@ -33,3 +33,12 @@ def tokenizer() -> Any:
     from shared.settings import CommonSettings
 
     return AutoTokenizer.from_pretrained(resolve_model_dir(CommonSettings(), weights=False))
+
+
+# Each phase's report on the test item (item.rep_setup / rep_call / rep_teardown), so that fixtures
+# such as show_logs_on_failure can tell after the test whether it failed.
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)

@@ -44,10 +44,3 @@ def show_logs_on_failure(request: pytest.FixtureRequest, echo_pipeline: Pipeline
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
         print(echo_pipeline.logs())
-
-
-@pytest.hookimpl(hookwrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
-    outcome = yield
-    report = outcome.get_result()
-    setattr(item, f"rep_{report.when}", report)
