@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +51,8 @@ class Pipeline:
     processes: list[ServiceProcess] = field(default_factory=list)
     gateway_url: str = ""
 
-    def start(self, role: str, **settings: str) -> ServiceProcess:
+    def start(self, role: str, *, command_prefix: Sequence[str] = (), **settings: str) -> ServiceProcess:
+        """command_prefix: run the service through it, e.g. ``ip netns exec NAME`` (tests/multihost)."""
         env = dict(os.environ)
         env.update(self.env)
         env["SCALELLM_REDIS_URL"] = self.redis_url
@@ -59,7 +61,7 @@ class Pipeline:
         log_path = self.log_dir / f"{name}.log"
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
-                [sys.executable, "-m", f"services.{role}"],
+                [*command_prefix, sys.executable, "-m", f"services.{role}"],
                 cwd=REPO,
                 env=env,
                 stdout=log_file,
