@@ -30,8 +30,11 @@ def test_every_settings_class_is_on_the_page() -> None:
     """A new role's settings class must get its own section."""
     documented = {cls for _, cls, _ in configdoc.SECTIONS}
 
-    def subclasses(cls: type) -> set[type]:
-        return {sub for direct in cls.__subclasses__() for sub in {direct, *subclasses(direct)}}
+    def subclasses(cls: type[CommonSettings]) -> set[type[CommonSettings]]:
+        found: set[type[CommonSettings]] = set()
+        for direct in cls.__subclasses__():
+            found |= {direct, *subclasses(direct)}
+        return found
 
     ours = {cls for cls in subclasses(CommonSettings) if cls.__module__ == "shared.settings"}
     assert ours | {CommonSettings} == documented
