@@ -1,9 +1,9 @@
 """tests/docker: compose.yaml in a real Docker engine (host.py provides one when it can).
 
-Opt-in: on a fresh machine (as CI's are) the set-up alone takes about 6 minutes on the
-project's 2 cores (debootstrap, the image, the model converted on first start), CI's whole
-budget for one test (docs/operations.md, "Docker"), so these tests run only when ``-m``
-names the marker: ``python -m pytest -m docker -s``.
+Kept out of the plain ``python -m pytest``: on a fresh machine the set-up alone takes about 6
+minutes on the project's 2 cores (debootstrap, the image, the model converted on first start),
+so these tests run only when ``-m`` names the marker: ``python -m pytest -m docker -s``. CI
+runs them that way, as a step of its own after the main suite (.ci/run).
 """
 
 from __future__ import annotations
