@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from shared.messages import Message, MessageError, decode, encode
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
-
+    from shared.redis_client import AsyncRedis
     from shared.transport import Ack, Delivery, StreamNames, StreamReply
 
 log = logging.getLogger(__name__)
@@ -67,7 +66,7 @@ class FencedPublishMixin:
     names: StreamNames
     consumer: str
     maxlen: int
-    _redis: aioredis.Redis
+    _redis: AsyncRedis
 
     async def _retry(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
         raise NotImplementedError  # StreamTransport's

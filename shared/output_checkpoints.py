@@ -31,8 +31,7 @@ from typing import TYPE_CHECKING, TypeVar, cast
 from shared.messages import Message, encode
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
-
+    from shared.redis_client import AsyncRedis
     from shared.transport import Ack, StreamNames
 
 log = logging.getLogger(__name__)
@@ -126,7 +125,7 @@ class OutputCheckpointMixin:
     names: StreamNames
     consumer: str
     maxlen: int
-    _redis: aioredis.Redis
+    _redis: AsyncRedis
 
     if TYPE_CHECKING:  # only declared: at run time StreamTransport's (and WorkStreamMixin's) are used
 

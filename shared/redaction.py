@@ -1,7 +1,8 @@
 """Keeping secrets out of logs: the Redis password and the API key.
 
 ``SCALELLM_REDIS_URL`` carries the Redis password (``redis://user:pw@host``, or
-``?password=pw``), and the URL is the thing most likely to be logged whole, so
+``?password=pw``; for Sentinel also ``?sentinel_password=pw``, docs/redis.md), and
+the URL is the thing most likely to be logged whole, so
 ``redact_url`` is the one helper for showing a URL to a person. ``Redactor``
 also scrubs free text: every URL in it, and the literal secrets it was given.
 ``install_log_redaction`` puts a Redactor on every log record and on uncaught
@@ -20,9 +21,11 @@ from types import TracebackType
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 MASK = "***"
-# Query parameters that carry credentials (redis-py reads ``password``; the others
-# are what other clients and proxies use).
-_SECRET_PARAMETERS = frozenset({"password", "pass", "pwd", "secret", "token", "key", "api_key", "apikey", "auth"})
+# Query parameters that carry credentials (redis-py reads ``password``, shared/redis_client.py
+# ``sentinel_password``; the others are what other clients and proxies use).
+_SECRET_PARAMETERS = frozenset(
+    {"password", "sentinel_password", "pass", "pwd", "secret", "token", "key", "api_key", "apikey", "auth"}
+)
 # scheme://rest-of-url, up to whitespace or a quote or bracket that ends it in prose or repr().
 _URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>()\[\]{}]+")
 

@@ -1,7 +1,7 @@
 """The replica registry: who ever beat, who stopped, and taking a gone consumer's entries over.
 
 Every beat (``StreamTransport.beat``) renews the replica's heartbeat key and, in
-the same MULTI, its entry in ``{p}:replicas:{role}`` (replica id -> last beat).
+the same script (``BEAT``), its entry in ``{p}:replicas:{role}`` (replica id -> last beat).
 A replica in the registry whose heartbeat has expired is gone. The policy built
 on this (whom to claim from, what to abort) is in shared/failover.py.
 
@@ -18,13 +18,23 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from redis.exceptions import ResponseError
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
-
+    from shared.redis_client import AsyncRedis
     from shared.transport import Delivery, StreamNames, StreamReply
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# A replica's beat: renew its heartbeat and its registry entry atomically, and return the
+# heartbeat it replaced (nil: none). A script rather than a MULTI: redis-py's asyncio cluster
+# client runs each command of a transaction in a thread with an event loop of its own, which
+# leaves connections bound to that loop in the client's pool (seen with redis-py 8.1).
+# KEYS heartbeat, registry; ARGV heartbeat payload, ttl ms, replica id, time of the beat.
+BEAT = """
+local previous = redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'GET')
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+return previous
+"""
 
 # Move a gone consumer's pending entries to a live one, and remove the gone consumer from
 # the group once it has none left. One script, so two survivors never both get an entry
@@ -79,7 +89,7 @@ class ReplicaRegistryMixin:
     # Provided by StreamTransport.
     names: StreamNames
     consumer: str
-    _redis: aioredis.Redis
+    _redis: AsyncRedis
     _known_groups: set[tuple[str, str]]
 
     if TYPE_CHECKING:  # only declared: at run time StreamTransport's (and WorkStreamMixin's) are used

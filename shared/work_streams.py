@@ -39,8 +39,7 @@ from shared.messages import (
 )
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
-
+    from shared.redis_client import AsyncRedis
     from shared.transport import Delivery, StreamNames
 
 log = logging.getLogger(__name__)
@@ -104,7 +103,7 @@ class StreamProgress:
         return max(g.lag + g.pending for g in self.groups if g.lag is not None)
 
 
-async def read_progress(redis: aioredis.Redis, stream: str) -> StreamProgress:
+async def read_progress(redis: AsyncRedis, stream: str) -> StreamProgress:
     """Each group's position, read so that the trim point derived from it is safe.
 
     XINFO GROUPS comes first, XPENDING after: an entry delivered in between is newer
@@ -149,7 +148,7 @@ def _group(info: dict[Any, Any]) -> GroupProgress:
     )
 
 
-async def trim_by_progress(redis: aioredis.Redis, stream: str) -> StreamProgress:
+async def trim_by_progress(redis: AsyncRedis, stream: str) -> StreamProgress:
     """Drop the entries every group is done with; the progress returned has the new length."""
     progress = await read_progress(redis, stream)
     point = progress.trim_point()
@@ -217,7 +216,7 @@ class WorkStreamMixin:
     # Provided by StreamTransport.
     names: StreamNames
     maxlen: int
-    _redis: aioredis.Redis
+    _redis: AsyncRedis
 
     def _init_work_streams(self, max_deliveries: int, trim_interval_s: float) -> None:
         self.max_deliveries = max_deliveries

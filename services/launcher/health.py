@@ -18,10 +18,8 @@ import argparse
 import re
 import socket
 
-import redis
-from redis.exceptions import RedisError
-
 from shared.redaction import redact_url
+from shared.redis_client import CLIENT_ERRORS, SyncRedis, sync_client
 from shared.settings import CommonSettings, load_settings
 from shared.transport import StreamNames
 
@@ -35,7 +33,7 @@ def host_replica_id_pattern(role: str, hostname: str | None = None) -> re.Patter
     return re.compile(re.escape(f"{role}-{host}-") + "[0-9a-f]{8}")
 
 
-def live_host_replicas(client: redis.Redis, names: StreamNames, role: str, hostname: str | None = None) -> list[str]:
+def live_host_replicas(client: SyncRedis, names: StreamNames, role: str, hostname: str | None = None) -> list[str]:
     """The ids of this host's ``role`` replicas whose heartbeat has not expired."""
     pattern = host_replica_id_pattern(role, hostname)
     # The registry, not a SCAN for heartbeat keys: it holds only this role's replicas,
@@ -51,13 +49,16 @@ def live_host_replicas(client: redis.Redis, names: StreamNames, role: str, hostn
 def check(role: str, settings: CommonSettings) -> tuple[bool, str]:
     """Whether a replica of ``role`` on this host is alive, and a line saying so."""
     url = settings.require_redis_url()
-    client = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
+    client: SyncRedis | None = None
     try:
+        # Inside the try: a cluster client asks for the slots as it is made, Sentinel for the master.
+        client = sync_client(url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
         live = live_host_replicas(client, StreamNames(settings.stream_prefix), role)
-    except RedisError as exc:
+    except CLIENT_ERRORS as exc:
         return False, f"unhealthy: Redis at {redact_url(url)} did not answer: {exc}"
     finally:
-        client.close()
+        if client is not None:
+            client.close()
     if not live:
         return False, f"unhealthy: no {role} replica on {socket.gethostname()} is beating (starting, stuck or dead)"
     return True, f"healthy: {', '.join(live)}"
