@@ -62,6 +62,8 @@ class DetokenizeParams(_Model):
     stop: list[str] = Field(default_factory=list)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # vLLM's option; passed to the tokenizer's decode, which decides (docs/api.md).
+    spaces_between_special_tokens: bool = True
 
 
 class ChatMessage(_Model):
@@ -90,6 +92,17 @@ class CompletionRequest(Message):
     add_generation_prompt: bool = True
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     detokenize: DetokenizeParams = Field(default_factory=DetokenizeParams)
+    # The client gave no max_tokens: ``sampling.max_tokens`` is only a cap, and the tokenizer
+    # lowers it to what the context leaves after the prompt (only it knows the prompt's length).
+    max_tokens_is_default: bool = False
+    # Chat only: end on the last message, open, instead of a new turn (vLLM's name and meaning).
+    continue_final_message: bool = False
+    # Special tokens (BOS) added on top of the text; None: the default (text: yes, chat: no,
+    # since the chat template writes them).
+    add_special_tokens: bool | None = None
+    # Chat only: extra variables for the chat template, a JSON object as text (JSON so that
+    # any stage, in any language, carries it as an opaque string).
+    chat_template_kwargs: str | None = None
 
 
 class TokenizedRequest(Message):
@@ -146,6 +159,9 @@ class TextDelta(_Model):
     # Code points of the request's output text before ``text``: lets the gateway
     # drop text it already has if a delta is ever published twice.
     offset: int | None = None
+    # The request's prompt length, on every delta: a stream with continuous usage
+    # (stream_options.continuous_usage_stats) reports it in every chunk.
+    prompt_tokens: int | None = None
 
 
 class ResponseBatch(Message):
@@ -168,6 +184,54 @@ class RequestFailed(Message):
     error_type: str
     message: str
     param: str | None = None
+
+
+class TokenizeRequest(Message):
+    """gateway -> ``{p}:requests``: encode a prompt or a chat and answer with its token ids (POST /tokenize).
+
+    Exactly one of ``prompt`` and ``messages`` is set; the chat fields mean what they mean in
+    ``CompletionRequest``. Answered with a ``TokenizeResult`` or a ``RequestFailed``.
+    """
+
+    TYPE: ClassVar[str] = "tokenize_request"
+    request_id: str
+    gateway_id: str
+    deadline: float
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool | None = None
+    chat_template_kwargs: str | None = None
+    return_token_strs: bool = False
+
+
+class TokenizeResult(Message):
+    """tokenizer -> ``{p}:responses:{gateway_id}``: the answer to a ``TokenizeRequest``."""
+
+    TYPE: ClassVar[str] = "tokenize_result"
+    request_id: str
+    tokens: list[TokenId]
+    max_model_len: int
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(Message):
+    """gateway -> ``{p}:requests``: decode token ids to text (POST /detokenize)."""
+
+    TYPE: ClassVar[str] = "detokenize_request"
+    request_id: str
+    gateway_id: str
+    deadline: float
+    tokens: list[TokenId]
+
+
+class DetokenizeResult(Message):
+    """tokenizer -> ``{p}:responses:{gateway_id}``: the answer to a ``DetokenizeRequest``."""
+
+    TYPE: ClassVar[str] = "detokenize_result"
+    request_id: str
+    prompt: str
 
 
 class AbortRequests(Message):
@@ -213,6 +277,8 @@ class Heartbeat(Message):
     role: Role
     replica_id: str
     time: float
+    # The context length a tokenizer enforces (the model card's max_model_len); absent elsewhere.
+    max_model_len: int | None = None
     # Engine load; zero elsewhere.
     running: int = 0
     waiting: int = 0
@@ -241,6 +307,10 @@ def encode(message: Message) -> bytes:
     packed: bytes = msgpack.packb(fields, use_bin_type=True)
     return packed
 
+        TokenizeRequest,
+        TokenizeResult,
+        DetokenizeRequest,
+        DetokenizeResult,
 
 def decode(data: bytes) -> Message:
     """Bytes -> message; raises MessageError for anything not in the table."""

@@ -12,6 +12,8 @@ from shared.messages import (
     CompletionRequest,
     DecodeCheckpoint,
     DetokenizeParams,
+    DetokenizeRequest,
+    DetokenizeResult,
     EngineStepOutput,
     Heartbeat,
     Message,
@@ -22,6 +24,8 @@ from shared.messages import (
     TextDelta,
     TokenDelta,
     TokenizedRequest,
+    TokenizeRequest,
+    TokenizeResult,
     Usage,
     decode,
     encode,
@@ -40,7 +44,12 @@ SAMPLING = SamplingParams(
     min_tokens=3,
     logprobs=2,
 )
-DETOK = DetokenizeParams(stop=["\n\n", "END"], include_stop_str_in_output=True, skip_special_tokens=False)
+DETOK = DetokenizeParams(
+    stop=["\n\n", "END"],
+    include_stop_str_in_output=True,
+    skip_special_tokens=False,
+    spaces_between_special_tokens=False,
+)
 
 EXAMPLES: list[Message] = [
     CompletionRequest(
@@ -83,7 +92,7 @@ EXAMPLES: list[Message] = [
     ),
     ResponseBatch(
         deltas=[
-            TextDelta(request_id="a", text="hé", token_ids=[7], offset=12),
+            TextDelta(request_id="a", text="hé", token_ids=[7], offset=12, prompt_tokens=5),
             TextDelta(
                 request_id="b", text="", finish_reason="stop", usage=Usage(prompt_tokens=5, completion_tokens=11)
             ),
@@ -115,6 +124,33 @@ EXAMPLES: list[Message] = [
         stopped_by_string=True,
     ),
     Heartbeat(role="engine", replica_id="e0", time=123.0, running=3, waiting=1, kv_usage=0.5, forward_share=0.9),
+    Heartbeat(role="tokenizer", replica_id="t0", time=124.0, max_model_len=8192),
+    TokenizeRequest(request_id="tokn-1", gateway_id="gw", deadline=1.0, prompt="Hello", add_special_tokens=False),
+    TokenizeRequest(
+        request_id="tokn-2",
+        gateway_id="gw",
+        deadline=1.0,
+        messages=[ChatMessage(role="user", content="hi"), ChatMessage(role="assistant", content="Hel")],
+        add_generation_prompt=False,
+        continue_final_message=True,
+        chat_template_kwargs="{}",
+        return_token_strs=True,
+    ),
+    TokenizeResult(request_id="tokn-1", tokens=[19556], max_model_len=8192),
+    TokenizeResult(request_id="tokn-2", tokens=[1, 2], max_model_len=2048, token_strs=["<s>", "Ġhé"]),
+    DetokenizeRequest(request_id="tokn-3", gateway_id="gw", deadline=1.0, tokens=[19556, 2]),
+    DetokenizeResult(request_id="tokn-3", prompt="Hello ✓"),
+    CompletionRequest(
+        request_id="chat-2",
+        gateway_id="gw",
+        deadline=2.0,
+        messages=[ChatMessage(role="assistant", content="Once upon")],
+        add_generation_prompt=False,
+        continue_final_message=True,
+        add_special_tokens=True,
+        chat_template_kwargs='{"enable_thinking": false}',
+        max_tokens_is_default=True,
+    ),
 ]
 
 
