@@ -42,17 +42,20 @@ async def beat_until_stopped(
     *,
     ttl_s: float | None = None,
     pulse: OwnPulse | None = None,
+    max_model_len: int | None = None,
 ) -> None:
     """Publish this replica's heartbeat every ``interval_s`` until ``stop`` is set.
 
     Once the heartbeat is ``ttl_s`` old (default: four intervals, so one late beat
     does not make the replica look dead) the replica counts as gone and its work
     is taken over (shared/failover.py). ``pulse`` learns whether each beat found
-    the previous one still there.
+    the previous one still there. ``max_model_len``: the context length this replica
+    enforces, carried in its heartbeat (a tokenizer's, for the gateway's model card).
     """
     ttl = 4 * interval_s if ttl_s is None else ttl_s
     while not stop.is_set():
-        alive = await transport.beat(Heartbeat(role=role, replica_id=replica_id, time=time.time()), ttl_s=ttl)
+        heartbeat = Heartbeat(role=role, replica_id=replica_id, time=time.time(), max_model_len=max_model_len)
+        alive = await transport.beat(heartbeat, ttl_s=ttl)
         if pulse is not None:
             pulse.record(alive, time.monotonic())
         with contextlib.suppress(TimeoutError):

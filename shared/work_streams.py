@@ -31,10 +31,12 @@ from redis.typing import EncodableT, FieldT
 from shared.messages import (
     AbortRequests,
     CompletionRequest,
+    DetokenizeRequest,
     EngineStepOutput,
     Message,
     RequestFailed,
     TokenizedRequest,
+    TokenizeRequest,
     encode,
 )
 
@@ -184,7 +186,7 @@ def poison_notices(names: StreamNames, delivery: Delivery, failed: int) -> list[
     """A RequestFailed for each request of a poisoned entry, and an abort for the engines."""
     message = delivery.message
     targets: dict[str, str] = {}  # request id -> gateway id
-    if isinstance(message, (CompletionRequest, TokenizedRequest)):
+    if isinstance(message, (CompletionRequest, TokenizedRequest, TokenizeRequest, DetokenizeRequest)):
         targets[message.request_id] = message.gateway_id
     elif isinstance(message, EngineStepOutput):
         for delta in message.deltas:
@@ -204,8 +206,9 @@ def poison_notices(names: StreamNames, delivery: Delivery, failed: int) -> list[
         )
         for request_id, gateway_id in targets.items()
     ]
-    if not isinstance(message, CompletionRequest):
-        # An engine may still run it (a stalled, not dead, consumer): nobody waits for it now.
+    if not isinstance(message, (CompletionRequest, TokenizeRequest, DetokenizeRequest)):
+        # The others never reach an engine. An engine may still run this one (a stalled,
+        # not dead, consumer): nobody waits for it now.
         notices.append((names.aborts, AbortRequests(request_ids=list(targets), reason="dead-lettered")))
     return notices
 
@@ -229,6 +232,10 @@ class WorkStreamMixin:
     async def trim_by_progress(self, stream: str) -> StreamProgress:
         """Trim a work stream to what its groups still need (safe to call from anywhere)."""
         return await self._retry("XTRIM MINID", lambda: trim_by_progress(self._redis, stream))
+
+    async def stream_progress(self, stream: str) -> StreamProgress:
+        """A stream's length and each group's lag and pending entries, read only (for /metrics)."""
+        return await self._retry("XINFO GROUPS", lambda: read_progress(self._redis, stream))
 
     async def backlog(self, streams: Iterable[str]) -> int:
         """Entries of these work streams not yet processed: group lag plus pending, summed.

@@ -42,7 +42,9 @@ REPLACEMENT_CHAR = "\ufffd"
 class TokenDecoder(Protocol):
     """What a transformers tokenizer offers for decoding."""
 
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str: ...
+    def decode(
+        self, token_ids: list[int], skip_special_tokens: bool = False, spaces_between_special_tokens: bool = True
+    ) -> str: ...
 
 
 class HFTokenDecoder:
@@ -51,14 +53,22 @@ class HFTokenDecoder:
     Tokenization-space clean-up ("hello ." -> "hello.") is turned off: it
     rewrites text across token boundaries, so a window's decode would no
     longer extend its prefix's (vLLM decodes without it for the same reason).
+    ``spaces_between_special_tokens`` is passed on, as vLLM passes it: a tokenizer
+    that implements it (a custom or legacy one) honours it; transformers 5's
+    tokenizers ignore it, as vLLM's fast detokenizer does.
     """
 
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
 
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
+    def decode(
+        self, token_ids: list[int], skip_special_tokens: bool = False, spaces_between_special_tokens: bool = True
+    ) -> str:
         text: str = self._tokenizer.decode(
-            token_ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+            token_ids,
+            skip_special_tokens=skip_special_tokens,
+            spaces_between_special_tokens=spaces_between_special_tokens,
+            clean_up_tokenization_spaces=False,
         )
         return text
 
@@ -178,25 +188,26 @@ class IncrementalDetokenizer:
         if not new_ids:
             return
         self._ids += new_ids
-        skip_special = self.params.skip_special_tokens
-        prefix = self._decoder.decode(
-            self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=skip_special
-        )
-        window = self._decoder.decode(self._ids[self._prefix_offset :], skip_special_tokens=skip_special)
+        prefix = self._text_of(self._ids[self._prefix_offset : self._read_offset])
+        window = self._text_of(self._ids[self._prefix_offset :])
         if len(window) > len(prefix) and not window.endswith(REPLACEMENT_CHAR):
             self.text += window[len(prefix) :]
             self._prefix_offset = self._read_offset
             self._read_offset = len(self._ids)
 
+    def _text_of(self, token_ids: list[int]) -> str:
+        return self._decoder.decode(
+            token_ids,
+            skip_special_tokens=self.params.skip_special_tokens,
+            spaces_between_special_tokens=self.params.spaces_between_special_tokens,
+        )
+
     def _flush(self) -> None:
         """At the end, whatever is left: an incomplete character decodes as U+FFFD."""
         if self._read_offset >= len(self._ids):
             return
-        skip_special = self.params.skip_special_tokens
-        prefix = self._decoder.decode(
-            self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=skip_special
-        )
-        window = self._decoder.decode(self._ids[self._prefix_offset :], skip_special_tokens=skip_special)
+        prefix = self._text_of(self._ids[self._prefix_offset : self._read_offset])
+        window = self._text_of(self._ids[self._prefix_offset :])
         self.text += window[len(prefix) :]
         self._prefix_offset = self._read_offset = len(self._ids)
 
@@ -248,6 +259,7 @@ class IncrementalDetokenizer:
             finish_reason=self.finish_reason,
             logprobs=self._unsent_logprobs or None,
             offset=self.text_base + start,
+            prompt_tokens=prompt_tokens,
         )
         if self.finished:
             delta.usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=self.num_tokens)

@@ -16,13 +16,16 @@ import logging
 import time
 from collections.abc import Sequence
 
+from services.tokenizer import tokenize_api
 from services.tokenizer.prompt import PromptProcessor
 from shared.failover import ConsumerTakeover, OwnPulse
 from shared.messages import (
     CompletionRequest,
+    DetokenizeRequest,
     Message,
     RequestFailed,
     TokenizedRequest,
+    TokenizeRequest,
 )
 from shared.runtime import beat_until_stopped
 from shared.transport import Ack, Delivery, StreamNames, StreamTransport
@@ -45,7 +48,7 @@ class TokenizerWorker:
         for delivery in deliveries:
             acks.append(Ack(delivery.stream, self.names.tokenizer_group, delivery.entry_id))
             request = delivery.message
-            if not isinstance(request, CompletionRequest):
+            if not isinstance(request, (CompletionRequest, TokenizeRequest, DetokenizeRequest)):
                 log.error("ignoring a %s on %s (entry %s)", type(request).__name__, delivery.stream, delivery.entry_id)
                 continue
             if request.deadline < now:
@@ -54,12 +57,16 @@ class TokenizerWorker:
             result = self._process(request)
             if isinstance(result, TokenizedRequest):
                 out.append((self.names.tokenized, result))
-            else:
+            else:  # an error, or the answer to /tokenize or /detokenize: straight back to the gateway
                 out.append((self.names.responses(request.gateway_id), result))
         return out, acks
 
-    def _process(self, request: CompletionRequest) -> TokenizedRequest | RequestFailed:
+    def _process(self, request: CompletionRequest | TokenizeRequest | DetokenizeRequest) -> Message:
         try:
+            if isinstance(request, TokenizeRequest):
+                return tokenize_api.tokenize(self.processor, request)
+            if isinstance(request, DetokenizeRequest):
+                return tokenize_api.detokenize(self.processor, request)
             return self.processor.process(request)
         except Exception:
             # A tokenizer bug must end this request, not the replica or the batch.
@@ -119,6 +126,8 @@ class TokenizerService:
                 stop,
                 ttl_s=self.heartbeat_ttl_s,
                 pulse=self.pulse,
+                # The gateway's model card shows the context length the tokenizers enforce.
+                max_model_len=self.worker.processor.max_model_len,
             )
         )
         # Both at once at start: a predecessor may have died.

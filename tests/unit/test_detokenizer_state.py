@@ -108,7 +108,9 @@ def test_idle_requests_are_forgotten(tokenizer: Any) -> None:
 
 
 class _BrokenDecoder:
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
+    def decode(
+        self, token_ids: list[int], skip_special_tokens: bool = False, spaces_between_special_tokens: bool = True
+    ) -> str:
         if 666 in token_ids:
             raise ValueError("cannot decode 666")
         return "x" * len(token_ids)

@@ -104,7 +104,9 @@ class _MetaspaceDecoder:
         self.tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
         self.tokenizer.decoder = decoders.Metaspace()
 
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
+    def decode(
+        self, token_ids: list[int], skip_special_tokens: bool = False, spaces_between_special_tokens: bool = True
+    ) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
 

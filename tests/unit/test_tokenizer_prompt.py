@@ -130,6 +130,12 @@ class _RefusingTemplate:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [1] * len(text)
 
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
+        return "x" * len(token_ids)
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return ["x"] * len(ids)
+
     def apply_chat_template(self, conversation: list[dict[str, str]], **kwargs: Any) -> str:
         from jinja2.exceptions import TemplateError
 
@@ -147,3 +153,77 @@ def test_loading_reads_context_length_and_eos_from_the_model() -> None:
     assert processor.max_model_len == 8192
     assert processor.eos_token_ids == [2]
     assert load_prompt_processor(TokenizerSettings(max_model_len=100)).max_model_len == 100
+
+
+# -- options of vLLM's API (issue 9) ---------------------------------------------------
+
+HI = [ChatMessage(role="user", content="hi")]
+
+
+def test_max_tokens_defaults_to_the_rest_of_the_context(processor: PromptProcessor) -> None:
+    prompt = list(range(100, 150))  # 50 tokens of a 64-token context
+    uncapped = SamplingParams(max_tokens=2**31 - 1)
+    assert (
+        ok(processor.process(request(prompt=prompt, sampling=uncapped, max_tokens_is_default=True))).sampling.max_tokens
+        == 14
+    )
+    capped = SamplingParams(max_tokens=5)
+    assert (
+        ok(processor.process(request(prompt=prompt, sampling=capped, max_tokens_is_default=True))).sampling.max_tokens
+        == 5
+    )
+    # Given by the client, it is checked, never lowered.
+    assert failed(processor.process(request(prompt=prompt, sampling=uncapped))).param == "max_tokens"
+
+
+def test_min_tokens_over_the_default_max_tokens_names_min_tokens(processor: PromptProcessor) -> None:
+    sampling = SamplingParams(max_tokens=2**31 - 1, min_tokens=20)
+    error = failed(
+        processor.process(request(prompt=list(range(100, 150)), sampling=sampling, max_tokens_is_default=True))
+    )
+    assert error.param == "min_tokens" and "defaults to 14" in error.message
+
+
+def test_add_special_tokens_adds_the_bos_on_request(tokenizer: Any) -> None:
+    # SmolLM2 adds no BOS of its own; a tokenizer that does shows the option both ways.
+    class WithBos:
+        def __len__(self) -> int:
+            return 10
+
+        def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+            return ([0] if add_special_tokens else []) + [5] * len(text)
+
+    processor = PromptProcessor(WithBos(), max_model_len=64, eos_token_ids=[1])  # type: ignore[arg-type]
+    assert ok(processor.process(request(prompt="ab"))).prompt_token_ids == [0, 5, 5]
+    assert ok(processor.process(request(prompt="ab", add_special_tokens=False))).prompt_token_ids == [5, 5]
+
+
+def test_continue_final_message_leaves_the_last_turn_open(processor: PromptProcessor, tokenizer: Any) -> None:
+    messages = HI + [ChatMessage(role="assistant", content="Once upon")]
+    out = ok(processor.process(request(messages=messages, add_generation_prompt=False, continue_final_message=True)))
+    assert tokenizer.decode(out.prompt_token_ids).endswith("<|im_start|>assistant\nOnce upon")
+    closed = ok(processor.process(request(messages=messages, add_generation_prompt=False)))
+    assert tokenizer.decode(closed.prompt_token_ids).endswith("Once upon<|im_end|>\n")
+    both = failed(processor.process(request(messages=messages, continue_final_message=True)))
+    assert both.param == "continue_final_message"
+
+
+def test_chat_template_kwargs_reach_the_template(tokenizer: Any) -> None:
+    class Recording:
+        kwargs: dict[str, Any] = {}
+
+        def __len__(self) -> int:
+            return 10
+
+        def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+            return [3] * len(text)
+
+        def apply_chat_template(self, conversation: list[dict[str, str]], **kwargs: Any) -> str:
+            Recording.kwargs = kwargs
+            return "chat"
+
+    processor = PromptProcessor(Recording(), max_model_len=64, eos_token_ids=[1])  # type: ignore[arg-type]
+    ok(processor.process(request(messages=HI, chat_template_kwargs='{"enable_thinking": false, "x": [1]}')))
+    assert Recording.kwargs["enable_thinking"] is False and Recording.kwargs["x"] == [1]
+    for bad in ('["not", "an", "object"]', "{not json", '{"chat_template": "{{ 1 }}"}', '{"tokenize": true}'):
+        assert failed(processor.process(request(messages=HI, chat_template_kwargs=bad))).param == "chat_template_kwargs"

@@ -15,10 +15,11 @@ from shared.messages import (
     SamplingParams,
     TokenDelta,
     TokenizedRequest,
+    TokenizeRequest,
     decode,
 )
 from shared.transport import PAYLOAD_FIELD, Ack, Delivery, StreamNames, StreamTransport
-from shared.work_streams import GroupProgress, StreamProgress, next_id, split_poisoned
+from shared.work_streams import GroupProgress, StreamProgress, next_id, poison_notices, split_poisoned
 
 GROUP = StreamNames.engine_group
 
@@ -200,3 +201,12 @@ def test_a_stream_nobody_wrote_to_has_no_backlog() -> None:
         assert await gateway.backlog([gateway.names.tokenized, gateway.names.requests]) == 0
 
     run(scenario)
+
+
+def test_a_poisoned_tokenize_request_fails_at_its_gateway_without_an_abort() -> None:
+    names = StreamNames("t")
+    message = TokenizeRequest(request_id="tokn-1", gateway_id="gw", deadline=2e9, prompt="x")
+    notices = poison_notices(names, Delivery(names.requests, "1-0", message), failed=3)
+    [(stream, failed)] = notices  # nothing for the engines: it never reaches one
+    assert stream == names.responses("gw")
+    assert isinstance(failed, RequestFailed) and failed.request_id == "tokn-1" and "tokenizer" in failed.message
