@@ -284,6 +284,16 @@ class Heartbeat(Message):
     waiting: int = 0
     kv_usage: float = 0.0
     forward_share: float = 0.0
+    # Engine counters since the engine started (the gateway exports them, docs/api.md):
+    # prompt tokens looked up in the prefix cache and found there, and preemptions.
+    prefix_cache_queries: Annotated[int, Field(ge=0)] = 0
+    prefix_cache_hits: Annotated[int, Field(ge=0)] = 0
+    preemptions: Annotated[int, Field(ge=0)] = 0
+    # Seconds requests waited in the engine before they first ran: counts per bucket of
+    # shared.histogram.REQUEST_LATENCY_BUCKETS (one more count, for above the last bound)
+    # and their sum. Empty when the engine does not measure it.
+    queue_time_counts: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
+    queue_time_sum: Annotated[float, Field(ge=0.0)] = 0.0
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from shared.histogram import REQUEST_LATENCY_BUCKETS, BucketHistogram, HistogramCounts
 from shared.messages import FinishReason, SamplingParams, TokenLogprobs
 
 # EngineLoad.forward_share covers this many recent seconds, so an idle engine drifts to 0.
@@ -50,10 +51,19 @@ class RequestOutput:
 
 @dataclass(slots=True)
 class EngineLoad:
+    """What the engine's heartbeat reports (the gateway exports it, docs/api.md "Metrics")."""
+
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0  # share of KV blocks in use, 0..1
     forward_share: float = 0.0  # share of wall time spent in model forward, 0..1
+    # Counters since the backend was built: prompt tokens looked up in the prefix cache and
+    # found there, and preemptions. Counters, not rates: a heartbeat that is lost loses nothing.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    preemptions: int = 0
+    # Seconds requests waited in the backend before they first ran (QueueTime); empty: not measured.
+    queue_time: HistogramCounts = field(default_factory=HistogramCounts)
 
 
 class EngineBackend(Protocol):
@@ -105,6 +115,22 @@ def stop_token_ids(sampling: SamplingParams, default_eos_token_ids: Iterable[int
     if sampling.ignore_eos:
         return frozenset(sampling.stop_token_ids)
     return frozenset(sampling.stop_token_ids).union(sampling.eos_token_ids or default_eos_token_ids)
+
+
+class QueueTime:
+    """Seconds from ``add_request`` to a request's first step: EngineLoad.queue_time, exported as
+    vllm:request_queue_time_seconds. Observed once per request, never per token."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self._waited = BucketHistogram(REQUEST_LATENCY_BUCKETS)
+
+    def started(self, queued_at: float) -> None:
+        """A request queued at ``queued_at`` (a reading of ``clock``) runs for the first time."""
+        self._waited.observe(max(0.0, self.clock() - queued_at))
+
+    def snapshot(self) -> HistogramCounts:
+        return self._waited.snapshot()
 
 
 class ForwardTime:

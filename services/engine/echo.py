@@ -13,7 +13,15 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from services.engine.contract import EngineLoad, EngineRequest, ForwardTime, RequestOutput, refusal, stop_token_ids
+from services.engine.contract import (
+    EngineLoad,
+    EngineRequest,
+    ForwardTime,
+    QueueTime,
+    RequestOutput,
+    refusal,
+    stop_token_ids,
+)
 from shared.messages import FinishReason, TokenLogprobs
 from shared.settings import EngineSettings
 
@@ -22,13 +30,14 @@ from shared.settings import EngineSettings
 class _EchoSequence:
     request: EngineRequest
     stop_ids: frozenset[int]
+    queued_at: float  # when it was added (QueueTime's clock)
     generated: int = 0
 
     @classmethod
-    def start(cls, request: EngineRequest) -> _EchoSequence:
+    def start(cls, request: EngineRequest, queued_at: float) -> _EchoSequence:
         # No model, so no model EOS: only the request's own. Taken over from another
         # engine: continue the cycle where its output ended.
-        return cls(request, stop_token_ids(request.sampling), generated=len(request.output_token_ids))
+        return cls(request, stop_token_ids(request.sampling), queued_at, generated=len(request.output_token_ids))
 
     def ended(self) -> FinishReason | None:
         """Why a taken-over request was already over when it arrived, if it was."""
@@ -75,6 +84,7 @@ class EchoBackend:
         # Outputs decided between steps (refusals, aborts), reported by the next step().
         self._pending: list[RequestOutput] = []
         self._forward_time = ForwardTime(clock)
+        self._queue_time = QueueTime(clock)
 
     @classmethod
     def from_settings(cls, settings: EngineSettings) -> EchoBackend:
@@ -91,7 +101,7 @@ class EchoBackend:
         if problem is not None:
             self._pending.append(RequestOutput(request.request_id, [], "error", error=problem))
             return
-        sequence = _EchoSequence.start(request)
+        sequence = _EchoSequence.start(request, self._queue_time.clock())
         ended = sequence.ended()
         if ended is not None:
             self._pending.append(RequestOutput(request.request_id, [], ended))
@@ -114,6 +124,7 @@ class EchoBackend:
         while self._waiting and len(self._running) < self.max_running_requests:
             request_id, sequence = self._waiting.popitem(last=False)
             self._running[request_id] = sequence
+            self._queue_time.started(sequence.queued_at)
         if not self._running:
             return outputs
         with self._forward_time.measure():
@@ -135,6 +146,7 @@ class EchoBackend:
             waiting=len(self._waiting),
             kv_usage=len(self._running) / self.max_running_requests,
             forward_share=self._forward_time.share(),
+            queue_time=self._queue_time.snapshot(),
         )
 
 

@@ -266,6 +266,11 @@ class EngineIO:
             waiting=load.waiting,
             kv_usage=load.kv_usage,
             forward_share=load.forward_share,
+            prefix_cache_queries=load.prefix_cache_queries,
+            prefix_cache_hits=load.prefix_cache_hits,
+            preemptions=load.preemptions,
+            queue_time_counts=list(load.queue_time.counts),
+            queue_time_sum=load.queue_time.total,
         )
         alive = await transport.beat(heartbeat, ttl_s=self._settings.heartbeat_ttl_s)
         failover.pulse.record(alive, time.monotonic())

@@ -168,6 +168,21 @@ def test_step_delay_stands_in_for_the_forward_pass() -> None:
     assert backend.load().forward_share == pytest.approx(0.5)
 
 
+def test_queue_time_is_from_add_to_first_step_once_per_request() -> None:
+    fake = FakeTime()
+    backend = EchoBackend(max_running_requests=1, sleep=fake.sleep, clock=fake.clock)
+    backend.add_request(request("a", [1], max_tokens=2))
+    backend.add_request(request("b", [1], max_tokens=1))
+    fake.now += 0.25
+    backend.step()  # "a" starts after 0.25 s
+    fake.now += 0.5
+    backend.step()  # "a" ends
+    backend.step()  # "b" starts after 0.75 s
+    waited = backend.load().queue_time
+    assert waited.count == 2 and waited.total == pytest.approx(1.0)
+    assert backend.load().preemptions == backend.load().prefix_cache_queries == 0  # no KV cache to speak of
+
+
 def test_factory_builds_echo_from_settings() -> None:
     backend = create_backend(EngineSettings(engine_backend="echo", max_running_requests=3, echo_step_delay_ms=0))
     assert isinstance(backend, EchoBackend)

@@ -310,3 +310,41 @@ def test_forward_share_is_time_in_forward_over_wall_time() -> None:
     assert core.load().forward_share == pytest.approx(0.6)
     now[0] += 20.0  # idle: the window holds no forward time any more
     assert core.load().forward_share == 0.0
+
+
+def test_load_reports_kv_usage_prefix_cache_preemptions_and_queue_time() -> None:
+    """The figures the heartbeat carries (vllm:kv_cache_usage_perc, prefix_cache_*, num_preemptions,
+    request_queue_time_seconds), checked against what the steps did."""
+    now = [0.0]
+    config = EngineCoreConfig(num_blocks=20, block_size=4, vocab_size=VOCAB, max_model_len=80)
+    core = EngineCore(FakeRunner(20, 4), config, clock=lambda: now[0])
+    prompt = random_prompts(1, 16, 16, seed=8)[0]  # 4 full blocks
+    core.add_request(EngineRequest("a", prompt, greedy(3)))
+    now[0] = 0.5  # waited half a second before its first step
+    run(core)
+    load = core.load()
+    assert (load.prefix_cache_queries, load.prefix_cache_hits) == (16, 0)
+    assert load.kv_usage == 0.0  # its blocks stay cached, but nobody holds them
+    core.add_request(EngineRequest("b", prompt + [7], greedy(3)))
+    core.step()  # b starts from a's 4 cached blocks and takes a fifth
+    load = core.load()
+    assert (load.prefix_cache_queries, load.prefix_cache_hits) == (16 + 17, 16)
+    assert (load.running, load.waiting) == (1, 0)
+    assert load.kv_usage == pytest.approx(5 / 20)
+    assert load.preemptions == 0
+    run(core)
+    waits = load.queue_time
+    assert waits.count == 2 and waits.total == pytest.approx(0.5)
+    assert waits.counts[1] == 1  # 0.5 s: the bucket bounded by 0.5 (REQUEST_LATENCY_BUCKETS)
+
+
+def test_load_counts_each_preemption_and_each_request_queued_once() -> None:
+    core = make_engine(num_blocks=24, block_size=4, max_num_batched_tokens=32, max_running_requests=12)
+    prompts = random_prompts(12, 10, 30, seed=4)
+    for i, prompt in enumerate(prompts):
+        core.add_request(EngineRequest(f"r{i}", prompt, greedy(20)))
+    run(core)
+    load = core.load()
+    assert load.preemptions == core.scheduler.num_preemptions > 0
+    # A preempted request starts again, but waited in the queue once (as vLLM's queue time).
+    assert load.queue_time.count == 12

@@ -10,6 +10,7 @@ import fakeredis
 
 from services.engine.contract import RequestOutput
 from services.engine.echo import EchoBackend
+from shared.histogram import REQUEST_LATENCY_BUCKETS
 from shared.messages import EngineStepOutput, Heartbeat, decode, encode
 from shared.transport import PAYLOAD_FIELD
 from tests.fakes.engine_service import NAMES, SHARDS, RunningEngine, tokenized_request, tokens_of, wait_for
@@ -105,7 +106,14 @@ def test_heartbeat_reports_load_and_is_removed_on_stop(start_engine: Callable[..
     def running_in_heartbeat() -> bool:
         payload = engine.redis.get(key)
         beat = decode(payload) if payload else None
-        return isinstance(beat, Heartbeat) and beat.running == 1 and beat.forward_share > 0
+        return (
+            isinstance(beat, Heartbeat)
+            and beat.running == 1
+            and beat.forward_share > 0
+            # The wait before its first step, as counts per bucket (shared/histogram.py).
+            and sum(beat.queue_time_counts) == 1
+            and len(beat.queue_time_counts) == len(REQUEST_LATENCY_BUCKETS) + 1
+        )
 
     wait_for(running_in_heartbeat, what="a heartbeat with one running request")
     engine.abort("a")

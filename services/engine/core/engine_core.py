@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from services.engine.contract import EngineLoad, EngineRequest, ForwardTime, RequestOutput, refusal
+from services.engine.contract import EngineLoad, EngineRequest, ForwardTime, QueueTime, RequestOutput, refusal
 from services.engine.core.block_manager import BlockManager
 from services.engine.core.sampler import Sampler
 from services.engine.core.scheduler import ScheduledBatch, Scheduler
@@ -80,6 +80,7 @@ class EngineCore:
         self._arrivals = 0
         self._request_tokens = float(TYPICAL_REQUEST_TOKENS)  # running mean of tokens to prefill per request
         self._forward_time = ForwardTime(clock, config.load_window_s)
+        self._queue_time = QueueTime(clock)
         self.num_steps = 0
 
     @property
@@ -115,6 +116,7 @@ class EngineCore:
             # Taken over just as it ended (or this engine's context is shorter): nothing to add.
             self._pending.append(RequestOutput(request.request_id, [], done))
             return
+        seq.queued_at = self._queue_time.clock()
         self._sequences[request.request_id] = seq
         self.scheduler.add(seq)
 
@@ -150,16 +152,25 @@ class EngineCore:
         return max(0, min(slots, room, startable))
 
     def load(self) -> EngineLoad:
+        """Called a few times a second by the service, never per step: the counters are read, not kept here."""
         return EngineLoad(
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
             kv_usage=self.block_manager.usage(),
             forward_share=self._forward_time.share(),
+            prefix_cache_queries=self.block_manager.prefix_queries,
+            prefix_cache_hits=self.block_manager.prefix_hits,
+            preemptions=self.scheduler.num_preemptions,
+            queue_time=self._queue_time.snapshot(),
         )
 
     def step(self) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []
         scheduled = self.scheduler.schedule()
+        for seq in scheduled.admitted:
+            if seq.queued_at is not None:  # its first start; a preempted one was counted before
+                self._queue_time.started(seq.queued_at)
+                seq.queued_at = None
         if not scheduled:
             return outputs
         batch, sampling_seqs = self._build_batch(scheduled)

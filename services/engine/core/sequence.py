@@ -35,6 +35,7 @@ class Sequence:
         "num_hashed_blocks",
         "num_preemptions",
         "num_prompt_tokens",
+        "queued_at",
         "request_id",
         "sampling",
         "status",
@@ -72,6 +73,9 @@ class Sequence:
         self.stop_ids = stop_token_ids(sampling, default_eos_token_ids or ())
         self.finish_reason: FinishReason | None = None
         self.num_preemptions = 0
+        # When it was added (the engine's clock), until it first runs: then None
+        # (EngineCore measures the wait once per request, as vLLM's queue time).
+        self.queued_at: float | None = None
 
     @property
     def num_tokens(self) -> int:
