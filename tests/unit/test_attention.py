@@ -167,14 +167,18 @@ def test_native_layer_kernels_match_torch_at_engine_sizes(kernel: NativeKernels)
 
 
 @pytest.mark.parametrize("tile_elements", [1 << 23, 96], ids=["one-tile", "many-tiles"])
-def test_prefill_chunk_after_cached_prefix_matches_sdpa(monkeypatch: pytest.MonkeyPatch, tile_elements: int) -> None:
+# (cached, chunk): shapes as they are; queries and keys padded to attention buckets
+# (18 queries -> 20, 41 keys -> 48: padding blocks of block 0); a fresh prefill padded.
+@pytest.mark.parametrize("cached, chunk", [(9, 7), (23, 18), (0, 19)], ids=["exact", "padded", "fresh-padded"])
+def test_prefill_chunk_after_cached_prefix_matches_sdpa(
+    monkeypatch: pytest.MonkeyPatch, tile_elements: int, cached: int, chunk: int
+) -> None:
     monkeypatch.setattr(attention_module, "_PREFILL_TILE_ELEMENTS", tile_elements)
     heads, kv_heads, dim, block = 6, 2, 16, 4
-    cached, chunk = 9, 7
     gen = torch.Generator().manual_seed(5)
-    k_cache = torch.zeros(8, kv_heads, block, dim)
-    v_cache = torch.zeros(8, kv_heads, block, dim)
-    table = [5, 2, 7, 0]
+    k_cache = torch.randn(16, kv_heads, block, dim, generator=gen)  # garbage where nothing was stored
+    v_cache = torch.randn(16, kv_heads, block, dim, generator=gen)
+    table = torch.randperm(16, generator=gen)[: -(-(cached + chunk) // block)].tolist()
     all_k = torch.randn(cached + chunk, kv_heads, dim, generator=gen)
     all_v = torch.randn(cached + chunk, kv_heads, dim, generator=gen)
     for pos in range(cached):  # the prefix is already in the pool

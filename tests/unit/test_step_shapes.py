@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.engine.model.shapes import EXACT_UP_TO, padded_token_count
+from services.engine.model.shapes import EXACT_UP_TO, padded_attention_len, padded_token_count
 
 
 def test_decode_sized_steps_are_not_padded() -> None:
@@ -24,3 +24,19 @@ def test_larger_steps_pad_by_under_an_eighth_to_few_distinct_sizes() -> None:
 def test_an_empty_step_is_refused() -> None:
     with pytest.raises(ValueError, match="at least one token"):
         padded_token_count(0)
+
+
+def test_prefill_attention_pads_by_under_a_quarter_to_few_distinct_shapes() -> None:
+    lengths = range(17, 8193)
+    padded = [padded_attention_len(n) for n in lengths]
+    assert all(n <= p < n * 1.25 for n, p in zip(lengths, padded, strict=True))
+    assert [padded_attention_len(n) for n in range(1, 17)] == list(range(1, 17))
+    assert padded_attention_len(41, 4) == 48 and padded_attention_len(100, 16) % 16 == 0
+    # What bounds the engine's memory: the (queries, keys) shapes of every chunk of up to
+    # 512 tokens after any cached prefix of whole 16-token blocks, up to 8k of context.
+    shapes = {
+        (padded_attention_len(chunk), padded_attention_len(-(-(cached + chunk) // 16) * 16, 16))
+        for chunk in range(2, 513)
+        for cached in range(0, 8192 - chunk, 16)
+    }
+    assert len(shapes) < 1000, len(shapes)

@@ -31,6 +31,7 @@ import torch
 
 from services.engine.model.native import NativeKernels
 from services.engine.model.plan import KernelPlan
+from services.engine.model.shapes import padded_attention_len
 
 
 @dataclass(slots=True)
@@ -52,9 +53,13 @@ class PrefillSeq:
     start: int  # token range [start, end) of this chunk within the step's T tokens
     end: int
     context_len: int
-    gather_rows: torch.Tensor | None  # [kv_heads * blocks] when tokens are cached before the chunk
-    # [chunk * group, keys] additive, rows (query token, head in group): 0 where
-    # the query may look, -inf elsewhere; keys = chunk, or the gathered length.
+    # The chunk's query count and its key count rounded up to shapes.padded_attention_len
+    # buckets: the matmuls run at these, on zero rows and masked keys past the real ones.
+    padded_queries: int
+    padded_keys: int
+    gather_rows: torch.Tensor | None  # [kv_heads * padded_keys / block_size] when tokens are cached before the chunk
+    # [padded_queries * group, padded_keys] additive, rows (query token, head in group):
+    # 0 where the query may look, -inf elsewhere (keys past the context included).
     mask: torch.Tensor
 
 
@@ -214,21 +219,27 @@ def _prefill_seq(
     device: torch.device,
 ) -> PrefillSeq:
     gather_rows = None
-    key_len = q_len
+    padded_queries = padded_attention_len(q_len)
+    key_len = padded_queries
     if context_len != q_len:
         num_blocks = (context_len + block_size - 1) // block_size
-        table = torch.tensor(block_table[:num_blocks], dtype=torch.long, device=device)
+        key_len = padded_attention_len(num_blocks * block_size, block_size)
+        # The padding blocks are block 0, whatever it holds: the mask hides them.
+        padded_table = block_table[:num_blocks] + [0] * (key_len // block_size - num_blocks)
+        table = torch.tensor(padded_table, dtype=torch.long, device=device)
         gather_rows = (table[None, :] * num_kv_heads + heads[:, None]).reshape(-1)
-        key_len = num_blocks * block_size
     # Query i sits at position context_len - q_len + i and sees keys up to it;
-    # that also hides the padding past context_len.
-    query_pos = torch.arange(context_len - q_len, context_len, device=device)
+    # that also hides the keys past context_len. Padding queries (i >= q_len) see
+    # every key: their rows are thrown away, but must not be all -inf (NaN).
+    query_pos = torch.arange(context_len - q_len, context_len - q_len + padded_queries, device=device)
     visible = torch.arange(key_len, device=device)[None, :] <= query_pos[:, None]
-    mask = torch.zeros(q_len, key_len, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
+    mask = torch.zeros(padded_queries, key_len, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
     return PrefillSeq(
         start=start,
         end=start + q_len,
         context_len=context_len,
+        padded_queries=padded_queries,
+        padded_keys=key_len,
         gather_rows=gather_rows,
         mask=mask.repeat_interleave(group, dim=0),
     )
@@ -330,28 +341,31 @@ def _prefill(
     chunk = seq.end - seq.start
     num_heads = q.shape[1]
     group = num_heads // num_kv_heads
+    compute = seq.mask.dtype  # the plan's compute dtype (see _decode)
+    padded = seq.padded_queries
     if seq.gather_rows is None:
-        keys = k[seq.start : seq.end].transpose(0, 1)  # [KV, chunk, D]
-        values = v[seq.start : seq.end].transpose(0, 1)
+        # Zero keys and values past the chunk's: the mask hides them.
+        keys = torch.zeros(num_kv_heads, seq.padded_keys, head_dim, dtype=compute, device=q.device)
+        values = torch.zeros_like(keys)
+        keys[:, :chunk] = k[seq.start : seq.end].transpose(0, 1)  # [KV, chunk, D]
+        values[:, :chunk] = v[seq.start : seq.end].transpose(0, 1)
     else:
         keys = k_blocks.index_select(0, seq.gather_rows)
         if k_dim_major:  # [KV * blocks, D * block_size] -> [KV, blocks * block_size, D]
             keys = keys.view(num_kv_heads, -1, head_dim, k_blocks.shape[1] // head_dim).transpose(2, 3)
-        keys = keys.reshape(num_kv_heads, -1, head_dim)
-        values = v_blocks.index_select(0, seq.gather_rows).view(num_kv_heads, -1, head_dim)
-    compute = seq.mask.dtype  # the plan's compute dtype (see _decode)
-    keys, values = keys.to(compute), values.to(compute)
-    # Rows (token, head in group) per KV head: [chunk, KV, G, D] -> [KV, chunk * G, D].
-    rows = q[seq.start : seq.end].reshape(chunk, num_kv_heads, group, head_dim).transpose(0, 1)
-    rows = rows.reshape(num_kv_heads, chunk * group, head_dim).to(compute)
+        keys = keys.reshape(num_kv_heads, -1, head_dim).to(compute)
+        values = v_blocks.index_select(0, seq.gather_rows).view(num_kv_heads, -1, head_dim).to(compute)
+    # Rows (token, head in group) per KV head: [padded, KV, G, D] -> [KV, padded * G, D], zero past the chunk.
+    rows = torch.zeros(padded, num_kv_heads, group, head_dim, dtype=compute, device=q.device)
+    rows[:chunk] = q[seq.start : seq.end].view(chunk, num_kv_heads, group, head_dim)
+    rows = rows.transpose(0, 1).reshape(num_kv_heads, padded * group, head_dim)
     keys_t = keys.transpose(1, 2)
-    key_len = keys.shape[1]
-    tile = max(group, _PREFILL_TILE_ELEMENTS // (num_kv_heads * key_len) // group * group)
-    out = rows.new_empty(num_kv_heads, chunk * group, head_dim)
-    for first in range(0, chunk * group, tile):
-        last = min(first + tile, chunk * group)
+    # The tiles depend only on the padded shape, so they too come in few sizes.
+    tile = max(group, _PREFILL_TILE_ELEMENTS // (num_kv_heads * seq.padded_keys) // group * group)
+    out = rows.new_empty(num_kv_heads, padded * group, head_dim)
+    for first in range(0, padded * group, tile):
+        last = min(first + tile, padded * group)
         scores = torch.baddbmm(seq.mask[first:last], rows[:, first:last], keys_t, alpha=scale)
         torch.bmm(torch.softmax(scores, dim=-1), values, out=out[:, first:last])
-    return (
-        out.view(num_kv_heads, chunk, group, head_dim).transpose(0, 1).reshape(chunk, num_heads * head_dim).to(q.dtype)
-    )
+    out = out.view(num_kv_heads, padded, group, head_dim)[:, :chunk]
+    return out.transpose(0, 1).reshape(chunk, num_heads * head_dim).to(q.dtype)
