@@ -13,6 +13,14 @@ long idle time XAUTOCLAIM needs to be sure an entry is orphaned.
 - ``GoneGateways``: engines abort the requests of gateways that are gone and
   delete their response streams (nobody reads them any more).
 
+A process that dies (a crash, SIGKILL, OOM) closes its sockets at once, while its
+heartbeat key outlives it by up to a TTL. So a replica with a live heartbeat but no
+connection to Redis (each connection is named after its replica) in two censuses in
+a row, a heartbeat interval apart, is taken for gone too (``Disconnections``): its
+work moves in about half a TTL instead of one. Where connections cannot be seen (a
+cluster, an ACL without CLIENT LIST, a proxy), the TTL alone decides, as it does for
+a replica that hangs with its connections open.
+
 A consumer that never beat (a stage of someone else's) is never in the
 registry; its entries are still taken over by XAUTOCLAIM after
 ``claim_idle_ms``. Likewise a request from a gateway that never beat is never
@@ -61,6 +69,24 @@ class OwnPulse:
         return now - self._last_beat < self._ttl_s and now - self._unbroken_since >= self._ttl_s
 
 
+class Disconnections:
+    """Which replicas that still look alive have had no connection to Redis in two censuses in a row.
+
+    One census without a connection proves little (a live replica reconnecting after
+    Redis dropped it); two, a beat apart, prove the process is gone. No I/O.
+    """
+
+    def __init__(self) -> None:
+        self._missing: frozenset[str] = frozenset()
+
+    def update(self, live: frozenset[str], connected: frozenset[str] | None) -> frozenset[str]:
+        """live: replicas with a heartbeat; connected: names of the connections now (None: unknown)."""
+        missing = frozenset() if connected is None else live - connected
+        gone = missing & self._missing
+        self._missing = missing
+        return gone
+
+
 class ConsumerTakeover:
     """Claims, for this replica, what the gone replicas of its role left pending in one group."""
 
@@ -73,6 +99,7 @@ class ConsumerTakeover:
         self._group = group
         self._min_idle_ms = min_idle_ms
         self._pulse = pulse
+        self._disconnections = Disconnections()
 
     async def claim(self, count: int) -> list[Delivery]:
         """Up to ``count`` entries of gone replicas; with ``count`` 0 it only tidies up.
@@ -83,10 +110,16 @@ class ConsumerTakeover:
         """
         transport = self._transport
         census = await transport.replica_census(self._role)
+        # Connections are listed only while someone besides us looks alive: nothing to learn otherwise.
+        others = census.live - {transport.consumer}
+        connected = await transport.connected_replicas() if others else None
+        disconnected = self._disconnections.update(others, connected)
         claimed: list[Delivery] = []
-        if census.gone and not self._pulse.steady(time.monotonic()):
+        if (census.gone or disconnected) and not self._pulse.steady(time.monotonic()):
             return claimed
-        for replica_id in census.gone:
+        for replica_id in disconnected:
+            log.warning("%s %s has a heartbeat but no connection to Redis: taken for gone", self._role, replica_id)
+        for replica_id in [*census.gone, *sorted(disconnected)]:
             # Our own heartbeat lapsed (a long pause): our entries are ours to finish.
             if replica_id == transport.consumer:
                 continue

@@ -141,16 +141,22 @@ def async_client(
     socket_connect_timeout: float | None = 5.0,
     socket_timeout: float | None = None,
     health_check_interval: float = 0,
+    client_name: str | None = None,
 ) -> AsyncRedis:
-    """An asyncio client for ``url`` (responses not decoded: bytes). Connects lazily."""
+    """An asyncio client for ``url`` (responses not decoded: bytes). Connects lazily.
+
+    ``client_name``: every connection names itself so (CLIENT SETNAME), which is how
+    other replicas see that this one still has a connection (replicas.py). Not on a
+    cluster, where a replica's connections spread over nodes."""
     target = parse_redis_url(url)
     options: dict[str, Any] = {
         "socket_connect_timeout": socket_connect_timeout,
         "socket_timeout": socket_timeout,
         "health_check_interval": health_check_interval,
     }
+    named: dict[str, Any] = {"client_name": client_name} if client_name else {}
     if target.kind == "single":
-        return aioredis.Redis.from_url(url, **options)
+        return aioredis.Redis.from_url(url, **options, **named)
     auth = _auth(target)
     if target.kind == "cluster":
         return aioredis.RedisCluster(
@@ -163,7 +169,7 @@ def async_client(
     sentinel = AsyncSentinel(  # type: ignore[no-untyped-call]
         list(target.nodes), sentinel_kwargs=_sentinel_kwargs(target, options), **options
     )
-    client: aioredis.Redis = sentinel.master_for(target.service_name, db=target.db, **auth)
+    client: aioredis.Redis = sentinel.master_for(target.service_name, db=target.db, **auth, **named)
     return client
 
 

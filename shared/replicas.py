@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from redis.asyncio import RedisCluster
 from redis.exceptions import ResponseError
 
 if TYPE_CHECKING:
@@ -113,6 +114,23 @@ class ReplicaRegistryMixin:
             return ReplicaCensus(live, gone)
 
         return await self._retry("census", look)
+
+    async def connected_replicas(self) -> frozenset[str] | None:
+        """The names of the connections Redis holds now: each replica's connections carry its id.
+
+        None where that cannot be told: a cluster (a replica's connections spread over nodes),
+        CLIENT LIST refused (an ACL), or a proxy between us and Redis that hides the names
+        (our own connection is not in the list). Not retried: a caller falls back to heartbeats.
+        """
+        if isinstance(self._redis, RedisCluster):
+            return None
+        try:
+            clients: list[dict[str, Any]] = await self._redis.client_list(_type="normal")
+        except Exception as exc:  # noqa: BLE001 - any failure (an ACL, a server or fake that lacks it) means: cannot tell
+            log.debug("CLIENT LIST failed (%s): replicas are judged by their heartbeats alone", exc)
+            return None
+        names = frozenset(_text(client["name"]) for client in clients if client.get("name"))
+        return names if self.consumer in names else None
 
     async def forget_replica(self, role: str, replica_id: str) -> None:
         """Drop a gone replica from the registry once nothing is left to take over from it."""

@@ -127,6 +127,11 @@ class StreamNames:
         return f"{self.prefix}:outputs:{request_id}"
 
 
+def _connection_name(consumer: str) -> str | None:
+    """CLIENT SETNAME takes no spaces or control characters: such a consumer stays unnamed."""
+    return consumer if consumer.isprintable() and " " not in consumer else None
+
+
 class StreamTransport(WorkStreamMixin, FencedPublishMixin, OutputCheckpointMixin, ReplicaRegistryMixin):
     """Async Redis streams with retry across lost connections.
 
@@ -149,7 +154,9 @@ class StreamTransport(WorkStreamMixin, FencedPublishMixin, OutputCheckpointMixin
         self.maxlen = maxlen
         self._max_backoff_s = max_backoff_s
         # One server, a cluster or Sentinel, by the URL's scheme (shared/redis_client.py, docs/redis.md).
-        self._redis: AsyncRedis = async_client(redis_url, socket_connect_timeout=5, health_check_interval=30)
+        self._redis: AsyncRedis = async_client(
+            redis_url, socket_connect_timeout=5, health_check_interval=30, client_name=_connection_name(consumer)
+        )
         # Settings give the prefix made a hash tag on a cluster already; a caller that passes its own gets the same.
         self.names = StreamNames(pipeline_prefix(prefix, cluster=isinstance(self._redis, RedisCluster)))
         self._known_groups: set[tuple[str, str]] = set()

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 import fakeredis
 import pytest
 
-from shared.failover import ConsumerTakeover, GoneGateways, OwnPulse
+from shared.failover import ConsumerTakeover, Disconnections, GoneGateways, OwnPulse
 from shared.messages import AbortRequests, Heartbeat
 from shared.replicas import ReplicaCensus
 from shared.transport import Ack, StreamTransport
@@ -238,3 +238,20 @@ def test_a_gateway_first_seen_gone_long_after_it_died_is_swept_once() -> None:
     assert gateways.update(ReplicaCensus(frozenset(), {"g-old": 0.0}), now=601.0).sweep == []
     # Back from the dead (a stalled gateway beats again): no longer gone.
     assert gateways.update(ReplicaCensus(frozenset({"g-old"}), {}), now=602.0).gone == frozenset()
+
+
+# -- Disconnections: a heartbeat outliving its process ---------------------------------
+
+
+def test_a_replica_without_a_connection_in_two_censuses_in_a_row_is_gone() -> None:
+    seen = Disconnections()
+    live = frozenset({"e1", "e2"})
+    assert seen.update(live, frozenset({"e2", "me"})) == frozenset()  # one census proves little
+    assert seen.update(live, frozenset({"e2", "me"})) == {"e1"}
+    # Back between two censuses (a reconnect): the count starts again.
+    assert seen.update(live, frozenset({"e1", "me"})) == frozenset()
+    assert seen.update(live, frozenset({"e1", "e2", "me"})) == frozenset()
+    # Connections that cannot be seen (a cluster, an ACL, a proxy) judge nobody, and forget.
+    assert seen.update(live, frozenset({"me"})) == frozenset()
+    assert seen.update(live, None) == frozenset()
+    assert seen.update(live, frozenset({"me"})) == frozenset()
