@@ -307,6 +307,10 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         AbortRequests,
         DecodeCheckpoint,
         Heartbeat,
+        TokenizeRequest,
+        TokenizeResult,
+        DetokenizeRequest,
+        DetokenizeResult,
     )
 }
 
@@ -317,10 +321,6 @@ def encode(message: Message) -> bytes:
     packed: bytes = msgpack.packb(fields, use_bin_type=True)
     return packed
 
-        TokenizeRequest,
-        TokenizeResult,
-        DetokenizeRequest,
-        DetokenizeResult,
 
 def decode(data: bytes) -> Message:
     """Bytes -> message; raises MessageError for anything not in the table."""
