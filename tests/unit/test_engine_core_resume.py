@@ -143,3 +143,15 @@ def test_seeded_draws_depend_only_on_seed_and_position() -> None:
     # Roughly uniform: each tenth of [0, 1) gets about a tenth of the draws.
     deciles = [sum(int(u * 10) == d for u in draws) for d in range(10)]
     assert min(deciles) > 140 and max(deciles) < 260
+
+
+def test_a_taken_over_request_starts_before_fresh_requests_that_queued_earlier() -> None:
+    # Room for one prefill per step: whoever goes first streams first.
+    core = make_engine(max_num_batched_tokens=len(PROMPT) + 2)
+    for i in range(3):
+        core.add_request(EngineRequest(f"fresh{i}", PROMPT, SamplingParams(max_tokens=4, temperature=0.0)))
+    core.add_request(
+        EngineRequest("taken", PROMPT, SamplingParams(max_tokens=4, temperature=0.0), output_token_ids=[5])
+    )
+    first = [o.request_id for o in core.step() if o.new_token_ids]
+    assert first == ["taken"]

@@ -32,6 +32,10 @@ TYPICAL_REQUEST_TOKENS = 128
 _REQUEST_TOKENS_SMOOTHING = 1 / 8
 
 
+# Arrival numbers of taken-over requests are this much lower: ahead of any fresh one.
+_TAKEN_OVER_FIRST = 1 << 62
+
+
 class Runner(Protocol):
     """What the core needs from a model runner (services.engine.model.runner)."""
 
@@ -101,13 +105,16 @@ class EngineCore:
             self._pending.append(RequestOutput(request.request_id, [], "error", error=problem))
             return
         self._arrivals += 1
+        # A request taken over from a dead engine has a client mid-stream, waiting since the
+        # kill: it goes before every fresh request, as a preempted one does (it is one).
+        arrival = self._arrivals - _TAKEN_OVER_FIRST if request.output_token_ids else self._arrivals
         brought = len(prompt) + len(request.output_token_ids)
         self._request_tokens += (brought - self._request_tokens) * _REQUEST_TOKENS_SMOOTHING
         seq = Sequence(
             request.request_id,
             prompt,
             request.sampling,
-            arrival=self._arrivals,
+            arrival=arrival,
             default_eos_token_ids=self.config.default_eos_token_ids,
             output_token_ids=request.output_token_ids,
         )
