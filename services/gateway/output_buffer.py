@@ -60,6 +60,7 @@ class _Merged:
     logprobs: list[TokenLogprobs] | None = None
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    prompt_tokens: int | None = None
 
     @classmethod
     def of(cls, first: TextDelta) -> _Merged:
@@ -77,6 +78,8 @@ class _Merged:
             self.logprobs.extend(delta.logprobs)
         self.finish_reason = delta.finish_reason
         self.usage = delta.usage
+        if delta.prompt_tokens is not None:
+            self.prompt_tokens = delta.prompt_tokens
 
     def delta(self) -> TextDelta:
         # Built from fields that were validated when each part was decoded.
@@ -88,6 +91,7 @@ class _Merged:
             usage=self.usage,
             logprobs=self.logprobs,
             offset=self.offset,
+            prompt_tokens=self.prompt_tokens,
         )
 
 

@@ -18,7 +18,15 @@ import time
 from collections.abc import Sequence
 
 from services.gateway.registry import RequestRegistry
-from shared.messages import AbortRequests, CompletionRequest, Heartbeat, Message, RequestFailed
+from shared.messages import (
+    AbortRequests,
+    CompletionRequest,
+    DetokenizeRequest,
+    Heartbeat,
+    Message,
+    RequestFailed,
+    TokenizeRequest,
+)
 from shared.transport import StreamTransport
 
 log = logging.getLogger(__name__)
@@ -168,7 +176,8 @@ class PipelineClient:
             asyncio.create_task(self._heartbeat_loop(), name="gateway-heartbeat"),
         ]
 
-    def submit(self, request: CompletionRequest) -> asyncio.Future[None]:
+    def submit(self, request: CompletionRequest | TokenizeRequest | DetokenizeRequest) -> asyncio.Future[None]:
+        """Queue a request for the tokenizers; the future completes once it is in Redis."""
         return self.writer.send(self.names.requests, request)
 
     def abort(self, request_ids: list[str], reason: str = "abort") -> None:

@@ -4,7 +4,8 @@ Pure logic (no I/O). Every problem becomes an ``ApiError`` with status 400 and
 ``param`` naming the offending field (``messages[1].content``), like OpenAI.
 Types are strict, as OpenAI's own API is: ``"0.5"`` is not a number and
 ``1.0`` is not an integer. Unknown fields are ignored, as vLLM does, so that
-clients sending newer or vendor-specific options keep working.
+clients sending newer or vendor-specific options keep working; each model
+notes them, and the server logs each name once (unknown_fields.py).
 
 The models check what follows from the protocol: types, ranges, and that every
 integer fits the 64 bits msgpack carries (a larger one could not be published,
@@ -18,11 +19,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
+from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
 from services.gateway.errors import ApiError, bad_request, model_not_found
 from services.gateway.limits import RequestLimits
-from shared.messages import MAX_TOKEN_ID, ChatMessage, DetokenizeParams, SamplingParams, TokenId
+from services.gateway.unknown_fields import TracksUnknownFields
+from shared.messages import MAX_TOKEN_ID, ChatMessage, TokenId
 
 MAX_INT64 = 2**63 - 1
 CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -69,12 +71,15 @@ CONTENT_SCHEMA = {
 }
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(TracksUnknownFields):
+    """OpenAI's, with vLLM's continuous_usage_stats: usage in every chunk (with include_usage)."""
+
     model_config = ConfigDict(strict=True, extra="ignore")
     include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
 
 
-class _Body(BaseModel):
+class _Body(TracksUnknownFields):
     """Fields shared by /v1/completions and /v1/chat/completions.
 
     ``None`` (JSON null) means "the default" everywhere, because OpenAI clients
@@ -102,6 +107,9 @@ class _Body(BaseModel):
     stream_options: StreamOptions | None = None
     include_stop_str_in_output: bool | None = False
     skip_special_tokens: bool | None = True
+    spaces_between_special_tokens: bool | None = True
+    # Special tokens (BOS) on top of the text; null: text yes, chat no (the template writes them).
+    add_special_tokens: bool | None = None
     user: Any = None  # accepted and ignored
     logit_bias: dict[str, float] | None = None
 
@@ -127,6 +135,11 @@ class _Body(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Usage in every chunk: vLLM's continuous_usage_stats, which needs include_usage."""
+        return self.include_usage and bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -198,7 +211,7 @@ class CompletionBody(_Body):
             raise bad_request("echo with logprobs (prompt logprobs) is not supported.", "echo")
 
 
-class ChatMessageIn(BaseModel):
+class ChatMessageIn(TracksUnknownFields):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: str
     content: Annotated[Any, WithJsonSchema(CONTENT_SCHEMA)] = None  # str | [{"type": "text", "text": str}, ...] | null
@@ -239,6 +252,10 @@ class ChatBody(_Body):
     logprobs: bool | None = False
     top_logprobs: Count | None = None  # bounded by limits.max_logprobs
     add_generation_prompt: bool | None = True
+    # vLLM's: the last message stays open (a prefill the model continues); needs add_generation_prompt false.
+    continue_final_message: bool | None = False
+    # Extra variables for the chat template (e.g. enable_thinking).
+    chat_template_kwargs: dict[str, Any] | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
@@ -259,6 +276,7 @@ class ChatBody(_Body):
             limits.check_logprobs(self.top_logprobs, "top_logprobs")
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true.", "top_logprobs")
+        check_continue_final_message(self.continue_final_message, self.add_generation_prompt)
         if self.tools:
             raise bad_request(
                 "tools (function calling) are not supported by this server.", "tools", "unsupported_parameter"
@@ -269,6 +287,15 @@ class ChatBody(_Body):
             )
 
 
+def check_continue_final_message(continue_final: bool | None, add_generation_prompt: bool | None) -> None:
+    if continue_final and add_generation_prompt is not False:
+        raise bad_request(
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True "
+            "(add_generation_prompt defaults to true: set it to false).",
+            "continue_final_message",
+        )
+
+
 def _param_name(loc: tuple[int | str, ...]) -> str | None:
     """("messages", 0, "content") -> "messages[0].content"."""
     name = ""
@@ -277,7 +304,7 @@ def _param_name(loc: tuple[int | str, ...]) -> str | None:
     return name or None
 
 
-def _validation_error(exc: ValidationError) -> ApiError:
+def validation_error(exc: ValidationError) -> ApiError:
     first = exc.errors()[0]
     kind = first["type"]
     if kind == "json_invalid":
@@ -307,44 +334,9 @@ def _parse(cls: type[_ParsedBody], raw: bytes, limits: RequestLimits) -> _Parsed
     try:
         body = cls.model_validate_json(raw)
     except ValidationError as exc:
-        raise _validation_error(exc) from None
+        raise validation_error(exc) from None
     body.check(limits)
     return body
-
-
-def sampling_params(body: CompletionBody | ChatBody, default_max_tokens: int) -> SamplingParams:
-    max_tokens = body.requested_max_tokens() or default_max_tokens
-    min_tokens = body.min_tokens or 0
-    if min_tokens > max_tokens:
-        raise bad_request(f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens}).", "min_tokens")
-    fields: dict[str, Any] = {
-        "max_tokens": max_tokens,
-        "temperature": body.temperature,
-        "top_p": body.top_p,
-        "top_k": 0 if body.top_k == -1 else body.top_k,
-        "min_p": body.min_p,
-        "repetition_penalty": body.repetition_penalty,
-        "presence_penalty": body.presence_penalty,
-        "frequency_penalty": body.frequency_penalty,
-        "seed": body.seed,
-        "stop_token_ids": body.stop_token_ids,
-        "ignore_eos": body.ignore_eos,
-        "min_tokens": min_tokens,
-        "logprobs": body.requested_logprobs(),
-    }
-    try:
-        # Unset (None) options keep SamplingParams' own defaults.
-        return SamplingParams(**{k: v for k, v in fields.items() if v is not None})
-    except ValidationError as exc:
-        raise _validation_error(exc) from None
-
-
-def detokenize_params(body: CompletionBody | ChatBody) -> DetokenizeParams:
-    return DetokenizeParams(
-        stop=body.stop_strings,
-        include_stop_str_in_output=bool(body.include_stop_str_in_output),
-        skip_special_tokens=body.skip_special_tokens is not False,
-    )
 
 
 def check_model(requested: str | None, known: set[str]) -> None:

@@ -7,14 +7,21 @@ when it ends, for whatever reason, so nothing is left behind. Responses for a
 released or unknown request (late output after an abort) are dropped, and so
 is text a request already received (a delta published twice, told by its
 ``offset``).
+
+Calls (POST /tokenize, /detokenize) have one answer, not a stream: each waits on a
+future, resolved by its TokenizeResult, DetokenizeResult or RequestFailed. They count
+towards the same capacity and end the same way on shutdown.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from services.gateway.output_buffer import Event, OutputBuffer
-from shared.messages import Message, RequestFailed, ResponseBatch, TextDelta
+from shared.messages import DetokenizeResult, Message, RequestFailed, ResponseBatch, TextDelta, TokenizeResult
+
+CallAnswer = TokenizeResult | DetokenizeResult | RequestFailed
 
 
 class RegistryFull(Exception):
@@ -31,15 +38,16 @@ class RequestRegistry:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         self.capacity = capacity
         self._buffers: dict[str, OutputBuffer] = {}
+        self._calls: dict[str, asyncio.Future[CallAnswer]] = {}
         self._text_end: dict[str, int] = {}  # request id -> code points of text delivered
         self.closed = False
         self.dropped = 0  # events that arrived for no waiting request
 
     def __len__(self) -> int:
-        return len(self._buffers)
+        return len(self._buffers) + len(self._calls)
 
     def __contains__(self, request_id: object) -> bool:
-        return request_id in self._buffers
+        return request_id in self._buffers or request_id in self._calls
 
     def ids(self) -> list[str]:
         return list(self._buffers)
@@ -50,19 +58,33 @@ class RequestRegistry:
         ``max_buffered_bytes`` bounds the output waiting for its handler (None: unbounded,
         for handlers that never wait on a client).
         """
-        if self.closed:
-            raise RegistryClosed()
-        if request_id in self._buffers:
-            raise ValueError(f"request id {request_id!r} is already in flight")
-        if len(self._buffers) >= self.capacity:
-            raise RegistryFull()
+        self._admit(request_id)
         buffer = OutputBuffer(request_id, max_bytes=max_buffered_bytes)
         self._buffers[request_id] = buffer
         return buffer
 
+    def open_call(self, request_id: str) -> asyncio.Future[CallAnswer]:
+        """Admit a call with one answer; the future gets it. Raises as ``open``."""
+        self._admit(request_id)
+        future: asyncio.Future[CallAnswer] = asyncio.get_running_loop().create_future()
+        self._calls[request_id] = future
+        return future
+
+    def _admit(self, request_id: str) -> None:
+        if self.closed:
+            raise RegistryClosed()
+        if request_id in self:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        if len(self) >= self.capacity:
+            raise RegistryFull()
+
     def release(self, request_id: str) -> bool:
-        """Forget a request; True if it was in flight."""
+        """Forget a request or call; True if it was in flight."""
         self._text_end.pop(request_id, None)
+        call = self._calls.pop(request_id, None)
+        if call is not None:
+            call.cancel()  # a no-op once answered
+            return True
         return self._buffers.pop(request_id, None) is not None
 
     def dispatch(self, message: Message) -> int:
@@ -73,10 +95,22 @@ class RequestRegistry:
                 if self._unseen(delta):
                     delivered += self._put(delta.request_id, delta)
             return delivered
+        if isinstance(message, (TokenizeResult, DetokenizeResult)) or (
+            isinstance(message, RequestFailed) and message.request_id in self._calls
+        ):
+            return self._answer(message)
         if isinstance(message, RequestFailed):
             return self._put(message.request_id, message)
         self.dropped += 1  # no other message type belongs on a responses stream
         return 0
+
+    def _answer(self, message: CallAnswer) -> int:
+        call = self._calls.get(message.request_id)
+        if call is None or call.done():  # released, or answered twice (a redelivery)
+            self.dropped += 1
+            return 0
+        call.set_result(message)
+        return 1
 
     def _unseen(self, delta: TextDelta) -> bool:
         """Cut text the request already has; False if nothing new is left.
@@ -121,4 +155,6 @@ class RequestRegistry:
             buffer = self._buffers.get(request_id)
             if buffer is not None:
                 buffer.put(failure(request_id))
-        return ids
+        for request_id in list(self._calls):
+            self._answer(failure(request_id))
+        return ids  # the calls never reach an engine: nothing to abort

@@ -97,15 +97,38 @@ def chat_logprobs(token_ids: list[int], logprobs: list[TokenLogprobs]) -> list[d
 class ResponseBuilder:
     """Builds every body of one request; holds what is constant across its chunks."""
 
-    def __init__(self, request_id: str, model: str, *, chat: bool, logprobs: bool, include_usage: bool) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        *,
+        chat: bool,
+        logprobs: bool,
+        include_usage: bool,
+        continuous_usage: bool = False,
+    ) -> None:
         self.request_id = request_id
         self.model = model
         self.chat = chat
         self.logprobs = logprobs
         self.include_usage = include_usage
+        # vLLM's stream_options.continuous_usage_stats: every chunk has the usage so far.
+        self.continuous_usage = continuous_usage and include_usage
         self.created = int(time.time())
         self.object = "chat.completion.chunk" if chat else "text_completion"
         self._text_len = 0  # characters sent so far, for completion text offsets
+        self.prompt_tokens = 0  # from the deltas (TextDelta.prompt_tokens), for continuous usage
+        self.completion_tokens = 0  # tokens sent so far
+
+    def observe(self, delta: TextDelta) -> None:
+        """Count a delta's tokens (and learn the prompt's length) before its chunk, if any, is built."""
+        if delta.prompt_tokens is not None:
+            self.prompt_tokens = delta.prompt_tokens
+        self.completion_tokens += len(delta.token_ids)
+
+    def _usage_so_far(self) -> dict[str, int]:
+        total = self.prompt_tokens + self.completion_tokens
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": total}
 
     def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
         body = {
@@ -116,7 +139,8 @@ class ResponseBuilder:
             "choices": [choice],
         }
         if self.include_usage:
-            body["usage"] = None  # as OpenAI: present but null on all but the usage chunk
+            # As OpenAI: present but null on all but the usage chunk; running counts with continuous usage.
+            body["usage"] = self._usage_so_far() if self.continuous_usage else None
         return body
 
     def role_chunk(self) -> bytes:

@@ -1,7 +1,10 @@
 """The gateway's HTTP app (Starlette) and its entry point (uvicorn).
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
-GET /v1/models/{model}, GET /health, GET /metrics, GET /openapi.json. See docs/api.md.
+Routes: POST /v1/completions, POST /v1/chat/completions (here), GET /v1/models,
+GET /v1/models/{model}, GET /health, GET /ready, GET /version (info_routes.py),
+POST /tokenize, POST /detokenize (tokenize_routes.py), GET /metrics, GET /openapi.json.
+Every response carries X-Request-Id and gets an access-log line (request_context.py);
+CORS is Starlette's middleware, when configured. See docs/api.md.
 """
 
 from __future__ import annotations
@@ -9,38 +12,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hmac
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from services.gateway import protocol
 from services.gateway.admission import BacklogMonitor
-from services.gateway.errors import (
-    ApiError,
-    internal,
-    model_not_found,
-    overloaded,
-    queue_full,
-    shutting_down,
-    too_large,
-    unauthorized,
-)
+from services.gateway.auth import ApiKeys
+from services.gateway.errors import ApiError, internal, overloaded, queue_full, shutting_down
+from services.gateway.http_io import error_response, http_error, read_body
+from services.gateway.info_routes import InfoRoutes, ModelContext
 from services.gateway.limits import RequestLimits
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openapi import openapi_document
 from services.gateway.output_buffer import Event
 from services.gateway.pipeline_client import PipelineClient, cancel_and_wait
 from services.gateway.registry import RegistryClosed, RegistryFull, RequestRegistry
+from services.gateway.request_context import RequestContextMiddleware, RequestRecord, request_record
 from services.gateway.responses import CollectedOutput, ResponseBuilder
 from services.gateway.session import (
     ClientDisconnected,
@@ -52,22 +49,19 @@ from services.gateway.session import (
     stream_events,
 )
 from services.gateway.slow_clients import ClientConnections, SlowClientMonitor
-from shared.messages import CompletionRequest, Role
+from services.gateway.to_pipeline import pipeline_request
+from services.gateway.tokenize_routes import TokenizeRoutes
+from services.gateway.unknown_fields import UnknownFieldLog
+from shared.messages import CompletionRequest
 from shared.model_files import served_model_name
 from shared.runtime import configure_logging
-from shared.settings import GatewaySettings, load_settings, new_replica_id
+from shared.settings import GatewaySettings, load_settings, new_replica_id, split_list
 from shared.transport import StreamTransport
 
 log = logging.getLogger("services.gateway")
 
-PIPELINE_ROLES: tuple[Role, ...] = ("tokenizer", "engine", "detokenizer")
-HEALTH_TIMEOUT_S = 3.0
 # On SIGTERM, running requests get this long to finish before they end with a 503.
 DRAIN_S = 8
-
-
-def error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 class Gateway:
@@ -88,34 +82,32 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.slow_clients = SlowClientMonitor(settings.slow_client_timeout_s)
         self.model_name = served_model_name(settings)
-        # The configured model id is accepted too, so clients may use either name.
-        self.known_models = {self.model_name, settings.model}
-        self.created = int(time.time())
-        self._api_key = settings.api_key.get_secret_value().encode() if settings.api_key else None
+        self.keys = ApiKeys.from_settings(settings)
         self.limits = RequestLimits.from_settings(settings)
-        self._openapi = openapi_document(self.limits, auth=self._api_key is not None)
-
-    def _authorize(self, request: Request) -> None:
-        if self._api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._api_key):
-            raise unauthorized()
-
-    async def _read_body(self, request: Request) -> bytes:
-        """The body, refused with 413 once it passes the limit (never buffered whole first)."""
-        limit = self.settings.max_request_bytes
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise too_large(limit)
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large(limit)
-            chunks.append(chunk)
-        return b"".join(chunks)
+        self.unknown_fields = UnknownFieldLog()
+        self._openapi = openapi_document(self.limits, auth=self.keys.enabled)
+        context = ModelContext(transport, settings.max_model_len)
+        self.info = InfoRoutes(
+            transport=transport,
+            registry=self.registry,
+            gateway_id=gateway_id,
+            keys=self.keys,
+            model_name=self.model_name,
+            root=settings.model,
+            created=int(time.time()),
+            context=context,
+        )
+        self.known_models = self.info.known_models
+        self.tokenize = TokenizeRoutes(
+            settings,
+            self.client,
+            self.backlog,
+            keys=self.keys,
+            limits=self.limits,
+            known_models=self.known_models,
+            context=context,
+            unknown_fields=self.unknown_fields,
+        )
 
     # -- generation ------------------------------------------------------
 
@@ -128,11 +120,12 @@ class Gateway:
     async def _generate(self, request: Request, *, chat: bool) -> Response:
         endpoint = "chat_completions" if chat else "completions"
         try:
-            self._authorize(request)
-            raw = await self._read_body(request)
+            self.keys.authorize(request)
+            raw = await read_body(request, self.settings.max_request_bytes)
             body: protocol.CompletionBody | protocol.ChatBody = (
                 protocol.parse_chat(raw, self.limits) if chat else protocol.parse_completion(raw, self.limits)
             )
+            self.unknown_fields.report(request.url.path, body.unknown_fields())
             protocol.check_model(body.model, self.known_models)
             response = await self._run(request, body, chat=chat)
         except ApiError as error:
@@ -148,9 +141,13 @@ class Gateway:
     async def _run(
         self, request: Request, body: protocol.CompletionBody | protocol.ChatBody, *, chat: bool
     ) -> Response:
-        sampling = protocol.sampling_params(body, self.settings.default_max_tokens)
-        detokenize = protocol.detokenize_params(body)
-        request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        record = request_record(request)
+        prefix = "chatcmpl-" if chat else "cmpl-"
+        request_id = record.pipeline_id(prefix)  # unique in the pipeline
+        timeout_s = self.settings.request_timeout_s
+        message = pipeline_request(
+            body, request_id, self.client.gateway_id, time.time() + timeout_s, self.settings.default_max_tokens
+        )
         if self.backlog.full:
             raise queue_full(self.backlog.queued, self.backlog.limit)
         # Only a streaming handler waits on its client; a non-streaming one takes at once.
@@ -161,36 +158,24 @@ class Gateway:
             raise overloaded(self.settings.max_inflight_requests) from None
         except RegistryClosed:
             raise shutting_down() from None
-        timeout_s = self.settings.request_timeout_s
-        session = RequestSession(self.client, request_id, buffer, timeout_s, on_close=self._session_closed)
+        on_close = functools.partial(self._closed, record)
+        session = RequestSession(self.client, request_id, buffer, timeout_s, on_close=on_close)
         if body.stream:
             self.slow_clients.watch(request_id, buffer, functools.partial(self._slow_client, session))
         handed_off = False  # once an SSEResponse owns the session, it closes it
         try:
-            message = CompletionRequest(
-                request_id=request_id,
-                gateway_id=self.client.gateway_id,
-                deadline=time.time() + timeout_s,
-                sampling=sampling,
-                detokenize=detokenize,
-            )
-            echo: str | None = None
-            if isinstance(body, protocol.ChatBody):
-                message.messages = body.chat_messages()
-                message.add_generation_prompt = body.add_generation_prompt is not False
-            else:
-                message.prompt = body.prompt
-                echo = body.prompt if body.echo else None
+            echo = body.prompt if isinstance(body, protocol.CompletionBody) and body.echo else None
             builder = ResponseBuilder(
-                request_id,
+                prefix + record.request_id,  # the body's id: the client's X-Request-Id, when it sent one
                 self.model_name,
                 chat=chat,
-                logprobs=sampling.logprobs is not None,
+                logprobs=message.sampling.logprobs is not None,
                 include_usage=body.include_usage,
+                continuous_usage=body.continuous_usage,
             )
             if not body.stream:
                 output = await race_disconnect(self._whole(session, message, echo, chat), request.receive)
-                return JSONResponse(builder.full_response(output), headers={"X-Request-Id": request_id})
+                return JSONResponse(builder.full_response(output))
             first = await race_disconnect(self._first(session, message), request.receive)
             error = failure_of(first)
             if error is not None:
@@ -230,6 +215,14 @@ class Gateway:
         self.metrics.slow_clients[reason] += 1
         session.evict()
 
+    def _closed(self, record: RequestRecord, session: RequestSession) -> None:
+        """A session ended: the metrics, then what the access log says of it."""
+        self._session_closed(session)
+        final = session.final
+        record.prompt_tokens = final.usage.prompt_tokens if final is not None and final.usage else None
+        record.completion_tokens = session.completion_tokens
+        record.first_output_at = session.first_event_at
+
     def _session_closed(self, session: RequestSession) -> None:
         self.slow_clients.unwatch(session.request_id)
         if not session.finished:
@@ -243,59 +236,7 @@ class Gateway:
             first = None if session.first_event_at is None else session.first_event_at - session.started
             self.metrics.output_done(prompt, completion, first, loop_time - session.started)
 
-    # -- models, health, metrics ---------------------------------------------
-
-    def _model_card(self) -> dict[str, Any]:
-        return {
-            "id": self.model_name,
-            "object": "model",
-            "created": self.created,
-            "owned_by": "scalellm",
-            "root": self.settings.model,
-            "parent": None,
-        }
-
-    async def models(self, request: Request) -> Response:
-        try:
-            self._authorize(request)
-        except ApiError as error:
-            return error_response(error)
-        return JSONResponse({"object": "list", "data": [self._model_card()]})
-
-    async def model(self, request: Request) -> Response:
-        try:
-            self._authorize(request)
-            name = request.path_params["model"]
-            if name not in self.known_models:
-                raise model_not_found(name)
-        except ApiError as error:
-            return error_response(error)
-        return JSONResponse(self._model_card())
-
-    async def health(self, request: Request) -> Response:
-        alive = {role: 0 for role in PIPELINE_ROLES}
-        redis_ok = False
-        try:
-            async with asyncio.timeout(HEALTH_TIMEOUT_S):
-                redis_ok = await self.transport.ping()
-                if redis_ok:
-                    found = await asyncio.gather(*(self.transport.live_replicas(r) for r in PIPELINE_ROLES))
-                    alive = {role: len(replicas) for role, replicas in zip(PIPELINE_ROLES, found)}
-        except TimeoutError:
-            redis_ok = False
-        missing = [role for role, count in alive.items() if count == 0]
-        ready = redis_ok and not missing and not self.registry.closed
-        body: dict[str, Any] = {
-            "status": "ok" if ready else "unavailable",
-            "redis": redis_ok,
-            "alive": alive,
-            "missing": missing,
-            "in_flight": len(self.registry),
-        }
-        # /health is open even when an API key is set; the id names this host (new_replica_id).
-        if self._api_key is None:
-            body["gateway_id"] = self.client.gateway_id
-        return JSONResponse(body, status_code=200 if ready else 503)
+    # -- openapi, metrics -----------------------------------------------------
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(self._openapi)
@@ -303,14 +244,6 @@ class Gateway:
     async def metrics_text(self, request: Request) -> Response:
         text = self.metrics.render(len(self.registry), self.registry.buffered_bytes())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    status = exc.status_code if isinstance(exc, HTTPException) else 500
-    detail = exc.detail if isinstance(exc, HTTPException) else "Internal error"
-    # Kept: a 405 must say which methods the route allows (Allow, RFC 9110).
-    headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else None
-    return error_response(ApiError(status, f"{detail}: {request.method} {request.url.path}", headers=headers))
 
 
 def create_app(
@@ -340,15 +273,41 @@ def create_app(
     routes = [
         Route("/v1/completions", gateway.completions, methods=["POST"]),
         Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
-        Route("/v1/models", gateway.models, methods=["GET"]),
-        Route("/v1/models/{model:path}", gateway.model, methods=["GET"]),
-        Route("/health", gateway.health, methods=["GET"]),
+        Route("/v1/models", gateway.info.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", gateway.info.model, methods=["GET"]),
+        Route("/tokenize", gateway.tokenize.tokenize, methods=["POST"]),
+        Route("/detokenize", gateway.tokenize.detokenize, methods=["POST"]),
+        Route("/health", gateway.info.health, methods=["GET"]),
+        Route("/ready", gateway.info.ready, methods=["GET"]),
+        Route("/version", gateway.info.version, methods=["GET"]),
         Route("/metrics", gateway.metrics_text, methods=["GET"]),
         Route("/openapi.json", gateway.openapi, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error})
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_error},
+        middleware=middleware(settings),
+    )
     app.state.gateway = gateway
     return app
+
+
+def middleware(settings: GatewaySettings) -> list[Middleware]:
+    """Outermost first: the request id and access log see every response, CORS preflights included."""
+    stack = [Middleware(RequestContextMiddleware, access_log_enabled=settings.access_log)]
+    if settings.cors_allow_origins:
+        stack.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=split_list(settings.cors_allow_origins),
+                allow_methods=split_list(settings.cors_allow_methods),
+                allow_headers=split_list(settings.cors_allow_headers),
+                allow_credentials=settings.cors_allow_credentials,
+                expose_headers=["X-Request-Id"],  # so that browser code can read it
+            )
+        )
+    return stack
 
 
 async def _drain_on_exit(server: uvicorn.Server, gateway: Gateway) -> None:

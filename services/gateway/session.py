@@ -154,6 +154,8 @@ async def stream_events(
     session: RequestSession, builder: ResponseBuilder, first: Event, echo: str | None
 ) -> AsyncIterator[bytes]:
     """SSE body; once the stream has begun, errors are SSE error events."""
+    if isinstance(first, TextDelta) and first.prompt_tokens is not None:
+        builder.prompt_tokens = first.prompt_tokens  # for the continuous usage of the chunks before it
     if builder.chat:
         yield builder.role_chunk()
     if echo:
@@ -167,6 +169,7 @@ async def stream_events(
             if event.finish_reason == "error":
                 yield sse_error(internal(GENERATION_FAILED))
                 return
+            builder.observe(event)
             if event.text or event.finish_reason or (builder.logprobs and event.logprobs):
                 yield builder.text_chunk(event.text, event)
             if event.finish_reason is not None:
@@ -195,7 +198,8 @@ class SSEResponse(StreamingResponse):
         # X-Accel-Buffering: a reverse proxy (nginx) must pass each event on at once.
         super().__init__(
             content,
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": session.request_id},
+            # X-Request-Id is set on every response by request_context.py.
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
         self.session = session
 

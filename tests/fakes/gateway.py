@@ -18,9 +18,14 @@ from services.gateway.server import create_app
 from shared.messages import (
     AbortRequests,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResult,
+    Message,
     RequestFailed,
     ResponseBatch,
     TextDelta,
+    TokenizeRequest,
+    TokenizeResult,
     Usage,
 )
 from shared.settings import GatewaySettings
@@ -37,6 +42,8 @@ class FakePipeline:
     transport: StreamTransport
     behaviour: Behaviour
     requests: list[CompletionRequest] = field(default_factory=list)
+    calls: list[TokenizeRequest | DetokenizeRequest] = field(default_factory=list)
+    answer_calls: bool = True  # False: tokenize/detokenize calls are never answered
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
@@ -53,6 +60,11 @@ class FakePipeline:
                     task = asyncio.create_task(self.behaviour(self, request))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
+                elif isinstance(request, (TokenizeRequest, DetokenizeRequest)):
+                    self.calls.append(request)
+                    if self.answer_calls:
+                        stream = self.transport.names.responses(request.gateway_id)
+                        await self.transport.publish([(stream, answer(request))])
 
     async def send(self, request: CompletionRequest, *messages: ResponseBatch | RequestFailed) -> None:
         stream = self.transport.names.responses(request.gateway_id)
@@ -66,6 +78,24 @@ class FakePipeline:
     async def aborted_ids(self) -> list[str]:
         _, deliveries = await self.transport.read_stream(self.transport.names.aborts, "0-0", count=100, block_ms=0)
         return [rid for d in deliveries if isinstance(d.message, AbortRequests) for rid in d.message.request_ids]
+
+
+def answer(request: TokenizeRequest | DetokenizeRequest) -> Message:
+    """A tokenizer stand-in: one token per character (its code point); ids over 1000 are out of vocabulary."""
+    if isinstance(request, DetokenizeRequest):
+        if any(t > 1000 for t in request.tokens):
+            return RequestFailed(
+                request_id=request.request_id,
+                status=400,
+                error_type="invalid_request_error",
+                message="Token id out of vocabulary.",
+                param="tokens",
+            )
+        return DetokenizeResult(request_id=request.request_id, prompt="".join(chr(t) for t in request.tokens))
+    text = request.prompt if request.prompt is not None else "".join(m.content for m in request.messages or [])
+    tokens = [ord(c) for c in text]
+    strs = list(text) if request.return_token_strs else None
+    return TokenizeResult(request_id=request.request_id, tokens=tokens, max_model_len=2048, token_strs=strs)
 
 
 def delta(request: CompletionRequest, text: str, ids: list[int], finish: str | None = None, **kw: Any) -> TextDelta:

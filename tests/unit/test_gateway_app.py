@@ -44,11 +44,14 @@ async def test_completion_returns_the_pipeline_text_in_openai_shape() -> None:
         assert len(h.gateway.registry) == 0
 
 
-async def test_default_max_tokens_comes_from_settings() -> None:
+async def test_default_max_tokens_is_a_cap_the_tokenizer_lowers_to_the_context() -> None:
     async with running(default_max_tokens=7) as h:
         await h.http.post("/v1/completions", json={"prompt": [5, 6, 7]})
-        assert h.pipeline.requests[0].sampling.max_tokens == 7
-        assert h.pipeline.requests[0].prompt == [5, 6, 7]
+        sent = h.pipeline.requests[0]
+        assert sent.sampling.max_tokens == 7 and sent.max_tokens_is_default
+        assert sent.prompt == [5, 6, 7]
+        await h.http.post("/v1/completions", json={"prompt": "x", "max_tokens": 3})
+        assert not h.pipeline.requests[1].max_tokens_is_default
 
 
 async def test_streamed_completion_with_usage_chunk() -> None:
@@ -202,7 +205,8 @@ async def test_api_key_is_required_on_v1_but_not_on_health() -> None:
         assert wrong.status_code == 401
         good = await h.http.post("/v1/completions", json={"prompt": "x"}, headers={"Authorization": "Bearer sekret"})
         assert good.status_code == 200
-        assert (await h.http.get("/health")).status_code in (200, 503)  # open: never 401
+        for path in ("/health", "/ready", "/version", "/openapi.json"):
+            assert (await h.http.get(path)).status_code in (200, 503), path  # open: never 401
 
 
 async def test_requests_over_the_inflight_limit_get_503_with_retry_after() -> None:
@@ -241,14 +245,15 @@ async def test_client_disconnect_while_streaming_aborts_and_releases() -> None:
         assert len(h.gateway.registry) == 0
 
 
-async def test_health_reports_missing_roles_until_all_are_alive() -> None:
+async def test_ready_reports_missing_roles_until_all_are_alive_while_health_is_always_200() -> None:
     async with running() as h:
-        reply = await h.http.get("/health")
+        reply = await h.http.get("/ready")
         assert reply.status_code == 503
         assert reply.json()["missing"] == ["tokenizer", "engine", "detokenizer"]
+        assert (await h.http.get("/health")).json() == {"status": "ok"}  # liveness: the process answers
         for role in ("tokenizer", "engine", "detokenizer"):
             await h.pipeline.transport.beat(Heartbeat(role=role, replica_id=f"{role}-1", time=0.0), ttl_s=10)
-        reply = await h.http.get("/health")
+        reply = await h.http.get("/ready")
         assert reply.status_code == 200
         assert reply.json()["alive"] == {"tokenizer": 1, "engine": 1, "detokenizer": 1}
 
@@ -290,7 +295,8 @@ async def test_shutdown_ends_waiting_requests_with_503_and_aborts_them() -> None
         h.gateway.client.fail_in_flight()
         reply = await waiting
         assert reply.status_code == 503
-        assert (await h.http.get("/health")).status_code == 503
+        assert (await h.http.get("/ready")).status_code == 503
+        assert (await h.http.get("/health")).status_code == 200
         refused = await h.http.post("/v1/completions", json={"prompt": "y"})
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         await asyncio.sleep(0.05)

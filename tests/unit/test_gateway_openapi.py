@@ -64,6 +64,15 @@ def test_request_schemas_accept_what_the_server_accepts() -> None:
     chat = validator(document, "ChatCompletionRequest")
     chat.validate({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}], "top_logprobs": 2})
     chat.validate({"messages": [{"role": "assistant", "content": None}], "max_completion_tokens": 3})
+    tokenize = Draft202012Validator(
+        {**document, **document["paths"]["/tokenize"]["post"]["requestBody"]["content"]["application/json"]["schema"]}
+    )
+    tokenize.validate({"prompt": "Hi", "add_special_tokens": False, "return_token_strs": True})
+    tokenize.validate({"messages": USER, "add_generation_prompt": False, "continue_final_message": True})
+    assert not tokenize.is_valid({"prompt": 5})
+    detokenize = validator(document, "DetokenizeRequest")
+    detokenize.validate({"tokens": [1, 2, 3]})
+    assert not detokenize.is_valid({"tokens": [-1]})
 
 
 @pytest.mark.parametrize(
@@ -113,8 +122,9 @@ async def test_real_responses_match_their_schemas() -> None:
         response_validator(document, "/v1/models/{model}", "get", 200).validate(card.json())
         missing = await h.http.get("/v1/models/nope")
         response_validator(document, "/v1/models/{model}", "get", 404).validate(missing.json())
-        health = await h.http.get("/health")
-        response_validator(document, "/health", "get", health.status_code).validate(health.json())
+        for path in ("/health", "/ready", "/version"):
+            reply = await h.http.get(path)
+            response_validator(document, path, "get", reply.status_code).validate(reply.json())
         refused = await h.http.post("/v1/completions", json={"prompt": "x", "top_k": 10**12})
         response_validator(document, "/v1/completions", "post", 400).validate(refused.json())
 
@@ -125,12 +135,15 @@ async def test_with_an_api_key_v1_needs_a_bearer_token_and_health_names_no_host(
         assert document["components"]["securitySchemes"] == {"bearerAuth": {"type": "http", "scheme": "bearer"}}
         completions = document["paths"]["/v1/completions"]["post"]
         assert completions["security"] == [{"bearerAuth": []}] and "401" in completions["responses"]
-        assert document["paths"]["/health"]["get"].get("security") is None
+        for open_path in ("/health", "/ready", "/version"):
+            assert document["paths"][open_path]["get"].get("security") is None
+        for guarded in ("/tokenize", "/detokenize"):
+            assert document["paths"][guarded]["post"]["security"] == [{"bearerAuth": []}]
         for role in ("tokenizer", "engine", "detokenizer"):
             await h.gateway.transport.beat(Heartbeat(role=role, replica_id=f"{role}-1", time=0.0), ttl_s=5)
-        health = await h.http.get("/health")
-        assert health.status_code == 200 and "gateway_id" not in health.json()
-        assert "sk-known" not in health.text and "sk-known" not in str(document)
+        ready = await h.http.get("/ready")
+        assert ready.status_code == 200 and "gateway_id" not in ready.json()
+        assert "sk-known" not in ready.text and "sk-known" not in str(document)
     async with running() as h:
-        assert (await h.http.get("/health")).json()["gateway_id"] == h.gateway.client.gateway_id
+        assert (await h.http.get("/ready")).json()["gateway_id"] == h.gateway.client.gateway_id
         assert "securitySchemes" not in (await h.http.get("/openapi.json")).json()["components"]

@@ -8,13 +8,8 @@ from typing import Any
 import pytest
 
 from services.gateway.errors import ApiError
-from services.gateway.protocol import (
-    check_model,
-    detokenize_params,
-    parse_chat,
-    parse_completion,
-    sampling_params,
-)
+from services.gateway.protocol import check_model, parse_chat, parse_completion
+from services.gateway.to_pipeline import NO_MAX_TOKENS_CAP, detokenize_params, pipeline_request, sampling_params
 
 USER = [{"role": "user", "content": "Hi"}]
 
@@ -235,3 +230,54 @@ def test_model_check() -> None:
     with pytest.raises(ApiError) as caught:
         check_model("other", {"m"})
     assert (caught.value.status, caught.value.code, caught.value.param) == (404, "model_not_found", "model")
+
+
+# -- options of vLLM's API (issue 9, item 5) ---------------------------------------------
+
+
+def test_without_max_tokens_the_request_asks_the_tokenizer_for_the_rest_of_the_context() -> None:
+    uncapped = pipeline_request(completion(), "cmpl-1", "gw", 1.0, default_max_tokens=None)
+    assert uncapped.max_tokens_is_default and uncapped.sampling.max_tokens == NO_MAX_TOKENS_CAP
+    capped = pipeline_request(chat(), "chatcmpl-1", "gw", 1.0, default_max_tokens=100)
+    assert capped.max_tokens_is_default and capped.sampling.max_tokens == 100
+    given = pipeline_request(chat(max_completion_tokens=7), "chatcmpl-2", "gw", 1.0, default_max_tokens=100)
+    assert not given.max_tokens_is_default and given.sampling.max_tokens == 7
+
+
+def test_chat_options_reach_the_pipeline_request() -> None:
+    body = chat(
+        add_generation_prompt=False,
+        continue_final_message=True,
+        chat_template_kwargs={"enable_thinking": False},
+        add_special_tokens=True,
+        spaces_between_special_tokens=False,
+    )
+    message = pipeline_request(body, "chatcmpl-1", "gw", 1.0, default_max_tokens=None)
+    assert (message.add_generation_prompt, message.continue_final_message) == (False, True)
+    assert json.loads(message.chat_template_kwargs or "") == {"enable_thinking": False}
+    assert message.add_special_tokens is True and message.detokenize.spaces_between_special_tokens is False
+    plain = pipeline_request(completion(), "cmpl-1", "gw", 1.0, default_max_tokens=None)
+    assert plain.add_special_tokens is None and plain.chat_template_kwargs is None and plain.prompt == "Hello"
+
+
+def test_continue_final_message_needs_add_generation_prompt_false() -> None:
+    error = rejected(parse_chat, {"messages": USER, "continue_final_message": True})
+    assert error.param == "continue_final_message" and "add_generation_prompt" in error.message
+
+
+def test_stream_options_continuous_usage_stats() -> None:
+    streamed = completion(stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True})
+    assert streamed.include_usage and streamed.continuous_usage
+    without_usage = completion(stream=True, stream_options={"continuous_usage_stats": True})
+    assert not without_usage.continuous_usage  # as vLLM: only together with include_usage
+
+
+def test_unknown_fields_are_noted_at_every_level() -> None:
+    body = chat(
+        messages=[{"role": "user", "content": "Hi", "name": "bob"}],
+        stream=True,
+        stream_options={"include_usage": True, "chunk_size": 3},
+        guided_json={"type": "object"},
+    )
+    assert body.unknown_fields() == ["guided_json", "messages[].name", "stream_options.chunk_size"]
+    assert completion().unknown_fields() == []
