@@ -139,7 +139,7 @@ def wait_ready(base_url: str, launcher: subprocess.Popen[bytes], timeout_s: floa
         if launcher.poll() is not None:
             raise SystemExit(f"scalellm up exited with {launcher.returncode}")
         try:
-            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+            if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass

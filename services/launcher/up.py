@@ -2,7 +2,7 @@
 
 Starts its own redis-server unless SCALELLM_REDIS_URL is set, prepares the
 model cache once (so replicas do not all convert the GGUF at the same time),
-starts every service, prints the URL once /health says every stage is alive,
+starts every service, prints the URL once /ready says every stage is alive,
 and on Ctrl-C / SIGTERM stops everything it started.
 
 A service (or the redis-server) that dies is restarted after a short backoff
@@ -235,7 +235,7 @@ def _run(args: argparse.Namespace, settings: LauncherSettings, out: TextIO, star
         keeper = RedisKeeper(server, policy, supervisor.say) if server is not None else None
         stop = threading.Event()
         health_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
-        health_url = f"http://{_url_host(health_host)}:{args.port}/health"
+        health_url = f"http://{_url_host(health_host)}:{args.port}/ready"
         with handling_stop_signals(stop, supervisor):
             code = supervise(
                 supervisor,

@@ -136,7 +136,7 @@ def test_streams_complete_unchanged_while_a_detokenizer_and_a_tokenizer_crash(pi
         return int(state.split()[0]) >= 1 and state.endswith(" healthy")
 
     wait_until(lambda: restarted_and_healthy(detokenizer) and restarted_and_healthy(tokenizer), 180, "restarts")
-    wait_until(lambda: health(pipeline.url).get("alive") == {**SCALE, "engine": 1}, 30, "all replicas in /health")
+    wait_until(lambda: health(pipeline.url).get("alive") == {**SCALE, "engine": 1}, 30, "all replicas in /ready")
     clock.lap("both containers restarted and healthy")
 
 
@@ -193,7 +193,7 @@ async def stream_through_crashes(url: str, detokenizer: str, tokenizer: str) -> 
 
 def health(url: str) -> dict[str, object]:
     try:
-        body: dict[str, object] = httpx.get(f"{url}/health", timeout=5).json()
+        body: dict[str, object] = httpx.get(f"{url}/ready", timeout=5).json()
         return body
     except (httpx.HTTPError, ValueError):
         return {}

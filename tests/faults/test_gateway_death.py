@@ -66,7 +66,7 @@ def test_a_dead_gateways_requests_stop_in_the_engines_and_its_stream_goes(
     pipeline: tuple[Pipeline, redis.Redis, ServiceProcess, str, str], tokenizer: PreTrainedTokenizerBase
 ) -> None:
     services, client, doomed, doomed_url, kept_url = pipeline
-    doomed_id = httpx.get(f"{doomed_url}/health", timeout=5).json()["gateway_id"]
+    doomed_id = httpx.get(f"{doomed_url}/ready", timeout=5).json()["gateway_id"]
     responses = NAMES.responses(doomed_id)
     kept_prompts = prompts(KEPT, "kept")
 

@@ -194,7 +194,7 @@ def test_stalled_readers_cost_bounded_memory_are_aborted_and_slow_no_one(
         assert "Traceback" not in log and "ASGI callable" not in log, log  # ended cleanly, not torn down
         # Reset: a close would leave the kernel delivering what it holds to clients that do not read.
         assert [how_it_ended(sock, 5.0) for sock in sockets] == ["reset"] * STALLED
-        assert httpx.get(f"{url}/health", timeout=5).json()["in_flight"] == 0
+        assert httpx.get(f"{url}/ready", timeout=5).json()["in_flight"] == 0
     finally:
         for sock in sockets:
             sock.close()

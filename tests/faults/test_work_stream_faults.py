@@ -73,7 +73,7 @@ def pipeline(
 
 def missing_roles(pipeline: Pipeline) -> list[str] | None:
     try:
-        return list(httpx.get(f"{pipeline.gateway_url}/health", timeout=2).json()["missing"])
+        return list(httpx.get(f"{pipeline.gateway_url}/ready", timeout=2).json()["missing"])
     except httpx.HTTPError:
         return None
 

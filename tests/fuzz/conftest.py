@@ -44,7 +44,7 @@ class FuzzPipeline:
         return self.pipeline.gateway_url
 
     def healthy(self) -> bool:
-        return httpx.get(f"{self.url}/health", timeout=5).status_code == 200
+        return httpx.get(f"{self.url}/ready", timeout=5).status_code == 200
 
     def complete(self, prompt: str, max_tokens: int = 4) -> str:
         """A completion through the whole pipeline; the echo engine replays the prompt's tokens."""

@@ -64,7 +64,7 @@ def test_schemathesis_finds_no_server_error_hang_or_undocumented_response(
 
     # Still serving, exactly, with nothing left behind.
     assert all(p.process.poll() is None for p in fuzz_pipeline.pipeline.processes)
-    health = httpx.get(f"{fuzz_pipeline.url}/health", timeout=5)
+    health = httpx.get(f"{fuzz_pipeline.url}/ready", timeout=5)
     assert health.status_code == 200 and health.json()["in_flight"] == 0, health.text
     assert fuzz_pipeline.complete("Hello world", max_tokens=2) == "Hello world"
     assert fuzz_pipeline.redis.xlen(fuzz_pipeline.names.deadletter) == 0

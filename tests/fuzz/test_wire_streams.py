@@ -132,7 +132,7 @@ def wait_until_settled(fuzz: FuzzPipeline, dead_letters: int, rejected: dict[tup
 def test_hostile_entries_on_every_stream_are_processed_or_dead_lettered_and_nobody_dies(
     fuzz_pipeline: FuzzPipeline, show_logs_on_failure: None
 ) -> None:
-    gateway_id = httpx.get(f"{fuzz_pipeline.url}/health", timeout=5).json()["gateway_id"]
+    gateway_id = httpx.get(f"{fuzz_pipeline.url}/ready", timeout=5).json()["gateway_id"]
     streams = consumed_streams(fuzz_pipeline.names, gateway_id)
 
     stream_and_entry = st.sampled_from(sorted(streams)).flatmap(

@@ -77,7 +77,7 @@ class Pipeline:
         return self.start("gateway", gateway_port=str(port), gateway_host="127.0.0.1", **settings)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        """Until /health says every role is alive; fails early if a process died."""
+        """Until /ready says every role is alive; fails early if a process died."""
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
@@ -85,7 +85,7 @@ class Pipeline:
                 if service.process.poll() is not None:
                     raise RuntimeError(f"{service.name} exited with {service.process.returncode}:\n{service.log()}")
             try:
-                response = httpx.get(f"{self.gateway_url}/health", timeout=2)
+                response = httpx.get(f"{self.gateway_url}/ready", timeout=2)
                 if response.status_code == 200:
                     return
                 last = response.text

@@ -4,7 +4,7 @@
 a password, with an API key set and DEBUG logging. The test drives every route, the error paths, and
 a dropped Redis connection, then looks for either secret, as given and percent-encoded, in the
 launcher's whole output, in every HTTP response (bodies and headers), and in everything stored in
-Redis (heartbeats, registries, streams). /health must not name this host while an API key is set.
+Redis (heartbeats, registries, streams). /ready must not name this host while an API key is set.
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ from tests.faults.launcher import Launcher
 pytestmark = pytest.mark.integration
 
 API_KEY = "sk-scalellm-test-4f1d9a0c7e"
+# More keys (SCALELLM_API_KEYS), each as secret as the first.
+OTHER_KEYS = ["sk-scalellm-second-93b2", "sk-scalellm-third-0d7e"]
 # Characters that must be percent-encoded in a URL, so both spellings are looked for.
 REDIS_PASSWORD = "redis-pw/7c:e@41"
-SECRETS = [API_KEY, REDIS_PASSWORD, quote(REDIS_PASSWORD, safe="")]
+SECRETS = [API_KEY, *OTHER_KEYS, REDIS_PASSWORD, quote(REDIS_PASSWORD, safe="")]
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
@@ -46,6 +48,7 @@ def launcher(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> Iterator[tup
             "1",
             redis_url=server.url,
             api_key=API_KEY,
+            api_keys=",".join(OTHER_KEYS),
             log_level="DEBUG",
             stream_prefix="secrets",
         )
@@ -61,7 +64,7 @@ def exercise(url: str) -> list[httpx.Response]:
     completion = {"prompt": "Hello world", "max_tokens": 2}
     with httpx.Client(base_url=url, timeout=30) as http:
         replies = [
-            http.get("/health"),
+            http.get("/ready"),
             http.get("/metrics"),
             http.get("/openapi.json"),
             http.get("/v1/models"),
@@ -77,15 +80,21 @@ def exercise(url: str) -> list[httpx.Response]:
             http.post("/v1/completions", content=b"{not json", headers=AUTH),
             http.request("TRACE", "/health"),
             http.get("/nowhere"),
+            http.get("/health"),
+            http.get("/version"),
+            http.post("/tokenize", json={"prompt": "Hi"}),
+            http.post("/tokenize", json={"prompt": "Hi"}, headers={"Authorization": f"Bearer {OTHER_KEYS[1]}"}),
+            http.post("/detokenize", json={"tokens": [1, 2]}, headers={"Authorization": f"Bearer {OTHER_KEYS[0]}"}),
         ]
     statuses = [r.status_code for r in replies]
-    assert statuses == [200, 200, 200, 401, 401, 200, 404, 401, 401, 200, 200, 200, 400, 400, 405, 404], statuses
+    expected = [200, 200, 200, 401, 401, 200, 404, 401, 401, 200, 200, 200, 400, 400, 405, 404, 200, 200, 401, 200, 200]
+    assert statuses == expected, statuses
     return replies
 
 
 def wait_healthy(url: str, timeout_s: float = 15.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while httpx.get(f"{url}/health", timeout=5).status_code != 200:
+    while httpx.get(f"{url}/ready", timeout=5).status_code != 200:
         assert time.monotonic() < deadline, "the pipeline did not recover from the dropped connections"
         time.sleep(0.1)
 

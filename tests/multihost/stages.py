@@ -82,7 +82,7 @@ class Hosts:
         self, name: str, *, gateway_port: int, engine: dict[str, str], ready_timeout_s: float = 120.0
     ) -> Pipeline:
         """One tokenizer, one engine, one detokenizer and a gateway, each on its own host, on
-        streams of their own (SCALELLM_STREAM_PREFIX=name); returns once /health, asked from
+        streams of their own (SCALELLM_STREAM_PREFIX=name); returns once /ready, asked from
         the client host, says every role is alive. Stopped by stop()."""
         log_dir = self.log_dir / name
         log_dir.mkdir(parents=True, exist_ok=True)

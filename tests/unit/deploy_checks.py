@@ -262,6 +262,11 @@ def probe_problems(m: Manifests) -> list[str]:
                 get = probe["httpGet"]
                 if get["path"] not in paths:
                     problems.append(f"{role}: {kind} GETs {get['path']}, which the gateway does not serve")
+                # /ready fails while another stage is missing: a liveness or start-up probe on it would
+                # restart every gateway for an engine's death; readiness on /health would send traffic
+                # to a gateway that cannot serve it.
+                elif (get["path"] == "/ready") != (kind == "readinessProbe"):
+                    problems.append(f"{role}: {kind} GETs {get['path']}; readiness is /ready, liveness /health")
                 port = ports.get(get["port"], get["port"])
                 if str(port) != role_env(m, container).get("SCALELLM_GATEWAY_PORT"):
                     problems.append(f"{role}: {kind} port {port} is not SCALELLM_GATEWAY_PORT")

@@ -52,7 +52,7 @@ def test_the_stored_keda_schemas_name_their_source_and_license() -> None:
 
 
 def test_the_gateway_get_routes_are_read_from_the_app() -> None:
-    assert {"/health", "/metrics", "/v1/models"} <= checks.gateway_get_paths()
+    assert {"/health", "/ready", "/version", "/metrics", "/v1/models"} <= checks.gateway_get_paths()
 
 
 def _container(m: checks.Manifests, role: str) -> dict[str, Any]:
@@ -142,8 +142,16 @@ MUTATIONS: dict[str, tuple[Callable[[checks.Manifests], object], str]] = {
         "tokenizer: SCALELLM_GATEWAY_PORT is no setting of TokenizerSettings",
     ),
     "a readiness path the gateway does not serve": (
-        lambda m: _gateway_readiness(m)["httpGet"].update(path="/ready"),
-        "gateway: readinessProbe GETs /ready, which the gateway does not serve",
+        lambda m: _gateway_readiness(m)["httpGet"].update(path="/readyz"),
+        "gateway: readinessProbe GETs /readyz, which the gateway does not serve",
+    ),
+    "readiness on the liveness path": (
+        lambda m: _gateway_readiness(m)["httpGet"].update(path="/health"),
+        "gateway: readinessProbe GETs /health; readiness is /ready, liveness /health",
+    ),
+    "liveness on the readiness path": (
+        lambda m: _container(m, "gateway")["livenessProbe"]["httpGet"].update(path="/ready"),
+        "gateway: livenessProbe GETs /ready; readiness is /ready, liveness /health",
     ),
     "a probe on another port": (
         lambda m: _gateway_readiness(m)["httpGet"].update(port=8080),

@@ -2,7 +2,7 @@
 
 A driver runs the real CLI in a subprocess with two substitutions: the model
 preparation is skipped, and each service is a small stand-in (the gateway one
-answers /health with 200 once it has reached Redis).
+answers /ready with 200 once it has reached Redis).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ redis.Redis.from_url(os.environ["SCALELLM_REDIS_URL"]).ping()
 print("pid", os.getpid(), "reached redis; backend", os.environ["SCALELLM_ENGINE_BACKEND"], flush=True)
 class Health(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        self.send_response(200 if self.path == "/health" else 404)
+        self.send_response(200 if self.path == "/ready" else 404)
         self.end_headers()
     def log_message(self, *args):
         pass
