@@ -12,12 +12,12 @@ one costs a tokenizer replica's time and can show the chat template.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, ValidationError
+from pydantic_core import from_json
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -71,7 +71,9 @@ class DetokenizeBody(TracksUnknownFields):
 def parse_tokenize(raw: bytes, limits: RequestLimits) -> TokenizeCompletionBody | TokenizeChatBody:
     """vLLM's two shapes: ``messages`` makes it a chat, else it is a prompt."""
     try:
-        data = json.loads(raw)
+        # pydantic's parser, as for completions: a bounded nesting depth (json.loads would raise
+        # RecursionError on a deeply nested body).
+        data = from_json(raw)
     except ValueError as exc:
         raise bad_request(f"The request body is not valid JSON: {exc}", None, "invalid_json") from None
     chat = isinstance(data, dict) and "messages" in data

@@ -60,6 +60,9 @@ async def test_tokenize_errors_are_openai_style() -> None:
         model = await h.http.post("/tokenize", json={"prompt": "x", "model": "gpt-9"})
         assert model.status_code == 404
         assert (await h.http.post("/tokenize", content=b"{")).json()["error"]["code"] == "invalid_json"
+        deep = b'{"prompt": "x", "a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        assert (await h.http.post("/tokenize", content=deep)).json()["error"]["code"] == "invalid_json"
+        assert (await h.http.post("/tokenize", json=[1])).json()["error"]["code"] == "invalid_type"
 
 
 async def test_a_tokenize_call_times_out_with_504() -> None:
