@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from services.gateway import protocol
@@ -32,6 +32,7 @@ from services.gateway.errors import ApiError, internal, overloaded, queue_full, 
 from services.gateway.http_io import error_response, http_error, read_body
 from services.gateway.info_routes import InfoRoutes, ModelContext
 from services.gateway.limits import RequestLimits
+from services.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openapi import openapi_document
 from services.gateway.output_buffer import Event
@@ -79,7 +80,9 @@ class Gateway:
             heartbeat_interval_s=settings.heartbeat_interval_s,
             heartbeat_ttl_s=settings.heartbeat_ttl_s,
         )
-        self.metrics = GatewayMetrics()
+        self.metrics = GatewayMetrics(
+            served_model_name(settings), transport, detokenizer_shards=settings.detokenizer_shards
+        )
         self.slow_clients = SlowClientMonitor(settings.slow_client_timeout_s)
         self.model_name = served_model_name(settings)
         self.keys = ApiKeys.from_settings(settings)
@@ -212,7 +215,7 @@ class Gateway:
             session.request_id,
             why,
         )
-        self.metrics.slow_clients[reason] += 1
+        self.metrics.slow_client(reason)
         session.evict()
 
     def _closed(self, record: RequestRecord, session: RequestSession) -> None:
@@ -225,16 +228,7 @@ class Gateway:
 
     def _session_closed(self, session: RequestSession) -> None:
         self.slow_clients.unwatch(session.request_id)
-        if not session.finished:
-            self.metrics.aborted += 1
-            return
-        final = session.final
-        if final is not None:
-            prompt = final.usage.prompt_tokens if final.usage else 0
-            completion = final.usage.completion_tokens if final.usage else session.completion_tokens
-            loop_time = asyncio.get_running_loop().time()
-            first = None if session.first_event_at is None else session.first_event_at - session.started
-            self.metrics.output_done(prompt, completion, first, loop_time - session.started)
+        self.metrics.request_closed(session, asyncio.get_running_loop().time())
 
     # -- openapi, metrics -----------------------------------------------------
 
@@ -242,8 +236,8 @@ class Gateway:
         return JSONResponse(self._openapi)
 
     async def metrics_text(self, request: Request) -> Response:
-        text = self.metrics.render(len(self.registry), self.registry.buffered_bytes())
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+        body = await self.metrics.scrape(len(self.registry), self.registry.buffered_bytes())
+        return Response(body, media_type=METRICS_CONTENT_TYPE)
 
 
 def create_app(

@@ -19,6 +19,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from services.gateway.errors import ApiError, internal, timed_out
+from services.gateway.metrics import TokenGaps
 from services.gateway.output_buffer import Event, OutputBuffer
 from services.gateway.pipeline_client import PipelineClient
 from services.gateway.responses import SSE_DONE, CollectedOutput, ResponseBuilder, sse_error, usage_body
@@ -55,6 +56,7 @@ class RequestSession:
         self.closed = False
         self.final: TextDelta | None = None
         self.completion_tokens = 0
+        self.token_gaps = TokenGaps()  # for the inter-token latency (services/gateway/metrics)
         # Set when the client is cut off for not reading (services/gateway/slow_clients.py).
         self.evicted = asyncio.Event()
         self._on_close = on_close
@@ -75,12 +77,14 @@ class RequestSession:
         if event is None:
             async with asyncio.timeout_at(self.deadline):
                 event = await self.buffer.get()
+        now = asyncio.get_running_loop().time()
         if self.first_event_at is None:
-            self.first_event_at = asyncio.get_running_loop().time()
+            self.first_event_at = now
         if isinstance(event, RequestFailed):
             self.finished = True
         else:
             self.completion_tokens += len(event.token_ids)
+            self.token_gaps.arrived(now, len(event.token_ids))
             if event.finish_reason is not None:
                 self.finished = True
                 self.final = event

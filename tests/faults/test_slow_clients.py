@@ -118,13 +118,13 @@ def latencies(outcomes: list[Outcome]) -> tuple[float, float]:
 
 
 def metric(url: str, name: str) -> float:
-    """One sample from the gateway's /metrics, e.g. 'scalellm_gateway_buffered_bytes'."""
+    """One sample from the gateway's /metrics, e.g. 'scalellm:gateway_buffered_bytes'."""
     text = httpx.get(f"{url}/metrics", timeout=5).text
     return float(next(line for line in text.splitlines() if line.startswith(name + " ")).split()[-1])
 
 
 def slow_client_counts(url: str) -> dict[str, int]:
-    name = "scalellm_gateway_slow_clients_total"
+    name = "scalellm:gateway_slow_clients_total"
     return {reason: int(metric(url, f'{name}{{reason="{reason}"}}')) for reason in ("buffer", "timeout")}
 
 
@@ -163,7 +163,7 @@ def test_stalled_readers_cost_bounded_memory_are_aborted_and_slow_no_one(
         # Their sockets are full and their handlers blocked in send once output piles up in the gateway
         # (a quarter of the bound each, on average: far more than a reading client ever leaves waiting).
         piled_up = STALLED * int(GATEWAY["max_buffered_bytes_per_request"]) // 4
-        await wait_until(lambda: metric(url, "scalellm_gateway_buffered_bytes") > piled_up, 30, "output to pile up")
+        await wait_until(lambda: metric(url, "scalellm:gateway_buffered_bytes") > piled_up, 30, "output to pile up")
         outcomes = await run_load(url, load, max_tokens=MAX_TOKENS)
         # Still stalled, still generating: then cut off within the bound or the timeout.
         cut_off = await wait_until(lambda: engine_running() == 0, 60, "the engine to stop the stalled requests")

@@ -1,4 +1,4 @@
-"""OpenAI response bodies, SSE chunks, logprobs shapes and metrics text: pure builders."""
+"""OpenAI response bodies, SSE chunks and logprobs shapes: pure builders (metrics: test_gateway_metrics.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import json
 from typing import Any
 
 from services.gateway.errors import ApiError
-from services.gateway.metrics import GatewayMetrics
 from services.gateway.responses import CollectedOutput, ResponseBuilder, sse_error, usage_body
 from shared.messages import TextDelta, Usage
 
@@ -120,18 +119,3 @@ def test_sse_error_event_ends_the_stream() -> None:
     first, done = raw.split(b"\n\n")[:2]
     assert json.loads(first[6:]) == {"error": {"message": "boom", "type": "server_error", "param": None, "code": None}}
     assert done == b"data: [DONE]"
-
-
-def test_metrics_text() -> None:
-    metrics = GatewayMetrics()
-    metrics.request_done("completions", 200)
-    metrics.request_done("completions", 200)
-    metrics.request_done("chat_completions", 400)
-    metrics.output_done(prompt_tokens=3, completion_tokens=5, first_event_s=0.02, latency_s=0.3)
-    text = metrics.render(in_flight=4)
-    assert 'scalellm_gateway_requests_total{endpoint="completions",status="200"} 2' in text
-    assert 'scalellm_gateway_requests_total{endpoint="chat_completions",status="400"} 1' in text
-    assert "scalellm_gateway_requests_in_flight 4" in text
-    assert "scalellm_gateway_generation_tokens_total 5" in text
-    assert 'scalellm_gateway_time_to_first_event_seconds_bucket{le="0.025"} 1' in text
-    assert 'scalellm_gateway_time_to_first_event_seconds_bucket{le="0.01"} 0' in text

@@ -96,7 +96,7 @@ async def test_a_stalled_reader_is_cut_off_at_the_buffer_bound_while_another_str
         flood = next(r.request_id for r in h.pipeline.requests if r.prompt == "flood")
         assert await h.pipeline.aborted_ids() == [flood]
         assert len(h.gateway.registry) == 0 and len(h.gateway.slow_clients) == 0
-        assert (await metric(h, 'scalellm_gateway_slow_clients_total{reason="buffer"}')).endswith(" 1")
+        assert (await metric(h, 'scalellm:gateway_slow_clients_total{reason="buffer"}')).endswith(" 1.0")
 
 
 async def test_a_stalled_reader_with_output_under_the_bound_is_cut_off_after_the_timeout() -> None:
@@ -110,9 +110,9 @@ async def test_a_stalled_reader_with_output_under_the_bound_is_cut_off_after_the
         assert stalled.aborted.is_set()
         await asyncio.sleep(0.05)
         assert await h.pipeline.aborted_ids() == [h.pipeline.requests[0].request_id]
-        assert (await metric(h, 'scalellm_gateway_slow_clients_total{reason="timeout"}')).endswith(" 1")
+        assert (await metric(h, 'scalellm:gateway_slow_clients_total{reason="timeout"}')).endswith(" 1.0")
         # A reading client waiting on a slow model (nothing pending) is never timed out.
         reply = await h.http.post("/v1/completions", json={"prompt": "slow", "stream": True})
         texts = [e["choices"][0]["text"] for e in sse_events(reply.text) if e != "[DONE]"]
         assert "".join(texts) == "slow"
-        assert (await metric(h, 'scalellm_gateway_slow_clients_total{reason="timeout"}')).endswith(" 1")
+        assert (await metric(h, 'scalellm:gateway_slow_clients_total{reason="timeout"}')).endswith(" 1.0")
