@@ -72,7 +72,9 @@ class CommonSettings(BaseSettings):
     claim_idle_ms: PositiveInt = 30_000
     # Every replica beats this often; a replica whose heartbeat is older than the TTL
     # is gone: its pending entries move to a live replica, a gateway's requests are
-    # aborted. Failover takes between TTL - interval and TTL + interval.
+    # aborted. A replica whose heartbeat lives but whose Redis connections closed (it
+    # was killed) is gone after two censuses an interval apart, about half a TTL
+    # sooner; one that hangs with them open, or a gateway, waits for the TTL.
     heartbeat_interval_s: PositiveFloat = 0.25
     # The heartbeat TTL above; must be at least twice the heartbeat interval.
     heartbeat_ttl_s: PositiveFloat = 1.0

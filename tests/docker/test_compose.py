@@ -4,7 +4,8 @@ The image is built from a local Debian base (debootstrap) and a local wheelhouse
 image registry is assumed reachable (host.py); the pipeline runs the default torch engine
 and model. Greedy requests are streamed once without faults, and once while a detokenizer
 (mid-stream) and a tokenizer (as more requests arrive) are SIGKILLed: every request must
-end with the same text, and the restart policy must bring both containers back.
+end with the same text, and the restart policy must bring both containers back. The
+requests go through the ``openai`` package, as a user's would.
 Run with ``python -m pytest -m docker -s`` (docs/operations.md, "Docker").
 """
 
@@ -21,6 +22,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import httpx
+import openai
 import pytest
 
 from tests.docker.compose import ComposeProject, crash, inspect, wait_until
@@ -152,27 +154,31 @@ class Stream:
     def ok(self) -> bool:
         return self.finish_reason in ("stop", "length") and self.error is None
 
-    async def run(self, client: httpx.AsyncClient) -> None:
-        body = {"model": "SmolLM2-135M-Instruct", "prompt": self.prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
-        async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
-            if response.status_code != 200:
-                self.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
-                return
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[len("data: ") :])
-                if "error" in event:
-                    self.error = str(event["error"])
-                    continue
-                self.text += event["choices"][0]["text"]
-                self.finish_reason = event["choices"][0]["finish_reason"] or self.finish_reason
+    async def run(self, client: openai.AsyncOpenAI) -> None:
+        # As users stream: through the official client, which raises on an HTTP error and on an
+        # error event inside the stream.
+        try:
+            chunks = await client.completions.create(
+                model="SmolLM2-135M-Instruct", prompt=self.prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True
+            )
+            async for chunk in chunks:
+                choice = chunk.choices[0]
+                self.text += choice.text
+                self.finish_reason = choice.finish_reason or self.finish_reason
                 self.started.set()
+        except openai.APIError as error:
+            self.error = f"{type(error).__name__}: {str(error)[:200]}"
+        finally:
+            self.started.set()  # a request that failed before its first token must not stall the crash
+
+
+def openai_client(url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=180, max_retries=0)
 
 
 async def stream_all(url: str, prompts: list[str]) -> list[Stream]:
     streams = [Stream(prompt) for prompt in prompts]
-    async with httpx.AsyncClient(base_url=url, timeout=180) as client:
+    async with openai_client(url) as client:
         await asyncio.gather(*(stream.run(client) for stream in streams))
     return streams
 
@@ -180,7 +186,7 @@ async def stream_all(url: str, prompts: list[str]) -> list[Stream]:
 async def stream_through_crashes(url: str, detokenizer: str, tokenizer: str) -> tuple[list[Stream], list[Stream], int]:
     """The first wave is mid-stream when a detokenizer dies; the second is sent as a tokenizer dies."""
     first, second = [Stream(prompt) for prompt in FIRST_WAVE], [Stream(prompt) for prompt in SECOND_WAVE]
-    async with httpx.AsyncClient(base_url=url, timeout=180) as client:
+    async with openai_client(url) as client:
         running = [asyncio.create_task(stream.run(client)) for stream in first]
         await asyncio.wait_for(asyncio.gather(*(stream.started.wait() for stream in first)), 120)
         streaming_at_crash = sum(stream.finish_reason is None for stream in first)
