@@ -24,6 +24,22 @@ MAX_TOKEN_ID = 2**31 - 1
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 # Per generated token: (logprob of the chosen token, [(alternative id, logprob), ...]).
 TokenLogprobs = tuple[float, list[tuple[TokenId, float]]]
+# Per prompt token after the first (engine -> detokenizer): (logprob of the prompt token, its rank in
+# the vocabulary, 1 for the most likely token, [(alternative id, logprob), ...]).
+PromptTokenLogprobs = tuple[float, Annotated[int, Field(ge=1)], list[tuple[TokenId, float]]]
+# A token and its logprobs as the detokenizer names them for the gateway (docs/api.md, "Logprobs"):
+# (token id, its text, text offset, logprob, rank, [(alternative id, alternative's text, logprob), ...]).
+# The text offset counts the code points before the token's text: in the output text for an output
+# token, in the prompt's text for a prompt token. logprob is None for a prompt's first token (nothing
+# comes before it to predict it); rank is given for prompt tokens only.
+NamedToken = tuple[
+    TokenId,
+    str,
+    Annotated[int, Field(ge=0)],
+    float | None,
+    Annotated[int, Field(ge=1)] | None,
+    list[tuple[TokenId, str, float]],
+]
 
 
 class MessageError(ValueError):
@@ -39,7 +55,8 @@ class _Model(BaseModel):
 class SamplingParams(_Model):
     """How the engine chooses tokens; vLLM's names and meanings."""
 
-    max_tokens: Annotated[int, Field(ge=1)] = 16
+    # 0: the prompt is only prefilled, no token is generated (echo scoring with prompt_logprobs).
+    max_tokens: Annotated[int, Field(ge=0)] = 16
     temperature: Annotated[float, Field(ge=0.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Field(ge=0)] = 0  # 0: no limit
@@ -54,6 +71,8 @@ class SamplingParams(_Model):
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None  # top-N alternatives
+    # vLLM's: the logprob of every prompt token after the first, with this many alternatives each.
+    prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 
 
 class DetokenizeParams(_Model):
@@ -64,6 +83,9 @@ class DetokenizeParams(_Model):
     skip_special_tokens: bool = True
     # vLLM's option; passed to the tokenizer's decode, which decides (docs/api.md).
     spaces_between_special_tokens: bool = True
+    # Send the prompt's text with the first output: the echo of a prompt given as token ids
+    # (the gateway has no tokenizer). The engine then sends the prompt's ids with its first delta.
+    decode_prompt: bool = False
 
 
 class ChatMessage(_Model):
@@ -131,6 +153,10 @@ class TokenDelta(_Model):
     # Set on a request's first delta only: what the detokenizer needs to start.
     detokenize: DetokenizeParams | None = None
     prompt_tail: list[TokenId] | None = None
+    # On the first delta of a request whose sampling asks for prompt_logprobs or whose detokenize
+    # asks for decode_prompt: the whole prompt, and per prompt token its logprobs (None for the first).
+    prompt_token_ids: list[TokenId] | None = None
+    prompt_logprobs: list[PromptTokenLogprobs | None] | None = None
 
 
 class EngineStepOutput(Message):
@@ -155,7 +181,15 @@ class TextDelta(_Model):
     token_ids: list[TokenId] = Field(default_factory=list)
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    # Per token of ``token_ids``, the logprobs as the engine gave them (ids only): what a detokenizer
+    # older than ``named_logprobs`` sends; the gateway then names tokens "token_id:<id>".
     logprobs: list[TokenLogprobs] | None = None
+    # Per token of ``token_ids``, its text, offset in the output text and logprobs (NamedToken).
+    named_logprobs: list[NamedToken] | None = None
+    # On the request's first delta, when asked: every prompt token named (prompt_logprobs), and the
+    # prompt's text (DetokenizeParams.decode_prompt).
+    prompt_logprobs: list[NamedToken] | None = None
+    prompt_text: str | None = None
     # Code points of the request's output text before ``text``: lets the gateway
     # drop text it already has if a delta is ever published twice.
     offset: int | None = None
@@ -265,6 +299,8 @@ class DecodeCheckpoint(Message):
     text_tail: str = ""
     sent: int = 0  # code points of ``text_tail`` already sent
     unsent_token_ids: list[TokenId] = Field(default_factory=list)
+    # Their logprobs, named (what this version writes), or as ids (what older versions wrote).
+    unsent_named: list[NamedToken] | None = None
     unsent_logprobs: list[TokenLogprobs] | None = None
     finish_reason: FinishReason | None = None  # set: the request is over, later deltas are dropped
     stopped_by_string: bool = False

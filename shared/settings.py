@@ -177,7 +177,7 @@ class GatewaySettings(CommonSettings):
     max_n: Annotated[int, Field(ge=1, le=1)] = 1
     # At or above the vocabulary size top_k means "no limit"; this only refuses nonsense.
     max_top_k: PositiveInt = 1_000_000
-    # Alternatives per token; 20 is what the wire format (SamplingParams.logprobs) carries.
+    # Alternatives per token (logprobs, top_logprobs) and per prompt token (prompt_logprobs); 20 is what the wire format (SamplingParams) carries.
     max_logprobs: Annotated[int, Field(ge=0, le=20)] = 20
     # Messages per chat request.
     max_chat_messages: PositiveInt = 1000

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from services.detokenizer.incremental import IncrementalDetokenizer, TokenDecoder
+from services.detokenizer.token_names import TokenNamer
 from shared.messages import DecodeCheckpoint, DetokenizeParams, EngineStepOutput, TextDelta, TokenDelta, Usage
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class DetokenizerState:
 
     def __init__(self, decoder: TokenDecoder, *, idle_timeout_s: float = 600.0, finished_ttl_s: float = 600.0) -> None:
         self._decoder = decoder
+        self._namer = TokenNamer(decoder)  # logprobs' token names, cached for every request
         self._idle_timeout_s = idle_timeout_s
         self._finished_ttl_s = finished_ttl_s
         self._active: OrderedDict[str, _Tracked] = OrderedDict()  # least recently seen first
@@ -79,7 +81,7 @@ class DetokenizerState:
             if checkpoint.finish_reason is not None:
                 self._finish(request_id, now)
                 continue
-            detokenizer = IncrementalDetokenizer.restore(self._decoder, checkpoint)
+            detokenizer = IncrementalDetokenizer.restore(self._decoder, checkpoint, self._namer)
             self._active[request_id] = _Tracked(detokenizer, checkpoint.gateway_id, now)
             self._active.move_to_end(request_id)
 
@@ -154,6 +156,7 @@ class DetokenizerState:
                 delta.detokenize or DetokenizeParams(),
                 delta.prompt_tail or (),
                 start_offset=delta.offset,
+                namer=self._namer,
             ),
             gateway_id=delta.gateway_id,
             last_seen=now,

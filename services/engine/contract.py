@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from shared.histogram import REQUEST_LATENCY_BUCKETS, BucketHistogram, HistogramCounts
-from shared.messages import FinishReason, SamplingParams, TokenLogprobs
+from shared.messages import FinishReason, PromptTokenLogprobs, SamplingParams, TokenLogprobs
 
 # EngineLoad.forward_share covers this many recent seconds, so an idle engine drifts to 0.
 FORWARD_SHARE_WINDOW_S = 10.0
@@ -47,6 +47,9 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] | None = None
     # With finish_reason "error": why, in words a client can act on.
     error: str | None = None
+    # On a request's first output, when its sampling asks for prompt_logprobs (and it was not taken
+    # over: then the engine before had sent them): per prompt token, None for the first.
+    prompt_logprobs: list[PromptTokenLogprobs | None] | None = None
 
 
 @dataclass(slots=True)
@@ -71,6 +74,8 @@ class EngineBackend(Protocol):
         """Queue a request; it starts in a later step(). One whose ``output_token_ids``
         already end it (a stop token, max_tokens) finishes in the next step with no tokens;
         one that can never run (``refusal``) finishes in the next step with "error".
+        max_tokens 0 means prefill only: the request finishes "length" with no tokens once its
+        prompt logprobs are computed (at once when it asks for none).
 
         The id of a request still in the backend is ignored: the running copy answers
         for both (at-least-once delivery and takeovers can bring a request twice)."""
@@ -106,6 +111,12 @@ def refusal(request: EngineRequest, *, max_model_len: int | None = None, vocab_s
             if bad is not None:
                 return f"{part} token id {bad} is outside this model's vocabulary (0..{vocab_size - 1})"
     return None
+
+
+def wants_prompt_logprobs(request: EngineRequest) -> bool:
+    """Whether the backend computes ``request``'s prompt logprobs: asked for, and not taken over
+    (the engine that published the request's first output has sent them)."""
+    return request.sampling.prompt_logprobs is not None and not request.output_token_ids
 
 
 def stop_token_ids(sampling: SamplingParams, default_eos_token_ids: Iterable[int] = ()) -> frozenset[int]:

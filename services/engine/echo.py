@@ -21,8 +21,9 @@ from services.engine.contract import (
     RequestOutput,
     refusal,
     stop_token_ids,
+    wants_prompt_logprobs,
 )
-from shared.messages import FinishReason, TokenLogprobs
+from shared.messages import FinishReason, PromptTokenLogprobs, TokenLogprobs
 from shared.settings import EngineSettings
 
 
@@ -104,7 +105,10 @@ class EchoBackend:
         sequence = _EchoSequence.start(request, self._queue_time.clock())
         ended = sequence.ended()
         if ended is not None:
-            self._pending.append(RequestOutput(request.request_id, [], ended))
+            # Taken over at its end, or max_tokens 0 (prefill only): its prompt logprobs, if any, now.
+            self._pending.append(
+                RequestOutput(request.request_id, [], ended, prompt_logprobs=_echo_prompt_logprobs(request))
+            )
             return
         self._waiting[request.request_id] = sequence
 
@@ -132,8 +136,12 @@ class EchoBackend:
                 self._sleep(self.step_delay_s)
         finished: list[str] = []
         for request_id, sequence in self._running.items():
+            first = sequence.generated == len(sequence.request.output_token_ids)
             token, finish = sequence.next_token()
-            outputs.append(RequestOutput(request_id, [token], finish, logprobs=_echo_logprobs(sequence.request, token)))
+            output = RequestOutput(request_id, [token], finish, logprobs=_echo_logprobs(sequence.request, token))
+            if first:
+                output.prompt_logprobs = _echo_prompt_logprobs(sequence.request)
+            outputs.append(output)
             if finish is not None:
                 finished.append(request_id)
         for request_id in finished:
@@ -148,6 +156,15 @@ class EchoBackend:
             forward_share=self._forward_time.share(),
             queue_time=self._queue_time.snapshot(),
         )
+
+
+def _echo_prompt_logprobs(request: EngineRequest) -> list[PromptTokenLogprobs | None] | None:
+    """Every prompt token is certain too: logprob 0, rank 1, and its own top alternative."""
+    if not wants_prompt_logprobs(request):
+        return None
+    top = request.sampling.prompt_logprobs or 0
+    prompt = request.prompt_token_ids
+    return [None, *((0.0, 1, [(token, 0.0)][:top]) for token in prompt[1:])]
 
 
 def _echo_logprobs(request: EngineRequest, token: int) -> list[TokenLogprobs] | None:

@@ -16,8 +16,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from services.engine.contract import EngineLoad, EngineRequest, ForwardTime, RequestOutput, refusal, stop_token_ids
-from shared.messages import FinishReason, TokenLogprobs
+from services.engine.contract import (
+    EngineLoad,
+    EngineRequest,
+    ForwardTime,
+    RequestOutput,
+    refusal,
+    stop_token_ids,
+    wants_prompt_logprobs,
+)
+from shared.messages import FinishReason, PromptTokenLogprobs, TokenLogprobs
 from shared.settings import EngineSettings
 
 if TYPE_CHECKING:
@@ -122,6 +130,11 @@ class HFBackend:
         prompt = request.prompt_token_ids
         done = request.output_token_ids  # taken over: generate after them, as part of the context
         stop_ids = sorted(stop_token_ids(sampling, self.default_eos_token_ids))
+        prompt_logprobs = (
+            self._prompt_logprobs(prompt, sampling.prompt_logprobs or 0) if wants_prompt_logprobs(request) else None
+        )
+        if sampling.max_tokens == 0:  # prefill only
+            return RequestOutput(request.request_id, [], "length", prompt_logprobs=prompt_logprobs)
         # The same context rule as the torch engine: prompt + output <= max_model_len,
         # with at least one token (vLLM's behaviour for a prompt that fills the context).
         max_new = max(1, min(sampling.max_tokens, self.max_model_len - len(prompt)))
@@ -169,7 +182,27 @@ class HFBackend:
         tokens = result.sequences[0, input_ids.shape[1] :].tolist()
         finish: FinishReason = "stop" if tokens and tokens[-1] in stop_ids else "length"
         logprobs = self._logprobs(result.logits, tokens, sampling.logprobs) if sampling.logprobs is not None else None
-        return RequestOutput(request.request_id, tokens, finish, logprobs=logprobs)
+        return RequestOutput(request.request_id, tokens, finish, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+
+    def _prompt_logprobs(self, prompt: list[int], top_n: int) -> list[PromptTokenLogprobs | None]:
+        """One forward pass over the prompt: the raw model distribution at each position."""
+        result: list[PromptTokenLogprobs | None] = [None]
+        if len(prompt) < 2:
+            return result
+        input_ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
+        logits = self.model(input_ids, attention_mask=torch.ones_like(input_ids)).logits[0, :-1]
+        logprobs = torch.log_softmax(logits.float()[:, : self.vocab_size], dim=-1)  # [P - 1, V]
+        targets = torch.tensor(prompt[1:], dtype=torch.long, device=logprobs.device)
+        chosen = logprobs.gather(1, targets[:, None])
+        ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
+        top_values: list[list[float]] = [[] for _ in ranks]
+        top_ids: list[list[int]] = [[] for _ in ranks]
+        if top_n:
+            values, ids = logprobs.topk(top_n, dim=-1)
+            top_values, top_ids = values.tolist(), ids.tolist()
+        for value, rank, alt_ids, alt_values in zip(chosen.squeeze(1).tolist(), ranks, top_ids, top_values):
+            result.append((value, rank, list(zip(alt_ids, alt_values))))
+        return result
 
     @staticmethod
     def _logprobs(logits: tuple[torch.Tensor, ...], tokens: list[int], top_n: int) -> list[TokenLogprobs]:

@@ -44,6 +44,9 @@ class TrackedRequest:
     # detokenizer taking the shard over mid-request still applies them. Requests
     # with default parameters (most) send them once.
     resend_detokenize: bool = False
+    # The whole prompt, for the first delta of a request whose prompt the detokenizer names
+    # (prompt logprobs) or decodes (echo of token ids); None for the others, and once sent.
+    prompt_token_ids: list[int] | None = None
 
 
 @dataclass(slots=True)
@@ -128,6 +131,10 @@ class OutputRouter:
             emitted=len(done_token_ids),
             resend_detokenize=request.detokenize != DetokenizeParams(),
         )
+        wants_prompt = request.sampling.prompt_logprobs is not None or request.detokenize.decode_prompt
+        if wants_prompt and not done_token_ids:
+            # (A taken-over request's first delta went out from the engine before.)
+            self._requests[request.request_id].prompt_token_ids = list(request.prompt_token_ids)
 
     def entry_of(self, request_id: str) -> str | None:
         tracked = self._requests.get(request_id)
@@ -219,10 +226,12 @@ class OutputRouter:
             prompt_tokens=tracked.prompt_tokens,
             finish_reason=output.finish_reason,
             logprobs=output.logprobs,
+            prompt_logprobs=output.prompt_logprobs,
         )
         if not tracked.first_sent:
             delta.detokenize = tracked.detokenize
             delta.prompt_tail = tracked.prompt_tail
+            delta.prompt_token_ids, tracked.prompt_token_ids = tracked.prompt_token_ids, None
             tracked.first_sent = True
         elif tracked.resend_detokenize:
             delta.detokenize = tracked.detokenize

@@ -233,6 +233,7 @@ def _limit_common(schema: dict[str, Any], limits: RequestLimits) -> None:
     properties = schema["properties"]
     _constrain(properties["n"], "integer", maximum=limits.max_n)
     _constrain(properties["top_k"], "integer", maximum=limits.max_top_k)
+    _constrain(properties["prompt_logprobs"], "integer", maximum=limits.max_logprobs)
     _constrain(properties["stop"], "string", maxLength=limits.max_stop_string_chars)
     _constrain(properties["stop"], "array", maxItems=limits.max_stop_strings)
     for branch in properties["stop"]["anyOf"]:

@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from shared.messages import FinishReason, RequestFailed, TextDelta, TokenLogprobs, Usage
+from shared.messages import FinishReason, NamedToken, RequestFailed, TextDelta, TokenLogprobs, Usage
 
 Event = TextDelta | RequestFailed
 
@@ -37,6 +37,17 @@ _POINTER = 8
 _TOKEN_ID = 36  # an int object (28) and its list slot
 _LOGPROB = 144  # (float, list) tuple, the float and the list
 _ALTERNATIVE = 116  # (int, float) tuple, its int and float, and the list slot
+_NAMED = 240  # a NamedToken: the 6-tuple, its int, offset, float and list, the list slot
+_NAMED_ALTERNATIVE = 140  # (int, str, float) tuple, its int and float, the list slot
+
+
+def _named_size(tokens: list[NamedToken]) -> int:
+    return sum(
+        _NAMED
+        + sys.getsizeof(text)
+        + sum(_NAMED_ALTERNATIVE + sys.getsizeof(alt_text) for _, alt_text, _ in alternatives)
+        for _, text, _, _, _, alternatives in tokens
+    )
 
 
 def event_size(event: Event) -> int:
@@ -46,6 +57,12 @@ def event_size(event: Event) -> int:
     size = sys.getsizeof(event.text) + _POINTER + _TOKEN_ID * len(event.token_ids)
     if event.logprobs:
         size += sum(_LOGPROB + _ALTERNATIVE * len(alternatives) for _, alternatives in event.logprobs)
+    if event.named_logprobs:
+        size += _named_size(event.named_logprobs)
+    # Not counted: the prompt's names and text, on a request's first delta only. They are bounded by
+    # the prompt (which the request was admitted with), and the handler takes the first event as it
+    # comes, before its client could have stopped reading (a long echoed prompt with logprobs would
+    # otherwise pass the slow-client bound by itself).
     return size
 
 
@@ -58,9 +75,13 @@ class _Merged:
     parts: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] | None = None
+    named_logprobs: list[NamedToken] | None = None
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     prompt_tokens: int | None = None
+    # The prompt's, on a request's first delta only: kept from whichever part brought it.
+    prompt_logprobs: list[NamedToken] | None = None
+    prompt_text: str | None = None
 
     @classmethod
     def of(cls, first: TextDelta) -> _Merged:
@@ -76,10 +97,18 @@ class _Merged:
             if self.logprobs is None:
                 self.logprobs = []
             self.logprobs.extend(delta.logprobs)
+        if delta.named_logprobs:
+            if self.named_logprobs is None:
+                self.named_logprobs = []
+            self.named_logprobs.extend(delta.named_logprobs)
         self.finish_reason = delta.finish_reason
         self.usage = delta.usage
         if delta.prompt_tokens is not None:
             self.prompt_tokens = delta.prompt_tokens
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = delta.prompt_logprobs
+        if self.prompt_text is None:
+            self.prompt_text = delta.prompt_text
 
     def delta(self) -> TextDelta:
         # Built from fields that were validated when each part was decoded.
@@ -90,6 +119,9 @@ class _Merged:
             finish_reason=self.finish_reason,
             usage=self.usage,
             logprobs=self.logprobs,
+            named_logprobs=self.named_logprobs,
+            prompt_logprobs=self.prompt_logprobs,
+            prompt_text=self.prompt_text,
             offset=self.offset,
             prompt_tokens=self.prompt_tokens,
         )

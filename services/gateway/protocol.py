@@ -112,6 +112,11 @@ class _Body(TracksUnknownFields):
     add_special_tokens: bool | None = None
     user: Any = None  # accepted and ignored
     logit_bias: dict[str, float] | None = None
+    # vLLM's: the logprob of every prompt token after the first, with this many alternatives each
+    # (bounded by limits.max_logprobs); not with stream, as in vLLM.
+    prompt_logprobs: Count | None = None
+    # vLLM's: logprobs name tokens "token_id:<id>" instead of by their text.
+    return_tokens_as_token_ids: bool | None = False
 
     @field_validator("stop")
     @classmethod
@@ -148,12 +153,20 @@ class _Body(TracksUnknownFields):
         """Alternatives per token for SamplingParams.logprobs; None: no logprobs."""
         return None
 
+    def requested_prompt_logprobs(self) -> int | None:
+        """Alternatives per prompt token for SamplingParams.prompt_logprobs; None: no prompt logprobs."""
+        return self.prompt_logprobs
+
     def check(self, limits: RequestLimits) -> None:
         """The limits, then cross-field rules; raises ApiError."""
         limits.check_n(self.n or 1)
         limits.check_stop(self.stop_strings, single=isinstance(self.stop, str))
         if self.top_k is not None:
             limits.check_top_k(self.top_k)
+        if self.prompt_logprobs is not None:
+            limits.check_logprobs(self.prompt_logprobs, "prompt_logprobs")
+            if self.stream:
+                raise bad_request("prompt_logprobs are not available when stream is true.", "prompt_logprobs")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true.", "stream_options")
         if self.logit_bias:
@@ -164,6 +177,8 @@ class CompletionBody(_Body):
     """POST /v1/completions."""
 
     prompt: Annotated[Any, WithJsonSchema(PROMPT_SCHEMA)]  # str | [str] | [int, ...] | [[int, ...]]
+    # 0 only with echo: the prompt alone comes back (with its logprobs: how a text is scored).
+    max_tokens: Count | None = None
     echo: bool | None = False
     logprobs: Count | None = None  # bounded by limits.max_logprobs
     suffix: str | None = None
@@ -195,20 +210,29 @@ class CompletionBody(_Body):
     def requested_logprobs(self) -> int | None:
         return self.logprobs
 
+    def requested_prompt_logprobs(self) -> int | None:
+        """prompt_logprobs, or with echo and logprobs as many as logprobs (the echoed prompt's
+        tokens have logprobs too, as in vLLM), whichever is more."""
+        counts = [self.prompt_logprobs, self.logprobs if self.echo else None]
+        wanted = [count for count in counts if count is not None]
+        return max(wanted) if wanted else None
+
     def check(self, limits: RequestLimits) -> None:
         super().check(limits)
         if self.logprobs is not None:
             limits.check_logprobs(self.logprobs, "logprobs")
         if isinstance(self.prompt, str):
             limits.check_prompt_chars(len(self.prompt), "prompt")
+        if self.max_tokens == 0 and not self.echo:
+            raise bad_request(
+                "max_tokens must be at least 1, or 0 with echo (the prompt alone comes back, with its logprobs "
+                "when logprobs is set).",
+                "max_tokens",
+            )
         if self.suffix:
             raise bad_request("suffix is not supported by this server.", "suffix", "unsupported_parameter")
         if self.best_of not in (None, 1):
             raise bad_request("Only best_of=1 is supported.", "best_of")
-        if self.echo and not isinstance(self.prompt, str):
-            raise bad_request("echo needs a text prompt; the gateway does not decode token ids.", "echo")
-        if self.echo and self.logprobs is not None:
-            raise bad_request("echo with logprobs (prompt logprobs) is not supported.", "echo")
 
 
 class ChatMessageIn(TracksUnknownFields):

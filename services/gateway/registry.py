@@ -122,7 +122,9 @@ class RequestRegistry:
             return True
         delivered = self._text_end.get(delta.request_id, 0)
         end = delta.offset + len(delta.text)
-        if end <= delivered and delta.finish_reason is None:
+        # The first delta may bring the prompt (its logprobs, its text) before any output text.
+        brings_prompt = delta.prompt_logprobs is not None or delta.prompt_text is not None
+        if end <= delivered and delta.finish_reason is None and not brings_prompt:
             self.dropped += 1
             return False
         if delta.offset < delivered:

@@ -1,10 +1,12 @@
 """OpenAI response bodies and SSE chunks, built from the pipeline's TextDeltas.
 
-Pure logic. Logprobs: the gateway never sees token strings (it has no
-tokenizer), so tokens are named ``"token_id:<id>"`` throughout, which is the
-format vLLM uses with ``--return-tokens-as-token-ids``. A client holding the
-tokenizer can decode them exactly; decoded text per step would be ambiguous
-whenever one character spans several tokens.
+Pure logic. Logprobs: tokens are named by their text, which the detokenizer
+gives with each token (TextDelta.named_logprobs; the gateway has no
+tokenizer), with the offset of the token's text in the output, so
+``text_offset`` is exact; docs/api.md, "Logprobs", says how a token that is
+part of a character is named. ``return_tokens_as_token_ids`` (vLLM's) names
+them ``"token_id:<id>"`` instead, which is also the name when a delta carries
+ids only (from a detokenizer older than named logprobs).
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from services.gateway.errors import ApiError
-from shared.messages import TextDelta, TokenLogprobs, Usage
+from shared.messages import NamedToken, TextDelta, Usage
 
 SSE_DONE = b"data: [DONE]\n\n"
 # JSON has no -inf; vLLM sends this value in its place.
@@ -31,10 +34,6 @@ def sse_error(error: ApiError) -> bytes:
     return sse(error.body()) + SSE_DONE
 
 
-def token_name(token_id: int | None) -> str:
-    return "token_id:?" if token_id is None else f"token_id:{token_id}"
-
-
 def _finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else _MIN_LOGPROB
 
@@ -46,26 +45,60 @@ def usage_body(usage: Usage | None, completion_tokens_seen: int) -> dict[str, in
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+@dataclass(frozen=True, slots=True)
+class LogprobsOptions:
+    """What a request asked for: alternatives per output token (``top``, None: no logprobs), per
+    prompt token (``prompt_top``: vLLM's prompt_logprobs, None: not asked), and token names by id."""
+
+    top: int | None = None
+    prompt_top: int | None = None
+    as_token_ids: bool = False
+
+
+def token_name(token_id: int, text: str, as_token_ids: bool = False) -> str:
+    return f"token_id:{token_id}" if as_token_ids else text
+
+
+def named_tokens(delta: TextDelta) -> list[NamedToken]:
+    """The delta's tokens with their logprobs, named; a delta with ids only (an older
+    detokenizer) names them "token_id:<id>", each at the offset of the delta's text."""
+    if delta.named_logprobs is not None:
+        return delta.named_logprobs
+    if not delta.logprobs:
+        return []
+    offset = delta.offset or 0
+    return [
+        (token_id, f"token_id:{token_id}", offset, chosen, None, [(alt, f"token_id:{alt}", lp) for alt, lp in alts])
+        for token_id, (chosen, alts) in zip(delta.token_ids, delta.logprobs)
+    ]
+
+
 @dataclass
 class CompletionLogprobs:
     """The legacy /v1/completions logprobs object, built up delta by delta."""
 
     tokens: list[str] = field(default_factory=list)
-    token_logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = field(default_factory=list)
+    token_logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
     text_offset: list[int] = field(default_factory=list)
 
-    def add(self, token_ids: list[int], logprobs: list[TokenLogprobs], text_offset: int) -> None:
-        # Without token strings the exact per-token offset is unknown; every
-        # token of a delta gets the offset where that delta's text starts.
-        for i, (chosen, alternatives) in enumerate(logprobs):
-            name = token_name(token_ids[i] if i < len(token_ids) else None)
-            top = {token_name(alt_id): _finite(alt_lp) for alt_id, alt_lp in alternatives}
-            top.setdefault(name, _finite(chosen))  # vLLM lists the sampled token too
+    def add(self, tokens: Sequence[NamedToken], text_base: int, top: int, as_token_ids: bool = False) -> None:
+        """``text_base``: where the text the offsets count in starts in the returned text (after
+        the echoed prompt, for output tokens); ``top``: alternatives per token."""
+        for token_id, text, offset, logprob, _rank, alternatives in tokens:
+            name = token_name(token_id, text, as_token_ids)
             self.tokens.append(name)
-            self.token_logprobs.append(_finite(chosen))
-            self.top_logprobs.append(top)
-            self.text_offset.append(text_offset)
+            self.text_offset.append(text_base + offset)
+            if logprob is None:  # an echoed prompt's first token: nothing predicts it
+                self.token_logprobs.append(None)
+                self.top_logprobs.append(None)
+                continue
+            # The token itself first, then the alternatives (as vLLM: up to top + 1 entries).
+            best = {name: _finite(logprob)}
+            for alt_id, alt_text, alt_logprob in alternatives[:top]:
+                best.setdefault(token_name(alt_id, alt_text, as_token_ids), _finite(alt_logprob))
+            self.token_logprobs.append(_finite(logprob))
+            self.top_logprobs.append(best)
 
     def body(self) -> dict[str, Any]:
         return {
@@ -76,22 +109,45 @@ class CompletionLogprobs:
         }
 
 
-def chat_logprobs(token_ids: list[int], logprobs: list[TokenLogprobs]) -> list[dict[str, Any]]:
-    """Entries of a chat choice's ``logprobs.content``."""
+def _utf8(name: str) -> list[int]:
+    return list(name.encode("utf-8", errors="replace"))
+
+
+def chat_logprobs(tokens: Sequence[NamedToken], top: int, as_token_ids: bool = False) -> list[dict[str, Any]]:
+    """Entries of a chat choice's ``logprobs.content``; ``bytes`` are the UTF-8 of each name."""
     content = []
-    for i, (chosen, alternatives) in enumerate(logprobs):
+    for token_id, text, _offset, logprob, _rank, alternatives in tokens:
+        name = token_name(token_id, text, as_token_ids)
+        alternative_entries = []
+        for alt_id, alt_text, alt_logprob in alternatives[:top]:
+            alt_name = token_name(alt_id, alt_text, as_token_ids)
+            alternative_entries.append({"token": alt_name, "logprob": _finite(alt_logprob), "bytes": _utf8(alt_name)})
         content.append(
             {
-                "token": token_name(token_ids[i] if i < len(token_ids) else None),
-                "logprob": _finite(chosen),
-                "bytes": None,
-                "top_logprobs": [
-                    {"token": token_name(alt_id), "logprob": _finite(alt_lp), "bytes": None}
-                    for alt_id, alt_lp in alternatives
-                ],
+                "token": name,
+                "logprob": _finite(logprob if logprob is not None else -math.inf),
+                "bytes": _utf8(name),
+                "top_logprobs": alternative_entries,
             }
         )
     return content
+
+
+def prompt_logprobs_body(tokens: Sequence[NamedToken], top: int) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's ``prompt_logprobs``: per prompt token, null for the first, else a map from token id
+    to ``{logprob, rank, decoded_token}`` holding the prompt token, then ``top`` alternatives."""
+    body: list[dict[str, dict[str, Any]] | None] = []
+    for token_id, text, _offset, logprob, rank, alternatives in tokens:
+        if logprob is None:
+            body.append(None)
+            continue
+        entry = {str(token_id): {"logprob": _finite(logprob), "rank": rank, "decoded_token": text}}
+        for position, (alt_id, alt_text, alt_logprob) in enumerate(alternatives[:top], start=1):
+            entry.setdefault(
+                str(alt_id), {"logprob": _finite(alt_logprob), "rank": position, "decoded_token": alt_text}
+            )
+        body.append(entry)
+    return body
 
 
 class ResponseBuilder:
@@ -103,22 +159,37 @@ class ResponseBuilder:
         model: str,
         *,
         chat: bool,
-        logprobs: bool,
-        include_usage: bool,
+        logprobs: LogprobsOptions | None = None,
+        include_usage: bool = False,
         continuous_usage: bool = False,
+        echo: bool = False,
+        prompt: str | None = None,
     ) -> None:
+        """``echo``: the completion's text starts with the prompt: ``prompt`` when it was text,
+        else the text the pipeline decoded (TextDelta.prompt_text)."""
         self.request_id = request_id
         self.model = model
         self.chat = chat
-        self.logprobs = logprobs
+        self.options = logprobs or LogprobsOptions()
         self.include_usage = include_usage
         # vLLM's stream_options.continuous_usage_stats: every chunk has the usage so far.
         self.continuous_usage = continuous_usage and include_usage
+        self.echo = echo
+        self.prompt = prompt
         self.created = int(time.time())
         self.object = "chat.completion.chunk" if chat else "text_completion"
-        self._text_len = 0  # characters sent so far, for completion text offsets
+        self._echo_len = 0  # characters of the echoed prompt, before the output's text offsets
         self.prompt_tokens = 0  # from the deltas (TextDelta.prompt_tokens), for continuous usage
         self.completion_tokens = 0  # tokens sent so far
+
+    @property
+    def logprobs(self) -> bool:
+        """Whether the output tokens' logprobs are asked for."""
+        return self.options.top is not None
+
+    def echo_text(self, first: TextDelta) -> str:
+        """The echoed prompt: the text prompt, or the prompt's text decoded by the pipeline."""
+        return self.prompt if self.prompt is not None else (first.prompt_text or "")
 
     def observe(self, delta: TextDelta) -> None:
         """Count a delta's tokens (and learn the prompt's length) before its chunk, if any, is built."""
@@ -151,18 +222,30 @@ class ResponseBuilder:
             )
         )
 
+    def echo_chunk(self, first: TextDelta) -> bytes:
+        """The echoed prompt (completions with echo), with its tokens' logprobs when asked."""
+        text = self.echo_text(first)
+        logprobs = None
+        if self.logprobs and first.prompt_logprobs:
+            echoed = CompletionLogprobs()
+            echoed.add(first.prompt_logprobs, 0, self.options.top or 0, self.options.as_token_ids)
+            logprobs = echoed.body()
+        self._echo_len = len(text)
+        return sse(self._chunk({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": None}))
+
     def text_chunk(self, text: str, delta: TextDelta | None = None) -> bytes:
         """A chunk with new text; ``delta`` adds its logprobs and finish reason."""
         finish = delta.finish_reason if delta else None
         logprobs = None
-        if self.logprobs and delta is not None and delta.logprobs:
+        tokens = named_tokens(delta) if self.logprobs and delta is not None else []
+        if tokens:
+            top, as_ids = self.options.top or 0, self.options.as_token_ids
             if self.chat:
-                logprobs = {"content": chat_logprobs(delta.token_ids, delta.logprobs)}
+                logprobs = {"content": chat_logprobs(tokens, top, as_ids)}
             else:
                 partial = CompletionLogprobs()
-                partial.add(delta.token_ids, delta.logprobs, self._text_len)
+                partial.add(tokens, self._echo_len, top, as_ids)
                 logprobs = partial.body()
-        self._text_len += len(text)
         if self.chat:
             choice = {
                 "index": 0,
@@ -186,8 +269,18 @@ class ResponseBuilder:
             }
         )
 
+    def collector(self) -> CollectedOutput:
+        """Where a non-streaming request's output is gathered, for ``full_response``."""
+        return CollectedOutput(self)
+
     def full_response(self, result: CollectedOutput) -> dict[str, Any]:
         usage = usage_body(result.usage, result.completion_tokens)
+        body: dict[str, Any] = {
+            "id": self.request_id,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+        }
         if self.chat:
             logprobs = {"content": result.chat_logprobs} if self.logprobs else None
             choice = {
@@ -196,42 +289,57 @@ class ResponseBuilder:
                 "logprobs": logprobs,
                 "finish_reason": result.finish_reason,
             }
-            obj = "chat.completion"
+            body["choices"] = [choice]
+            if self.options.prompt_top is not None:
+                body["prompt_logprobs"] = result.prompt_logprobs  # vLLM: on the response, for chat
         else:
-            logprobs = result.completion_logprobs.body() if self.logprobs else None
-            choice = {"index": 0, "text": result.text, "logprobs": logprobs, "finish_reason": result.finish_reason}
-            obj = "text_completion"
-        return {
-            "id": self.request_id,
-            "object": obj,
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-            "usage": usage,
-        }
+            completion_logprobs = result.completion_logprobs.body() if self.logprobs else None
+            choice = {
+                "index": 0,
+                "text": result.text,
+                "logprobs": completion_logprobs,
+                "finish_reason": result.finish_reason,
+            }
+            if self.options.prompt_top is not None:
+                choice["prompt_logprobs"] = result.prompt_logprobs  # vLLM: on the choice, for completions
+            body["choices"] = [choice]
+        body["usage"] = usage
+        return body
 
 
 class CollectedOutput:
     """A whole request's output, for non-streaming responses."""
 
-    def __init__(self, prefix: str = "") -> None:
-        self._parts: list[str] = [prefix] if prefix else []
-        self._length = len(prefix)
+    def __init__(self, builder: ResponseBuilder) -> None:
+        self._builder = builder
+        self._parts: list[str] = []
+        self._echo: str | None = None  # the echoed prompt, once the first delta has come
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
         self.completion_logprobs = CompletionLogprobs()
         self.chat_logprobs: list[dict[str, Any]] = []
+        self.prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = None
 
-    def add(self, delta: TextDelta, *, chat: bool) -> None:
-        if delta.logprobs:
-            if chat:
-                self.chat_logprobs.extend(chat_logprobs(delta.token_ids, delta.logprobs))
+    def add(self, delta: TextDelta) -> None:
+        builder = self._builder
+        options = builder.options
+        top, as_ids = options.top or 0, options.as_token_ids
+        first = self._echo is None
+        if first:
+            self._echo = builder.echo_text(delta) if builder.echo else ""
+            if builder.echo and builder.logprobs and delta.prompt_logprobs:
+                self.completion_logprobs.add(delta.prompt_logprobs, 0, top, as_ids)
+        if options.prompt_top is not None and delta.prompt_logprobs and self.prompt_logprobs is None:
+            self.prompt_logprobs = prompt_logprobs_body(delta.prompt_logprobs, options.prompt_top)
+        if builder.logprobs:
+            tokens = named_tokens(delta)
+            if builder.chat:
+                self.chat_logprobs.extend(chat_logprobs(tokens, top, as_ids))
             else:
-                self.completion_logprobs.add(delta.token_ids, delta.logprobs, self._length)
+                self.completion_logprobs.add(tokens, len(self._echo or ""), top, as_ids)
         if delta.text:
             self._parts.append(delta.text)
-            self._length += len(delta.text)
         self.completion_tokens += len(delta.token_ids)
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
@@ -239,4 +347,4 @@ class CollectedOutput:
 
     @property
     def text(self) -> str:
-        return "".join(self._parts)
+        return (self._echo or "") + "".join(self._parts)

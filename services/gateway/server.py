@@ -39,7 +39,7 @@ from services.gateway.output_buffer import Event
 from services.gateway.pipeline_client import PipelineClient, cancel_and_wait
 from services.gateway.registry import RegistryClosed, RegistryFull, RequestRegistry
 from services.gateway.request_context import RequestContextMiddleware, RequestRecord, request_record
-from services.gateway.responses import CollectedOutput, ResponseBuilder
+from services.gateway.responses import CollectedOutput, LogprobsOptions, ResponseBuilder
 from services.gateway.session import (
     ClientDisconnected,
     RequestSession,
@@ -167,23 +167,29 @@ class Gateway:
             self.slow_clients.watch(request_id, buffer, functools.partial(self._slow_client, session))
         handed_off = False  # once an SSEResponse owns the session, it closes it
         try:
-            echo = body.prompt if isinstance(body, protocol.CompletionBody) and body.echo else None
+            echo = isinstance(body, protocol.CompletionBody) and bool(body.echo)
             builder = ResponseBuilder(
                 prefix + record.request_id,  # the body's id: the client's X-Request-Id, when it sent one
                 self.model_name,
                 chat=chat,
-                logprobs=message.sampling.logprobs is not None,
+                logprobs=LogprobsOptions(
+                    top=message.sampling.logprobs,
+                    prompt_top=body.prompt_logprobs,
+                    as_token_ids=bool(body.return_tokens_as_token_ids),
+                ),
                 include_usage=body.include_usage,
                 continuous_usage=body.continuous_usage,
+                echo=echo,
+                prompt=message.prompt if echo and isinstance(message.prompt, str) else None,
             )
             if not body.stream:
-                output = await race_disconnect(self._whole(session, message, echo, chat), request.receive)
+                output = await race_disconnect(self._whole(session, message, builder), request.receive)
                 return JSONResponse(builder.full_response(output))
             first = await race_disconnect(self._first(session, message), request.receive)
             error = failure_of(first)
             if error is not None:
                 raise error
-            response = SSEResponse(stream_events(session, builder, first, echo), session)
+            response = SSEResponse(stream_events(session, builder, first), session)
             handed_off = True
             return response
         except TimeoutError:
@@ -193,11 +199,9 @@ class Gateway:
                 session.close()
 
     @staticmethod
-    async def _whole(
-        session: RequestSession, message: CompletionRequest, echo: str | None, chat: bool
-    ) -> CollectedOutput:
+    async def _whole(session: RequestSession, message: CompletionRequest, builder: ResponseBuilder) -> CollectedOutput:
         await session.publish(message)
-        return await collect(session, CollectedOutput(echo or ""), chat=chat)
+        return await collect(session, builder.collector())
 
     @staticmethod
     async def _first(session: RequestSession, message: CompletionRequest) -> Event:

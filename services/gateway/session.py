@@ -141,7 +141,7 @@ async def race_disconnect(work: Awaitable[T], receive: Receive) -> T:
     raise ClientDisconnected()
 
 
-async def collect(session: RequestSession, output: CollectedOutput, *, chat: bool) -> CollectedOutput:
+async def collect(session: RequestSession, output: CollectedOutput) -> CollectedOutput:
     """Wait for the whole output (non-streaming); raises ApiError on failure."""
     while True:
         event = await session.next_event()
@@ -149,21 +149,19 @@ async def collect(session: RequestSession, output: CollectedOutput, *, chat: boo
             raise ApiError.from_failure(event)
         if event.finish_reason == "error":
             raise internal(GENERATION_FAILED)
-        output.add(event, chat=chat)
+        output.add(event)
         if session.finished:
             return output
 
 
-async def stream_events(
-    session: RequestSession, builder: ResponseBuilder, first: Event, echo: str | None
-) -> AsyncIterator[bytes]:
+async def stream_events(session: RequestSession, builder: ResponseBuilder, first: Event) -> AsyncIterator[bytes]:
     """SSE body; once the stream has begun, errors are SSE error events."""
     if isinstance(first, TextDelta) and first.prompt_tokens is not None:
         builder.prompt_tokens = first.prompt_tokens  # for the continuous usage of the chunks before it
     if builder.chat:
         yield builder.role_chunk()
-    if echo:
-        yield builder.text_chunk(echo)
+    if builder.echo and isinstance(first, TextDelta):
+        yield builder.echo_chunk(first)
     event = first
     try:
         while True:
@@ -174,7 +172,7 @@ async def stream_events(
                 yield sse_error(internal(GENERATION_FAILED))
                 return
             builder.observe(event)
-            if event.text or event.finish_reason or (builder.logprobs and event.logprobs):
+            if event.text or event.finish_reason or (builder.logprobs and (event.named_logprobs or event.logprobs)):
                 yield builder.text_chunk(event.text, event)
             if event.finish_reason is not None:
                 if builder.include_usage:

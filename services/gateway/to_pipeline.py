@@ -28,7 +28,9 @@ def template_kwargs_json(kwargs: dict[str, Any] | None) -> str | None:
 def sampling_params(body: CompletionBody | ChatBody, default_max_tokens: int | None) -> SamplingParams:
     """Without max_tokens, max_tokens is a cap (``default_max_tokens``, if any) that the tokenizer
     lowers to the rest of the context: the request goes out with ``max_tokens_is_default``."""
-    max_tokens = body.requested_max_tokens() or default_max_tokens or NO_MAX_TOKENS_CAP
+    max_tokens = body.requested_max_tokens()  # 0 is a value here (echo scoring), not "unset"
+    if max_tokens is None:
+        max_tokens = default_max_tokens or NO_MAX_TOKENS_CAP
     min_tokens = body.min_tokens or 0
     if min_tokens > max_tokens:
         raise bad_request(f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens}).", "min_tokens")
@@ -46,6 +48,7 @@ def sampling_params(body: CompletionBody | ChatBody, default_max_tokens: int | N
         "ignore_eos": body.ignore_eos,
         "min_tokens": min_tokens,
         "logprobs": body.requested_logprobs(),
+        "prompt_logprobs": body.requested_prompt_logprobs(),
     }
     try:
         # Unset (None) options keep SamplingParams' own defaults.
@@ -60,6 +63,8 @@ def detokenize_params(body: CompletionBody | ChatBody) -> DetokenizeParams:
         include_stop_str_in_output=bool(body.include_stop_str_in_output),
         skip_special_tokens=body.skip_special_tokens is not False,
         spaces_between_special_tokens=body.spaces_between_special_tokens is not False,
+        # The echo of token ids needs their text, which only the pipeline's tokenizer knows.
+        decode_prompt=isinstance(body, CompletionBody) and bool(body.echo) and not isinstance(body.prompt, str),
     )
 
 

@@ -66,23 +66,27 @@ class FakeRunner:
         for token, position, slot in zip(ids, positions, slots):
             self.slot_tokens[slot] = token
             self.slot_positions[slot] = position
-        contexts: dict[int, list[int]] = {}  # index of a sequence's last token -> its context
+        tables: dict[int, list[int]] = {}  # index of each new token -> its sequence's block table
         offset = 0
         for query_len, context_len, table in zip(batch.query_lens, batch.context_lens, batch.block_tables):
             if len(table) * self.block_size < context_len:
                 raise ValueError(f"block table of {len(table)} blocks cannot hold {context_len} tokens")
             if positions[offset + query_len - 1] != context_len - 1:
                 raise ValueError("the last new token is not at position context_len - 1")
+            for index in range(offset, offset + query_len):
+                tables[index] = table
+            offset += query_len
+        rows = []
+        for index in batch.logits_indices.tolist():
+            # The logits at any new token (the last one of a sequence, or a prompt position whose
+            # logprob is wanted) depend on the context up to it, read back from the "KV pool".
+            table = tables[index]
             context = []
-            for p in range(context_len):
+            for p in range(positions[index] + 1):
                 slot = table[p // self.block_size] * self.block_size + p % self.block_size
                 # A slot written for another position means stale or foreign K/V.
                 context.append(self.slot_tokens[slot] if self.slot_positions[slot] == p else -1000)
-            offset += query_len
-            contexts[offset - 1] = context
-        rows = []
-        for index in batch.logits_indices.tolist():
-            rows.append(reference_logits(contexts[index], self.vocab_size))
+            rows.append(reference_logits(context, self.vocab_size))
         if not rows:
             return torch.empty(0, self.vocab_size)
         return torch.stack(rows)

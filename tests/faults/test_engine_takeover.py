@@ -85,6 +85,7 @@ def bodies(tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, list[int], dic
             "max_tokens": MAX_TOKENS,
             "ignore_eos": True,
             "logprobs": 0,
+            "return_tokens_as_token_ids": True,  # the token ids, read back from the logprobs' names
             "stream": True,
             "stream_options": {"include_usage": True},
             **sampling,

@@ -41,8 +41,12 @@ def torch_pipeline(
 
 
 @pytest.fixture(scope="module")
-def reference_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(CommonSettings(), weights=True), dtype=torch.float32)
+def model() -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(resolve_model_dir(CommonSettings(), weights=True), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def reference_texts(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> list[str]:
     texts = []
     with torch.inference_mode():
         for prompt in PROMPTS:
@@ -107,3 +111,62 @@ def test_the_same_seed_gives_the_same_sample(torch_pipeline: Pipeline) -> None:
     )
     assert first.status_code == second.status_code == 200
     assert first.json()["choices"][0]["text"] == second.json()["choices"][0]["text"]
+
+
+def log_softmax_of(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    """[len(ids), vocab]: row p is the distribution of the token after ids[: p + 1]."""
+    with torch.inference_mode():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def test_greedy_logprobs_are_transformers_log_softmax(
+    torch_pipeline: Pipeline, tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module
+) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{torch_pipeline.gateway_url}/v1", api_key="none", max_retries=0, timeout=120)
+    prompt = "The capital of France is"
+    reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, logprobs=3)
+    choice = reply.choices[0]
+    prompt_ids = tokenizer.encode(prompt)
+    generated = tokenizer.encode(choice.text)  # greedy English text: it re-encodes to the same ids
+    assert tokenizer.decode(generated) == choice.text and len(generated) == 8
+    expected = log_softmax_of(model, prompt_ids + generated)[len(prompt_ids) - 1 : -1]
+    logprobs = choice.logprobs
+    assert logprobs.tokens == [tokenizer.decode([t]) for t in generated]
+    for i, token in enumerate(generated):
+        assert abs(logprobs.token_logprobs[i] - float(expected[i, token])) < 1e-3
+        assert int(expected[i].argmax()) == token  # greedy
+        top = expected[i].topk(3)
+        want = {tokenizer.decode([t]): v for t, v in zip(top.indices.tolist(), top.values.tolist())}
+        assert logprobs.top_logprobs[i].keys() == want.keys()
+        assert all(abs(logprobs.top_logprobs[i][k] - v) < 1e-3 for k, v in want.items())
+    assert logprobs.text_offset == [len(tokenizer.decode(generated[:i])) for i in range(len(generated))]
+
+
+def test_echo_scoring_gives_transformers_prompt_logprobs(
+    torch_pipeline: Pipeline, tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module
+) -> None:
+    """What lm-evaluation-harness sends to score a text: token ids, echo, logprobs 1, max_tokens 0."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{torch_pipeline.gateway_url}/v1", api_key="none", max_retries=0, timeout=120)
+    ids = tokenizer.encode("Paris is the capital and largest city of France, with 2.1 million résidents.")
+    reply = client.completions.create(model=MODEL, prompt=[ids], echo=True, logprobs=1, max_tokens=0)
+    choice = reply.choices[0]
+    assert choice.text == tokenizer.decode(ids) and reply.usage.completion_tokens == 0
+    expected = log_softmax_of(model, ids)
+    logprobs = choice.logprobs
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    for position in range(1, len(ids)):
+        row = expected[position - 1]
+        assert abs(logprobs.token_logprobs[position] - float(row[ids[position]])) < 1e-3
+        best = int(row.argmax())
+        top = logprobs.top_logprobs[position]
+        assert tokenizer.decode([best]) in top and abs(top[tokenizer.decode([best])] - float(row[best])) < 1e-3
+    # The same through vLLM's prompt_logprobs, with each prompt token's rank.
+    vllm = client.completions.create(model=MODEL, prompt=[ids], max_tokens=1, extra_body={"prompt_logprobs": 0})
+    prompt_logprobs = vllm.choices[0].model_extra["prompt_logprobs"]
+    for position in range(1, len(ids)):
+        row, token = expected[position - 1], ids[position]
+        entry = prompt_logprobs[position][str(token)]
+        assert abs(entry["logprob"] - float(row[token])) < 1e-3
+        assert entry["rank"] == int((row > row[token]).sum()) + 1

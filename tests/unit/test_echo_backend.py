@@ -195,3 +195,18 @@ def test_factory_names_a_backend_it_cannot_build(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(sys.modules, "services.engine.hf_backend", None)  # import fails
     with pytest.raises(BackendUnavailable, match="'hf'"):
         create_backend(EngineSettings(engine_backend="hf"))
+
+
+def test_prompt_logprobs_with_the_first_token_and_prefill_only_requests() -> None:
+    backend = EchoBackend()
+    backend.add_request(request("a", [5, 6, 7], max_tokens=2, prompt_logprobs=1))
+    backend.add_request(request("score", [5, 6], max_tokens=0, prompt_logprobs=0))
+    backend.add_request(request("echo", [5, 6], max_tokens=0))
+    backend.add_request(EngineRequest("resumed", [5, 6], SamplingParams(max_tokens=3, prompt_logprobs=1), [5]))
+    first = {output.request_id: output for output in backend.step()}
+    # max_tokens 0: ended without a token, the prompt's logprobs (certain, as every echoed token) with it.
+    assert first["score"] == RequestOutput("score", [], "length", prompt_logprobs=[None, (0.0, 1, [])])
+    assert first["echo"] == RequestOutput("echo", [], "length")
+    assert first["a"].prompt_logprobs == [None, (0.0, 1, [(6, 0.0)]), (0.0, 1, [(7, 0.0)])]
+    assert first["resumed"].prompt_logprobs is None  # its first engine sent them
+    assert all(output.prompt_logprobs is None for output in backend.step())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.engine.contract import EngineRequest, ForwardTime, refusal, stop_token_ids
+from services.engine.contract import EngineRequest, ForwardTime, refusal, stop_token_ids, wants_prompt_logprobs
 from shared.messages import SamplingParams
 
 
@@ -62,3 +62,11 @@ def test_a_forward_pass_that_raises_is_not_counted() -> None:
         now[0] += 1.0
         raise RuntimeError("device lost")
     assert forward.share() == 0.0
+
+
+def test_prompt_logprobs_are_computed_when_asked_unless_taken_over() -> None:
+    asked = SamplingParams(prompt_logprobs=0)
+    assert wants_prompt_logprobs(EngineRequest("r", [1, 2], asked))
+    assert not wants_prompt_logprobs(EngineRequest("r", [1, 2], SamplingParams()))
+    # The engine that published the request's first output sent them with it.
+    assert not wants_prompt_logprobs(EngineRequest("r", [1, 2], asked, output_token_ids=[3]))

@@ -169,3 +169,33 @@ def test_tracking_a_request_twice_is_refused() -> None:
     router.track(tokenized("a", [1]), "1-0")
     with pytest.raises(ValueError, match="already"):
         router.track(tokenized("a", [1]), "2-0")
+
+
+def test_the_prompt_goes_with_the_first_delta_of_a_request_that_names_or_decodes_it() -> None:
+    router = OutputRouter(NAMES, "e", 1)
+    scored = tokenized("scored", [1, 2, 3])
+    scored.sampling = SamplingParams(prompt_logprobs=1)
+    echoed = tokenized("echoed", [4, 5])
+    echoed.detokenize = DetokenizeParams(decode_prompt=True)
+    router.track(scored, "1-0")
+    router.track(echoed, "2-0")
+    router.track(tokenized("plain", [6, 7]), "3-0")
+    resumed = tokenized("resumed", [8, 9])
+    resumed.sampling = SamplingParams(prompt_logprobs=1)
+    router.track(resumed, "4-0", done_token_ids=[10])
+    logprobs = [None, (-1.0, 2, []), (-0.5, 1, [])]
+    outputs = [
+        RequestOutput("scored", [7], prompt_logprobs=logprobs),
+        RequestOutput("echoed", [], "length"),
+        RequestOutput("plain", [8]),
+        RequestOutput("resumed", [11]),
+    ]
+    (_, message), *_ = router.route(outputs).messages
+    assert isinstance(message, EngineStepOutput)
+    deltas = {d.request_id: d for d in message.deltas}
+    assert deltas["scored"].prompt_token_ids == [1, 2, 3] and deltas["scored"].prompt_logprobs == logprobs
+    assert deltas["echoed"].prompt_token_ids == [4, 5] and deltas["echoed"].prompt_logprobs is None
+    assert deltas["plain"].prompt_token_ids is None
+    assert deltas["resumed"].prompt_token_ids is None  # a takeover: the first engine sent it
+    (_, later), *_ = router.route([RequestOutput("scored", [9])]).messages
+    assert isinstance(later, EngineStepOutput) and later.deltas[0].prompt_token_ids is None

@@ -100,7 +100,9 @@ async def test_streamed_chat_starts_with_the_assistant_role() -> None:
         assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
-async def test_chat_logprobs_name_tokens_by_id() -> None:
+async def test_chat_logprobs_of_ids_only_deltas_name_tokens_by_id() -> None:
+    """A detokenizer older than named logprobs sends ids: the gateway names them "token_id:<id>"."""
+
     async def with_logprobs(pipeline: FakePipeline, request: CompletionRequest) -> None:
         await pipeline.send(
             request,

@@ -82,7 +82,7 @@ def test_request_schemas_accept_what_the_server_accepts() -> None:
         {"prompt": ""},
         {"prompt": ["a", "b"]},
         {"prompt": [-1]},
-        {"prompt": "x", "max_tokens": 0},
+        {"prompt": "x", "max_tokens": -1},  # (0 is valid with echo: a cross-field rule)
         {"prompt": "x", "max_tokens": 1.5},
         {"prompt": "x", "temperature": "0.5"},
         {"prompt": "x", "stop": [""]},
@@ -106,7 +106,15 @@ def test_the_configured_limits_are_the_schemas_maxima() -> None:
     document = openapi_document(limits, auth=False)
     completion = validator(document, "CompletionRequest")
     assert completion.is_valid({"prompt": "x" * 7, "top_k": 50, "logprobs": 5, "stop": ["abcd"] * 3})
-    for over in ({"prompt": "x" * 8}, {"top_k": 51}, {"logprobs": 6}, {"stop": ["a"] * 4}, {"stop": "abcde"}, {"n": 2}):
+    for over in (
+        {"prompt": "x" * 8},
+        {"top_k": 51},
+        {"logprobs": 6},
+        {"prompt_logprobs": 6},
+        {"stop": ["a"] * 4},
+        {"stop": "abcde"},
+        {"n": 2},
+    ):
         assert not completion.is_valid({"prompt": "x"} | over), over
     chat = validator(document, "ChatCompletionRequest")
     assert not chat.is_valid({"messages": USER * 7})

@@ -233,3 +233,12 @@ def test_client_connections_find_the_transport_behind_the_servers_send_and_bound
         assert struct.unpack("ii", sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)) == (1, 0)
     finally:
         sock.close()
+
+
+def test_the_prompts_names_on_a_first_delta_do_not_count_against_the_bound() -> None:
+    buffer = OutputBuffer("r", max_bytes=10_000)
+    # A long echoed prompt with 20 alternatives a token: far more than the bound, once, at the start.
+    prompt = [(7, " word", i * 5, -1.0, 3, [(8, " other", -2.0)] * 20) for i in range(2000)]
+    assert buffer.put(TextDelta(request_id="r", text="", offset=0, prompt_logprobs=prompt, prompt_text="x" * 10_000))
+    taken = buffer.take()
+    assert isinstance(taken, TextDelta) and taken.prompt_logprobs == prompt and not buffer.overflowed

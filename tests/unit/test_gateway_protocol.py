@@ -152,10 +152,28 @@ def test_stream_options_need_stream() -> None:
     assert not completion(stream=True).include_usage
 
 
-def test_echo_needs_a_text_prompt_and_no_logprobs() -> None:
+def test_echo_with_logprobs_and_max_tokens_zero_scores_the_prompt() -> None:
     assert completion(echo=True).echo
-    assert rejected(parse_completion, {"prompt": [1, 2], "echo": True}).param == "echo"
-    assert rejected(parse_completion, {"prompt": "x", "echo": True, "logprobs": 1}).param == "echo"
+    scoring = parse_completion(json.dumps({"prompt": [1, 2], "echo": True, "logprobs": 1, "max_tokens": 0}).encode())
+    assert scoring.max_tokens == 0 and scoring.requested_prompt_logprobs() == 1
+    # prompt_logprobs asks on its own; with echo and logprobs, the larger of the two is computed.
+    both = {"prompt": "x", "echo": True, "logprobs": 2, "prompt_logprobs": 5}
+    assert parse_completion(json.dumps(both).encode()).requested_prompt_logprobs() == 5
+    assert parse_completion(json.dumps({"prompt": "x", "logprobs": 2}).encode()).requested_prompt_logprobs() is None
+    zero = rejected(parse_completion, {"prompt": "x", "max_tokens": 0})
+    assert zero.param == "max_tokens" and "echo" in zero.message
+    assert rejected(parse_chat, {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}).param == "max_tokens"
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_prompt_logprobs_are_bounded_and_not_streamed(chat: bool) -> None:
+    parse = parse_chat if chat else parse_completion
+    base: dict[str, Any] = {"messages": [{"role": "user", "content": "x"}]} if chat else {"prompt": "x"}
+    assert parse(json.dumps(base | {"prompt_logprobs": 20}).encode()).prompt_logprobs == 20
+    over = rejected(parse, base | {"prompt_logprobs": 21})
+    assert over.param == "prompt_logprobs" and "SCALELLM_MAX_LOGPROBS" in over.message
+    assert rejected(parse, base | {"prompt_logprobs": -1}).param == "prompt_logprobs"
+    assert rejected(parse, base | {"prompt_logprobs": 1, "stream": True}).param == "prompt_logprobs"
 
 
 def test_chat_content_may_be_text_parts_and_developer_means_system() -> None:
@@ -281,3 +299,15 @@ def test_unknown_fields_are_noted_at_every_level() -> None:
     )
     assert body.unknown_fields() == ["guided_json", "messages[].name", "stream_options.chunk_size"]
     assert completion().unknown_fields() == []
+
+
+def test_echo_scoring_reaches_the_pipeline_as_prefill_only_with_prompt_logprobs() -> None:
+    body = completion(prompt=[5, 6, 7], echo=True, logprobs=3, max_tokens=0)
+    message = pipeline_request(body, "cmpl-1", "gw", 1.0, default_max_tokens=None)
+    assert message.sampling.max_tokens == 0 and not message.max_tokens_is_default
+    assert message.sampling.logprobs == 3 and message.sampling.prompt_logprobs == 3
+    assert message.detokenize.decode_prompt  # the echo of token ids needs their text
+    text = pipeline_request(completion(echo=True), "cmpl-2", "gw", 1.0, default_max_tokens=None)
+    assert not text.detokenize.decode_prompt and text.sampling.prompt_logprobs is None  # the gateway has it
+    chat_message = pipeline_request(chat(prompt_logprobs=2), "chatcmpl-1", "gw", 1.0, default_max_tokens=None)
+    assert chat_message.sampling.prompt_logprobs == 2 and chat_message.sampling.logprobs is None

@@ -48,6 +48,19 @@ async def test_dispatch_routes_each_delta_to_its_request() -> None:
     assert isinstance(b.take(), RequestFailed)
 
 
+async def test_a_first_delta_bringing_the_prompt_is_kept_even_without_text() -> None:
+    registry = RequestRegistry(capacity=4)
+    buffer = registry.open("a")
+    prompt = [(5, "Hi", 0, None, None, [])]
+    assert registry.dispatch(ResponseBatch(deltas=[TextDelta(request_id="a", text="", offset=0)])) == 0
+    first = TextDelta(request_id="a", text="", offset=0, prompt_logprobs=prompt, prompt_text="Hi")
+    assert registry.dispatch(ResponseBatch(deltas=[first, TextDelta(request_id="a", text="!", offset=0)])) == 2
+    taken = buffer.take()
+    # Coalesced with the text after it, the prompt's names and text are kept.
+    assert isinstance(taken, TextDelta) and taken.text == "!"
+    assert taken.prompt_logprobs == prompt and taken.prompt_text == "Hi"
+
+
 async def test_events_for_released_or_unknown_requests_are_dropped() -> None:
     registry = RequestRegistry(capacity=4)
     registry.open("a")

@@ -205,3 +205,54 @@ def test_engine_core_matches_hf_on_a_tiny_llama_with_penalties(tiny_model: torch
     for name in cases:
         assert got[name] == expected[name].new_token_ids, name
         assert finish[name] == expected[name].finish_reason, name
+
+
+def test_prompt_logprobs_and_prefill_only(tiny_model: torch.nn.Module) -> None:
+    hf = backend(tiny_model)
+    prompt = [5, 17, 33, 40, 41]
+    with torch.inference_mode():
+        expected = torch.log_softmax(tiny_model(torch.tensor([prompt])).logits[0, :-1].float(), dim=-1)
+    scored = hf.generate(EngineRequest("s", prompt, SamplingParams(max_tokens=0, prompt_logprobs=2)))
+    assert scored.new_token_ids == [] and scored.finish_reason == "length"
+    assert scored.prompt_logprobs is not None and scored.prompt_logprobs[0] is None
+    for position, entry in enumerate(scored.prompt_logprobs[1:]):
+        assert entry is not None
+        value, rank, alternatives = entry
+        row, token = expected[position], prompt[position + 1]
+        assert abs(value - float(row[token])) < 1e-5 and rank == int((row > row[token]).sum()) + 1
+        assert [t for t, _ in alternatives] == row.topk(2).indices.tolist()
+    generated = hf.generate(
+        EngineRequest("g", prompt, SamplingParams(max_tokens=3, temperature=0.0, prompt_logprobs=2))
+    )
+    assert generated.prompt_logprobs == scored.prompt_logprobs and len(generated.new_token_ids) == 3
+    resumed = hf.generate(
+        EngineRequest("r", prompt, SamplingParams(max_tokens=3, temperature=0.0, prompt_logprobs=2), [7])
+    )
+    assert resumed.prompt_logprobs is None  # taken over: the first engine sent them
+
+
+def test_engine_core_prompt_logprobs_match_hf(tiny_model: torch.nn.Module, tmp_path: Path) -> None:
+    runner_mod = pytest.importorskip("services.engine.model.runner")
+    from services.engine.core.build import engine_core_for
+
+    tiny_model.save_pretrained(tmp_path)
+    runner = runner_mod.ModelRunner(
+        tmp_path, dtype="float32", device="cpu", block_size=4, num_blocks=64, kv_cache_bytes=None, max_model_len=None
+    )
+    # Chunked prefill (6 tokens a step) over a prompt already in the prefix cache.
+    core = engine_core_for(runner, max_num_batched_tokens=6, max_running_requests=8, enable_prefix_caching=True)
+    prompt = [5, 17, 33, 2, 40, 41, 42, 60, 61, 8, 8, 9, 10, 11]
+    params = SamplingParams(max_tokens=0, prompt_logprobs=3)
+    expected = backend(tiny_model).generate(EngineRequest("hf", prompt, params)).prompt_logprobs
+    assert expected is not None
+    for name in ("warm", "scored"):
+        core.add_request(EngineRequest(name, prompt, params if name == "scored" else SamplingParams(max_tokens=1)))
+        outputs = []
+        while core.has_unfinished():
+            outputs += core.step()
+    got = outputs[-1].prompt_logprobs
+    assert outputs[-1].new_token_ids == [] and got is not None and len(got) == len(expected)
+    for mine, theirs in zip(got[1:], expected[1:]):
+        assert mine is not None and theirs is not None
+        assert abs(mine[0] - theirs[0]) < 1e-4 and mine[1] == theirs[1]
+        assert [t for t, _ in mine[2]] == [t for t, _ in theirs[2]]

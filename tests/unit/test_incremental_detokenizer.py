@@ -184,14 +184,119 @@ def test_repeated_and_overlapping_deltas_are_decoded_once(tokenizer: Any) -> Non
     assert detok.add(token_delta(5, ids[5:], "length")) is None  # after the end, nothing more
 
 
-def test_logprobs_travel_with_their_tokens(tokenizer: Any) -> None:
-    ids = tokenizer.encode("a😀")
+def test_logprobs_travel_with_their_tokens_named_and_placed(tokenizer: Any) -> None:
+    ids = tokenizer.encode("a😀 b")
     logprobs = [(-0.1 * i, [(i, -0.1 * i)]) for i in range(len(ids))]
     detok = detokenizer(tokenizer)
     outputs = [detok.add(token_delta(i, [t], logprobs=[logprobs[i]])) for i, t in enumerate(ids)]
     emitted = [o for o in outputs if o is not None]
-    assert [lp for o in emitted for lp in (o.logprobs or [])] == logprobs
-    assert emitted[-1].logprobs == logprobs[1:]  # the emoji's tokens, reported with the emoji
+    named = [n for o in emitted for n in (o.named_logprobs or [])]
+    assert [n[0] for n in named] == ids and [n[3] for n in named] == [lp for lp, _ in logprobs]
+    # The emoji's pieces are named "" until the one that completes it; names join up to the text.
+    assert [n[1] for n in named] == ["a", "", "", "😀", " b"]
+    assert [n[2] for n in named] == [0, 1, 1, 1, 2]  # where each token's text starts
+    assert emitted[1].named_logprobs == named[1:4]  # the emoji's tokens, reported with the emoji
+    assert named[1][5] == [(IM_START, "<|im_start|>", -0.1)]  # alternatives named too, special ones as such
+    assert all(o.logprobs is None for o in emitted)  # names replace the ids-only form
+
+
+def test_text_offsets_are_exact_in_any_text_and_any_chunking(tokenizer: Any) -> None:
+    for text in TEXTS:
+        ids = tokenizer.encode(text)
+        for step in (1, 4):
+            detok = detokenizer(tokenizer)
+            deltas = []
+            for start in range(0, len(ids), step):
+                chunk = ids[start : start + step]
+                last = start + step >= len(ids)
+                delta = token_delta(start, chunk, "length" if last else None, logprobs=[(-1.0, [])] * len(chunk))
+                if (out := detok.add(delta)) is not None:
+                    deltas.append(out)
+            output = text_of(deltas)
+            named = [n for d in deltas for n in (d.named_logprobs or [])]
+            assert "".join(n[1] for n in named) == output == text
+            for (_, name, offset, *_), next_offset in zip(named, [n[2] for n in named[1:]] + [len(output)]):
+                assert output[offset:next_offset] == name
+
+
+def test_the_stop_token_is_named_at_the_end_and_a_stop_string_cut_clamps_offsets(tokenizer: Any) -> None:
+    ids = tokenizer.encode("Hi there")
+    detok = detokenizer(tokenizer)
+    out = detok.add(token_delta(0, [*ids, EOS], "stop", logprobs=[(-0.5, [])] * (len(ids) + 1)))
+    assert out is not None and out.text == "Hi there" and out.named_logprobs is not None
+    assert out.named_logprobs[-1][1:3] == ("<|im_end|>", len("Hi there"))
+    ids = tokenizer.encode("one two three four")
+    detok = detokenizer(tokenizer, stop=[" two"])
+    out = detok.add(token_delta(0, ids, logprobs=[(-0.5, [])] * len(ids)))
+    assert out is not None and out.text == "one" and out.finish_reason == "stop"
+    assert out.named_logprobs is not None and [n[2] for n in out.named_logprobs] == [0, 3, 3, 3]
+
+
+def prompt_delta(prompt: list[int], ids: list[int], **fields: Any) -> TokenDelta:
+    return TokenDelta(
+        request_id="r",
+        gateway_id="gw",
+        offset=0,
+        token_ids=ids,
+        prompt_tokens=len(prompt),
+        prompt_token_ids=prompt,
+        prompt_tail=prompt[-8:],
+        **fields,
+    )
+
+
+def test_the_prompt_is_named_with_offsets_in_its_text_on_the_first_delta(tokenizer: Any) -> None:
+    prompt = tokenizer.encode("Le café 😀 ok")
+    prompt_logprobs: list[Any] = [None] + [(-float(i), i, [(i, -0.5)]) for i in range(1, len(prompt))]
+    detok = detokenizer(tokenizer)
+    # The first output token alone is half a character: no text yet, but the prompt goes out now.
+    first = detok.add(prompt_delta(prompt, tokenizer.encode("😀")[:1], prompt_logprobs=prompt_logprobs))
+    assert first is not None and first.text == "" and first.prompt_text is None
+    named = first.prompt_logprobs
+    assert named is not None and [n[0] for n in named] == prompt
+    assert "".join(n[1] for n in named) == "Le café 😀 ok"
+    assert named[0][3:] == (None, None, [])  # nothing predicts the first token
+    assert named[1][3:5] == (-1.0, 1) and named[1][5] == [(IM_START, "<|im_start|>", -0.5)]
+    for name, offset in ((n[1], n[2]) for n in named):
+        assert "Le café 😀 ok"[offset:].startswith(name)
+    later = detok.add(token_delta(1, tokenizer.encode("😀")[1:], "length"))
+    assert later is not None and later.prompt_logprobs is None and later.text == "😀"
+
+
+def test_the_prompt_text_is_decoded_for_an_echo_of_token_ids(tokenizer: Any) -> None:
+    prompt = tokenizer.encode("Say ünïcödé")
+    detok = detokenizer(tokenizer, decode_prompt=True)
+    # max_tokens 0: no output token, the request ends on its first delta.
+    out = detok.add(prompt_delta(prompt, [], finish_reason="length"))
+    assert out is not None and out.prompt_text == "Say ünïcödé" and out.prompt_logprobs is None
+    assert out.text == "" and out.usage is not None and out.usage.completion_tokens == 0
+    assert out.finish_reason == "length"
+
+
+def test_the_prompt_keeps_its_special_tokens_in_its_text_and_names(tokenizer: Any) -> None:
+    text = "<|im_start|>user\nHi<|im_end|>"
+    prompt = tokenizer.encode(text)
+    assert prompt[0] == IM_START and prompt[-1] == EOS
+    logprobs: list[Any] = [None] + [(-1.0, 1, [])] * (len(prompt) - 1)
+    detok = detokenizer(tokenizer, decode_prompt=True)  # skip_special_tokens: the output's, not the prompt's
+    out = detok.add(prompt_delta(prompt, [], finish_reason="length", prompt_logprobs=logprobs))
+    assert out is not None and out.prompt_text == text and out.prompt_logprobs is not None
+    assert "".join(n[1] for n in out.prompt_logprobs) == text
+    assert [n[2] for n in out.prompt_logprobs] == [text.index(n[1]) for n in out.prompt_logprobs]
+
+
+def test_unsent_named_logprobs_survive_a_checkpoint(tokenizer: Any) -> None:
+    ids = tokenizer.encode("a😀")
+    detok = detokenizer(tokenizer)
+    for i, token in enumerate(ids[:2]):
+        detok.add(token_delta(i, [token], logprobs=[(-1.0, [(token, -1.0)])]))
+    checkpoint = detok.checkpoint("gw")
+    assert checkpoint.unsent_named is not None and len(checkpoint.unsent_named) == 1
+    restored = IncrementalDetokenizer.restore(HFTokenDecoder(tokenizer), checkpoint)
+    out = restored.add(token_delta(2, ids[2:], "length", logprobs=[(-1.0, [])] * (len(ids) - 2)))
+    assert out is not None and out.text == "😀"
+    assert out.named_logprobs is not None and [n[0] for n in out.named_logprobs] == ids[1:]
+    assert [n[1] for n in out.named_logprobs] == ["", "", "😀"][-(len(ids) - 1) :]
 
 
 def test_a_final_delta_without_tokens_still_ends_the_request(tokenizer: Any) -> None:

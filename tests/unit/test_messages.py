@@ -43,6 +43,7 @@ SAMPLING = SamplingParams(
     ignore_eos=True,
     min_tokens=3,
     logprobs=2,
+    prompt_logprobs=1,
 )
 DETOK = DetokenizeParams(
     stop=["\n\n", "END"],
@@ -88,6 +89,17 @@ EXAMPLES: list[Message] = [
                 finish_reason="length",
                 logprobs=[(-0.5, [(8, -0.5), (3, -1.25)]), (-0.1, [])],
             ),
+            TokenDelta(
+                request_id="c",
+                gateway_id="gw",
+                offset=0,
+                token_ids=[],
+                prompt_tokens=3,
+                finish_reason="length",
+                detokenize=DetokenizeParams(decode_prompt=True),
+                prompt_token_ids=[4, 5, 6],
+                prompt_logprobs=[None, (-2.5, 7, [(9, -0.5)]), (-0.25, 1, [])],
+            ),
         ],
     ),
     ResponseBatch(
@@ -95,6 +107,14 @@ EXAMPLES: list[Message] = [
             TextDelta(request_id="a", text="hé", token_ids=[7], offset=12, prompt_tokens=5),
             TextDelta(
                 request_id="b", text="", finish_reason="stop", usage=Usage(prompt_tokens=5, completion_tokens=11)
+            ),
+            TextDelta(
+                request_id="c",
+                text=" 😀",
+                token_ids=[8, 9],
+                named_logprobs=[(8, "", 0, -0.5, None, [(8, "", -0.5)]), (9, " 😀", 0, -0.1, None, [])],
+                prompt_logprobs=[(4, "Hi", 0, None, None, []), (5, " there", 2, -2.5, 7, [(9, " you", -0.5)])],
+                prompt_text="Hi there",
             ),
         ]
     ),
@@ -112,6 +132,14 @@ EXAMPLES: list[Message] = [
         text_offset=17,
         text_tail="Отк",
         sent=1,
+        unsent_token_ids=[226],
+        unsent_named=[(226, "", 20, -0.5, None, [(226, "", -0.5)])],
+    ),
+    DecodeCheckpoint(  # as an older version wrote it
+        request_id="c",
+        gateway_id="gw",
+        detokenize=DETOK,
+        num_tokens=1,
         unsent_token_ids=[226],
         unsent_logprobs=[(-0.5, [(226, -0.5)])],
     ),

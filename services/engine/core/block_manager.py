@@ -86,11 +86,13 @@ class BlockManager:
         """Cached blocks that can serve the start of a sequence with no blocks yet.
 
         The block holding the last token is never taken from the cache even
-        when full: that token must be computed to get the next-token logits.
+        when full: that token must be computed to get the next-token logits;
+        nor is one whose logits give a prompt logprob the sequence still needs
+        (Sequence.num_cacheable_tokens).
         """
         if not self.enable_prefix_caching or seq.block_table:
             return []
-        max_blocks = (seq.num_tokens - 1) // self.block_size
+        max_blocks = max(0, seq.num_cacheable_tokens) // self.block_size
         self._extend_hashes(seq, max_blocks)
         found: list[int] = []
         for key in seq.block_hashes[:max_blocks]:

@@ -15,7 +15,15 @@ from typing import Protocol
 
 import torch
 
-from services.engine.contract import EngineLoad, EngineRequest, ForwardTime, QueueTime, RequestOutput, refusal
+from services.engine.contract import (
+    EngineLoad,
+    EngineRequest,
+    ForwardTime,
+    QueueTime,
+    RequestOutput,
+    refusal,
+    wants_prompt_logprobs,
+)
 from services.engine.core.block_manager import BlockManager
 from services.engine.core.sampler import Sampler
 from services.engine.core.scheduler import ScheduledBatch, Scheduler
@@ -59,6 +67,17 @@ class EngineCoreConfig:
     sampler_seed: int | None = None
     # load().forward_share is measured over this many recent seconds.
     load_window_s: float = 10.0
+
+
+@dataclass(slots=True)
+class _StepPlan:
+    """One step's forward batch and what to do with its logits rows."""
+
+    batch: ForwardBatch
+    sampling_seqs: list[Sequence] = field(default_factory=list)  # rows 0.., in order
+    # Then, per sequence collecting prompt logprobs: positions [first, last), one row each.
+    prompt_spans: list[tuple[Sequence, int, int]] = field(default_factory=list)
+    prefilled: list[Sequence] = field(default_factory=list)  # max_tokens 0: end without sampling
 
 
 class EngineCore:
@@ -117,11 +136,18 @@ class EngineCore:
             arrival=arrival,
             default_eos_token_ids=self.config.default_eos_token_ids,
             output_token_ids=request.output_token_ids,
+            want_prompt_logprobs=wants_prompt_logprobs(request),
         )
         done = self._finish_reason(seq) if request.output_token_ids else None
         if done is not None:
             # Taken over just as it ended (or this engine's context is shorter): nothing to add.
             self._pending.append(RequestOutput(request.request_id, [], done))
+            return
+        if request.sampling.max_tokens == 0 and seq.prompt_logprob_span(0, seq.num_tokens) is None:
+            # Prefill only, and no prompt logprob to compute: done without running.
+            self._pending.append(
+                RequestOutput(request.request_id, [], "length", prompt_logprobs=seq.take_prompt_logprobs())
+            )
             return
         seq.queued_at = self._queue_time.clock()
         self._sequences[request.request_id] = seq
@@ -180,23 +206,30 @@ class EngineCore:
                 seq.queued_at = None
         if not scheduled:
             return outputs
-        batch, sampling_seqs = self._build_batch(scheduled)
+        plan = self._build_batch(scheduled)
         with self._forward_time.measure():
-            logits = self.runner.forward(batch)
+            logits = self.runner.forward(plan.batch)
         self.num_steps += 1
 
         for seq, num_new in zip(scheduled.seqs, scheduled.num_new_tokens):
             seq.num_computed_tokens += num_new
             self.block_manager.cache_computed_blocks(seq)
-        if sampling_seqs:
-            sampled = self.sampler(logits, sampling_seqs)
-            for seq, token_id, logprobs in zip(sampling_seqs, sampled.token_ids, sampled.logprobs):
+        num_sampling = len(plan.sampling_seqs)
+        if plan.prompt_spans:
+            self._collect_prompt_logprobs(logits[num_sampling:], plan.prompt_spans)
+        for seq in plan.prefilled:
+            outputs.append(self._end_prefill_only(seq))
+        if plan.sampling_seqs:
+            sampled = self.sampler(logits[:num_sampling], plan.sampling_seqs)
+            for seq, token_id, logprobs in zip(plan.sampling_seqs, sampled.token_ids, sampled.logprobs):
                 outputs.append(self._append(seq, token_id, logprobs))
         return outputs
 
     # ---- internals --------------------------------------------------------
 
-    def _build_batch(self, scheduled: ScheduledBatch) -> tuple[ForwardBatch, list[Sequence]]:
+    def _build_batch(self, scheduled: ScheduledBatch) -> _StepPlan:
+        """The forward batch; its logits rows are the sampling sequences' (in order), then the
+        prompt positions whose logprobs are collected this step (in ``prompt_spans`` order)."""
         block_size = self.config.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -204,7 +237,10 @@ class EngineCore:
         context_lens: list[int] = []
         block_tables: list[list[int]] = []
         logits_indices: list[int] = []
+        prompt_indices: list[int] = []
         sampling_seqs: list[Sequence] = []
+        prompt_spans: list[tuple[Sequence, int, int]] = []
+        prefilled: list[Sequence] = []
         for seq, num_new in zip(scheduled.seqs, scheduled.num_new_tokens):
             start = seq.num_computed_tokens
             end = start + num_new
@@ -219,9 +255,23 @@ class EngineCore:
                 slots.extend(table[p // block_size] * block_size + p % block_size for p in span)
             context_lens.append(end)
             block_tables.append(table)
+            wanted = seq.prompt_logprob_span(start, end)
+            if wanted is not None:
+                first, last = wanted
+                position_0 = len(input_ids) - num_new - start  # where position 0 would be in input_ids
+                prompt_indices.extend(range(position_0 + first, position_0 + last))
+                prompt_spans.append((seq, first, last))
             if end == seq.num_tokens:
-                logits_indices.append(len(input_ids) - 1)
-                sampling_seqs.append(seq)
+                if seq.sampling.max_tokens == 0:
+                    prefilled.append(seq)
+                else:
+                    logits_indices.append(len(input_ids) - 1)
+                    sampling_seqs.append(seq)
+        logits_indices += prompt_indices
+        if not logits_indices:
+            # Only prefill-only prompts ending in this step, with no logprob to collect: one row
+            # anyway, which nobody reads (a runner is not asked for zero rows).
+            logits_indices.append(len(input_ids) - 1)
         batch = ForwardBatch(
             input_ids=torch.tensor(input_ids, dtype=torch.long),
             positions=torch.tensor(positions, dtype=torch.long),
@@ -231,7 +281,29 @@ class EngineCore:
             block_tables=block_tables,
             logits_indices=torch.tensor(logits_indices, dtype=torch.long),
         )
-        return batch, sampling_seqs
+        return _StepPlan(batch, sampling_seqs, prompt_spans, prefilled)
+
+    def _collect_prompt_logprobs(self, logits: torch.Tensor, spans: list[tuple[Sequence, int, int]]) -> None:
+        """logits: one row per prompt position of ``spans``, in order; appended to each sequence's."""
+        targets: list[int] = []
+        tops: list[int] = []
+        for seq, first, last in spans:
+            targets += seq.token_ids[first + 1 : last + 1]
+            tops += [seq.sampling.prompt_logprobs or 0] * (last - first)
+        computed = self.sampler.prompt_logprobs(logits[: len(targets)], targets, tops)
+        row = 0
+        for seq, first, last in spans:
+            collected = seq.prompt_logprobs
+            if collected is not None:  # (always: the span came from it)
+                collected += computed[row : row + last - first]
+            row += last - first
+
+    def _end_prefill_only(self, seq: Sequence) -> RequestOutput:
+        """A max_tokens 0 request whose prompt is computed: it ends with no token."""
+        self.scheduler.finish(seq)
+        seq.finish("length")
+        del self._sequences[seq.request_id]
+        return RequestOutput(seq.request_id, [], "length", prompt_logprobs=seq.take_prompt_logprobs())
 
     def _append(self, seq: Sequence, token_id: int, logprobs: TokenLogprobs | None) -> RequestOutput:
         seq.append_token(token_id)
@@ -245,6 +317,7 @@ class EngineCore:
             [token_id],
             reason,
             logprobs=None if logprobs is None else [logprobs],
+            prompt_logprobs=seq.take_prompt_logprobs(),
         )
 
     def _finish_reason(self, seq: Sequence) -> FinishReason | None:

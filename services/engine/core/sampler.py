@@ -30,9 +30,11 @@ from dataclasses import dataclass
 import torch
 
 from services.engine.core.sequence import Sequence
-from shared.messages import SamplingParams, TokenLogprobs
+from shared.messages import PromptTokenLogprobs, SamplingParams, TokenLogprobs
 
 _GREEDY_BELOW = 1e-5
+# Prompt positions whose log-softmax is taken at once: bounds the extra memory to this many rows.
+_PROMPT_ROWS_AT_ONCE = 256
 
 
 @dataclass(slots=True)
@@ -210,6 +212,33 @@ class Sampler:
         return ids.gather(1, _inverse_cdf(weights, uniforms)[:, None]).squeeze(1)
 
     # ---- logprobs ---------------------------------------------------------
+
+    def prompt_logprobs(self, logits: torch.Tensor, targets: list[int], tops: list[int]) -> list[PromptTokenLogprobs]:
+        """Prompt logprobs from the logits at prompt positions: row r predicts prompt token
+        ``targets[r]`` and wants ``tops[r]`` alternatives. The raw model distribution (as for
+        sampled tokens), the token's logprob and its rank in the vocabulary (1: the most likely)."""
+        if logits.dim() != 2 or logits.shape[0] != len(targets) or len(tops) != len(targets):
+            raise ValueError(f"logits of shape {tuple(logits.shape)} for {len(targets)} prompt positions")
+        result: list[PromptTokenLogprobs] = []
+        for start in range(0, len(targets), _PROMPT_ROWS_AT_ONCE):
+            end = start + _PROMPT_ROWS_AT_ONCE
+            rows = logits[start:end].float()
+            if rows.shape[1] > self.vocab_size:
+                rows = rows[:, : self.vocab_size]
+            logprobs = torch.log_softmax(rows, dim=-1)  # [R, V]
+            target = torch.tensor(targets[start:end], dtype=torch.long, device=logprobs.device)
+            chosen = logprobs.gather(1, target[:, None])  # [R, 1]
+            ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
+            wanted = tops[start:end]
+            top_n = max(wanted)
+            top_values: list[list[float]] = [[] for _ in wanted]
+            top_ids: list[list[int]] = [[] for _ in wanted]
+            if top_n > 0:
+                top = logprobs.topk(top_n, dim=-1)
+                top_values, top_ids = top.values.tolist(), top.indices.tolist()
+            for j, (value, rank, n) in enumerate(zip(chosen.squeeze(1).tolist(), ranks, wanted)):
+                result.append((value, rank, list(zip(top_ids[j][:n], top_values[j][:n]))))
+        return result
 
     @staticmethod
     def _logprobs(

@@ -6,7 +6,7 @@ import enum
 from collections.abc import Sequence as Tokens
 
 from services.engine.contract import stop_token_ids
-from shared.messages import FinishReason, SamplingParams
+from shared.messages import FinishReason, PromptTokenLogprobs, SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -35,6 +35,7 @@ class Sequence:
         "num_hashed_blocks",
         "num_preemptions",
         "num_prompt_tokens",
+        "prompt_logprobs",
         "queued_at",
         "request_id",
         "sampling",
@@ -51,9 +52,11 @@ class Sequence:
         arrival: int,
         default_eos_token_ids: list[int] | None = None,
         output_token_ids: Tokens[int] = (),
+        want_prompt_logprobs: bool = False,
     ) -> None:
         """``output_token_ids``: tokens another engine already generated for this request
-        (a takeover); they are computed like a prompt but count as output."""
+        (a takeover); they are computed like a prompt but count as output.
+        ``want_prompt_logprobs``: collect the prompt's logprobs while it is computed."""
         self.request_id = request_id
         # Order of arrival: the scheduler serves and protects older requests first.
         self.arrival = arrival
@@ -76,6 +79,9 @@ class Sequence:
         # When it was added (the engine's clock), until it first runs: then None
         # (EngineCore measures the wait once per request, as vLLM's queue time).
         self.queued_at: float | None = None
+        # Prompt logprobs collected so far, one per prompt token from the first (None: nothing
+        # predicts it); None when not wanted, or once handed over (take_prompt_logprobs).
+        self.prompt_logprobs: list[PromptTokenLogprobs | None] | None = [None] if want_prompt_logprobs else None
 
     @property
     def num_tokens(self) -> int:
@@ -96,6 +102,32 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def num_cacheable_tokens(self) -> int:
+        """Leading tokens whose computation the prefix cache may skip: all but the last (whose
+        logits give the next token) and none whose logits give a prompt logprob still missing."""
+        if self.prompt_logprobs is not None:
+            # The logits at position p give token p + 1's logprob: the next missing one needs p = len - 1.
+            return min(self.num_tokens - 1, len(self.prompt_logprobs) - 1)
+        return self.num_tokens - 1
+
+    def prompt_logprob_span(self, start: int, end: int) -> tuple[int, int] | None:
+        """Positions in [start, end) (tokens computed in one step) whose logits give a missing
+        prompt logprob: the logits at position p give token p + 1's; None if there are none."""
+        if self.prompt_logprobs is None:
+            return None
+        first = max(start, len(self.prompt_logprobs) - 1)
+        last = min(end, self.num_prompt_tokens - 1)
+        return (first, last) if first < last else None
+
+    def take_prompt_logprobs(self) -> list[PromptTokenLogprobs | None] | None:
+        """The prompt's logprobs once all are collected, handed over once (then forgotten)."""
+        collected = self.prompt_logprobs
+        if collected is None or len(collected) < self.num_prompt_tokens:
+            return None
+        self.prompt_logprobs = None
+        return collected
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
