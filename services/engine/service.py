@@ -22,6 +22,7 @@ from types import FrameType
 from services.engine.contract import EngineBackend, EngineRequest, RequestOutput
 from services.engine.handoff import AbortsRead, EntriesLost, GatewaysGone, InboxItem, Pulled, Wake
 from services.engine.io_thread import EngineIO
+from services.engine.memory import MemoryTrimmer, bound_kernel_caches
 from services.engine.requests import EngineRequests
 from services.engine.step_outputs import Publication
 from shared.runtime import configure_logging
@@ -62,6 +63,7 @@ class EngineService:
         self._io = EngineIO(settings, self.engine_id, transport_factory, self._inbox)
         self._stop = threading.Event()
         self._taken = 0  # pulled entries taken from the inbox since the I/O thread last heard
+        self._trimmer = MemoryTrimmer()
 
     def request_stop(self) -> None:
         """Begin a graceful stop; safe from a signal handler or another thread."""
@@ -124,6 +126,7 @@ class EngineService:
             if now >= next_load:
                 self._io.set_load(backend.load())
                 next_load = now + LOAD_INTERVAL_S
+            self._trimmer.maybe_trim()
 
     def _take_inbox(self, *, block: bool) -> None:
         try:
@@ -167,10 +170,13 @@ class EngineService:
 
 
 def main() -> None:
+    # Before the backend imports torch: its kernel caches read their capacity once, on first use.
+    kernel_caches = bound_kernel_caches()
     from services.engine.backends import BackendUnavailable, create_backend
 
     settings = load_settings(EngineSettings)
     configure_logging(settings.log_level, settings.secrets())
+    log.info("kernel caches: %s", " ".join(f"{name}={value}" for name, value in kernel_caches.items()))
     redis_url = settings.require_redis_url()
     engine_id = new_replica_id("engine")
     log.info("engine %s: building the %s backend", engine_id, settings.engine_backend)
