@@ -104,9 +104,27 @@ def default_gguf_path() -> Path:
 def default_cache_dir(settings: CommonSettings, gguf: Path) -> Path:
     """``<cache root>/<name>-<hash>``; the hash changes when the GGUF file does."""
     root = Path(settings.model_cache_dir).expanduser() if settings.model_cache_dir else DEFAULT_CACHE_ROOT.expanduser()
+    return root / _default_folder_name(gguf)
+
+
+def _default_folder_name(gguf: Path) -> str:
     stat = gguf.stat()
     digest = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return root / f"{settings.model}-{digest}"
+    return f"{DEFAULT_MODEL}-{digest}"
+
+
+def gguf_source(model_dir: Path) -> Path | None:
+    """The GGUF file a model folder was made from, for computing on its quantized blocks
+    (SCALELLM_QUANTIZATION=gguf): the one *.gguf inside the folder, or the default model's
+    GGUF when the folder is its conversion; None otherwise."""
+    inside = sorted(Path(model_dir).glob("*.gguf"))
+    if len(inside) == 1:
+        return inside[0]
+    try:
+        gguf = default_gguf_path()
+    except ModelResolutionError:
+        return None
+    return gguf if Path(model_dir).name == _default_folder_name(gguf) else None
 
 
 def _default_model_dir(settings: CommonSettings, *, weights: bool) -> Path:

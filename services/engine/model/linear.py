@@ -13,8 +13,15 @@ matters more there.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+from services.engine.model.quantized import QuantizedMatrix
+
+if TYPE_CHECKING:
+    from services.engine.model.quant_kernels import QuantKernels
 
 
 class ConversionBuffer:
@@ -80,3 +87,28 @@ class Linear:
             raise RuntimeError("this layer computes in its weights' dtype")
         bias = None if self.bias is None else self.bias.to(conversion.dtype)
         return F.linear(x.to(conversion.dtype), conversion.convert(self.weight), bias)
+
+
+class QuantizedLinear:
+    """The Linear interface on GGUF block weights (quantized.py), computed by csrc/qlinear.c.
+
+    Activations enter and leave in their own dtype (float32 or bfloat16); bias is kept in float32."""
+
+    __slots__ = ("bias", "in_features", "kernels", "out_features", "weight")
+
+    def __init__(self, weight: QuantizedMatrix, bias: torch.Tensor | None, kernels: QuantKernels) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.bias = None if bias is None else bias.float().contiguous()
+        self.kernels = kernels
+
+    @property
+    def numel(self) -> int:
+        return self.out_features * self.in_features
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernels.linear(x, self.weight, self.bias)
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """residual + x @ weight.T + bias, the add done in the kernel's epilogue."""
+        return self.kernels.linear(x, self.weight, self.bias, residual)

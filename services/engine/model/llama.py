@@ -16,31 +16,33 @@ import torch.nn.functional as F
 from services.engine.model.attention import AttentionMetadata, paged_attention
 from services.engine.model.config import ModelConfig, RopeScaling
 from services.engine.model.kv_cache import KVCache
-from services.engine.model.linear import ConversionBuffer, Linear
+from services.engine.model.linear import ConversionBuffer, Linear, QuantizedLinear
 from services.engine.model.plan import KernelPlan
+from services.engine.model.quantized import QuantizedMatrix
 from services.engine.model.reference import apply_rope, rms_norm, silu_mul
 
 
 @dataclass(slots=True)
 class LayerWeights:
     input_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [(H + 2 * KV) * D, hidden]: q, k, v projections stacked
+    # The matrices are float tensors, or GGUF blocks (quantized.py) with quantization on.
+    qkv: torch.Tensor | QuantizedMatrix  # [(H + 2 * KV) * D, hidden]: q, k, v projections stacked
     qkv_bias: torch.Tensor | None  # [(H + 2 * KV) * D]
-    o: torch.Tensor  # [hidden, H * D]
+    o: torch.Tensor | QuantizedMatrix  # [hidden, H * D]
     o_bias: torch.Tensor | None
     post_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]: gate and up stacked
+    gate_up: torch.Tensor | QuantizedMatrix  # [2 * intermediate, hidden]: gate and up stacked
     gate_up_bias: torch.Tensor | None
-    down: torch.Tensor  # [hidden, intermediate]
+    down: torch.Tensor | QuantizedMatrix  # [hidden, intermediate]
     down_bias: torch.Tensor | None
 
 
 @dataclass(slots=True)
 class ModelWeights:
-    embed: torch.Tensor  # [vocab, hidden]
+    embed: torch.Tensor | QuantizedMatrix  # [vocab, hidden]
     layers: list[LayerWeights]
     final_norm: torch.Tensor  # [hidden]
-    lm_head: torch.Tensor  # [vocab, hidden]; the same tensor as embed when tied
+    lm_head: torch.Tensor | QuantizedMatrix  # [vocab, hidden]; the same object as embed when tied
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -81,11 +83,11 @@ class RotaryTable:
 @dataclass(slots=True)
 class _Layer:
     input_norm: torch.Tensor
-    qkv: Linear
-    o: Linear
+    qkv: Linear | QuantizedLinear
+    o: Linear | QuantizedLinear
     post_norm: torch.Tensor
-    gate_up: Linear
-    down: Linear
+    gate_up: Linear | QuantizedLinear
+    down: Linear | QuantizedLinear
 
 
 class LlamaModel:
@@ -96,13 +98,19 @@ class LlamaModel:
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
         self.embed = weights.embed
-        self.dtype = weights.embed.dtype
+        # A quantized embedding is looked up row by row (dequantized rows), in the norms' dtype.
+        embed = weights.embed
+        self.dtype = weights.final_norm.dtype if isinstance(embed, QuantizedMatrix) else embed.dtype
         self.native_layers = plan.native_layers
         self.norm = self.native_layers.rms_norm if self.native_layers else rms_norm
 
         conversion = ConversionBuffer(plan.compute_dtype) if plan.compute_dtype != plan.dtype else None
 
-        def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+        def linear(weight: torch.Tensor | QuantizedMatrix, bias: torch.Tensor | None) -> Linear | QuantizedLinear:
+            if isinstance(weight, QuantizedMatrix):
+                if plan.quantized is None:
+                    raise ValueError("GGUF block weights need the plan's quantized kernels")
+                return QuantizedLinear(weight, bias, plan.quantized)
             return Linear(weight, bias, packed=plan.prepacked_linears, convert_into=conversion)
 
         self.layers = [
@@ -152,7 +160,11 @@ class LlamaModel:
         padding = (padded_rows or num_tokens) - num_tokens
         if padding < 0:
             raise ValueError(f"padded_rows {padded_rows} is fewer than the step's {num_tokens} tokens")
-        hidden = F.embedding(F.pad(input_ids, (0, padding)) if padding else input_ids, self.embed)
+        ids = F.pad(input_ids, (0, padding)) if padding else input_ids
+        if isinstance(self.embed, QuantizedMatrix):
+            hidden = self.embed.dequantize_rows(ids).to(self.dtype)
+        else:
+            hidden = F.embedding(ids, self.embed)
         # Attention's output for the real tokens, then zero rows for the padding: [T + padding, H * D].
         attn_rows = hidden.new_zeros(num_tokens + padding, self.q_size) if padding else None
         qk_size = self.q_size + self.kv_size

@@ -216,16 +216,26 @@ def _cpu_flags() -> str:
     return ""
 
 
-def _build(march: str, cache_dir: Path) -> Path:
-    """Compile (or find already compiled) the kernels; -march=native ties them to this CPU."""
+def _build(
+    march: str,
+    cache_dir: Path,
+    *,
+    sources: list[Path] | None = None,
+    flags: list[str] | None = None,
+    stem: str = "scalellm_kernels",
+) -> Path:
+    """Compile (or find already compiled) the kernels; -march=native ties them to this CPU.
+
+    sources, flags, stem: another library built the same way (quant_kernels.py); default these kernels."""
+    sources = SOURCES if sources is None else sources
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
-    texts = [source.read_text() for source in SOURCES]
-    flags = [f"-march={march}", *FLAGS]
+    texts = [source.read_text() for source in sources]
+    flags = [f"-march={march}", *(FLAGS if flags is None else flags)]
     key = hashlib.sha256("\0".join([*texts, " ".join(flags), version, _cpu_flags()]).encode()).hexdigest()
-    target = cache_dir / f"scalellm_kernels-{key[:16]}.so"
+    target = cache_dir / f"{stem}-{key[:16]}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -234,7 +244,7 @@ def _build(march: str, cache_dir: Path) -> Path:
     os.close(fd)
     try:
         result = subprocess.run(
-            [compiler, *flags, *map(str, SOURCES), "-o", tmp, "-lm"],
+            [compiler, *flags, *map(str, sources), "-o", tmp, "-lm"],
             capture_output=True,
             text=True,
             timeout=_COMPILE_TIMEOUT_S,

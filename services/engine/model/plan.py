@@ -26,8 +26,12 @@ import torch
 from services.engine.model.cpu import ONEDNN_BF16_AVX512, ONEDNN_BF16_NE_CONVERT, CpuFeatures
 from services.engine.model.device import resolve_dtype
 from services.engine.model.native import KERNEL_CHOICES, NativeKernels, load_native_kernels
+from services.engine.model.quant_kernels import PATH_FLAGS, QuantKernels, load_quant_kernels, path_for
 
 log = logging.getLogger(__name__)
+
+# SCALELLM_QUANTIZATION (shared/settings.py declares the same choices without importing torch).
+QUANTIZATION_CHOICES = ("none", "gguf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +41,8 @@ class KernelPlan:
     prepacked_linears: bool  # oneDNN linears, weights reordered once at load
     native: NativeKernels | None  # the compiled CPU kernels (native.py), when in use
     reasons: tuple[str, ...]
+    # The linear kernel on GGUF block weights (quant_kernels.py), with SCALELLM_QUANTIZATION=gguf.
+    quantized: QuantKernels | None = None
 
     @property
     def native_layers(self) -> NativeKernels | None:
@@ -63,7 +69,10 @@ class KernelPlan:
 
     def describe(self) -> str:
         kernels = "native" if self.native else "torch"
-        return f"dtype {_name(self.dtype)}, linears: {self.linear_kind}, attention/layer kernels: {kernels}"
+        linears = self.linear_kind
+        if self.quantized is not None:
+            linears = f"GGUF blocks x int8 activations ({self.quantized.path} kernel), others {linears}"
+        return f"dtype {_name(self.dtype)}, linears: {linears}, attention/layer kernels: {kernels}"
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -77,12 +86,24 @@ def choose_plan(
     cpu: CpuFeatures | None = None,
     *,
     kernel_cache_dir: str | Path | None = None,
+    quantization: str = "none",
 ) -> KernelPlan:
     """dtype: the SCALELLM_DTYPE setting; kernels: SCALELLM_KERNELS, "auto", "torch" or "native";
     cpu: the CPU to plan for (default: this one); kernel_cache_dir: where compiled
-    kernels are kept (SCALELLM_KERNEL_CACHE_DIR; None: native.default_cache_dir())."""
+    kernels are kept (SCALELLM_KERNEL_CACHE_DIR; None: native.default_cache_dir());
+    quantization: SCALELLM_QUANTIZATION, "none" or "gguf" (compute on the GGUF's blocks)."""
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"unknown kernels choice {kernels!r}; expected one of {', '.join(KERNEL_CHOICES)}")
+    if quantization not in QUANTIZATION_CHOICES:
+        raise ValueError(
+            f"unknown quantization {quantization!r} (SCALELLM_QUANTIZATION); expected one of "
+            f"{', '.join(QUANTIZATION_CHOICES)}"
+        )
+    if quantization != "none" and (device.type != "cpu" or kernels == "torch"):
+        raise ValueError(
+            "SCALELLM_QUANTIZATION=gguf computes on the CPU with native kernels: it needs SCALELLM_DEVICE=cpu "
+            f"(here {device.type}) and SCALELLM_KERNELS auto or native (here {kernels})"
+        )
     if device.type != "cpu":
         if kernels == "native":
             raise ValueError("the native kernels run on the CPU only")
@@ -109,7 +130,32 @@ def choose_plan(
                 "CPU lacks: bf16 is the storage format (weights, KV cache), matmuls and attention run in float32 "
                 "(SCALELLM_DTYPE=float32 uses twice the memory at about the same speed)"
             )
-    return KernelPlan(chosen, compute, prepacked, load_native_kernels(kernels, kernel_cache_dir), tuple(reasons))
+    quantized = _quantized_kernels(quantization, kernels, cpu, kernel_cache_dir, reasons)
+    return KernelPlan(
+        chosen, compute, prepacked, load_native_kernels(kernels, kernel_cache_dir), tuple(reasons), quantized
+    )
+
+
+def _quantized_kernels(
+    quantization: str, kernels: str, cpu: CpuFeatures, cache_dir: str | Path | None, reasons: list[str]
+) -> QuantKernels | None:
+    """The GGUF block kernel for this CPU's best path, or None (with the reason) without one."""
+    if quantization == "none":
+        return None
+    path = path_for(cpu)
+    loaded = load_quant_kernels(path, cache_dir)
+    if isinstance(loaded, Exception):
+        if kernels == "native":
+            raise RuntimeError(f"the GGUF block kernel is unavailable: {loaded}") from loaded
+        log.warning("GGUF block kernel unavailable, using float weights: %s", loaded)
+        reasons.append(f"quantization gguf requested, but its kernel failed ({loaded}): float weights")
+        return None
+    needs = "+".join(PATH_FLAGS[path]) or "no vector extension"
+    reasons.append(
+        f"quantization gguf: Q4_0/Q4_1/Q8_0 linears computed on their blocks, activations quantized to int8 per "
+        f"32, {path} kernel ({needs}; this CPU runs {', '.join(loaded.runnable_paths())})"
+    )
+    return loaded
 
 
 def _prepacking_available() -> bool:

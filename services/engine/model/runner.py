@@ -12,12 +12,14 @@ from services.engine.model.batch import ForwardBatch
 from services.engine.model.config import ModelConfig
 from services.engine.model.cpu import CpuFeatures
 from services.engine.model.device import resolve_device
+from services.engine.model.gguf_weights import load_gguf_weights
 from services.engine.model.kv_cache import KVCache, kv_bytes_per_block, num_blocks_for
 from services.engine.model.llama import LlamaModel, RotaryTable
-from services.engine.model.loader import load_weights
+from services.engine.model.loader import WeightsError, load_weights
 from services.engine.model.native import KernelChoice
 from services.engine.model.plan import KernelPlan, choose_plan
 from services.engine.model.shapes import padded_token_count
+from shared.model_files import gguf_source
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,8 @@ class ModelRunner:
         kernels: KernelChoice = "auto",
         kernel_cache_dir: str | Path | None = None,
         cpu: CpuFeatures | None = None,
+        quantization: str = "none",
+        gguf_file: Path | None = None,
     ) -> None:
         """Load the model and allocate the KV pool: num_blocks if given, else as
         many blocks as fit in kv_cache_bytes. Raises UnsupportedModelError /
@@ -45,13 +49,18 @@ class ModelRunner:
         when they build, else plain torch), "torch" or "native".
         kernel_cache_dir (SCALELLM_KERNEL_CACHE_DIR): where compiled kernels are
         kept; None: native.default_cache_dir(). cpu: plan for this CPU instead
-        of the one we run on (tests use it to stand in for CPUs they lack)."""
+        of the one we run on (tests use it to stand in for CPUs they lack).
+        quantization (SCALELLM_QUANTIZATION): "none", or "gguf": the linears computed on
+        the Q4_0/Q4_1/Q8_0 blocks of gguf_file (default: the GGUF the folder was made
+        from, shared.model_files.gguf_source), when the plan has the kernel for them."""
         if block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {block_size}")
         self.config = ModelConfig.from_dir(Path(model_dir))
         self.device = resolve_device(device)
         # The one "which kernels" decision; the model, attention metadata and KV pool take it from here.
-        self.plan: KernelPlan = choose_plan(dtype, self.device, kernels, cpu, kernel_cache_dir=kernel_cache_dir)
+        self.plan: KernelPlan = choose_plan(
+            dtype, self.device, kernels, cpu, kernel_cache_dir=kernel_cache_dir, quantization=quantization
+        )
         self.dtype = self.plan.dtype
         self.block_size = block_size
         cfg = self.config
@@ -79,7 +88,17 @@ class ModelRunner:
                     f"kv_cache_bytes={kv_cache_bytes} holds no block; one block takes {self._per_block} bytes"
                 )
         self.num_blocks = num_blocks
-        weights = load_weights(Path(model_dir), cfg, self.dtype, self.device)
+        if self.plan.quantized is not None:
+            source = gguf_file or gguf_source(Path(model_dir))
+            if source is None:
+                raise WeightsError(
+                    f"SCALELLM_QUANTIZATION=gguf needs a GGUF file: {model_dir} holds none and is not the "
+                    "default model's conversion"
+                )
+            weights, report = load_gguf_weights(source, cfg, self.dtype, self.device)
+            log.info("weights from %s: %s", source, report.summary())
+        else:
+            weights = load_weights(Path(model_dir), cfg, self.dtype, self.device)
         self.model = LlamaModel(cfg, weights, RotaryTable(cfg, self.max_model_len, self.device), self.plan)
         self.kv_cache = KVCache(
             num_layers=cfg.num_layers,
@@ -150,7 +169,9 @@ class ModelRunner:
     def _padded_rows(self, num_tokens: int) -> int:
         # The per-shape caches that padding bounds (shapes.py) are the CPU's; on
         # CUDA the padding would only be extra work.
-        return padded_token_count(num_tokens) if self.device.type == "cpu" else num_tokens
+        # Quantized linears have no per-shape kernels to bound: padding would only be work.
+        pad = self.device.type == "cpu" and self.plan.quantized is None
+        return padded_token_count(num_tokens) if pad else num_tokens
 
     def _validate(self, batch: ForwardBatch) -> None:
         """Cheap consistency checks; a malformed batch is an engine bug, so name it clearly."""

@@ -1,0 +1,193 @@
+"""The native linear kernel on GGUF block weights (csrc/qlinear.c): build, check, call.
+
+One library holds every path (AVX-512 VNNI, AVX2 + AVX-VNNI, AVX2, portable C),
+each compiled for its instruction set by function attributes, so which one runs
+is decided at run time, from the CPU's flags (``path_for``), not by the -march
+the library was built with. It is compiled on first use like the other kernels
+(native.py: cached per source, flags and CPU), checked against the torch
+reference of quantized.py on small inputs, and the caller falls back to float
+weights with a warning when anything fails.
+"""
+
+from __future__ import annotations
+
+import _ctypes
+import ctypes
+import functools
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from services.engine.model.cpu import CpuFeatures
+from services.engine.model.native import _build, _resolve_cache_dir
+from services.engine.model.quantized import BLOCK, KIND_CODES, QuantizedMatrix, reference_linear
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "qlinear.c"
+# No -ffast-math: the activations' int8 rounding must equal the torch reference's.
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+# Path names in the library's order (qlinear.c: PATH_*), slowest first.
+PATHS = ("portable", "avx2", "avx2_vnni", "avx512_vnni")
+# The CPU flags each path needs (/proc/cpuinfo names).
+PATH_FLAGS: dict[str, tuple[str, ...]] = {
+    "portable": (),
+    "avx2": ("avx2", "fma", "f16c"),
+    "avx2_vnni": ("avx2", "fma", "f16c", "avx_vnni"),
+    "avx512_vnni": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
+}
+
+
+def path_for(cpu: CpuFeatures) -> str:
+    """The fastest path the CPU's flags allow."""
+    return next(path for path in reversed(PATHS) if cpu.has(*PATH_FLAGS[path]))
+
+
+class _Scratch:
+    """The int8 activations and their scales, reused across calls (no allocation per call)."""
+
+    def __init__(self) -> None:
+        self.values = torch.empty(0, dtype=torch.int8)
+        self.scales = torch.empty(0, dtype=torch.float32)
+
+    def take(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.values.numel() < rows * cols:
+            self.values = torch.empty(rows * cols, dtype=torch.int8)
+        if self.scales.numel() < rows * cols // BLOCK * 2:
+            self.scales = torch.empty(rows * cols // BLOCK * 2, dtype=torch.float32)
+        return self.values, self.scales
+
+
+class QuantKernels:
+    """ctypes front of csrc/qlinear.c, bound to one path."""
+
+    def __init__(self, library: ctypes.CDLL, path: str) -> None:
+        if path not in PATHS:
+            raise ValueError(f"unknown path {path!r}; expected one of {', '.join(PATHS)}")
+        self._library = library
+        self.path = path
+        p, i = ctypes.c_void_p, ctypes.c_int64
+        self._paths = _declare(library.qlinear_paths, ctypes.c_int)
+        self._linear = _declare(
+            library.qlinear, ctypes.c_int, ctypes.c_int, p, i, ctypes.c_int, i, i, p, i, ctypes.c_int,
+            p, p, i, p, i, ctypes.c_int, p, p,
+        )  # fmt: skip
+        self._scratch = _Scratch()
+
+    def runnable_paths(self) -> tuple[str, ...]:
+        """The paths this machine can run (cpuid, as the C runtime sees it)."""
+        bits = self._paths()
+        return tuple(path for index, path in enumerate(PATHS) if bits >> index & 1)
+
+    def with_path(self, path: str) -> QuantKernels:
+        return QuantKernels(self._library, path)
+
+    def linear(
+        self,
+        x: torch.Tensor,
+        weight: QuantizedMatrix,
+        bias: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """residual + bias + x @ weight.T. x: [T, cols] float32 or bfloat16 (rows may be strided);
+        bias: float32 [rows]; residual: [T, rows] in x's dtype. Returns [T, rows] in x's dtype."""
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"the quantized linear takes float32 or bfloat16 activations, not {x.dtype}")
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        tokens, cols = x.shape
+        if cols != weight.cols:
+            raise ValueError(f"x has {cols} columns, the weight {weight.cols}")
+        out = torch.empty(tokens, weight.rows, dtype=x.dtype)
+        if residual is not None and (residual.dtype != x.dtype or residual.stride(1) != 1):
+            residual = residual.to(x.dtype).contiguous()
+        values, scales = self._scratch.take(tokens, cols)
+        bf16 = int(x.dtype == torch.bfloat16)
+        status = self._linear(
+            PATHS.index(self.path),
+            x.data_ptr(),
+            x.stride(0),
+            bf16,
+            tokens,
+            cols,
+            weight.data.data_ptr(),
+            weight.rows,
+            KIND_CODES[weight.kind],
+            None if bias is None else bias.data_ptr(),
+            None if residual is None else residual.data_ptr(),
+            0 if residual is None else residual.stride(0),
+            out.data_ptr(),
+            out.stride(0),
+            bf16,
+            values.data_ptr(),
+            scales.data_ptr(),
+        )
+        if status != 0:
+            reason = "this CPU cannot run it" if status == -2 else "bad arguments"
+            raise RuntimeError(f"quantized linear ({self.path}) failed with status {status}: {reason}")
+        return out
+
+
+def _declare(fn: _ctypes.CFuncPtr, restype: type | None, *argtypes: type) -> _ctypes.CFuncPtr:
+    fn.restype = restype
+    fn.argtypes = list(argtypes)
+    return fn
+
+
+def random_matrix(kind: str, rows: int, cols: int, generator: np.random.Generator) -> QuantizedMatrix:
+    """A random weight quantized by the gguf package itself (tests, self-check)."""
+    from gguf import GGMLQuantizationType, quantize
+
+    weights = generator.standard_normal((rows, cols)).astype(np.float32)
+    # Some blocks with an outlier and one all-zero block: scales far apart and zero.
+    weights[:, :BLOCK] *= 8
+    weights[0, :BLOCK] = 0
+    return QuantizedMatrix.from_gguf_blocks(kind, quantize(weights, GGMLQuantizationType[kind]), cols)
+
+
+def self_check(kernels: QuantKernels) -> None:
+    """The kernel against quantized.reference_linear: every kind, both dtypes, tails, residual and bias."""
+    rng = np.random.default_rng(0)
+    gen = torch.Generator().manual_seed(0)
+    for kind in KIND_CODES:
+        weight = random_matrix(kind, 40, 96, rng)  # 2.5 panels, 3 blocks
+        bias = torch.randn(40, generator=gen)
+        for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+            for tokens in (1, 11):
+                x = torch.randn(tokens, 96, generator=gen).to(dtype)
+                residual = torch.randn(tokens, 40, generator=gen).to(dtype)
+                got = kernels.linear(x, weight, bias, residual).double()
+                want = reference_linear(x, weight) + bias.double() + residual.double()
+                error = ((got - want).abs() / (1 + want.abs())).max().item()
+                if not error <= tol:
+                    raise RuntimeError(
+                        f"self-check of the {kernels.path} quantized linear ({kind}, {dtype}, {tokens} rows) "
+                        f"failed: error {error:.3g}"
+                    )
+
+
+def build_and_check(march: str, path: str, cache_dir: str | Path | None = None) -> QuantKernels:
+    """Compile for -march=<march> (cached), load, bind to path and check; raises on any failure."""
+    library = ctypes.CDLL(
+        str(_build(march, _resolve_cache_dir(cache_dir), sources=[SOURCE], flags=FLAGS, stem="scalellm_qlinear"))
+    )
+    kernels = QuantKernels(library, path)
+    if path not in kernels.runnable_paths():
+        raise RuntimeError(f"this CPU cannot run the {path} path (it runs {', '.join(kernels.runnable_paths())})")
+    self_check(kernels)
+    return kernels
+
+
+@functools.cache
+def _load_once(path: str, cache_dir: Path) -> QuantKernels | Exception:
+    try:
+        return build_and_check("native", path, cache_dir)
+    except Exception as exc:  # noqa: BLE001 - the caller reports it and falls back
+        return exc
+
+
+def load_quant_kernels(path: str, cache_dir: str | Path | None = None) -> QuantKernels | Exception:
+    """The kernels bound to path (built once per process), or the failure to report."""
+    return _load_once(path, _resolve_cache_dir(cache_dir))

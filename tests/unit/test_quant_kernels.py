@@ -1,0 +1,155 @@
+"""The linear kernel on GGUF blocks (csrc/qlinear.c): every path this machine runs, every build target.
+
+The paths are chosen at run time, so one library holds them all; the -march it
+is built for changes the portable code and the activation quantization. Each
+build below is checked on every path the CPU can run against the torch
+reference of quantized.py; a path or target the CPU cannot run is skipped with
+the flags it lacks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from services.engine.model import quant_kernels
+from services.engine.model.cpu import CpuFeatures
+from services.engine.model.native import _build
+from services.engine.model.plan import choose_plan
+from services.engine.model.quant_kernels import PATH_FLAGS, PATHS, QuantKernels, path_for, random_matrix
+from services.engine.model.quantized import FORMATS, QuantizedMatrix, reference_linear
+
+pytest.importorskip("gguf")
+
+# -march targets, each with the flags a CPU needs to run its (portable) code.
+MARCH_NEEDS = {"native": (), "x86-64-v3": ("avx2", "fma", "bmi2", "f16c", "movbe"), "x86-64": ()}
+HOST = CpuFeatures.detect()
+
+
+@pytest.fixture(scope="module", params=list(MARCH_NEEDS))
+def library(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    march: str = request.param
+    if platform.machine() != "x86_64" and march != "native":
+        pytest.skip(f"-march={march} is an x86-64 target; this machine is {platform.machine()}")
+    missing = [flag for flag in MARCH_NEEDS[march] if flag not in HOST.flags]
+    if missing:
+        pytest.skip(f"-march={march} code needs {' '.join(missing)}, which this CPU lacks")
+    folder = tmp_path_factory.mktemp(f"qlinear-{march}")
+    so = _build(march, folder, sources=[quant_kernels.SOURCE], flags=quant_kernels.FLAGS, stem="qlinear")
+    return ctypes.CDLL(str(so))
+
+
+def kernels_on(library: ctypes.CDLL, path: str) -> QuantKernels:
+    kernels = QuantKernels(library, path)
+    if path not in kernels.runnable_paths():
+        lacking = [flag for flag in PATH_FLAGS[path] if flag not in HOST.flags]
+        pytest.skip(f"the {path} path needs {' '.join(lacking) or 'what cpuid does not report'}, which this CPU lacks")
+    return kernels
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_every_path_equals_the_reference(library: ctypes.CDLL, path: str) -> None:
+    kernels = kernels_on(library, path)
+    rng = np.random.default_rng(1)
+    gen = torch.Generator().manual_seed(1)
+    for kind in FORMATS:
+        # 49 rows: 3 whole panels and a 1-row tail; 160 columns: 5 blocks.
+        weight = random_matrix(kind, 49, 160, rng)
+        for tokens in (1, 3, 8, 13, 64):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = (torch.randn(tokens, 160, generator=gen) * 3).to(dtype)
+                want = reference_linear(x, weight)
+                got = kernels.linear(x, weight)
+                assert got.dtype == dtype and got.shape == (tokens, 49)
+                # float32: summation order, and Q8_0 cancelling its +128 offset; bf16: the output's rounding.
+                tol = 1e-4 if dtype == torch.float32 else 8e-3
+                error = ((got.double() - want).abs() / (1 + want.abs())).max().item()
+                assert error < tol, (kind, tokens, dtype, error)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_residual_and_bias_are_added_and_strided_rows_are_read(library: ctypes.CDLL, path: str) -> None:
+    kernels = kernels_on(library, path)
+    rng = np.random.default_rng(2)
+    gen = torch.Generator().manual_seed(2)
+    weight = random_matrix("Q4_1", 24, 64, rng)
+    wide = torch.randn(5, 100, generator=gen)
+    x = wide[:, 10:74]  # rows 100 apart
+    bias = torch.randn(24, generator=gen)
+    residual = torch.randn(5, 24, generator=gen)
+    got = kernels.linear(x, weight, bias, residual)
+    want = reference_linear(x.contiguous(), weight) + bias.double() + residual.double()
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+
+
+def test_paths_agree_with_each_other_on_a_model_sized_matrix(library: ctypes.CDLL) -> None:
+    """The same integer sums on every path: outputs differ only by float summation order."""
+    rng = np.random.default_rng(3)
+    weight = random_matrix("Q4_1", 160, 576, rng)
+    x = torch.randn(17, 576, generator=torch.Generator().manual_seed(3))
+    runnable = QuantKernels(library, "portable").runnable_paths()
+    outputs = {path: QuantKernels(library, path).linear(x, weight) for path in runnable}
+    for path, out in outputs.items():
+        torch.testing.assert_close(out, outputs["portable"], atol=1e-3, rtol=1e-5, msg=path)
+
+
+def test_int8_activations_stay_close_to_the_float_product() -> None:
+    """What quantizing the activations costs: the reference against the float matmul of the same weights."""
+    weight = random_matrix("Q8_0", 64, 576, np.random.default_rng(4))
+    x = torch.randn(8, 576, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    exact = x @ weight.dequantize().double().T
+    error = (reference_linear(x, weight) - exact).norm() / exact.norm()
+    assert 0 < error < 0.01
+
+
+def test_the_path_follows_the_cpu_flags() -> None:
+    assert path_for(CpuFeatures.simulated()) == "portable"
+    assert path_for(CpuFeatures.simulated("avx2", "fma", "f16c")) == "avx2"
+    assert path_for(CpuFeatures.simulated("avx2", "fma", "f16c", "avx_vnni")) == "avx2_vnni"
+    sapphire = CpuFeatures.simulated(
+        "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"
+    )
+    assert path_for(sapphire) == "avx512_vnni"
+
+
+def test_a_bad_quantization_setting_or_a_contradiction_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="SCALELLM_QUANTIZATION"):
+        choose_plan("float32", torch.device("cpu"), "auto", quantization="int3", kernel_cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="SCALELLM_KERNELS"):
+        choose_plan("float32", torch.device("cpu"), "torch", quantization="gguf", kernel_cache_dir=tmp_path)
+
+
+def test_the_plan_names_the_kernel_and_its_path(tmp_path: Path) -> None:
+    plan = choose_plan("float32", torch.device("cpu"), "auto", quantization="gguf", kernel_cache_dir=tmp_path)
+    assert plan.quantized is not None and plan.quantized.path == path_for(HOST)
+    assert f"({path_for(HOST)} kernel)" in plan.describe()
+    assert any("quantization gguf" in reason for reason in plan.reasons)
+    assert choose_plan("float32", torch.device("cpu"), "auto", kernel_cache_dir=tmp_path).quantized is None
+
+
+def test_a_plan_for_an_avx2_cpu_runs_the_avx2_path(tmp_path: Path) -> None:
+    if not HOST.has(*PATH_FLAGS["avx2"]):
+        pytest.skip("this CPU lacks AVX2")
+    zen3 = CpuFeatures.simulated("avx2", "fma", "f16c")
+    plan = choose_plan("float32", torch.device("cpu"), "auto", zen3, kernel_cache_dir=tmp_path, quantization="gguf")
+    assert plan.quantized is not None and plan.quantized.path == "avx2"
+
+
+def test_unsupported_blocks_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="Q5_0"):
+        QuantizedMatrix.from_gguf_blocks("Q5_0", np.zeros((16, 22), dtype=np.uint8), 32)
+
+
+def test_a_bad_quantization_setting_stops_start_up_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared.settings import EngineSettings, load_settings
+
+    monkeypatch.setenv("SCALELLM_QUANTIZATION", "int4")
+    with pytest.raises(SystemExit, match="SCALELLM_QUANTIZATION"):
+        load_settings(EngineSettings)
+    monkeypatch.setenv("SCALELLM_QUANTIZATION", "gguf")
+    assert load_settings(EngineSettings).quantization == "gguf"
