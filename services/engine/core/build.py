@@ -80,6 +80,7 @@ def create_torch_backend(settings: EngineSettings) -> EngineCore:
         max_model_len=settings.max_model_len,
         kernels=settings.kernels,
         kernel_cache_dir=settings.kernel_cache_dir,
+        quantization=settings.quantization,
     )
     core = engine_core_for(
         runner,
