@@ -29,10 +29,13 @@ from pathlib import Path
 import httpx
 import redis
 
-from bench.serve import RequestResult, one_request
+from bench.serving.client import Endpoint, send_request
+from bench.serving.datasets import RequestSpec
+from bench.serving.metrics import RequestResult
 from services.redis_server import EmbeddedRedis, free_port
 
 PREFIX = "scalellm"
+ENDPOINT = Endpoint("completions", "SmolLM2-135M-Instruct")  # streaming, exactly output_len tokens (ignore_eos)
 
 
 @dataclass
@@ -100,7 +103,7 @@ async def load(base_url: str, args: argparse.Namespace, stop_at: float, samples:
                 input_len, output_len = rng.randint(16, args.max_input), rng.randint(8, args.max_output)
                 prompt = [rng.randrange(100, 49152) for _ in range(input_len)]
                 started = time.perf_counter() - begin
-                result = await one_request(client, "SmolLM2-135M-Instruct", prompt, output_len, input_len)
+                result = await send_request(client, ENDPOINT, RequestSpec(prompt, input_len, output_len))
                 samples.append(Sample(started, result))
 
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))

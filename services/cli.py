@@ -4,8 +4,9 @@
 ``python -m services.<role>`` does: it runs that package's ``__main__``
 (settings come from SCALELLM_* variables). ``scalellm up`` runs the whole
 pipeline locally; ``scalellm health ROLE`` checks this host's replica of ROLE
-(container health checks). Roles are imported only when chosen, so e.g. the
-gateway never loads torch.
+(container health checks); ``scalellm bench`` benchmarks any OpenAI-compatible
+server (bench/serving/, which parses its own options). Roles are imported only
+when chosen, so e.g. the gateway never loads torch.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(up)
     health = commands.add_parser("health", help="exit 0 if this host's replica of a role is alive (its heartbeat)")
     health.add_argument("role", choices=list(ROLES), help="the role of the replica running on this host")
+    # Listed here for --help; its options are bench.serving.cli's own (main hands it the rest of argv).
+    commands.add_parser(
+        "bench", add_help=False, help="benchmark an OpenAI-compatible server (scalellm bench --help; bench plot)"
+    )
     for role in ROLES:
         commands.add_parser(role, help=f"run one {role} replica (settings from SCALELLM_* variables)")
     return parser
@@ -56,6 +61,11 @@ def run_role(role: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from bench.serving.cli import main as bench
+
+        sys.exit(bench(argv[1:]))
     args = build_parser().parse_args(argv)
     if args.command == "up":
         from services.launcher.up import run
