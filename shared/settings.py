@@ -172,9 +172,12 @@ class GatewaySettings(CommonSettings):
     # The detokenizer holds back text as long as the longest stop string and searches it
     # on every step, so each one's length bounds that work.
     max_stop_string_chars: PositiveInt = 1000
-    # Choices per request. Only 1 until the engines sample in parallel (issue 9): the bound
-    # is here so that raising it is a setting, not a code change.
-    max_n: Annotated[int, Field(ge=1, le=1)] = 1
+    # Choices per request (n): the gateway sends n requests through the pipeline, so a
+    # request with n=8 weighs as much as 8 (docs/api.md, "Parallel sampling and batches").
+    max_n: Annotated[int, Field(ge=1, le=128)] = 8
+    # Prompts in one /v1/completions request (a list of texts or of token-id lists); each
+    # is a request in the pipeline (times n), so this bounds what one request may claim.
+    max_batch_prompts: Annotated[int, Field(ge=1, le=4096)] = 64
     # At or above the vocabulary size top_k means "no limit"; this only refuses nonsense.
     max_top_k: PositiveInt = 1_000_000
     # Alternatives per token (logprobs, top_logprobs) and per prompt token (prompt_logprobs); 20 is what the wire format (SamplingParams) carries.

@@ -30,6 +30,7 @@ class RequestLimits:
     max_stop_strings: int
     max_stop_string_chars: int
     max_n: int
+    max_batch_prompts: int
     max_top_k: int
     max_logprobs: int
     max_chat_messages: int
@@ -67,6 +68,16 @@ class RequestLimits:
     def check_n(self, n: int) -> None:
         if n > self.max_n:
             raise _refuse("n", f"n may be at most {self.max_n}", n, "max_n", "integer_above_max_value")
+
+    def check_batch(self, prompts: int) -> None:
+        if prompts > self.max_batch_prompts:
+            raise _refuse(
+                "prompt",
+                f"at most {self.max_batch_prompts} prompts are allowed in one request",
+                prompts,
+                "max_batch_prompts",
+                "array_above_max_length",
+            )
 
     def check_top_k(self, top_k: int) -> None:
         if top_k > self.max_top_k:

@@ -110,7 +110,7 @@ def openapi_document(limits: RequestLimits, *, auth: bool) -> dict[str, Any]:
     _limit_common(completion, limits)
     _limit_common(chat, limits)
     _constrain(completion["properties"]["logprobs"], "integer", maximum=limits.max_logprobs)
-    _limit_prompt(completion["properties"]["prompt"], limits.max_prompt_chars)
+    _limit_prompt(completion["properties"]["prompt"], limits.max_prompt_chars, limits.max_batch_prompts)
     _constrain(chat["properties"]["top_logprobs"], "integer", maximum=limits.max_logprobs)
     _constrain(chat["properties"]["messages"], "array", maxItems=limits.max_chat_messages)
     chat["properties"]["messages"]["description"] = (
@@ -241,12 +241,14 @@ def _limit_common(schema: dict[str, Any], limits: RequestLimits) -> None:
             branch["items"]["maxLength"] = limits.max_stop_string_chars
 
 
-def _limit_prompt(schema: dict[str, Any], max_chars: int) -> None:
+def _limit_prompt(schema: dict[str, Any], max_chars: int, max_prompts: int) -> None:
     _constrain(schema, "string", maxLength=max_chars)
     for branch in schema["anyOf"]:
         items = branch.get("items", {})
         if items.get("type") == "string":
             items["maxLength"] = max_chars
+        if items.get("type") in ("string", "array"):  # a batch of prompts
+            branch["maxItems"] = max_prompts
 
 
 def _constrain(schema: dict[str, Any], json_type: str, **constraints: int) -> None:

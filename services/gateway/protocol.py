@@ -39,13 +39,13 @@ _TOKEN_IDS_SCHEMA = {
     "items": {"type": "integer", "minimum": 0, "maximum": MAX_TOKEN_ID},
     "minItems": 1,
 }
-# What _check_prompt accepts: text, a batch of one text, token ids, a batch of one list of token ids.
+# What _check_prompt accepts: text, token ids, a batch of texts, a batch of lists of token ids.
 PROMPT_SCHEMA = {
     "anyOf": [
         {"type": "string", "minLength": 1},
-        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
         _TOKEN_IDS_SCHEMA,
-        {"type": "array", "items": _TOKEN_IDS_SCHEMA, "minItems": 1, "maxItems": 1},
+        {"type": "array", "items": _TOKEN_IDS_SCHEMA, "minItems": 1},
     ]
 }
 STOP_SCHEMA = {
@@ -176,7 +176,8 @@ class _Body(TracksUnknownFields):
 class CompletionBody(_Body):
     """POST /v1/completions."""
 
-    prompt: Annotated[Any, WithJsonSchema(PROMPT_SCHEMA)]  # str | [str] | [int, ...] | [[int, ...]]
+    # str | [str, ...] | [int, ...] | [[int, ...], ...]; a batch of one is unwrapped.
+    prompt: Annotated[Any, WithJsonSchema(PROMPT_SCHEMA)]
     # 0 only with echo: the prompt alone comes back (with its logprobs: how a text is scored).
     max_tokens: Count | None = None
     echo: bool | None = False
@@ -186,26 +187,38 @@ class CompletionBody(_Body):
 
     @field_validator("prompt")
     @classmethod
-    def _check_prompt(cls, value: Any) -> str | list[int]:
-        # A batch of one is unwrapped; real batches are refused, because every
-        # response here carries exactly one choice.
+    def _check_prompt(cls, value: Any) -> str | list[int] | list[str] | list[list[int]]:
+        # A batch of one is unwrapped, so that it is an ordinary request.
         if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
             value = value[0]
         if isinstance(value, str):
             if not value:
                 raise ValueError("the prompt must not be empty")
             return value
-        if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
-            raise ValueError("batched prompts are not supported; send one request per prompt")
-        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-            raise ValueError("batched prompts are not supported; send one request per prompt")
-        if isinstance(value, list):
-            if not value:
-                raise ValueError("the prompt must not be empty")
-            if not all(type(v) is int and 0 <= v <= MAX_TOKEN_ID for v in value):
-                raise ValueError("must be a string or a list of token ids (non-negative integers)")
+        if not isinstance(value, list):
+            raise ValueError("must be a string, a list of strings, a list of token ids or a list of such lists")
+        if not value:
+            raise ValueError("the prompt must not be empty")
+        if all(isinstance(v, str) for v in value):
+            for index, text in enumerate(value):
+                if not text:
+                    raise ValueError(f"prompt {index} of the batch is empty")
             return value
-        raise ValueError("must be a string, a list of one string, or a list of token ids")
+        if all(isinstance(v, list) for v in value):
+            for index, ids in enumerate(value):
+                if not ids or not _token_ids(ids):
+                    raise ValueError(f"prompt {index} of the batch must be a non-empty list of token ids")
+            return value
+        if not _token_ids(value):
+            raise ValueError("must be a string or a list of token ids (non-negative integers)")
+        return value
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the request, one for a single prompt."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
 
     def requested_logprobs(self) -> int | None:
         return self.logprobs
@@ -221,8 +234,11 @@ class CompletionBody(_Body):
         super().check(limits)
         if self.logprobs is not None:
             limits.check_logprobs(self.logprobs, "logprobs")
-        if isinstance(self.prompt, str):
-            limits.check_prompt_chars(len(self.prompt), "prompt")
+        prompts = self.prompts
+        limits.check_batch(len(prompts))
+        for index, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                limits.check_prompt_chars(len(prompt), "prompt" if len(prompts) == 1 else f"prompt[{index}]")
         if self.max_tokens == 0 and not self.echo:
             raise bad_request(
                 "max_tokens must be at least 1, or 0 with echo (the prompt alone comes back, with its logprobs "
@@ -233,6 +249,10 @@ class CompletionBody(_Body):
             raise bad_request("suffix is not supported by this server.", "suffix", "unsupported_parameter")
         if self.best_of not in (None, 1):
             raise bad_request("Only best_of=1 is supported.", "best_of")
+
+
+def _token_ids(values: list[Any]) -> bool:
+    return all(type(v) is int and 0 <= v <= MAX_TOKEN_ID for v in values)
 
 
 class ChatMessageIn(TracksUnknownFields):

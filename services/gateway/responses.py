@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.gateway.errors import ApiError
-from shared.messages import NamedToken, TextDelta, Usage
+from services.gateway.protocol import ChatBody, CompletionBody
+from shared.messages import CompletionRequest, NamedToken, TextDelta, Usage
 
 SSE_DONE = b"data: [DONE]\n\n"
 # JSON has no -inf; vLLM sends this value in its place.
@@ -164,8 +165,9 @@ class ResponseBuilder:
         continuous_usage: bool = False,
         echo: bool = False,
         prompt: str | None = None,
+        index: int = 0,
     ) -> None:
-        """``echo``: the completion's text starts with the prompt: ``prompt`` when it was text,
+        """``index``: the choice's index (parallel sampling and batches, choices.py). ``echo``: the completion's text starts with the prompt: ``prompt`` when it was text,
         else the text the pipeline decoded (TextDelta.prompt_text)."""
         self.request_id = request_id
         self.model = model
@@ -176,6 +178,7 @@ class ResponseBuilder:
         self.continuous_usage = continuous_usage and include_usage
         self.echo = echo
         self.prompt = prompt
+        self.index = index
         self.created = int(time.time())
         self.object = "chat.completion.chunk" if chat else "text_completion"
         self._echo_len = 0  # characters of the echoed prompt, before the output's text offsets
@@ -218,7 +221,12 @@ class ResponseBuilder:
         """The first chat chunk, announcing the assistant's turn."""
         return sse(
             self._chunk(
-                {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                {
+                    "index": self.index,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
             )
         )
 
@@ -231,7 +239,7 @@ class ResponseBuilder:
             echoed.add(first.prompt_logprobs, 0, self.options.top or 0, self.options.as_token_ids)
             logprobs = echoed.body()
         self._echo_len = len(text)
-        return sse(self._chunk({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": None}))
+        return sse(self._chunk({"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": None}))
 
     def text_chunk(self, text: str, delta: TextDelta | None = None) -> bytes:
         """A chunk with new text; ``delta`` adds its logprobs and finish reason."""
@@ -248,13 +256,13 @@ class ResponseBuilder:
                 logprobs = partial.body()
         if self.chat:
             choice = {
-                "index": 0,
+                "index": self.index,
                 "delta": {"content": text} if text or not finish else {},
                 "logprobs": logprobs,
                 "finish_reason": finish,
             }
         else:
-            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+            choice = {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return sse(self._chunk(choice))
 
     def usage_chunk(self, usage: dict[str, int]) -> bytes:
@@ -284,7 +292,7 @@ class ResponseBuilder:
         if self.chat:
             logprobs = {"content": result.chat_logprobs} if self.logprobs else None
             choice = {
-                "index": 0,
+                "index": self.index,
                 "message": {"role": "assistant", "content": result.text},
                 "logprobs": logprobs,
                 "finish_reason": result.finish_reason,
@@ -295,7 +303,7 @@ class ResponseBuilder:
         else:
             completion_logprobs = result.completion_logprobs.body() if self.logprobs else None
             choice = {
-                "index": 0,
+                "index": self.index,
                 "text": result.text,
                 "logprobs": completion_logprobs,
                 "finish_reason": result.finish_reason,
@@ -305,6 +313,28 @@ class ResponseBuilder:
             body["choices"] = [choice]
         body["usage"] = usage
         return body
+
+
+def builder_for(
+    body: CompletionBody | ChatBody, response_id: str, model: str, message: CompletionRequest, index: int = 0
+) -> ResponseBuilder:
+    """The builder of one choice's bodies (``index``), for the pipeline request ``message``."""
+    echo = isinstance(body, CompletionBody) and bool(body.echo)
+    return ResponseBuilder(
+        response_id,
+        model,
+        chat=isinstance(body, ChatBody),
+        logprobs=LogprobsOptions(
+            top=message.sampling.logprobs,
+            prompt_top=body.prompt_logprobs,
+            as_token_ids=bool(body.return_tokens_as_token_ids),
+        ),
+        include_usage=body.include_usage,
+        continuous_usage=body.continuous_usage,
+        echo=echo,
+        prompt=message.prompt if echo and isinstance(message.prompt, str) else None,
+        index=index,
+    )
 
 
 class CollectedOutput:

@@ -28,7 +28,9 @@ from starlette.routing import Route
 from services.gateway import protocol
 from services.gateway.admission import BacklogMonitor
 from services.gateway.auth import ApiKeys
-from services.gateway.errors import ApiError, internal, overloaded, queue_full, shutting_down
+from services.gateway.choices import Choice, merged_response, plan_choices
+from services.gateway.errors import ApiError, internal, overloaded, queue_full, shutting_down, timed_out
+from services.gateway.fanout import SessionGroup, collect_all, first_events, stream_all
 from services.gateway.http_io import error_response, http_error, read_body
 from services.gateway.info_routes import InfoRoutes, ModelContext
 from services.gateway.limits import RequestLimits
@@ -39,7 +41,7 @@ from services.gateway.output_buffer import Event
 from services.gateway.pipeline_client import PipelineClient, cancel_and_wait
 from services.gateway.registry import RegistryClosed, RegistryFull, RequestRegistry
 from services.gateway.request_context import RequestContextMiddleware, RequestRecord, request_record
-from services.gateway.responses import CollectedOutput, LogprobsOptions, ResponseBuilder
+from services.gateway.responses import CollectedOutput, ResponseBuilder, builder_for
 from services.gateway.session import (
     ClientDisconnected,
     RequestSession,
@@ -147,41 +149,36 @@ class Gateway:
         record = request_record(request)
         prefix = "chatcmpl-" if chat else "cmpl-"
         request_id = record.pipeline_id(prefix)  # unique in the pipeline
-        timeout_s = self.settings.request_timeout_s
-        message = pipeline_request(
-            body, request_id, self.client.gateway_id, time.time() + timeout_s, self.settings.default_max_tokens
-        )
+        prompts = len(body.prompts) if isinstance(body, protocol.CompletionBody) else 1
+        plan = plan_choices(request_id, prompts, body.n or 1, body.seed)
+        deadline = time.time() + self.settings.request_timeout_s
+        messages = [
+            pipeline_request(
+                body,
+                choice.request_id,
+                self.client.gateway_id,
+                deadline,
+                self.settings.default_max_tokens,
+                prompt_index=choice.prompt_index,
+                seed=choice.seed,
+            )
+            for choice in plan
+        ]
         if self.backlog.full:
             raise queue_full(self.backlog.queued, self.backlog.limit)
-        # Only a streaming handler waits on its client; a non-streaming one takes at once.
-        max_buffered = self.settings.max_buffered_bytes_per_request if body.stream else None
-        try:
-            buffer = self.registry.open(request_id, max_buffered_bytes=max_buffered)
-        except RegistryFull:
-            raise overloaded(self.settings.max_inflight_requests) from None
-        except RegistryClosed:
-            raise shutting_down() from None
-        on_close = functools.partial(self._closed, record)
-        session = RequestSession(self.client, request_id, buffer, timeout_s, on_close=on_close)
+        response_id = prefix + record.request_id  # the body's id: the client's X-Request-Id, when it sent one
+        builders = [
+            builder_for(body, response_id, self.model_name, message, choice.index)
+            for choice, message in zip(plan, messages)
+        ]
+        if len(plan) > 1:
+            return await self._run_choices(request, body, record, plan, messages, builders, batch=prompts > 1)
+        session = self._open(record, request_id, body.stream, prompt_counted=True)
         if body.stream:
-            self.slow_clients.watch(request_id, buffer, functools.partial(self._slow_client, session))
+            self.slow_clients.watch(request_id, session.buffer, functools.partial(self._slow_client, session))
+        message, builder = messages[0], builders[0]
         handed_off = False  # once an SSEResponse owns the session, it closes it
         try:
-            echo = isinstance(body, protocol.CompletionBody) and bool(body.echo)
-            builder = ResponseBuilder(
-                prefix + record.request_id,  # the body's id: the client's X-Request-Id, when it sent one
-                self.model_name,
-                chat=chat,
-                logprobs=LogprobsOptions(
-                    top=message.sampling.logprobs,
-                    prompt_top=body.prompt_logprobs,
-                    as_token_ids=bool(body.return_tokens_as_token_ids),
-                ),
-                include_usage=body.include_usage,
-                continuous_usage=body.continuous_usage,
-                echo=echo,
-                prompt=message.prompt if echo and isinstance(message.prompt, str) else None,
-            )
             if not body.stream:
                 output = await race_disconnect(self._whole(session, message, builder), request.receive)
                 return JSONResponse(builder.full_response(output))
@@ -198,6 +195,56 @@ class Gateway:
             if not handed_off:
                 session.close()
 
+    async def _run_choices(
+        self,
+        request: Request,
+        body: protocol.CompletionBody | protocol.ChatBody,
+        record: RequestRecord,
+        plan: list[Choice],
+        messages: list[CompletionRequest],
+        builders: list[ResponseBuilder],
+        *,
+        batch: bool,
+    ) -> Response:
+        """n > 1 or a batch: every choice its own session, all owned by one group (fanout.py)."""
+        group = SessionGroup(plan[0].request_id)
+        handed_off = False
+        try:
+            for choice in plan:
+                session = self._open(record, choice.request_id, body.stream, prompt_counted=choice.sample == 0)
+                group.sessions.append(session)
+                if body.stream:
+                    evict = functools.partial(self._slow_client, group)
+                    self.slow_clients.watch(choice.request_id, session.buffer, evict)
+            if not body.stream:
+                outputs = await race_disconnect(collect_all(group, plan, messages, builders, batch), request.receive)
+                bodies = [builder.full_response(output) for builder, output in zip(builders, outputs)]
+                return JSONResponse(merged_response(plan, bodies))
+            firsts = await race_disconnect(first_events(group, plan, messages, batch), request.receive)
+            response = SSEResponse(stream_all(group, plan, builders, firsts), group)
+            handed_off = True
+            return response
+        except TimeoutError:
+            raise timed_out(self.settings.request_timeout_s) from None
+        finally:
+            if not handed_off:
+                group.close()
+
+    def _open(
+        self, record: RequestRecord, request_id: str, stream: bool | None, *, prompt_counted: bool
+    ) -> RequestSession:
+        """A session with its registry entry; ``prompt_counted``: its prompt tokens go in the access log."""
+        # Only a streaming handler waits on its client; a non-streaming one takes at once.
+        max_buffered = self.settings.max_buffered_bytes_per_request if stream else None
+        try:
+            buffer = self.registry.open(request_id, max_buffered_bytes=max_buffered)
+        except RegistryFull:
+            raise overloaded(self.settings.max_inflight_requests) from None
+        except RegistryClosed:
+            raise shutting_down() from None
+        on_close = functools.partial(self._closed, record, prompt_counted)
+        return RequestSession(self.client, request_id, buffer, self.settings.request_timeout_s, on_close=on_close)
+
     @staticmethod
     async def _whole(session: RequestSession, message: CompletionRequest, builder: ResponseBuilder) -> CollectedOutput:
         await session.publish(message)
@@ -208,7 +255,7 @@ class Gateway:
         await session.publish(message)
         return await session.next_event()
 
-    def _slow_client(self, session: RequestSession, reason: str) -> None:
+    def _slow_client(self, session: RequestSession | SessionGroup, reason: str) -> None:
         """The client stopped reading: cut it off and abort its request (never awaits: may run in dispatch)."""
         if reason == "buffer":
             why = f"more than {self.settings.max_buffered_bytes_per_request} bytes of output waited for it"
@@ -222,13 +269,16 @@ class Gateway:
         self.metrics.slow_client(reason)
         session.evict()
 
-    def _closed(self, record: RequestRecord, session: RequestSession) -> None:
-        """A session ended: the metrics, then what the access log says of it."""
+    def _closed(self, record: RequestRecord, prompt_counted: bool, session: RequestSession) -> None:
+        """A session ended: the metrics, then what the access log says of it (the sums of all choices)."""
         self._session_closed(session)
         final = session.final
-        record.prompt_tokens = final.usage.prompt_tokens if final is not None and final.usage else None
-        record.completion_tokens = session.completion_tokens
-        record.first_output_at = session.first_event_at
+        if prompt_counted and final is not None and final.usage:
+            record.prompt_tokens = (record.prompt_tokens or 0) + final.usage.prompt_tokens
+        record.completion_tokens = (record.completion_tokens or 0) + session.completion_tokens
+        if session.first_event_at is not None:
+            first = record.first_output_at
+            record.first_output_at = session.first_event_at if first is None else min(first, session.first_event_at)
 
     def _session_closed(self, session: RequestSession) -> None:
         self.slow_clients.unwatch(session.request_id)

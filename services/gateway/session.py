@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -33,6 +33,14 @@ GENERATION_FAILED = "Generation failed in the pipeline."
 
 class ClientDisconnected(Exception):
     pass
+
+
+class OwnsRequests(Protocol):
+    """What an SSEResponse ends: one RequestSession, or the sessions of all choices (fanout.py)."""
+
+    evicted: asyncio.Event
+
+    def close(self) -> None: ...
 
 
 class RequestSession:
@@ -154,8 +162,13 @@ async def collect(session: RequestSession, output: CollectedOutput) -> Collected
             return output
 
 
-async def stream_events(session: RequestSession, builder: ResponseBuilder, first: Event) -> AsyncIterator[bytes]:
-    """SSE body; once the stream has begun, errors are SSE error events."""
+async def stream_events(
+    session: RequestSession, builder: ResponseBuilder, first: Event, *, last: bool = True
+) -> AsyncIterator[bytes]:
+    """SSE body; once the stream has begun, errors are SSE error events (each ending in SSE_DONE).
+
+    ``last``: this stream ends the response (its usage chunk and SSE_DONE); one choice of
+    several (fanout.py) leaves those to the merged stream."""
     if isinstance(first, TextDelta) and first.prompt_tokens is not None:
         builder.prompt_tokens = first.prompt_tokens  # for the continuous usage of the chunks before it
     if builder.chat:
@@ -175,6 +188,8 @@ async def stream_events(session: RequestSession, builder: ResponseBuilder, first
             if event.text or event.finish_reason or (builder.logprobs and (event.named_logprobs or event.logprobs)):
                 yield builder.text_chunk(event.text, event)
             if event.finish_reason is not None:
+                if not last:
+                    return
                 if builder.include_usage:
                     yield builder.usage_chunk(usage_body(event.usage, session.completion_tokens))
                 yield SSE_DONE
@@ -196,7 +211,7 @@ class SSEResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[bytes], session: RequestSession) -> None:
+    def __init__(self, content: AsyncIterator[bytes], session: OwnsRequests) -> None:
         # X-Accel-Buffering: a reverse proxy (nginx) must pass each event on at once.
         super().__init__(
             content,

@@ -57,27 +57,41 @@ def sampling_params(body: CompletionBody | ChatBody, default_max_tokens: int | N
         raise validation_error(exc) from None
 
 
-def detokenize_params(body: CompletionBody | ChatBody) -> DetokenizeParams:
+def detokenize_params(body: CompletionBody | ChatBody, prompt_index: int = 0) -> DetokenizeParams:
+    """For prompt ``prompt_index`` of a batch (the only one, usually)."""
+    echo_ids = isinstance(body, CompletionBody) and bool(body.echo) and not isinstance(body.prompts[prompt_index], str)
     return DetokenizeParams(
         stop=body.stop_strings,
         include_stop_str_in_output=bool(body.include_stop_str_in_output),
         skip_special_tokens=body.skip_special_tokens is not False,
         spaces_between_special_tokens=body.spaces_between_special_tokens is not False,
         # The echo of token ids needs their text, which only the pipeline's tokenizer knows.
-        decode_prompt=isinstance(body, CompletionBody) and bool(body.echo) and not isinstance(body.prompt, str),
+        decode_prompt=echo_ids,
     )
 
 
 def pipeline_request(
-    body: CompletionBody | ChatBody, request_id: str, gateway_id: str, deadline: float, default_max_tokens: int | None
+    body: CompletionBody | ChatBody,
+    request_id: str,
+    gateway_id: str,
+    deadline: float,
+    default_max_tokens: int | None,
+    *,
+    prompt_index: int = 0,
+    seed: int | None = None,
 ) -> CompletionRequest:
-    """The completion_request a body becomes (raises ApiError for cross-field rules)."""
+    """The completion_request a body becomes (raises ApiError for cross-field rules); for one
+    choice of several (choices.py), of prompt ``prompt_index`` of a batch, with its own ``seed``."""
+    prompt = body.prompts[prompt_index] if isinstance(body, CompletionBody) else None
+    sampling = sampling_params(body, default_max_tokens)
+    if seed is not None:
+        sampling.seed = seed
     message = CompletionRequest(
         request_id=request_id,
         gateway_id=gateway_id,
         deadline=deadline,
-        sampling=sampling_params(body, default_max_tokens),
-        detokenize=detokenize_params(body),
+        sampling=sampling,
+        detokenize=detokenize_params(body, prompt_index),
         max_tokens_is_default=body.requested_max_tokens() is None,
         add_special_tokens=body.add_special_tokens,
     )
@@ -87,5 +101,5 @@ def pipeline_request(
         message.continue_final_message = bool(body.continue_final_message)
         message.chat_template_kwargs = template_kwargs_json(body.chat_template_kwargs)
     else:
-        message.prompt = body.prompt
+        message.prompt = prompt
     return message

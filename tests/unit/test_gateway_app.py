@@ -175,8 +175,9 @@ async def test_bad_bodies_are_400_naming_the_param() -> None:
             "/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
         )
         assert bad_json.status_code == 400 and bad_json.json()["error"]["code"] == "invalid_json"
-        two = await h.http.post("/v1/chat/completions", json=CHAT | {"n": 2})
-        assert two.status_code == 400 and two.json()["error"]["param"] == "n"
+        many = await h.http.post("/v1/chat/completions", json=CHAT | {"n": 9})  # SCALELLM_MAX_N: 8
+        assert many.status_code == 400 and many.json()["error"]["param"] == "n"
+        assert "SCALELLM_MAX_N" in many.json()["error"]["message"]
         assert h.pipeline.requests == []
 
 

@@ -16,7 +16,8 @@ from shared.settings import GatewaySettings
 SMALL = RequestLimits(
     max_stop_strings=2,
     max_stop_string_chars=5,
-    max_n=1,
+    max_n=2,
+    max_batch_prompts=2,
     max_top_k=50,
     max_logprobs=3,
     max_chat_messages=2,
@@ -49,7 +50,10 @@ def user(content: str) -> dict[str, str]:
         ({"stop": ["a", "b", "c"]}, "stop", "SCALELLM_MAX_STOP_STRINGS", "array_above_max_length"),
         ({"stop": "abcdef"}, "stop", "SCALELLM_MAX_STOP_STRING_CHARS", "string_above_max_length"),
         ({"stop": ["ok", "abcdef"]}, "stop[1]", "SCALELLM_MAX_STOP_STRING_CHARS", "string_above_max_length"),
-        ({"n": 2}, "n", "SCALELLM_MAX_N", "integer_above_max_value"),
+        ({"n": 3}, "n", "SCALELLM_MAX_N", "integer_above_max_value"),
+        ({"prompt": ["a", "b", "c"]}, "prompt", "SCALELLM_MAX_BATCH_PROMPTS", "array_above_max_length"),
+        ({"prompt": [[1], [2], [3]]}, "prompt", "SCALELLM_MAX_BATCH_PROMPTS", "array_above_max_length"),
+        ({"prompt": ["ok", "x" * 11]}, "prompt[1]", "SCALELLM_MAX_PROMPT_CHARS", "string_above_max_length"),
         ({"top_k": 51}, "top_k", "SCALELLM_MAX_TOP_K", "integer_above_max_value"),
         ({"top_k": 10**12}, "top_k", "SCALELLM_MAX_TOP_K", "integer_above_max_value"),
         ({"logprobs": 4}, "logprobs", "SCALELLM_MAX_LOGPROBS", "integer_above_max_value"),
@@ -94,7 +98,8 @@ def test_defaults_come_from_the_settings_class() -> None:
     assert dataclasses.asdict(defaults) == {
         "max_stop_strings": 64,
         "max_stop_string_chars": 1000,
-        "max_n": 1,
+        "max_n": 8,
+        "max_batch_prompts": 64,
         "max_top_k": 1_000_000,
         "max_logprobs": 20,
         "max_chat_messages": 1000,
@@ -112,7 +117,9 @@ def test_each_limit_is_a_setting_from_the_environment(monkeypatch: pytest.Monkey
     assert set(dataclasses.asdict(limits).values()) == {1}
 
 
-@pytest.mark.parametrize("name, value", [("max_n", "2"), ("max_logprobs", "21"), ("max_top_k", "0")])
+@pytest.mark.parametrize(
+    "name, value", [("max_n", "129"), ("max_batch_prompts", "4097"), ("max_logprobs", "21"), ("max_top_k", "0")]
+)
 def test_limits_the_pipeline_cannot_honour_stop_start_up(
     monkeypatch: pytest.MonkeyPatch, name: str, value: str
 ) -> None:

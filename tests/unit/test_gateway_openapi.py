@@ -80,7 +80,8 @@ def test_request_schemas_accept_what_the_server_accepts() -> None:
     [
         {},
         {"prompt": ""},
-        {"prompt": ["a", "b"]},
+        {"prompt": ["a", ""]},
+        {"prompt": [[1], []]},
         {"prompt": [-1]},
         {"prompt": "x", "max_tokens": -1},  # (0 is valid with echo: a cross-field rule)
         {"prompt": "x", "max_tokens": 1.5},
@@ -98,6 +99,7 @@ def test_the_configured_limits_are_the_schemas_maxima() -> None:
         max_stop_strings=3,
         max_stop_string_chars=4,
         max_n=1,
+        max_batch_prompts=2,
         max_top_k=50,
         max_logprobs=5,
         max_chat_messages=6,
@@ -105,6 +107,7 @@ def test_the_configured_limits_are_the_schemas_maxima() -> None:
     )
     document = openapi_document(limits, auth=False)
     completion = validator(document, "CompletionRequest")
+    assert completion.is_valid({"prompt": ["x" * 7, "y"]}) and completion.is_valid({"prompt": [[1], [2, 3]]})
     assert completion.is_valid({"prompt": "x" * 7, "top_k": 50, "logprobs": 5, "stop": ["abcd"] * 3})
     for over in (
         {"prompt": "x" * 8},
@@ -114,6 +117,8 @@ def test_the_configured_limits_are_the_schemas_maxima() -> None:
         {"stop": ["a"] * 4},
         {"stop": "abcde"},
         {"n": 2},
+        {"prompt": ["a", "b", "c"]},
+        {"prompt": [[1], [2], [3]]},
     ):
         assert not completion.is_valid({"prompt": "x"} | over), over
     chat = validator(document, "ChatCompletionRequest")

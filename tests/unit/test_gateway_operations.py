@@ -92,7 +92,7 @@ async def test_the_clients_request_id_is_used_and_echoed_on_every_response() -> 
         )
         assert streamed.headers["x-request-id"] == "s.1:2" and sse_events(streamed.text)[0]["id"] == "chatcmpl-s.1:2"
         for method, path, kwargs, status in (
-            ("POST", "/v1/completions", {"json": {"prompt": "x", "n": 5}, "headers": auth}, 400),
+            ("POST", "/v1/completions", {"json": {"prompt": "x", "n": 9}, "headers": auth}, 400),
             ("POST", "/v1/completions", {"json": {"prompt": "x"}}, 401),
             ("GET", "/nowhere", {}, 404),
             ("POST", "/v1/completions", {"content": b"x" * 300, "headers": auth}, 413),

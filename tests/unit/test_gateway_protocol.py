@@ -37,13 +37,17 @@ def rejected(parse: Any, body: Any) -> ApiError:
         (["Hello"], "Hello"),
         ([1, 2, 3], [1, 2, 3]),
         ([[1, 2, 3]], [1, 2, 3]),
+        (["a", "b"], ["a", "b"]),
+        ([[1], [2, 3]], [[1], [2, 3]]),
     ],
 )
 def test_prompt_forms_accepted(prompt: Any, expected: Any) -> None:
     assert completion(prompt=prompt).prompt == expected
 
 
-@pytest.mark.parametrize("prompt", ["", [], ["a", "b"], [[1], [2]], [1, "a"], [-1], [1.5], [True], 5, None])
+@pytest.mark.parametrize(
+    "prompt", ["", [], ["a", ""], [[1], []], [[1], [-1]], ["a", [1]], [1, "a"], [-1], [1.5], [True], 5, None]
+)
 def test_bad_prompts_are_400_on_prompt(prompt: Any) -> None:
     error = rejected(parse_completion, {"prompt": prompt})
     assert (error.status, error.param) == (400, "prompt")
@@ -112,7 +116,7 @@ def test_stop_and_detokenize_options() -> None:
         ("logprobs", -1),
         ("ignore_eos", 1),
         ("stream", "yes"),
-        ("n", 2),
+        ("n", 9),
         ("best_of", 3),
         ("min_tokens", -1),
         ("seed", 2**70),
@@ -227,7 +231,7 @@ def test_chat_max_completion_tokens_wins_and_logprobs_map() -> None:
     [
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 30}, "top_logprobs"),
-        ({"n": 3}, "n"),
+        ({"n": 9}, "n"),
         ({"tools": [{"type": "function"}]}, "tools"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"max_completion_tokens": 0}, "max_completion_tokens"),
