@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from tests.fakes.gateway import (
     running,
     sse_events,
 )
+from tests.unit.test_gateway_slow_clients import CAP, StalledClient, floods_or_greets
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
 
@@ -163,3 +165,30 @@ def test_each_choice_goes_out_with_its_prompt_and_seed() -> None:
     assert not any(m.detokenize.decode_prompt for m in sent)  # text prompts echo as sent
     ids = parse_completion(json.dumps({"prompt": [[1, 2], [3]], "echo": True}).encode())
     assert pipeline_request(ids, "c", "gw", 1.0, None, prompt_index=1).detokenize.decode_prompt
+
+
+@pytest.mark.anyio
+async def test_a_stalled_reader_of_several_choices_is_cut_off_and_every_choice_aborted() -> None:
+    async with running(floods_or_greets, max_buffered_bytes_per_request=CAP, slow_client_timeout_s=30) as h:
+        stalled = StalledClient("flood")
+        stalled.body = json.dumps({"prompt": "flood", "n": 3, "stream": True, "max_tokens": 100_000}).encode()
+        await asyncio.wait_for(h.app(stalled.scope(), stalled.receive, stalled.send), 5)
+        assert stalled.aborted.is_set() and stalled.sent[0]["status"] == 200
+        await asyncio.sleep(0.05)
+        assert sorted(await h.pipeline.aborted_ids()) == sorted(r.request_id for r in h.pipeline.requests)
+        assert len(h.pipeline.requests) == 3
+        assert len(h.gateway.registry) == 0 and len(h.gateway.slow_clients) == 0
+
+
+@pytest.mark.anyio
+async def test_the_access_log_and_request_count_see_one_request_with_every_choices_tokens(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with running() as h:
+        with caplog.at_level(logging.INFO, logger="scalellm.access"):
+            reply = await h.http.post("/v1/completions", json={"prompt": ["a", "b"], "n": 2})
+        assert reply.status_code == 200
+        [line] = [r.getMessage() for r in caplog.records if r.name == "scalellm.access"]
+        assert "status=200 prompt_tokens=6 completion_tokens=8 " in line  # each prompt once, every choice
+        metrics = (await h.http.get("/metrics")).text
+        assert 'scalellm:gateway_requests_total{endpoint="completions",status="200"} 1.0' in metrics
