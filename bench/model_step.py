@@ -3,6 +3,7 @@
     python -m bench.model_step            # default model, float32 and bfloat16, batch 1/16/64
     python -m bench.model_step --dtype bfloat16 --batch 64 --context 300 --kernels torch native
     python -m bench.model_step --dtype bfloat16 float32 --plan-for-cpu avx2,fma   # plan as on an AVX2-only CPU
+    python -m bench.model_step --quantization none gguf --batch 1 64   # float vs the GGUF's blocks
 
 Every sequence decodes one token per step with ~context tokens already in the
 KV cache (the cache holds zeros: the step's cost does not depend on the values).
@@ -12,6 +13,7 @@ Prints ms per step, tokens/s, and the model's matmul FLOP/s (2 * weights * batch
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ import torch
 from services.engine.model.batch import ForwardBatch
 from services.engine.model.cpu import CpuFeatures
 from services.engine.model.native import KERNEL_CHOICES
+from services.engine.model.plan import QUANTIZATION_CHOICES
 from services.engine.model.runner import ModelRunner
 
 
@@ -55,6 +58,13 @@ def main() -> None:
         help="comma-separated CPU flags to plan kernels for instead of this CPU's (e.g. avx2,fma: AMD Zen 3)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--quantization",
+        nargs="+",
+        default=["none"],
+        choices=QUANTIZATION_CHOICES,
+        help="none: float weights; gguf: the linears on the GGUF's Q4/Q8 blocks (SCALELLM_QUANTIZATION)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,42 +76,44 @@ def main() -> None:
         model_dir = resolve_model_dir(CommonSettings(), weights=True)
     blocks_needed = max(args.batch) * ((args.context + 1 + args.block_size - 1) // args.block_size)
     print(f"model {model_dir}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for dtype in args.dtype:
-        for kernels in args.kernels:
-            runner = ModelRunner(
-                model_dir,
-                dtype=dtype,
-                device="cpu",
-                block_size=args.block_size,
-                num_blocks=blocks_needed,
-                kv_cache_bytes=None,
-                max_model_len=None,
-                kernels=kernels,
-                cpu=CpuFeatures.simulated(*args.plan_for_cpu.split(",")) if args.plan_for_cpu else None,
+    for dtype, kernels, quantization in itertools.product(args.dtype, args.kernels, args.quantization):
+        runner = ModelRunner(
+            model_dir,
+            dtype=dtype,
+            device="cpu",
+            block_size=args.block_size,
+            num_blocks=blocks_needed,
+            kv_cache_bytes=None,
+            max_model_len=None,
+            kernels=kernels,
+            cpu=CpuFeatures.simulated(*args.plan_for_cpu.split(",")) if args.plan_for_cpu else None,
+            quantization=quantization,
+        )
+        params = runner.model.matmul_params()
+        kind = "native" if runner.plan.native else "torch"
+        if runner.plan.quantized is not None:
+            kind = f"gguf-{runner.plan.quantized.path}"
+        print(f"{dtype} {kernels} quantization {quantization}: {runner.plan.describe()}")
+        for batch in args.batch:
+            step = decode_batch(batch, args.context, args.block_size)
+            for _ in range(3):
+                runner.forward(step)
+            times, cpu_times = [], []
+            for _ in range(args.steps):
+                start, cpu_start = time.perf_counter(), time.process_time()
+                runner.forward(step)
+                times.append(time.perf_counter() - start)
+                cpu_times.append(time.process_time() - cpu_start)
+            median = statistics.median(times)
+            # CPU time per step says how much work a step is even when other
+            # processes share the cores (wall time then mostly measures them).
+            print(
+                f"{dtype:9s} {kind:6s} batch {batch:3d} context {args.context}: {median * 1e3:7.2f} ms/step "
+                f"(min {min(times) * 1e3:7.2f}, cpu {statistics.median(cpu_times) * 1e3:7.2f}), "
+                f"{batch / median:7.1f} tok/s, {2 * params * batch / median / 1e9:6.1f} GFLOP/s matmul",
+                flush=True,
             )
-            params = runner.model.matmul_params()
-            kind = "native" if runner.plan.native else "torch"
-            print(f"{dtype} {kernels}: {runner.plan.describe()}")
-            for batch in args.batch:
-                step = decode_batch(batch, args.context, args.block_size)
-                for _ in range(3):
-                    runner.forward(step)
-                times, cpu_times = [], []
-                for _ in range(args.steps):
-                    start, cpu_start = time.perf_counter(), time.process_time()
-                    runner.forward(step)
-                    times.append(time.perf_counter() - start)
-                    cpu_times.append(time.process_time() - cpu_start)
-                median = statistics.median(times)
-                # CPU time per step says how much work a step is even when other
-                # processes share the cores (wall time then mostly measures them).
-                print(
-                    f"{dtype:9s} {kind:6s} batch {batch:3d} context {args.context}: {median * 1e3:7.2f} ms/step "
-                    f"(min {min(times) * 1e3:7.2f}, cpu {statistics.median(cpu_times) * 1e3:7.2f}), "
-                    f"{batch / median:7.1f} tok/s, {2 * params * batch / median / 1e9:6.1f} GFLOP/s matmul",
-                    flush=True,
-                )
-            del runner
+        del runner
 
 
 if __name__ == "__main__":

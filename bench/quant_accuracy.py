@@ -1,0 +1,159 @@
+"""Accuracy of the quantized path against the float path (issue 8, item 5), on the default model.
+
+    python -m bench.quant_accuracy                      # float32, 64 prompts x 64 tokens, perplexity
+    python -m bench.quant_accuracy --dtype bfloat16 --threads 2
+
+Both runners read the same weights: the float path the GGUF dequantized by
+transformers, the quantized path the GGUF's own blocks (SCALELLM_QUANTIZATION=gguf),
+so what differs is how the linears compute (int8 activations per block of 32).
+
+- top-1 agreement: 64 prompts (32-token windows of bench/data/coriolanus.txt) are
+  continued greedily by the float path for 64 tokens; the quantized path, fed the
+  same tokens, predicts each of them: the share it gets right. Also the mean number
+  of tokens its own greedy continuation shares with the float one before they part.
+- perplexity of each path on the whole text, in windows of --window tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from services.engine.model.batch import ForwardBatch
+from services.engine.model.runner import ModelRunner
+
+TEXT = Path(__file__).parent / "data" / "coriolanus.txt"
+BLOCK = 16
+
+
+def prefill_batch(sequences: list[list[int]], blocks_per_seq: int, logits: str) -> ForwardBatch:
+    """Each sequence computed from scratch; logits at its last token, or ("all") at every token but the last."""
+    ids, positions, slots, tables, indices = [], [], [], [], []
+    for i, seq in enumerate(sequences):
+        table = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
+        start = len(ids)
+        ids += seq
+        positions += range(len(seq))
+        slots += [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(len(seq))]
+        tables.append(table)
+        indices += range(start, start + len(seq) - 1) if logits == "all" else [start + len(seq) - 1]
+    return ForwardBatch(
+        input_ids=torch.tensor(ids),
+        positions=torch.tensor(positions),
+        slot_mapping=torch.tensor(slots),
+        query_lens=[len(s) for s in sequences],
+        context_lens=[len(s) for s in sequences],
+        block_tables=tables,
+        logits_indices=torch.tensor(indices),
+    )
+
+
+def greedy(runner: ModelRunner, prompts: list[list[int]], new_tokens: int, blocks_per_seq: int) -> list[list[int]]:
+    """Batched greedy continuation: one prefill step for all prompts, then one decode step per token."""
+    sequences = [list(p) for p in prompts]
+    logits = runner.forward(prefill_batch(sequences, blocks_per_seq, "last"))
+    for step in range(new_tokens):
+        for seq, token in zip(sequences, logits.argmax(-1).tolist(), strict=True):
+            seq.append(token)
+        if step == new_tokens - 1:
+            break
+        tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(len(sequences))]
+        pos = [len(s) - 1 for s in sequences]
+        logits = runner.forward(
+            ForwardBatch(
+                input_ids=torch.tensor([s[-1] for s in sequences]),
+                positions=torch.tensor(pos),
+                slot_mapping=torch.tensor(
+                    [t[p // BLOCK] * BLOCK + p % BLOCK for t, p in zip(tables, pos, strict=True)]
+                ),
+                query_lens=[1] * len(sequences),
+                context_lens=[p + 1 for p in pos],
+                block_tables=tables,
+                logits_indices=torch.arange(len(sequences)),
+            )
+        )
+    return [s[len(p) :] for s, p in zip(sequences, prompts, strict=True)]
+
+
+def teacher_forced(runner: ModelRunner, sequences: list[list[int]], blocks_per_seq: int, chunk: int) -> torch.Tensor:
+    """float32 logits predicting tokens 1.. of every sequence, concatenated: [sum(len - 1), vocab]."""
+    parts = []
+    for start in range(0, len(sequences), chunk):
+        parts.append(runner.forward(prefill_batch(sequences[start : start + chunk], blocks_per_seq, "all")))
+    return torch.cat(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer
+
+    from shared.model_files import resolve_model_dir
+    from shared.settings import CommonSettings
+
+    model_dir = resolve_model_dir(CommonSettings(), weights=True)
+    text = TEXT.read_text().split("\n\n", 1)[1]  # the header is not scored
+    ids: list[int] = AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"]
+    seq_len = args.prompt_tokens + args.tokens
+    blocks_per_seq = max(-(-seq_len // BLOCK), -(-args.window // BLOCK))
+    runners = {
+        name: ModelRunner(
+            model_dir,
+            dtype=args.dtype,
+            device="cpu",
+            block_size=BLOCK,
+            num_blocks=args.prompts * blocks_per_seq,
+            kv_cache_bytes=None,
+            max_model_len=None,
+            quantization=name,
+        )
+        for name in ("none", "gguf")
+    }
+    float_runner, quant_runner = runners["none"], runners["gguf"]
+    print(f"model {model_dir}, {args.dtype}, {torch.get_num_threads()} threads; text {len(ids)} tokens")
+    print(f"quantized plan: {quant_runner.plan.describe()}")
+
+    stride = (len(ids) - args.prompt_tokens) // args.prompts
+    prompts = [ids[i * stride : i * stride + args.prompt_tokens] for i in range(args.prompts)]
+    start = time.perf_counter()
+    reference = greedy(float_runner, prompts, args.tokens, blocks_per_seq)
+    own = greedy(quant_runner, prompts, args.tokens, blocks_per_seq)
+    full = [p + r for p, r in zip(prompts, reference, strict=True)]
+    logits = teacher_forced(quant_runner, full, blocks_per_seq, 8)
+    predicted = logits.view(args.prompts, seq_len - 1, -1)[:, args.prompt_tokens - 1 :].argmax(-1)
+    agreement = (predicted == torch.tensor(reference)).float().mean().item()
+    shared = []
+    for a, b in zip(reference, own, strict=True):
+        shared.append(next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a)))
+    print(
+        f"top-1 agreement with the float path: {agreement:.4f} over {args.prompts} prompts x {args.tokens} tokens; "
+        f"free-running greedy shares {sum(shared) / len(shared):.1f} tokens on average "
+        f"({sum(s == args.tokens for s in shared)} of {args.prompts} identical) [{time.perf_counter() - start:.0f} s]"
+    )
+
+    windows = [ids[i : i + args.window] for i in range(0, len(ids) - 1, args.window)]
+    windows = [w for w in windows if len(w) > 1]
+    scored = sum(len(w) - 1 for w in windows)
+    for name, runner in runners.items():
+        nll = 0.0
+        for window in windows:
+            logits = teacher_forced(runner, [window], blocks_per_seq, 1)
+            nll += F.cross_entropy(logits, torch.tensor(window[1:]), reduction="sum").item()
+        print(f"perplexity, quantization {name}: {math.exp(nll / scored):.4f} over {scored} tokens")
+
+
+if __name__ == "__main__":
+    main()
