@@ -188,9 +188,12 @@ class CompletionBody(_Body):
     @field_validator("prompt")
     @classmethod
     def _check_prompt(cls, value: Any) -> str | list[int] | list[str] | list[list[int]]:
-        # A batch of one is unwrapped, so that it is an ordinary request.
-        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
-            value = value[0]
+        # A batch of one (a text, or a list of token ids) is unwrapped, so that it is an ordinary
+        # request; anything else in a one-item list is checked as a batch below.
+        if isinstance(value, list) and len(value) == 1:
+            inner = value[0]
+            if isinstance(inner, str) or (isinstance(inner, list) and inner and _token_ids(inner)):
+                value = inner
         if isinstance(value, str):
             if not value:
                 raise ValueError("the prompt must not be empty")

@@ -46,7 +46,24 @@ def test_prompt_forms_accepted(prompt: Any, expected: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    "prompt", ["", [], ["a", ""], [[1], []], [[1], [-1]], ["a", [1]], [1, "a"], [-1], [1.5], [True], 5, None]
+    "prompt",
+    [
+        "",
+        [],
+        ["a", ""],
+        [[1], []],
+        [[1], [-1]],
+        ["a", [1]],
+        [1, "a"],
+        [["a"]],
+        [[[1]]],
+        [[]],
+        [-1],
+        [1.5],
+        [True],
+        5,
+        None,
+    ],
 )
 def test_bad_prompts_are_400_on_prompt(prompt: Any) -> None:
     error = rejected(parse_completion, {"prompt": prompt})
