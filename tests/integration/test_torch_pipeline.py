@@ -13,8 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from shared.model_files import resolve_model_dir
-from shared.settings import CommonSettings
+from shared.settings import CommonSettings, EngineSettings
 from tests.integration.harness import Pipeline
+from tests.integration.test_metrics import scrape, total, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -170,3 +171,27 @@ def test_echo_scoring_gives_transformers_prompt_logprobs(
         entry = prompt_logprobs[position][str(token)]
         assert abs(entry["logprob"] - float(row[token])) < 1e-3
         assert entry["rank"] == int((row > row[token]).sum()) + 1
+
+
+def test_n_choices_compute_their_prompt_once_and_answer_as_one(torch_pipeline: Pipeline) -> None:
+    """n=3 greedy: the engine computes the prompt for one choice and the others take its KV
+    blocks (the prefix-cache hits rise by two copies of it), and every choice is the answer a
+    single request gets."""
+    block_size = EngineSettings().block_size
+    prompt = "Write a list of every planet in the solar system, with one fact about each: " * 4
+    num_prompt_tokens = len(
+        httpx.post(f"{torch_pipeline.gateway_url}/tokenize", json={"prompt": prompt}).json()["tokens"]
+    )
+    shared = (num_prompt_tokens - 1) // block_size * block_size  # the last token's block is computed by each
+    _, before = scrape(torch_pipeline)
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "n": 3}
+    three = httpx.post(f"{torch_pipeline.gateway_url}/v1/completions", json=body, timeout=120)
+    assert three.status_code == 200, three.text
+    hits_before = total(before, "vllm:prefix_cache_hits_total")
+    wait_for(
+        torch_pipeline,
+        lambda found: total(found, "vllm:prefix_cache_hits_total") >= hits_before + 2 * shared,
+        f"the prefix-cache hits rise by {2 * shared} (two choices reusing the first's prompt)",
+    )
+    one = httpx.post(f"{torch_pipeline.gateway_url}/v1/completions", json={**body, "n": 1}, timeout=120)
+    assert [c["text"] for c in three.json()["choices"]] == [one.json()["choices"][0]["text"]] * 3

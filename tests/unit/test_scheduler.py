@@ -199,3 +199,73 @@ def test_watermark_keeps_room_for_running_sequences() -> None:
     c = new_seq(sched, "c", 4)
     step(sched)  # b grows to 4 blocks: 2 free, and c's block would eat the reserve
     assert c.status is SequenceStatus.WAITING and sched.block_manager.num_free_blocks == 2
+
+
+def same_prompt_seqs(sched: Scheduler, names: list[str], prompt: list[int]) -> list[Sequence]:
+    seqs = []
+    for name in names:
+        s = Sequence(name, list(prompt), SamplingParams(max_tokens=3), arrival=next(_arrivals))
+        sched.add(s)
+        seqs.append(s)
+    return seqs
+
+
+def test_copies_of_one_prompt_arriving_together_compute_it_once() -> None:
+    """n choices of one request: the first computes the prompt, the others wait one step and
+    take its blocks from the prefix cache, computing only the block holding the last token."""
+    sched = make(block_size=4, budget=64)
+    prompt = [(5 * i) % 50 for i in range(22)]  # 5 full blocks and 2 tokens
+    first, *others = same_prompt_seqs(sched, ["c0", "c1", "c2", "c3"], prompt)
+    bystander = new_seq(sched, "other", 6)
+
+    one = step(sched)
+    assert one.seqs == [first, bystander]  # the copies wait; the request behind them does not
+    assert one.num_new_tokens == [22, 6]
+    two = step(sched)
+    assert set(two.seqs) == {first, bystander, *others}
+    for s in others:
+        assert two.num_new_tokens[two.seqs.index(s)] == 2  # 20 of 22 tokens came from the cache
+        assert s.num_cached_tokens == 20
+    assert sched.block_manager.prefix_hits == 3 * 20
+
+
+def test_copies_wait_through_a_chunked_prefill_and_then_share_all_of_it() -> None:
+    sched = make(block_size=4, budget=8)
+    prompt = [(3 * i) % 50 for i in range(30)]
+    first, second = same_prompt_seqs(sched, ["c0", "c1"], prompt)
+    computed_by_second = 0
+    for _ in range(40):
+        if not sched.has_unfinished():
+            break
+        batch = sched.schedule()
+        if second in batch.seqs and second.num_output_tokens == 0:
+            computed_by_second += batch.num_new_tokens[batch.seqs.index(second)]
+        complete(sched, batch)
+    assert first.status is second.status is SequenceStatus.FINISHED
+    assert computed_by_second == 30 - 28  # 7 full blocks shared; only the last block's 2 tokens
+
+
+def test_without_prefix_caching_copies_do_not_wait() -> None:
+    bm = BlockManager(64, 4, enable_prefix_caching=False)
+    sched = Scheduler(bm, max_num_batched_tokens=64, max_running_requests=8, max_model_len=4096, watermark_blocks=0)
+    seqs = same_prompt_seqs(sched, ["c0", "c1"], [(5 * i) % 50 for i in range(10)])
+    assert step(sched).seqs == seqs
+
+
+def test_copies_under_preemption_all_finish_and_free_their_blocks() -> None:
+    """A copy waits only for a running twin; a preempted twin goes back to waiting, and the
+    copies never wait on each other forever, however the pool forces preemptions."""
+    sched = make(num_blocks=14, block_size=4, budget=8, max_running=4)
+    seqs = []
+    for p in range(3):
+        prompt = [(11 * i + 7 * p) % 50 for i in range(10 + 5 * p)]
+        seqs += same_prompt_seqs(sched, [f"p{p}c{c}" for c in range(3)], prompt)
+    for s in seqs:
+        s.sampling = SamplingParams(max_tokens=12)
+    for _ in range(400):
+        if not sched.has_unfinished():
+            break
+        step(sched)
+    assert all(s.status is SequenceStatus.FINISHED for s in seqs)
+    assert sched.num_preemptions > 0
+    assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks

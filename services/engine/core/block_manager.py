@@ -102,6 +102,27 @@ class BlockManager:
             found.append(block_id)
         return found
 
+    def next_block_key(self, seq: Sequence, num_cached_blocks: int) -> bytes | None:
+        """Key of the block a match_prefix for ``seq`` would take next, if one more were cached;
+        None when no further block of it may come from the cache."""
+        if num_cached_blocks >= max(0, seq.num_cacheable_tokens) // self.block_size:
+            return None
+        self._extend_hashes(seq, num_cached_blocks + 1)
+        return seq.block_hashes[num_cached_blocks]
+
+    def uncomputed_full_block_keys(self, seq: Sequence) -> list[bytes]:
+        """Keys of a running sequence's full blocks whose K/V are not computed yet (its prompt,
+        mostly): once they are, cache_computed_blocks offers them to the prefix cache. Empty when
+        prefix caching is off."""
+        if not self.enable_prefix_caching:
+            return []
+        first = seq.num_computed_tokens // self.block_size
+        end = seq.num_tokens // self.block_size
+        if first >= end:
+            return []
+        self._extend_hashes(seq, end)
+        return seq.block_hashes[first:end]
+
     def cache_computed_blocks(self, seq: Sequence) -> None:
         """Offer the sequence's newly computed full blocks to the prefix cache.
 

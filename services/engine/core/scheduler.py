@@ -10,7 +10,13 @@ prompt. Policy, in order:
 3. Waiting sequences (new, or preempted earlier), oldest first, while the
    budget, the running cap and the free blocks allow; each starts from its
    prefix-cache hit. The head of the queue is never skipped for a smaller
-   request behind it (no starvation of long prompts).
+   request behind it (no starvation of long prompts), with one exception:
+   a sequence whose next uncached prompt block another running sequence is
+   computing right now (the choices of one request with n > 1, or clients
+   sending the same prompt at once) waits until that block is in the prefix
+   cache, so the shared prompt is computed once, not once per copy. It only
+   waits for a running sequence, which makes progress every step, so it
+   cannot starve; the sequences behind it are not held up.
 
 ``max_num_batched_tokens`` bounds the tokens of one step, so a long prompt
 delays the decodes by at most one step's worth of prefill. When a running
@@ -161,15 +167,27 @@ class Scheduler:
                 scheduled[seq] = granted
                 budget -= granted
         # 3. Waiting sequences; not in a step that had to preempt (there is no room).
-        while self.waiting and budget > 0 and len(self.running) < self.max_running and not batch.preempted:
-            seq = self.waiting[0]
+        in_flight: set[bytes] | None = None  # computed on first need: most steps admit nothing
+        position = 0
+        while (
+            position < len(self.waiting) and budget > 0 and len(self.running) < self.max_running and not batch.preempted
+        ):
+            seq = self.waiting[position]
             cached = self.block_manager.match_prefix(seq)
+            if self.block_manager.enable_prefix_caching:
+                if in_flight is None:
+                    in_flight = self._blocks_in_flight()
+                if self.block_manager.next_block_key(seq, len(cached)) in in_flight:
+                    position += 1  # its copy computes that block this step; it joins the cache after
+                    continue
             num_new = min(seq.num_tokens - len(cached) * self.block_manager.block_size, budget)
             reserve_blocks = self.watermark_blocks if self.running else 0
             if not self.block_manager.can_allocate(seq, num_new, cached, reserve_blocks):
                 break
             self.block_manager.allocate(seq, num_new, cached)
-            self.waiting.pop(0)
+            self.waiting.pop(position)
+            if in_flight is not None:
+                in_flight.update(self.block_manager.uncomputed_full_block_keys(seq))
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=_arrival)
             batch.admitted.append(seq)
@@ -179,6 +197,13 @@ class Scheduler:
         batch.seqs = list(scheduled)
         batch.num_new_tokens = list(scheduled.values())
         return batch
+
+    def _blocks_in_flight(self) -> set[bytes]:
+        """Prefix-cache keys of the full blocks running sequences are still computing."""
+        keys: set[bytes] = set()
+        for seq in self.running:
+            keys.update(self.block_manager.uncomputed_full_block_keys(seq))
+        return keys
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
