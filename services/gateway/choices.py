@@ -4,8 +4,9 @@ A request with ``n`` choices for each of its prompts becomes ``prompts * n`` ord
 in the pipeline, choice ``prompt_index * n + sample`` (the order OpenAI and vLLM give them).
 Each has its own id, ``{id}-{index}``, so that each can be aborted; a seeded request gives its
 choice ``sample`` the seed ``seed + sample``, as vLLM does, so the choices differ yet the
-response stays reproducible. The engine does not yet share a prompt's KV between the choices:
-each is prefilled, though the prefix cache shares the prompt's full blocks once one is cached.
+response stays reproducible. The engine computes a prompt shared by several choices once: the
+copies wait for the first's prompt blocks and take them from its prefix cache (scheduler.py).
+request_handle.py runs the choices of a request together.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The gateway's HTTP app (Starlette) and its entry point (uvicorn).
 
-Routes: POST /v1/completions, POST /v1/chat/completions (here), GET /v1/models,
+Routes: POST /v1/completions, POST /v1/chat/completions (here; generation.py answers
+them once parsed), GET /v1/models,
 GET /v1/models/{model}, GET /health, GET /ready, GET /version (info_routes.py),
 POST /tokenize, POST /detokenize (tokenize_routes.py), GET /metrics, GET /openapi.json.
 Every response carries X-Request-Id and gets an access-log line (request_context.py);
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -28,34 +28,21 @@ from starlette.routing import Route
 from services.gateway import protocol
 from services.gateway.admission import BacklogMonitor
 from services.gateway.auth import ApiKeys
-from services.gateway.choices import Choice, merged_response, plan_choices
-from services.gateway.errors import ApiError, internal, overloaded, queue_full, shutting_down, timed_out
-from services.gateway.fanout import SessionGroup, collect_all, first_events, stream_all
+from services.gateway.errors import ApiError, internal
+from services.gateway.generation import Generation
 from services.gateway.http_io import error_response, http_error, read_body
 from services.gateway.info_routes import InfoRoutes, ModelContext
 from services.gateway.limits import RequestLimits
 from services.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openapi import openapi_document
-from services.gateway.output_buffer import Event
 from services.gateway.pipeline_client import PipelineClient, cancel_and_wait
-from services.gateway.registry import RegistryClosed, RegistryFull, RequestRegistry
-from services.gateway.request_context import RequestContextMiddleware, RequestRecord, request_record
-from services.gateway.responses import CollectedOutput, ResponseBuilder, builder_for
-from services.gateway.session import (
-    ClientDisconnected,
-    RequestSession,
-    SSEResponse,
-    collect,
-    failure_of,
-    race_disconnect,
-    stream_events,
-)
+from services.gateway.registry import RequestRegistry
+from services.gateway.request_context import RequestContextMiddleware
+from services.gateway.session import ClientDisconnected, SessionServices
 from services.gateway.slow_clients import ClientConnections, SlowClientMonitor
-from services.gateway.to_pipeline import pipeline_request
 from services.gateway.tokenize_routes import TokenizeRoutes
 from services.gateway.unknown_fields import UnknownFieldLog
-from shared.messages import CompletionRequest
 from shared.model_files import served_model_name
 from shared.runtime import configure_logging
 from shared.settings import GatewaySettings, load_settings, new_replica_id, split_list
@@ -87,6 +74,8 @@ class Gateway:
         )
         self.slow_clients = SlowClientMonitor(settings.slow_client_timeout_s)
         self.model_name = served_model_name(settings)
+        services = SessionServices(self.client, self.metrics, self.slow_clients, settings.request_timeout_s)
+        self.generation = Generation(settings, services, self.backlog, self.model_name)
         self.keys = ApiKeys.from_settings(settings)
         self.limits = RequestLimits.from_settings(settings)
         self.unknown_fields = UnknownFieldLog()
@@ -132,7 +121,7 @@ class Gateway:
             )
             self.unknown_fields.report(request.url.path, body.unknown_fields())
             protocol.check_model(body.model, self.known_models)
-            response = await self._run(request, body, chat=chat)
+            response = await self.generation.respond(request, body, chat=chat)
         except ApiError as error:
             response = error_response(error)
         except (ClientDisconnected, ClientDisconnect):
@@ -142,147 +131,6 @@ class Gateway:
             response = error_response(internal("Internal error in the gateway."))
         self.metrics.request_done(endpoint, response.status_code)
         return response
-
-    async def _run(
-        self, request: Request, body: protocol.CompletionBody | protocol.ChatBody, *, chat: bool
-    ) -> Response:
-        record = request_record(request)
-        prefix = "chatcmpl-" if chat else "cmpl-"
-        request_id = record.pipeline_id(prefix)  # unique in the pipeline
-        prompts = len(body.prompts) if isinstance(body, protocol.CompletionBody) else 1
-        plan = plan_choices(request_id, prompts, body.n or 1, body.seed)
-        deadline = time.time() + self.settings.request_timeout_s
-        messages = [
-            pipeline_request(
-                body,
-                choice.request_id,
-                self.client.gateway_id,
-                deadline,
-                self.settings.default_max_tokens,
-                prompt_index=choice.prompt_index,
-                seed=choice.seed,
-            )
-            for choice in plan
-        ]
-        if self.backlog.full:
-            raise queue_full(self.backlog.queued, self.backlog.limit)
-        response_id = prefix + record.request_id  # the body's id: the client's X-Request-Id, when it sent one
-        builders = [
-            builder_for(body, response_id, self.model_name, message, choice.index)
-            for choice, message in zip(plan, messages)
-        ]
-        if len(plan) > 1:
-            return await self._run_choices(request, body, record, plan, messages, builders, batch=prompts > 1)
-        session = self._open(record, request_id, body.stream, prompt_counted=True)
-        if body.stream:
-            self.slow_clients.watch(request_id, session.buffer, functools.partial(self._slow_client, session))
-        message, builder = messages[0], builders[0]
-        handed_off = False  # once an SSEResponse owns the session, it closes it
-        try:
-            if not body.stream:
-                output = await race_disconnect(self._whole(session, message, builder), request.receive)
-                return JSONResponse(builder.full_response(output))
-            first = await race_disconnect(self._first(session, message), request.receive)
-            error = failure_of(first)
-            if error is not None:
-                raise error
-            response = SSEResponse(stream_events(session, builder, first), session)
-            handed_off = True
-            return response
-        except TimeoutError:
-            raise session.timeout_error() from None
-        finally:
-            if not handed_off:
-                session.close()
-
-    async def _run_choices(
-        self,
-        request: Request,
-        body: protocol.CompletionBody | protocol.ChatBody,
-        record: RequestRecord,
-        plan: list[Choice],
-        messages: list[CompletionRequest],
-        builders: list[ResponseBuilder],
-        *,
-        batch: bool,
-    ) -> Response:
-        """n > 1 or a batch: every choice its own session, all owned by one group (fanout.py)."""
-        group = SessionGroup(plan[0].request_id)
-        handed_off = False
-        try:
-            for choice in plan:
-                session = self._open(record, choice.request_id, body.stream, prompt_counted=choice.sample == 0)
-                group.sessions.append(session)
-                if body.stream:
-                    evict = functools.partial(self._slow_client, group)
-                    self.slow_clients.watch(choice.request_id, session.buffer, evict)
-            if not body.stream:
-                outputs = await race_disconnect(collect_all(group, plan, messages, builders, batch), request.receive)
-                bodies = [builder.full_response(output) for builder, output in zip(builders, outputs)]
-                return JSONResponse(merged_response(plan, bodies))
-            firsts = await race_disconnect(first_events(group, plan, messages, batch), request.receive)
-            response = SSEResponse(stream_all(group, plan, builders, firsts), group)
-            handed_off = True
-            return response
-        except TimeoutError:
-            raise timed_out(self.settings.request_timeout_s) from None
-        finally:
-            if not handed_off:
-                group.close()
-
-    def _open(
-        self, record: RequestRecord, request_id: str, stream: bool | None, *, prompt_counted: bool
-    ) -> RequestSession:
-        """A session with its registry entry; ``prompt_counted``: its prompt tokens go in the access log."""
-        # Only a streaming handler waits on its client; a non-streaming one takes at once.
-        max_buffered = self.settings.max_buffered_bytes_per_request if stream else None
-        try:
-            buffer = self.registry.open(request_id, max_buffered_bytes=max_buffered)
-        except RegistryFull:
-            raise overloaded(self.settings.max_inflight_requests) from None
-        except RegistryClosed:
-            raise shutting_down() from None
-        on_close = functools.partial(self._closed, record, prompt_counted)
-        return RequestSession(self.client, request_id, buffer, self.settings.request_timeout_s, on_close=on_close)
-
-    @staticmethod
-    async def _whole(session: RequestSession, message: CompletionRequest, builder: ResponseBuilder) -> CollectedOutput:
-        await session.publish(message)
-        return await collect(session, builder.collector())
-
-    @staticmethod
-    async def _first(session: RequestSession, message: CompletionRequest) -> Event:
-        await session.publish(message)
-        return await session.next_event()
-
-    def _slow_client(self, session: RequestSession | SessionGroup, reason: str) -> None:
-        """The client stopped reading: cut it off and abort its request (never awaits: may run in dispatch)."""
-        if reason == "buffer":
-            why = f"more than {self.settings.max_buffered_bytes_per_request} bytes of output waited for it"
-        else:
-            why = f"its output waited unread for {self.settings.slow_client_timeout_s:g} s"
-        log.warning(
-            "request %s: the client stopped reading (%s); disconnecting it and aborting the request",
-            session.request_id,
-            why,
-        )
-        self.metrics.slow_client(reason)
-        session.evict()
-
-    def _closed(self, record: RequestRecord, prompt_counted: bool, session: RequestSession) -> None:
-        """A session ended: the metrics, then what the access log says of it (the sums of all choices)."""
-        self._session_closed(session)
-        final = session.final
-        if prompt_counted and final is not None and final.usage:
-            record.prompt_tokens = (record.prompt_tokens or 0) + final.usage.prompt_tokens
-        record.completion_tokens = (record.completion_tokens or 0) + session.completion_tokens
-        if session.first_event_at is not None:
-            first = record.first_output_at
-            record.first_output_at = session.first_event_at if first is None else min(first, session.first_event_at)
-
-    def _session_closed(self, session: RequestSession) -> None:
-        self.slow_clients.unwatch(session.request_id)
-        self.metrics.request_closed(session, asyncio.get_running_loop().time())
 
     # -- openapi, metrics -----------------------------------------------------
 

@@ -1,29 +1,32 @@
-"""One request's life in the gateway: publish, wait for events, always clean up.
+"""One choice's life in the gateway: its pipeline request, its queue, its abort, its figures.
 
-Every request ends in exactly one of four ways: its final TextDelta, a
-RequestFailed, the deadline (504), or its client's eviction for not reading
-(slow_clients.py). ``RequestSession.close()`` runs in every case (including
-client disconnects, which arrive as task cancellation) and is
-synchronous on purpose: a cancelled task cannot await, but it can still
-release its registry entry and queue an AbortRequests for the engines.
+A ``ChoiceSession`` is one request in the pipeline (a response with n choices or a batch of
+prompts has one per choice; request_handle.py owns them together). It ends in exactly one of
+four ways: its final TextDelta, a RequestFailed, the deadline (504), or its client's eviction
+for not reading (slow_clients.py). ``close()`` runs in every case (including client
+disconnects, which arrive as task cancellation) and is synchronous on purpose: a cancelled
+task cannot await, but it can still release its registry entry, queue an AbortRequests for the
+engines, and record its metrics and access-log figures.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from services.gateway.errors import ApiError, internal, timed_out
-from services.gateway.metrics import TokenGaps
-from services.gateway.output_buffer import Event, OutputBuffer
+from services.gateway.metrics import GatewayMetrics, TokenGaps
+from services.gateway.output_buffer import OutputBuffer
 from services.gateway.pipeline_client import PipelineClient
+from services.gateway.request_context import RequestRecord
 from services.gateway.responses import SSE_DONE, CollectedOutput, ResponseBuilder, sse_error, usage_body
-from services.gateway.slow_clients import ABORT_CONNECTION
+from services.gateway.slow_clients import ABORT_CONNECTION, SlowClientMonitor
 from shared.messages import CompletionRequest, RequestFailed, TextDelta
 
 log = logging.getLogger(__name__)
@@ -36,51 +39,64 @@ class ClientDisconnected(Exception):
 
 
 class OwnsRequests(Protocol):
-    """What an SSEResponse ends: one RequestSession, or the sessions of all choices (fanout.py)."""
+    """What an SSEResponse ends: a request's handle (request_handle.py)."""
 
     evicted: asyncio.Event
 
     def close(self) -> None: ...
 
 
-class RequestSession:
+@dataclass(frozen=True, slots=True)
+class SessionServices:
+    """What every session talks to: the pipeline, the metrics, the slow-client monitor."""
+
+    client: PipelineClient
+    metrics: GatewayMetrics
+    slow_clients: SlowClientMonitor
+    timeout_s: float
+
+
+class ChoiceSession:
     def __init__(
         self,
-        client: PipelineClient,
+        services: SessionServices,
         request_id: str,
         buffer: OutputBuffer,
-        timeout_s: float,
-        on_close: Callable[[RequestSession], None] | None = None,
+        record: RequestRecord,
+        *,
+        counts_prompt: bool,
     ) -> None:
-        self.client = client
+        """``record``: the HTTP request's access-log record, which gets this choice's tokens;
+        ``counts_prompt``: the first choice of its prompt (the prompt's tokens count once)."""
+        self.services = services
         self.request_id = request_id
         self.buffer = buffer
-        self.timeout_s = timeout_s
+        self.record = record
+        self.counts_prompt = counts_prompt
         loop = asyncio.get_running_loop()
         self.started = loop.time()
-        self.deadline = self.started + timeout_s
+        self.deadline = self.started + services.timeout_s
         self.first_event_at: float | None = None
         self.finished = False  # the pipeline has ended the request: nothing to abort
         self.closed = False
         self.final: TextDelta | None = None
         self.completion_tokens = 0
         self.token_gaps = TokenGaps()  # for the inter-token latency (services/gateway/metrics)
-        # Set when the client is cut off for not reading (services/gateway/slow_clients.py).
-        self.evicted = asyncio.Event()
-        self._on_close = on_close
 
     async def publish(self, request: CompletionRequest) -> None:
         try:
             async with asyncio.timeout_at(self.deadline):
-                await self.client.submit(request)
+                await self.services.client.submit(request)
         except TimeoutError:
             raise
         except Exception as exc:  # noqa: BLE001 - a Redis failure is the client's 500, not a crash
             log.error("could not publish %s: %s", self.request_id, exc)
             raise internal("The request could not be queued; try again.") from exc
 
-    async def next_event(self) -> Event:
-        """The next event; TimeoutError at the deadline."""
+    async def next_output(self) -> TextDelta:
+        """The next output; ApiError if the pipeline failed the request, TimeoutError at the deadline.
+
+        The one place that decides whether an event ends the request, and how."""
         event = self.buffer.take()
         if event is None:
             async with asyncio.timeout_at(self.deadline):
@@ -90,41 +106,41 @@ class RequestSession:
             self.first_event_at = now
         if isinstance(event, RequestFailed):
             self.finished = True
-        else:
-            self.completion_tokens += len(event.token_ids)
-            self.token_gaps.arrived(now, len(event.token_ids))
-            if event.finish_reason is not None:
-                self.finished = True
-                self.final = event
+            raise ApiError.from_failure(event)
+        self.completion_tokens += len(event.token_ids)
+        self.token_gaps.arrived(now, len(event.token_ids))
+        if event.finish_reason is not None:
+            self.finished = True
+            self.final = event
+        if event.finish_reason == "error":
+            raise internal(GENERATION_FAILED)
         return event
 
-    def evict(self) -> None:
-        """Cut the client off: its response ends (SSEResponse) and the request is aborted."""
-        self.evicted.set()
-        self.close()
-
     def timeout_error(self) -> ApiError:
-        return timed_out(self.timeout_s)
+        return timed_out(self.services.timeout_s)
 
     def close(self) -> None:
-        """Release the registry entry and, unless the request ended, abort it in the pipeline."""
+        """Release the registry entry, abort the request unless it ended, record its figures."""
         if self.closed:
             return
         self.closed = True
-        self.client.registry.release(self.request_id)
+        services = self.services
+        services.client.registry.release(self.request_id)
         if not self.finished:
-            self.client.abort([self.request_id])
-        if self._on_close is not None:
-            self._on_close(self)
+            services.client.abort([self.request_id])
+        services.slow_clients.unwatch(self.request_id)
+        services.metrics.request_closed(self, asyncio.get_running_loop().time())
+        self._record_in_access_log()
 
-
-def failure_of(event: Event) -> ApiError | None:
-    """The error an event ends its request with, if any."""
-    if isinstance(event, RequestFailed):
-        return ApiError.from_failure(event)
-    if event.finish_reason == "error":
-        return internal(GENERATION_FAILED)
-    return None
+    def _record_in_access_log(self) -> None:
+        """The access log gives the sums over all choices, the prompt once per prompt."""
+        record = self.record
+        if self.counts_prompt and self.final is not None and self.final.usage:
+            record.prompt_tokens = (record.prompt_tokens or 0) + self.final.usage.prompt_tokens
+        record.completion_tokens = (record.completion_tokens or 0) + self.completion_tokens
+        if self.first_event_at is not None:
+            first = record.first_output_at
+            record.first_output_at = self.first_event_at if first is None else min(first, self.first_event_at)
 
 
 async def _until_disconnect(receive: Receive) -> None:
@@ -149,41 +165,29 @@ async def race_disconnect(work: Awaitable[T], receive: Receive) -> T:
     raise ClientDisconnected()
 
 
-async def collect(session: RequestSession, output: CollectedOutput) -> CollectedOutput:
+async def collect(session: ChoiceSession, output: CollectedOutput) -> CollectedOutput:
     """Wait for the whole output (non-streaming); raises ApiError on failure."""
-    while True:
-        event = await session.next_event()
-        if isinstance(event, RequestFailed):
-            raise ApiError.from_failure(event)
-        if event.finish_reason == "error":
-            raise internal(GENERATION_FAILED)
-        output.add(event)
-        if session.finished:
-            return output
+    while not session.finished:
+        output.add(await session.next_output())
+    return output
 
 
 async def stream_events(
-    session: RequestSession, builder: ResponseBuilder, first: Event, *, last: bool = True
+    session: ChoiceSession, builder: ResponseBuilder, first: TextDelta, *, last: bool = True
 ) -> AsyncIterator[bytes]:
     """SSE body; once the stream has begun, errors are SSE error events (each ending in SSE_DONE).
 
     ``last``: this stream ends the response (its usage chunk and SSE_DONE); one choice of
-    several (fanout.py) leaves those to the merged stream."""
-    if isinstance(first, TextDelta) and first.prompt_tokens is not None:
+    several (request_handle.py) leaves those to the merged stream."""
+    if first.prompt_tokens is not None:
         builder.prompt_tokens = first.prompt_tokens  # for the continuous usage of the chunks before it
     if builder.chat:
         yield builder.role_chunk()
-    if builder.echo and isinstance(first, TextDelta):
+    if builder.echo:
         yield builder.echo_chunk(first)
     event = first
     try:
         while True:
-            if isinstance(event, RequestFailed):
-                yield sse_error(ApiError.from_failure(event))
-                return
-            if event.finish_reason == "error":
-                yield sse_error(internal(GENERATION_FAILED))
-                return
             builder.observe(event)
             if event.text or event.finish_reason or (builder.logprobs and (event.named_logprobs or event.logprobs)):
                 yield builder.text_chunk(event.text, event)
@@ -194,7 +198,9 @@ async def stream_events(
                     yield builder.usage_chunk(usage_body(event.usage, session.completion_tokens))
                 yield SSE_DONE
                 return
-            event = await session.next_event()
+            event = await session.next_output()
+    except ApiError as error:
+        yield sse_error(error)
     except TimeoutError:
         yield sse_error(session.timeout_error())
 

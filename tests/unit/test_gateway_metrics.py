@@ -162,7 +162,7 @@ def test_stream_progress_and_replicas_become_scalellm_series() -> None:
 
 @dataclass
 class Ended:
-    """A RequestSession's figures at its close."""
+    """A ChoiceSession's figures at its close."""
 
     started: float = 100.0
     first_event_at: float | None = None

@@ -61,7 +61,7 @@ class TokenGaps:
 
 
 class ClosedRequest(Protocol):
-    """What the metrics read of a request that ended (services.gateway.session.RequestSession)."""
+    """What the metrics read of a request that ended (services.gateway.session.ChoiceSession)."""
 
     @property
     def started(self) -> float: ...
