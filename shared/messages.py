@@ -52,6 +52,38 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=False)
 
 
+class StructuredOutputs(_Model):
+    """A constraint on the output (issue 10): exactly one of the fields is set. vLLM's names.
+
+    Carried as text, so that any stage in any language can pass it on: ``json`` a JSON schema
+    (JSON text), ``regex`` a regular expression (Rust regex syntax), ``choice`` the allowed
+    outputs, ``grammar`` a Lark or GBNF grammar, ``json_object`` any JSON object. The tokenizer
+    stage checks it compiles (a 400 otherwise); the engine compiles it again, from a cache.
+    """
+
+    json_schema: str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    # The request field it came from (response_format, structured_outputs.json, guided_regex...):
+    # a 400 names it.
+    param: str | None = None
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, serialize_by_alias=True)
+
+    def kinds(self) -> list[str]:
+        """The constraints set: one for a valid message."""
+        set_ = [
+            ("json", self.json_schema is not None),
+            ("regex", self.regex is not None),
+            ("choice", self.choice is not None),
+            ("grammar", self.grammar is not None),
+            ("json_object", self.json_object),
+        ]
+        return [name for name, present in set_ if present]
+
+
 class SamplingParams(_Model):
     """How the engine chooses tokens; vLLM's names and meanings."""
 
@@ -73,6 +105,8 @@ class SamplingParams(_Model):
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None  # top-N alternatives
     # vLLM's: the logprob of every prompt token after the first, with this many alternatives each.
     prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    # Constrained decoding (structured outputs); None: free text.
+    structured: StructuredOutputs | None = None
 
 
 class DetokenizeParams(_Model):

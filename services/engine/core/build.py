@@ -11,6 +11,7 @@ import torch
 from services.engine.core.engine_core import EngineCore, EngineCoreConfig
 from services.engine.model.device import resolve_device
 from services.engine.model.runner import ModelRunner
+from services.engine.structured import GrammarCompiler
 from shared.model_files import resolve_model_dir
 from shared.settings import EngineSettings
 
@@ -44,11 +45,13 @@ def engine_core_for(
     max_running_requests: int,
     enable_prefix_caching: bool,
     num_blocks: int | None = None,
+    grammars: GrammarCompiler | None = None,
 ) -> EngineCore:
     """An EngineCore around a loaded runner (tests and benchmarks build runners themselves).
 
     num_blocks: use only that many of the runner's KV blocks (a smaller pool
-    without reloading the model); default all of them.
+    without reloading the model); default all of them. grammars: structured outputs
+    (grammar_compiler_for); without it constrained requests are refused.
     """
     if num_blocks is not None and not 1 <= num_blocks <= runner.num_blocks:
         raise ValueError(f"num_blocks must be between 1 and the runner's {runner.num_blocks}, got {num_blocks}")
@@ -63,7 +66,18 @@ def engine_core_for(
         default_eos_token_ids=list(runner.config.eos_token_ids),
         sampler_device=str(runner.device),
     )
-    return EngineCore(runner, config)
+    return EngineCore(runner, config, grammars=grammars)
+
+
+def grammar_compiler_for(model_dir: Path, runner: ModelRunner) -> GrammarCompiler:
+    """Structured outputs for the model in ``model_dir``: its tokenizer is read on the compile thread."""
+
+    def load_tokenizer() -> object:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model_dir)
+
+    return GrammarCompiler.for_model(load_tokenizer, runner.config.vocab_size, list(runner.config.eos_token_ids))
 
 
 def create_torch_backend(settings: EngineSettings) -> EngineCore:
@@ -87,6 +101,7 @@ def create_torch_backend(settings: EngineSettings) -> EngineCore:
         max_num_batched_tokens=settings.max_num_batched_tokens,
         max_running_requests=settings.max_running_requests,
         enable_prefix_caching=settings.enable_prefix_caching,
+        grammars=grammar_compiler_for(model_dir, runner),
     )
     log.info(
         "torch engine ready: context %d tokens, %d KV blocks (%d tokens), budget %d tokens/step, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,6 +30,7 @@ from services.engine.core.sampler import Sampler
 from services.engine.core.scheduler import ScheduledBatch, Scheduler
 from services.engine.core.sequence import Sequence
 from services.engine.model.batch import ForwardBatch
+from services.engine.structured import GrammarCompiler, GrammarState, MaskFiller, TokenMasks
 from shared.messages import FinishReason, TokenLogprobs
 
 # Pull pacing (free_slots): a replica takes from the stream only the requests its next
@@ -86,7 +88,10 @@ class EngineCore:
         runner: Runner,
         config: EngineCoreConfig,
         clock: Callable[[], float] = time.perf_counter,
+        grammars: GrammarCompiler | None = None,
     ) -> None:
+        """``grammars``: compiles structured-output constraints; without it a constrained request
+        is refused."""
         self.runner = runner
         self.config = config
         self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
@@ -105,6 +110,10 @@ class EngineCore:
         self._forward_time = ForwardTime(clock, config.load_window_s)
         self._queue_time = QueueTime(clock)
         self.num_steps = 0
+        self.grammars = grammars
+        self._mask_filler = MaskFiller(config.vocab_size) if grammars is not None else None
+        # Constrained sequences held: while 0, a step does no structured-output work at all.
+        self._num_constrained = 0
 
     @property
     def max_model_len(self) -> int:
@@ -149,6 +158,15 @@ class EngineCore:
                 RequestOutput(request.request_id, [], "length", prompt_logprobs=seq.take_prompt_logprobs())
             )
             return
+        constraint = request.sampling.structured
+        if constraint is not None:
+            if self.grammars is None:
+                problem = "structured outputs (response_format, structured_outputs) are not available in this engine"
+                self._pending.append(RequestOutput(request.request_id, [], "error", error=problem))
+                return
+            # Compiled on the compiler's thread while the prompt is prefilled.
+            seq.grammar = GrammarState(self.grammars.compile(constraint))
+            self._num_constrained += 1
         seq.queued_at = self._queue_time.clock()
         self._sequences[request.request_id] = seq
         self.scheduler.add(seq)
@@ -161,6 +179,7 @@ class EngineCore:
                 continue
             self.scheduler.finish(seq)
             seq.finish("abort")
+            self._forget_grammar(seq)
             self._pending.append(RequestOutput(request_id, [], "abort"))
 
     def has_unfinished(self) -> bool:
@@ -207,6 +226,9 @@ class EngineCore:
         if not scheduled:
             return outputs
         plan = self._build_batch(scheduled)
+        masks: Future[TokenMasks] | None = None
+        if self._num_constrained and plan.sampling_seqs:
+            masks = self._start_masks(plan.sampling_seqs)
         with self._forward_time.measure():
             logits = self.runner.forward(plan.batch)
         self.num_steps += 1
@@ -220,12 +242,40 @@ class EngineCore:
         for seq in plan.prefilled:
             outputs.append(self._end_prefill_only(seq))
         if plan.sampling_seqs:
-            sampled = self.sampler(logits[:num_sampling], plan.sampling_seqs)
-            for seq, token_id, logprobs in zip(plan.sampling_seqs, sampled.token_ids, sampled.logprobs):
-                outputs.append(self._append(seq, token_id, logprobs))
+            token_masks = masks.result() if masks is not None else None
+            sampled = self.sampler(logits[:num_sampling], plan.sampling_seqs, token_masks)
+            failed = set(token_masks.failed) if token_masks is not None else ()
+            for row, (seq, token_id, logprobs) in enumerate(
+                zip(plan.sampling_seqs, sampled.token_ids, sampled.logprobs)
+            ):
+                if row in failed:
+                    outputs.append(self._end_grammar_failed(seq))
+                else:
+                    outputs.append(self._append(seq, token_id, logprobs))
         return outputs
 
     # ---- internals --------------------------------------------------------
+
+    def _start_masks(self, seqs: list[Sequence]) -> Future[TokenMasks] | None:
+        """The constrained rows' masks, filled on a helper thread while the forward runs."""
+        states = [(row, seq.grammar, seq.output_token_ids) for row, seq in enumerate(seqs) if seq.grammar is not None]
+        if not states or self._mask_filler is None:
+            return None
+        return self._mask_filler.start(states)
+
+    def _forget_grammar(self, seq: Sequence) -> None:
+        if seq.grammar is not None:
+            seq.grammar = None
+            self._num_constrained -= 1
+
+    def _end_grammar_failed(self, seq: Sequence) -> RequestOutput:
+        """A constraint that does not compile, or whose matcher failed: the request ends with an error."""
+        error = (seq.grammar.error if seq.grammar is not None else None) or "the output constraint failed"
+        self.scheduler.finish(seq)
+        seq.finish("error")
+        self._forget_grammar(seq)
+        del self._sequences[seq.request_id]
+        return RequestOutput(seq.request_id, [], "error", error=error)
 
     def _build_batch(self, scheduled: ScheduledBatch) -> _StepPlan:
         """The forward batch; its logits rows are the sampling sequences' (in order), then the
@@ -302,15 +352,19 @@ class EngineCore:
         """A max_tokens 0 request whose prompt is computed: it ends with no token."""
         self.scheduler.finish(seq)
         seq.finish("length")
+        self._forget_grammar(seq)
         del self._sequences[seq.request_id]
         return RequestOutput(seq.request_id, [], "length", prompt_logprobs=seq.take_prompt_logprobs())
 
     def _append(self, seq: Sequence, token_id: int, logprobs: TokenLogprobs | None) -> RequestOutput:
         seq.append_token(token_id)
         reason = self._finish_reason(seq)
+        if reason is None and seq.grammar is not None and seq.grammar.advance(seq.output_token_ids):
+            reason = "stop"  # the constraint is complete: nothing but an end of text could follow
         if reason is not None:
             self.scheduler.finish(seq)
             seq.finish(reason)
+            self._forget_grammar(seq)
             del self._sequences[seq.request_id]
         return RequestOutput(
             seq.request_id,

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from services.engine.core.sequence import Sequence
+from services.engine.structured import TokenMasks
 from shared.messages import PromptTokenLogprobs, SamplingParams, TokenLogprobs
 
 _GREEDY_BELOW = 1e-5
@@ -54,8 +55,9 @@ class Sampler:
         else:
             self._generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        """logits: [S, V] float, one row per sequence of ``seqs`` (same order)."""
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], masks: TokenMasks | None = None) -> SamplerOutput:
+        """logits: [S, V] float, one row per sequence of ``seqs`` (same order); ``masks``: the
+        tokens a constrained row may take (structured outputs), applied before anything else."""
         if logits.dim() != 2 or logits.shape[0] != len(seqs):
             raise ValueError(f"logits of shape {tuple(logits.shape)} for {len(seqs)} sequences")
         logits = logits.float()
@@ -63,6 +65,10 @@ class Sampler:
             # Padded vocabularies: the padding columns are not tokens.
             logits = logits[:, : self.vocab_size]
         params = [seq.sampling for seq in seqs]
+        if masks is not None and masks.rows:
+            # First, so that logprobs, penalties and every draw see only what the grammar allows
+            # (as vLLM applies its bitmask to the logits before its sampler).
+            logits = masks.apply(logits.clone())
 
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         raw_logprobs = None
@@ -130,7 +136,9 @@ class Sampler:
         masked = False
         vocab = logits.shape[1]
         for i, seq in enumerate(seqs):
-            if seq.num_output_tokens < seq.sampling.min_tokens and seq.stop_ids:
+            # A constrained row's grammar decides when it may end: masking its end of text too
+            # could leave it no token at all.
+            if seq.grammar is None and seq.num_output_tokens < seq.sampling.min_tokens and seq.stop_ids:
                 ids = [t for t in seq.stop_ids if 0 <= t < vocab]
                 if not ids:
                     continue

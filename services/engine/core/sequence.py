@@ -6,6 +6,7 @@ import enum
 from collections.abc import Sequence as Tokens
 
 from services.engine.contract import stop_token_ids
+from services.engine.structured import GrammarState
 from shared.messages import FinishReason, PromptTokenLogprobs, SamplingParams
 
 
@@ -30,6 +31,7 @@ class Sequence:
         "block_hashes",
         "block_table",
         "finish_reason",
+        "grammar",
         "num_cached_tokens",
         "num_computed_tokens",
         "num_hashed_blocks",
@@ -75,6 +77,8 @@ class Sequence:
         self.num_hashed_blocks = 0
         self.stop_ids = stop_token_ids(sampling, default_eos_token_ids or ())
         self.finish_reason: FinishReason | None = None
+        # Constrained decoding (structured outputs): its matcher, set by EngineCore; None: free text.
+        self.grammar: GrammarState | None = None
         self.num_preemptions = 0
         # When it was added (the engine's clock), until it first runs: then None
         # (EngineCore measures the wait once per request, as vLLM's queue time).

@@ -1,0 +1,191 @@
+"""Constrained decoding in the engine (issue 10): grammars compiled off the step, masks filled
+while the forward runs.
+
+- ``GrammarCompiler`` compiles a request's constraint on its own thread, when the request is added
+  (so during its prefill, never in a step's critical path), into a pristine llguidance matcher kept
+  in a small LRU keyed by the constraint's text; each sequence gets a copy (``deep_copy``, ~1 us).
+  llguidance drops the GIL while it compiles.
+- ``GrammarState`` is one sequence's matcher. It follows the sequence's output tokens, not the
+  steps: before each mask it consumes the tokens it has not seen, so a request taken over from
+  another engine (its checkpointed output tokens) and a preempted one (recomputed; its tokens are
+  kept) need nothing special.
+- ``MaskFiller`` fills the next step's token bitmasks of the constrained rows on a helper thread
+  (llguidance's own pool, GIL released) started before the forward and joined after it, so the
+  fill overlaps the forward (torch drops the GIL too). The sampler applies the masks first.
+
+Nothing here runs for a batch without a constrained sequence: EngineCore counts them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import llguidance
+import llguidance.torch
+import torch
+
+from shared.messages import StructuredOutputs
+from shared.structured import InvalidConstraint, grammar_text, llg_tokenizer, new_matcher
+
+log = logging.getLogger(__name__)
+
+# Pristine matchers kept per engine (one per distinct constraint text); a miss costs a compile.
+COMPILED_GRAMMARS = 256
+
+
+class GrammarFailed(RuntimeError):
+    """A constraint that does not compile here, or a matcher in its error state; the message says why."""
+
+
+def constraint_key(constraint: StructuredOutputs) -> str:
+    """The cache key: the constraint's fields, without the request field it came from."""
+    return constraint.model_copy(update={"param": None}).model_dump_json(by_alias=True, exclude_none=True)
+
+
+class GrammarCompiler:
+    """Compiles constraints on one background thread; safe to call from the engine's main thread."""
+
+    def __init__(self, tokenizer_factory: Callable[[], llguidance.LLTokenizer]) -> None:
+        """``tokenizer_factory`` runs first on the compile thread (~0.5 s), not on the caller's."""
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
+        self._tokenizer: Future[llguidance.LLTokenizer] = self._pool.submit(tokenizer_factory)
+        self._lock = threading.Lock()  # guards _compiled (main thread reads, compile thread fills)
+        self._compiled: OrderedDict[str, Future[llguidance.LLMatcher]] = OrderedDict()
+
+    @classmethod
+    def for_model(
+        cls, hf_tokenizer_loader: Callable[[], Any], vocab_size: int, eos_token_ids: list[int]
+    ) -> GrammarCompiler:
+        return cls(lambda: llg_tokenizer(hf_tokenizer_loader(), vocab_size, eos_token_ids))
+
+    def compile(self, constraint: StructuredOutputs) -> Future[llguidance.LLMatcher]:
+        """A future pristine matcher for ``constraint`` (copy it before use); compiled once per text."""
+        key = constraint_key(constraint)
+        with self._lock:
+            future = self._compiled.get(key)
+            if future is not None:
+                self._compiled.move_to_end(key)
+                return future
+            future = self._pool.submit(self._compile, constraint)
+            self._compiled[key] = future
+            if len(self._compiled) > COMPILED_GRAMMARS:
+                self._compiled.popitem(last=False)
+        return future
+
+    def _compile(self, constraint: StructuredOutputs) -> llguidance.LLMatcher:
+        tokenizer = self._tokenizer.result()
+        try:
+            matcher = new_matcher(tokenizer, grammar_text(constraint))
+        except InvalidConstraint as exc:
+            raise GrammarFailed(str(exc)) from None
+        if matcher.is_error():
+            raise GrammarFailed(f"the constraint does not compile: {matcher.get_error()}")
+        return matcher
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class GrammarState:
+    """One sequence's matcher, fed with the sequence's output tokens."""
+
+    __slots__ = ("_compiled", "_matcher", "consumed", "error")
+
+    def __init__(self, compiled: Future[llguidance.LLMatcher]) -> None:
+        self._compiled = compiled
+        self._matcher: llguidance.LLMatcher | None = None
+        self.consumed = 0  # output tokens the matcher has consumed
+        self.error: str | None = None
+
+    def catch_up(self, output_token_ids: Sequence[int]) -> llguidance.LLMatcher | None:
+        """The matcher, having consumed every output token so far (waits for the compile if it is
+        still running: only a request whose prefill took less than its compile). None: an error."""
+        if self.error is not None:
+            return None
+        if self._matcher is None:
+            try:
+                self._matcher = self._compiled.result().deep_copy()
+            except GrammarFailed as exc:
+                self.error = str(exc)
+                return None
+        matcher = self._matcher
+        if self.consumed < len(output_token_ids):
+            # A takeover's checkpointed tokens, or the token appended after the last advance.
+            if not matcher.consume_tokens(list(output_token_ids[self.consumed :])):
+                self.error = f"the output does not match the constraint: {matcher.get_error()}"
+                return None
+            self.consumed = len(output_token_ids)
+        return matcher
+
+    def advance(self, output_token_ids: Sequence[int]) -> bool:
+        """After a token is appended: True when the constraint is complete (the sequence ends "stop")."""
+        matcher = self.catch_up(output_token_ids)
+        return matcher is not None and matcher.is_stopped()
+
+
+@dataclass(slots=True)
+class TokenMasks:
+    """The allowed tokens of some rows of a step: ``bitmask[j]`` is row ``rows[j]``'s
+    (bit t of word t // 32 set: token t allowed). ``failed``: rows whose matcher errored,
+    which the core ends with an error instead of sampling freely."""
+
+    rows: list[int]
+    bitmask: torch.Tensor  # [len(rows), ceil(vocab / 32)] int32
+    failed: list[int]
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits: [S, V] float, modified in place where allowed: disallowed tokens become -inf."""
+        if not self.rows:
+            return logits
+        sub = logits[self.rows]  # a copy: the masked rows, in rows' order
+        llguidance.torch.apply_token_bitmask_inplace(sub, self.bitmask[:, : (sub.shape[1] + 31) // 32])
+        logits[self.rows] = sub
+        return logits
+
+
+class MaskFiller:
+    """Fills a step's masks on a helper thread, so that the fill overlaps the forward."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self._executor = llguidance.LLExecutor()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
+
+    def start(self, states: Sequence[tuple[int, GrammarState, Sequence[int]]]) -> Future[TokenMasks]:
+        """``states``: (row, state, output token ids) per constrained row of the step."""
+        return self._thread.submit(self.fill, list(states))
+
+    def fill(self, states: list[tuple[int, GrammarState, Sequence[int]]]) -> TokenMasks:
+        live: list[tuple[int, GrammarState, llguidance.LLMatcher]] = []
+        failed: list[int] = []
+        for row, state, output in states:
+            matcher = state.catch_up(output)
+            if matcher is None:
+                failed.append(row)
+            else:
+                live.append((row, state, matcher))
+        bitmask = llguidance.torch.allocate_token_bitmask(max(len(live), 1), self.vocab_size)
+        if live:
+            pairs = [(matcher, index) for index, (_row, _state, matcher) in enumerate(live)]
+            llguidance.torch.fill_next_token_bitmask_par(self._executor, pairs, bitmask)
+        rows: list[int] = []
+        kept: list[int] = []
+        for index, (row, state, matcher) in enumerate(live):
+            if matcher.is_error():  # e.g. a grammar that allows nothing here
+                state.error = f"the constraint allows no token here: {matcher.get_error()}"
+                failed.append(row)
+            else:
+                rows.append(row)
+                kept.append(index)
+        if len(kept) != len(live):
+            bitmask = bitmask[kept]
+        return TokenMasks(rows, bitmask[: len(rows)], failed)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
