@@ -15,7 +15,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from shared.messages import ChatMessage, CompletionRequest, RequestFailed, TokenizedRequest
+from shared.messages import ChatMessage, CompletionRequest, RequestFailed, StructuredOutputs, TokenizedRequest
 
 log = logging.getLogger(__name__)
 
@@ -154,12 +154,15 @@ class PromptProcessor:
         self.max_model_len = max_model_len
         self.eos_token_ids = list(dict.fromkeys(eos_token_ids))  # unique, in order
         self.vocab_size = self.encoder.vocab_size
+        self._llg_tokenizer: Any = None  # llguidance's view of the tokenizer, built on first use
 
     def process(self, request: CompletionRequest) -> TokenizedRequest | RequestFailed:
         try:
             prompt_ids = self._prompt_ids(request)
             max_tokens = self._max_tokens(request, len(prompt_ids))
             self.encoder.check_token_ids(request.sampling.stop_token_ids, "stop_token_ids")
+            if request.sampling.structured is not None:
+                self._check_constraint(request.sampling.structured)
         except InvalidRequest as exc:
             return failure(request.request_id, exc)
         update = {"eos_token_ids": list(self.eos_token_ids), "max_tokens": max_tokens}
@@ -171,6 +174,17 @@ class PromptProcessor:
             sampling=request.sampling.model_copy(update=update),
             detokenize=request.detokenize,
         )
+
+    def _check_constraint(self, constraint: StructuredOutputs) -> None:
+        """A structured-output constraint that does not compile is a 400 naming the problem (issue 10)."""
+        from shared.structured import InvalidConstraint, check_compiles, grammar_text, llg_tokenizer
+
+        try:
+            if self._llg_tokenizer is None:  # once per process, on first use (~0.5 s)
+                self._llg_tokenizer = llg_tokenizer(self.tokenizer, self.vocab_size, self.eos_token_ids)
+            check_compiles(self._llg_tokenizer, grammar_text(constraint), constraint)
+        except InvalidConstraint as exc:
+            raise InvalidRequest(str(exc), exc.param) from None
 
     def _prompt_ids(self, request: CompletionRequest) -> list[int]:
         if request.messages is not None and request.prompt is not None:

@@ -88,3 +88,19 @@ def test_invalid_constraints_are_named() -> None:
         grammar_text(StructuredOutputs(regex="a", choice=["a"]))
     with pytest.raises(InvalidConstraint, match="not JSON"):
         grammar_text(StructuredOutputs(json="{", param="response_format"))
+
+
+def test_tokenizer_stage_refuses_an_invalid_schema_with_400(tokenizer: Any) -> None:
+    from services.tokenizer.prompt import PromptProcessor
+    from shared.messages import CompletionRequest, RequestFailed, TokenizedRequest, decode, encode
+
+    processor = PromptProcessor(tokenizer, max_model_len=64, eos_token_ids=[EOS])
+    bad = StructuredOutputs(json='{"type": "foo"}', param="response_format")
+    sampling = SamplingParams(max_tokens=8, structured=bad)
+    request = CompletionRequest(request_id="r", gateway_id="g", deadline=1e12, prompt="hi", sampling=sampling)
+    refused = processor.process(decode(encode(request)))  # type: ignore[arg-type]
+    assert isinstance(refused, RequestFailed) and refused.status == 400
+    assert refused.param == "response_format" and "foo" in refused.message
+    request.sampling.structured = StructuredOutputs(regex="[a-z]+")
+    accepted = processor.process(request)
+    assert isinstance(accepted, TokenizedRequest) and accepted.sampling.structured == request.sampling.structured
