@@ -17,6 +17,7 @@ so fields validated by hand declare their accepted shapes with WithJsonSchema.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, TypeVar
 
 from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
@@ -24,7 +25,7 @@ from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema, field_v
 from services.gateway.errors import ApiError, bad_request, model_not_found
 from services.gateway.limits import RequestLimits
 from services.gateway.unknown_fields import TracksUnknownFields
-from shared.messages import MAX_TOKEN_ID, ChatMessage, TokenId
+from shared.messages import MAX_TOKEN_ID, ChatMessage, StructuredOutputs, TokenId
 
 MAX_INT64 = 2**63 - 1
 CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -117,6 +118,70 @@ class _Body(TracksUnknownFields):
     prompt_logprobs: Count | None = None
     # vLLM's: logprobs name tokens "token_id:<id>" instead of by their text.
     return_tokens_as_token_ids: bool | None = False
+    # Structured outputs (issue 10): OpenAI's response_format, vLLM's structured_outputs and its
+    # older guided_* fields; at most one constraint in all (structured_output()).
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Any = None  # a JSON schema: an object, or its text
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def structured_output(self) -> StructuredOutputs | None:
+        """The one output constraint of the request, or None; raises ApiError for more than one or a
+        malformed one. Whether it compiles is the tokenizer stage's check (a 400 from there)."""
+        found: list[StructuredOutputs] = []
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type", "text")
+            if kind == "json_object":
+                found.append(StructuredOutputs(json_object=True, param="response_format"))
+            elif kind == "json_schema":
+                spec = rf.get("json_schema")
+                if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                    raise bad_request(
+                        "response_format.json_schema.schema must be a JSON schema (an object).",
+                        "response_format.json_schema.schema",
+                    )
+                found.append(StructuredOutputs(json=json.dumps(spec["schema"]), param="response_format.json_schema"))
+            elif kind != "text":
+                raise bad_request(
+                    "response_format type must be 'text', 'json_object' or 'json_schema'.", "response_format.type"
+                )
+        so = self.structured_outputs or {}
+        sources: list[tuple[str, str, Any]] = [
+            (key, f"structured_outputs.{key}", so.get(key)) for key in ("json", "regex", "choice", "grammar")
+        ]
+        if so.get("json_object"):
+            found.append(StructuredOutputs(json_object=True, param="structured_outputs.json_object"))
+        sources += [
+            ("json", "guided_json", self.guided_json),
+            ("regex", "guided_regex", self.guided_regex),
+            ("choice", "guided_choice", self.guided_choice),
+            ("grammar", "guided_grammar", self.guided_grammar),
+        ]
+        for key, param, value in sources:
+            if value is None:
+                continue
+            if key == "json":
+                if isinstance(value, str):
+                    value = _json_text(value, param)
+                elif isinstance(value, dict):
+                    value = json.dumps(value)
+                else:
+                    raise bad_request(f"{param} must be a JSON schema (an object).", param)
+            elif key == "choice":
+                if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+                    raise bad_request(f"{param} must be a non-empty list of strings.", param)
+            elif not isinstance(value, str):
+                raise bad_request(f"{param} must be a string.", param)
+            found.append(StructuredOutputs.model_validate({key: value, "param": param}))
+        if len(found) > 1:
+            names = ", ".join(c.param or "" for c in found)
+            raise bad_request(
+                f"Give at most one output constraint; this request has {len(found)}: {names}.", found[1].param
+            )
+        return found[0] if found else None
 
     @field_validator("stop")
     @classmethod
@@ -171,6 +236,7 @@ class _Body(TracksUnknownFields):
             raise bad_request("stream_options is only allowed when stream is true.", "stream_options")
         if self.logit_bias:
             raise bad_request("logit_bias is not supported by this server.", "logit_bias", "unsupported_parameter")
+        self.structured_output()
 
 
 class CompletionBody(_Body):
@@ -304,7 +370,6 @@ class ChatBody(_Body):
     # Extra variables for the chat template (e.g. enable_thinking).
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -328,10 +393,14 @@ class ChatBody(_Body):
             raise bad_request(
                 "tools (function calling) are not supported by this server.", "tools", "unsupported_parameter"
             )
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise bad_request(
-                "only response_format type 'text' is supported.", "response_format", "unsupported_parameter"
-            )
+
+
+def _json_text(text: str, param: str) -> str:
+    try:
+        json.loads(text)
+    except ValueError:
+        raise bad_request(f"{param} is not valid JSON.", param) from None
+    return text
 
 
 def check_continue_final_message(continue_final: bool | None, add_generation_prompt: bool | None) -> None:

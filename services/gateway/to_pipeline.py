@@ -49,6 +49,7 @@ def sampling_params(body: CompletionBody | ChatBody, default_max_tokens: int | N
         "min_tokens": min_tokens,
         "logprobs": body.requested_logprobs(),
         "prompt_logprobs": body.requested_prompt_logprobs(),
+        "structured": body.structured_output(),
     }
     try:
         # Unset (None) options keep SamplingParams' own defaults.
