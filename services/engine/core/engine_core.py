@@ -359,8 +359,9 @@ class EngineCore:
     def _append(self, seq: Sequence, token_id: int, logprobs: TokenLogprobs | None) -> RequestOutput:
         seq.append_token(token_id)
         reason = self._finish_reason(seq)
-        if reason is None and seq.grammar is not None and seq.grammar.advance(seq.output_token_ids):
-            reason = "stop"  # the constraint is complete: nothing but an end of text could follow
+        # A complete constraint does not end the sequence here: its mask then allows only the end of
+        # text, which ends it next step as a stop token (the detokenizer takes a "stop" sequence's last
+        # token for the stop token and does not show it).
         if reason is not None:
             self.scheduler.finish(seq)
             seq.finish(reason)

@@ -1,0 +1,77 @@
+"""Structured outputs end to end (issue 10) with the openai package against the real model:
+constrained answers of the small default model are always valid; an invalid schema is a 400."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel, Field
+from transformers import PreTrainedTokenizerBase
+
+from shared.model_files import resolve_model_dir
+from shared.settings import CommonSettings
+from tests.integration.harness import Pipeline
+
+openai = pytest.importorskip("openai")
+
+
+class City(BaseModel):
+    name: str = Field(max_length=20)
+    population: int = Field(ge=0, le=100_000_000)
+
+
+@pytest.fixture(scope="module")
+def pipeline(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedTokenizerBase
+) -> Iterator[Pipeline]:
+    resolve_model_dir(CommonSettings(), weights=True)
+    started = Pipeline(redis_url, Path(tmp_path_factory.mktemp("logs")), env={"SCALELLM_STREAM_PREFIX": "structured"})
+    try:
+        started.start("tokenizer")
+        started.start("engine", engine_backend="torch", dtype="float32", kv_cache_bytes=str(256 * 1024**2))
+        started.start("detokenizer")
+        started.start_gateway()
+        started.wait_ready(timeout=300)
+        yield started
+    finally:
+        started.stop_all()
+
+
+def _client(pipeline: Pipeline):  # type: ignore[no-untyped-def]
+    return openai.OpenAI(base_url=f"{pipeline.gateway_url}/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def test_parse_regex_choice_json_object_and_invalid_schema(pipeline: Pipeline) -> None:
+    client = _client(pipeline)
+    model = client.models.list().data[0].id
+    messages = [{"role": "user", "content": "Name a large city."}]
+    parsed = client.chat.completions.parse(
+        model=model, messages=messages, response_format=City, max_tokens=60, temperature=0
+    )
+    assert isinstance(parsed.choices[0].message.parsed, City)
+    regex = client.completions.create(
+        model=model, prompt="A number:", max_tokens=10, extra_body={"guided_regex": "[0-9]{4}"}
+    )
+    assert re.fullmatch("[0-9]{4}", regex.choices[0].text)
+    choice = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=10,
+        n=2,
+        extra_body={"structured_outputs": {"choice": ["Paris", "Tokyo"]}},
+    )
+    assert all(c.message.content in ("Paris", "Tokyo") for c in choice.choices)
+    stream = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=60, stream=True, response_format={"type": "json_object"}
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert isinstance(json.loads(text), dict)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(
+            model=model, messages=messages, max_tokens=5, extra_body={"guided_json": {"type": "foo"}}
+        )
+    assert "foo" in str(bad.value)
