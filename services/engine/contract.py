@@ -113,6 +113,13 @@ def refusal(request: EngineRequest, *, max_model_len: int | None = None, vocab_s
     return None
 
 
+def unconstrained_only(request: EngineRequest, backend: str) -> str | None:
+    """The refusal of a backend that cannot apply structured-output masks, for a request that has one."""
+    if request.sampling.structured is None:
+        return None
+    return f"the {backend} backend cannot constrain its output; structured outputs need the torch backend"
+
+
 def wants_prompt_logprobs(request: EngineRequest) -> bool:
     """Whether the backend computes ``request``'s prompt logprobs: asked for, and not taken over
     (the engine that published the request's first output has sent them)."""

@@ -21,6 +21,7 @@ from services.engine.contract import (
     RequestOutput,
     refusal,
     stop_token_ids,
+    unconstrained_only,
     wants_prompt_logprobs,
 )
 from shared.messages import FinishReason, PromptTokenLogprobs, TokenLogprobs
@@ -98,7 +99,7 @@ class EchoBackend:
         """An id already in the engine is ignored (contract.EngineBackend)."""
         if request.request_id in self._waiting or request.request_id in self._running:
             return
-        problem = refusal(request)
+        problem = refusal(request) or unconstrained_only(request, "echo")
         if problem is not None:
             self._pending.append(RequestOutput(request.request_id, [], "error", error=problem))
             return

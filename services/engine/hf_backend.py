@@ -23,6 +23,7 @@ from services.engine.contract import (
     RequestOutput,
     refusal,
     stop_token_ids,
+    unconstrained_only,
     wants_prompt_logprobs,
 )
 from shared.messages import FinishReason, PromptTokenLogprobs, TokenLogprobs
@@ -90,7 +91,9 @@ class HFBackend:
         """An id already queued is ignored (contract.EngineBackend)."""
         if request.request_id in self._queue:
             return
-        problem = refusal(request, max_model_len=self.max_model_len, vocab_size=self.vocab_size)
+        problem = refusal(request, max_model_len=self.max_model_len, vocab_size=self.vocab_size) or unconstrained_only(
+            request, "hf"
+        )
         if problem is not None:
             self._pending.append(RequestOutput(request.request_id, [], "error", error=problem))
             return

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from services.gateway.info_routes import package_version
 from services.gateway.limits import RequestLimits
 from services.gateway.protocol import ChatBody, CompletionBody
+from services.gateway.request_context import HEADER, MAX_REQUEST_ID_CHARS, SAFE_ID_PATTERN
 from services.gateway.tokenize_routes import DetokenizeBody, TokenizeChatBody, TokenizeCompletionBody
 
 REF = "#/components/schemas/{model}"
@@ -204,6 +205,7 @@ def openapi_document(limits: RequestLimits, *, auth: bool) -> dict[str, Any]:
             }
         },
     }
+    _with_request_ids(paths)
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
@@ -217,6 +219,23 @@ def openapi_document(limits: RequestLimits, *, auth: bool) -> dict[str, Any]:
     if auth:
         document["components"]["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
     return document
+
+
+def _with_request_ids(paths: dict[str, Any]) -> None:
+    """Every route takes a client's X-Request-Id and answers with the id used (request_context.py)."""
+    header = {
+        "name": HEADER,
+        "in": "header",
+        "required": False,
+        "description": "The request's id, reused when safe (else replaced by a fresh one); echoed on the response",
+        "schema": {"type": "string", "maxLength": MAX_REQUEST_ID_CHARS, "pattern": SAFE_ID_PATTERN},
+    }
+    echoed = {HEADER: {"description": "The id this request was given", "schema": {"type": "string"}}}
+    for operations in paths.values():
+        for operation in operations.values():
+            operation.setdefault("parameters", []).append(header)
+            for response in operation["responses"].values():
+                response.setdefault("headers", {}).update(echoed)
 
 
 def _component(schemas: dict[str, Any], model: type[BaseModel], name: str) -> dict[str, Any]:

@@ -34,7 +34,8 @@ access_log = logging.getLogger("scalellm.access")
 
 HEADER = "X-Request-Id"
 MAX_REQUEST_ID_CHARS = 128
-_SAFE_ID = re.compile(rf"[A-Za-z0-9._:\-]{{1,{MAX_REQUEST_ID_CHARS}}}")
+SAFE_ID_PATTERN = rf"^[A-Za-z0-9._:\-]{{1,{MAX_REQUEST_ID_CHARS}}}$"
+_SAFE_ID = re.compile(SAFE_ID_PATTERN)
 SCOPE_KEY = "scalellm.request"
 
 

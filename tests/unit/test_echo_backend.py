@@ -7,7 +7,7 @@ import pytest
 from services.engine.backends import BackendUnavailable, create_backend
 from services.engine.contract import EngineRequest, RequestOutput
 from services.engine.echo import EchoBackend
-from shared.messages import SamplingParams
+from shared.messages import SamplingParams, StructuredOutputs
 from shared.settings import EngineSettings
 
 
@@ -110,6 +110,14 @@ def test_empty_prompt_is_refused_not_crashed() -> None:
     [output] = backend.step()
     assert (output.request_id, output.new_token_ids, output.finish_reason) == ("empty", [], "error")
     assert output.error
+
+
+def test_a_structured_output_request_is_refused_not_served_unconstrained() -> None:
+    backend = EchoBackend()
+    backend.add_request(request("json", [5, 6], max_tokens=3, structured=StructuredOutputs(json_object=True)))
+    [output] = backend.step()
+    assert (output.new_token_ids, output.finish_reason) == ([], "error")
+    assert output.error is not None and "torch backend" in output.error
 
 
 def test_duplicate_request_id_is_ignored() -> None:

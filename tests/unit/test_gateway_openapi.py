@@ -160,3 +160,19 @@ async def test_with_an_api_key_v1_needs_a_bearer_token_and_health_names_no_host(
     async with running() as h:
         assert (await h.http.get("/ready")).json()["gateway_id"] == h.gateway.client.gateway_id
         assert "securitySchemes" not in (await h.http.get("/openapi.json")).json()["components"]
+
+
+async def test_every_operation_documents_the_request_id_header_it_honours() -> None:
+    async with running() as h:
+        document = (await h.http.get("/openapi.json")).json()
+        for path, item in document["paths"].items():
+            for method, operation in item.items():
+                [header] = [p for p in operation["parameters"] if p["in"] == "header"]
+                assert header["name"] == "X-Request-Id", (path, method)
+                for status, response in operation["responses"].items():
+                    assert "X-Request-Id" in response["headers"], (path, method, status)
+        schema = Draft202012Validator(header["schema"])
+        reply = await h.http.get("/health", headers={"X-Request-Id": "trace-42.a:b"})
+        assert schema.is_valid("trace-42.a:b") and reply.headers["X-Request-Id"] == "trace-42.a:b"
+        reply = await h.http.get("/health", headers={"X-Request-Id": "has space"})
+        assert not schema.is_valid("has space") and reply.headers["X-Request-Id"] != "has space"

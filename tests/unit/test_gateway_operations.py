@@ -193,12 +193,12 @@ async def test_unknown_fields_are_logged_once_per_name(caplog: pytest.LogCapture
     async with running() as h:
         with caplog.at_level(logging.WARNING, logger="services.gateway"):
             for _ in range(3):
-                await h.http.post("/v1/completions", json={"prompt": "x", "guided_json": {}, "best_of": 1})
+                await h.http.post("/v1/completions", json={"prompt": "x", "mystery_option": {}, "best_of": 1})
             await h.http.post(
                 "/v1/chat/completions", json={"messages": [{"role": "user", "content": "y", "name": "n"}]}
             )
         notes = [r.getMessage() for r in caplog.records if "unknown request field" in r.getMessage()]
         assert notes == [
-            "/v1/completions: ignoring the unknown request field 'guided_json' (logged once per field)",
+            "/v1/completions: ignoring the unknown request field 'mystery_option' (logged once per field)",
             "/v1/chat/completions: ignoring the unknown request field 'messages[].name' (logged once per field)",
         ]
