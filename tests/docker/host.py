@@ -37,6 +37,8 @@ TOOLS = {
 }
 
 SUITE = "bookworm"
+# bookworm's glibc: a wheel built for any manylinux up to this runs in the image.
+SUITE_GLIBC_MINOR = 36
 MIRROR = "http://deb.debian.org/debian"
 # python3 3.11 (the torch wheel's), Redis 7 for the redis service, and a C compiler for the
 # engine's kernels, so that building our image needs no mirror.
@@ -118,7 +120,8 @@ def wheelhouse() -> Path:
     machine = platform.machine()
     target = ["--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp"]
     target += [argument for abi in ("cp311", "abi3", "none") for argument in ("--abi", abi)]
-    for tag in (f"manylinux_2_28_{machine}", f"manylinux_2_17_{machine}", f"manylinux2014_{machine}", "any"):
+    glibc_tags = [f"manylinux_2_{minor}_{machine}" for minor in range(SUITE_GLIBC_MINOR, 16, -1)]
+    for tag in (*glibc_tags, f"manylinux2014_{machine}", "any"):
         target += ["--platform", tag]
     # pip evaluates markers for the Python running it, not the target's: redis needs
     # async-timeout below 3.11.3, which the host's Python may be past.
