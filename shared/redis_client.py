@@ -31,6 +31,13 @@ from redis.connection import parse_url
 from redis.exceptions import RedisClusterException, RedisError
 from redis.sentinel import Sentinel
 
+# Some redis-py releases type Sentinel, ClusterNode and parse_url, others leave them untyped: called through
+# Any, strict mypy passes with both (a "type: ignore" is an error where it is not needed).
+_AsyncSentinel: Any = AsyncSentinel
+_Sentinel: Any = Sentinel
+_ClusterNode: Any = ClusterNode
+_parse_url: Any = parse_url
+
 AsyncRedis: TypeAlias = aioredis.Redis | aioredis.RedisCluster
 SyncRedis: TypeAlias = redis.Redis | redis.RedisCluster
 # What a client may raise: RedisClusterException (e.g. no start-up node reachable) is not a RedisError.
@@ -68,7 +75,7 @@ def parse_redis_url(url: str) -> RedisTarget:
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme in SINGLE_SCHEMES:
         try:
-            parse_url(url)  # type: ignore[no-untyped-call]  # redis-py's own check (scheme, port, db), so a bad URL stops start-up, not the first call
+            _parse_url(url)  # redis-py's own check (scheme, port, db), so a bad URL stops start-up, not the first call
         except ValueError as exc:
             # urllib quotes a bad port, which may be a password typed in its place ("host:secret").
             raise ValueError("the port is not a number" if "port" in str(exc).lower() else str(exc)) from None
@@ -165,10 +172,7 @@ def async_client(
             **auth,
             **options,
         )
-    # redis-py leaves Sentinel, ClusterNode and parse_url untyped: hence the ignores.
-    sentinel = AsyncSentinel(  # type: ignore[no-untyped-call]
-        list(target.nodes), sentinel_kwargs=_sentinel_kwargs(target, options), **options
-    )
+    sentinel = _AsyncSentinel(list(target.nodes), sentinel_kwargs=_sentinel_kwargs(target, options), **options)
     client: aioredis.Redis = sentinel.master_for(target.service_name, db=target.db, **auth, **named)
     return client
 
@@ -184,16 +188,12 @@ def sync_client(
     auth = _auth(target)
     if target.kind == "cluster":
         return redis.RedisCluster(
-            startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],  # type: ignore[no-untyped-call]
+            startup_nodes=[_ClusterNode(host, port) for host, port in target.nodes],
             **auth,
             **options,
         )
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
-        list(target.nodes), sentinel_kwargs=_sentinel_kwargs(target, options), **options
-    )
-    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-        target.service_name, db=target.db, **auth
-    )
+    sentinel = _Sentinel(list(target.nodes), sentinel_kwargs=_sentinel_kwargs(target, options), **options)
+    client: redis.Redis = sentinel.master_for(target.service_name, db=target.db, **auth)
     return client
 
 
