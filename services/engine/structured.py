@@ -116,17 +116,12 @@ class GrammarState:
                 return None
         matcher = self._matcher
         if self.consumed < len(output_token_ids):
-            # A takeover's checkpointed tokens, or the token appended after the last advance.
+            # A takeover's checkpointed tokens, or the token sampled since the last mask.
             if not matcher.consume_tokens(list(output_token_ids[self.consumed :])):
                 self.error = f"the output does not match the constraint: {matcher.get_error()}"
                 return None
             self.consumed = len(output_token_ids)
         return matcher
-
-    def advance(self, output_token_ids: Sequence[int]) -> bool:
-        """After a token is appended: True when the constraint is complete (the sequence ends "stop")."""
-        matcher = self.catch_up(output_token_ids)
-        return matcher is not None and matcher.is_stopped()
 
 
 @dataclass(slots=True)
