@@ -122,9 +122,22 @@ class DetokenizeParams(_Model):
     decode_prompt: bool = False
 
 
+class ToolCall(_Model):
+    """A function call an assistant made earlier in a chat (issue 10). ``arguments`` is JSON text,
+    as OpenAI gives it; the tokenizer stage parses it for templates that want an object."""
+
+    id: str
+    name: str
+    arguments: str
+
+
 class ChatMessage(_Model):
     role: str
     content: str
+    # An assistant turn's calls (its content may then be empty), and the call a "tool" turn answers.
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
 
 class Message(_Model):
@@ -159,6 +172,10 @@ class CompletionRequest(Message):
     # Chat only: extra variables for the chat template, a JSON object as text (JSON so that
     # any stage, in any language, carries it as an opaque string).
     chat_template_kwargs: str | None = None
+    # Chat only: the functions the model may call, OpenAI's ``tools`` list as JSON text; the
+    # tokenizer stage gives them to the chat template (or describes them itself, for a template
+    # without tool support).
+    tools: str | None = None
 
 
 class TokenizedRequest(Message):
@@ -271,6 +288,7 @@ class TokenizeRequest(Message):
     continue_final_message: bool = False
     add_special_tokens: bool | None = None
     chat_template_kwargs: str | None = None
+    tools: str | None = None
     return_token_strs: bool = False
 
 

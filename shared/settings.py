@@ -155,6 +155,10 @@ class GatewaySettings(CommonSettings):
     cors_allow_headers: str = "*"
     # CORS: whether browsers may send cookies and credentials; not with origins "*".
     cors_allow_credentials: bool = False
+    # How the model writes tool calls: the parser of its output and the form calls forced by
+    # tool_choice take. "hermes": <tool_call>{"name": ..., "arguments": {...}}</tool_call>
+    # (Hermes, Qwen 2.5/3, SmolLM3; what the tokenizer describes to a template without tools).
+    tool_call_parser: Literal["hermes"] = "hermes"
     # Larger request bodies are refused with 413 before they are read whole.
     max_request_bytes: PositiveInt = 16 * 1024 * 1024
     # A streaming client that stops reading: once this much output (approximate bytes in

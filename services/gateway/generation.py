@@ -25,6 +25,7 @@ from services.gateway.request_handle import RequestHandle
 from services.gateway.responses import builder_for
 from services.gateway.session import ChoiceSession, SessionServices, SSEResponse, race_disconnect
 from services.gateway.to_pipeline import pipeline_request
+from services.gateway.tools import FORMATS
 from shared.settings import GatewaySettings
 
 log = logging.getLogger("services.gateway")
@@ -38,6 +39,7 @@ class Generation:
         self.services = services
         self.backlog = backlog
         self.model_name = model_name
+        self.tool_format = FORMATS[settings.tool_call_parser]
 
     async def respond(
         self, request: Request, body: protocol.CompletionBody | protocol.ChatBody, *, chat: bool
@@ -57,6 +59,7 @@ class Generation:
                 self.settings.default_max_tokens,
                 prompt_index=choice.prompt_index,
                 seed=choice.seed,
+                tool_format=self.tool_format,
             )
             for choice in plan
         ]
@@ -64,7 +67,7 @@ class Generation:
             raise queue_full(self.backlog.queued, self.backlog.limit)
         response_id = prefix + record.request_id  # the body's id: the client's X-Request-Id, when it sent one
         builders = [
-            builder_for(body, response_id, self.model_name, message, choice.index)
+            builder_for(body, response_id, self.model_name, message, choice.index, self.tool_format)
             for choice, message in zip(plan, messages)
         ]
         handle = RequestHandle(request_id, plan, messages, builders, batch=prompts > 1)

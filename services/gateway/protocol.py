@@ -24,6 +24,8 @@ from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema, field_v
 
 from services.gateway.errors import ApiError, bad_request, model_not_found
 from services.gateway.limits import RequestLimits
+from services.gateway.tools.calls import ToolUse
+from services.gateway.tools.request import TOOL_CHOICE_SCHEMA, ToolCallIn, ToolIn, tool_use
 from services.gateway.unknown_fields import TracksUnknownFields
 from shared.messages import MAX_TOKEN_ID, ChatMessage, StructuredOutputs, TokenId
 
@@ -328,6 +330,9 @@ class ChatMessageIn(TracksUnknownFields):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: str
     content: Annotated[Any, WithJsonSchema(CONTENT_SCHEMA)] = None  # str | [{"type": "text", "text": str}, ...] | null
+    tool_calls: list[ToolCallIn] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # the call a "tool" turn answers
+    name: str | None = None
 
     @field_validator("role")
     @classmethod
@@ -354,7 +359,10 @@ class ChatMessageIn(TracksUnknownFields):
     def to_message(self) -> ChatMessage:
         # "developer" is OpenAI's newer name for "system"; chat templates know the latter.
         role = "system" if self.role == "developer" else self.role
-        return ChatMessage(role=role, content=self.content or "")
+        calls = [call.to_wire() for call in self.tool_calls] if self.tool_calls else None
+        return ChatMessage(
+            role=role, content=self.content or "", tool_calls=calls, tool_call_id=self.tool_call_id, name=self.name
+        )
 
 
 class ChatBody(_Body):
@@ -369,7 +377,10 @@ class ChatBody(_Body):
     continue_final_message: bool | None = False
     # Extra variables for the chat template (e.g. enable_thinking).
     chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[Any] | None = None
+    # Tool calling (tools/request.py).
+    tools: list[ToolIn] | None = None
+    tool_choice: Annotated[Any, WithJsonSchema(TOOL_CHOICE_SCHEMA)] = None
+    parallel_tool_calls: bool | None = True
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -380,19 +391,29 @@ class ChatBody(_Body):
     def chat_messages(self) -> list[ChatMessage]:
         return [m.to_message() for m in self.messages]
 
+    def tool_use(self) -> ToolUse | None:
+        """The request's tools and tool_choice (raises ApiError); None without tools."""
+        return tool_use(self.tools, self.tool_choice, self.parallel_tool_calls)
+
     def check(self, limits: RequestLimits) -> None:
         super().check(limits)
         limits.check_chat_messages(len(self.messages))
         limits.check_prompt_chars(sum(len(m.content or "") for m in self.messages), "messages")
+        tools = self.tool_use()
+        if tools is not None:
+            limits.check_prompt_chars(len(tools.tools_json), "tools")
+            forced = tools.mode in ("required", "named")
+            if forced and self.structured_output() is not None:
+                raise bad_request(
+                    "A tool_choice that forces a call (required or a named function) cannot be combined "
+                    "with another output constraint (response_format, structured_outputs, guided_*).",
+                    "tool_choice",
+                )
         if self.top_logprobs is not None:
             limits.check_logprobs(self.top_logprobs, "top_logprobs")
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true.", "top_logprobs")
         check_continue_final_message(self.continue_final_message, self.add_generation_prompt)
-        if self.tools:
-            raise bad_request(
-                "tools (function calling) are not supported by this server.", "tools", "unsupported_parameter"
-            )
 
 
 def _json_text(text: str, param: str) -> str:

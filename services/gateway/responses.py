@@ -20,6 +20,8 @@ from typing import Any
 
 from services.gateway.errors import ApiError
 from services.gateway.protocol import ChatBody, CompletionBody
+from services.gateway.tools.calls import ToolFormat
+from services.gateway.tools.output import ToolCallOutput
 from shared.messages import CompletionRequest, NamedToken, TextDelta, Usage
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -166,6 +168,7 @@ class ResponseBuilder:
         echo: bool = False,
         prompt: str | None = None,
         index: int = 0,
+        tool_calls: ToolCallOutput | None = None,
     ) -> None:
         """``index``: the choice's index (parallel sampling and batches, choices.py). ``echo``: the completion's text starts with the prompt: ``prompt`` when it was text,
         else the text the pipeline decoded (TextDelta.prompt_text)."""
@@ -179,6 +182,8 @@ class ResponseBuilder:
         self.echo = echo
         self.prompt = prompt
         self.index = index
+        # Chat with tools (tool_choice not "none"): calls are parsed out of the output.
+        self.tool_calls = tool_calls
         self.created = int(time.time())
         self.object = "chat.completion.chunk" if chat else "text_completion"
         self._echo_len = 0  # characters of the echoed prompt, before the output's text offsets
@@ -241,9 +246,10 @@ class ResponseBuilder:
         self._echo_len = len(text)
         return sse(self._chunk({"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": None}))
 
-    def text_chunk(self, text: str, delta: TextDelta | None = None) -> bytes:
-        """A chunk with new text; ``delta`` adds its logprobs and finish reason."""
-        finish = delta.finish_reason if delta else None
+    def text_chunk(self, text: str, delta: TextDelta | None = None) -> bytes | None:
+        """A chunk with new text; ``delta`` adds its logprobs and finish reason. None: nothing to
+        send yet (text a tool-call parser holds until it knows what it is)."""
+        finish: str | None = delta.finish_reason if delta else None
         logprobs = None
         tokens = named_tokens(delta) if self.logprobs and delta is not None else []
         if tokens:
@@ -255,15 +261,29 @@ class ResponseBuilder:
                 partial.add(tokens, self._echo_len, top, as_ids)
                 logprobs = partial.body()
         if self.chat:
-            choice = {
-                "index": self.index,
-                "delta": {"content": text} if text or not finish else {},
-                "logprobs": logprobs,
-                "finish_reason": finish,
-            }
+            message: dict[str, Any] = {"content": text} if text or not finish else {}
+            if self.tool_calls is not None:
+                message, finish = self._tool_call_delta(self.tool_calls, text, finish)
+                if not message and finish is None and logprobs is None:
+                    return None
+            choice = {"index": self.index, "delta": message, "logprobs": logprobs, "finish_reason": finish}
         else:
             choice = {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return sse(self._chunk(choice))
+
+    @staticmethod
+    def _tool_call_delta(
+        tool_calls: ToolCallOutput, text: str, finish: str | None
+    ) -> tuple[dict[str, Any], str | None]:
+        """The delta of a chat chunk whose text may hold tool calls, and its finish reason."""
+        content, calls = tool_calls.feed(text)
+        if finish is not None:
+            rest, more, finish = tool_calls.finish(finish)
+            content, calls = content + rest, calls + more
+        message: dict[str, Any] = {"content": content} if content else {}
+        if calls:
+            message["tool_calls"] = calls
+        return message, finish
 
     def usage_chunk(self, usage: dict[str, int]) -> bytes:
         return sse(
@@ -291,12 +311,13 @@ class ResponseBuilder:
         }
         if self.chat:
             logprobs = {"content": result.chat_logprobs} if self.logprobs else None
-            choice = {
-                "index": self.index,
-                "message": {"role": "assistant", "content": result.text},
-                "logprobs": logprobs,
-                "finish_reason": result.finish_reason,
-            }
+            message: dict[str, Any] = {"role": "assistant", "content": result.text}
+            finish = result.finish_reason
+            if self.tool_calls is not None:
+                message["content"], calls, finish = self.tool_calls.whole(result.text, finish)
+                if calls:
+                    message["tool_calls"] = calls
+            choice = {"index": self.index, "message": message, "logprobs": logprobs, "finish_reason": finish}
             body["choices"] = [choice]
             if self.options.prompt_top is not None:
                 body["prompt_logprobs"] = result.prompt_logprobs  # vLLM: on the response, for chat
@@ -316,10 +337,20 @@ class ResponseBuilder:
 
 
 def builder_for(
-    body: CompletionBody | ChatBody, response_id: str, model: str, message: CompletionRequest, index: int = 0
+    body: CompletionBody | ChatBody,
+    response_id: str,
+    model: str,
+    message: CompletionRequest,
+    index: int = 0,
+    tool_format: ToolFormat | None = None,
 ) -> ResponseBuilder:
-    """The builder of one choice's bodies (``index``), for the pipeline request ``message``."""
+    """The builder of one choice's bodies (``index``), for the pipeline request ``message``;
+    ``tool_format``: how the model writes tool calls, for a chat with tools."""
     echo = isinstance(body, CompletionBody) and bool(body.echo)
+    tools = body.tool_use() if isinstance(body, ChatBody) else None
+    tool_calls = None
+    if tools is not None and tools.parses_output and tool_format is not None:
+        tool_calls = ToolCallOutput(tool_format.parser())
     return ResponseBuilder(
         response_id,
         model,
@@ -334,6 +365,7 @@ def builder_for(
         echo=echo,
         prompt=message.prompt if echo and isinstance(message.prompt, str) else None,
         index=index,
+        tool_calls=tool_calls,
     )
 
 

@@ -190,7 +190,9 @@ async def stream_events(
         while True:
             builder.observe(event)
             if event.text or event.finish_reason or (builder.logprobs and (event.named_logprobs or event.logprobs)):
-                yield builder.text_chunk(event.text, event)
+                chunk = builder.text_chunk(event.text, event)
+                if chunk is not None:
+                    yield chunk
             if event.finish_reason is not None:
                 if not last:
                     return

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from services.gateway.errors import bad_request
 from services.gateway.protocol import ChatBody, CompletionBody, validation_error
+from services.gateway.tools.calls import ToolFormat
 from shared.messages import MAX_TOKEN_ID, CompletionRequest, DetokenizeParams, SamplingParams
 
 # sampling.max_tokens of a request without one when no SCALELLM_DEFAULT_MAX_TOKENS caps it.
@@ -80,9 +81,11 @@ def pipeline_request(
     *,
     prompt_index: int = 0,
     seed: int | None = None,
+    tool_format: ToolFormat | None = None,
 ) -> CompletionRequest:
     """The completion_request a body becomes (raises ApiError for cross-field rules); for one
-    choice of several (choices.py), of prompt ``prompt_index`` of a batch, with its own ``seed``."""
+    choice of several (choices.py), of prompt ``prompt_index`` of a batch, with its own ``seed``.
+    ``tool_format``: how the model writes tool calls, for the grammar of a forced call."""
     prompt = body.prompts[prompt_index] if isinstance(body, CompletionBody) else None
     sampling = sampling_params(body, default_max_tokens)
     if seed is not None:
@@ -101,6 +104,11 @@ def pipeline_request(
         message.add_generation_prompt = body.add_generation_prompt is not False
         message.continue_final_message = bool(body.continue_final_message)
         message.chat_template_kwargs = template_kwargs_json(body.chat_template_kwargs)
+        tools = body.tool_use()
+        if tools is not None:
+            message.tools = tools.tools_json
+            if tool_format is not None:
+                message.sampling.structured = tools.constraint(tool_format) or message.sampling.structured
     else:
         message.prompt = prompt
     return message

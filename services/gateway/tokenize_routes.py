@@ -32,6 +32,8 @@ from services.gateway.protocol import ChatMessageIn, check_continue_final_messag
 from services.gateway.registry import RegistryClosed, RegistryFull
 from services.gateway.request_context import request_record
 from services.gateway.to_pipeline import template_kwargs_json
+from services.gateway.tools.calls import tools_json
+from services.gateway.tools.request import ToolIn
 from services.gateway.unknown_fields import TracksUnknownFields, UnknownFieldLog
 from shared.messages import DetokenizeRequest, DetokenizeResult, RequestFailed, TokenId, TokenizeRequest, TokenizeResult
 from shared.settings import GatewaySettings
@@ -59,7 +61,7 @@ class TokenizeChatBody(_TokenizeBase):
     add_special_tokens: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
     chat_template: str | None = None  # refused: the served model's template only
-    tools: list[Any] | None = None  # refused while non-empty, as in chat completions
+    tools: list[ToolIn] | None = None  # in the prompt as in a chat completion
 
 
 class DetokenizeBody(TracksUnknownFields):
@@ -92,7 +94,7 @@ def parse_tokenize(raw: bytes, limits: RequestLimits) -> TokenizeCompletionBody 
                 "unsupported_parameter",
             )
         if body.tools:
-            raise bad_request("tools are not supported by this server.", "tools", "unsupported_parameter")
+            limits.check_prompt_chars(len(tools_json([t.model_dump(exclude_none=True) for t in body.tools])), "tools")
     else:
         limits.check_prompt_chars(len(body.prompt), "prompt")
     return body
@@ -148,6 +150,8 @@ class TokenizeRoutes:
                 message.add_generation_prompt = body.add_generation_prompt is not False
                 message.continue_final_message = bool(body.continue_final_message)
                 message.chat_template_kwargs = template_kwargs_json(body.chat_template_kwargs)
+                if body.tools:
+                    message.tools = tools_json([t.model_dump(exclude_none=True) for t in body.tools])
             else:
                 message.prompt = body.prompt
             answer = await self._call(request, message)

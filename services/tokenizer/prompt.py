@@ -15,11 +15,14 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from services.tokenizer.errors import InvalidRequest, failure
+from services.tokenizer.tool_prompt import hermes_conversation, native_conversation, parse_tools, template_knows_tools
 from shared.messages import ChatMessage, CompletionRequest, RequestFailed, StructuredOutputs, TokenizedRequest
+
+__all__ = ["InvalidRequest", "PromptEncoder", "PromptProcessor", "failure"]
 
 log = logging.getLogger(__name__)
 
-BAD_REQUEST = "invalid_request_error"
 # Parameters of transformers' apply_chat_template (and the template's own name for the
 # conversation): chat_template_kwargs may not set them, or a client could swap the
 # template, ask for tensors, or collide with the conversation itself.
@@ -57,17 +60,7 @@ class ChatTokenizer(Protocol):
 
     def convert_ids_to_tokens(self, ids: list[int]) -> Any: ...
 
-    def apply_chat_template(self, conversation: list[dict[str, str]], **kwargs: Any) -> Any: ...
-
-
-class InvalidRequest(ValueError):
-    def __init__(self, message: str, param: str | None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-def failure(request_id: str, exc: InvalidRequest) -> RequestFailed:
-    return RequestFailed(request_id=request_id, status=400, error_type=BAD_REQUEST, message=str(exc), param=exc.param)
+    def apply_chat_template(self, conversation: list[dict[str, Any]], **kwargs: Any) -> Any: ...
 
 
 class PromptEncoder:
@@ -89,6 +82,7 @@ class PromptEncoder:
         continue_final_message: bool,
         add_special_tokens: bool | None,
         chat_template_kwargs: str | None,
+        tools: str | None = None,
     ) -> list[int]:
         if not messages:
             raise InvalidRequest("'messages' must contain at least one message.", "messages")
@@ -98,7 +92,13 @@ class PromptEncoder:
                 "continue_final_message",
             )
         extra = self._template_kwargs(chat_template_kwargs)
-        conversation = [{"role": m.role, "content": m.content} for m in messages]
+        tool_list = parse_tools(tools)
+        if template_knows_tools(getattr(self.tokenizer, "chat_template", None)):
+            conversation = native_conversation(messages)
+            if tool_list:
+                extra["tools"] = tool_list
+        else:  # the template would drop the tools and the calls: they are written out for it
+            conversation = hermes_conversation(messages, tool_list)
         try:
             text = self.tokenizer.apply_chat_template(
                 conversation,
@@ -196,6 +196,7 @@ class PromptProcessor:
                 continue_final_message=request.continue_final_message,
                 add_special_tokens=request.add_special_tokens,
                 chat_template_kwargs=request.chat_template_kwargs,
+                tools=request.tools,
             )
             if not ids:
                 raise InvalidRequest("The chat messages produce an empty prompt.", "messages")

@@ -25,6 +25,7 @@ def tokenize(processor: PromptProcessor, request: TokenizeRequest) -> TokenizeRe
                 continue_final_message=request.continue_final_message,
                 add_special_tokens=request.add_special_tokens,
                 chat_template_kwargs=request.chat_template_kwargs,
+                tools=request.tools,
             )
         else:
             tokens = encoder.encode_text(request.prompt or "", request.add_special_tokens)

@@ -195,10 +195,10 @@ async def test_unknown_fields_are_logged_once_per_name(caplog: pytest.LogCapture
             for _ in range(3):
                 await h.http.post("/v1/completions", json={"prompt": "x", "mystery_option": {}, "best_of": 1})
             await h.http.post(
-                "/v1/chat/completions", json={"messages": [{"role": "user", "content": "y", "name": "n"}]}
+                "/v1/chat/completions", json={"messages": [{"role": "user", "content": "y", "refusal": "n"}]}
             )
         notes = [r.getMessage() for r in caplog.records if "unknown request field" in r.getMessage()]
         assert notes == [
             "/v1/completions: ignoring the unknown request field 'mystery_option' (logged once per field)",
-            "/v1/chat/completions: ignoring the unknown request field 'messages[].name' (logged once per field)",
+            "/v1/chat/completions: ignoring the unknown request field 'messages[].refusal' (logged once per field)",
         ]

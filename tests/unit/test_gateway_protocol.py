@@ -243,13 +243,25 @@ def test_chat_max_completion_tokens_wins_and_logprobs_map() -> None:
     assert sampling_params(chat(logprobs=False), 16).logprobs is None
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
 @pytest.mark.parametrize(
     "fields, param",
     [
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 30}, "top_logprobs"),
         ({"n": 9}, "n"),
-        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"tools": [{"type": "function"}]}, "tools[0].function"),
+        ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools[0].function.name"),
+        ({"tools": [WEATHER, WEATHER]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+            "tool_choice.function.name",
+        ),
+        ({"tools": [WEATHER], "tool_choice": "required", "guided_regex": "a+"}, "tool_choice"),
         ({"response_format": {"type": "yaml"}}, "response_format.type"),  # json_object and json_schema: issue 10
         ({"max_completion_tokens": 0}, "max_completion_tokens"),
     ],
@@ -313,12 +325,12 @@ def test_stream_options_continuous_usage_stats() -> None:
 
 def test_unknown_fields_are_noted_at_every_level() -> None:
     body = chat(
-        messages=[{"role": "user", "content": "Hi", "name": "bob"}],
+        messages=[{"role": "user", "content": "Hi", "refusal": "bob"}],
         stream=True,
         stream_options={"include_usage": True, "chunk_size": 3},
         guided_decoding_backend="xgrammar",  # vLLM's, not ours (guided_json is known since issue 10)
     )
-    assert body.unknown_fields() == ["guided_decoding_backend", "messages[].name", "stream_options.chunk_size"]
+    assert body.unknown_fields() == ["guided_decoding_backend", "messages[].refusal", "stream_options.chunk_size"]
     assert completion().unknown_fields() == []
 
 

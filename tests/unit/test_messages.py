@@ -26,6 +26,7 @@ from shared.messages import (
     TokenizedRequest,
     TokenizeRequest,
     TokenizeResult,
+    ToolCall,
     Usage,
     decode,
     encode,
@@ -178,6 +179,21 @@ EXAMPLES: list[Message] = [
         add_special_tokens=True,
         chat_template_kwargs='{"enable_thinking": false}',
         max_tokens_is_default=True,
+    ),
+    CompletionRequest(
+        request_id="chat-tools",
+        gateway_id="gw",
+        deadline=2.0,
+        messages=[
+            ChatMessage(role="user", content="Weather in Paris?"),
+            ChatMessage(
+                role="assistant",
+                content="",
+                tool_calls=[ToolCall(id="call_1", name="get_weather", arguments='{"city": "Paris"}')],
+            ),
+            ChatMessage(role="tool", content="21 C", tool_call_id="call_1", name="get_weather"),
+        ],
+        tools='[{"type": "function", "function": {"name": "get_weather"}}]',
     ),
 ]
 
