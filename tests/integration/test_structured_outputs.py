@@ -75,3 +75,37 @@ def test_parse_regex_choice_json_object_and_invalid_schema(pipeline: Pipeline) -
             model=model, messages=messages, max_tokens=5, extra_body={"guided_json": {"type": "foo"}}
         )
     assert "foo" in str(bad.value)
+
+
+def test_a_stop_string_ends_a_constrained_answer_early(pipeline: Pipeline) -> None:
+    """The stop string cuts the answer mid-constraint; what came before it still follows the
+    constraint (a prefix that the rest of a valid answer completes)."""
+    client = _client(pipeline)
+    model = client.models.list().data[0].id
+    # The regex forces a "-" after four digits: the stop string always comes, before the end.
+    for stream in (False, True):
+        answer = client.completions.create(
+            model=model,
+            prompt="A number:",
+            max_tokens=20,
+            stop=["-"],
+            stream=stream,
+            extra_body={"guided_regex": "[0-9]{4}-[0-9]{4}"},
+        )
+        choices = [c for chunk in answer for c in chunk.choices] if stream else answer.choices
+        text = "".join(c.text for c in choices)
+        assert re.fullmatch("[0-9]{4}", text), (stream, text)
+        assert choices[-1].finish_reason == "stop"
+    # Compact JSON in the schema's order: the name, then this key; cut there, a population completes it.
+    city = {"name": "city", "schema": City.model_json_schema(), "strict": True}
+    chat = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Name a large city."}],
+        max_tokens=60,
+        temperature=0,
+        stop=[',"population"'],
+        response_format={"type": "json_schema", "json_schema": city},
+    )
+    text = chat.choices[0].message.content or ""
+    assert chat.choices[0].finish_reason == "stop", text
+    assert City.model_validate_json(text + ',"population":1}').name
