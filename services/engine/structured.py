@@ -11,7 +11,10 @@ while the forward runs.
   kept) need nothing special.
 - ``MaskFiller`` fills the next step's token bitmasks of the constrained rows on a helper thread
   (llguidance's own pool, GIL released) started before the forward and joined after it, so the
-  fill overlaps the forward (torch drops the GIL too). The sampler applies the masks first.
+  fill overlaps the forward (torch drops the GIL too), where a core is free for it (a GPU, or
+  fewer torch threads than cores: overlap_pays); otherwise just before the forward, which costs
+  far less than the helper thread taking a core from torch's spinning OpenMP threads. The sampler
+  applies the masks first.
 
 Nothing here runs for a batch without a constrained sequence: EngineCore counts them.
 """
@@ -19,7 +22,9 @@ Nothing here runs for a batch without a constrained sequence: EngineCore counts 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -62,7 +67,9 @@ class GrammarCompiler:
     def for_model(
         cls, hf_tokenizer_loader: Callable[[], Any], vocab_size: int, eos_token_ids: list[int]
     ) -> GrammarCompiler:
-        return cls(lambda: llg_tokenizer(hf_tokenizer_loader(), vocab_size, eos_token_ids))
+        compiler = cls(lambda: llg_tokenizer(hf_tokenizer_loader(), vocab_size, eos_token_ids))
+        compiler._pool.submit(warm_mask_kernel, vocab_size)  # before any constrained step needs it
+        return compiler
 
     def compile(self, constraint: StructuredOutputs) -> Future[llguidance.LLMatcher]:
         """A future pristine matcher for ``constraint`` (copy it before use); compiled once per text."""
@@ -135,28 +142,90 @@ class TokenMasks:
     failed: list[int]
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits: [S, V] float, modified in place where allowed: disallowed tokens become -inf."""
+        """logits: [S, V] float, modified in place: a constrained row's disallowed tokens become -inf."""
         if not self.rows:
             return logits
-        sub = logits[self.rows]  # a copy: the masked rows, in rows' order
-        llguidance.torch.apply_token_bitmask_inplace(sub, self.bitmask[:, : (sub.shape[1] + 31) // 32])
-        logits[self.rows] = sub
+        words = (logits.shape[1] + 31) // 32
+        bitmask = self.bitmask[:, :words]
+        if self.rows != list(range(logits.shape[0])):
+            # A mask for every row (an unconstrained row allows all) and one pass over the logits
+            # in place: at 64 rows, gathering the constrained rows and scattering them back took
+            # ~4 ms a step on two cores, the masks' whole pass well under 1 ms.
+            full = torch.full((logits.shape[0], words), -1, dtype=torch.int32)
+            full[self.rows] = bitmask
+            bitmask = full
+        llguidance.torch.apply_token_bitmask_inplace(logits, bitmask)
         return logits
 
 
-class MaskFiller:
-    """Fills a step's masks on a helper thread, so that the fill overlaps the forward."""
+def warm_mask_kernel(vocab_size: int) -> None:
+    """Applies masks of 1 and 2 rows once: llguidance's apply kernel is torch.compile'd, once for
+    1 row and once for more, and the first call otherwise stalls a step (~1.6 s here, cold)."""
+    for rows in (1, 2):
+        masks = TokenMasks(list(range(rows)), llguidance.torch.allocate_token_bitmask(rows, vocab_size), [])
+        masks.apply(torch.zeros(rows, vocab_size))
 
-    def __init__(self, vocab_size: int) -> None:
+
+def overlap_pays(device: str) -> bool:
+    """Whether filling the masks on a helper thread during the forward saves time: yes on a GPU
+    (the CPU waits for it) or with a CPU core that torch's threads leave free. Not when torch's
+    OpenMP threads hold every core: they spin between parallel regions, and the helper thread
+    preempting one slowed the forward by ~20 ms a step at 64 rows on two cores, for a fill of
+    ~1.5 ms (docs/benchmarks.md, "Structured outputs: decode cost"); there the fill runs on the
+    engine's thread just before the forward."""
+    if torch.device(device).type != "cpu":
+        return True
+    affinity = getattr(os, "sched_getaffinity", None)
+    cores = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+    return cores > torch.get_num_threads()
+
+
+class MaskFiller:
+    """Fills a step's masks on a helper thread, so that the fill overlaps the forward; or, where
+    that does not pay (``overlap`` False, see overlap_pays), at once on the caller's thread.
+
+    Keeps running totals (two clock reads per step each), read by bench/structured_decode.py:
+    ``fill_seconds`` spent filling (on the helper thread, catch-up included) over ``fills`` fills
+    of ``fill_rows`` rows, and ``wait_seconds`` the engine's thread spent blocked in ``wait``
+    after the forward: about 0 while the fill is hidden behind the forward.
+    """
+
+    def __init__(self, vocab_size: int, overlap: bool = True) -> None:
         self.vocab_size = vocab_size
+        self.overlap = overlap
         self._executor = llguidance.LLExecutor()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
+        self.fills = 0
+        self.fill_rows = 0
+        self.fill_seconds = 0.0  # written by the helper thread only
+        self.wait_seconds = 0.0  # written by the engine's thread only
 
     def start(self, states: Sequence[tuple[int, GrammarState, Sequence[int]]]) -> Future[TokenMasks]:
         """``states``: (row, state, output token ids) per constrained row of the step."""
-        return self._thread.submit(self.fill, list(states))
+        if self.overlap:
+            return self._thread.submit(self.fill, list(states))
+        filled: Future[TokenMasks] = Future()
+        filled.set_result(self.fill(list(states)))
+        return filled
+
+    def wait(self, masks: Future[TokenMasks]) -> TokenMasks:
+        """The masks ``start`` is filling, once filled (after the forward: normally at once)."""
+        started = time.perf_counter()
+        try:
+            return masks.result()
+        finally:
+            self.wait_seconds += time.perf_counter() - started
 
     def fill(self, states: list[tuple[int, GrammarState, Sequence[int]]]) -> TokenMasks:
+        started = time.perf_counter()
+        try:
+            return self._fill(states)
+        finally:
+            self.fill_seconds += time.perf_counter() - started
+            self.fills += 1
+            self.fill_rows += len(states)
+
+    def _fill(self, states: list[tuple[int, GrammarState, Sequence[int]]]) -> TokenMasks:
         live: list[tuple[int, GrammarState, llguidance.LLMatcher]] = []
         failed: list[int] = []
         for row, state, output in states:

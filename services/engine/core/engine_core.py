@@ -30,7 +30,7 @@ from services.engine.core.sampler import Sampler
 from services.engine.core.scheduler import ScheduledBatch, Scheduler
 from services.engine.core.sequence import Sequence
 from services.engine.model.batch import ForwardBatch
-from services.engine.structured import GrammarCompiler, GrammarState, MaskFiller, TokenMasks
+from services.engine.structured import GrammarCompiler, GrammarState, MaskFiller, TokenMasks, overlap_pays
 from shared.messages import FinishReason, TokenLogprobs
 
 # Pull pacing (free_slots): a replica takes from the stream only the requests its next
@@ -111,13 +111,20 @@ class EngineCore:
         self._queue_time = QueueTime(clock)
         self.num_steps = 0
         self.grammars = grammars
-        self._mask_filler = MaskFiller(config.vocab_size) if grammars is not None else None
+        self._mask_filler = (
+            MaskFiller(config.vocab_size, overlap=overlap_pays(config.sampler_device)) if grammars is not None else None
+        )
         # Constrained sequences held: while 0, a step does no structured-output work at all.
         self._num_constrained = 0
 
     @property
     def max_model_len(self) -> int:
         return self.scheduler.max_model_len
+
+    @property
+    def mask_filler(self) -> MaskFiller | None:
+        """Fills structured-output masks (its timing counters: bench/structured_decode.py)."""
+        return self._mask_filler
 
     # ---- EngineBackend ----------------------------------------------------
 
@@ -242,7 +249,9 @@ class EngineCore:
         for seq in plan.prefilled:
             outputs.append(self._end_prefill_only(seq))
         if plan.sampling_seqs:
-            token_masks = masks.result() if masks is not None else None
+            token_masks = None
+            if masks is not None and self._mask_filler is not None:
+                token_masks = self._mask_filler.wait(masks)  # filled during the forward
             sampled = self.sampler(logits[:num_sampling], plan.sampling_seqs, token_masks)
             failed = set(token_masks.failed) if token_masks is not None else ()
             for row, (seq, token_id, logprobs) in enumerate(

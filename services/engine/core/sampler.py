@@ -57,7 +57,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], masks: TokenMasks | None = None) -> SamplerOutput:
         """logits: [S, V] float, one row per sequence of ``seqs`` (same order); ``masks``: the
-        tokens a constrained row may take (structured outputs), applied before anything else."""
+        tokens a constrained row may take (structured outputs), applied before anything else, in
+        place (the engine reads no logits after sampling; a copy cost ~3 ms a step at 64 rows)."""
         if logits.dim() != 2 or logits.shape[0] != len(seqs):
             raise ValueError(f"logits of shape {tuple(logits.shape)} for {len(seqs)} sequences")
         logits = logits.float()
@@ -68,7 +69,7 @@ class Sampler:
         if masks is not None and masks.rows:
             # First, so that logprobs, penalties and every draw see only what the grammar allows
             # (as vLLM applies its bitmask to the logits before its sampler).
-            logits = masks.apply(logits.clone())
+            logits = masks.apply(logits)
 
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         raw_logprobs = None
