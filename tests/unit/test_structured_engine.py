@@ -14,7 +14,7 @@ from services.engine.core.engine_core import EngineCore, EngineCoreConfig
 from services.engine.structured import GrammarCompiler
 from shared.messages import SamplingParams, StructuredOutputs
 from shared.structured import InvalidConstraint, grammar_text
-from tests.fakes.engine_core import FakeRunner, run
+from tests.fakes.engine_core import FakeRunner, reference_greedy, run
 
 VOCAB = 49152
 EOS = 2
@@ -45,8 +45,11 @@ def _request(request_id: str, constraint: StructuredOutputs | None, **sampling: 
     return EngineRequest(request_id, [5, 6, 7, 8], params)
 
 
-def test_regex_choice_and_schema_outputs_match(compiler: GrammarCompiler, tokenizer: Any) -> None:
+@pytest.mark.parametrize("overlap", [True, False], ids=["fill-during-forward", "fill-before-forward"])
+def test_regex_choice_and_schema_outputs_match(compiler: GrammarCompiler, tokenizer: Any, overlap: bool) -> None:
     core = _core(compiler)
+    assert core.mask_filler is not None
+    core.mask_filler.overlap = overlap
     schema = {
         "type": "object",
         "properties": {"n": {"type": "integer"}},
@@ -63,7 +66,8 @@ def test_regex_choice_and_schema_outputs_match(compiler: GrammarCompiler, tokeni
     assert text["choice"] in ("yes", "no")
     assert isinstance(json.loads(text["json"])["n"], int)
     assert results["regex"][1] == "stop" and results["choice"][1] == "stop"
-    assert results["free"][1] == "length"  # unconstrained alongside: untouched
+    # Unconstrained alongside: untouched, the fake model's own greedy answer.
+    assert results["free"] == ([*reference_greedy([5, 6, 7, 8], 40, {EOS}, VOCAB)], "length", results["free"][2])
 
 
 def test_takeover_refeeds_checkpointed_tokens(compiler: GrammarCompiler, tokenizer: Any) -> None:
