@@ -176,6 +176,8 @@ class CompletionRequest(Message):
     # tokenizer stage gives them to the chat template (or describes them itself, for a template
     # without tool support).
     tools: str | None = None
+    # The hops passed so far, by name (shared/timeline.py): unix times in seconds.
+    timeline: dict[str, float] = Field(default_factory=dict)
 
 
 class TokenizedRequest(Message):
@@ -188,6 +190,7 @@ class TokenizedRequest(Message):
     prompt_token_ids: list[TokenId]
     sampling: SamplingParams
     detokenize: DetokenizeParams
+    timeline: dict[str, float] = Field(default_factory=dict)  # the gateway's and the tokenizer's hops
 
 
 class TokenDelta(_Model):
@@ -208,6 +211,8 @@ class TokenDelta(_Model):
     # asks for decode_prompt: the whole prompt, and per prompt token its logprobs (None for the first).
     prompt_token_ids: list[TokenId] | None = None
     prompt_logprobs: list[PromptTokenLogprobs | None] | None = None
+    # On a request's first delta, the hops so far and the engine's; on its last, the engine's last.
+    timeline: dict[str, float] | None = None
 
 
 class EngineStepOutput(Message):
@@ -247,6 +252,8 @@ class TextDelta(_Model):
     # The request's prompt length, on every delta: a stream with continuous usage
     # (stream_options.continuous_usage_stats) reports it in every chunk.
     prompt_tokens: int | None = None
+    # The hops the token deltas carried, and on the last delta the detokenizer's (shared/timeline.py).
+    timeline: dict[str, float] | None = None
 
 
 class ResponseBatch(Message):

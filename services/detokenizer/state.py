@@ -9,13 +9,15 @@ from its checkpoint before decoding its tokens.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from services.detokenizer.incremental import IncrementalDetokenizer, TokenDecoder
 from services.detokenizer.token_names import TokenNamer
 from shared.messages import DecodeCheckpoint, DetokenizeParams, EngineStepOutput, TextDelta, TokenDelta, Usage
+from shared.timeline import DETOKENIZER_READ, DETOKENIZER_SENT, merge
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,8 @@ class _Tracked:
     detokenizer: IncrementalDetokenizer
     gateway_id: str
     last_seen: float
+    # Hops the token deltas brought (shared/timeline.py), until a text delta carries them on.
+    timeline: dict[str, float] = field(default_factory=dict)
 
 
 class DetokenizerState:
@@ -45,8 +49,17 @@ class DetokenizerState:
     reaches it, or an entry delivered twice) are dropped, not decoded again.
     """
 
-    def __init__(self, decoder: TokenDecoder, *, idle_timeout_s: float = 600.0, finished_ttl_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        decoder: TokenDecoder,
+        *,
+        idle_timeout_s: float = 600.0,
+        finished_ttl_s: float = 600.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``clock``: the wall clock of the timeline's hops (``now`` in the methods may be monotonic)."""
         self._decoder = decoder
+        self._clock = clock
         self._namer = TokenNamer(decoder)  # logprobs' token names, cached for every request
         self._idle_timeout_s = idle_timeout_s
         self._finished_ttl_s = finished_ttl_s
@@ -120,6 +133,9 @@ class DetokenizerState:
         else:
             tracked.last_seen = now
             self._active.move_to_end(request_id)
+        merge(tracked.timeline, delta.timeline)
+        if delta.finish_reason is not None:
+            tracked.timeline[DETOKENIZER_READ] = self._clock()
         try:
             text = tracked.detokenizer.add(delta)
         except Exception:
@@ -140,6 +156,10 @@ class DetokenizerState:
                     result.aborts.append(request_id)  # the engine is still generating
                 self._finish(request_id, now)
         if text is not None:
+            if tracked.timeline:
+                if text.finish_reason is not None:
+                    tracked.timeline[DETOKENIZER_SENT] = self._clock()
+                text.timeline, tracked.timeline = tracked.timeline, {}
             result.responses.setdefault(tracked.gateway_id, []).append(text)
         return tracked
 

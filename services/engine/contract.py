@@ -50,6 +50,10 @@ class RequestOutput:
     # On a request's first output, when its sampling asks for prompt_logprobs (and it was not taken
     # over: then the engine before had sent them): per prompt token, None for the first.
     prompt_logprobs: list[PromptTokenLogprobs | None] | None = None
+    # On a request's first output, from a backend that knows: when (unix time) the request was first
+    # in a batch, its prefill starting (the timeline's engine_scheduled, shared/timeline.py). A
+    # timing, not part of what was produced: outputs that differ only in it are equal.
+    scheduled_at: float | None = field(default=None, compare=False)
 
 
 @dataclass(slots=True)

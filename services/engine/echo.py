@@ -34,6 +34,7 @@ class _EchoSequence:
     stop_ids: frozenset[int]
     queued_at: float  # when it was added (QueueTime's clock)
     generated: int = 0
+    scheduled_at: float | None = None  # unix time it started running, until its first output says so
 
     @classmethod
     def start(cls, request: EngineRequest, queued_at: float) -> _EchoSequence:
@@ -130,6 +131,7 @@ class EchoBackend:
             request_id, sequence = self._waiting.popitem(last=False)
             self._running[request_id] = sequence
             self._queue_time.started(sequence.queued_at)
+            sequence.scheduled_at = time.time()
         if not self._running:
             return outputs
         with self._forward_time.measure():
@@ -142,6 +144,7 @@ class EchoBackend:
             output = RequestOutput(request_id, [token], finish, logprobs=_echo_logprobs(sequence.request, token))
             if first:
                 output.prompt_logprobs = _echo_prompt_logprobs(sequence.request)
+                output.scheduled_at, sequence.scheduled_at = sequence.scheduled_at, None
             outputs.append(output)
             if finish is not None:
                 finished.append(request_id)

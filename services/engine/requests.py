@@ -49,7 +49,7 @@ class EngineRequests:
     ) -> None:
         """``clock``: wall time, to compare with request deadlines."""
         self._names = names
-        self._router = OutputRouter(names, engine_id, shards)
+        self._router = OutputRouter(names, engine_id, shards, clock=clock)
         self._clock = clock
         self._recent_aborts: OrderedDict[str, None] = OrderedDict()
         self._gone_gateways: frozenset[str] = frozenset()
@@ -85,7 +85,7 @@ class EngineRequests:
                 admission.dropped.acks.append(ack)
             else:
                 done = pulled.done_tokens.get(message.request_id, [])
-                self._router.track(message, delivery.entry_id, done)
+                self._router.track(message, delivery.entry_id, done, pulled_at=now)
                 own_entries.add(delivery.entry_id)
                 admission.requests.append(
                     EngineRequest(message.request_id, list(message.prompt_token_ids), message.sampling, done)

@@ -12,13 +12,15 @@ so that an engine taking the request over continues after what was published.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from services.engine.contract import RequestOutput
 from shared.messages import DetokenizeParams, EngineStepOutput, Message, RequestFailed, TokenDelta, TokenizedRequest
 from shared.output_checkpoints import OutputCheckpoint
+from shared.timeline import ENGINE_FINISHED, ENGINE_FIRST_TOKEN, ENGINE_PULLED, ENGINE_SCHEDULED
 from shared.transport import Ack, StreamNames, shard_of
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,8 @@ class TrackedRequest:
     # The whole prompt, for the first delta of a request whose prompt the detokenizer names
     # (prompt logprobs) or decodes (echo of token ids); None for the others, and once sent.
     prompt_token_ids: list[int] | None = None
+    # The hops so far (shared/timeline.py), sent with the first delta.
+    timeline: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -93,7 +97,10 @@ class Publication:
 
 
 class OutputRouter:
-    def __init__(self, names: StreamNames, engine_id: str, shards: int) -> None:
+    def __init__(
+        self, names: StreamNames, engine_id: str, shards: int, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        """``clock``: the wall clock of the timeline's hops."""
         if shards < 1:
             raise ValueError(f"the number of detokenizer shards must be at least 1, got {shards}")
         self._names = names
@@ -102,6 +109,7 @@ class OutputRouter:
         self._requests: dict[str, TrackedRequest] = {}
         self._forgotten: OrderedDict[str, None] = OrderedDict()
         self._step = 0
+        self._clock = clock
         # Bumped whenever a request starts or stops being tracked: whoever keeps a copy
         # of pending_entry_ids() knows by it when the copy is stale.
         self.changes = 0
@@ -112,8 +120,15 @@ class OutputRouter:
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._requests
 
-    def track(self, request: TokenizedRequest, entry_id: str, done_token_ids: Sequence[int] = ()) -> None:
-        """``done_token_ids``: output a previous engine published (a takeover); deltas continue after it."""
+    def track(
+        self,
+        request: TokenizedRequest,
+        entry_id: str,
+        done_token_ids: Sequence[int] = (),
+        pulled_at: float | None = None,
+    ) -> None:
+        """``done_token_ids``: output a previous engine published (a takeover); deltas continue after
+        it. ``pulled_at``: when the request was read (its timeline's engine_pulled)."""
         if request.request_id in self._requests:
             raise ValueError(f"request {request.request_id!r} is already tracked")
         self._forgotten.pop(request.request_id, None)
@@ -130,6 +145,7 @@ class OutputRouter:
             detokenize=request.detokenize,
             emitted=len(done_token_ids),
             resend_detokenize=request.detokenize != DetokenizeParams(),
+            timeline={**request.timeline, ENGINE_PULLED: pulled_at if pulled_at is not None else self._clock()},
         )
         wants_prompt = request.sampling.prompt_logprobs is not None or request.detokenize.decode_prompt
         if wants_prompt and not done_token_ids:
@@ -233,6 +249,10 @@ class OutputRouter:
             delta.prompt_tail = tracked.prompt_tail
             delta.prompt_token_ids, tracked.prompt_token_ids = tracked.prompt_token_ids, None
             tracked.first_sent = True
+            delta.timeline = tracked.timeline
+            if output.scheduled_at is not None:
+                delta.timeline[ENGINE_SCHEDULED] = output.scheduled_at
+            delta.timeline[ENGINE_FIRST_TOKEN] = self._clock()
         elif tracked.resend_detokenize:
             delta.detokenize = tracked.detokenize
         if output.new_token_ids and output.finish_reason is None:
@@ -240,6 +260,8 @@ class OutputRouter:
             checkpoint = OutputCheckpoint(tracked.request_id, tracked.emitted, tuple(output.new_token_ids))
             publication.checkpoints.append(checkpoint)
         tracked.emitted += len(output.new_token_ids)
+        if output.finish_reason is not None:
+            delta.timeline = {**(delta.timeline or {}), ENGINE_FINISHED: self._clock()}
         return delta
 
     def _finish(self, tracked: TrackedRequest, publication: Publication) -> None:

@@ -27,6 +27,7 @@ from services.gateway.session import ChoiceSession, SessionServices, SSEResponse
 from services.gateway.to_pipeline import pipeline_request
 from services.gateway.tools import FORMATS
 from shared.settings import GatewaySettings
+from shared.timeline import GATEWAY_RECEIVED
 
 log = logging.getLogger("services.gateway")
 
@@ -63,6 +64,8 @@ class Generation:
             )
             for choice in plan
         ]
+        for message in messages:
+            message.timeline[GATEWAY_RECEIVED] = record.received_at
         if self.backlog.full:
             raise queue_full(self.backlog.queued, self.backlog.limit)
         response_id = prefix + record.request_id  # the body's id: the client's X-Request-Id, when it sent one
@@ -73,8 +76,11 @@ class Generation:
         handle = RequestHandle(request_id, plan, messages, builders, batch=prompts > 1)
         handed_off = False  # once an SSEResponse owns the handle, it closes it
         try:
-            for choice in plan:
-                handle.sessions.append(self._open(handle, record, choice, stream=bool(body.stream)))
+            for choice, builder in zip(plan, builders, strict=True):
+                session = self._open(handle, record, choice, stream=bool(body.stream))
+                handle.sessions.append(session)
+                if body.return_timeline:
+                    builder.timeline = session.timeline
             if not body.stream:
                 return JSONResponse(await race_disconnect(handle.whole_response(), request.receive))
             firsts = await race_disconnect(handle.first_outputs(), request.receive)

@@ -120,6 +120,8 @@ class _Body(TracksUnknownFields):
     prompt_logprobs: Count | None = None
     # vLLM's: logprobs name tokens "token_id:<id>" instead of by their text.
     return_tokens_as_token_ids: bool | None = False
+    # Ours: each choice's stage timeline in the response (shared/timeline.py, docs/api.md).
+    return_timeline: bool | None = False
     # Structured outputs (issue 10): OpenAI's response_format, vLLM's structured_outputs and its
     # older guided_* fields; at most one constraint in all (structured_output()).
     response_format: dict[str, Any] | None = None

@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,7 @@ class RequestRecord:
     completion_tokens: int | None = None
     first_output_at: float | None = None  # event-loop time of the first output from the pipeline
     extra: dict[str, Any] = field(default_factory=dict)
+    received_at: float = field(default_factory=time.time)  # wall clock: the timeline's first hop
 
     def pipeline_id(self, prefix: str) -> str:
         """A unique id for the pipeline (Redis keys, aborts): a client's id may be reused, or sent to

@@ -23,6 +23,7 @@ from services.gateway.protocol import ChatBody, CompletionBody
 from services.gateway.tools.calls import ToolFormat
 from services.gateway.tools.output import ToolCallOutput
 from shared.messages import CompletionRequest, NamedToken, TextDelta, Usage
+from shared.timeline import GATEWAY_SENT, Timeline, segments
 
 SSE_DONE = b"data: [DONE]\n\n"
 # JSON has no -inf; vLLM sends this value in its place.
@@ -39,6 +40,14 @@ def sse_error(error: ApiError) -> bytes:
 
 def _finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else _MIN_LOGPROB
+
+
+def timeline_body(timeline: Timeline) -> dict[str, dict[str, float]]:
+    """A choice's ``timeline`` (return_timeline): its hops (unix seconds) in the order passed, and
+    the segments between them in seconds; the response is sent now."""
+    timeline.setdefault(GATEWAY_SENT, time.time())
+    hops = dict(sorted(timeline.items(), key=lambda hop: hop[1]))
+    return {"hops": hops, "segments": {name: round(span, 6) for name, span in segments(timeline).items()}}
 
 
 def usage_body(usage: Usage | None, completion_tokens_seen: int) -> dict[str, int]:
@@ -184,6 +193,8 @@ class ResponseBuilder:
         self.index = index
         # Chat with tools (tool_choice not "none"): calls are parsed out of the output.
         self.tool_calls = tool_calls
+        # The choice's stage timeline (its session's), when the request asked for it (return_timeline).
+        self.timeline: Timeline | None = None
         self.created = int(time.time())
         self.object = "chat.completion.chunk" if chat else "text_completion"
         self._echo_len = 0  # characters of the echoed prompt, before the output's text offsets
@@ -269,6 +280,8 @@ class ResponseBuilder:
             choice = {"index": self.index, "delta": message, "logprobs": logprobs, "finish_reason": finish}
         else:
             choice = {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        if finish is not None and self.timeline is not None:
+            choice["timeline"] = timeline_body(self.timeline)
         return sse(self._chunk(choice))
 
     @staticmethod
@@ -319,6 +332,8 @@ class ResponseBuilder:
                     message["tool_calls"] = calls
             choice = {"index": self.index, "message": message, "logprobs": logprobs, "finish_reason": finish}
             body["choices"] = [choice]
+            if self.timeline is not None:
+                choice["timeline"] = timeline_body(self.timeline)
             if self.options.prompt_top is not None:
                 body["prompt_logprobs"] = result.prompt_logprobs  # vLLM: on the response, for chat
         else:
@@ -331,6 +346,8 @@ class ResponseBuilder:
             }
             if self.options.prompt_top is not None:
                 choice["prompt_logprobs"] = result.prompt_logprobs  # vLLM: on the choice, for completions
+            if self.timeline is not None:
+                choice["timeline"] = timeline_body(self.timeline)
             body["choices"] = [choice]
         body["usage"] = usage
         return body

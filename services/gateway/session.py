@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -28,6 +29,7 @@ from services.gateway.request_context import RequestRecord
 from services.gateway.responses import SSE_DONE, CollectedOutput, ResponseBuilder, sse_error, usage_body
 from services.gateway.slow_clients import ABORT_CONNECTION, SlowClientMonitor
 from shared.messages import CompletionRequest, RequestFailed, TextDelta
+from shared.timeline import GATEWAY_FIRST_OUTPUT, GATEWAY_LAST_OUTPUT, GATEWAY_PUBLISHED, GATEWAY_SENT, Timeline, merge
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,8 +84,12 @@ class ChoiceSession:
         self.final: TextDelta | None = None
         self.completion_tokens = 0
         self.token_gaps = TokenGaps()  # for the inter-token latency (services/gateway/metrics)
+        # The hops this choice has passed (shared/timeline.py), the pipeline's as its messages bring them.
+        self.timeline: Timeline = {}
 
     async def publish(self, request: CompletionRequest) -> None:
+        request.timeline[GATEWAY_PUBLISHED] = time.time()
+        merge(self.timeline, request.timeline)
         try:
             async with asyncio.timeout_at(self.deadline):
                 await self.services.client.submit(request)
@@ -104,6 +110,9 @@ class ChoiceSession:
         now = asyncio.get_running_loop().time()
         if self.first_event_at is None:
             self.first_event_at = now
+            self.timeline[GATEWAY_FIRST_OUTPUT] = time.time()
+        if not isinstance(event, RequestFailed):
+            merge(self.timeline, event.timeline)
         if isinstance(event, RequestFailed):
             self.finished = True
             raise ApiError.from_failure(event)
@@ -112,6 +121,7 @@ class ChoiceSession:
         if event.finish_reason is not None:
             self.finished = True
             self.final = event
+            self.timeline[GATEWAY_LAST_OUTPUT] = time.time()
         if event.finish_reason == "error":
             raise internal(GENERATION_FAILED)
         return event
@@ -129,6 +139,7 @@ class ChoiceSession:
         if not self.finished:
             services.client.abort([self.request_id])
         services.slow_clients.unwatch(self.request_id)
+        self.timeline.setdefault(GATEWAY_SENT, time.time())  # unless its response said when
         services.metrics.request_closed(self, asyncio.get_running_loop().time())
         self._record_in_access_log()
 

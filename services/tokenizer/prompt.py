@@ -173,6 +173,7 @@ class PromptProcessor:
             prompt_token_ids=prompt_ids,
             sampling=request.sampling.model_copy(update=update),
             detokenize=request.detokenize,
+            timeline=dict(request.timeline),
         )
 
     def _check_constraint(self, constraint: StructuredOutputs) -> None:

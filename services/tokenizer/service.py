@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from services.tokenizer import tokenize_api
 from services.tokenizer.prompt import PromptProcessor
@@ -28,6 +28,7 @@ from shared.messages import (
     TokenizeRequest,
 )
 from shared.runtime import beat_until_stopped
+from shared.timeline import TOKENIZER_DONE, TOKENIZER_READ
 from shared.transport import Ack, Delivery, StreamNames, StreamTransport
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,12 @@ READ_BLOCK_MS = 500  # also bounds how long a SIGTERM waits for an idle read
 class TokenizerWorker:
     """A batch of deliveries -> what to publish and what to acknowledge. No I/O."""
 
-    def __init__(self, processor: PromptProcessor, names: StreamNames) -> None:
+    def __init__(
+        self, processor: PromptProcessor, names: StreamNames, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self.processor = processor
         self.names = names
+        self._clock = clock  # wall clock, for the timeline's hops
 
     def handle(self, deliveries: Sequence[Delivery], now: float) -> tuple[list[tuple[str, Message]], list[Ack]]:
         out: list[tuple[str, Message]] = []
@@ -56,6 +60,7 @@ class TokenizerWorker:
                 continue
             result = self._process(request)
             if isinstance(result, TokenizedRequest):
+                result.timeline.update({TOKENIZER_READ: now, TOKENIZER_DONE: self._clock()})
                 out.append((self.names.tokenized, result))
             else:  # an error, or the answer to /tokenize or /detokenize: straight back to the gateway
                 out.append((self.names.responses(request.gateway_id), result))

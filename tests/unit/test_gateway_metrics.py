@@ -170,6 +170,7 @@ class Ended:
     final: TextDelta | None = None
     completion_tokens: int = 0
     token_gaps: TokenGaps = field(default_factory=TokenGaps)
+    timeline: dict[str, float] = field(default_factory=dict)
 
 
 def finished(prompt: int, completion: int, reason: str = "stop") -> Ended:
@@ -185,7 +186,15 @@ def finished(prompt: int, completion: int, reason: str = "stop") -> Ended:
 @pytest.mark.anyio
 async def test_request_figures_follow_what_each_request_got() -> None:
     metrics = GatewayMetrics(MODEL)
-    metrics.request_closed(finished(prompt=3, completion=5), now=101.0)
+    timed = finished(prompt=3, completion=5)
+    # 2 ms in the tokenizer; the clock of the host beside it is 1 ms behind (its queue comes out -1 ms).
+    timed.timeline = {
+        "gateway_published": 10.0,
+        "tokenizer_read": 10.5,
+        "tokenizer_done": 10.502,
+        "engine_pulled": 10.501,
+    }
+    metrics.request_closed(timed, now=101.0)
     metrics.request_closed(finished(prompt=4, completion=2, reason="length"), now=102.0)
     aborted = Ended(first_event_at=100.2, finished=False, completion_tokens=3)
     metrics.request_closed(aborted, now=103.0)
@@ -216,6 +225,12 @@ async def test_request_figures_follow_what_each_request_got() -> None:
         assert value(found, f"{name}_bucket", **m, le="0.1") == 0
     assert value(found, "vllm:request_time_per_output_token_seconds_count", **m) == 2
     assert value(found, "vllm:request_time_per_output_token_seconds_sum", **m) == pytest.approx(0.25)
+    stage = {"model_name": MODEL, "segment": "tokenizer"}
+    assert value(found, "scalellm:request_stage_seconds_count", **stage) == 1  # only the request with a timeline
+    assert value(found, "scalellm:request_stage_seconds_sum", **stage) == pytest.approx(0.002)
+    assert value(found, "scalellm:request_stage_seconds_sum", **stage | {"segment": "requests_queue"}) == 0.5
+    assert value(found, "scalellm:request_stage_seconds_sum", **stage | {"segment": "tokenized_queue"}) == 0.0
+    assert value(found, "scalellm:request_stage_seconds_count", **stage | {"segment": "decode"}) == 0
     assert value(found, "scalellm:gateway_requests_total", endpoint="completions", status="200") == 2
     assert value(found, "scalellm:gateway_requests_total", endpoint="chat_completions", status="400") == 1
     assert value(found, "scalellm:gateway_aborted_total") == 1

@@ -230,6 +230,7 @@ class EngineCore:
             if seq.queued_at is not None:  # its first start; a preempted one was counted before
                 self._queue_time.started(seq.queued_at)
                 seq.queued_at = None
+                seq.scheduled_at = time.time()
         if not scheduled:
             return outputs
         plan = self._build_batch(scheduled)
@@ -363,7 +364,13 @@ class EngineCore:
         seq.finish("length")
         self._forget_grammar(seq)
         del self._sequences[seq.request_id]
-        return RequestOutput(seq.request_id, [], "length", prompt_logprobs=seq.take_prompt_logprobs())
+        return RequestOutput(
+            seq.request_id,
+            [],
+            "length",
+            prompt_logprobs=seq.take_prompt_logprobs(),
+            scheduled_at=seq.take_scheduled_at(),
+        )
 
     def _append(self, seq: Sequence, token_id: int, logprobs: TokenLogprobs | None) -> RequestOutput:
         seq.append_token(token_id)
@@ -382,6 +389,7 @@ class EngineCore:
             reason,
             logprobs=None if logprobs is None else [logprobs],
             prompt_logprobs=seq.take_prompt_logprobs(),
+            scheduled_at=seq.take_scheduled_at(),
         )
 
     def _finish_reason(self, seq: Sequence) -> FinishReason | None:

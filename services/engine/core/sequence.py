@@ -41,6 +41,7 @@ class Sequence:
         "queued_at",
         "request_id",
         "sampling",
+        "scheduled_at",
         "status",
         "stop_ids",
         "token_ids",
@@ -83,6 +84,8 @@ class Sequence:
         # When it was added (the engine's clock), until it first runs: then None
         # (EngineCore measures the wait once per request, as vLLM's queue time).
         self.queued_at: float | None = None
+        # Unix time it first ran (its prefill started), until its first output hands it over.
+        self.scheduled_at: float | None = None
         # Prompt logprobs collected so far, one per prompt token from the first (None: nothing
         # predicts it); None when not wanted, or once handed over (take_prompt_logprobs).
         self.prompt_logprobs: list[PromptTokenLogprobs | None] | None = [None] if want_prompt_logprobs else None
@@ -124,6 +127,11 @@ class Sequence:
         first = max(start, len(self.prompt_logprobs) - 1)
         last = min(end, self.num_prompt_tokens - 1)
         return (first, last) if first < last else None
+
+    def take_scheduled_at(self) -> float | None:
+        """When it first ran, for its first output only (the timeline's engine_scheduled)."""
+        scheduled_at, self.scheduled_at = self.scheduled_at, None
+        return scheduled_at
 
     def take_prompt_logprobs(self) -> list[PromptTokenLogprobs | None] | None:
         """The prompt's logprobs once all are collected, handed over once (then forgotten)."""

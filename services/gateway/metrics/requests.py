@@ -17,6 +17,7 @@ from prometheus_client.core import HistogramMetricFamily, Metric
 from services.gateway.metrics.engines import cumulative_buckets
 from shared.histogram import REQUEST_LATENCY_BUCKETS, BucketHistogram
 from shared.messages import FinishReason, TextDelta
+from shared.timeline import SEGMENT_NAMES, Timeline, segments
 
 MODEL_LABEL = ["model_name"]
 # vLLM's bounds, so that its dashboards read the same buckets.
@@ -29,6 +30,8 @@ TOKEN_GAP_BUCKETS = (
 )  # fmt: skip
 # vLLM stops its 1-2-5 series at the model's context length, which the gateway does not know:
 # up to a million tokens.
+# From a fraction of a millisecond (a queue hop) to minutes (a long decode).
+SEGMENT_BUCKETS = tuple(m * 10.0**e for e in range(-4, 3) for m in (1, 2.5, 5)) + (1000.0,)
 TOKEN_COUNT_BUCKETS = tuple(m * 10**e for e in range(7) for m in (1, 2, 5) if m * 10**e <= 1_000_000)
 FINISH_REASONS: tuple[FinishReason, ...] = ("stop", "length", "abort", "error")
 SLOW_CLIENT_REASONS = ("buffer", "timeout")
@@ -75,6 +78,8 @@ class ClosedRequest(Protocol):
     def completion_tokens(self) -> int: ...
     @property
     def token_gaps(self) -> TokenGaps: ...
+    @property
+    def timeline(self) -> Timeline: ...
 
 
 class _TokenGapCollector:
@@ -158,6 +163,15 @@ class RequestMetrics:
             registry=registry,
         )
         self.slow_clients = {reason: slow.labels(reason) for reason in SLOW_CLIENT_REASONS}
+        stage = Histogram(
+            "scalellm:request_stage_seconds",
+            "Time a finished request spent in each segment of the pipeline (shared/timeline.py): the "
+            "stages, the queues between them, and the first output's way back.",
+            [*MODEL_LABEL, "segment"],
+            buckets=SEGMENT_BUCKETS,
+            registry=registry,
+        )
+        self.segments = {name: stage.labels(model_name, name) for name in SEGMENT_NAMES}
         self.in_flight = Gauge("scalellm:gateway_requests_in_flight", "Requests in the gateway now.", registry=registry)
         self.buffered_bytes = Gauge(
             "scalellm:gateway_buffered_bytes", "Output waiting in the gateway for its clients.", registry=registry
@@ -187,6 +201,8 @@ class RequestMetrics:
         self.request_prompt_tokens.observe(prompt)
         self.request_generation_tokens.observe(completion)
         self.e2e_latency.observe(now - request.started)
+        for name, span in segments(request.timeline).items():
+            self.segments[name].observe(max(0.0, span))  # hosts' clocks may disagree a little
         if completion > 1 and request.first_event_at is not None:
             decode = request.token_gaps.histogram.snapshot().total
             self.time_per_output_token.observe(decode / (completion - 1))
