@@ -1,4 +1,5 @@
-"""The command line: ``scalellm bench [options]`` and ``scalellm bench plot A.json B.json -o out.png``.
+"""The command line: ``scalellm bench [options]``, ``scalellm bench plot A.json B.json -o out.png`` and
+``scalellm bench stages A.json B.json`` (the stage breakdown table, stages.py).
 
     scalellm bench --base-url http://127.0.0.1:8000 --num-prompts 128 --input-len 128 \\
         --output-len 128 --max-concurrency 64
@@ -253,5 +254,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ValueError, OSError) as exc:
             raise SystemExit(f"scalellm bench plot: {exc}") from exc
         print(f"plot written to {written}", file=sys.stderr)
+        return 0
+    if argv[:1] == ["stages"]:
+        if len(argv) < 2 or any(a.startswith("-") for a in argv[1:]):
+            raise SystemExit("usage: scalellm bench stages RESULT.json [RESULT.json ...]")
+        from bench.serving.stages import table_of_files
+
+        try:
+            print(table_of_files(argv[1:]))
+        except (ValueError, OSError, KeyError) as exc:
+            raise SystemExit(f"scalellm bench stages: {exc}") from exc
         return 0
     return run(build_parser().parse_args(argv))

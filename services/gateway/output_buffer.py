@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shared.messages import FinishReason, NamedToken, RequestFailed, TextDelta, TokenLogprobs, Usage
+from shared.timeline import merge
 
 Event = TextDelta | RequestFailed
 
@@ -82,6 +83,8 @@ class _Merged:
     # The prompt's, on a request's first delta only: kept from whichever part brought it.
     prompt_logprobs: list[NamedToken] | None = None
     prompt_text: str | None = None
+    # Every part's hops (the first and the last delta carry some): none may be lost in the merge.
+    timeline: dict[str, float] | None = None
 
     @classmethod
     def of(cls, first: TextDelta) -> _Merged:
@@ -109,6 +112,10 @@ class _Merged:
             self.prompt_logprobs = delta.prompt_logprobs
         if self.prompt_text is None:
             self.prompt_text = delta.prompt_text
+        if delta.timeline:
+            if self.timeline is None:
+                self.timeline = {}
+            merge(self.timeline, delta.timeline)
 
     def delta(self) -> TextDelta:
         # Built from fields that were validated when each part was decoded.
@@ -124,6 +131,7 @@ class _Merged:
             prompt_text=self.prompt_text,
             offset=self.offset,
             prompt_tokens=self.prompt_tokens,
+            timeline=self.timeline,
         )
 
 

@@ -40,11 +40,12 @@ def test_a_lone_delta_comes_out_unchanged() -> None:
 
 def test_waiting_deltas_are_coalesced_into_one_without_losing_anything() -> None:
     buffer = OutputBuffer("r")
-    buffer.put(delta("Hel", [1], offset=3, logprobs=[(-0.1, [(1, -0.1)])]))
+    first_hops = {"engine_first_token": 1.0}
+    buffer.put(delta("Hel", [1], offset=3, logprobs=[(-0.1, [(1, -0.1)])], timeline=first_hops))
     buffer.put(delta("", [2]))  # a token with no text yet (half a character)
     buffer.put(delta("lo ", [3, 4], offset=6, logprobs=[(-0.2, [(3, -0.2)]), (-0.3, [])]))
     usage = Usage(prompt_tokens=2, completion_tokens=4)
-    buffer.put(delta("wörld", [5], "stop", usage=usage))
+    buffer.put(delta("wörld", [5], "stop", usage=usage, timeline={"engine_finished": 2.0}))
     assert len(buffer) == 1
     merged = buffer.take()
     assert isinstance(merged, TextDelta)
@@ -52,6 +53,7 @@ def test_waiting_deltas_are_coalesced_into_one_without_losing_anything() -> None
     assert merged.logprobs == [(-0.1, [(1, -0.1)]), (-0.2, [(3, -0.2)]), (-0.3, [])]
     assert merged.offset == 3  # where the first one began
     assert merged.finish_reason == "stop" and merged.usage == usage
+    assert merged.timeline == {"engine_first_token": 1.0, "engine_finished": 2.0}
     assert buffer.pending_bytes == 0 and buffer.pending_since is None
 
 
