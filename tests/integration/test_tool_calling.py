@@ -99,11 +99,16 @@ def test_required_calls_parse_and_match_their_schemas(chat: Chat) -> None:
         check_call(call)
 
 
-def test_a_named_function_streams_as_tool_call_deltas(chat: Chat) -> None:
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.mark.parametrize("tool_choice", [NAMED, "required"], ids=["named", "required"])
+def test_forced_calls_stream_as_tool_call_deltas(chat: Chat, tool_choice: Any) -> None:
     stream = chat(
         messages=ASK,
         tools=[WEATHER, TIME],
-        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        tool_choice=tool_choice,
+        parallel_tool_calls=False,
         max_tokens=120,
         stream=True,
     )
@@ -111,14 +116,27 @@ def test_a_named_function_streams_as_tool_call_deltas(chat: Chat) -> None:
     finish = None
     for chunk in stream:
         for choice in chunk.choices:
+            assert not choice.delta.content  # nothing but the call
             for delta in choice.delta.tool_calls or []:
                 call = calls.setdefault(delta.index, {"name": "", "arguments": ""})
                 call["name"] += delta.function.name or ""
                 call["arguments"] += delta.function.arguments or ""
             finish = choice.finish_reason or finish
-    assert finish == "tool_calls"
-    assert [call["name"] for call in calls.values()] == ["get_weather"]  # named: exactly one call
-    WeatherArguments.model_validate_json(calls[0]["arguments"])
+    assert finish == "tool_calls" and len(calls) == 1
+    name, arguments = calls[0]["name"], calls[0]["arguments"]
+    if tool_choice == NAMED or name == "get_weather":
+        assert name == "get_weather"
+        WeatherArguments.model_validate_json(arguments)
+    else:
+        assert name == "get_time" and json.loads(arguments) == {}
+
+
+def test_a_named_function_is_the_one_called(chat: Chat) -> None:
+    answer = chat(messages=ASK, tools=[TIME, WEATHER], tool_choice=NAMED, max_tokens=120, n=2, temperature=1.0)
+    for choice in answer.choices:
+        assert choice.finish_reason == "tool_calls"
+        assert [call.function.name for call in choice.message.tool_calls] == ["get_weather"]
+        WeatherArguments.model_validate_json(choice.message.tool_calls[0].function.arguments)
 
 
 def test_a_conversation_goes_on_after_a_tool_result(chat: Chat) -> None:
