@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 import redis
 
+from bench.soak import wait_ready
 from services.redis_server import EmbeddedRedis, free_port
 
 PREFIX = "scalellm"
@@ -72,20 +73,6 @@ def redis_totals(client: redis.Redis) -> tuple[int, float]:
     """Commands served so far, and CPU seconds used (user + system, main thread and children)."""
     cpu: dict[str, Any] = client.info("cpu")
     return sum(command_calls(client).values()), float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
-
-
-def wait_ready(base_url: str, launcher: subprocess.Popen[bytes], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if launcher.poll() is not None:
-            raise SystemExit(f"scalellm up exited with {launcher.returncode}")
-        try:
-            if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"the pipeline was not ready within {timeout_s:.0f} s")
 
 
 def wait_for_replicas(base_url: str, expected: dict[str, int], timeout_s: float) -> None:
