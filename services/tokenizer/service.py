@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -34,6 +35,10 @@ from shared.transport import Ack, Delivery, StreamNames, StreamTransport
 log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 500  # also bounds how long a SIGTERM waits for an idle read
+# A read batch is published in slices of about this much encoding work: long prompts go out one by
+# one as they are done (a 2k-token chat takes ~8 ms), short ones still share a round trip
+# (docs/benchmarks.md, "What a replica buys").
+PUBLISH_AFTER_S = 0.005
 
 
 class TokenizerWorker:
@@ -47,9 +52,23 @@ class TokenizerWorker:
         self._clock = clock  # wall clock, for the timeline's hops
 
     def handle(self, deliveries: Sequence[Delivery], now: float) -> tuple[list[tuple[str, Message]], list[Ack]]:
+        out, acks, _ = self.handle_for(deliveries, now, budget_s=math.inf)
+        return out, acks
+
+    def handle_for(
+        self, deliveries: Sequence[Delivery], now: float, budget_s: float
+    ) -> tuple[list[tuple[str, Message]], list[Ack], int]:
+        """The leading deliveries that fit in ``budget_s`` of work (at least one): what to publish,
+        what to acknowledge, and how many were handled. A read batch of long prompts is published
+        a slice at a time, so the first is not held back until the last is encoded."""
         out: list[tuple[str, Message]] = []
         acks: list[Ack] = []
+        started = self._clock()
+        handled = 0
         for delivery in deliveries:
+            if handled and self._clock() - started >= budget_s:
+                break
+            handled += 1
             acks.append(Ack(delivery.stream, self.names.tokenizer_group, delivery.entry_id))
             request = delivery.message
             if not isinstance(request, (CompletionRequest, TokenizeRequest, DetokenizeRequest)):
@@ -64,7 +83,7 @@ class TokenizerWorker:
                 out.append((self.names.tokenized, result))
             else:  # an error, or the answer to /tokenize or /detokenize: straight back to the gateway
                 out.append((self.names.responses(request.gateway_id), result))
-        return out, acks
+        return out, acks, handled
 
     def _process(self, request: CompletionRequest | TokenizeRequest | DetokenizeRequest) -> Message:
         try:
@@ -171,5 +190,10 @@ class TokenizerService:
                 await asyncio.wait_for(self.transport.delete(self.names.heartbeat("tokenizer", self.replica_id)), 2)
 
     async def _handle(self, deliveries: list[Delivery]) -> None:
-        out, acks = await asyncio.to_thread(self.worker.handle, deliveries, time.time())
-        await self.transport.publish(out, acks=acks)
+        remaining = deliveries
+        while remaining:
+            out, acks, handled = await asyncio.to_thread(
+                self.worker.handle_for, remaining, time.time(), PUBLISH_AFTER_S
+            )
+            await self.transport.publish(out, acks=acks)
+            remaining = remaining[handled:]

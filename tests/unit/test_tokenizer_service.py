@@ -67,6 +67,20 @@ def test_worker_routes_results_and_acks_everything(processor: PromptProcessor) -
     assert acks == [Ack(NAMES.requests, NAMES.tokenizer_group, f"{i}-0") for i in range(1, 5)]
 
 
+def test_a_batch_is_handled_a_budget_at_a_time_and_stamped(processor: PromptProcessor) -> None:
+    ticks = iter(float(t) for t in range(100, 200))
+    worker = TokenizerWorker(processor, NAMES, clock=lambda: next(ticks))  # every look at the clock: 1 s later
+    batch = [delivery(completion(f"r{i}", timeline={"gateway_published": 1.0}), f"{i}-0") for i in range(3)]
+    out, acks, handled = worker.handle_for(batch, now=50.0, budget_s=2.5)
+    assert handled == 2  # the budget ran out after the second: publish these, then the rest
+    assert [ack.entry_id for ack in acks] == ["0-0", "1-0"] and len(out) == 2
+    first = out[0][1]
+    assert isinstance(first, TokenizedRequest)
+    assert first.timeline["gateway_published"] == 1.0 and first.timeline["tokenizer_read"] == 50.0
+    assert first.timeline["tokenizer_done"] > 50.0
+    assert worker.handle_for(batch[2:], now=60.0, budget_s=0.0)[2] == 1  # always at least one
+
+
 def test_worker_turns_a_tokenizer_crash_into_a_500_for_that_request_only(processor: PromptProcessor) -> None:
     class Exploding(PromptProcessor):
         def process(self, request: CompletionRequest) -> TokenizedRequest | RequestFailed:
