@@ -54,6 +54,7 @@ class Row:
     ttft_median_ms: float
     ttft_p99_ms: float
     failed: int
+    errors: dict[str, int]  # the failures' messages, counted
     redis_commands: int
     idle_commands_per_s: float  # heartbeats, leases, claims, /ready: what an idle pipeline sends
     commands_per_request: float  # less the idle rate over the run
@@ -172,6 +173,7 @@ def measure(tokenizers: int, detokenizers: int, args: argparse.Namespace, scratc
         ttft_median_ms=float(metrics["median_ttft_ms"]),
         ttft_p99_ms=float(metrics["p99_ttft_ms"]),
         failed=int(metrics["failed"]),
+        errors=dict(metrics.get("errors") or {}),
         redis_commands=calls,
         idle_commands_per_s=idle_rate,
         commands_per_request=busy / completed if completed else float("nan"),
@@ -222,6 +224,29 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[Row], output: Path) -> None:
+    """Output tokens/s and TTFT (median, p99) per configuration (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r.tokenizers} tok x {r.detokenizers} detok" for r in rows]
+    figure, (throughput, ttft) = plt.subplots(1, 2, figsize=(10, 3.2))
+    throughput.bar(labels, [r.output_tokens_per_s for r in rows], color="tab:blue")
+    throughput.set_ylabel("output tokens/s")
+    ttft.bar(labels, [r.ttft_p99_ms for r in rows], color="tab:orange", label="p99")
+    ttft.bar(labels, [r.ttft_median_ms for r in rows], color="tab:green", label="median")
+    ttft.set_ylabel("TTFT (ms)")
+    ttft.legend()
+    for axes in (throughput, ttft):
+        axes.tick_params(axis="x", labelrotation=30, labelsize="small")
+    figure.suptitle("echo engine, 2048-token chats, 64 out, 64 concurrent, 2 cores")
+    figure.tight_layout()
+    figure.savefig(output, dpi=110)
+    plt.close(figure)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="1x1,2x1,4x1,1x2,1x4", help="TxD, comma-separated")
@@ -234,7 +259,14 @@ def main() -> None:
     parser.add_argument("--raw-requests", type=int, default=200_000, help="redis-benchmark's -n")
     parser.add_argument("--no-raw", action="store_true", help="skip redis-benchmark")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--plot", type=Path, default=None, help="also draw them into this PNG (matplotlib)")
+    parser.add_argument("--replot", type=Path, default=None, help="only draw --plot from a --json file of before")
     args = parser.parse_args()
+    if args.replot is not None:
+        if args.plot is None:
+            raise SystemExit("--replot needs --plot")
+        plot([Row(**row) for row in json.loads(args.replot.read_text())["rows"]], args.plot)
+        return
     configs = [tuple(int(n) for n in config.split("x")) for config in args.configs.split(",")]
 
     rows = []
@@ -246,16 +278,18 @@ def main() -> None:
     for row in rows:
         top = ", ".join(f"{name} {per_token}" for name, per_token in row.top_commands_per_token.items())
         print(f"{row.tokenizers} x {row.detokenizers}, Redis commands per token: {top}")
+        for error, count in row.errors.items():
+            print(f"{row.tokenizers} x {row.detokenizers}: {count} failed: {error}")
     raw = None if args.no_raw else raw_stream_rates(args.raw_requests)
     if raw is not None:
         print()
         for name, rates in raw.items():
             print(f"redis-benchmark {name}: " + ", ".join(f"{k}: {v:,.0f}/s" for k, v in rates.items()))
+    if args.plot is not None:
+        plot(rows, args.plot)
     if args.json is not None:
         args.json.write_text(
-            json.dumps(
-                {"args": vars(args) | {"json": str(args.json)}, "rows": [asdict(r) for r in rows], "raw": raw}, indent=2
-            )
+            json.dumps({"args": vars(args), "rows": [asdict(r) for r in rows], "raw": raw}, indent=2, default=str)
         )
 
 

@@ -143,6 +143,15 @@ def plot_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def stages_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scalellm bench stages", description="the stage breakdown of saved runs against our gateway"
+    )
+    parser.add_argument("results", nargs="+", help="files written by --save-result")
+    parser.add_argument("--plot", help="also draw it into this PNG (matplotlib)")
+    return parser
+
+
 def make_dataset(args: argparse.Namespace, tokenizer: Any) -> Dataset:
     if args.dataset_name == "sharegpt":
         if not args.dataset_path:
@@ -256,12 +265,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"plot written to {written}", file=sys.stderr)
         return 0
     if argv[:1] == ["stages"]:
-        if len(argv) < 2 or any(a.startswith("-") for a in argv[1:]):
-            raise SystemExit("usage: scalellm bench stages RESULT.json [RESULT.json ...]")
-        from bench.serving.stages import table_of_files
+        args = stages_parser().parse_args(argv[1:])
+        from bench.serving.stages import plot_stages, table_of_files
 
         try:
-            print(table_of_files(argv[1:]))
+            print(table_of_files(args.results))
+            if args.plot:
+                print(f"plot written to {plot_stages(args.results, args.plot)}", file=sys.stderr)
         except (ValueError, OSError, KeyError) as exc:
             raise SystemExit(f"scalellm bench stages: {exc}") from exc
         return 0

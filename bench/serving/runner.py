@@ -128,11 +128,15 @@ async def run_benchmark(
         if not endpoint.model:
             endpoint = dataclasses.replace(endpoint, model=await first_model(client))
             config = dataclasses.replace(config, endpoint=endpoint)
+        # Every run's prompts first: building them can take seconds (exact-length chats), during
+        # which the warm-up's keep-alive connections would idle past the server's timeout (5 s in
+        # uvicorn) and the first request on one of them could meet the server closing it.
+        all_specs = [dataset.generate(config.num_prompts, config.seed + i) for i in range(len(config.concurrencies))]
         if config.num_warmups > 0:
             await warm_up(client, config, dataset, log)
         for index, limit in enumerate(config.concurrencies):
             seed = config.seed + index
-            specs = dataset.generate(config.num_prompts, seed)
+            specs = all_specs[index]
             send_times = config.arrivals.send_times(len(specs), seed)
             label = "requests" if limit is None else f"concurrency {limit}"
             progress = Progress(len(specs), label, enabled=config.progress, stream=log)

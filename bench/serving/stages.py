@@ -63,7 +63,8 @@ def stage_table(columns: Sequence[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def table_of_files(paths: Sequence[str | Path]) -> str:
+def columns_of_files(paths: Sequence[str | Path]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, run) for every run of the files: the file's --label, and the concurrency if several."""
     columns = []
     for path in paths:
         result = load_result(path)
@@ -71,4 +72,39 @@ def table_of_files(paths: Sequence[str | Path]) -> str:
         for run in result["runs"]:
             runs = len(result["runs"])
             columns.append((f"{label} c{run['max_concurrency']}" if runs > 1 else str(label), run))
-    return stage_table(columns)
+    return columns
+
+
+def table_of_files(paths: Sequence[str | Path]) -> str:
+    return stage_table(columns_of_files(paths))
+
+
+def plot_stages(paths: Sequence[str | Path], output: str | Path) -> Path:
+    """One bar per run, split by segment (share of the request's time in the gateway); matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = columns_of_files(paths)
+    names = [name for name, _, _ in SEGMENTS]
+    shares: list[list[float]] = []
+    for _, run in columns:
+        segments, _, _ = run_segments(run)
+        chain = sum(segments[name][1] for name in names if name in segments) or 1.0
+        shares.append([100 * segments[name][1] / chain if name in segments else 0.0 for name in names])
+    figure, axes = plt.subplots(figsize=(9, 1.2 + 0.6 * len(columns)))
+    left = [0.0] * len(columns)
+    colors = plt.get_cmap("tab20").colors
+    for index, name in enumerate(names):
+        widths = [row[index] for row in shares]
+        axes.barh([label for label, _ in columns], widths, left=left, label=name, color=colors[index % len(colors)])
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    axes.set_xlabel("share of the request's time in the gateway (%)")
+    axes.set_xlim(0, 100)
+    axes.invert_yaxis()
+    axes.legend(ncol=4, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.35 - 0.05 * len(columns)))
+    figure.tight_layout()
+    figure.savefig(output, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return Path(output)
