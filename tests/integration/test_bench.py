@@ -55,6 +55,14 @@ def test_a_sweep_through_the_command_line(echo_pipeline: Pipeline, tmp_path: Pat
         assert sum(s["count"] for s in e2e) == 12
     assert result["runs"][0]["metrics"]["max_concurrent_requests"] == 1
     assert result["runs"][1]["metrics"]["max_concurrent_requests"] <= 4
+    # The stage breakdown of the same file: every segment of the timeline, for both runs.
+    plot = tmp_path / "stages.png"
+    stages = [sys.executable, "-m", "services.cli", "bench", "stages", str(out), "--plot", str(plot)]
+    done = subprocess.run(stages, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "| segment | echo c1 | echo c4 |"
+    assert "| decode | " in done.stdout and "| - |" not in done.stdout.split("(first_output_return")[0]
+    assert plot.stat().st_size > 0
 
 
 def test_chat_with_prompts_of_an_exact_token_length(echo_pipeline: Pipeline, tmp_path: Path) -> None:
