@@ -389,6 +389,8 @@ class Heartbeat(Message):
     # and their sum. Empty when the engine does not measure it.
     queue_time_counts: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
     queue_time_sum: Annotated[float, Field(ge=0.0)] = 0.0
+    # An engine's compute paths in words (dtype, kernels, the CPU flags that chose them); absent elsewhere.
+    kernels: str | None = None
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {

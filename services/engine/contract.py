@@ -71,6 +71,9 @@ class EngineLoad:
     preemptions: int = 0
     # Seconds requests waited in the backend before they first ran (QueueTime); empty: not measured.
     queue_time: HistogramCounts = field(default_factory=HistogramCounts)
+    # The compute paths in use, in words (dtype, linear and attention kernels, the CPU flags that
+    # chose them): constant for a backend, in every heartbeat so a dashboard shows each engine's.
+    kernels: str = ""
 
 
 class EngineBackend(Protocol):

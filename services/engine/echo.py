@@ -159,6 +159,7 @@ class EchoBackend:
             kv_usage=len(self._running) / self.max_running_requests,
             forward_share=self._forward_time.share(),
             queue_time=self._queue_time.snapshot(),
+            kernels="echo backend: no model",
         )
 
 

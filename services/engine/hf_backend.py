@@ -120,7 +120,13 @@ class HFBackend:
         return 0 if self._queue else 1
 
     def load(self) -> EngineLoad:
-        return EngineLoad(running=0, waiting=len(self._queue), kv_usage=0.0, forward_share=self._forward_time.share())
+        return EngineLoad(
+            running=0,
+            waiting=len(self._queue),
+            kv_usage=0.0,
+            forward_share=self._forward_time.share(),
+            kernels="hf backend: transformers generate, one request at a time",
+        )
 
     # ---- generation -------------------------------------------------------
 

@@ -271,6 +271,7 @@ class EngineIO:
             preemptions=load.preemptions,
             queue_time_counts=list(load.queue_time.counts),
             queue_time_sum=load.queue_time.total,
+            kernels=load.kernels or None,
         )
         alive = await transport.beat(heartbeat, ttl_s=self._settings.heartbeat_ttl_s)
         failover.pulse.record(alive, time.monotonic())

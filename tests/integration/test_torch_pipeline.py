@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from shared.model_files import resolve_model_dir
 from shared.settings import CommonSettings, EngineSettings
 from tests.integration.harness import Pipeline
-from tests.integration.test_metrics import scrape, total, wait_for
+from tests.integration.test_metrics import total, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -183,7 +183,14 @@ def test_n_choices_compute_their_prompt_once_and_answer_as_one(torch_pipeline: P
         httpx.post(f"{torch_pipeline.gateway_url}/tokenize", json={"prompt": prompt}).json()["tokens"]
     )
     shared = (num_prompt_tokens - 1) // block_size * block_size  # the last token's block is computed by each
-    _, before = scrape(torch_pipeline)
+    # The engine says which compute paths it runs (issue 8): the dtype it was started with.
+    before = wait_for(
+        torch_pipeline,
+        lambda found: any(name == "scalellm:engine_kernels" for name, _ in found),
+        "the engine's heartbeat names its kernels",
+    )
+    kernels = [dict(labels)["kernels"] for name, labels in before if name == "scalellm:engine_kernels"]
+    assert len(kernels) == 1 and "dtype float32" in kernels[0] and "CPU flags" in kernels[0], kernels
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "n": 3}
     three = httpx.post(f"{torch_pipeline.gateway_url}/v1/completions", json=body, timeout=120)
     assert three.status_code == 200, three.text

@@ -106,6 +106,7 @@ def test_heartbeats_become_vllm_series_one_per_engine() -> None:
             preemptions=2,
             queue_time_counts=queue,
             queue_time_sum=1.2,
+            kernels="cpu: dtype bfloat16, linears: oneDNN prepacked",
         ),  # fmt: skip
         beat("engine-h2-0000000b", running=1),  # an engine that does not measure its queue time
         Heartbeat(role="tokenizer", replica_id="t", time=1.0),  # not an engine: ignored
@@ -121,6 +122,8 @@ def test_heartbeats_become_vllm_series_one_per_engine() -> None:
     assert value(found, "vllm:num_preemptions_total", **a) == 2
     assert value(found, "vllm:num_preemptions_total", **b) == 0
     assert value(found, "scalellm:engine_forward_share", **a) == 0.9
+    assert value(found, "scalellm:engine_kernels", **a, kernels="cpu: dtype bfloat16, linears: oneDNN prepacked") == 1
+    assert not any(name == "scalellm:engine_kernels" and ("engine", "0000000b") in labels for name, labels in found)
     assert value(found, "vllm:request_queue_time_seconds_bucket", **a, le="0.3") == 2
     assert value(found, "vllm:request_queue_time_seconds_bucket", **a, le="1.0") == 3
     assert value(found, "vllm:request_queue_time_seconds_bucket", **a, le="+Inf") == 3

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from services.engine.core.engine_core import EngineCore, EngineCoreConfig
+from services.engine.model.cpu import CpuFeatures
 from services.engine.model.device import resolve_device
 from services.engine.model.runner import ModelRunner
 from services.engine.structured import GrammarCompiler
@@ -65,6 +66,7 @@ def engine_core_for(
         enable_prefix_caching=enable_prefix_caching,
         default_eos_token_ids=list(runner.config.eos_token_ids),
         sampler_device=str(runner.device),
+        kernels=f"{runner.device}: {runner.plan.describe()}; CPU flags: {CpuFeatures.detect().describe()}",
     )
     return EngineCore(runner, config, grammars=grammars)
 

@@ -69,6 +69,8 @@ class EngineCoreConfig:
     sampler_seed: int | None = None
     # load().forward_share is measured over this many recent seconds.
     load_window_s: float = 10.0
+    # The runner's kernel plan in words (KernelPlan.describe), reported in load().
+    kernels: str = ""
 
 
 @dataclass(slots=True)
@@ -221,6 +223,7 @@ class EngineCore:
             prefix_cache_hits=self.block_manager.prefix_hits,
             preemptions=self.scheduler.num_preemptions,
             queue_time=self._queue_time.snapshot(),
+            kernels=self.config.kernels,
         )
 
     def step(self) -> list[RequestOutput]:

@@ -77,6 +77,12 @@ def engine_families(heartbeats: Iterable[Heartbeat], model_name: str) -> list[Me
     forward_share = GaugeMetricFamily(
         "scalellm:engine_forward_share", "Share of the last 10 s the engine spent in model forward.", labels=LABELS
     )
+    # An info series, as Prometheus exporters show build and config facts: always 1, the text in a label.
+    kernels = GaugeMetricFamily(
+        "scalellm:engine_kernels",
+        "The engine's compute paths (dtype, kernels, the CPU flags that chose them), in the label kernels.",
+        labels=[*LABELS, "kernels"],
+    )
     seen: set[str] = set()
     for beat in sorted(heartbeats, key=lambda b: b.replica_id):
         if beat.role != "engine":
@@ -93,8 +99,10 @@ def engine_families(heartbeats: Iterable[Heartbeat], model_name: str) -> list[Me
         hits.add_metric(labels, beat.prefix_cache_hits)
         preemptions.add_metric(labels, beat.preemptions)
         forward_share.add_metric(labels, beat.forward_share)
+        if beat.kernels:
+            kernels.add_metric([*labels, beat.kernels], 1.0)
         counts = HistogramCounts(tuple(beat.queue_time_counts), beat.queue_time_sum)
         buckets = cumulative_buckets(counts, REQUEST_LATENCY_BUCKETS)
         if buckets is not None:
             queue_time.add_metric(labels, buckets, counts.total)
-    return [running, waiting, kv_usage, queries, hits, preemptions, queue_time, forward_share]
+    return [running, waiting, kv_usage, queries, hits, preemptions, queue_time, forward_share, kernels]
