@@ -23,7 +23,10 @@ def test_pool_size_from_bytes_or_a_share_of_available_memory(tmp_path: Path, mon
 
 def fake_runner(num_blocks: int = 100) -> SimpleNamespace:
     config = SimpleNamespace(vocab_size=1000, eos_token_ids=(2, 7))
-    return SimpleNamespace(num_blocks=num_blocks, block_size=16, config=config, max_model_len=4096, device="cpu")
+    plan = SimpleNamespace(describe=lambda: "dtype float32, linears: torch F.linear")
+    return SimpleNamespace(
+        num_blocks=num_blocks, block_size=16, config=config, max_model_len=4096, device="cpu", plan=plan
+    )
 
 
 def test_engine_core_takes_the_runners_pool_limits_and_eos() -> None:
@@ -69,5 +72,7 @@ def test_the_kernel_settings_reach_the_model_runner(tmp_path: Path, monkeypatch:
     monkeypatch.setattr("services.engine.core.build.resolve_model_dir", lambda settings, weights: tmp_path)
     monkeypatch.setattr("services.engine.core.build.ModelRunner", runner)
     settings = EngineSettings(kernels="torch", kernel_cache_dir=str(tmp_path / "kernels"), kv_cache_bytes=1 << 20)
-    create_torch_backend(settings)
+    core = create_torch_backend(settings)
     assert seen["kernels"] == "torch" and seen["kernel_cache_dir"] == str(tmp_path / "kernels")
+    # The heartbeat names the runner's plan and the CPU it was chosen for.
+    assert core.load().kernels.startswith("cpu: dtype float32, linears: torch F.linear; CPU flags: ")

@@ -47,12 +47,14 @@ def engine_core_for(
     enable_prefix_caching: bool,
     num_blocks: int | None = None,
     grammars: GrammarCompiler | None = None,
+    kernels: str = "",
 ) -> EngineCore:
     """An EngineCore around a loaded runner (tests and benchmarks build runners themselves).
 
     num_blocks: use only that many of the runner's KV blocks (a smaller pool
     without reloading the model); default all of them. grammars: structured outputs
-    (grammar_compiler_for); without it constrained requests are refused.
+    (grammar_compiler_for); without it constrained requests are refused. kernels: the runner's
+    compute paths in words, for the heartbeat.
     """
     if num_blocks is not None and not 1 <= num_blocks <= runner.num_blocks:
         raise ValueError(f"num_blocks must be between 1 and the runner's {runner.num_blocks}, got {num_blocks}")
@@ -66,7 +68,7 @@ def engine_core_for(
         enable_prefix_caching=enable_prefix_caching,
         default_eos_token_ids=list(runner.config.eos_token_ids),
         sampler_device=str(runner.device),
-        kernels=f"{runner.device}: {runner.plan.describe()}; CPU flags: {CpuFeatures.detect().describe()}",
+        kernels=kernels,
     )
     return EngineCore(runner, config, grammars=grammars)
 
@@ -104,6 +106,7 @@ def create_torch_backend(settings: EngineSettings) -> EngineCore:
         max_running_requests=settings.max_running_requests,
         enable_prefix_caching=settings.enable_prefix_caching,
         grammars=grammar_compiler_for(model_dir, runner),
+        kernels=f"{runner.device}: {runner.plan.describe()}; CPU flags: {CpuFeatures.detect().describe()}",
     )
     log.info(
         "torch engine ready: context %d tokens, %d KV blocks (%d tokens), budget %d tokens/step, "
