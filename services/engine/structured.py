@@ -11,10 +11,9 @@ while the forward runs.
   kept) need nothing special.
 - ``MaskFiller`` fills the next step's token bitmasks of the constrained rows on a helper thread
   (llguidance's own pool, GIL released) started before the forward and joined after it, so the
-  fill overlaps the forward (torch drops the GIL too), where a core is free for it (a GPU, or
-  fewer torch threads than cores: overlap_pays); otherwise just before the forward, which costs
-  far less than the helper thread taking a core from torch's spinning OpenMP threads. The sampler
-  applies the masks first.
+  fill overlaps the forward (torch drops the GIL too). The helper thread runs no torch op: one
+  there gives it an OpenMP thread team of its own, which slowed every forward by ~20 ms on two
+  cores. The sampler applies the masks first.
 
 Nothing here runs for a batch without a constrained sequence: EngineCore counts them.
 """
@@ -22,7 +21,6 @@ Nothing here runs for a batch without a constrained sequence: EngineCore counts 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -68,8 +66,8 @@ class GrammarCompiler:
         cls, hf_tokenizer_loader: Callable[[], Any], vocab_size: int, eos_token_ids: list[int]
     ) -> GrammarCompiler:
         # The mask kernel is warmed before any constrained step needs it, on a thread of its own
-        # that then ends: warmed on the compile thread, which lives on, every forward after it
-        # was ~15-20 ms slower on two cores (measured, not explained: perhaps the OpenMP team it kept).
+        # that then ends: on the compile thread, which lives on, the OpenMP team the kernel gave
+        # it made every later forward ~15-20 ms slower on two cores (as in MaskFiller.start).
         threading.Thread(target=warm_mask_kernel, args=(vocab_size,), name="grammar-warm", daemon=True).start()
         return cls(lambda: llg_tokenizer(hf_tokenizer_loader(), vocab_size, eos_token_ids))
 
@@ -168,23 +166,9 @@ def warm_mask_kernel(vocab_size: int) -> None:
         masks.apply(torch.zeros(rows, vocab_size))
 
 
-def overlap_pays(device: str) -> bool:
-    """Whether filling the masks on a helper thread during the forward saves time: yes on a GPU
-    (the CPU waits for it) or with a CPU core that torch's threads leave free. Not when torch's
-    OpenMP threads hold every core: they spin between parallel regions, and the helper thread
-    preempting one slowed the forward by ~20 ms a step at 64 rows on two cores, for a fill of
-    ~1.5 ms (docs/benchmarks.md, "Structured outputs: decode cost"); there the fill runs on the
-    engine's thread just before the forward."""
-    if torch.device(device).type != "cpu":
-        return True
-    affinity = getattr(os, "sched_getaffinity", None)
-    cores = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
-    return cores > torch.get_num_threads()
-
-
 class MaskFiller:
-    """Fills a step's masks on a helper thread, so that the fill overlaps the forward; or, where
-    that does not pay (``overlap`` False, see overlap_pays), at once on the caller's thread.
+    """Fills a step's masks on a helper thread, so that the fill overlaps the forward (or, with
+    ``overlap`` False, at once on the caller's thread: the benchmark's comparison).
 
     Keeps running totals (two clock reads per step each), read by bench/structured_decode.py:
     ``fill_seconds`` spent filling (on the helper thread, catch-up included) over ``fills`` fills
@@ -204,10 +188,14 @@ class MaskFiller:
 
     def start(self, states: Sequence[tuple[int, GrammarState, Sequence[int]]]) -> Future[TokenMasks]:
         """``states``: (row, state, output token ids) per constrained row of the step."""
+        # Allocated here: a torch op on the helper thread (torch.full runs OpenMP-parallel at this
+        # size) gave that thread an OpenMP team of its own, and every forward after it was ~20 ms
+        # slower at 64 rows on two cores (bench/structured_decode.py).
+        bitmask = llguidance.torch.allocate_token_bitmask(max(len(states), 1), self.vocab_size)
         if self.overlap:
-            return self._thread.submit(self.fill, list(states))
+            return self._thread.submit(self.fill, list(states), bitmask)
         filled: Future[TokenMasks] = Future()
-        filled.set_result(self.fill(list(states)))
+        filled.set_result(self.fill(list(states), bitmask))
         return filled
 
     def wait(self, masks: Future[TokenMasks]) -> TokenMasks:
@@ -218,16 +206,17 @@ class MaskFiller:
         finally:
             self.wait_seconds += time.perf_counter() - started
 
-    def fill(self, states: list[tuple[int, GrammarState, Sequence[int]]]) -> TokenMasks:
+    def fill(self, states: list[tuple[int, GrammarState, Sequence[int]]], bitmask: torch.Tensor) -> TokenMasks:
+        """``bitmask``: [len(states) or 1, ceil(vocab / 32)] int32, all ones (filled in place)."""
         started = time.perf_counter()
         try:
-            return self._fill(states)
+            return self._fill(states, bitmask)
         finally:
             self.fill_seconds += time.perf_counter() - started
             self.fills += 1
             self.fill_rows += len(states)
 
-    def _fill(self, states: list[tuple[int, GrammarState, Sequence[int]]]) -> TokenMasks:
+    def _fill(self, states: list[tuple[int, GrammarState, Sequence[int]]], bitmask: torch.Tensor) -> TokenMasks:
         live: list[tuple[int, GrammarState, llguidance.LLMatcher]] = []
         failed: list[int] = []
         for row, state, output in states:
@@ -236,7 +225,6 @@ class MaskFiller:
                 failed.append(row)
             else:
                 live.append((row, state, matcher))
-        bitmask = llguidance.torch.allocate_token_bitmask(max(len(live), 1), self.vocab_size)
         if live:
             pairs = [(matcher, index) for index, (_row, _state, matcher) in enumerate(live)]
             llguidance.torch.fill_next_token_bitmask_par(self._executor, pairs, bitmask)

@@ -30,7 +30,7 @@ from services.engine.core.sampler import Sampler
 from services.engine.core.scheduler import ScheduledBatch, Scheduler
 from services.engine.core.sequence import Sequence
 from services.engine.model.batch import ForwardBatch
-from services.engine.structured import GrammarCompiler, GrammarState, MaskFiller, TokenMasks, overlap_pays
+from services.engine.structured import GrammarCompiler, GrammarState, MaskFiller, TokenMasks
 from shared.messages import FinishReason, TokenLogprobs
 
 # Pull pacing (free_slots): a replica takes from the stream only the requests its next
@@ -113,9 +113,7 @@ class EngineCore:
         self._queue_time = QueueTime(clock)
         self.num_steps = 0
         self.grammars = grammars
-        self._mask_filler = (
-            MaskFiller(config.vocab_size, overlap=overlap_pays(config.sampler_device)) if grammars is not None else None
-        )
+        self._mask_filler = MaskFiller(config.vocab_size) if grammars is not None else None
         # Constrained sequences held: while 0, a step does no structured-output work at all.
         self._num_constrained = 0
 
