@@ -135,7 +135,8 @@ class GrammarState:
 class TokenMasks:
     """The allowed tokens of some rows of a step: ``bitmask[j]`` is row ``rows[j]``'s
     (bit t of word t // 32 set: token t allowed). ``failed``: rows whose matcher errored,
-    which the core ends with an error instead of sampling freely."""
+    which the core ends with an error instead of sampling freely (a failed row may be in
+    ``rows`` too, with a mask that allows everything)."""
 
     rows: list[int]
     bitmask: torch.Tensor  # [len(rows), ceil(vocab / 32)] int32
@@ -228,17 +229,14 @@ class MaskFiller:
         if live:
             pairs = [(matcher, index) for index, (_row, _state, matcher) in enumerate(live)]
             llguidance.torch.fill_next_token_bitmask_par(self._executor, pairs, bitmask)
-        rows: list[int] = []
-        kept: list[int] = []
         for index, (row, state, matcher) in enumerate(live):
             if matcher.is_error():  # e.g. a grammar that allows nothing here
                 state.error = f"the constraint allows no token here: {matcher.get_error()}"
                 failed.append(row)
-            else:
-                rows.append(row)
-                kept.append(index)
-        if len(kept) != len(live):
-            bitmask = bitmask[kept]
+                # Its token is never used (the core ends the row); an all-allowed mask keeps the
+                # sampler off an all -inf row. One row: too small for torch to go OpenMP-parallel.
+                bitmask[index].fill_(-1)
+        rows = [row for row, _state, _matcher in live]
         return TokenMasks(rows, bitmask[: len(rows)], failed)
 
     def close(self) -> None:
