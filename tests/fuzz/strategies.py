@@ -81,6 +81,9 @@ def value_strategy(annotation: Any, metadata: list[Any] | None = None) -> st.Sea
         return st.lists(value_strategy(item), max_size=MAX_LIST)
     if origin is tuple:
         return st.tuples(*(value_strategy(item) for item in typing.get_args(annotation)))
+    if origin is dict:
+        key, value = typing.get_args(annotation)
+        return st.dictionaries(value_strategy(key), value_strategy(value), max_size=MAX_LIST)
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return model_strategy(annotation)
     raise NotImplementedError(f"no strategy for {annotation!r}: extend tests/fuzz/strategies.py")
