@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, TypeVar
 
-from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
+from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, WithJsonSchema, field_validator
 
 from services.gateway.errors import ApiError, bad_request, model_not_found
 from services.gateway.limits import RequestLimits
@@ -383,6 +383,8 @@ class ChatBody(_Body):
     tools: list[ToolIn] | None = None
     tool_choice: Annotated[Any, WithJsonSchema(TOOL_CHOICE_SCHEMA)] = None
     parallel_tool_calls: bool | None = True
+    # tool_use(), worked out once: check() and every choice's request and response builder ask.
+    _tool_use: tuple[ToolUse | None] | None = PrivateAttr(default=None)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -395,7 +397,9 @@ class ChatBody(_Body):
 
     def tool_use(self) -> ToolUse | None:
         """The request's tools and tool_choice (raises ApiError); None without tools."""
-        return tool_use(self.tools, self.tool_choice, self.parallel_tool_calls)
+        if self._tool_use is None:
+            self._tool_use = (tool_use(self.tools, self.tool_choice, self.parallel_tool_calls),)
+        return self._tool_use[0]
 
     def check(self, limits: RequestLimits) -> None:
         super().check(limits)

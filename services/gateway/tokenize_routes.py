@@ -63,6 +63,10 @@ class TokenizeChatBody(_TokenizeBase):
     chat_template: str | None = None  # refused: the served model's template only
     tools: list[ToolIn] | None = None  # in the prompt as in a chat completion
 
+    def tools_json(self) -> str | None:
+        """The tools as the wire carries them; None without any."""
+        return tools_json([t.model_dump(exclude_none=True) for t in self.tools]) if self.tools else None
+
 
 class DetokenizeBody(TracksUnknownFields):
     model_config = ConfigDict(strict=True, extra="ignore")
@@ -94,7 +98,7 @@ def parse_tokenize(raw: bytes, limits: RequestLimits) -> TokenizeCompletionBody 
                 "unsupported_parameter",
             )
         if body.tools:
-            limits.check_prompt_chars(len(tools_json([t.model_dump(exclude_none=True) for t in body.tools])), "tools")
+            limits.check_prompt_chars(len(body.tools_json() or ""), "tools")
     else:
         limits.check_prompt_chars(len(body.prompt), "prompt")
     return body
@@ -150,8 +154,7 @@ class TokenizeRoutes:
                 message.add_generation_prompt = body.add_generation_prompt is not False
                 message.continue_final_message = bool(body.continue_final_message)
                 message.chat_template_kwargs = template_kwargs_json(body.chat_template_kwargs)
-                if body.tools:
-                    message.tools = tools_json([t.model_dump(exclude_none=True) for t in body.tools])
+                message.tools = body.tools_json()
             else:
                 message.prompt = body.prompt
             answer = await self._call(request, message)

@@ -6,12 +6,13 @@ logs of every process it started, and teardown stops them all.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,3 +101,23 @@ class Pipeline:
     def stop_all(self) -> None:
         for service in reversed(self.processes):
             service.stop()
+
+
+@contextlib.contextmanager
+def torch_pipeline(redis_url: str, logs: Path, prefix: str) -> Iterator[Pipeline]:
+    """gateway + tokenizer + the torch engine (float32, the default model) + detokenizer, on streams
+    named ``prefix``; stopped on exit. The model is converted first, before the engine starts."""
+    from shared.model_files import resolve_model_dir
+    from shared.settings import CommonSettings
+
+    resolve_model_dir(CommonSettings(), weights=True)
+    pipeline = Pipeline(redis_url, logs, env={"SCALELLM_STREAM_PREFIX": prefix})
+    try:
+        pipeline.start("tokenizer")
+        pipeline.start("engine", engine_backend="torch", dtype="float32", kv_cache_bytes=str(256 * 1024**2))
+        pipeline.start("detokenizer")
+        pipeline.start_gateway()
+        pipeline.wait_ready(timeout=300)
+        yield pipeline
+    finally:
+        pipeline.stop_all()

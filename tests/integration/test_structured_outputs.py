@@ -12,9 +12,8 @@ import pytest
 from pydantic import BaseModel, Field
 from transformers import PreTrainedTokenizerBase
 
-from shared.model_files import resolve_model_dir
-from shared.settings import CommonSettings
 from tests.integration.harness import Pipeline
+from tests.integration.harness import torch_pipeline as start_torch_pipeline
 
 openai = pytest.importorskip("openai")
 
@@ -28,17 +27,8 @@ class City(BaseModel):
 def pipeline(
     redis_url: str, tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedTokenizerBase
 ) -> Iterator[Pipeline]:
-    resolve_model_dir(CommonSettings(), weights=True)
-    started = Pipeline(redis_url, Path(tmp_path_factory.mktemp("logs")), env={"SCALELLM_STREAM_PREFIX": "structured"})
-    try:
-        started.start("tokenizer")
-        started.start("engine", engine_backend="torch", dtype="float32", kv_cache_bytes=str(256 * 1024**2))
-        started.start("detokenizer")
-        started.start_gateway()
-        started.wait_ready(timeout=300)
+    with start_torch_pipeline(redis_url, Path(tmp_path_factory.mktemp("logs")), "structured") as started:
         yield started
-    finally:
-        started.stop_all()
 
 
 def _client(pipeline: Pipeline):  # type: ignore[no-untyped-def]

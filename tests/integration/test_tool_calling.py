@@ -13,9 +13,8 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedTokenizerBase
 
-from shared.model_files import resolve_model_dir
-from shared.settings import CommonSettings
 from tests.integration.harness import Pipeline
+from tests.integration.harness import torch_pipeline as start_torch_pipeline
 
 openai = pytest.importorskip("openai")
 
@@ -39,17 +38,8 @@ ASK = [{"role": "user", "content": "What is the weather like in Paris?"}]
 def pipeline(
     redis_url: str, tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedTokenizerBase
 ) -> Iterator[Pipeline]:
-    resolve_model_dir(CommonSettings(), weights=True)
-    started = Pipeline(redis_url, Path(tmp_path_factory.mktemp("logs")), env={"SCALELLM_STREAM_PREFIX": "tools"})
-    try:
-        started.start("tokenizer")
-        started.start("engine", engine_backend="torch", dtype="float32", kv_cache_bytes=str(256 * 1024**2))
-        started.start("detokenizer")
-        started.start_gateway()
-        started.wait_ready(timeout=300)
+    with start_torch_pipeline(redis_url, Path(tmp_path_factory.mktemp("logs")), "tools") as started:
         yield started
-    finally:
-        started.stop_all()
 
 
 class Chat:

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from shared.model_files import resolve_model_dir
 from shared.settings import CommonSettings, EngineSettings
 from tests.integration.harness import Pipeline
+from tests.integration.harness import torch_pipeline as start_torch_pipeline
 from tests.integration.test_metrics import total, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -28,17 +29,8 @@ NEW_TOKENS = 16
 def torch_pipeline(
     redis_url: str, tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedTokenizerBase
 ) -> Iterator[Pipeline]:
-    resolve_model_dir(CommonSettings(), weights=True)  # convert once, before the engine starts
-    pipeline = Pipeline(redis_url, Path(tmp_path_factory.mktemp("logs")), env={"SCALELLM_STREAM_PREFIX": "torch"})
-    try:
-        pipeline.start("tokenizer")
-        pipeline.start("engine", engine_backend="torch", dtype="float32", kv_cache_bytes=str(256 * 1024**2))
-        pipeline.start("detokenizer")
-        pipeline.start_gateway()
-        pipeline.wait_ready(timeout=300)
-        yield pipeline
-    finally:
-        pipeline.stop_all()
+    with start_torch_pipeline(redis_url, Path(tmp_path_factory.mktemp("logs")), "torch") as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
