@@ -37,7 +37,7 @@ def vllm_command(vllm: Path, base_url: str, model: str, tokenizer: Path, load: L
         "--model", model, "--tokenizer", str(tokenizer), "--dataset-name", "random",
         "--random-input-len", str(load.input_len), "--random-output-len", str(load.output_len),
         "--num-prompts", str(load.num_prompts), "--max-concurrency", str(load.concurrency),
-        "--request-rate", "inf", "--ignore-eos", "--seed", str(load.seed),
+        "--request-rate", "inf", "--ignore-eos", "--temperature", "0", "--seed", str(load.seed),
         "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
         "--save-result", "--result-dir", str(result.parent), "--result-filename", result.name,
     ]  # fmt: skip
