@@ -6,6 +6,7 @@ import logging
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,16 +15,22 @@ import torch.nn.functional as F
 from services.engine.model import attention as attention_module
 from services.engine.model import native as native_module
 from services.engine.model.attention import AttentionMetadata, paged_attention
-from services.engine.model.native import NativeKernels, load_native_kernels
+from services.engine.model.cpu import CpuFeatures
+from services.engine.model.native import PATH_FLAGS, PATHS, NativeKernels, load_native_kernels, pack_bf16_weight
 from services.engine.model.plan import KernelPlan
 from services.engine.model.reference import apply_rope, reference_decode_attention, rms_norm
 
 
-@pytest.fixture(scope="module")
-def kernel() -> NativeKernels:
+@pytest.fixture(scope="module", params=PATHS)
+def kernel(request: pytest.FixtureRequest) -> NativeKernels:
+    """The kernels bound to each code path; a path this CPU cannot run is skipped, naming its flags."""
     loaded = load_native_kernels("native")
     assert loaded is not None
-    return loaded
+    path: str = request.param
+    if path not in loaded.runnable_paths():
+        missing = [flag for flag in PATH_FLAGS[path] if flag not in CpuFeatures.detect().flags]
+        pytest.skip(f"the {path} kernels need {' '.join(missing or PATH_FLAGS[path])}, which this CPU lacks")
+    return loaded.with_path(path)
 
 
 def random_case(
@@ -62,7 +69,7 @@ def float32_plan(native: NativeKernels | None) -> KernelPlan:
     return KernelPlan(torch.float32, torch.float32, False, native, ())
 
 
-CASES = [
+CASES: list[dict[str, Any]] = [
     {"heads": 9, "kv_heads": 3, "head_dim": 64, "block_size": 16, "lens": [1, 16, 17, 300]},
     {"heads": 4, "kv_heads": 4, "head_dim": 128, "block_size": 4, "lens": [5, 2, 33]},
     {"heads": 8, "kv_heads": 1, "head_dim": 32, "block_size": 8, "lens": [64, 7]},  # group of 8: two passes of 4
@@ -73,7 +80,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=["gqa3-d64", "mha-d128", "mqa-d32", "d24-scalar", "g5-bs32"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_native_kernel_matches_reference(kernel: NativeKernels, case: dict, dtype: torch.dtype) -> None:
+def test_native_kernel_matches_reference(kernel: NativeKernels, case: dict[str, Any], dtype: torch.dtype) -> None:
     q, k_cache, v_cache, table, lens = random_case(7, dtype=dtype, k_dim_major=True, **case)
     got = kernel.decode(q, k_cache, v_cache, table, lens, 0.1)
     want = reference_decode_attention(q, k_cache, v_cache, table, lens, 0.1, k_dim_major=True)
@@ -208,3 +215,27 @@ def test_prefill_chunk_after_cached_prefix_matches_sdpa(
         scale=0.25,
     )
     torch.testing.assert_close(got, want.transpose(0, 1).reshape(chunk, -1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 6, 16, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_bf16_linear_matches_float32_matmul(kernel: NativeKernels, rows: int, dtype: torch.dtype) -> None:
+    """bf16 weights x float32 / bf16 activations: every row tile, a partial last panel, bias,
+    residual, strided rows; the float32 reference multiplies the same bf16 weights."""
+    gen = torch.Generator().manual_seed(rows)
+    weight = torch.randn(200, 96, generator=gen).to(torch.bfloat16)  # 12.5 panels
+    bias = torch.randn(200, generator=gen)
+    wide = torch.randn(rows, 128, generator=gen).to(dtype)
+    x = wide[:, :96]  # rows strided by 128
+    residual = torch.randn(rows, 200, generator=gen).to(dtype)
+    packed = pack_bf16_weight(weight)
+    want = x.double() @ weight.double().T
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    got = kernel.linear(x, packed, 200)
+    assert got.dtype == dtype and got.shape == (rows, 200)
+    torch.testing.assert_close(got.double(), want.to(dtype).double(), atol=tol, rtol=tol)
+    got = kernel.linear(x, packed, 200, bias, residual)
+    torch.testing.assert_close(
+        got.double(), (want + bias.double() + residual.double()).to(dtype).double(), atol=tol * 4, rtol=tol
+    )
+    assert torch.equal(kernel.unpack_into(packed, 200, torch.empty(200 * 96)), weight.float())

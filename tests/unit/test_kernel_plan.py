@@ -11,6 +11,7 @@ import torch
 
 from services.engine.model import native as native_module
 from services.engine.model.cpu import CpuFeatures
+from services.engine.model.native import PATH_FLAGS, PATHS, pack_bf16_weight, path_for
 from services.engine.model.plan import choose_plan
 from services.engine.model.reference import reference_decode_attention
 
@@ -39,12 +40,29 @@ def test_avx2_only_cpu_keeps_bfloat16_as_storage_and_computes_in_float32(tmp_pat
     plan = choose_plan("bfloat16", CPU, "torch", zen3)
     assert (plan.dtype, plan.compute_dtype, plan.prepacked_linears) == (torch.bfloat16, torch.float32, False)
     why = " ".join(plan.reasons)
-    # The log names the missing CPU features and the setting to change.
-    assert "avx512bw+avx512vl+avx512dq" in why and "avx_ne_convert" in why and "SCALELLM_DTYPE" in why
+    # The log names the missing CPU features.
+    assert "avx512bw+avx512vl+avx512dq" in why and "avx_ne_convert" in why
     assert "bfloat16 weights computed in float32" in plan.describe()
+    # auto: bf16 storage on every CPU (weights and KV cache), float32 arithmetic here.
     auto = choose_plan("auto", CPU, "torch", zen3)
-    assert auto.dtype == auto.compute_dtype == torch.float32
-    assert "auto picked float32" in " ".join(auto.reasons)
+    assert (auto.dtype, auto.compute_dtype) == (torch.bfloat16, torch.float32)
+    assert "auto picked bfloat16 storage" in " ".join(auto.reasons)
+    assert choose_plan("float32", CPU, "torch", zen3).dtype == torch.float32
+
+
+def test_avx2_only_cpu_gets_the_avx2_kernels_and_the_native_bf16_linear(tmp_path: Path) -> None:
+    if platform.machine() != "x86_64" or not CpuFeatures.detect().has(*PATH_FLAGS["avx2"]):
+        pytest.skip(f"the avx2 kernels need {'+'.join(PATH_FLAGS['avx2'])} on an x86-64 CPU")
+    zen3 = CpuFeatures(CpuFeatures.detect(cpuinfo(tmp_path, ZEN3_FLAGS)).flags)
+    plan = choose_plan("auto", CPU, "native", zen3)
+    assert plan.native is not None and plan.native.path == "avx2"
+    assert plan.native_layers is plan.native and plan.native_linears is plan.native and plan.k_dim_major
+    assert "native avx2 kernel" in plan.describe() and "native (avx2)" in plan.describe()
+    # float32 stays the reference mode: torch's F.linear, native attention only.
+    exact = choose_plan("float32", CPU, "native", zen3)
+    assert exact.native_linears is None and exact.native_layers is None and exact.linear_kind == "torch F.linear"
+    assert path_for(CpuFeatures.simulated("avx2")) == "portable"
+    assert path_for(CpuFeatures.simulated(*ZEN4_FLAGS.split())) == "avx512"
 
 
 def test_cpu_with_native_bf16_prepacks_for_onednn(tmp_path: Path) -> None:
@@ -62,24 +80,31 @@ def test_avx_ne_convert_alone_is_enough_for_onednn() -> None:
 MARCH_NEEDS = {"x86-64-v3": ("avx2", "fma", "bmi2", "f16c", "movbe"), "x86-64": ()}
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("march", list(MARCH_NEEDS))
-def test_native_kernels_built_for_a_lower_instruction_set_match_torch(march: str, tmp_path: Path) -> None:
-    """The AVX2 and baseline builds of the kernels (what a Zen 3 runs) checked on any x86 machine."""
+def test_native_kernels_built_for_a_lower_instruction_set_match_torch(march: str, path: str, tmp_path: Path) -> None:
+    """The AVX2 and baseline builds of the kernels (what a Zen 3 runs), every path, checked on any x86 machine."""
     if platform.machine() != "x86_64":
         pytest.skip(f"-march={march} is an x86-64 target; this machine is {platform.machine()}")
     host = CpuFeatures.detect()
-    missing = [flag for flag in MARCH_NEEDS[march] if flag not in host.flags]
+    missing = [flag for flag in (*MARCH_NEEDS[march], *PATH_FLAGS[path]) if flag not in host.flags]
     if missing:
-        pytest.skip(f"-march={march} code needs {' '.join(missing)}, which this CPU lacks")
-    kernels = native_module.build_and_check(march, tmp_path)  # includes the self-check against torch
+        pytest.skip(f"-march={march} code on the {path} path needs {' '.join(missing)}, which this CPU lacks")
+    library = native_module.build_and_check(march, tmp_path)  # includes the self-check of every runnable path
+    kernels = library.with_path(path)
     gen = torch.Generator().manual_seed(7)
     for dtype in (torch.float32, torch.bfloat16):
-        k_cache = torch.randn(12, 3, 64, 16, generator=gen).to(dtype)
-        v_cache = torch.randn(12, 3, 16, 64, generator=gen).to(dtype)
-        q = torch.randn(3, 9, 64, generator=gen).to(dtype)
-        table = torch.tensor([[5, 2, 11, 0], [7, 1, 0, 0], [3, 4, 6, 8]])
-        lens = torch.tensor([50, 17, 64])
-        got = kernels.decode(q, k_cache, v_cache, table, lens, 0.125)
-        want = reference_decode_attention(q, k_cache, v_cache, table, lens, 0.125, k_dim_major=True)
-        tol = 1e-4 if dtype == torch.float32 else 3e-2
-        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+        for block_size in (16, 8, 4):
+            k_cache = torch.randn(12, 3, 64, block_size, generator=gen).to(dtype)
+            v_cache = torch.randn(12, 3, block_size, 64, generator=gen).to(dtype)
+            q = torch.randn(3, 9, 64, generator=gen).to(dtype)
+            table = torch.tensor([[5, 2, 11, 0], [7, 1, 0, 0], [3, 4, 6, 8]])
+            lens = torch.tensor([4 * block_size - 3, block_size + 1, 4 * block_size])
+            got = kernels.decode(q, k_cache, v_cache, table, lens, 0.125)
+            want = reference_decode_attention(q, k_cache, v_cache, table, lens, 0.125, k_dim_major=True)
+            tol = 1e-4 if dtype == torch.float32 else 3e-2
+            torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    weight = torch.randn(100, 576, generator=gen).to(torch.bfloat16)
+    x = torch.randn(13, 576, generator=gen)
+    got = kernels.linear(x, pack_bf16_weight(weight), 100)
+    torch.testing.assert_close(got, x @ weight.float().T, atol=1e-3, rtol=1e-4)

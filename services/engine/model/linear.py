@@ -3,12 +3,14 @@
 On the CPU in bfloat16, oneDNN with the weight reordered once at load time
 ("prepacked") is 1.2-2x faster than F.linear, which re-lays out the weight
 on every call; it also fuses the residual add. Where the CPU cannot multiply
-bf16 (no oneDNN bf16 path), bf16 weights are converted to float32 per call,
-into one reused buffer (a fresh 100 MB tensor per call costs 7x the
-conversion in page faults): torch's own bf16 matmul there is an order of
-magnitude slower. float32 keeps
-F.linear: it is the reference mode, and matching transformers' rounding
-matters more there.
+bf16 (no oneDNN bf16 path, e.g. AVX2 + FMA only), the native bf16 linear
+(``Bf16Linear``, csrc/bf16_linear.c) widens the bf16 weights in registers and
+multiplies in float32 FMAs, reading 2 bytes per weight; without the native
+kernels, bf16 weights are converted to float32 per call, into one reused
+buffer (a fresh 100 MB tensor per call costs 7x the conversion in page
+faults): torch's own bf16 matmul there is an order of magnitude slower.
+float32 keeps F.linear: it is the reference mode, and matching transformers'
+rounding matters more there.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from services.engine.model.quantized import QuantizedMatrix
 
 if TYPE_CHECKING:
+    from services.engine.model.native import NativeKernels
     from services.engine.model.quant_kernels import QuantKernels
 
 
@@ -87,6 +90,35 @@ class Linear:
             raise RuntimeError("this layer computes in its weights' dtype")
         bias = None if self.bias is None else self.bias.to(conversion.dtype)
         return F.linear(x.to(conversion.dtype), conversion.convert(self.weight), bias)
+
+
+class Bf16Linear:
+    """The Linear interface on bf16 weights computed by the native bf16 linear (csrc/bf16_linear.c),
+    for CPUs without bf16 arithmetic. weight [out, in] is repacked once into the kernel's panels
+    (native.pack_bf16_weight, same bytes plus padding to 16 rows); bias is kept in float32.
+    Activations enter and leave in their own dtype, float32 inside."""
+
+    __slots__ = ("bias", "in_features", "kernels", "out_features", "weight")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels: NativeKernels) -> None:
+        from services.engine.model.native import pack_bf16_weight
+
+        self.out_features, self.in_features = weight.shape
+        self.weight = pack_bf16_weight(weight)  # [ceil(out / 16), in, 8, 2] bf16
+        self.bias = None if bias is None else bias.float().contiguous()
+        self.kernels = kernels
+
+    @property
+    def numel(self) -> int:
+        return self.out_features * self.in_features
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, in] -> [T, out]."""
+        return self.kernels.linear(x, self.weight, self.out_features, self.bias)
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """residual [T, out] + x @ weight.T + bias, the add done in the kernel's epilogue."""
+        return self.kernels.linear(x, self.weight, self.out_features, self.bias, residual)
 
 
 class QuantizedLinear:

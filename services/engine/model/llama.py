@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from services.engine.model.attention import AttentionMetadata, paged_attention
 from services.engine.model.config import ModelConfig, RopeScaling
 from services.engine.model.kv_cache import KVCache
-from services.engine.model.linear import ConversionBuffer, Linear, QuantizedLinear
+from services.engine.model.linear import Bf16Linear, ConversionBuffer, Linear, QuantizedLinear
 from services.engine.model.plan import KernelPlan
 from services.engine.model.quantized import QuantizedMatrix
 from services.engine.model.reference import apply_rope, rms_norm, silu_mul
@@ -80,14 +80,17 @@ class RotaryTable:
         return cos, sin
 
 
+AnyLinear = Linear | Bf16Linear | QuantizedLinear
+
+
 @dataclass(slots=True)
 class _Layer:
     input_norm: torch.Tensor
-    qkv: Linear | QuantizedLinear
-    o: Linear | QuantizedLinear
+    qkv: AnyLinear
+    o: AnyLinear
     post_norm: torch.Tensor
-    gate_up: Linear | QuantizedLinear
-    down: Linear | QuantizedLinear
+    gate_up: AnyLinear
+    down: AnyLinear
 
 
 class LlamaModel:
@@ -106,11 +109,13 @@ class LlamaModel:
 
         conversion = ConversionBuffer(plan.compute_dtype) if plan.compute_dtype != plan.dtype else None
 
-        def linear(weight: torch.Tensor | QuantizedMatrix, bias: torch.Tensor | None) -> Linear | QuantizedLinear:
+        def linear(weight: torch.Tensor | QuantizedMatrix, bias: torch.Tensor | None) -> AnyLinear:
             if isinstance(weight, QuantizedMatrix):
                 if plan.quantized is None:
                     raise ValueError("GGUF block weights need the plan's quantized kernels")
                 return QuantizedLinear(weight, bias, plan.quantized)
+            if plan.native_linears is not None:
+                return Bf16Linear(weight, bias, plan.native_linears)
             return Linear(weight, bias, packed=plan.prepacked_linears, convert_into=conversion)
 
         self.layers = [

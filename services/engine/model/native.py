@@ -1,16 +1,23 @@
-"""Optional native CPU kernels (csrc/*.c): paged decode attention and fused layer steps.
+"""Optional native CPU kernels (csrc/*.c): paged decode attention, fused layer steps, bf16 linears.
 
 Plain torch has no "attend over these scattered blocks" op, so the torch path
 gathers every decode sequence's K/V into a padded copy each layer; at 64
 sequences that copy costs about as much as all the matmuls. The C kernel reads
 the pool in place. The bfloat16 layer kernels (RMSNorm, RoPE + KV store,
 SiLU-and-multiply) replace 3-12 small torch ops each, whose dispatch cost is a
-large share of a decode step at this model size.
+large share of a decode step at this model size. The bf16 linear multiplies
+bf16 weights on CPUs without bf16 arithmetic (AVX2 + FMA), widening them in
+registers, where torch would need a float32 copy of every weight per call.
 
-They are compiled on first use with the system C compiler (about two seconds,
+One library holds every code path (AVX-512, AVX2 + FMA, portable C; csrc/simd.h);
+a ``NativeKernels`` is bound to one, chosen from the CPU's flags (``path_for``)
+by the kernel plan, so an AVX-512 machine can run and test what an AVX2 one runs.
+
+They are compiled on first use with the system C compiler (a few seconds,
 cached per source and CPU), loaded with ctypes (which releases the GIL), and
-checked against torch on small inputs before they are trusted. Without a
-compiler, or if anything fails, the engine logs why and uses plain torch.
+every path this CPU runs is checked against torch on small inputs before they
+are trusted. Without a compiler, or if anything fails, the engine logs why and
+uses plain torch.
 
 SCALELLM_KERNELS=torch turns them off; =native makes their absence an error
 (the setting reaches here through the kernel plan, plan.py). Compiled kernels
@@ -33,23 +40,40 @@ from typing import Literal, get_args
 
 import torch
 
+from services.engine.model.cpu import CpuFeatures
 from services.engine.model.reference import apply_rope, reference_decode_attention, rms_norm, silu_mul
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.c", "layers.c")]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in ("paged_attention.c", "layers.c", "bf16_linear.c")]
 FLAGS = ["-O3", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
-# The kernels pick their code path by the instruction sets the compiler targets
-# (AVX-512 intrinsics or portable loops it vectorizes for AVX2); "native" is this CPU.
-# Tests build for other targets too, e.g. x86-64-v3 (AVX2 + FMA) on an AVX-512 machine.
+# Each kernel holds every path, compiled for its instruction set by function
+# attributes (csrc/simd.h); -march only decides what the portable path may use.
+# "native" is this CPU; tests build for other targets too, e.g. x86-64-v3 (AVX2 + FMA).
 DEFAULT_MARCH = "native"
+# Path names in the kernels' order (simd.h: PATH_*), slowest first, with the CPU
+# flags (/proc/cpuinfo names) each needs.
+PATHS = ("portable", "avx2", "avx512")
+PATH_FLAGS: dict[str, tuple[str, ...]] = {
+    "portable": (),
+    "avx2": ("avx2", "fma"),
+    "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq"),
+}
 # SCALELLM_KERNELS (shared/settings.py declares the same choices without importing torch).
 KernelChoice = Literal["auto", "torch", "native"]
 KERNEL_CHOICES: tuple[str, ...] = get_args(KernelChoice)
 _COMPILE_TIMEOUT_S = 120
+# bf16_linear.c: output rows per weight panel.
+PANEL = 16
 
 
-_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_P, _I, _F, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+
+
+def path_for(cpu: CpuFeatures) -> str:
+    """The fastest kernel path the CPU's flags allow."""
+    return next(path for path in reversed(PATHS) if cpu.has(*PATH_FLAGS[path]))
 
 
 def _declare(fn: _ctypes.CFuncPtr, restype: type | None, *argtypes: type) -> _ctypes.CFuncPtr:
@@ -58,19 +82,48 @@ def _declare(fn: _ctypes.CFuncPtr, restype: type | None, *argtypes: type) -> _ct
     return fn
 
 
-class NativeKernels:
-    """ctypes front of the compiled kernels. Tensors must live on the CPU;
-    each method states the layout it needs."""
+def pack_bf16_weight(weight: torch.Tensor) -> torch.Tensor:
+    """bf16 weight [n, k] -> the panels bf16_linear reads: [ceil(n / 16), k, 8, 2], element
+    [p, j, i, half] = weight[16 p + 8 half + i, j] (zero rows past n)."""
+    n, k = weight.shape
+    panels = -(-n // PANEL)
+    padded = torch.nn.functional.pad(weight.to(torch.bfloat16), (0, 0, 0, panels * PANEL - n))
+    return padded.view(panels, 2, PANEL // 2, k).permute(0, 3, 2, 1).contiguous()
 
-    def __init__(self, library: ctypes.CDLL) -> None:
-        attention_args = (_P, _I, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _F)
-        self._attention = {
-            torch.float32: _declare(library.paged_decode_attention_f32, ctypes.c_int, *attention_args),
-            torch.bfloat16: _declare(library.paged_decode_attention_bf16, ctypes.c_int, *attention_args),
-        }
-        self._rms_norm = _declare(library.rms_norm_bf16, None, _P, _I, _P, _P, _I, _I, _F)
-        self._rope_store = _declare(library.rope_store_bf16, None, _P, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I)
-        self._silu_mul = _declare(library.silu_mul_bf16, None, _P, _P, _I, _I)
+
+class NativeKernels:
+    """ctypes front of the compiled kernels, bound to one path (``PATHS``). Tensors
+    must live on the CPU; each method states the layout it needs."""
+
+    def __init__(self, library: ctypes.CDLL, path: str = "portable") -> None:
+        if path not in PATHS:
+            raise ValueError(f"unknown kernel path {path!r}; expected one of {', '.join(PATHS)}")
+        self._library = library
+        self.path = path
+        self._code = PATHS.index(path)
+        self._paths = _declare(library.native_paths, _C)
+        self._attention = _declare(
+            library.paged_decode_attention, _C, _C, _C, _P, _I, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _F
+        )
+        self._rms_norm = _declare(library.rms_norm_bf16, None, _C, _P, _I, _P, _P, _I, _I, _F)
+        self._rope_store = _declare(
+            library.rope_store_bf16, None, _C, _P, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I
+        )
+        self._silu_mul = _declare(library.silu_mul_bf16, None, _C, _P, _P, _I, _I)
+        self._linear = _declare(library.bf16_linear, _C, _C, _P, _I, _C, _I, _I, _P, _I, _P, _P, _I, _P, _I, _C, _P)
+        self._unpack = _declare(library.bf16_unpack_f32, None, _P, _I, _I, _P)
+        self._scratch = torch.empty(0, dtype=torch.float32)
+
+    def runnable_paths(self) -> tuple[str, ...]:
+        """The paths this machine can run (cpuid, as the C runtime sees it)."""
+        bits = self._paths()
+        return tuple(path for index, path in enumerate(PATHS) if bits >> index & 1)
+
+    def with_path(self, path: str) -> NativeKernels:
+        """The same library bound to another path; raises if this CPU cannot run it."""
+        if path not in self.runnable_paths():
+            raise RuntimeError(f"this CPU cannot run the {path} kernels (it runs {', '.join(self.runnable_paths())})")
+        return NativeKernels(self._library, path)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """bfloat16 x: [T, dim] (rows may be strided), weight: [dim] -> [T, dim]."""
@@ -78,7 +131,7 @@ class NativeKernels:
         if x.stride(1) != 1:
             raise ValueError("rms_norm needs contiguous rows")
         out = torch.empty(rows, dim, dtype=x.dtype)
-        self._rms_norm(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), rows, dim, eps)
+        self._rms_norm(self._code, x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), rows, dim, eps)
         return out
 
     def rope_store(
@@ -100,6 +153,7 @@ class NativeKernels:
         if not qkv.is_contiguous():
             raise ValueError("rope_store needs a contiguous qkv tensor")
         self._rope_store(
+            self._code,
             qkv.data_ptr(),
             qkv.stride(0),
             positions.data_ptr(),
@@ -121,7 +175,7 @@ class NativeKernels:
         if not gate_up.is_contiguous():
             raise ValueError("silu_mul needs a contiguous input")
         out = torch.empty(rows, width // 2, dtype=gate_up.dtype)
-        self._silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, width // 2)
+        self._silu_mul(self._code, gate_up.data_ptr(), out.data_ptr(), rows, width // 2)
         return out
 
     def decode(
@@ -134,13 +188,17 @@ class NativeKernels:
         scale: float,
     ) -> torch.Tensor:
         """q: [B, H, D] (rows may be strided, D contiguous); k_cache: [blocks, KV, D, block_size],
-        v_cache: [blocks, KV, block_size, D], both contiguous; block_table: [B, max_blocks] int64;
-        context_lens: [B] int64. Returns [B, H * D]."""
+        v_cache: [blocks, KV, block_size, D], both contiguous and in q's dtype (float32 or
+        bfloat16); block_table: [B, max_blocks] int64; context_lens: [B] int64. Returns [B, H * D]."""
         batch, num_heads, head_dim = q.shape
         if q.stride(2) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
             raise ValueError("native attention needs contiguous head rows and a contiguous pool")
+        if q.dtype not in _FORMATS or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+            raise ValueError(f"native attention takes float32 or bfloat16 throughout, not {q.dtype}/{k_cache.dtype}")
         out = q.new_empty(batch, num_heads * head_dim)
-        status = self._attention[q.dtype](
+        status = self._attention(
+            self._code,
+            _FORMATS[q.dtype],
             q.data_ptr(),
             q.stride(0),
             q.stride(1),
@@ -159,15 +217,77 @@ class NativeKernels:
         )
         if status != 0:
             raise RuntimeError(
-                f"native attention failed (status {status}: head_dim or group too large, or out of memory)"
+                f"native attention ({self.path}) failed (status {status}: head_dim or group too large, "
+                "out of memory, or a path this CPU cannot run)"
             )
         return out
 
+    def linear(
+        self,
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        out_features: int,
+        bias: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """residual + bias + x @ weight.T on a weight packed by ``pack_bf16_weight``.
+        x: [T, in] float32 or bfloat16 (rows may be strided); bias: float32 [out];
+        residual: [T, out] in x's dtype. Returns [T, out] in x's dtype."""
+        if x.dtype not in _FORMATS:
+            raise ValueError(f"the bf16 linear takes float32 or bfloat16 activations, not {x.dtype}")
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        tokens, cols = x.shape
+        if cols != packed.shape[1]:
+            raise ValueError(f"x has {cols} columns, the weight {packed.shape[1]}")
+        if residual is not None and (residual.dtype != x.dtype or residual.stride(1) != 1):
+            residual = residual.to(x.dtype).contiguous()
+        bf16 = int(x.dtype == torch.bfloat16)
+        if bf16 and self._scratch.numel() < tokens * cols:
+            self._scratch = torch.empty(tokens * cols, dtype=torch.float32)
+        out = torch.empty(tokens, out_features, dtype=x.dtype)
+        status = self._linear(
+            self._code,
+            x.data_ptr(),
+            x.stride(0),
+            bf16,
+            tokens,
+            cols,
+            packed.data_ptr(),
+            out_features,
+            None if bias is None else bias.data_ptr(),
+            None if residual is None else residual.data_ptr(),
+            0 if residual is None else residual.stride(0),
+            out.data_ptr(),
+            out.stride(0),
+            bf16,
+            self._scratch.data_ptr(),
+        )
+        if status != 0:
+            raise RuntimeError(f"bf16 linear ({self.path}) failed with status {status}")
+        return out
 
-def load_native_kernels(choice: str, cache_dir: str | Path | None = None) -> NativeKernels | None:
+    def unpack_into(self, packed: torch.Tensor, out_features: int, out: torch.Tensor) -> torch.Tensor:
+        """The packed weight as float32 [out_features, in] written into out (contiguous, at least that big)."""
+        cols = packed.shape[1]
+        if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() < out_features * cols:
+            raise ValueError("unpack_into needs a contiguous float32 buffer of the weight's size")
+        self._unpack(packed.data_ptr(), out_features, cols, out.data_ptr())
+        return out.view(-1)[: out_features * cols].view(out_features, cols)
+
+
+# simd.h / paged_attention.c: FMT_*.
+_FORMATS = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def load_native_kernels(
+    choice: str, cache_dir: str | Path | None = None, path: str | None = None
+) -> NativeKernels | None:
     """The kernels for choice "auto" / "native", None for "torch" or when "auto" cannot have them.
 
-    cache_dir: where compiled kernels are kept (None: default_cache_dir())."""
+    cache_dir: where compiled kernels are kept (None: default_cache_dir()); path: the
+    code path to bind (``PATHS``; None: the fastest this CPU runs). A path this CPU
+    cannot run is lowered to the fastest it can (planning for another CPU)."""
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"unknown kernels choice {choice!r}; expected one of {', '.join(KERNEL_CHOICES)}")
     if choice == "torch":
@@ -178,7 +298,13 @@ def load_native_kernels(choice: str, cache_dir: str | Path | None = None) -> Nat
             raise RuntimeError(f"native kernels requested but unavailable: {native}") from native
         log.warning("native kernels unavailable, using plain torch: %s", native)
         return None
-    return native
+    runnable = native.runnable_paths()
+    wanted = path or runnable[-1]
+    if wanted not in runnable:
+        lower = [p for p in runnable if PATHS.index(p) < PATHS.index(wanted)]
+        log.warning("this CPU cannot run the %s kernels; using %s", wanted, lower[-1])
+        wanted = lower[-1]
+    return native.with_path(wanted)
 
 
 @functools.cache
@@ -191,9 +317,11 @@ def _load_once(cache_dir: Path) -> NativeKernels | Exception:
 
 
 def build_and_check(march: str, cache_dir: str | Path | None = None) -> NativeKernels:
-    """Compile for ``-march=<march>`` (cached in cache_dir), load, and compare with torch; raises on any failure."""
+    """Compile for ``-march=<march>`` (cached in cache_dir), load, and compare every path
+    this CPU runs with torch; raises on any failure. Bound to the portable path."""
     native = NativeKernels(ctypes.CDLL(str(_build(march, _resolve_cache_dir(cache_dir)))))
-    _self_check(native)
+    for path in native.runnable_paths():
+        _self_check(native.with_path(path))
     return native
 
 
@@ -232,7 +360,9 @@ def _build(
     if not compiler:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
-    texts = [source.read_text() for source in sources]
+    # The headers beside the sources count too: an edit there must rebuild.
+    headers = sorted({header for source in sources for header in source.parent.glob("*.h")})
+    texts = [source.read_text() for source in [*sources, *headers]]
     flags = [f"-march={march}", *(FLAGS if flags is None else flags)]
     key = hashlib.sha256("\0".join([*texts, " ".join(flags), version, _cpu_flags()]).encode()).hexdigest()
     target = cache_dir / f"{stem}-{key[:16]}.so"
@@ -261,30 +391,33 @@ def _build(
 
 
 def _self_check(native: NativeKernels) -> None:
-    """Compare every kernel with plain torch on small random inputs (reference.py)."""
+    """Compare every kernel of native's path with plain torch on small random inputs (reference.py)."""
     gen = torch.Generator().manual_seed(0)
 
     def check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
         if not torch.allclose(got.float(), want.float(), atol=tol, rtol=tol):
-            raise RuntimeError(f"self-check of {name} failed: max error {(got.float() - want.float()).abs().max()}")
+            raise RuntimeError(
+                f"self-check of {name} ({native.path} path) failed: max error {(got.float() - want.float()).abs().max()}"
+            )
 
+    # Block size 4 takes the portable code on every path; 16 and 8 the vector code.
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
-        k_cache = torch.randn(6, 2, 64, 4, generator=gen).to(dtype)
-        v_cache = torch.randn(6, 2, 4, 64, generator=gen).to(dtype)
-        q = torch.randn(2, 6, 64, generator=gen).to(dtype)
-        table = torch.tensor([[4, 1, 5], [2, 0, 0]])
-        lens = torch.tensor([11, 3])
-        got = native.decode(q, k_cache, v_cache, table, lens, 0.125)
-        want = reference_decode_attention(q, k_cache, v_cache, table, lens, 0.125, k_dim_major=True)
-        check(f"decode attention ({dtype})", got, want, tol)
+        for block_size, lens in ((4, [11, 3]), (16, [37, 16]), (8, [21, 1])):
+            k_cache = torch.randn(8, 2, 64, block_size, generator=gen).to(dtype)
+            v_cache = torch.randn(8, 2, block_size, 64, generator=gen).to(dtype)
+            q = torch.randn(2, 6, 64, generator=gen).to(dtype)
+            table = torch.tensor([[4, 1, 5], [2, 0, 0]])
+            got = native.decode(q, k_cache, v_cache, table, torch.tensor(lens), 0.125)
+            want = reference_decode_attention(q, k_cache, v_cache, table, torch.tensor(lens), 0.125, k_dim_major=True)
+            check(f"decode attention ({dtype}, block size {block_size})", got, want, tol)
 
     bf16 = torch.bfloat16
     x = torch.randn(3, 40, generator=gen).to(bf16)
     weight = torch.randn(40, generator=gen).to(bf16)
     check("rms_norm", native.rms_norm(x, weight, 1e-5), rms_norm(x, weight, 1e-5), 3e-2)
-    gate_up = torch.randn(3, 16, generator=gen).to(bf16)
+    gate_up = torch.randn(3, 40, generator=gen).to(bf16)
     check("silu_mul", native.silu_mul(gate_up), silu_mul(gate_up.float()), 3e-2)
-    heads, kv_heads, dim = 4, 2, 8
+    heads, kv_heads, dim = 4, 2, 24
     qkv = torch.randn(3, (heads + 2 * kv_heads) * dim, generator=gen).to(bf16)
     angles = torch.rand(10, dim // 2, generator=gen)
     cos, sin = angles.cos(), angles.sin()
@@ -300,3 +433,14 @@ def _self_check(native: NativeKernels) -> None:
     for t, slot in enumerate(slots.tolist()):
         check("kv store", k_cache[slot // 4, :, :, slot % 4], rotated[t, heads:], 3e-2)
         check("kv store", v_cache[slot // 4, :, slot % 4], values[t], 0)
+
+    # 7 rows: a full tile of 6 and a tail; 37 outputs: two panels and a partial one.
+    weight = torch.randn(37, 24, generator=gen).to(bf16)
+    packed, bias = pack_bf16_weight(weight), torch.randn(37, generator=gen)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        x = torch.randn(7, 24, generator=gen).to(dtype)
+        residual = torch.randn(7, 37, generator=gen).to(dtype)
+        want = residual.float() + bias + x.float() @ weight.float().T
+        check(f"bf16 linear ({dtype})", native.linear(x, packed, 37, bias, residual), want, tol)
+    unpacked = native.unpack_into(packed, 37, torch.empty(37 * 24))
+    check("bf16 unpack", unpacked, weight, 0)

@@ -26,6 +26,7 @@ import torch
 from services.engine.model.cpu import ONEDNN_BF16_AVX512, ONEDNN_BF16_NE_CONVERT, CpuFeatures
 from services.engine.model.device import resolve_dtype
 from services.engine.model.native import KERNEL_CHOICES, NativeKernels, load_native_kernels
+from services.engine.model.native import path_for as native_path_for
 from services.engine.model.quant_kernels import PATH_FLAGS, QuantKernels, load_quant_kernels, path_for
 
 log = logging.getLogger(__name__)
@@ -60,15 +61,24 @@ class KernelPlan:
         return self.native_layers is not None
 
     @property
+    def native_linears(self) -> NativeKernels | None:
+        """The native bf16 linear (bf16 weights widened in registers), where oneDNN cannot multiply bf16."""
+        if self.dtype == torch.bfloat16 and self.compute_dtype == torch.float32 and not self.prepacked_linears:
+            return self.native
+        return None
+
+    @property
     def linear_kind(self) -> str:
         if self.prepacked_linears:
             return "oneDNN prepacked"
+        if self.native_linears is not None:
+            return f"bf16 weights widened to float32 in registers (native {self.native_linears.path} kernel)"
         if self.compute_dtype != self.dtype:
             return f"{_name(self.dtype)} weights computed in {_name(self.compute_dtype)}"
         return "torch F.linear"
 
     def describe(self) -> str:
-        kernels = "native" if self.native else "torch"
+        kernels = f"native ({self.native.path})" if self.native else "torch"
         linears = self.linear_kind
         if self.quantized is not None:
             linears = f"GGUF blocks x int8 activations ({self.quantized.path} kernel), others {linears}"
@@ -110,13 +120,16 @@ def choose_plan(
         chosen = resolve_dtype(dtype, device)
         return KernelPlan(chosen, chosen, False, None, (f"{device.type} device",))
     cpu = cpu or CpuFeatures.detect()
-    chosen = resolve_dtype(dtype, device, cpu)
+    # auto is bf16 on every CPU: half the bytes per weight and per KV entry, and the
+    # native kernels widen bf16 in registers where the CPU cannot multiply it.
+    chosen = torch.bfloat16 if dtype == "auto" else resolve_dtype(dtype, device, cpu)
     reasons = [f"CPU flags: {cpu.describe()}"]
     if dtype == "auto":
         reasons.append(
             "auto picked bfloat16: the CPU multiplies bf16 natively"
-            if chosen == torch.bfloat16
-            else "auto picked float32: no avx512_bf16 or amx_bf16, so bf16 math would be emulated"
+            if cpu.native_bf16
+            else "auto picked bfloat16 storage (weights, KV cache): no avx512_bf16 or amx_bf16, so it is widened to "
+            "float32 for the arithmetic"
         )
     compute, prepacked = chosen, False
     if chosen == torch.bfloat16:
@@ -128,12 +141,13 @@ def choose_plan(
             reasons.append(
                 f"oneDNN's bf16 matmul needs {'+'.join(ONEDNN_BF16_AVX512)} or {ONEDNN_BF16_NE_CONVERT}, which this "
                 "CPU lacks: bf16 is the storage format (weights, KV cache), matmuls and attention run in float32 "
-                "(SCALELLM_DTYPE=float32 uses twice the memory at about the same speed)"
+                "(the native kernels widen bf16 in registers; without them each matmul converts its weight)"
             )
+    native = load_native_kernels(kernels, kernel_cache_dir, native_path_for(cpu))
+    if native is not None:
+        reasons.append(f"native kernels: {native.path} path (this CPU runs {', '.join(native.runnable_paths())})")
     quantized = _quantized_kernels(quantization, kernels, cpu, kernel_cache_dir, reasons)
-    return KernelPlan(
-        chosen, compute, prepacked, load_native_kernels(kernels, kernel_cache_dir), tuple(reasons), quantized
-    )
+    return KernelPlan(chosen, compute, prepacked, native, tuple(reasons), quantized)
 
 
 def _quantized_kernels(

@@ -4,48 +4,113 @@
  * engine runs on the CPU their dispatch cost is a visible share of a decode
  * step. Rounding follows transformers where it rounds (after the normalisation,
  * before the weight); elsewhere values stay in float32 until stored.
- * Built together with paged_attention.c by services/engine/model/native.py.
+ * Each has an AVX-512, an AVX2 + FMA and a portable path (simd.h); the vector
+ * paths round exactly as the portable one, except SiLU's exponential (a
+ * polynomial, ~2e-7 relative). Built with paged_attention.c by native.py.
  */
-#include <math.h>
-#include <stdint.h>
+#include "simd.h"
 
-static inline float bf16_to_f32(uint16_t x) {
-    union { uint32_t u; float f; } v;
-    v.u = (uint32_t)x << 16;
-    return v.f;
+/* ---- RMSNorm: out[r] = weight * bf16(x[r] / rms(x[r])); x rows may be strided ---- */
+
+static void rms_row_portable(const uint16_t *xr, const uint16_t *weight, uint16_t *o, int64_t dim, float eps) {
+    float sum = 0.f;
+    for (int64_t d = 0; d < dim; ++d) {
+        float v = bf16_to_f32(xr[d]);
+        sum += v * v;
+    }
+    float inv = 1.f / sqrtf(sum / (float)dim + eps);
+    for (int64_t d = 0; d < dim; ++d) o[d] = f32_to_bf16(bf16_to_f32(weight[d]) * round_bf16(bf16_to_f32(xr[d]) * inv));
 }
 
-static inline uint16_t f32_to_bf16(float f) {
-    union { uint32_t u; float f; } v;
-    v.f = f;
-    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+#if defined(__x86_64__)
+static T256 void rms_row_avx2(const uint16_t *xr, const uint16_t *weight, uint16_t *o, int64_t dim, float eps) {
+    __m256 s = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 8 <= dim; d += 8) {
+        __m256 v = ld8_bf16(xr + d);
+        s = _mm256_fmadd_ps(v, v, s);
+    }
+    float sum = hsum8(s);
+    for (int64_t t = d; t < dim; ++t) sum += bf16_to_f32(xr[t]) * bf16_to_f32(xr[t]);
+    float inv = 1.f / sqrtf(sum / (float)dim + eps);
+    __m256 iv = _mm256_set1_ps(inv);
+    for (d = 0; d + 8 <= dim; d += 8) {
+        __m128i normed = cvt8_bf16(_mm256_mul_ps(ld8_bf16(xr + d), iv));
+        __m256 n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(normed), 16));
+        st8_bf16(o + d, _mm256_mul_ps(ld8_bf16(weight + d), n));
+    }
+    for (; d < dim; ++d) o[d] = f32_to_bf16(bf16_to_f32(weight[d]) * round_bf16(bf16_to_f32(xr[d]) * inv));
 }
 
-static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+static T512 void rms_row_avx512(const uint16_t *xr, const uint16_t *weight, uint16_t *o, int64_t dim, float eps) {
+    __m512 s = _mm512_setzero_ps();
+    int64_t d = 0;
+    for (; d + 16 <= dim; d += 16) {
+        __m512 v = ld16_bf16(xr + d);
+        s = _mm512_fmadd_ps(v, v, s);
+    }
+    float sum = _mm512_reduce_add_ps(s);
+    for (int64_t t = d; t < dim; ++t) sum += bf16_to_f32(xr[t]) * bf16_to_f32(xr[t]);
+    float inv = 1.f / sqrtf(sum / (float)dim + eps);
+    __m512 iv = _mm512_set1_ps(inv);
+    for (d = 0; d + 16 <= dim; d += 16) {
+        __m256i normed = cvt16_bf16(_mm512_mul_ps(ld16_bf16(xr + d), iv));
+        __m512 n = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(normed), 16));
+        _mm256_storeu_si256((__m256i *)(o + d), cvt16_bf16(_mm512_mul_ps(ld16_bf16(weight + d), n)));
+    }
+    for (; d < dim; ++d) o[d] = f32_to_bf16(bf16_to_f32(weight[d]) * round_bf16(bf16_to_f32(xr[d]) * inv));
+}
+#endif
 
-/* out[r] = weight * bf16(x[r] / rms(x[r])); x rows may be strided. */
-void rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *weight, uint16_t *out,
+void rms_norm_bf16(int path, const uint16_t *x, int64_t x_stride, const uint16_t *weight, uint16_t *out,
                    int64_t rows, int64_t dim, float eps) {
 #pragma omp parallel for schedule(static) if (rows * dim >= 65536)
     for (int64_t r = 0; r < rows; ++r) {
-        const uint16_t *xr = x + r * x_stride;
-        uint16_t *o = out + r * dim;
-        float sum = 0.f;
-        for (int64_t d = 0; d < dim; ++d) {
-            float v = bf16_to_f32(xr[d]);
-            sum += v * v;
-        }
-        float inv = 1.f / sqrtf(sum / (float)dim + eps);
-        for (int64_t d = 0; d < dim; ++d)
-            o[d] = f32_to_bf16(bf16_to_f32(weight[d]) * round_bf16(bf16_to_f32(xr[d]) * inv));
+#if defined(__x86_64__)
+        if (path == PATH_AVX512)
+            rms_row_avx512(x + r * x_stride, weight, out + r * dim, dim, eps);
+        else if (path == PATH_AVX2)
+            rms_row_avx2(x + r * x_stride, weight, out + r * dim, dim, eps);
+        else
+#endif
+            rms_row_portable(x + r * x_stride, weight, out + r * dim, dim, eps);
     }
 }
 
-/* Rotate q and k in place inside the fused qkv rows ([T, (H + 2 KV) * D], half-split
+/* ---- RoPE + KV store ----
+ * Rotate q and k in place inside the fused qkv rows ([T, (H + 2 KV) * D], half-split
  * rotation as in transformers' rotate_half), then store k and v at their slots in the
  * pool: K [num_blocks, KV, D, block_size], V [num_blocks, KV, block_size, D] (see
  * paged_attention.c). cos/sin: [max_positions, D / 2] float32. */
-void rope_store_bf16(uint16_t *qkv, int64_t qkv_stride, const int64_t *positions, const float *cos_table,
+
+static void rotate_portable(uint16_t *x, const float *c, const float *s, int64_t half) {
+    for (int64_t d = 0; d < half; ++d) {
+        float x1 = bf16_to_f32(x[d]), x2 = bf16_to_f32(x[d + half]);
+        x[d] = f32_to_bf16(x1 * c[d] - x2 * s[d]);
+        x[d + half] = f32_to_bf16(x2 * c[d] + x1 * s[d]);
+    }
+}
+
+#if defined(__x86_64__)
+/* fmsub/fmadd would round once where the portable path rounds twice; mul then
+ * add keeps every path's bf16 equal. */
+static T256 void rotate_avx2(uint16_t *x, const float *c, const float *s, int64_t half) {
+    int64_t d = 0;
+    for (; d + 8 <= half; d += 8) {
+        __m256 x1 = ld8_bf16(x + d), x2 = ld8_bf16(x + d + half);
+        __m256 cv = _mm256_loadu_ps(c + d), sv = _mm256_loadu_ps(s + d);
+        st8_bf16(x + d, _mm256_sub_ps(_mm256_mul_ps(x1, cv), _mm256_mul_ps(x2, sv)));
+        st8_bf16(x + d + half, _mm256_add_ps(_mm256_mul_ps(x2, cv), _mm256_mul_ps(x1, sv)));
+    }
+    for (; d < half; ++d) {
+        float x1 = bf16_to_f32(x[d]), x2 = bf16_to_f32(x[d + half]);
+        x[d] = f32_to_bf16(x1 * c[d] - x2 * s[d]);
+        x[d + half] = f32_to_bf16(x2 * c[d] + x1 * s[d]);
+    }
+}
+#endif
+
+void rope_store_bf16(int path, uint16_t *qkv, int64_t qkv_stride, const int64_t *positions, const float *cos_table,
                      const float *sin_table, const int64_t *slots, uint16_t *k_cache, uint16_t *v_cache,
                      int64_t tokens, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size) {
     int64_t half = head_dim / 2;
@@ -55,12 +120,14 @@ void rope_store_bf16(uint16_t *qkv, int64_t qkv_stride, const int64_t *positions
         const float *c = cos_table + positions[t] * half;
         const float *s = sin_table + positions[t] * half;
         for (int64_t h = 0; h < heads + kv_heads; ++h) {
-            uint16_t *x = row + h * head_dim;
-            for (int64_t d = 0; d < half; ++d) {
-                float x1 = bf16_to_f32(x[d]), x2 = bf16_to_f32(x[d + half]);
-                x[d] = f32_to_bf16(x1 * c[d] - x2 * s[d]);
-                x[d + half] = f32_to_bf16(x2 * c[d] + x1 * s[d]);
+#if defined(__x86_64__)
+            /* AVX-512 adds little on 32-wide halves: it takes the AVX2 code */
+            if (path != PATH_PORTABLE) {
+                rotate_avx2(row + h * head_dim, c, s, half);
+                continue;
             }
+#endif
+            rotate_portable(row + h * head_dim, c, s, half);
         }
         int64_t slot = slots[t];
         int64_t block = slot / block_size, offset = slot % block_size;
@@ -69,24 +136,56 @@ void rope_store_bf16(uint16_t *qkv, int64_t qkv_stride, const int64_t *positions
             const uint16_t *v = row + (heads + kv_heads + h) * head_dim;
             uint16_t *kd = k_cache + (block * kv_heads + h) * head_dim * block_size + offset;
             uint16_t *vd = v_cache + ((block * kv_heads + h) * block_size + offset) * head_dim;
-            for (int64_t d = 0; d < head_dim; ++d) {
-                kd[d * block_size] = k[d];
-                vd[d] = v[d];
-            }
+            for (int64_t d = 0; d < head_dim; ++d) kd[d * block_size] = k[d];
+            memcpy(vd, v, sizeof(uint16_t) * head_dim);
         }
     }
 }
 
-/* out[r] = silu(gate) * up for rows [gate | up] of width 2 * inter. */
-void silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t inter) {
+/* ---- out[r] = silu(gate) * up for rows [gate | up] of width 2 * inter ---- */
+
+static void silu_row_portable(const uint16_t *g, const uint16_t *u, uint16_t *o, int64_t n) {
+    for (int64_t d = 0; d < n; ++d) {
+        float x = bf16_to_f32(g[d]);
+        o[d] = f32_to_bf16(x / (1.f + expf(-x)) * bf16_to_f32(u[d]));
+    }
+}
+
+#if defined(__x86_64__)
+static T256 void silu_row_avx2(const uint16_t *g, const uint16_t *u, uint16_t *o, int64_t n) {
+    int64_t d = 0;
+    const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+    for (; d + 8 <= n; d += 8) {
+        __m256 x = ld8_bf16(g + d);
+        __m256 sig = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, x))));
+        st8_bf16(o + d, _mm256_mul_ps(sig, ld8_bf16(u + d)));
+    }
+    silu_row_portable(g + d, u + d, o + d, n - d);
+}
+
+static T512 void silu_row_avx512(const uint16_t *g, const uint16_t *u, uint16_t *o, int64_t n) {
+    int64_t d = 0;
+    const __m512 one = _mm512_set1_ps(1.f), zero = _mm512_setzero_ps();
+    for (; d + 16 <= n; d += 16) {
+        __m512 x = ld16_bf16(g + d);
+        __m512 sig = _mm512_div_ps(x, _mm512_add_ps(one, exp16(_mm512_sub_ps(zero, x))));
+        _mm256_storeu_si256((__m256i *)(o + d), cvt16_bf16(_mm512_mul_ps(sig, ld16_bf16(u + d))));
+    }
+    silu_row_portable(g + d, u + d, o + d, n - d);
+}
+#endif
+
+void silu_mul_bf16(int path, const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t inter) {
 #pragma omp parallel for schedule(static) if (rows * inter >= 65536)
     for (int64_t r = 0; r < rows; ++r) {
         const uint16_t *g = gate_up + r * 2 * inter;
-        const uint16_t *u = g + inter;
-        uint16_t *o = out + r * inter;
-        for (int64_t d = 0; d < inter; ++d) {
-            float x = bf16_to_f32(g[d]);
-            o[d] = f32_to_bf16(x / (1.f + expf(-x)) * bf16_to_f32(u[d]));
-        }
+#if defined(__x86_64__)
+        if (path == PATH_AVX512)
+            silu_row_avx512(g, g + inter, out + r * inter, inter);
+        else if (path == PATH_AVX2)
+            silu_row_avx2(g, g + inter, out + r * inter, inter);
+        else
+#endif
+            silu_row_portable(g, g + inter, out + r * inter, inter);
     }
 }
