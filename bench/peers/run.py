@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from bench.peers import results, servers
-from bench.peers.clients import OUR_CLIENT, Load, run_client
+from bench.peers.clients import OUR_CLIENT, Load, run_client, vllm_client
 from bench.peers.plot import plot
 
 ALL_PEERS = ("ours", "vllm", "llamacpp", "transformers")
@@ -83,6 +83,8 @@ def run(args: argparse.Namespace) -> Path:
     input_len, output_len = (128, 32) if args.quick else (args.input_len, args.output_len)
     loads = [Load(c, num_prompts(c, args.quick), input_len, output_len) for c in args.concurrency]
     env = {**os.environ, **servers.OFFLINE}
+    vllm = None if args.our_client else vllm_client(work)
+    print(f"client: {'vllm bench serve' if vllm else OUR_CLIENT}", flush=True)
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     meta: dict[str, dict[str, Any]] = {}
     for spec in server_specs(args, work, model_dir, gguf):
@@ -101,8 +103,8 @@ def run(args: argparse.Namespace) -> Path:
                 runs[spec.name] = {}
                 for load in loads:
                     result = out / f"{slug}-c{load.concurrency}.json"
-                    info["client"] = run_client(work, server.base_url, spec.model, model_dir, load, result, spec.name,
-                                                out / f"{slug}.client.log", force_ours=args.our_client, env=env)  # fmt: skip
+                    info["client"] = run_client(vllm, server.base_url, spec.model, model_dir, load, result, spec.name,
+                                                out / f"{slug}.client.log", env=env)  # fmt: skip
                     figures = results.load_figures(result)
                     runs[spec.name][load.concurrency] = figures
                     print(f"   c{load.concurrency}: {figures['output_throughput']:.1f} output tok/s, TTFT "
