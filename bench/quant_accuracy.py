@@ -1,11 +1,13 @@
 """Accuracy of the quantized path against the float path (issue 8, item 5), on the default model.
 
-    python -m bench.quant_accuracy                      # float32, 64 prompts x 64 tokens, perplexity
-    python -m bench.quant_accuracy --dtype bfloat16 --threads 2
+    python -m bench.quant_accuracy                      # float32, gguf and int8, 64 prompts x 64 tokens, perplexity
+    python -m bench.quant_accuracy --dtype bfloat16 --threads 2 --quantization int8
 
-Both runners read the same weights: the float path the GGUF dequantized by
-transformers, the quantized path the GGUF's own blocks (SCALELLM_QUANTIZATION=gguf),
-so what differs is how the linears compute (int8 activations per block of 32).
+Every runner starts from the same weights: the float path reads the safetensors
+folder (the GGUF dequantized by transformers); gguf (SCALELLM_QUANTIZATION=gguf)
+the GGUF's own blocks, so only how the linears compute differs (int8 activations
+per block of 32); int8 (SCALELLM_QUANTIZATION=int8) those float weights quantized
+again at load to int8 per output channel, so its weights differ too.
 
 - top-1 agreement: 64 prompts (32-token windows of bench/data/coriolanus.txt) are
   continued greedily by the float path for 64 tokens; the quantized path, fed the
@@ -33,7 +35,11 @@ BLOCK = 16
 
 def prefill_batch(sequences: list[list[int]], blocks_per_seq: int, logits: str) -> ForwardBatch:
     """Each sequence computed from scratch; logits at its last token, or ("all") at every token but the last."""
-    ids, positions, slots, tables, indices = [], [], [], [], []
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    tables: list[list[int]] = []
+    indices: list[int] = []
     for i, seq in enumerate(sequences):
         table = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
         start = len(ids)
@@ -96,6 +102,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--quantization", nargs="+", default=["gguf", "int8"], choices=["gguf", "int8"], help="compared to none"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,29 +129,33 @@ def main() -> None:
             max_model_len=None,
             quantization=name,
         )
-        for name in ("none", "gguf")
+        for name in ("none", *args.quantization)
     }
-    float_runner, quant_runner = runners["none"], runners["gguf"]
+    float_runner = runners["none"]
     print(f"model {model_dir}, {args.dtype}, {torch.get_num_threads()} threads; text {len(ids)} tokens")
-    print(f"quantized plan: {quant_runner.plan.describe()}")
 
     stride = (len(ids) - args.prompt_tokens) // args.prompts
     prompts = [ids[i * stride : i * stride + args.prompt_tokens] for i in range(args.prompts)]
-    start = time.perf_counter()
     reference = greedy(float_runner, prompts, args.tokens, blocks_per_seq)
-    own = greedy(quant_runner, prompts, args.tokens, blocks_per_seq)
     full = [p + r for p, r in zip(prompts, reference, strict=True)]
-    logits = teacher_forced(quant_runner, full, blocks_per_seq, 8)
-    predicted = logits.view(args.prompts, seq_len - 1, -1)[:, args.prompt_tokens - 1 :].argmax(-1)
-    agreement = (predicted == torch.tensor(reference)).float().mean().item()
-    shared = []
-    for a, b in zip(reference, own, strict=True):
-        shared.append(next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a)))
-    print(
-        f"top-1 agreement with the float path: {agreement:.4f} over {args.prompts} prompts x {args.tokens} tokens; "
-        f"free-running greedy shares {sum(shared) / len(shared):.1f} tokens on average "
-        f"({sum(s == args.tokens for s in shared)} of {args.prompts} identical) [{time.perf_counter() - start:.0f} s]"
-    )
+    for name in args.quantization:
+        quant_runner = runners[name]
+        print(f"quantization {name} plan: {quant_runner.plan.describe()}")
+        start = time.perf_counter()
+        own = greedy(quant_runner, prompts, args.tokens, blocks_per_seq)
+        logits = teacher_forced(quant_runner, full, blocks_per_seq, 8)
+        predicted = logits.view(args.prompts, seq_len - 1, -1)[:, args.prompt_tokens - 1 :].argmax(-1)
+        agreement = (predicted == torch.tensor(reference)).float().mean().item()
+        shared = []
+        for a, b in zip(reference, own, strict=True):
+            shared.append(next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a)))
+        print(
+            f"quantization {name}: top-1 agreement with the float path {agreement:.4f} over {args.prompts} prompts "
+            f"x {args.tokens} tokens; free-running greedy shares {sum(shared) / len(shared):.1f} tokens on average "
+            f"({sum(s == args.tokens for s in shared)} of {args.prompts} identical) "
+            f"[{time.perf_counter() - start:.0f} s]",
+            flush=True,
+        )
 
     windows = [ids[i : i + args.window] for i in range(0, len(ids) - 1, args.window)]
     windows = [w for w in windows if len(w) > 1]
@@ -152,7 +165,7 @@ def main() -> None:
         for window in windows:
             logits = teacher_forced(runner, [window], blocks_per_seq, 1)
             nll += F.cross_entropy(logits, torch.tensor(window[1:]), reduction="sum").item()
-        print(f"perplexity, quantization {name}: {math.exp(nll / scored):.4f} over {scored} tokens")
+        print(f"perplexity, quantization {name}: {math.exp(nll / scored):.4f} over {scored} tokens", flush=True)
 
 
 if __name__ == "__main__":

@@ -264,12 +264,14 @@ class EngineSettings(CommonSettings):
     # Where the compiled kernels are kept; default: $XDG_CACHE_HOME/scalellm/kernels,
     # else ~/.cache/scalellm/kernels.
     kernel_cache_dir: str | None = None
-    # Compute on quantized weights (docs/engine.md "Quantized weights"): "none", the float
-    # weights; "gguf", the linears, embedding and LM head of a GGUF model (the default model's,
-    # or the one *.gguf in the model folder) kept in their Q4_0/Q4_1/Q8_0 blocks and computed on
-    # by a native CPU kernel (needs the CPU and kernels auto or native). The choices of
-    # services.engine.model.plan.QUANTIZATION_CHOICES.
-    quantization: Literal["none", "gguf"] = "none"
+    # Compute on quantized weights (docs/engine.md "Quantized weights", "Per-channel int8
+    # weights"): "none", the float weights; "gguf", the linears, embedding and LM head of a
+    # GGUF model (the default model's, or the one *.gguf in the model folder) kept in their
+    # Q4_0/Q4_1/Q8_0 blocks and computed on by a native CPU kernel (needs the CPU and kernels
+    # auto or native); "int8", the linears, embedding and LM head of a safetensors model
+    # quantized at load to int8 with one scale per output channel, on the same kernel (same
+    # needs). The choices of services.engine.model.plan.QUANTIZATION_CHOICES.
+    quantization: Literal["none", "gguf", "int8"] = "none"
 
 
 class DetokenizerSettings(CommonSettings):

@@ -8,7 +8,7 @@ fuses q/k/v and gate/up into single matrices as they are loaded.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -17,6 +17,10 @@ from safetensors import safe_open
 
 from services.engine.model.config import ModelConfig, UnsupportedModelError
 from services.engine.model.llama import LayerWeights, ModelWeights
+from services.engine.model.quantized import QuantizedMatrix
+
+# (label, the checkpoint's tensor) -> the matrix as the model keeps it (int8_weights.py quantizes here).
+MatrixHook = Callable[[str, torch.Tensor], torch.Tensor | QuantizedMatrix]
 
 
 class WeightsError(ValueError):
@@ -75,7 +79,11 @@ class _Tensors:
         return iter(self._where)
 
 
-def load_weights(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> ModelWeights:
+def load_weights(
+    model_dir: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device, *, matrix: MatrixHook | None = None
+) -> ModelWeights:
+    """matrix: what becomes of each weight matrix (linears, embedding, LM head) as it is read,
+    in the checkpoint's dtype; default: dtype on device, like every other tensor."""
     with ExitStack() as stack:
         tensors = _Tensors(checkpoint_files(model_dir), stack)
 
@@ -88,9 +96,12 @@ def load_weights(model_dir: Path, config: ModelConfig, dtype: torch.dtype, devic
         def put(tensor: torch.Tensor) -> torch.Tensor:
             return tensor.to(device=device, dtype=dtype).contiguous()
 
+        def put_matrix(label: str, tensor: torch.Tensor) -> torch.Tensor | QuantizedMatrix:
+            return put(tensor) if matrix is None else matrix(label, tensor)
+
         hidden, inter = config.hidden_size, config.intermediate_size
         q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        embed = put(get("embed_tokens.weight", (config.vocab_size, hidden)))
+        embed = put_matrix("embedding", get("embed_tokens.weight", (config.vocab_size, hidden)))
         layers = []
         for i in range(config.num_layers):
             p = f"layers.{i}."
@@ -125,21 +136,21 @@ def load_weights(model_dir: Path, config: ModelConfig, dtype: torch.dtype, devic
             layers.append(
                 LayerWeights(
                     input_norm=put(get(p + "input_layernorm.weight", (hidden,))),
-                    qkv=put(qkv),
+                    qkv=put_matrix(f"layer {i} q/k/v", qkv),
                     qkv_bias=qkv_bias,
-                    o=put(get(attn + "o_proj.weight", (hidden, q_size))),
+                    o=put_matrix(f"layer {i} o", get(attn + "o_proj.weight", (hidden, q_size))),
                     o_bias=put(get(attn + "o_proj.bias", (hidden,))) if config.o_bias else None,
                     post_norm=put(get(p + "post_attention_layernorm.weight", (hidden,))),
-                    gate_up=put(gate_up),
+                    gate_up=put_matrix(f"layer {i} gate/up", gate_up),
                     gate_up_bias=gate_up_bias,
-                    down=put(get(mlp + "down_proj.weight", (hidden, inter))),
+                    down=put_matrix(f"layer {i} down", get(mlp + "down_proj.weight", (hidden, inter))),
                     down_bias=down_bias,
                 )
             )
         final_norm = put(get("norm.weight", (hidden,)))
         # lm_head sits outside "model." in HF checkpoints; a tied model may omit it.
         if tensors.has("lm_head.weight") and not config.tie_word_embeddings:
-            lm_head = put(get("lm_head.weight", (config.vocab_size, hidden)))
+            lm_head = put_matrix("LM head", get("lm_head.weight", (config.vocab_size, hidden)))
         elif config.tie_word_embeddings:
             lm_head = embed
         else:

@@ -32,7 +32,7 @@ from services.engine.model.quant_kernels import PATH_FLAGS, QuantKernels, load_q
 log = logging.getLogger(__name__)
 
 # SCALELLM_QUANTIZATION (shared/settings.py declares the same choices without importing torch).
-QUANTIZATION_CHOICES = ("none", "gguf")
+QUANTIZATION_CHOICES = ("none", "gguf", "int8")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +42,10 @@ class KernelPlan:
     prepacked_linears: bool  # oneDNN linears, weights reordered once at load
     native: NativeKernels | None  # the compiled CPU kernels (native.py), when in use
     reasons: tuple[str, ...]
-    # The linear kernel on GGUF block weights (quant_kernels.py), with SCALELLM_QUANTIZATION=gguf.
+    # The linear kernel on GGUF block weights (quant_kernels.py), with SCALELLM_QUANTIZATION gguf or int8.
     quantized: QuantKernels | None = None
+    # The SCALELLM_QUANTIZATION in effect: "none" also when the kernel failed and float weights are used.
+    quantization: str = "none"
 
     @property
     def native_layers(self) -> NativeKernels | None:
@@ -81,7 +83,8 @@ class KernelPlan:
         kernels = f"native ({self.native.path})" if self.native else "torch"
         linears = self.linear_kind
         if self.quantized is not None:
-            linears = f"GGUF blocks x int8 activations ({self.quantized.path} kernel), others {linears}"
+            weights = "GGUF blocks" if self.quantization == "gguf" else "int8 per-channel weights"
+            linears = f"{weights} x int8 activations ({self.quantized.path} kernel), others {linears}"
         return f"dtype {_name(self.dtype)}, linears: {linears}, attention/layer kernels: {kernels}"
 
 
@@ -101,7 +104,8 @@ def choose_plan(
     """dtype: the SCALELLM_DTYPE setting; kernels: SCALELLM_KERNELS, "auto", "torch" or "native";
     cpu: the CPU to plan for (default: this one); kernel_cache_dir: where compiled
     kernels are kept (SCALELLM_KERNEL_CACHE_DIR; None: native.default_cache_dir());
-    quantization: SCALELLM_QUANTIZATION, "none" or "gguf" (compute on the GGUF's blocks)."""
+    quantization: SCALELLM_QUANTIZATION, "none", "gguf" (compute on the GGUF's blocks) or "int8"
+    (safetensors weights quantized at load to int8 per output channel, on the same kernel)."""
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"unknown kernels choice {kernels!r}; expected one of {', '.join(KERNEL_CHOICES)}")
     if quantization not in QUANTIZATION_CHOICES:
@@ -111,7 +115,7 @@ def choose_plan(
         )
     if quantization != "none" and (device.type != "cpu" or kernels == "torch"):
         raise ValueError(
-            "SCALELLM_QUANTIZATION=gguf computes on the CPU with native kernels: it needs SCALELLM_DEVICE=cpu "
+            f"SCALELLM_QUANTIZATION={quantization} computes on the CPU with native kernels: it needs SCALELLM_DEVICE=cpu "
             f"(here {device.type}) and SCALELLM_KERNELS auto or native (here {kernels})"
         )
     if device.type != "cpu":
@@ -147,26 +151,42 @@ def choose_plan(
     if native is not None:
         reasons.append(f"native kernels: {native.path} path (this CPU runs {', '.join(native.runnable_paths())})")
     quantized = _quantized_kernels(quantization, kernels, cpu, kernel_cache_dir, reasons)
-    return KernelPlan(chosen, compute, prepacked, native, tuple(reasons), quantized)
+    return KernelPlan(
+        chosen,
+        compute,
+        prepacked,
+        native,
+        tuple(reasons),
+        quantized,
+        quantization if quantized is not None else "none",
+    )
 
 
 def _quantized_kernels(
     quantization: str, kernels: str, cpu: CpuFeatures, cache_dir: str | Path | None, reasons: list[str]
 ) -> QuantKernels | None:
-    """The GGUF block kernel for this CPU's best path, or None (with the reason) without one."""
+    """The block kernel (GGUF's, which int8 weights also use) for this CPU's best path, or None
+    (with the reason) without one."""
     if quantization == "none":
         return None
     path = path_for(cpu)
     loaded = load_quant_kernels(path, cache_dir)
     if isinstance(loaded, Exception):
         if kernels == "native":
-            raise RuntimeError(f"the GGUF block kernel is unavailable: {loaded}") from loaded
-        log.warning("GGUF block kernel unavailable, using float weights: %s", loaded)
-        reasons.append(f"quantization gguf requested, but its kernel failed ({loaded}): float weights")
+            raise RuntimeError(
+                f"the block kernel SCALELLM_QUANTIZATION={quantization} needs is unavailable: {loaded}"
+            ) from loaded
+        log.warning("block kernel unavailable, SCALELLM_QUANTIZATION=%s uses float weights: %s", quantization, loaded)
+        reasons.append(f"quantization {quantization} requested, but its kernel failed ({loaded}): float weights")
         return None
     needs = "+".join(PATH_FLAGS[path]) or "no vector extension"
+    weights = (
+        "Q4_0/Q4_1/Q8_0 linears computed on their blocks"
+        if quantization == "gguf"
+        else "linears, embedding and LM head quantized at load to int8, one scale per output channel (Q8_0 blocks)"
+    )
     reasons.append(
-        f"quantization gguf: Q4_0/Q4_1/Q8_0 linears computed on their blocks, activations quantized to int8 per "
+        f"quantization {quantization}: {weights}, activations quantized to int8 per "
         f"32, {path} kernel ({needs}; this CPU runs {', '.join(loaded.runnable_paths())})"
     )
     return loaded

@@ -13,9 +13,10 @@ from services.engine.model.config import ModelConfig
 from services.engine.model.cpu import CpuFeatures
 from services.engine.model.device import resolve_device
 from services.engine.model.gguf_weights import load_gguf_weights
+from services.engine.model.int8_weights import load_int8_weights
 from services.engine.model.kv_cache import KVCache, kv_bytes_per_block, num_blocks_for
 from services.engine.model.llama import LlamaModel, RotaryTable
-from services.engine.model.loader import WeightsError, load_weights
+from services.engine.model.loader import WeightsError, checkpoint_files, load_weights
 from services.engine.model.native import KernelChoice
 from services.engine.model.plan import KernelPlan, choose_plan
 from services.engine.model.shapes import padded_token_count
@@ -52,10 +53,14 @@ class ModelRunner:
         of the one we run on (tests use it to stand in for CPUs they lack).
         quantization (SCALELLM_QUANTIZATION): "none", or "gguf": the linears computed on
         the Q4_0/Q4_1/Q8_0 blocks of gguf_file (default: the GGUF the folder was made
-        from, shared.model_files.gguf_source), when the plan has the kernel for them."""
+        from, shared.model_files.gguf_source), when the plan has the kernel for them; or
+        "int8": the safetensors matrices quantized at load to int8 per output channel, on the
+        same kernel (int8_weights.py)."""
         if block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {block_size}")
         self.config = ModelConfig.from_dir(Path(model_dir))
+        # Before the plan builds any kernel: a folder without the weights the setting reads is a configuration error.
+        gguf_file = self._check_weights_for(quantization, Path(model_dir), gguf_file)
         self.device = resolve_device(device)
         # The one "which kernels" decision; the model, attention metadata and KV pool take it from here.
         self.plan: KernelPlan = choose_plan(
@@ -88,15 +93,12 @@ class ModelRunner:
                     f"kv_cache_bytes={kv_cache_bytes} holds no block; one block takes {self._per_block} bytes"
                 )
         self.num_blocks = num_blocks
-        if self.plan.quantized is not None:
-            source = gguf_file or gguf_source(Path(model_dir))
-            if source is None:
-                raise WeightsError(
-                    f"SCALELLM_QUANTIZATION=gguf needs a GGUF file: {model_dir} holds none and is not the "
-                    "default model's conversion"
-                )
-            weights, report = load_gguf_weights(source, cfg, self.dtype, self.device)
-            log.info("weights from %s: %s", source, report.summary())
+        if self.plan.quantization == "gguf" and gguf_file is not None:
+            weights, report = load_gguf_weights(gguf_file, cfg, self.dtype, self.device)
+            log.info("weights from %s: %s", gguf_file, report.summary())
+        elif self.plan.quantization == "int8":
+            weights, int8_report = load_int8_weights(Path(model_dir), cfg, self.dtype, self.device)
+            log.info("weights from %s: %s", model_dir, int8_report.summary())
         else:
             weights = load_weights(Path(model_dir), cfg, self.dtype, self.device)
         self.model = LlamaModel(cfg, weights, RotaryTable(cfg, self.max_model_len, self.device), self.plan)
@@ -122,6 +124,28 @@ class ModelRunner:
         )
         for reason in self.plan.reasons:
             log.info("kernel plan: %s", reason)
+
+    @staticmethod
+    def _check_weights_for(quantization: str, model_dir: Path, gguf_file: Path | None) -> Path | None:
+        """The GGUF file that gguf reads (None for the other settings); raises when the folder lacks
+        the weights the setting reads."""
+        if quantization == "gguf":
+            source = gguf_file or gguf_source(model_dir)
+            if source is None:
+                raise WeightsError(
+                    f"SCALELLM_QUANTIZATION=gguf needs a GGUF file: {model_dir} holds none and is not the "
+                    "default model's conversion (SCALELLM_QUANTIZATION=int8 quantizes safetensors weights)"
+                )
+            return source
+        if quantization == "int8":
+            try:
+                checkpoint_files(model_dir)
+            except WeightsError as exc:
+                hint = " (SCALELLM_QUANTIZATION=gguf computes on a GGUF's blocks)" if gguf_source(model_dir) else ""
+                raise WeightsError(
+                    f"SCALELLM_QUANTIZATION=int8 quantizes safetensors weights at load: {exc}{hint}"
+                ) from exc
+        return None
 
     def _resolve_max_model_len(self, requested: int | None) -> int:
         cfg = self.config
