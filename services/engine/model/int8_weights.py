@@ -15,13 +15,16 @@ d / 2 of its int8 value. Matrices whose columns are not a whole number of
 
 Each matrix is quantized from the checkpoint's own values (float32 for the default
 model, whatever SCALELLM_DTYPE is) as it is read, a slice of rows at a time, and
-its float copy is dropped at once: only the panels stay resident.
+its float copy is dropped at once; the norms and biases are copied off the
+checkpoint's memory map, so that the map is closed too: only the panels stay
+resident.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,9 +119,35 @@ def load_int8_weights(
         report.int8_bytes += quantized.nbytes
         return quantized
 
-    weights = load_weights(model_dir, config, dtype, device, matrix=matrix)
+    weights = _off_the_checkpoint(load_weights(model_dir, config, dtype, device, matrix=matrix))
     _return_freed_memory()
     return weights, report
+
+
+def _off_the_checkpoint(weights: ModelWeights) -> ModelWeights:
+    """The same weights with every tensor in memory of its own.
+
+    safetensors hands out tensors backed by its memory map of the file, and a tensor
+    already in the wanted dtype stays one: a single norm vector would keep the whole
+    mapping, and every page of the checkpoint read while quantizing, resident."""
+
+    def own(value: torch.Tensor | QuantizedMatrix) -> torch.Tensor | QuantizedMatrix:
+        return value.clone() if isinstance(value, torch.Tensor) else value
+
+    layers = [
+        dataclasses.replace(
+            layer,
+            **{
+                f.name: getattr(layer, f.name).clone()
+                for f in dataclasses.fields(layer)
+                if isinstance(getattr(layer, f.name), torch.Tensor)
+            },
+        )
+        for layer in weights.layers
+    ]
+    embed = own(weights.embed)
+    lm_head = embed if weights.lm_head is weights.embed else own(weights.lm_head)
+    return ModelWeights(embed=embed, layers=layers, final_norm=weights.final_norm.clone(), lm_head=lm_head)
 
 
 def _return_freed_memory() -> None:
