@@ -104,8 +104,13 @@ def run(args: argparse.Namespace) -> Path:
                 for load in loads:
                     result = out / f"{slug}-c{load.concurrency}.json"
                     info["client"] = run_client(vllm, server.base_url, spec.model, model_dir, load, result, spec.name,
-                                                out / f"{slug}.client.log", env=env)  # fmt: skip
+                                                out / f"{slug}.client.log", env=env,
+                                                extra_body=spec.extra_body(load.output_len))  # fmt: skip
                     figures = results.load_figures(result)
+                    if not figures["completed"]:
+                        raise RuntimeError(f"c{load.concurrency}: every request failed (see {slug}.client.log)")
+                    if (figures["total_output_tokens"] or 0) < figures["completed"] * load.output_len:
+                        info["short_outputs"] = True  # stopped before output_len: EOS not ignored
                     runs[spec.name][load.concurrency] = figures
                     print(f"   c{load.concurrency}: {figures['output_throughput']:.1f} output tok/s, TTFT "
                           f"{figures['mean_ttft_ms']:.1f} ms, TPOT {figures['mean_tpot_ms']:.1f} ms "

@@ -8,6 +8,7 @@ started outlives the benchmark. HF_HUB_OFFLINE=1 everywhere: the model comes by 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -48,6 +49,15 @@ class ServerSpec:
     model: str  # the "model" field the client sends
     env: dict[str, str] = field(default_factory=dict)
     ready_timeout_s: float = 900.0
+    # transformers serve refuses unknown fields (422): ignore_eos goes as its generation_config
+    eos_in_generation_config: bool = False
+
+    def extra_body(self, output_len: int) -> dict[str, str]:
+        """What the client adds to each request so that it makes exactly ``output_len`` tokens,
+        where vLLM's ``ignore_eos`` is not understood (then the client sends no ignore_eos)."""
+        if not self.eos_in_generation_config:
+            return {}
+        return {"generation_config": json.dumps({"min_new_tokens": output_len})}
 
 
 def parse_env(items: Sequence[str]) -> dict[str, str]:
@@ -92,7 +102,7 @@ def transformers_spec(work: Path, model_dir: Path, port: int = PORTS["transforme
     cli = work / "transformers" / "venv" / "bin" / "transformers"
     command = [str(cli), "serve", str(model_dir), "--host", HOST, "--port", str(port), "--device", "cpu",
                "--dtype", "bfloat16", "--continuous-batching", "--max-model-len", "2048"]  # fmt: skip
-    return ServerSpec("transformers", command, port, "/health", str(model_dir))
+    return ServerSpec("transformers", command, port, "/health", str(model_dir), eos_in_generation_config=True)
 
 
 def installed(spec: ServerSpec) -> bool:

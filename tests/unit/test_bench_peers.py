@@ -144,11 +144,24 @@ def test_server_commands_listen_on_loopback(tmp_path: Path) -> None:
 
 def test_client_commands(tmp_path: Path) -> None:
     load = Load(concurrency=64, num_prompts=128)
-    vllm = vllm_command(tmp_path / "vllm", "http://127.0.0.1:1", "m", tmp_path, load, tmp_path / "r" / "x.json")
+    vllm = vllm_command(tmp_path / "vllm", "http://127.0.0.1:1", "m", tmp_path, load, tmp_path / "r" / "x.json", {})
     assert vllm[1:3] == ["bench", "serve"] and "--ignore-eos" in vllm
     assert vllm[vllm.index("--result-filename") + 1] == "x.json"
-    ours = ours_command("http://127.0.0.1:1", "m", tmp_path, load, tmp_path / "x.json", "ours")
+    ours = ours_command("http://127.0.0.1:1", "m", tmp_path, load, tmp_path / "x.json", "ours", {})
     assert ours[ours.index("--max-concurrency") + 1] == "64" and ours[ours.index("--prompt-format") + 1] == "text"
+    assert "--ignore-eos" in ours
+
+
+def test_transformers_gets_its_output_length_through_generation_config(tmp_path: Path) -> None:
+    spec = servers.transformers_spec(tmp_path, tmp_path / "m")
+    body = spec.extra_body(128)
+    assert json.loads(body["generation_config"]) == {"min_new_tokens": 128}
+    assert servers.vllm_spec(tmp_path, tmp_path / "m", {}).extra_body(128) == {}
+    load = Load(concurrency=1, num_prompts=4)
+    vllm = vllm_command(tmp_path / "vllm", "http://127.0.0.1:1", "m", tmp_path, load, tmp_path / "x.json", body)
+    assert "--ignore-eos" not in vllm and json.loads(vllm[vllm.index("--extra-body") + 1]) == body
+    ours = ours_command("http://127.0.0.1:1", "m", tmp_path, load, tmp_path / "x.json", "t", body)
+    assert "--no-ignore-eos" in ours and "--ignore-eos" not in ours
 
 
 def test_wheel_requirements_evaluate_markers_and_skip(tmp_path: Path) -> None:
