@@ -21,7 +21,7 @@ from services.engine.model import quant_kernels
 from services.engine.model.cpu import CpuFeatures
 from services.engine.model.native import _build
 from services.engine.model.plan import choose_plan
-from services.engine.model.quant_kernels import PATH_FLAGS, PATHS, QuantKernels, path_for, random_matrix
+from services.engine.model.quant_kernels import PATH_FLAGS, PATHS, VARIANTS, QuantKernels, path_for, random_matrix
 from services.engine.model.quantized import FORMATS, QuantizedMatrix, reference_linear
 
 pytest.importorskip("gguf")
@@ -44,26 +44,32 @@ def library(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     return ctypes.CDLL(str(so))
 
 
-def kernels_on(library: ctypes.CDLL, path: str) -> QuantKernels:
-    kernels = QuantKernels(library, path)
+def kernels_on(library: ctypes.CDLL, path: str, variant: str = "int8") -> QuantKernels:
+    """The path's kernels; amx_int8 with tiles from one row on, so every row count below runs them."""
+    kernels = QuantKernels(library, path, variant, amx_min_rows=1)
     if path not in kernels.runnable_paths():
         lacking = [flag for flag in PATH_FLAGS[path] if flag not in HOST.flags]
-        pytest.skip(f"the {path} path needs {' '.join(lacking) or 'what cpuid does not report'}, which this CPU lacks")
+        if lacking:
+            pytest.skip(f"the {path} path needs {' '.join(lacking)}, which this CPU lacks")
+        unseen = "the kernel's leave to use the AMX tile state (arch_prctl)" if path == "amx_int8" else "cpuid"
+        pytest.skip(f"the {path} path needs {' '.join(PATH_FLAGS[path])}: /proc/cpuinfo has them, {unseen} not")
     return kernels
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("path", PATHS)
-def test_every_path_equals_the_reference(library: ctypes.CDLL, path: str) -> None:
-    kernels = kernels_on(library, path)
+def test_every_path_equals_the_reference(library: ctypes.CDLL, path: str, variant: str) -> None:
+    kernels = kernels_on(library, path, variant)
     rng = np.random.default_rng(1)
     gen = torch.Generator().manual_seed(1)
     for kind in FORMATS:
-        # 49 rows: 3 whole panels and a 1-row tail; 160 columns: 5 blocks.
+        # 49 rows: 3 whole panels and a 1-row tail; 160 columns: 5 blocks (odd: the AMX loop's tail).
         weight = random_matrix(kind, 49, 160, rng)
-        for tokens in (1, 3, 8, 13, 64):
+        # Tiles of 16 activation rows: partial, whole, one past, and several with a tail.
+        for tokens in (1, 3, 8, 13, 16, 17, 31, 64, 67):
             for dtype in (torch.float32, torch.bfloat16):
                 x = (torch.randn(tokens, 160, generator=gen) * 3).to(dtype)
-                want = reference_linear(x, weight)
+                want = reference_linear(x, weight, variant)
                 got = kernels.linear(x, weight)
                 assert got.dtype == dtype and got.shape == (tokens, 49)
                 # float32: summation order, and Q8_0 cancelling its +128 offset; bf16: the output's rounding.
@@ -72,19 +78,34 @@ def test_every_path_equals_the_reference(library: ctypes.CDLL, path: str) -> Non
                 assert error < tol, (kind, tokens, dtype, error)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("path", PATHS)
-def test_residual_and_bias_are_added_and_strided_rows_are_read(library: ctypes.CDLL, path: str) -> None:
-    kernels = kernels_on(library, path)
+def test_residual_and_bias_are_added_and_strided_rows_are_read(library: ctypes.CDLL, path: str, variant: str) -> None:
+    kernels = kernels_on(library, path, variant)
     rng = np.random.default_rng(2)
     gen = torch.Generator().manual_seed(2)
-    weight = random_matrix("Q4_1", 24, 64, rng)
-    wide = torch.randn(5, 100, generator=gen)
-    x = wide[:, 10:74]  # rows 100 apart
-    bias = torch.randn(24, generator=gen)
-    residual = torch.randn(5, 24, generator=gen)
-    got = kernels.linear(x, weight, bias, residual)
-    want = reference_linear(x.contiguous(), weight) + bias.double() + residual.double()
-    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+    for kind in FORMATS:
+        weight = random_matrix(kind, 24, 64, rng)
+        for tokens in (5, 21):
+            wide = torch.randn(tokens, 100, generator=gen)
+            x = wide[:, 10:74]  # rows 100 apart
+            bias = torch.randn(24, generator=gen)
+            residual = torch.randn(tokens, 24, generator=gen)
+            got = kernels.linear(x, weight, bias, residual)
+            want = reference_linear(x.contiguous(), weight, variant) + bias.double() + residual.double()
+            torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5, msg=f"{kind} {tokens} rows")
+
+
+def test_amx_int8_switches_to_tiles_at_its_row_threshold(library: ctypes.CDLL) -> None:
+    """Below amx_min_rows the AVX-512 VNNI code runs, from it on the tiles: both equal the reference."""
+    kernels = kernels_on(library, "amx_int8").with_amx_min_rows(16)
+    weight = random_matrix("Q4_1", 40, 96, np.random.default_rng(5))
+    gen = torch.Generator().manual_seed(5)
+    for tokens in (15, 16):
+        x = torch.randn(tokens, 96, generator=gen)
+        torch.testing.assert_close(
+            kernels.linear(x, weight).double(), reference_linear(x, weight), atol=1e-4, rtol=1e-5
+        )
 
 
 def test_paths_agree_with_each_other_on_a_model_sized_matrix(library: ctypes.CDLL) -> None:
@@ -93,7 +114,7 @@ def test_paths_agree_with_each_other_on_a_model_sized_matrix(library: ctypes.CDL
     weight = random_matrix("Q4_1", 160, 576, rng)
     x = torch.randn(17, 576, generator=torch.Generator().manual_seed(3))
     runnable = QuantKernels(library, "portable").runnable_paths()
-    outputs = {path: QuantKernels(library, path).linear(x, weight) for path in runnable}
+    outputs = {path: QuantKernels(library, path, amx_min_rows=1).linear(x, weight) for path in runnable}
     for path, out in outputs.items():
         torch.testing.assert_close(out, outputs["portable"], atol=1e-3, rtol=1e-5, msg=path)
 
@@ -107,6 +128,18 @@ def test_int8_activations_stay_close_to_the_float_product() -> None:
     assert 0 < error < 0.01
 
 
+def test_the_float_variant_computes_the_float_product(library: ctypes.CDLL) -> None:
+    """No activation rounding: float32 activations give the dequantized product to float32 summation error."""
+    kernels = QuantKernels(library, "portable").with_variant("float")
+    best = kernels.with_path(kernels.runnable_paths()[-1])
+    weight = random_matrix("Q4_1", 64, 576, np.random.default_rng(6))
+    x = torch.randn(9, 576, generator=torch.Generator().manual_seed(6))
+    exact = x.double() @ weight.dequantize().double().T
+    for path_kernels in (kernels, best):
+        error = (path_kernels.linear(x, weight).double() - exact).norm() / exact.norm()
+        assert error < 1e-6, (path_kernels.path, error)
+
+
 def test_the_path_follows_the_cpu_flags() -> None:
     assert path_for(CpuFeatures.simulated()) == "portable"
     assert path_for(CpuFeatures.simulated("avx2", "fma", "f16c")) == "avx2"
@@ -115,6 +148,8 @@ def test_the_path_follows_the_cpu_flags() -> None:
         "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"
     )
     assert path_for(sapphire) == "avx512_vnni"
+    assert path_for(CpuFeatures(sapphire.flags | {"amx_tile", "amx_int8", "amx_bf16"})) == "amx_int8"
+    assert path_for(CpuFeatures(sapphire.flags | {"amx_tile"})) == "avx512_vnni"
 
 
 def test_a_bad_quantization_setting_or_a_contradiction_is_refused(tmp_path: Path) -> None:

@@ -1,9 +1,15 @@
 """The native linear kernel on GGUF block weights (csrc/qlinear.c): build, check, call.
 
-One library holds every path (AVX-512 VNNI, AVX2 + AVX-VNNI, AVX2, portable C),
-each compiled for its instruction set by function attributes, so which one runs
-is decided at run time, from the CPU's flags (``path_for``), not by the -march
-the library was built with. It is compiled on first use like the other kernels
+One library holds every path (AMX int8, AVX-512 VNNI, AVX2 + AVX-VNNI, AVX2,
+portable C), each compiled for its instruction set by function attributes, so
+which one runs is decided at run time, from the CPU's flags (``path_for``), not
+by the -march the library was built with. The AMX path runs tiles from
+``amx_min_rows`` activation rows on and the AVX-512 VNNI code below that, where a
+16-row tile would be mostly padding.
+
+Two variants of the product: ``int8`` (the default) quantizes the activations to
+int8 per block of 32 and sums integers; ``float`` keeps them in float and
+dequantizes the weights in registers (exact weights, no activation rounding). It is compiled on first use like the other kernels
 (native.py: cached per source, flags and CPU), checked against the torch
 reference of quantized.py on small inputs, and the caller falls back to float
 weights with a warning when anything fails.
@@ -30,14 +36,18 @@ SOURCE = Path(__file__).parent / "csrc" / "qlinear.c"
 # No -ffast-math: the activations' int8 rounding must equal the torch reference's.
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 # Path names in the library's order (qlinear.c: PATH_*), slowest first.
-PATHS = ("portable", "avx2", "avx2_vnni", "avx512_vnni")
+PATHS = ("portable", "avx2", "avx2_vnni", "avx512_vnni", "amx_int8")
 # The CPU flags each path needs (/proc/cpuinfo names).
 PATH_FLAGS: dict[str, tuple[str, ...]] = {
     "portable": (),
     "avx2": ("avx2", "fma", "f16c"),
     "avx2_vnni": ("avx2", "fma", "f16c", "avx_vnni"),
     "avx512_vnni": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
+    "amx_int8": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "amx_tile", "amx_int8"),
 }
+VARIANTS = ("int8", "float")
+# From this many activation rows on the amx_int8 path uses tiles (measured: see docs/engine.md).
+AMX_MIN_ROWS = 16
 
 
 def path_for(cpu: CpuFeatures) -> str:
@@ -46,34 +56,40 @@ def path_for(cpu: CpuFeatures) -> str:
 
 
 class _Scratch:
-    """The int8 activations and their scales, reused across calls (no allocation per call)."""
+    """The prepared activations (int8 and scales, or float32 and block sums), reused across calls."""
 
     def __init__(self) -> None:
         self.values = torch.empty(0, dtype=torch.int8)
         self.scales = torch.empty(0, dtype=torch.float32)
 
-    def take(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.values.numel() < rows * cols:
-            self.values = torch.empty(rows * cols, dtype=torch.int8)
-        if self.scales.numel() < rows * cols // BLOCK * 2:
-            self.scales = torch.empty(rows * cols // BLOCK * 2, dtype=torch.float32)
+    def take(self, values: int, scales: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.values.dtype != dtype or self.values.numel() < values:
+            self.values = torch.empty(values, dtype=dtype)
+        if self.scales.numel() < scales:
+            self.scales = torch.empty(scales, dtype=torch.float32)
         return self.values, self.scales
 
 
 class QuantKernels:
     """ctypes front of csrc/qlinear.c, bound to one path."""
 
-    def __init__(self, library: ctypes.CDLL, path: str) -> None:
+    def __init__(
+        self, library: ctypes.CDLL, path: str, variant: str = "int8", amx_min_rows: int = AMX_MIN_ROWS
+    ) -> None:
         if path not in PATHS:
             raise ValueError(f"unknown path {path!r}; expected one of {', '.join(PATHS)}")
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
         self._library = library
         self.path = path
+        self.variant = variant
+        self.amx_min_rows = amx_min_rows
         p, i = ctypes.c_void_p, ctypes.c_int64
         self._paths = _declare(library.qlinear_paths, ctypes.c_int)
-        self._linear = _declare(
-            library.qlinear, ctypes.c_int, ctypes.c_int, p, i, ctypes.c_int, i, i, p, i, ctypes.c_int,
-            p, p, i, p, i, ctypes.c_int, p, p,
-        )  # fmt: skip
+        self._padded_rows = _declare(library.qlinear_padded_rows, i, i)
+        args = (ctypes.c_int, p, i, ctypes.c_int, i, i, p, i, ctypes.c_int, p, p, i, p, i, ctypes.c_int, p, p)
+        self._linear = _declare(library.qlinear, ctypes.c_int, *args)
+        self._linear_float = _declare(library.qlinear_float, ctypes.c_int, *args[:-1])
         self._scratch = _Scratch()
 
     def runnable_paths(self) -> tuple[str, ...]:
@@ -82,7 +98,17 @@ class QuantKernels:
         return tuple(path for index, path in enumerate(PATHS) if bits >> index & 1)
 
     def with_path(self, path: str) -> QuantKernels:
-        return QuantKernels(self._library, path)
+        return QuantKernels(self._library, path, self.variant, self.amx_min_rows)
+
+    def with_variant(self, variant: str) -> QuantKernels:
+        return QuantKernels(self._library, self.path, variant, self.amx_min_rows)
+
+    def with_amx_min_rows(self, rows: int) -> QuantKernels:
+        return QuantKernels(self._library, self.path, self.variant, rows)
+
+    def describe(self) -> str:
+        """'amx_int8 kernel' or 'avx512_vnni kernel, float activations'."""
+        return f"{self.path} kernel" + (", float activations" if self.variant == "float" else "")
 
     def linear(
         self,
@@ -103,10 +129,21 @@ class QuantKernels:
         out = torch.empty(tokens, weight.rows, dtype=x.dtype)
         if residual is not None and (residual.dtype != x.dtype or residual.stride(1) != 1):
             residual = residual.to(x.dtype).contiguous()
-        values, scales = self._scratch.take(tokens, cols)
         bf16 = int(x.dtype == torch.bfloat16)
-        status = self._linear(
-            PATHS.index(self.path),
+        if self.variant == "float":
+            path = self.path
+            # Only bf16 activations are widened into the scratch; float32 ones are read in place.
+            values, _ = self._scratch.take(tokens * cols if bf16 else 0, 0, torch.float32)
+            scratch: tuple[int, ...] = (values.data_ptr(),)
+            call = self._linear_float
+        else:
+            path = "avx512_vnni" if self.path == "amx_int8" and tokens < self.amx_min_rows else self.path
+            padded = self._padded_rows(tokens)
+            values, scales = self._scratch.take(padded * cols, padded * cols // BLOCK * 2, torch.int8)
+            scratch = (values.data_ptr(), scales.data_ptr())
+            call = self._linear
+        status = call(
+            PATHS.index(path),
             x.data_ptr(),
             x.stride(0),
             bf16,
@@ -121,12 +158,11 @@ class QuantKernels:
             out.data_ptr(),
             out.stride(0),
             bf16,
-            values.data_ptr(),
-            scales.data_ptr(),
+            *scratch,
         )
         if status != 0:
             reason = "this CPU cannot run it" if status == -2 else "bad arguments"
-            raise RuntimeError(f"quantized linear ({self.path}) failed with status {status}: {reason}")
+            raise RuntimeError(f"quantized linear ({path}) failed with status {status}: {reason}")
         return out
 
 
@@ -148,7 +184,13 @@ def random_matrix(kind: str, rows: int, cols: int, generator: np.random.Generato
 
 
 def self_check(kernels: QuantKernels) -> None:
-    """The kernel against quantized.reference_linear: every kind, both dtypes, tails, residual and bias."""
+    """The kernel against quantized.reference_linear: every kind, both dtypes, tails, residual and bias;
+    the int8 variant with tiles on every row count (amx_int8), and the float one."""
+    _check(kernels.with_variant("int8").with_amx_min_rows(1))
+    _check(kernels.with_variant("float"))
+
+
+def _check(kernels: QuantKernels) -> None:
     rng = np.random.default_rng(0)
     gen = torch.Generator().manual_seed(0)
     for kind in KIND_CODES:
@@ -159,11 +201,11 @@ def self_check(kernels: QuantKernels) -> None:
                 x = torch.randn(tokens, 96, generator=gen).to(dtype)
                 residual = torch.randn(tokens, 40, generator=gen).to(dtype)
                 got = kernels.linear(x, weight, bias, residual).double()
-                want = reference_linear(x, weight) + bias.double() + residual.double()
+                want = reference_linear(x, weight, kernels.variant) + bias.double() + residual.double()
                 error = ((got - want).abs() / (1 + want.abs())).max().item()
                 if not error <= tol:
                     raise RuntimeError(
-                        f"self-check of the {kernels.path} quantized linear ({kind}, {dtype}, {tokens} rows) "
+                        f"self-check of the {kernels.describe()} quantized linear ({kind}, {dtype}, {tokens} rows) "
                         f"failed: error {error:.3g}"
                     )
 
@@ -174,8 +216,13 @@ def build_and_check(march: str, path: str, cache_dir: str | Path | None = None) 
         str(_build(march, _resolve_cache_dir(cache_dir), sources=[SOURCE], flags=FLAGS, stem="scalellm_qlinear"))
     )
     kernels = QuantKernels(library, path)
-    if path not in kernels.runnable_paths():
-        raise RuntimeError(f"this CPU cannot run the {path} path (it runs {', '.join(kernels.runnable_paths())})")
+    runnable = kernels.runnable_paths()
+    if path == "amx_int8" and path not in runnable and "avx512_vnni" in runnable:
+        # The flags were there but the kernel refused the tile state (arch_prctl): the next path.
+        log.warning("the CPU has AMX but this process may not use it: the avx512_vnni quantized linear")
+        kernels = kernels.with_path("avx512_vnni")
+    elif path not in runnable:
+        raise RuntimeError(f"this CPU cannot run the {path} path (it runs {', '.join(runnable)})")
     self_check(kernels)
     return kernels
 

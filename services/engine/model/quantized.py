@@ -126,8 +126,11 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(torch.int8).reshape(rows, cols), scale
 
 
-def reference_linear(x: torch.Tensor, weight: QuantizedMatrix) -> torch.Tensor:
-    """float64 [T, rows]: what the kernels compute (int8 activations per block), without rounding of sums."""
+def reference_linear(x: torch.Tensor, weight: QuantizedMatrix, variant: str = "int8") -> torch.Tensor:
+    """float64 [T, rows]: what the kernels compute without rounding of sums: with int8 activations per
+    block (variant "int8"), or with the float activations as given ("float")."""
+    if variant == "float":
+        return x.double() @ weight.dequantize().double().T
     q, scale = quantize_activations(x)
     xq = (q.double().reshape(x.shape[0], -1, BLOCK) * scale.double()[..., None]).reshape(x.shape)
     return xq @ weight.dequantize().double().T

@@ -24,10 +24,17 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#if defined(__x86_64__) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 enum { KIND_Q4_0 = 0, KIND_Q4_1 = 1, KIND_Q8_0 = 2 };
-enum { PATH_PORTABLE = 0, PATH_AVX2 = 1, PATH_AVX2_VNNI = 2, PATH_AVX512_VNNI = 3 };
+enum { PATH_PORTABLE = 0, PATH_AVX2 = 1, PATH_AVX2_VNNI = 2, PATH_AVX512_VNNI = 3, PATH_AMX_INT8 = 4 };
+#define NPATHS 5
 #define PANEL 16
 #define QB 32
 
@@ -152,6 +159,49 @@ static void gemm_portable(const uint8_t *w, int kind, int64_t n, int64_t k, cons
     }
 }
 
+/* bf16 x widened to float32 [rows, k] (exactly) for the float-activation kernels. */
+static void widen_bf16(const uint16_t *x, int64_t x_stride, int64_t rows, int64_t k, float *xf) {
+#pragma omp parallel for schedule(static) if (rows * k >= 65536)
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < k; ++c) xf[r * k + c] = bf16_to_f32(x[r * x_stride + c]);
+}
+
+static void fgemm_portable(const uint8_t *w, int kind, int64_t n, int64_t k, const float *xf, int64_t x_stride,
+                           int64_t rows, const float *bias, const void *residual, int64_t res_stride, void *out,
+                           int64_t out_stride, int out_bf16) {
+    int64_t nb = k / QB, bstride = block_bytes(kind), qoff = quant_offset(kind), panels = (n + PANEL - 1) / PANEL;
+#pragma omp parallel for schedule(static)
+    for (int64_t p = 0; p < panels; ++p) {
+        const uint8_t *wp = w + p * nb * bstride;
+        int count = n - p * PANEL < PANEL ? (int)(n - p * PANEL) : PANEL;
+        for (int64_t t = 0; t < rows; ++t) {
+            float acc[PANEL] = {0};
+            for (int64_t b = 0; b < nb; ++b) {
+                const uint8_t *blk = wp + b * bstride, *qs = blk + qoff;
+                const float *xb = xf + t * x_stride + b * QB;
+                for (int r = 0; r < count; ++r) {
+                    uint16_t dh, mh = 0;
+                    memcpy(&dh, blk + 2 * r, 2);
+                    float d = f16_to_f32(dh);
+                    if (kind == KIND_Q8_0) {
+                        for (int c = 0; c < QB; ++c)
+                            acc[r] += d * (float)(int8_t)qs[64 * (c / 4) + 4 * r + c % 4] * xb[c];
+                    } else {
+                        if (kind == KIND_Q4_1) memcpy(&mh, blk + 32 + 2 * r, 2);
+                        float m = kind == KIND_Q4_1 ? f16_to_f32(mh) : -8.f * d;
+                        for (int c = 0; c < 16; ++c) {
+                            uint8_t byte = qs[64 * (c / 4) + 4 * r + c % 4];
+                            acc[r] += (d * (float)(byte & 0x0F) + m) * xb[c];
+                            acc[r] += (d * (float)(byte >> 4) + m) * xb[c + 16];
+                        }
+                    }
+                }
+            }
+            finish_row(acc, count, p * PANEL, bias, residual, t, res_stride, out, out_stride, out_bf16);
+        }
+    }
+}
+
 #if defined(__x86_64__)
 
 /* ---- AVX-512 VNNI ---------------------------------------------------------- */
@@ -228,6 +278,122 @@ static inline T512 void store512(__m512 v, int count, int64_t col, const float *
     }
 }
 
+/* quantize_rows, 16 lanes at a time: the same float operations per element, so the same int8. */
+static T512 void quantize_rows512(const void *x, int64_t x_stride, int x_bf16, int64_t rows, int64_t cols, int8_t *q,
+                                  float *s) {
+    int64_t nb = cols / QB;
+#pragma omp parallel for schedule(static) if (rows * cols >= 65536)
+    for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t b = 0; b < nb; ++b) {
+            __m512 v[2];
+            for (int h = 0; h < 2; ++h) {
+                int64_t at = r * x_stride + b * QB + 16 * h;
+                v[h] = x_bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + at))), 16))
+                              : _mm512_loadu_ps((const float *)x + at);
+            }
+            float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+            float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+            __m512i sum = _mm512_setzero_si512();
+            for (int h = 0; h < 2; ++h) {
+                __m512i qi = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v[h], _mm512_set1_ps(id)),
+                                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                qi = _mm512_max_epi32(_mm512_min_epi32(qi, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+                _mm_storeu_si128((__m128i *)(q + r * cols + b * QB + 16 * h), _mm512_cvtepi32_epi8(qi));
+                sum = _mm512_add_epi32(sum, qi);
+            }
+            s[(r * nb + b) * 2] = d;
+            s[(r * nb + b) * 2 + 1] = d * (float)_mm512_reduce_add_epi32(sum);
+        }
+    }
+}
+
+/* ---- float activations: weights dequantized in registers -------------------
+ * No activation quantization: each column's 16 weights (one byte of every lane
+ * of a chunk) are widened to float and dequantized (d * u + m, exact in float32)
+ * once, then FMAed with the column's activation for MR rows. x arrives as float32
+ * (bf16 widened by widen_bf16, exactly). */
+
+#define FMR512 8
+
+static inline __attribute__((always_inline)) T512 void ftile512(const uint8_t *wp, const int KIND, const int MR,
+                                                                int64_t nb, int64_t x_stride, const float *xf,
+                                                                __m512 *acc) {
+    const int64_t bstride = block_bytes(KIND), qoff = quant_offset(KIND);
+    const __m512i low4 = _mm512_set1_epi32(0x0F);
+    __m512 s0[MR], s1[MR]; /* two chains per row: FMA latency */
+    for (int i = 0; i < MR; ++i) s0[i] = s1[i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t *blk = wp + b * bstride, *qs = blk + qoff;
+        __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
+        __m512 m = KIND == KIND_Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)))
+                                     : _mm512_mul_ps(d, _mm512_set1_ps(-8.f));
+        const float *xb = xf + b * QB;
+        if (KIND == KIND_Q8_0) {
+            for (int g = 0; g < 8; ++g) {
+                __m512i v = _mm512_loadu_si512(qs + 64 * g);
+                for (int j = 0; j < 4; j += 2) {
+                    __m512 w0 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * j), 24)));
+                    __m512 w1 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16 - 8 * j), 24)));
+                    for (int i = 0; i < MR; ++i) {
+                        s0[i] = _mm512_fmadd_ps(w0, _mm512_set1_ps(xb[i * x_stride + 4 * g + j]), s0[i]);
+                        s1[i] = _mm512_fmadd_ps(w1, _mm512_set1_ps(xb[i * x_stride + 4 * g + j + 1]), s1[i]);
+                    }
+                }
+            }
+        } else {
+            for (int c = 0; c < 4; ++c) {
+                __m512i v = _mm512_loadu_si512(qs + 64 * c);
+                for (int j = 0; j < 4; ++j) {
+                    __m512 lo = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * j), low4)), m);
+                    __m512 hi = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * j + 4), low4)), m);
+                    for (int i = 0; i < MR; ++i) {
+                        s0[i] = _mm512_fmadd_ps(lo, _mm512_set1_ps(xb[i * x_stride + 4 * c + j]), s0[i]);
+                        s1[i] = _mm512_fmadd_ps(hi, _mm512_set1_ps(xb[i * x_stride + 16 + 4 * c + j]), s1[i]);
+                    }
+                }
+            }
+        }
+    }
+    for (int i = 0; i < MR; ++i) acc[i] = _mm512_add_ps(s0[i], s1[i]);
+}
+
+#define FTILE512_CASE(KIND_, MR_)                                                                   \
+    case MR_: {                                                                                    \
+        __m512 acc[MR_];                                                                           \
+        ftile512(wp, KIND_, MR_, nb, x_stride, xf + t * x_stride, acc);                           \
+        for (int i = 0; i < MR_; ++i)                                                              \
+            store512(acc[i], count, p * PANEL, bias, residual, t + i, res_stride, out, out_stride, out_bf16); \
+        break;                                                                                     \
+    }
+
+#define FGEMM512(KIND_)                                                                              \
+    static T512 void fgemm512_##KIND_(const uint8_t *w, int64_t n, int64_t k, const float *xf, int64_t x_stride, \
+                                      int64_t rows, const float *bias, const void *residual, int64_t res_stride, \
+                                      void *out, int64_t out_stride, int out_bf16) {                \
+        int64_t nb = k / QB, bstride = block_bytes(KIND_), panels = (n + PANEL - 1) / PANEL;         \
+        _Pragma("omp parallel for schedule(static)") for (int64_t p = 0; p < panels; ++p) {          \
+            const uint8_t *wp = w + p * nb * bstride;                                                \
+            int count = n - p * PANEL < PANEL ? (int)(n - p * PANEL) : PANEL;                        \
+            for (int64_t t = 0; t < rows; t += FMR512) {                                             \
+                switch (rows - t < FMR512 ? (int)(rows - t) : FMR512) {                              \
+                    FTILE512_CASE(KIND_, 1)                                                          \
+                    FTILE512_CASE(KIND_, 2)                                                          \
+                    FTILE512_CASE(KIND_, 3)                                                          \
+                    FTILE512_CASE(KIND_, 4)                                                          \
+                    FTILE512_CASE(KIND_, 5)                                                          \
+                    FTILE512_CASE(KIND_, 6)                                                          \
+                    FTILE512_CASE(KIND_, 7)                                                          \
+                    FTILE512_CASE(KIND_, 8)                                                          \
+                }                                                                                    \
+            }                                                                                        \
+        }                                                                                            \
+    }
+
+FGEMM512(KIND_Q4_0)
+FGEMM512(KIND_Q4_1)
+FGEMM512(KIND_Q8_0)
+
 #define TILE512_CASE(KIND_, MR_)                                                                    \
     case MR_: {                                                                                    \
         __m512 acc[MR_];                                                                           \
@@ -263,6 +429,174 @@ static inline T512 void store512(__m512 v, int count, int64_t col, const float *
 GEMM512(KIND_Q4_0)
 GEMM512(KIND_Q4_1)
 GEMM512(KIND_Q8_0)
+
+/* ---- AMX int8 ----------------------------------------------------------------
+ * One TDPBxxD per 16 activation rows, panel and block: A = the 16 rows' 32 int8
+ * activations of the block (row stride k), B = the panel's block as 8 rows of 64
+ * bytes, row j holding 4 bytes of each of the 16 weight rows (columns 4j..4j+3).
+ * That is the panel layout itself for Q8_0's chunks; Q4 nibbles are unpacked
+ * once per panel (low nibbles of chunks 0-3, then the high ones: columns 0-15,
+ * 16-31). C[t][n] is then token t's integer block sum for output row n, one zmm
+ * per token with the lanes of the VNNI path, so the per-block epilogue is the
+ * same. A block's scales differ per row and token, so sums cannot run on in the
+ * tile across blocks: each block's C is stored and scaled into float sums.
+ * That epilogue is the cost, so the tiles must never wait for it nor it for them:
+ * up to 4 C tiles (64 activation rows) per block, stored to one of two buffers
+ * while the previous block's are scaled (float sums in memory, 64 x 16).
+ * Activations are signed: TDPBSUD (s8 x u8) for Q4_1, TDPBSSD for Q8_0 as
+ * stored and for Q4_0 unpacked to u - 8, which leaves those two no minimum term.
+ * Rows are padded to 16 by the caller (zero activations, zero scales). */
+
+#define TAMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c,amx-tile,amx-int8")))
+#define AMX_ROWS 16
+#define AMX_TILES 4
+
+typedef struct {
+    uint8_t palette;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((aligned(64))) tile_config;
+
+/* tmm0-3: C (16 x 16 int32), tmm4-5: A (16 rows x 32 bytes), tmm6-7: B (8 rows x 64 bytes). */
+static inline TAMX void amx_configure(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 8; ++i) {
+        cfg.rows[i] = i >= 6 ? 8 : 16;
+        cfg.colsb[i] = i == 4 || i == 5 ? 32 : 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* A panel's Q4 nibbles as TDP B operands: per block 8 rows of 64 bytes (see above). */
+static inline TAMX void amx_unpack_q4(const uint8_t *wp, int kind, int64_t nb, uint8_t *buf) {
+    const int64_t bstride = block_bytes(kind), qoff = quant_offset(kind);
+    const __m512i low4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(kind == KIND_Q4_0 ? 8 : 0);
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t *qs = wp + b * bstride + qoff;
+        for (int c = 0; c < 4; ++c) {
+            __m512i v = _mm512_loadu_si512(qs + 64 * c);
+            __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+            _mm512_store_si512(buf + b * 512 + 64 * c, _mm512_sub_epi8(lo, eight));
+            _mm512_store_si512(buf + b * 512 + 256 + 64 * c, _mm512_sub_epi8(hi, eight));
+        }
+    }
+}
+
+/* C tile CT of block b for activation rows xt + 16 g (A tile AT, B tile BT): zeroed and multiplied. */
+#define AMX_DP(CT, AT, BT, g)                                                                       \
+    do {                                                                                           \
+        _tile_zero(CT);                                                                            \
+        _tile_loadd(AT, xt + (g) * AMX_ROWS * k + b * QB, k);                                      \
+        if (KIND == KIND_Q4_1)                                                                     \
+            _tile_dpbsud(CT, AT, BT);                                                              \
+        else                                                                                       \
+            _tile_dpbssd(CT, AT, BT);                                                              \
+    } while (0)
+
+/* Block b's products for `tiles` groups of 16 rows into cb[0..tiles) (B tile BT). */
+#define AMX_ISSUE(BT)                                                                               \
+    do {                                                                                           \
+        _tile_loadd(BT, KIND == KIND_Q8_0 ? wp + b * bstride + qoff : buf + b * 512, 64);          \
+        AMX_DP(0, 4, BT, 0);                                                                       \
+        if (tiles > 1) AMX_DP(1, 5, BT, 1);                                                        \
+        if (tiles > 2) AMX_DP(2, 4, BT, 2);                                                        \
+        if (tiles > 3) AMX_DP(3, 5, BT, 3);                                                        \
+        _tile_stored(0, cb[0], 64);                                                                \
+        if (tiles > 1) _tile_stored(1, cb[1], 64);                                                 \
+        if (tiles > 2) _tile_stored(2, cb[2], 64);                                                 \
+        if (tiles > 3) _tile_stored(3, cb[3], 64);                                                 \
+    } while (0)
+
+static inline __attribute__((always_inline)) TAMX void amx_issue(const int KIND, const int8_t *xt, int64_t k,
+                                                                 const uint8_t *wp, const uint8_t *buf, int64_t b,
+                                                                 int tiles, int32_t (*cb)[256]) {
+    const int64_t bstride = block_bytes(KIND), qoff = quant_offset(KIND);
+    if (b & 1)
+        AMX_ISSUE(7);
+    else
+        AMX_ISSUE(6);
+}
+
+/* sums[r] += C[r] * d * dx[r] (+ m * dx[r] * sum(qx[r]) for Q4_1) over the group's rows. */
+static inline __attribute__((always_inline)) TAMX void amx_epilogue(const int KIND, int32_t (*cb)[256],
+                                                                    const uint8_t *blk, const float *xs, int64_t b,
+                                                                    int64_t nb, int tiles, float *sums) {
+    __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
+    __m512 m = KIND == KIND_Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)))
+                                 : _mm512_setzero_ps();
+    for (int r = 0; r < tiles * AMX_ROWS; ++r) {
+        const float *sc = xs + (r * nb + b) * 2;
+        __m512 v = _mm512_cvtepi32_ps(_mm512_load_si512(cb[r / AMX_ROWS] + 16 * (r % AMX_ROWS)));
+        __m512 acc = _mm512_fmadd_ps(v, _mm512_mul_ps(d, _mm512_set1_ps(sc[0])), _mm512_load_ps(sums + 16 * r));
+        if (KIND == KIND_Q4_1) acc = _mm512_fmadd_ps(m, _mm512_set1_ps(sc[1]), acc);
+        _mm512_store_ps(sums + 16 * r, acc);
+    }
+}
+
+/* One thread's share of the panels, inside the caller's parallel region; inlined
+ * there so that KIND is a constant in the outlined region (one per kind). */
+static inline __attribute__((always_inline)) TAMX void amx_worker(const uint8_t *w, const int KIND, int64_t n,
+                                                                  int64_t k, const int8_t *xq, const float *xs,
+                                                                  int64_t rows, const float *bias,
+                                                                  const void *residual, int64_t res_stride,
+                                                                  void *out, int64_t out_stride, int out_bf16) {
+    const int64_t nb = k / QB, bstride = block_bytes(KIND), panels = (n + PANEL - 1) / PANEL;
+    const int64_t padded = (rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
+    {
+        amx_configure();
+        uint8_t *buf = KIND == KIND_Q8_0 ? NULL : (uint8_t *)aligned_alloc(64, (size_t)nb * 512);
+        int32_t cbuf[2][AMX_TILES][256] __attribute__((aligned(64)));
+        float sums[AMX_TILES * AMX_ROWS * 16] __attribute__((aligned(64)));
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < panels; ++p) {
+            const uint8_t *wp = w + p * nb * bstride;
+            int count = n - p * PANEL < PANEL ? (int)(n - p * PANEL) : PANEL;
+            if (KIND != KIND_Q8_0) amx_unpack_q4(wp, KIND, nb, buf);
+            __asm__ volatile("" ::: "memory"); /* tileloadd's asm names no memory operand */
+            for (int64_t t = 0; t < padded; t += AMX_TILES * AMX_ROWS) {
+                int tiles = (int)((padded - t) / AMX_ROWS < AMX_TILES ? (padded - t) / AMX_ROWS : AMX_TILES);
+                const int8_t *xt = xq + t * k;
+                const float *st = xs + t * nb * 2;
+                memset(sums, 0, sizeof(float) * 16 * AMX_ROWS * (size_t)tiles);
+                amx_issue(KIND, xt, k, wp, buf, 0, tiles, cbuf[0]);
+                for (int64_t b = 0; b < nb; ++b) {
+                    /* the next block's tiles run while this one's sums are scaled */
+                    if (b + 1 < nb) amx_issue(KIND, xt, k, wp, buf, b + 1, tiles, cbuf[(b + 1) & 1]);
+                    amx_epilogue(KIND, cbuf[b & 1], wp + b * bstride, st, b, nb, tiles, sums);
+                }
+                int live = rows - t < tiles * AMX_ROWS ? (int)(rows - t) : tiles * AMX_ROWS;
+                for (int r = 0; r < live; ++r)
+                    store512(_mm512_load_ps(sums + 16 * r), count, p * PANEL, bias, residual, t + r, res_stride,
+                             out, out_stride, out_bf16);
+            }
+        }
+        free(buf);
+        _tile_release();
+    }
+}
+
+static TAMX void gemm_amx_q4_0(const uint8_t *w, int64_t n, int64_t k, const int8_t *xq, const float *xs,
+                               int64_t rows, const float *bias, const void *residual, int64_t res_stride, void *out,
+                               int64_t out_stride, int out_bf16) {
+#pragma omp parallel
+    amx_worker(w, KIND_Q4_0, n, k, xq, xs, rows, bias, residual, res_stride, out, out_stride, out_bf16);
+}
+static TAMX void gemm_amx_q4_1(const uint8_t *w, int64_t n, int64_t k, const int8_t *xq, const float *xs,
+                               int64_t rows, const float *bias, const void *residual, int64_t res_stride, void *out,
+                               int64_t out_stride, int out_bf16) {
+#pragma omp parallel
+    amx_worker(w, KIND_Q4_1, n, k, xq, xs, rows, bias, residual, res_stride, out, out_stride, out_bf16);
+}
+static TAMX void gemm_amx_q8_0(const uint8_t *w, int64_t n, int64_t k, const int8_t *xq, const float *xs,
+                               int64_t rows, const float *bias, const void *residual, int64_t res_stride, void *out,
+                               int64_t out_stride, int out_bf16) {
+#pragma omp parallel
+    amx_worker(w, KIND_Q8_0, n, k, xq, xs, rows, bias, residual, res_stride, out, out_stride, out_bf16);
+}
 
 /* ---- AVX2 (+ AVX-VNNI) ------------------------------------------------------
  * A panel as two halves of 8 rows (lanes): bytes 32h.. of each 64-byte chunk,
@@ -394,6 +728,18 @@ GEMM256(gemm256v, T256V, tile256v, store256_T256V_, KIND_Q8_0)
 
 typedef void (*gemm_fn)(const uint8_t *, int64_t, int64_t, const int8_t *, const float *, int64_t, const float *,
                         const void *, int64_t, void *, int64_t, int);
+typedef void (*fgemm_fn)(const uint8_t *, int64_t, int64_t, const float *, int64_t, int64_t, const float *,
+                         const void *, int64_t, void *, int64_t, int);
+
+#if defined(__x86_64__) && defined(__linux__)
+/* AMX needs cpuid's AMX-TILE and AMX-INT8, and the kernel's leave to use the tile
+ * state, asked once per process (it then holds for every thread). */
+static int amx_usable(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d >> 24 & 1) || !(d >> 25 & 1)) return 0;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+}
+#endif
 
 /* Which paths this CPU runs (bit i: path i), from cpuid as the compiler's runtime reports it. */
 int qlinear_paths(void) {
@@ -406,36 +752,82 @@ int qlinear_paths(void) {
     if (avx2) paths |= 1 << PATH_AVX2;
     if (avx2 && __builtin_cpu_supports("avxvnni")) paths |= 1 << PATH_AVX2_VNNI;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni")) {
         paths |= 1 << PATH_AVX512_VNNI;
+#if defined(__linux__)
+        if (amx_usable()) paths |= 1 << PATH_AMX_INT8;
+#endif
+    }
 #endif
     known = paths;
     return paths;
 }
 
+/* Rows the AMX path computes: whole tiles of 16; the scratch must hold that many. */
+int64_t qlinear_padded_rows(int64_t rows) { return (rows + 15) / 16 * 16; }
+
 /* out = residual + bias + x @ w.T. x: [rows, k] float32 or bf16 (row stride x_stride);
  * w: n x k in panels of kind; bias: float32 [n] or NULL; residual, out: [rows, n]
- * in out's dtype (residual may be NULL or equal out). xq: int8 [rows, k] and
- * xs: float32 [rows, k / 32, 2] scratch. Returns 0, or -1 for a bad argument,
- * -2 for a path this CPU cannot run. */
+ * in out's dtype (residual may be NULL or equal out). xq: int8 [padded rows, k] and
+ * xs: float32 [padded rows, k / 32, 2] scratch (qlinear_padded_rows). Returns 0, or
+ * -1 for a bad argument, -2 for a path this CPU cannot run. */
 int qlinear(int path, const void *x, int64_t x_stride, int x_bf16, int64_t rows, int64_t k, const uint8_t *w,
             int64_t n, int kind, const float *bias, const void *residual, int64_t res_stride, void *out,
             int64_t out_stride, int out_bf16, int8_t *xq, float *xs) {
-    if (k % QB || kind < 0 || kind > 2 || path < 0 || path > 3 || rows < 0) return -1;
+    if (k % QB || kind < 0 || kind > 2 || path < 0 || path >= NPATHS || rows < 0) return -1;
     if (!(qlinear_paths() & (1 << path))) return -2;
-    quantize_rows(x, x_stride, x_bf16, rows, k, xq, xs);
     gemm_fn fn = 0;
 #if defined(__x86_64__)
+    if (path >= PATH_AVX512_VNNI)
+        quantize_rows512(x, x_stride, x_bf16, rows, k, xq, xs);
+    else
+        quantize_rows(x, x_stride, x_bf16, rows, k, xq, xs);
     static const gemm_fn avx512[3] = {gemm512_KIND_Q4_0, gemm512_KIND_Q4_1, gemm512_KIND_Q8_0};
     static const gemm_fn avx2[3] = {gemm256_KIND_Q4_0, gemm256_KIND_Q4_1, gemm256_KIND_Q8_0};
     static const gemm_fn avx2v[3] = {gemm256v_KIND_Q4_0, gemm256v_KIND_Q4_1, gemm256v_KIND_Q8_0};
+    static const gemm_fn amx[3] = {gemm_amx_q4_0, gemm_amx_q4_1, gemm_amx_q8_0};
+    if (path == PATH_AMX_INT8) {
+        int64_t padded = qlinear_padded_rows(rows), nb = k / QB;
+        memset(xq + rows * k, 0, (size_t)((padded - rows) * k));
+        memset(xs + rows * nb * 2, 0, sizeof(float) * (size_t)((padded - rows) * nb * 2));
+        fn = amx[kind];
+    }
     if (path == PATH_AVX512_VNNI) fn = avx512[kind];
     if (path == PATH_AVX2) fn = avx2[kind];
     if (path == PATH_AVX2_VNNI) fn = avx2v[kind];
+#else
+    quantize_rows(x, x_stride, x_bf16, rows, k, xq, xs);
 #endif
     if (fn)
         fn(w, n, k, xq, xs, rows, bias, residual, res_stride, out, out_stride, out_bf16);
     else
         gemm_portable(w, kind, n, k, xq, xs, rows, bias, residual, res_stride, out, out_stride, out_bf16);
+    return 0;
+}
+
+/* The same product with float activations (no int8 quantization): the weights
+ * are dequantized in registers. AVX-512 on the avx512_vnni and amx_int8 paths,
+ * portable C on the others. xf: float32 [rows, k] scratch, used for bf16 x only.
+ * Returns as qlinear. */
+int qlinear_float(int path, const void *x, int64_t x_stride, int x_bf16, int64_t rows, int64_t k, const uint8_t *w,
+                  int64_t n, int kind, const float *bias, const void *residual, int64_t res_stride, void *out,
+                  int64_t out_stride, int out_bf16, float *xf) {
+    if (k % QB || kind < 0 || kind > 2 || path < 0 || path >= NPATHS || rows < 0) return -1;
+    if (!(qlinear_paths() & (1 << path))) return -2;
+    const float *xs = (const float *)x;
+    if (x_bf16) {
+        widen_bf16((const uint16_t *)x, x_stride, rows, k, xf);
+        xs = xf;
+        x_stride = k;
+    }
+    fgemm_fn fn = 0;
+#if defined(__x86_64__)
+    static const fgemm_fn avx512[3] = {fgemm512_KIND_Q4_0, fgemm512_KIND_Q4_1, fgemm512_KIND_Q8_0};
+    if (path >= PATH_AVX512_VNNI) fn = avx512[kind];
+#endif
+    if (fn)
+        fn(w, n, k, xs, x_stride, rows, bias, residual, res_stride, out, out_stride, out_bf16);
+    else
+        fgemm_portable(w, kind, n, k, xs, x_stride, rows, bias, residual, res_stride, out, out_stride, out_bf16);
     return 0;
 }
