@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> Path:
     loads = [Load(c, num_prompts(c, args.quick), input_len, output_len) for c in args.concurrency]
     env = {**os.environ, **servers.OFFLINE}
     vllm = None if args.our_client else vllm_client(work)
+    args.vllm_client = vllm is not None
     print(f"client: {'vllm bench serve' if vllm else OUR_CLIENT}", flush=True)
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     meta: dict[str, dict[str, Any]] = {}
@@ -96,6 +97,9 @@ def run(args: argparse.Namespace) -> Path:
             continue
         slug = spec.name.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "-")
         print(f"== {spec.name}: starting", flush=True)
+        client = None if spec.refuses_vllm_client else vllm
+        if vllm is not None and spec.refuses_vllm_client:
+            info["client_note"] = f"measured with {OUR_CLIENT}: {spec.refuses_vllm_client}"
         try:
             with servers.running(spec, out / f"{slug}.server.log") as server:
                 info["ready_s"] = server.wait_ready()
@@ -103,7 +107,7 @@ def run(args: argparse.Namespace) -> Path:
                 runs[spec.name] = {}
                 for load in loads:
                     result = out / f"{slug}-c{load.concurrency}.json"
-                    info["client"] = run_client(vllm, server.base_url, spec.model, model_dir, load, result, spec.name,
+                    info["client"] = run_client(client, server.base_url, spec.model, model_dir, load, result, spec.name,
                                                 out / f"{slug}.client.log", env=env,
                                                 extra_body=spec.extra_body(load.output_len))  # fmt: skip
                     figures = results.load_figures(result)
@@ -139,7 +143,7 @@ def write_outputs(
         "servers": meta, "runs": {n: {str(c): f for c, f in r.items()} for n, r in runs.items()}, "targets": targets,
     }  # fmt: skip
     (out / "results.json").write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    fallback = f" ({OUR_CLIENT}: vLLM's client was not available)" if clients == [OUR_CLIENT] else ""
+    fallback = "" if args.vllm_client else f" (vLLM's client was not available: {OUR_CLIENT}, which mirrors it)"
     text = [
         f"`{command}`, {data['date']}", "",
         f"CPU: {cpu}, {os.cpu_count()} cores; flags: {' '.join(flags)}", "",
@@ -155,6 +159,8 @@ def write_outputs(
         text += [f"Targets for {name}:", "", results.targets_table(rows), ""]
     failed = {n: m["error"].splitlines()[0] for n, m in meta.items() if "error" in m}
     text += [f"- {n}: {e}" for n, e in failed.items()]
+    text += [f"- {n}: {m['client_note']}" for n, m in meta.items() if "client_note" in m]
+    text += [f"- {n}: some outputs ended before {output_len} tokens" for n, m in meta.items() if m.get("short_outputs")]
     (out / "table.md").write_text("\n".join(text) + "\n", encoding="utf-8")
     roof_tps = rate * 1e9 / (2 * params) * output_len / (input_len + output_len)
     title = f"{cpu}, {os.cpu_count()} cores ({' '.join(flags)})\nSmolLM2-135M, {input_len} in / {output_len} out"
