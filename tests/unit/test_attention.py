@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from services.engine.model import attention as attention_module
+from services.engine.model import linear as linear_module
 from services.engine.model import native as native_module
 from services.engine.model.attention import AttentionMetadata, paged_attention
 from services.engine.model.cpu import CpuFeatures
+from services.engine.model.linear import Bf16Linear, ConversionBuffer
 from services.engine.model.native import PATH_FLAGS, PATHS, NativeKernels, load_native_kernels, pack_bf16_weight
 from services.engine.model.plan import KernelPlan
 from services.engine.model.reference import apply_rope, reference_decode_attention, rms_norm
@@ -239,3 +241,17 @@ def test_bf16_linear_matches_float32_matmul(kernel: NativeKernels, rows: int, dt
         got.double(), (want + bias.double() + residual.double()).to(dtype).double(), atol=tol * 4, rtol=tol
     )
     assert torch.equal(kernel.unpack_into(packed, 200, torch.empty(200 * 96)), weight.float())
+
+
+@pytest.mark.parametrize("rows", [3, linear_module.NATIVE_BF16_MAX_ROWS + 5], ids=["native", "widened"])
+def test_bf16_linear_layer_takes_the_native_kernel_or_widens_for_many_rows(kernel: NativeKernels, rows: int) -> None:
+    """Bf16Linear as the model calls it (bf16 activations): both branches, with bias and residual."""
+    gen = torch.Generator().manual_seed(rows)
+    weight = torch.randn(40, 64, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(40, generator=gen).to(torch.bfloat16)
+    layer = Bf16Linear(weight, bias, kernel, ConversionBuffer(torch.float32))
+    x = torch.randn(rows, 64, generator=gen).to(torch.bfloat16)
+    residual = torch.randn(rows, 40, generator=gen).to(torch.bfloat16)
+    want = x.double() @ weight.double().T + bias.double()
+    torch.testing.assert_close(layer(x).double(), want, atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(layer.add_to(residual, x).double(), want + residual.double(), atol=6e-2, rtol=2e-2)

@@ -23,7 +23,9 @@ def resolve_device(name: str) -> torch.device:
 def resolve_dtype(name: str, device: torch.device, cpu: CpuFeatures | None = None) -> torch.dtype:
     """ "auto": bfloat16 on CUDA or on a CPU with native bf16 instructions, else float32.
 
-    Without native bf16 the CPU emulates it, which is slower than float32.
+    Without native bf16, torch's own bf16 ops (the transformers backend) are slower
+    than float32. The torch engine's kernel plan (plan.py) stores bf16 on every CPU
+    instead: its kernels widen bf16 to float32 in registers.
     cpu: the CPU to decide for (default: this one).
     """
     if name == "auto":

@@ -37,9 +37,13 @@ class ConversionBuffer:
         self._flat = torch.empty(0, dtype=dtype)
 
     def convert(self, weight: torch.Tensor) -> torch.Tensor:
-        if self._flat.numel() < weight.numel():
-            self._flat = torch.empty(weight.numel(), dtype=self.dtype, device=weight.device)
-        return self._flat[: weight.numel()].view(weight.shape).copy_(weight)
+        return self.take(weight.numel(), weight.device).view(weight.shape).copy_(weight)
+
+    def take(self, numel: int, device: torch.device | None = None) -> torch.Tensor:
+        """The first numel elements of the buffer (flat), grown if needed."""
+        if self._flat.numel() < numel:
+            self._flat = torch.empty(numel, dtype=self.dtype, device=device)
+        return self._flat[:numel]
 
 
 class Linear:
@@ -92,21 +96,37 @@ class Linear:
         return F.linear(x.to(conversion.dtype), conversion.convert(self.weight), bias)
 
 
+# From this many rows on, Bf16Linear widens the whole weight into a float32 buffer and
+# calls torch's matmul instead: torch's float32 GEMM then beats ours by more than the
+# widening costs. Decode step with the plan for an AVX2 CPU, torch's BLAS held to AVX2
+# (docs/engine.md): the native kernel alone is 2.2x faster than widening at batch 1,
+# 1.4x at 16 and 1.08x at 48, but 1.09x slower at 64 and 1.18x at 128.
+NATIVE_BF16_MAX_ROWS = 64
+
+
 class Bf16Linear:
     """The Linear interface on bf16 weights computed by the native bf16 linear (csrc/bf16_linear.c),
     for CPUs without bf16 arithmetic. weight [out, in] is repacked once into the kernel's panels
     (native.pack_bf16_weight, same bytes plus padding to 16 rows); bias is kept in float32.
-    Activations enter and leave in their own dtype, float32 inside."""
+    Activations enter and leave in their own dtype, float32 inside. From NATIVE_BF16_MAX_ROWS
+    rows on, the weight is widened into convert_into (float32) and torch multiplies."""
 
-    __slots__ = ("bias", "in_features", "kernels", "out_features", "weight")
+    __slots__ = ("bias", "conversion", "in_features", "kernels", "out_features", "weight")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels: NativeKernels) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        kernels: NativeKernels,
+        convert_into: ConversionBuffer | None = None,
+    ) -> None:
         from services.engine.model.native import pack_bf16_weight
 
         self.out_features, self.in_features = weight.shape
         self.weight = pack_bf16_weight(weight)  # [ceil(out / 16), in, 8, 2] bf16
         self.bias = None if bias is None else bias.float().contiguous()
         self.kernels = kernels
+        self.conversion = convert_into if convert_into is not None and convert_into.dtype == torch.float32 else None
 
     @property
     def numel(self) -> int:
@@ -114,11 +134,21 @@ class Bf16Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in] -> [T, out]."""
+        if self.conversion is not None and x.shape[0] >= NATIVE_BF16_MAX_ROWS:
+            return F.linear(x.float(), self._widened(), self.bias).to(x.dtype)
         return self.kernels.linear(x, self.weight, self.out_features, self.bias)
 
     def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """residual [T, out] + x @ weight.T + bias, the add done in the kernel's epilogue."""
+        if self.conversion is not None and x.shape[0] >= NATIVE_BF16_MAX_ROWS:
+            return (residual.float() + F.linear(x.float(), self._widened(), self.bias)).to(residual.dtype)
         return self.kernels.linear(x, self.weight, self.out_features, self.bias, residual)
+
+    def _widened(self) -> torch.Tensor:
+        """The weight as float32 [out, in], in the shared buffer."""
+        if self.conversion is None:
+            raise RuntimeError("this layer has no conversion buffer")
+        return self.kernels.unpack_into(self.weight, self.out_features, self.conversion.take(self.numel))
 
 
 class QuantizedLinear:

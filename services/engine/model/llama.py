@@ -115,7 +115,7 @@ class LlamaModel:
                     raise ValueError("GGUF block weights need the plan's quantized kernels")
                 return QuantizedLinear(weight, bias, plan.quantized)
             if plan.native_linears is not None:
-                return Bf16Linear(weight, bias, plan.native_linears)
+                return Bf16Linear(weight, bias, plan.native_linears, conversion)
             return Linear(weight, bias, packed=plan.prepacked_linears, convert_into=conversion)
 
         self.layers = [

@@ -111,7 +111,7 @@ class NativeKernels:
         )
         self._silu_mul = _declare(library.silu_mul_bf16, None, _C, _P, _P, _I, _I)
         self._linear = _declare(library.bf16_linear, _C, _C, _P, _I, _C, _I, _I, _P, _I, _P, _P, _I, _P, _I, _C, _P)
-        self._unpack = _declare(library.bf16_unpack_f32, None, _P, _I, _I, _P)
+        self._unpack = _declare(library.bf16_unpack_f32, None, _C, _P, _I, _I, _P)
         self._scratch = torch.empty(0, dtype=torch.float32)
 
     def runnable_paths(self) -> tuple[str, ...]:
@@ -272,7 +272,7 @@ class NativeKernels:
         cols = packed.shape[1]
         if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() < out_features * cols:
             raise ValueError("unpack_into needs a contiguous float32 buffer of the weight's size")
-        self._unpack(packed.data_ptr(), out_features, cols, out.data_ptr())
+        self._unpack(self._code, packed.data_ptr(), out_features, cols, out.data_ptr())
         return out.view(-1)[: out_features * cols].view(out_features, cols)
 
 
@@ -434,13 +434,13 @@ def _self_check(native: NativeKernels) -> None:
         check("kv store", k_cache[slot // 4, :, :, slot % 4], rotated[t, heads:], 3e-2)
         check("kv store", v_cache[slot // 4, :, slot % 4], values[t], 0)
 
-    # 7 rows: a full tile of 6 and a tail; 37 outputs: two panels and a partial one.
-    weight = torch.randn(37, 24, generator=gen).to(bf16)
+    # 7 rows: a full tile of 6 and a tail; 37 outputs: two panels and a partial one; 28 columns: 3 x 8 + 4.
+    weight = torch.randn(37, 28, generator=gen).to(bf16)
     packed, bias = pack_bf16_weight(weight), torch.randn(37, generator=gen)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
-        x = torch.randn(7, 24, generator=gen).to(dtype)
+        x = torch.randn(7, 28, generator=gen).to(dtype)
         residual = torch.randn(7, 37, generator=gen).to(dtype)
         want = residual.float() + bias + x.float() @ weight.float().T
         check(f"bf16 linear ({dtype})", native.linear(x, packed, 37, bias, residual), want, tol)
-    unpacked = native.unpack_into(packed, 37, torch.empty(37 * 24))
+    unpacked = native.unpack_into(packed, 37, torch.empty(37 * 28))
     check("bf16 unpack", unpacked, weight, 0)

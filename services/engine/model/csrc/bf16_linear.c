@@ -81,18 +81,52 @@ ALWAYS_INLINE T256 void tile_avx2(const uint16_t *wp, const float *x, int64_t xs
 static T256 void panel_avx2(const uint16_t *wp, const float *x, int64_t xs, int64_t rows, int64_t k, int64_t n0,
                             int count, const float *bias, const void *residual, int64_t res_stride, void *out,
                             int64_t out_stride, int out_bf16) {
+#define TILE(R, AT) \
+    tile_avx2(wp, x + (AT) * xs, xs, k, R, n0, count, bias, residual, res_stride, out, out_stride, out_bf16, AT)
     int64_t r = 0;
-    for (; r + MR <= rows; r += MR)
-        tile_avx2(wp, x + r * xs, xs, k, MR, n0, count, bias, residual, res_stride, out, out_stride, out_bf16, r);
-    const float *xr = x + r * xs;
+    for (; r + MR <= rows; r += MR) TILE(MR, r);
     switch (rows - r) {
-    case 5: tile_avx2(wp, xr, xs, k, 5, n0, count, bias, residual, res_stride, out, out_stride, out_bf16, r); break;
-    case 4: tile_avx2(wp, xr, xs, k, 4, n0, count, bias, residual, res_stride, out, out_stride, out_bf16, r); break;
-    case 3: tile_avx2(wp, xr, xs, k, 3, n0, count, bias, residual, res_stride, out, out_stride, out_bf16, r); break;
-    case 2: tile_avx2(wp, xr, xs, k, 2, n0, count, bias, residual, res_stride, out, out_stride, out_bf16, r); break;
-    case 1: tile_avx2(wp, xr, xs, k, 1, n0, count, bias, residual, res_stride, out, out_stride, out_bf16, r); break;
+    case 5: TILE(5, r); break;
+    case 4: TILE(4, r); break;
+    case 3: TILE(3, r); break;
+    case 2: TILE(2, r); break;
+    case 1: TILE(1, r); break;
     default: break;
     }
+#undef TILE
+}
+
+/* 8 k-steps of one panel as 8 x 8 lanes, transposed so that vector i holds rows i and
+ * i + 8 (low and high halves) for those k: two stores of 8 floats per row pair. */
+static T256 void unpack_panel_avx2(const uint16_t *wp, int64_t k, int count, float *out, int64_t n0) {
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+    int64_t kk = 0;
+    for (; kk + 8 <= k; kk += 8) {
+        __m256 v[8], t[8], u[8];
+        for (int j = 0; j < 8; ++j) v[j] = _mm256_loadu_ps((const float *)(wp + (kk + j) * PANEL));
+        for (int j = 0; j < 8; j += 2) {
+            t[j] = _mm256_unpacklo_ps(v[j], v[j + 1]);
+            t[j + 1] = _mm256_unpackhi_ps(v[j], v[j + 1]);
+        }
+        for (int j = 0; j < 8; j += 4) {
+            u[j] = _mm256_shuffle_ps(t[j], t[j + 2], 0x44);
+            u[j + 1] = _mm256_shuffle_ps(t[j], t[j + 2], 0xEE);
+            u[j + 2] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0x44);
+            u[j + 3] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0xEE);
+        }
+        for (int j = 0; j < 4; ++j) {
+            v[j] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x20);
+            v[j + 4] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x31);
+        }
+        for (int i = 0; i < 8; ++i) {
+            __m256i pair = _mm256_castps_si256(v[i]);
+            if (i < count) _mm256_storeu_ps(out + (n0 + i) * k + kk, _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16)));
+            if (i + 8 < count)
+                _mm256_storeu_ps(out + (n0 + i + 8) * k + kk, _mm256_castsi256_ps(_mm256_and_si256(pair, high)));
+        }
+    }
+    for (; kk < k; ++kk)
+        for (int i = 0; i < count; ++i) out[(n0 + i) * k + kk] = bf16_to_f32(wp[kk * PANEL + (i < 8 ? 2 * i : 2 * (i - 8) + 1)]);
 }
 #endif
 
@@ -135,11 +169,18 @@ int bf16_linear(int path, const void *x, int64_t x_stride, int x_bf16, int64_t r
 }
 
 /* The packed weight back as float32 [n, k] (for torch's matmul at large batches). */
-void bf16_unpack_f32(const uint16_t *w, int64_t n, int64_t k, float *out) {
+void bf16_unpack_f32(int path, const uint16_t *w, int64_t n, int64_t k, float *out) {
     int64_t panels = (n + PANEL - 1) / PANEL;
 #pragma omp parallel for schedule(static)
     for (int64_t p = 0; p < panels; ++p) {
         const uint16_t *wp = w + p * k * PANEL;
+        int count = n - p * PANEL < PANEL ? (int)(n - p * PANEL) : PANEL;
+#if defined(__x86_64__)
+        if (path != PATH_PORTABLE && (cpu_paths() & (1 << PATH_AVX2))) {
+            unpack_panel_avx2(wp, k, count, out, p * PANEL);
+            continue;
+        }
+#endif
         for (int i = 0; i < PANEL && p * PANEL + i < n; ++i) {
             int lane = i < 8 ? 2 * i : 2 * (i - 8) + 1;
             float *o = out + (p * PANEL + i) * k;
