@@ -122,6 +122,8 @@ def run(args: argparse.Namespace) -> Path:
         except Exception as exc:  # noqa: BLE001 - one server's failure must not stop the others
             info["error"] = str(exc)
             print(f"== {spec.name}: FAILED: {exc}", flush=True)
+        # written after each server, so that an interrupted run keeps what it measured
+        write_outputs(args, out, runs, meta, roofline, params, cpu, flags, input_len, output_len, echo=False)
         time.sleep(2.0)  # let the cores and ports settle before the next one
     return write_outputs(args, out, runs, meta, roofline, params, cpu, flags, input_len, output_len)
 
@@ -129,6 +131,7 @@ def run(args: argparse.Namespace) -> Path:
 def write_outputs(
     args: argparse.Namespace, out: Path, runs: dict[str, dict[int, dict[str, Any]]], meta: dict[str, dict[str, Any]],
     roofline: dict[str, Any], params: int, cpu: str, flags: list[str], input_len: int, output_len: int,
+    echo: bool = True,
 ) -> Path:  # fmt: skip
     low, high = min(args.concurrency), max(args.concurrency)
     rate = float(roofline["best_matmul_gflops"])
@@ -165,6 +168,7 @@ def write_outputs(
     roof_tps = rate * 1e9 / (2 * params) * output_len / (input_len + output_len)
     title = f"{cpu}, {os.cpu_count()} cores ({' '.join(flags)})\nSmolLM2-135M, {input_len} in / {output_len} out"
     plot(runs, out / "peers.png", title=title, roofline_output_tps=roof_tps, low=low, high=high)
-    print("\n".join(text))
-    print(f"results in {out}")
+    if echo:
+        print("\n".join(text))
+        print(f"results in {out}")
     return out
