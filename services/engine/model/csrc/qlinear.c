@@ -521,20 +521,66 @@ static inline __attribute__((always_inline)) TAMX void amx_issue(const int KIND,
         AMX_ISSUE(6);
 }
 
-/* sums[r] += C[r] * d * dx[r] (+ m * dx[r] * sum(qx[r]) for Q4_1) over the group's rows. */
-static inline __attribute__((always_inline)) TAMX void amx_epilogue(const int KIND, int32_t (*cb)[256],
-                                                                    const uint8_t *blk, const float *xs, int64_t b,
-                                                                    int64_t nb, int tiles, float *sums) {
-    __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
-    __m512 m = KIND == KIND_Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)))
-                                 : _mm512_setzero_ps();
-    for (int r = 0; r < tiles * AMX_ROWS; ++r) {
+/* sums[r] += C[r] * d * dx[r] (+ m * dx[r] * sum(qx[r]) for Q4_1) over the 16 rows of tile g. */
+static inline __attribute__((always_inline)) TAMX void amx_epilogue(const int KIND, const int32_t *c, __m512 d,
+                                                                    __m512 m, const float *xs, int64_t b, int64_t nb,
+                                                                    int g, float *sums) {
+    for (int i = 0; i < AMX_ROWS; ++i) {
+        int r = g * AMX_ROWS + i;
         const float *sc = xs + (r * nb + b) * 2;
-        __m512 v = _mm512_cvtepi32_ps(_mm512_load_si512(cb[r / AMX_ROWS] + 16 * (r % AMX_ROWS)));
+        __m512 v = _mm512_cvtepi32_ps(_mm512_load_si512(c + 16 * i));
         __m512 acc = _mm512_fmadd_ps(v, _mm512_mul_ps(d, _mm512_set1_ps(sc[0])), _mm512_load_ps(sums + 16 * r));
         if (KIND == KIND_Q4_1) acc = _mm512_fmadd_ps(m, _mm512_set1_ps(sc[1]), acc);
         _mm512_store_ps(sums + 16 * r, acc);
     }
+}
+
+/* Block b's epilogue interleaved with block b + 1's tiles (B tile BT): each tile's
+ * store is issued one 16-row epilogue later than its product, so that neither the
+ * tile unit nor the vector units wait on the other (a store right after its
+ * TDP, or a whole block's epilogue between them, stalls the core). */
+#define AMX_STEP(BT)                                                                                \
+    do {                                                                                           \
+        _tile_loadd(BT, KIND == KIND_Q8_0 ? wp + b * bstride + qoff : buf + b * 512, 64);          \
+        AMX_DP(0, 4, BT, 0);                                                                       \
+        if (tiles > 1) AMX_DP(1, 5, BT, 1);                                                        \
+        amx_epilogue(KIND, prev[0], d, m, xs, b - 1, nb, 0, sums);                                 \
+        _tile_stored(0, cb[0], 64);                                                                \
+        if (tiles > 2) AMX_DP(2, 4, BT, 2);                                                        \
+        if (tiles > 1) amx_epilogue(KIND, prev[1], d, m, xs, b - 1, nb, 1, sums);                  \
+        if (tiles > 1) _tile_stored(1, cb[1], 64);                                                 \
+        if (tiles > 3) AMX_DP(3, 5, BT, 3);                                                        \
+        if (tiles > 2) amx_epilogue(KIND, prev[2], d, m, xs, b - 1, nb, 2, sums);                  \
+        if (tiles > 2) _tile_stored(2, cb[2], 64);                                                 \
+        if (tiles > 3) amx_epilogue(KIND, prev[3], d, m, xs, b - 1, nb, 3, sums);                  \
+        if (tiles > 3) _tile_stored(3, cb[3], 64);                                                 \
+    } while (0)
+
+/* Block b's tiles into cb, and block b - 1's epilogue from prev (scales at blk_prev). */
+static inline __attribute__((always_inline)) TAMX void amx_step(const int KIND, const int8_t *xt, int64_t k,
+                                                                const uint8_t *wp, const uint8_t *buf, int64_t b,
+                                                                int64_t nb, int tiles, int32_t (*cb)[256],
+                                                                int32_t (*prev)[256], const float *xs,
+                                                                float *sums) {
+    const int64_t bstride = block_bytes(KIND), qoff = quant_offset(KIND);
+    const uint8_t *blk = wp + (b - 1) * bstride;
+    __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
+    __m512 m = KIND == KIND_Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)))
+                                 : _mm512_setzero_ps();
+    if (b & 1)
+        AMX_STEP(7);
+    else
+        AMX_STEP(6);
+}
+
+/* The last block's epilogue, with no tiles to overlap. */
+static inline __attribute__((always_inline)) TAMX void amx_last(const int KIND, const uint8_t *blk,
+                                                                int32_t (*prev)[256], const float *xs, int64_t b,
+                                                                int64_t nb, int tiles, float *sums) {
+    __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
+    __m512 m = KIND == KIND_Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)))
+                                 : _mm512_setzero_ps();
+    for (int g = 0; g < tiles; ++g) amx_epilogue(KIND, prev[g], d, m, xs, b, nb, g, sums);
 }
 
 /* One thread's share of the panels, inside the caller's parallel region; inlined
@@ -563,11 +609,9 @@ static inline __attribute__((always_inline)) TAMX void amx_worker(const uint8_t 
                 const float *st = xs + t * nb * 2;
                 memset(sums, 0, sizeof(float) * 16 * AMX_ROWS * (size_t)tiles);
                 amx_issue(KIND, xt, k, wp, buf, 0, tiles, cbuf[0]);
-                for (int64_t b = 0; b < nb; ++b) {
-                    /* the next block's tiles run while this one's sums are scaled */
-                    if (b + 1 < nb) amx_issue(KIND, xt, k, wp, buf, b + 1, tiles, cbuf[(b + 1) & 1]);
-                    amx_epilogue(KIND, cbuf[b & 1], wp + b * bstride, st, b, nb, tiles, sums);
-                }
+                for (int64_t b = 1; b < nb; ++b)
+                    amx_step(KIND, xt, k, wp, buf, b, nb, tiles, cbuf[b & 1], cbuf[(b - 1) & 1], st, sums);
+                amx_last(KIND, wp + (nb - 1) * bstride, cbuf[(nb - 1) & 1], st, nb - 1, nb, tiles, sums);
                 int live = rows - t < tiles * AMX_ROWS ? (int)(rows - t) : tiles * AMX_ROWS;
                 for (int r = 0; r < live; ++r)
                     store512(_mm512_load_ps(sums + 16 * r), count, p * PANEL, bias, residual, t + r, res_stride,
