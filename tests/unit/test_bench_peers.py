@@ -193,3 +193,28 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
 
     plot(_runs(), tmp_path / "p.png", title="CPU (avx512f)", roofline_output_tps=1500.0)
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_outputs_of_a_run(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    import argparse
+
+    from bench.peers.run import write_outputs
+
+    args = argparse.Namespace(concurrency=[1, 64], argv=["run", "--quick"], vllm_client=False)
+    meta = {"ours": {"client": "scalellm bench"}, "vllm": {"error": "vllm exited (1) before ready:\nTraceback"},
+            "llamacpp": {"client": "scalellm bench", "client_note": "measured with scalellm bench: why"}}  # fmt: skip
+    roofline = {"best_matmul_gflops": 400.0, "best_matmul_dtype": "bfloat16", "read_gbps": 20.0, "torch": "2.13.0",
+                "threads": 2, "matmul_gflops": {"float32": 100.0, "bfloat16": 400.0}}  # fmt: skip
+    runs = _runs()
+    del runs["vllm"]
+    write_outputs(args, tmp_path, runs, meta, roofline, PARAMS, "Xeon", ["avx512f"], 128, 128, echo=False)
+    table = (tmp_path / "table.md").read_text()
+    assert "`python -m bench.peers run --quick`" in table and "CPU: Xeon" in table and "flags: avx512f" in table
+    assert "vLLM's client was not available" in table
+    assert "- vllm: vllm exited (1) before ready:\n" in table and "Traceback" not in table
+    assert "- llamacpp: measured with scalellm bench: why" in table
+    assert "Targets for ours:" in table
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["runs"]["ours"]["64"]["output_throughput"] == 900.0 and data["targets"]["ours"][0]["held"] is True
+    assert (tmp_path / "peers.png").exists()
