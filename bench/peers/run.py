@@ -62,6 +62,19 @@ def server_specs(args: argparse.Namespace, work: Path, model_dir: Path, gguf: Pa
     return specs
 
 
+def source_state() -> str:
+    """The commit ours ran from, and whether the engine's sources had uncommitted changes."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "services", "shared"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" with uncommitted changes in services/ or shared/" if dirty else "")
+
+
 def run(args: argparse.Namespace) -> Path:
     from shared.model_files import default_gguf_path, resolve_model_dir
     from shared.settings import CommonSettings
@@ -80,6 +93,7 @@ def run(args: argparse.Namespace) -> Path:
     print(f"best matmul {roofline['best_matmul_gflops']:.0f} GFLOP/s ({roofline['best_matmul_dtype']}), "
           f"memory read {roofline['read_gbps']:.1f} GB/s", flush=True)  # fmt: skip
 
+    args.source = source_state()
     input_len, output_len = (128, 32) if args.quick else (args.input_len, args.output_len)
     loads = [Load(c, num_prompts(c, args.quick), input_len, output_len) for c in args.concurrency]
     env = {**os.environ, **servers.OFFLINE}
@@ -142,7 +156,7 @@ def write_outputs(
     data = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command, "cpu": cpu, "cores": os.cpu_count(), "flags": flags, "roofline": roofline,
-        "params": params, "input_len": input_len, "output_len": output_len, "clients": clients,
+        "ours_source": getattr(args, "source", ""), "params": params, "input_len": input_len, "output_len": output_len, "clients": clients,
         "servers": meta, "runs": {n: {str(c): f for c, f in r.items()} for n, r in runs.items()}, "targets": targets,
     }  # fmt: skip
     (out / "results.json").write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
@@ -155,7 +169,8 @@ def write_outputs(
         + ", ".join(f"{k} {v:,.0f}" for k, v in roofline["matmul_gflops"].items())
         + f"), memory read {roofline['read_gbps']:.1f} GB/s.", "",
         f"Load: random prompts of {input_len} tokens, {output_len} out (ignore_eos), client: {', '.join(clients)}"
-        f"{fallback}; {params:,} weights (2 FLOP per weight per token, prompt tokens included).", "",
+        f"{fallback}; {params:,} weights (2 FLOP per weight per token, prompt tokens included); "
+        f"ours from {data['ours_source']}.", "",
         results.markdown_table(runs, params=params, matmul_gflops=rate, low=low, high=high), "",
     ]  # fmt: skip
     for name, rows in targets.items():
