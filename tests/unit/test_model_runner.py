@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Co
 
 from services.engine.model.batch import ForwardBatch
 from services.engine.model.cpu import CpuFeatures
+from services.engine.model.linear import NATIVE_BF16_MAX_ROWS
 from services.engine.model.runner import ModelRunner
 
 BLOCK = 4
@@ -281,6 +282,22 @@ def test_bfloat16_mixed_batch_stays_close_to_float32(model: Model, attention: st
     reference = torch.stack([hf_logits(model.hf, seq.tokens)[-1] for seq in (decode, chunked, fresh)])
     # Observed error is about 4e-3 on logits of magnitude ~1; a broken kernel is off by far more.
     torch.testing.assert_close(ours, reference, atol=2e-2, rtol=0)
+
+
+def test_avx2_plan_widens_for_long_prefills_and_uses_the_native_bf16_linear_for_decodes(model: Model) -> None:
+    """The AVX2 plan's bf16 linears on both sides of NATIVE_BF16_MAX_ROWS: a 70-token prefill
+    (widened weights, torch's matmul) then its decode (native kernel), against float32."""
+    runner = make_runner(model.path, "native", dtype="auto", cpu=AVX2_ONLY)
+    assert runner.plan.native is not None and runner.plan.native_linears is runner.plan.native
+    assert runner.kv_cache.layer(0)[0].dtype == torch.bfloat16
+    pool = Pool(seed=50)
+    long = Seq(prompt(70, seed=51))
+    assert 70 >= NATIVE_BF16_MAX_ROWS
+    prefill = runner.forward(pool.schedule([(long, 70)])[0])
+    torch.testing.assert_close(prefill[-1], hf_logits(model.hf, long.tokens)[-1], atol=2e-2, rtol=0)
+    long.tokens.append(int(prefill[-1].argmax()))
+    step = runner.forward(pool.schedule([(long, 1)])[0])
+    torch.testing.assert_close(step[-1], hf_logits(model.hf, long.tokens)[-1], atol=2e-2, rtol=0)
 
 
 def test_bfloat16_on_a_cpu_without_bf16_never_asks_onednn_for_it(
