@@ -69,7 +69,7 @@ def test_every_path_equals_the_reference(library: ctypes.CDLL, path: str, varian
         for tokens in (1, 3, 8, 13, 16, 17, 31, 64, 67):
             for dtype in (torch.float32, torch.bfloat16):
                 x = (torch.randn(tokens, 160, generator=gen) * 3).to(dtype)
-                want = reference_linear(x, weight, variant)
+                want = reference_linear(x, weight, variant, kernels.rounds_weights_to_bf16(tokens, dtype))
                 got = kernels.linear(x, weight)
                 assert got.dtype == dtype and got.shape == (tokens, 49)
                 # float32: summation order, and Q8_0 cancelling its +128 offset; bf16: the output's rounding.
@@ -126,6 +126,17 @@ def test_int8_activations_stay_close_to_the_float_product() -> None:
     exact = x @ weight.dequantize().double().T
     error = (reference_linear(x, weight) - exact).norm() / exact.norm()
     assert 0 < error < 0.01
+
+
+def test_the_float_variant_on_bf16_tiles_rounds_only_the_weights(library: ctypes.CDLL) -> None:
+    """amx_int8 + float + bf16 activations: the product of bf16-rounded weights, accumulated in float32."""
+    kernels = kernels_on(library, "amx_int8", "float")
+    if not kernels.rounds_weights_to_bf16(16, torch.bfloat16):
+        pytest.skip("this CPU lacks amx_bf16 or avx512_bf16: the float variant dequantizes to float32 there")
+    weight = random_matrix("Q4_1", 64, 576, np.random.default_rng(7))
+    x = torch.randn(33, 576, generator=torch.Generator().manual_seed(7)).bfloat16()
+    want = reference_linear(x, weight, "float", bf16_weights=True)
+    torch.testing.assert_close(kernels.linear(x, weight).double(), want, atol=2e-2, rtol=8e-3)
 
 
 def test_the_float_variant_computes_the_float_product(library: ctypes.CDLL) -> None:

@@ -9,7 +9,9 @@ by the -march the library was built with. The AMX path runs tiles from
 
 Two variants of the product: ``int8`` (the default) quantizes the activations to
 int8 per block of 32 and sums integers; ``float`` keeps them in float and
-dequantizes the weights in registers (exact weights, no activation rounding). It is compiled on first use like the other kernels
+dequantizes the weights in registers (exact weights, no activation rounding),
+except with bf16 activations on AMX tiles (amx_int8 path, from amx_min_rows rows),
+where the weights are rounded to bf16 as a bf16 float matmul's are. It is compiled on first use like the other kernels
 (native.py: cached per source, flags and CPU), checked against the torch
 reference of quantized.py on small inputs, and the caller falls back to float
 weights with a warning when anything fails.
@@ -87,6 +89,7 @@ class QuantKernels:
         p, i = ctypes.c_void_p, ctypes.c_int64
         self._paths = _declare(library.qlinear_paths, ctypes.c_int)
         self._padded_rows = _declare(library.qlinear_padded_rows, i, i)
+        self._float_tiles = _declare(library.qlinear_float_tiles, ctypes.c_int)
         args = (ctypes.c_int, p, i, ctypes.c_int, i, i, p, i, ctypes.c_int, p, p, i, p, i, ctypes.c_int, p, p)
         self._linear = _declare(library.qlinear, ctypes.c_int, *args)
         self._linear_float = _declare(library.qlinear_float, ctypes.c_int, *args[:-1])
@@ -96,6 +99,17 @@ class QuantKernels:
         """The paths this machine can run (cpuid, as the C runtime sees it)."""
         bits = self._paths()
         return tuple(path for index, path in enumerate(PATHS) if bits >> index & 1)
+
+    def rounds_weights_to_bf16(self, tokens: int, dtype: torch.dtype) -> bool:
+        """Whether a call computes on bf16-rounded weights: the float variant on AMX-BF16 tiles
+        (bf16 activations, amx_int8 path, amx_min_rows rows or more), as a bf16 float matmul would."""
+        return (
+            self.variant == "float"
+            and self.path == "amx_int8"
+            and dtype == torch.bfloat16
+            and tokens >= self.amx_min_rows
+            and bool(self._float_tiles())
+        )
 
     def with_path(self, path: str) -> QuantKernels:
         return QuantKernels(self._library, path, self.variant, self.amx_min_rows)
@@ -130,14 +144,13 @@ class QuantKernels:
         if residual is not None and (residual.dtype != x.dtype or residual.stride(1) != 1):
             residual = residual.to(x.dtype).contiguous()
         bf16 = int(x.dtype == torch.bfloat16)
+        path = "avx512_vnni" if self.path == "amx_int8" and tokens < self.amx_min_rows else self.path
         if self.variant == "float":
-            path = self.path
-            # Only bf16 activations are widened into the scratch; float32 ones are read in place.
-            values, _ = self._scratch.take(tokens * cols if bf16 else 0, 0, torch.float32)
+            # Only bf16 activations use the scratch (widened, or a padded 16-row tail for tiles).
+            values, _ = self._scratch.take(max(tokens, 16) * cols if bf16 else 0, 0, torch.float32)
             scratch: tuple[int, ...] = (values.data_ptr(),)
             call = self._linear_float
         else:
-            path = "avx512_vnni" if self.path == "amx_int8" and tokens < self.amx_min_rows else self.path
             padded = self._padded_rows(tokens)
             values, scales = self._scratch.take(padded * cols, padded * cols // BLOCK * 2, torch.int8)
             scratch = (values.data_ptr(), scales.data_ptr())
@@ -187,7 +200,7 @@ def self_check(kernels: QuantKernels) -> None:
     """The kernel against quantized.reference_linear: every kind, both dtypes, tails, residual and bias;
     the int8 variant with tiles on every row count (amx_int8), and the float one."""
     _check(kernels.with_variant("int8").with_amx_min_rows(1))
-    _check(kernels.with_variant("float"))
+    _check(kernels.with_variant("float").with_amx_min_rows(1))
 
 
 def _check(kernels: QuantKernels) -> None:
@@ -201,7 +214,8 @@ def _check(kernels: QuantKernels) -> None:
                 x = torch.randn(tokens, 96, generator=gen).to(dtype)
                 residual = torch.randn(tokens, 40, generator=gen).to(dtype)
                 got = kernels.linear(x, weight, bias, residual).double()
-                want = reference_linear(x, weight, kernels.variant) + bias.double() + residual.double()
+                bf16_weights = kernels.rounds_weights_to_bf16(tokens, dtype)
+                want = reference_linear(x, weight, kernels.variant, bf16_weights) + bias.double() + residual.double()
                 error = ((got - want).abs() / (1 + want.abs())).max().item()
                 if not error <= tol:
                     raise RuntimeError(

@@ -126,11 +126,17 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(torch.int8).reshape(rows, cols), scale
 
 
-def reference_linear(x: torch.Tensor, weight: QuantizedMatrix, variant: str = "int8") -> torch.Tensor:
+def reference_linear(
+    x: torch.Tensor, weight: QuantizedMatrix, variant: str = "int8", bf16_weights: bool = False
+) -> torch.Tensor:
     """float64 [T, rows]: what the kernels compute without rounding of sums: with int8 activations per
-    block (variant "int8"), or with the float activations as given ("float")."""
+    block (variant "int8"), or with the float activations as given ("float"; bf16_weights: on the
+    weights rounded to bfloat16, as the AMX-BF16 tiles compute)."""
     if variant == "float":
-        return x.double() @ weight.dequantize().double().T
+        dequantized = weight.dequantize()
+        if bf16_weights:
+            dequantized = dequantized.bfloat16()
+        return x.double() @ dequantized.double().T
     q, scale = quantize_activations(x)
     xq = (q.double().reshape(x.shape[0], -1, BLOCK) * scale.double()[..., None]).reshape(x.shape)
     return xq @ weight.dequantize().double().T

@@ -768,10 +768,150 @@ GEMM256(gemm256v, T256V, tile256v, store256_T256V_, KIND_Q4_0)
 GEMM256(gemm256v, T256V, tile256v, store256_T256V_, KIND_Q4_1)
 GEMM256(gemm256v, T256V, tile256v, store256_T256V_, KIND_Q8_0)
 
+/* ---- AMX bf16: float activations, weights dequantized to bf16 --------------
+ * The float variant for bf16 activations from AMX_MIN_ROWS rows on: each panel
+ * is dequantized once (d * u + m, rounded to bf16 as a bf16 copy of the float
+ * weights would be) into TDPBF16PS B operands, 16 rows of 64 bytes per block,
+ * row j holding the pair of columns (2j, 2j + 1) of each of the 16 weight rows;
+ * A is 16 activation rows' 32 bf16 of the block, as they are. The weights now
+ * carry their scales, so the C tiles (up to 4: 64 activation rows) accumulate
+ * over the whole row with no per-block epilogue, as a bf16 matmul does. */
+
+#define TAMXBF __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma,f16c,amx-tile,amx-bf16")))
+
+/* tmm0-3: C (16 x 16 float), tmm4-5: A (16 rows x 32 bf16), tmm6-7: B (16 rows x 16 bf16 pairs). */
+static inline TAMXBF void amxbf_configure(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 8; ++i) {
+        cfg.rows[i] = 16;
+        cfg.colsb[i] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* Lane r of the result: (bf16(a[r]), bf16(b[r])) as one 32-bit pair. */
+static inline TAMXBF __m512i amxbf_pair(__m512 a, __m512 b) {
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+}
+
+static inline __attribute__((always_inline)) TAMXBF void amxbf_dequantize(const uint8_t *wp, const int KIND,
+                                                                          int64_t nb, uint8_t *buf) {
+    const int64_t bstride = block_bytes(KIND), qoff = quant_offset(KIND);
+    const __m512i low4 = _mm512_set1_epi32(0x0F);
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t *blk = wp + b * bstride, *qs = blk + qoff;
+        __m512i *rows = (__m512i *)(buf + b * 1024);
+        __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
+        if (KIND == KIND_Q8_0) {
+            for (int g = 0; g < 8; ++g) {
+                __m512i v = _mm512_loadu_si512(qs + 64 * g);
+                for (int j = 0; j < 4; j += 2) {
+                    __m512 a = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * j), 24));
+                    __m512 c = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16 - 8 * j), 24));
+                    _mm512_store_si512(rows + 2 * g + j / 2, amxbf_pair(_mm512_mul_ps(a, d), _mm512_mul_ps(c, d)));
+                }
+            }
+        } else {
+            __m512 m = KIND == KIND_Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)))
+                                         : _mm512_mul_ps(d, _mm512_set1_ps(-8.f));
+            for (int c = 0; c < 4; ++c) {
+                __m512i v = _mm512_loadu_si512(qs + 64 * c);
+                for (int h = 0; h < 2; ++h) /* low nibbles: columns 4c + j; high: 16 + 4c + j */
+                    for (int j = 0; j < 4; j += 2) {
+                        __m512 a = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * j + 4 * h), low4));
+                        __m512 e = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * j + 8 + 4 * h), low4));
+                        _mm512_store_si512(rows + 8 * h + 2 * c + j / 2,
+                                           amxbf_pair(_mm512_fmadd_ps(a, d, m), _mm512_fmadd_ps(e, d, m)));
+                    }
+            }
+        }
+    }
+}
+
+#define AMXBF_DP(CT, AT, BT, g) \
+    do { \
+        _tile_loadd(AT, xt + (g) * AMX_ROWS * xs_stride + b * QB, xs_stride * 2); \
+        _tile_dpbf16ps(CT, AT, BT); \
+    } while (0)
+
+#define AMXBF_BLOCK(BT) \
+    do { \
+        _tile_loadd(BT, buf + b * 1024, 64); \
+        AMXBF_DP(0, 4, BT, 0); \
+        if (tiles > 1) AMXBF_DP(1, 5, BT, 1); \
+        if (tiles > 2) AMXBF_DP(2, 4, BT, 2); \
+        if (tiles > 3) AMXBF_DP(3, 5, BT, 3); \
+    } while (0)
+
+/* x: bf16 rows (stride x_stride); tail: the last partial 16-row group, zero padded (stride k). */
+static inline __attribute__((always_inline)) TAMXBF void amxbf_worker(const uint8_t *w, const int KIND, int64_t n,
+                                                                      int64_t k, const uint16_t *x, int64_t x_stride,
+                                                                      const uint16_t *tail, int64_t rows,
+                                                                      const float *bias, const void *residual,
+                                                                      int64_t res_stride, void *out,
+                                                                      int64_t out_stride, int out_bf16) {
+    const int64_t nb = k / QB, bstride = block_bytes(KIND), panels = (n + PANEL - 1) / PANEL;
+    const int64_t whole = rows / AMX_ROWS * AMX_ROWS, padded = (rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
+    amxbf_configure();
+    uint8_t *buf = (uint8_t *)aligned_alloc(64, (size_t)nb * 1024);
+    float cbuf[AMX_TILES][256] __attribute__((aligned(64)));
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < panels; ++p) {
+        const uint8_t *wp = w + p * nb * bstride;
+        int count = n - p * PANEL < PANEL ? (int)(n - p * PANEL) : PANEL;
+        amxbf_dequantize(wp, KIND, nb, buf);
+        __asm__ volatile("" ::: "memory"); /* tileloadd's asm names no memory operand */
+        for (int64_t t = 0; t < padded;) {
+            /* whole groups read x in place; the partial one its padded copy, alone */
+            int tiles = t < whole ? (int)((whole - t) / AMX_ROWS < AMX_TILES ? (whole - t) / AMX_ROWS : AMX_TILES) : 1;
+            const uint16_t *xt = t < whole ? x + t * x_stride : tail;
+            const int64_t xs_stride = t < whole ? x_stride : k;
+            _tile_zero(0);
+            if (tiles > 1) _tile_zero(1);
+            if (tiles > 2) _tile_zero(2);
+            if (tiles > 3) _tile_zero(3);
+            for (int64_t b = 0; b < nb; ++b) {
+                if (b & 1)
+                    AMXBF_BLOCK(7);
+                else
+                    AMXBF_BLOCK(6);
+            }
+            _tile_stored(0, cbuf[0], 64);
+            if (tiles > 1) _tile_stored(1, cbuf[1], 64);
+            if (tiles > 2) _tile_stored(2, cbuf[2], 64);
+            if (tiles > 3) _tile_stored(3, cbuf[3], 64);
+            int live = rows - t < tiles * AMX_ROWS ? (int)(rows - t) : tiles * AMX_ROWS;
+            for (int r = 0; r < live; ++r)
+                store512(_mm512_load_ps(cbuf[0] + 16 * r), count, p * PANEL, bias, residual, t + r, res_stride, out,
+                         out_stride, out_bf16);
+            t += tiles * AMX_ROWS;
+        }
+    }
+    free(buf);
+    _tile_release();
+}
+
+#define FGEMM_AMXBF(NAME, KIND_) \
+    static TAMXBF void NAME(const uint8_t *w, int64_t n, int64_t k, const uint16_t *x, int64_t x_stride, \
+                            const uint16_t *tail, int64_t rows, const float *bias, const void *residual, \
+                            int64_t res_stride, void *out, int64_t out_stride, int out_bf16) { \
+        _Pragma("omp parallel") amxbf_worker(w, KIND_, n, k, x, x_stride, tail, rows, bias, residual, res_stride, \
+                                             out, out_stride, out_bf16); \
+    }
+FGEMM_AMXBF(fgemm_amxbf_q4_0, KIND_Q4_0)
+FGEMM_AMXBF(fgemm_amxbf_q4_1, KIND_Q4_1)
+FGEMM_AMXBF(fgemm_amxbf_q8_0, KIND_Q8_0)
+
 #endif /* __x86_64__ */
 
 typedef void (*gemm_fn)(const uint8_t *, int64_t, int64_t, const int8_t *, const float *, int64_t, const float *,
                         const void *, int64_t, void *, int64_t, int);
+typedef void (*fgemm_fn_bf)(const uint8_t *, int64_t, int64_t, const uint16_t *, int64_t, const uint16_t *, int64_t,
+                            const float *, const void *, int64_t, void *, int64_t, int);
 typedef void (*fgemm_fn)(const uint8_t *, int64_t, int64_t, const float *, int64_t, int64_t, const float *,
                          const void *, int64_t, void *, int64_t, int);
 
@@ -784,6 +924,24 @@ static int amx_usable(void) {
     return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
 }
 #endif
+
+int qlinear_paths(void);
+
+/* Whether the float variant may use AMX-BF16 tiles (the amx_int8 path runs, and cpuid has AMX-BF16 and AVX512-BF16). */
+static int amx_bf16_usable(void) {
+#if defined(__x86_64__) && defined(__linux__)
+    unsigned a, b, c, d;
+    if (!(qlinear_paths() & (1 << PATH_AMX_INT8)) || !__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d >> 22 & 1))
+        return 0;
+    return __builtin_cpu_supports("avx512bf16");
+#else
+    return 0;
+#endif
+}
+
+/* 1 when the float variant on the amx_int8 path runs bf16 activations on AMX-BF16 tiles
+ * (weights rounded to bf16), 0 when it dequantizes to float32 there too. */
+int qlinear_float_tiles(void) { return amx_bf16_usable(); }
 
 /* Which paths this CPU runs (bit i: path i), from cpuid as the compiler's runtime reports it. */
 int qlinear_paths(void) {
@@ -851,13 +1009,29 @@ int qlinear(int path, const void *x, int64_t x_stride, int x_bf16, int64_t rows,
 
 /* The same product with float activations (no int8 quantization): the weights
  * are dequantized in registers. AVX-512 on the avx512_vnni and amx_int8 paths,
- * portable C on the others. xf: float32 [rows, k] scratch, used for bf16 x only.
+ * portable C on the others; amx_int8 with bf16 x runs AMX-BF16 tiles where the
+ * CPU has them (the caller picks avx512_vnni for few rows). xf: float32
+ * [max(rows, 16), k] scratch, used for bf16 x only.
  * Returns as qlinear. */
 int qlinear_float(int path, const void *x, int64_t x_stride, int x_bf16, int64_t rows, int64_t k, const uint8_t *w,
                   int64_t n, int kind, const float *bias, const void *residual, int64_t res_stride, void *out,
                   int64_t out_stride, int out_bf16, float *xf) {
     if (k % QB || kind < 0 || kind > 2 || path < 0 || path >= NPATHS || rows < 0) return -1;
     if (!(qlinear_paths() & (1 << path))) return -2;
+#if defined(__x86_64__)
+    static const fgemm_fn_bf amxbf[3] = {fgemm_amxbf_q4_0, fgemm_amxbf_q4_1, fgemm_amxbf_q8_0};
+    if (path == PATH_AMX_INT8 && x_bf16 && amx_bf16_usable()) {
+        /* the last partial 16-row group, zero padded, in the scratch (which holds 16 rows) */
+        int64_t whole = rows / 16 * 16;
+        uint16_t *tail = (uint16_t *)xf;
+        memset(tail, 0, sizeof(uint16_t) * 16 * (size_t)k);
+        for (int64_t r = whole; r < rows; ++r)
+            memcpy(tail + (r - whole) * k, (const uint16_t *)x + r * x_stride, sizeof(uint16_t) * (size_t)k);
+        amxbf[kind](w, n, k, (const uint16_t *)x, x_stride, tail, rows, bias, residual, res_stride, out, out_stride,
+                    out_bf16);
+        return 0;
+    }
+#endif
     const float *xs = (const float *)x;
     if (x_bf16) {
         widen_bf16((const uint16_t *)x, x_stride, rows, k, xf);
