@@ -4,6 +4,8 @@
     python -m bench.model_step --dtype bfloat16 --batch 64 --context 300 --kernels torch native
     python -m bench.model_step --dtype bfloat16 float32 --plan-for-cpu avx2,fma   # plan as on an AVX2-only CPU
     python -m bench.model_step --quantization none gguf --batch 1 64   # float vs the GGUF's blocks
+    python -m bench.model_step --quantization gguf --gguf-variant int8 float --amx-min-rows 16 1000
+    python -m bench.model_step --quantization int8 --batch 1 64 --threads 1   # per-channel int8 weights
 
 Every sequence decodes one token per step with ~context tokens already in the
 KV cache (the cache holds zeros: the step's cost does not depend on the values).
@@ -22,8 +24,10 @@ import torch
 
 from services.engine.model.batch import ForwardBatch
 from services.engine.model.cpu import CpuFeatures
+from services.engine.model.linear import QuantizedLinear
 from services.engine.model.native import KERNEL_CHOICES
 from services.engine.model.plan import QUANTIZATION_CHOICES
+from services.engine.model.quant_kernels import VARIANTS
 from services.engine.model.runner import ModelRunner
 
 
@@ -41,6 +45,28 @@ def decode_batch(batch: int, context: int, block_size: int) -> ForwardBatch:
         block_tables=tables,
         logits_indices=torch.arange(batch),
     )
+
+
+def use_quant_kernels(runner: ModelRunner, variant: str, amx_min_rows: int | None) -> str:
+    """Rebind the runner's quantized linears to the kernel variant (and AMX row threshold); its label."""
+    plan_kernels = runner.plan.quantized
+    if plan_kernels is None:
+        return ""
+    kernels = plan_kernels.with_variant(variant)
+    if amx_min_rows is not None:
+        kernels = kernels.with_amx_min_rows(amx_min_rows)
+    model = runner.model
+    linears = [
+        model.lm_head,
+        *(part for layer in model.layers for part in (layer.qkv, layer.o, layer.gate_up, layer.down)),
+    ]
+    for linear in linears:
+        if isinstance(linear, QuantizedLinear):
+            linear.kernels = kernels
+    label = kernels.path + ("-float" if variant == "float" else "")
+    if kernels.path == "amx_int8" and variant == "int8":
+        label += f"(tiles>={kernels.amx_min_rows})"
+    return label
 
 
 def main() -> None:
@@ -63,7 +89,22 @@ def main() -> None:
         nargs="+",
         default=["none"],
         choices=QUANTIZATION_CHOICES,
-        help="none: float weights; gguf: the linears on the GGUF's Q4/Q8 blocks (SCALELLM_QUANTIZATION)",
+        help="none: float weights; gguf: the linears on the GGUF's Q4/Q8 blocks; int8: the safetensors "
+        "weights quantized at load to int8 per output channel (SCALELLM_QUANTIZATION)",
+    )
+    parser.add_argument(
+        "--gguf-variant",
+        nargs="+",
+        default=["int8"],
+        choices=VARIANTS,
+        help="int8: activations quantized to int8 per block; float: weights dequantized in registers",
+    )
+    parser.add_argument(
+        "--amx-min-rows",
+        type=int,
+        nargs="+",
+        default=[None],
+        help="amx_int8 path: tiles from this many rows on (default quant_kernels.AMX_MIN_ROWS)",
     )
     args = parser.parse_args()
     if args.threads:
@@ -90,11 +131,12 @@ def main() -> None:
             quantization=quantization,
         )
         params = runner.model.matmul_params()
-        kind = "native" if runner.plan.native else "torch"
-        if runner.plan.quantized is not None:
-            kind = f"gguf-{runner.plan.quantized.path}"
         print(f"{dtype} {kernels} quantization {quantization}: {runner.plan.describe()}")
-        for batch in args.batch:
+        variants = itertools.product(args.gguf_variant, args.amx_min_rows) if runner.plan.quantized else [("", None)]
+        for (variant, amx_min_rows), batch in itertools.product(variants, args.batch):
+            kind = "native" if runner.plan.native else "torch"
+            if runner.plan.quantized is not None:
+                kind = f"{runner.plan.quantization}-{use_quant_kernels(runner, variant, amx_min_rows)}"
             step = decode_batch(batch, args.context, args.block_size)
             for _ in range(3):
                 runner.forward(step)
