@@ -4,9 +4,10 @@
  * engine runs on the CPU their dispatch cost is a visible share of a decode
  * step. Rounding follows transformers where it rounds (after the normalisation,
  * before the weight); elsewhere values stay in float32 until stored.
- * Each has an AVX-512, an AVX2 + FMA and a portable path (simd.h); the vector
- * paths round exactly as the portable one, except SiLU's exponential (a
- * polynomial, ~2e-7 relative). Built with paged_attention.c by native.py.
+ * Each has an AVX-512, an AVX2 + FMA and a portable path (simd.h). The vector
+ * paths round to bf16 where the portable one does, but sum in another order
+ * (RMSNorm) and take SiLU's exponential from a polynomial (~2e-7 relative), so
+ * a value may differ in its last bf16 bit. Built with paged_attention.c by native.py.
  */
 #include "simd.h"
 
@@ -92,8 +93,6 @@ static void rotate_portable(uint16_t *x, const float *c, const float *s, int64_t
 }
 
 #if defined(__x86_64__)
-/* fmsub/fmadd would round once where the portable path rounds twice; mul then
- * add keeps every path's bf16 equal. */
 static T256 void rotate_avx2(uint16_t *x, const float *c, const float *s, int64_t half) {
     int64_t d = 0;
     for (; d + 8 <= half; d += 8) {
