@@ -236,7 +236,9 @@ class EngineSettings(CommonSettings):
     max_running_requests: PositiveInt = 64
     # The echo backend sleeps this long per step, standing in for a forward pass.
     echo_step_delay_ms: Annotated[float, Field(ge=0)] = 10.0
-    # auto: bfloat16 on CUDA or on a CPU with native bf16, else float32.
+    # auto: bfloat16 on CUDA and on every CPU for the torch engine (weights and KV cache; widened to
+    # float32 in registers where the CPU has no bf16 arithmetic); the transformers backend keeps float32
+    # on a CPU without native bf16.
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # auto: CUDA when present, else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
