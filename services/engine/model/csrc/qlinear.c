@@ -23,6 +23,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -798,11 +799,12 @@ static inline TAMXBF __m512i amxbf_pair(__m512 a, __m512 b) {
     return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(b, a));
 }
 
+/* Block b of the panel at wp as 16 B-operand rows at buf + 1024 b. */
 static inline __attribute__((always_inline)) TAMXBF void amxbf_dequantize(const uint8_t *wp, const int KIND,
-                                                                          int64_t nb, uint8_t *buf) {
+                                                                          int64_t b, uint8_t *buf) {
     const int64_t bstride = block_bytes(KIND), qoff = quant_offset(KIND);
     const __m512i low4 = _mm512_set1_epi32(0x0F);
-    for (int64_t b = 0; b < nb; ++b) {
+    {
         const uint8_t *blk = wp + b * bstride, *qs = blk + qoff;
         __m512i *rows = (__m512i *)(buf + b * 1024);
         __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
@@ -857,19 +859,23 @@ static inline __attribute__((always_inline)) TAMXBF void amxbf_worker(const uint
     const int64_t nb = k / QB, bstride = block_bytes(KIND), panels = (n + PANEL - 1) / PANEL;
     const int64_t whole = rows / AMX_ROWS * AMX_ROWS, padded = (rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
     amxbf_configure();
-    uint8_t *buf = (uint8_t *)aligned_alloc(64, (size_t)nb * 1024);
+    /* This thread's panels, each dequantized while the previous one's tiles run. */
+    const int64_t threads = omp_get_num_threads(), per = (panels + threads - 1) / threads;
+    const int64_t first = omp_get_thread_num() * per, last = first + per < panels ? first + per : panels;
+    uint8_t *bufs = (uint8_t *)aligned_alloc(64, (size_t)nb * 2048);
     float cbuf[AMX_TILES][256] __attribute__((aligned(64)));
-#pragma omp for schedule(static)
-    for (int64_t p = 0; p < panels; ++p) {
-        const uint8_t *wp = w + p * nb * bstride;
+    for (int64_t b = 0; first < last && b < nb; ++b) amxbf_dequantize(w + first * nb * bstride, KIND, b, bufs);
+    for (int64_t p = first; p < last; ++p) {
+        const uint8_t *buf = bufs + (p - first) % 2 * nb * 1024, *next_wp = w + (p + 1) * nb * bstride;
+        uint8_t *next = bufs + (p - first + 1) % 2 * nb * 1024;
         int count = n - p * PANEL < PANEL ? (int)(n - p * PANEL) : PANEL;
-        amxbf_dequantize(wp, KIND, nb, buf);
         __asm__ volatile("" ::: "memory"); /* tileloadd's asm names no memory operand */
         for (int64_t t = 0; t < padded;) {
             /* whole groups read x in place; the partial one its padded copy, alone */
             int tiles = t < whole ? (int)((whole - t) / AMX_ROWS < AMX_TILES ? (whole - t) / AMX_ROWS : AMX_TILES) : 1;
             const uint16_t *xt = t < whole ? x + t * x_stride : tail;
             const int64_t xs_stride = t < whole ? x_stride : k;
+            const int prefetch = t == 0 && p + 1 < last;
             _tile_zero(0);
             if (tiles > 1) _tile_zero(1);
             if (tiles > 2) _tile_zero(2);
@@ -879,6 +885,7 @@ static inline __attribute__((always_inline)) TAMXBF void amxbf_worker(const uint
                     AMXBF_BLOCK(7);
                 else
                     AMXBF_BLOCK(6);
+                if (prefetch) amxbf_dequantize(next_wp, KIND, b, next);
             }
             _tile_stored(0, cbuf[0], 64);
             if (tiles > 1) _tile_stored(1, cbuf[1], 64);
@@ -891,7 +898,7 @@ static inline __attribute__((always_inline)) TAMXBF void amxbf_worker(const uint
             t += tiles * AMX_ROWS;
         }
     }
-    free(buf);
+    free(bufs);
     _tile_release();
 }
 
