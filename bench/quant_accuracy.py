@@ -2,6 +2,7 @@
 
     python -m bench.quant_accuracy                      # float32, gguf and int8, 64 prompts x 64 tokens, perplexity
     python -m bench.quant_accuracy --dtype bfloat16 --threads 2 --quantization int8
+    python -m bench.quant_accuracy --quantization gguf --gguf-variant int8 float   # the float-activation kernel
 
 Every runner starts from the same weights: the float path reads the safetensors
 folder (the GGUF dequantized by transformers); gguf (SCALELLM_QUANTIZATION=gguf)
@@ -26,7 +27,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.model_step import use_quant_kernels
 from services.engine.model.batch import ForwardBatch
+from services.engine.model.quant_kernels import VARIANTS
 from services.engine.model.runner import ModelRunner
 
 TEXT = Path(__file__).parent / "data" / "coriolanus.txt"
@@ -105,6 +108,13 @@ def main() -> None:
     parser.add_argument(
         "--quantization", nargs="+", default=["gguf", "int8"], choices=["gguf", "int8"], help="compared to none"
     )
+    parser.add_argument(
+        "--gguf-variant",
+        nargs="+",
+        default=["int8"],
+        choices=VARIANTS,
+        help="gguf kernel variants: int8 activations (gguf), float activations (gguf-float)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,8 +128,14 @@ def main() -> None:
     ids: list[int] = AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"]
     seq_len = args.prompt_tokens + args.tokens
     blocks_per_seq = max(-(-seq_len // BLOCK), -(-args.window // BLOCK))
-    runners = {
-        name: ModelRunner(
+    # name -> (SCALELLM_QUANTIZATION, gguf kernel variant)
+    setups = {"none": ("none", "int8")}
+    for quantization in args.quantization:
+        for variant in args.gguf_variant if quantization == "gguf" else ["int8"]:
+            setups[quantization if variant == "int8" else f"{quantization}-{variant}"] = (quantization, variant)
+    runners = {}
+    for name, (quantization, variant) in setups.items():
+        runners[name] = ModelRunner(
             model_dir,
             dtype=args.dtype,
             device="cpu",
@@ -127,10 +143,10 @@ def main() -> None:
             num_blocks=args.prompts * blocks_per_seq,
             kv_cache_bytes=None,
             max_model_len=None,
-            quantization=name,
+            quantization=quantization,
         )
-        for name in ("none", *args.quantization)
-    }
+        if variant != "int8":
+            use_quant_kernels(runners[name], variant, None)
     float_runner = runners["none"]
     print(f"model {model_dir}, {args.dtype}, {torch.get_num_threads()} threads; text {len(ids)} tokens")
 
@@ -138,7 +154,7 @@ def main() -> None:
     prompts = [ids[i * stride : i * stride + args.prompt_tokens] for i in range(args.prompts)]
     reference = greedy(float_runner, prompts, args.tokens, blocks_per_seq)
     full = [p + r for p, r in zip(prompts, reference, strict=True)]
-    for name in args.quantization:
+    for name in [name for name in runners if name != "none"]:
         quant_runner = runners[name]
         print(f"quantization {name} plan: {quant_runner.plan.describe()}")
         start = time.perf_counter()

@@ -69,7 +69,8 @@ def test_every_path_equals_the_reference(library: ctypes.CDLL, path: str, varian
         for tokens in (1, 3, 8, 13, 16, 17, 31, 64, 67):
             for dtype in (torch.float32, torch.bfloat16):
                 x = (torch.randn(tokens, 160, generator=gen) * 3).to(dtype)
-                want = reference_linear(x, weight, variant, kernels.rounds_weights_to_bf16(tokens, dtype))
+                bf16_weights = kernels.rounds_weights_to_bf16(tokens, dtype)
+                want = reference_linear(x, weight, kernels.variant_for(tokens, dtype), bf16_weights)
                 got = kernels.linear(x, weight)
                 assert got.dtype == dtype and got.shape == (tokens, 49)
                 # float32: summation order, and Q8_0 cancelling its +128 offset; bf16: the output's rounding.
@@ -92,7 +93,8 @@ def test_residual_and_bias_are_added_and_strided_rows_are_read(library: ctypes.C
             bias = torch.randn(24, generator=gen)
             residual = torch.randn(tokens, 24, generator=gen)
             got = kernels.linear(x, weight, bias, residual)
-            want = reference_linear(x.contiguous(), weight, variant) + bias.double() + residual.double()
+            effective = kernels.variant_for(tokens, x.dtype)
+            want = reference_linear(x.contiguous(), weight, effective) + bias.double() + residual.double()
             torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5, msg=f"{kind} {tokens} rows")
 
 
@@ -137,6 +139,15 @@ def test_the_float_variant_on_bf16_tiles_rounds_only_the_weights(library: ctypes
     x = torch.randn(33, 576, generator=torch.Generator().manual_seed(7)).bfloat16()
     want = reference_linear(x, weight, "float", bf16_weights=True)
     torch.testing.assert_close(kernels.linear(x, weight).double(), want, atol=2e-2, rtol=8e-3)
+
+
+def test_auto_is_float_on_bf16_tiles_and_int8_elsewhere(library: ctypes.CDLL) -> None:
+    kernels = kernels_on(library, "amx_int8", "auto").with_amx_min_rows(16)
+    tiles = kernels.rounds_weights_to_bf16(16, torch.bfloat16)
+    assert kernels.variant_for(16, torch.bfloat16) == ("float" if tiles else "int8")
+    assert kernels.variant_for(15, torch.bfloat16) == "int8"
+    assert kernels.variant_for(64, torch.float32) == "int8"
+    assert kernels.with_path("avx512_vnni").variant_for(64, torch.bfloat16) == "int8"
 
 
 def test_the_float_variant_computes_the_float_product(library: ctypes.CDLL) -> None:

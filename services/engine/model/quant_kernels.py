@@ -11,7 +11,9 @@ Two variants of the product: ``int8`` (the default) quantizes the activations to
 int8 per block of 32 and sums integers; ``float`` keeps them in float and
 dequantizes the weights in registers (exact weights, no activation rounding),
 except with bf16 activations on AMX tiles (amx_int8 path, from amx_min_rows rows),
-where the weights are rounded to bf16 as a bf16 float matmul's are. It is compiled on first use like the other kernels
+where the weights are rounded to bf16 as a bf16 float matmul's are. ``auto`` is
+``float`` where that AMX-BF16 kernel runs and ``int8`` everywhere else (few rows,
+float32, other paths): the fastest of the two at every batch size. It is compiled on first use like the other kernels
 (native.py: cached per source, flags and CPU), checked against the torch
 reference of quantized.py on small inputs, and the caller falls back to float
 weights with a warning when anything fails.
@@ -47,7 +49,7 @@ PATH_FLAGS: dict[str, tuple[str, ...]] = {
     "avx512_vnni": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
     "amx_int8": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "amx_tile", "amx_int8"),
 }
-VARIANTS = ("int8", "float")
+VARIANTS = ("int8", "float", "auto")
 # From this many activation rows on the amx_int8 path uses tiles (measured: see docs/engine.md).
 AMX_MIN_ROWS = 16
 
@@ -101,15 +103,21 @@ class QuantKernels:
         return tuple(path for index, path in enumerate(PATHS) if bits >> index & 1)
 
     def rounds_weights_to_bf16(self, tokens: int, dtype: torch.dtype) -> bool:
-        """Whether a call computes on bf16-rounded weights: the float variant on AMX-BF16 tiles
+        """Whether a call computes on bf16-rounded weights: float activations on AMX-BF16 tiles
         (bf16 activations, amx_int8 path, amx_min_rows rows or more), as a bf16 float matmul would."""
         return (
-            self.variant == "float"
+            self.variant in ("float", "auto")
             and self.path == "amx_int8"
             and dtype == torch.bfloat16
             and tokens >= self.amx_min_rows
             and bool(self._float_tiles())
         )
+
+    def variant_for(self, tokens: int, dtype: torch.dtype) -> str:
+        """The product a call of that many rows computes: "int8" or "float" activations."""
+        if self.variant == "auto":
+            return "float" if self.rounds_weights_to_bf16(tokens, dtype) else "int8"
+        return self.variant
 
     def with_path(self, path: str) -> QuantKernels:
         return QuantKernels(self._library, path, self.variant, self.amx_min_rows)
@@ -122,6 +130,8 @@ class QuantKernels:
 
     def describe(self) -> str:
         """'amx_int8 kernel' or 'avx512_vnni kernel, float activations'."""
+        if self.variant == "auto":
+            return f"{self.path} kernel, float activations on AMX-BF16 tiles where they run (bf16, {self.amx_min_rows}+ rows)"
         return f"{self.path} kernel" + (", float activations" if self.variant == "float" else "")
 
     def linear(
@@ -145,7 +155,7 @@ class QuantKernels:
             residual = residual.to(x.dtype).contiguous()
         bf16 = int(x.dtype == torch.bfloat16)
         path = "avx512_vnni" if self.path == "amx_int8" and tokens < self.amx_min_rows else self.path
-        if self.variant == "float":
+        if self.variant_for(tokens, x.dtype) == "float":
             # Only bf16 activations use the scratch (widened, or a padded 16-row tail for tiles).
             values, _ = self._scratch.take(max(tokens, 16) * cols if bf16 else 0, 0, torch.float32)
             scratch: tuple[int, ...] = (values.data_ptr(),)
@@ -198,9 +208,10 @@ def random_matrix(kind: str, rows: int, cols: int, generator: np.random.Generato
 
 def self_check(kernels: QuantKernels) -> None:
     """The kernel against quantized.reference_linear: every kind, both dtypes, tails, residual and bias;
-    the int8 variant with tiles on every row count (amx_int8), and the float one."""
+    the int8 and float variants with tiles on every row count (amx_int8), and the kernels as bound."""
     _check(kernels.with_variant("int8").with_amx_min_rows(1))
     _check(kernels.with_variant("float").with_amx_min_rows(1))
+    _check(kernels)
 
 
 def _check(kernels: QuantKernels) -> None:
@@ -215,7 +226,8 @@ def _check(kernels: QuantKernels) -> None:
                 residual = torch.randn(tokens, 40, generator=gen).to(dtype)
                 got = kernels.linear(x, weight, bias, residual).double()
                 bf16_weights = kernels.rounds_weights_to_bf16(tokens, dtype)
-                want = reference_linear(x, weight, kernels.variant, bf16_weights) + bias.double() + residual.double()
+                variant = kernels.variant_for(tokens, dtype)
+                want = reference_linear(x, weight, variant, bf16_weights) + bias.double() + residual.double()
                 error = ((got - want).abs() / (1 + want.abs())).max().item()
                 if not error <= tol:
                     raise RuntimeError(
