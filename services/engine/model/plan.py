@@ -84,7 +84,7 @@ class KernelPlan:
         linears = self.linear_kind
         if self.quantized is not None:
             weights = "GGUF blocks" if self.quantization == "gguf" else "int8 per-channel weights"
-            linears = f"{weights} x int8 activations ({self.quantized.path} kernel), others {linears}"
+            linears = f"{weights} x {self.quantized.activations} ({self.quantized.path} kernel), others {linears}"
         return f"dtype {_name(self.dtype)}, linears: {linears}, attention/layer kernels: {kernels}"
 
 
@@ -179,6 +179,11 @@ def _quantized_kernels(
         log.warning("block kernel unavailable, SCALELLM_QUANTIZATION=%s uses float weights: %s", quantization, loaded)
         reasons.append(f"quantization {quantization} requested, but its kernel failed ({loaded}): float weights")
         return None
+    if quantization == "gguf":
+        # Float activations where the AMX-BF16 kernel runs: faster at large batches and closer to the
+        # float path; int8 elsewhere (docs/engine.md, "Quantized weights").
+        loaded = loaded.with_variant("auto")
+    path = loaded.path  # amx_int8 falls back to avx512_vnni where the kernel refuses the tile state
     needs = "+".join(PATH_FLAGS[path]) or "no vector extension"
     weights = (
         "Q4_0/Q4_1/Q8_0 linears computed on their blocks"
@@ -186,8 +191,8 @@ def _quantized_kernels(
         else "linears, embedding and LM head quantized at load to int8, one scale per output channel (Q8_0 blocks)"
     )
     reasons.append(
-        f"quantization {quantization}: {weights}, activations quantized to int8 per "
-        f"32, {path} kernel ({needs}; this CPU runs {', '.join(loaded.runnable_paths())})"
+        f"quantization {quantization}: {weights}, {loaded.activations} (int8: per block of 32), "
+        f"{path} kernel ({needs}; this CPU runs {', '.join(loaded.runnable_paths())})"
     )
     return loaded
 
