@@ -128,6 +128,13 @@ class QuantKernels:
     def with_amx_min_rows(self, rows: int) -> QuantKernels:
         return QuantKernels(self._library, self.path, self.variant, rows)
 
+    @property
+    def activations(self) -> str:
+        """What the activations are multiplied as, for the plan's log."""
+        if self.variant == "auto":
+            return f"int8 activations (float on AMX-BF16 tiles: bf16, {self.amx_min_rows}+ rows)"
+        return f"{self.variant} activations"
+
     def describe(self) -> str:
         """'amx_int8 kernel' or 'avx512_vnni kernel, float activations'."""
         if self.variant == "auto":
