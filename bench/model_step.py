@@ -63,8 +63,8 @@ def use_quant_kernels(runner: ModelRunner, variant: str, amx_min_rows: int | Non
     for linear in linears:
         if isinstance(linear, QuantizedLinear):
             linear.kernels = kernels
-    label = kernels.path + ("-float" if variant == "float" else "")
-    if kernels.path == "amx_int8" and variant == "int8":
+    label = kernels.path + ("" if variant == "int8" else f"-{variant}")
+    if kernels.path == "amx_int8" and variant != "float":
         label += f"(tiles>={kernels.amx_min_rows})"
     return label
 
