@@ -274,6 +274,11 @@ class EngineSettings(CommonSettings):
     # quantized at load to int8 with one scale per output channel, on the same kernel (same
     # needs). The choices of services.engine.model.plan.QUANTIZATION_CHOICES.
     quantization: Literal["none", "gguf", "int8"] = "none"
+    # The KV cache's format (docs/engine.md "8-bit KV cache"): "auto", the model's dtype; "fp8_e5m2",
+    # one byte per value (the top byte of a float16), half of bf16's bytes read per decode step and
+    # twice the KV blocks in the same memory, at a small accuracy cost (needs the CPU and kernels
+    # auto or native). The choices of services.engine.model.plan.KV_CACHE_DTYPES.
+    kv_cache_dtype: Literal["auto", "fp8_e5m2"] = "auto"
 
 
 class DetokenizerSettings(CommonSettings):

@@ -104,7 +104,24 @@ def test_native_kernels_built_for_a_lower_instruction_set_match_torch(march: str
             want = reference_decode_attention(q, k_cache, v_cache, table, lens, 0.125, k_dim_major=True)
             tol = 1e-4 if dtype == torch.float32 else 3e-2
             torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+            # The 8-bit KV cache (fp8 e5m2) on the same path: the reference reads the same values widened.
+            k8, v8 = k_cache.to(torch.float8_e5m2), v_cache.to(torch.float8_e5m2)
+            got = kernels.decode(q, k8, v8, table, lens, 0.125)
+            want = reference_decode_attention(q, k8.float(), v8.float(), table, lens, 0.125, k_dim_major=True)
+            torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
     weight = torch.randn(100, 576, generator=gen).to(torch.bfloat16)
     x = torch.randn(13, 576, generator=gen)
     got = kernels.linear(x, pack_bf16_weight(weight), 100)
     torch.testing.assert_close(got, x @ weight.float().T, atol=1e-3, rtol=1e-4)
+    # The RoPE kernel's e5m2 K/V store: torch's rounding of the rotated bf16 k and of v, bit for bit.
+    heads, kv_heads, dim, block = 3, 1, 72, 4
+    qkv = torch.randn(9, (heads + 2 * kv_heads) * dim, generator=gen).mul(2.0**-12).to(torch.bfloat16)
+    k8 = torch.zeros(4, kv_heads, dim, block, dtype=torch.float8_e5m2)
+    v8 = torch.zeros(4, kv_heads, block, dim, dtype=torch.float8_e5m2)
+    slots, angles = torch.randperm(16, generator=gen)[:9], torch.rand(9, dim // 2, generator=gen)
+    kernels.rope_store(qkv, torch.arange(9), angles.cos(), angles.sin(), slots, k8, v8, heads)
+    rows = qkv.view(9, -1, dim)  # k rotated in place
+    stored_k = k8[slots // block, :, :, slots % block].view(torch.uint8)
+    assert torch.equal(stored_k, rows[:, heads : heads + kv_heads].to(torch.float8_e5m2).view(torch.uint8))
+    stored_v = v8[slots // block, :, slots % block].view(torch.uint8)
+    assert torch.equal(stored_v, rows[:, heads + kv_heads :].to(torch.float8_e5m2).view(torch.uint8))

@@ -99,6 +99,7 @@ def create_torch_backend(settings: EngineSettings) -> EngineCore:
         kernels=settings.kernels,
         kernel_cache_dir=settings.kernel_cache_dir,
         quantization=settings.quantization,
+        kv_cache_dtype=settings.kv_cache_dtype,
     )
     core = engine_core_for(
         runner,

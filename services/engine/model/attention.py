@@ -267,10 +267,10 @@ def paged_attention(
     group = num_heads // num_kv_heads
     if meta.store_kv:
         if meta.k_dim_major:
-            k_cache.view(-1).index_copy_(0, meta.k_write, k.reshape(-1))
+            _store(k_cache.view(-1), meta.k_write, k.reshape(-1))
         else:
-            k_cache.view(-1, head_dim).index_copy_(0, meta.k_write, k.reshape(-1, head_dim))
-        v_cache.view(-1, head_dim).index_copy_(0, meta.write_rows, v.reshape(-1, head_dim))
+            _store(k_cache.view(-1, head_dim), meta.k_write, k.reshape(-1, head_dim))
+        _store(v_cache.view(-1, head_dim), meta.write_rows, v.reshape(-1, head_dim))
     k_blocks = k_cache.view(-1, block_size * head_dim)
     v_blocks = v_cache.view(-1, block_size * head_dim)
 
@@ -289,6 +289,16 @@ def paged_attention(
             q, k, v, k_blocks, v_blocks, seq, num_kv_heads, head_dim, scale, meta.k_dim_major
         )
     return out
+
+
+def _store(cache: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """cache[index] = values along dim 0, rounded to the cache's dtype. cache: [N, ...] view of
+    the pool; index: [n] int64; values: [n, ...]."""
+    if cache.dtype == torch.float8_e5m2:
+        # No float8 index_copy_ on the CPU: the rounded values' bytes are copied instead.
+        cache.view(torch.uint8).index_copy_(0, index, values.to(cache.dtype).view(torch.uint8))
+    else:
+        cache.index_copy_(0, index, values)
 
 
 def _decode(

@@ -9,6 +9,12 @@ names one token position. Layout per layer:
 - K: the same, or with k_dim_major (used with the native kernels)
   [num_blocks, num_kv_heads, head_dim, block_size], so that the kernel computes
   q.k for a block's tokens with vertical SIMD (see csrc/paged_attention.c).
+
+The pool's dtype is the plan's ``kv_cache_dtype``: the model's dtype, or
+float8_e5m2 (SCALELLM_KV_CACHE_DTYPE=fp8_e5m2), one byte per value, so the
+same memory holds twice the blocks of bf16. torch has no index_copy_ for
+float8 on the CPU, so writers copy its bytes through a uint8 view
+(attention.py); index_select and .to() work on it directly.
 """
 
 from __future__ import annotations

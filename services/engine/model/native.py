@@ -57,7 +57,7 @@ DEFAULT_MARCH = "native"
 PATHS = ("portable", "avx2", "avx512")
 PATH_FLAGS: dict[str, tuple[str, ...]] = {
     "portable": (),
-    "avx2": ("avx2", "fma"),
+    "avx2": ("avx2", "fma", "f16c"),  # f16c: the fp8 e5m2 KV loads
     "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq"),
 }
 # SCALELLM_KERNELS (shared/settings.py declares the same choices without importing torch).
@@ -103,11 +103,11 @@ class NativeKernels:
         self._code = PATHS.index(path)
         self._paths = _declare(library.native_paths, _C)
         self._attention = _declare(
-            library.paged_decode_attention, _C, _C, _C, _P, _I, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _F
+            library.paged_decode_attention, _C, _C, _C, _C, _P, _I, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _F
         )
         self._rms_norm = _declare(library.rms_norm_bf16, None, _C, _P, _I, _P, _P, _I, _I, _F)
         self._rope_store = _declare(
-            library.rope_store_bf16, None, _C, _P, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I
+            library.rope_store_bf16, None, _C, _P, _I, _P, _P, _P, _P, _C, _P, _P, _I, _I, _I, _I, _I
         )
         self._silu_mul = _declare(library.silu_mul_bf16, None, _C, _P, _P, _I, _I)
         self._linear = _declare(library.bf16_linear, _C, _C, _P, _I, _C, _I, _I, _P, _I, _P, _P, _I, _P, _I, _C, _P)
@@ -147,11 +147,13 @@ class NativeKernels:
     ) -> None:
         """Rotate q and k in place in bfloat16 qkv [T, (H + 2 KV) * D] (contiguous), and
         store k, v at slots [T] in the caches (k [blocks, KV, D, block_size],
-        v [blocks, KV, block_size, D]). positions, slots: int64 [T];
-        cos, sin: float32 [max_positions, D / 2]."""
+        v [blocks, KV, block_size, D]; both bfloat16 or both float8_e5m2, rounded from
+        the rotated bf16 k). positions, slots: int64 [T]; cos, sin: float32 [max_positions, D / 2]."""
         _, num_kv_heads, block_size, head_dim = v_cache.shape
         if not qkv.is_contiguous():
             raise ValueError("rope_store needs a contiguous qkv tensor")
+        if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (torch.bfloat16, torch.float8_e5m2):
+            raise ValueError(f"rope_store stores into a bfloat16 or float8_e5m2 pool, not {k_cache.dtype}")
         self._rope_store(
             self._code,
             qkv.data_ptr(),
@@ -160,6 +162,7 @@ class NativeKernels:
             cos.data_ptr(),
             sin.data_ptr(),
             slots.data_ptr(),
+            _FORMATS[k_cache.dtype],
             k_cache.data_ptr(),
             v_cache.data_ptr(),
             qkv.shape[0],
@@ -188,17 +191,26 @@ class NativeKernels:
         scale: float,
     ) -> torch.Tensor:
         """q: [B, H, D] (rows may be strided, D contiguous); k_cache: [blocks, KV, D, block_size],
-        v_cache: [blocks, KV, block_size, D], both contiguous and in q's dtype (float32 or
-        bfloat16); block_table: [B, max_blocks] int64; context_lens: [B] int64. Returns [B, H * D]."""
+        v_cache: [blocks, KV, block_size, D], both contiguous, in q's dtype (float32 or
+        bfloat16) or float8_e5m2 (the 8-bit KV cache); block_table: [B, max_blocks] int64;
+        context_lens: [B] int64. Returns [B, H * D] in q's dtype."""
         batch, num_heads, head_dim = q.shape
         if q.stride(2) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
             raise ValueError("native attention needs contiguous head rows and a contiguous pool")
-        if q.dtype not in _FORMATS or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-            raise ValueError(f"native attention takes float32 or bfloat16 throughout, not {q.dtype}/{k_cache.dtype}")
+        if (
+            q.dtype not in (torch.float32, torch.bfloat16)
+            or k_cache.dtype != v_cache.dtype
+            or k_cache.dtype not in (q.dtype, torch.float8_e5m2)
+        ):
+            raise ValueError(
+                f"native attention takes float32 or bfloat16 q with a pool in q's dtype or float8_e5m2, not "
+                f"{q.dtype}/{k_cache.dtype}/{v_cache.dtype}"
+            )
         out = q.new_empty(batch, num_heads * head_dim)
         status = self._attention(
             self._code,
             _FORMATS[q.dtype],
+            _FORMATS[k_cache.dtype],
             q.data_ptr(),
             q.stride(0),
             q.stride(1),
@@ -276,8 +288,8 @@ class NativeKernels:
         return out.view(-1)[: out_features * cols].view(out_features, cols)
 
 
-# simd.h / paged_attention.c: FMT_*.
-_FORMATS = {torch.float32: 0, torch.bfloat16: 1}
+# simd.h: FMT_*.
+_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e5m2: 2}
 
 
 def load_native_kernels(
@@ -410,6 +422,13 @@ def _self_check(native: NativeKernels) -> None:
             got = native.decode(q, k_cache, v_cache, table, torch.tensor(lens), 0.125)
             want = reference_decode_attention(q, k_cache, v_cache, table, torch.tensor(lens), 0.125, k_dim_major=True)
             check(f"decode attention ({dtype}, block size {block_size})", got, want, tol)
+            # The 8-bit pool: the reference reads the same e5m2 values, widened.
+            k8, v8 = k_cache.to(torch.float8_e5m2), v_cache.to(torch.float8_e5m2)
+            got = native.decode(q, k8, v8, table, torch.tensor(lens), 0.125)
+            want = reference_decode_attention(
+                q, k8.float(), v8.float(), table, torch.tensor(lens), 0.125, k_dim_major=True
+            )
+            check(f"decode attention ({dtype}, fp8 e5m2 KV, block size {block_size})", got, want, tol)
 
     bf16 = torch.bfloat16
     x = torch.randn(3, 40, generator=gen).to(bf16)
@@ -433,6 +452,18 @@ def _self_check(native: NativeKernels) -> None:
     for t, slot in enumerate(slots.tolist()):
         check("kv store", k_cache[slot // 4, :, :, slot % 4], rotated[t, heads:], 3e-2)
         check("kv store", v_cache[slot // 4, :, slot % 4], values[t], 0)
+    # fp8 e5m2: exactly torch's rounding of the rotated bf16 k and of v (40 dims: vector code and tail).
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * 40, generator=gen).to(bf16)
+    angles = torch.rand(10, 20, generator=gen)
+    k8 = torch.zeros(2, kv_heads, 40, 4, dtype=torch.float8_e5m2)
+    v8 = torch.zeros(2, kv_heads, 4, 40, dtype=torch.float8_e5m2)
+    native.rope_store(qkv, positions, angles.cos(), angles.sin(), slots, k8, v8, heads)
+    rows = qkv.view(3, -1, 40)  # q and k rotated in place
+    for t, slot in enumerate(slots.tolist()):
+        k_want = rows[t, heads : heads + kv_heads].to(torch.float8_e5m2)
+        v_want = rows[t, heads + kv_heads :].to(torch.float8_e5m2)
+        check("fp8 k store", k8[slot // 4, :, :, slot % 4].float(), k_want.float(), 0)
+        check("fp8 v store", v8[slot // 4, :, slot % 4].float(), v_want.float(), 0)
 
     # 7 rows: a full tile of 6 and a tail; 37 outputs: two panels and a partial one; 28 columns: 3 x 8 + 4.
     weight = torch.randn(37, 28, generator=gen).to(bf16)

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 # SCALELLM_QUANTIZATION (shared/settings.py declares the same choices without importing torch).
 QUANTIZATION_CHOICES = ("none", "gguf", "int8")
+# SCALELLM_KV_CACHE_DTYPE, likewise: auto is the model's dtype; fp8_e5m2 (vLLM's name) one byte per value.
+KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "fp8_e5m2": torch.float8_e5m2}
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +48,13 @@ class KernelPlan:
     quantized: QuantKernels | None = None
     # The SCALELLM_QUANTIZATION in effect: "none" also when the kernel failed and float weights are used.
     quantization: str = "none"
+    # The KV pool's format when it is not dtype (SCALELLM_KV_CACHE_DTYPE=fp8_e5m2: float8_e5m2).
+    kv_dtype: torch.dtype | None = None
+
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        """What the KV pool stores: dtype, or the 8-bit format, which only the native kernels read and write."""
+        return self.kv_dtype or self.dtype
 
     @property
     def native_layers(self) -> NativeKernels | None:
@@ -85,7 +94,10 @@ class KernelPlan:
         if self.quantized is not None:
             weights = "GGUF blocks" if self.quantization == "gguf" else "int8 per-channel weights"
             linears = f"{weights} x {self.quantized.activations} ({self.quantized.path} kernel), others {linears}"
-        return f"dtype {_name(self.dtype)}, linears: {linears}, attention/layer kernels: {kernels}"
+        return (
+            f"dtype {_name(self.dtype)}, linears: {linears}, attention/layer kernels: {kernels}, "
+            f"KV cache {_name(self.kv_cache_dtype)}"
+        )
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -100,12 +112,15 @@ def choose_plan(
     *,
     kernel_cache_dir: str | Path | None = None,
     quantization: str = "none",
+    kv_cache_dtype: str = "auto",
 ) -> KernelPlan:
     """dtype: the SCALELLM_DTYPE setting; kernels: SCALELLM_KERNELS, "auto", "torch" or "native";
     cpu: the CPU to plan for (default: this one); kernel_cache_dir: where compiled
     kernels are kept (SCALELLM_KERNEL_CACHE_DIR; None: native.default_cache_dir());
     quantization: SCALELLM_QUANTIZATION, "none", "gguf" (compute on the GGUF's blocks) or "int8"
-    (safetensors weights quantized at load to int8 per output channel, on the same kernel)."""
+    (safetensors weights quantized at load to int8 per output channel, on the same kernel);
+    kv_cache_dtype: SCALELLM_KV_CACHE_DTYPE, "auto" (the KV pool in dtype) or "fp8_e5m2" (one byte
+    per value, written and read by the native kernels only)."""
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"unknown kernels choice {kernels!r}; expected one of {', '.join(KERNEL_CHOICES)}")
     if quantization not in QUANTIZATION_CHOICES:
@@ -117,6 +132,16 @@ def choose_plan(
         raise ValueError(
             f"SCALELLM_QUANTIZATION={quantization} computes on the CPU with native kernels: it needs SCALELLM_DEVICE=cpu "
             f"(here {device.type}) and SCALELLM_KERNELS auto or native (here {kernels})"
+        )
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(
+            f"unknown KV cache dtype {kv_cache_dtype!r} (SCALELLM_KV_CACHE_DTYPE); expected one of "
+            f"{', '.join(KV_CACHE_DTYPES)}"
+        )
+    if kv_cache_dtype != "auto" and (device.type != "cpu" or kernels == "torch"):
+        raise ValueError(
+            f"SCALELLM_KV_CACHE_DTYPE={kv_cache_dtype} is written and read by the native CPU kernels only: it needs "
+            f"SCALELLM_DEVICE=cpu (here {device.type}) and SCALELLM_KERNELS auto or native (here {kernels})"
         )
     if device.type != "cpu":
         if kernels == "native":
@@ -151,6 +176,23 @@ def choose_plan(
     if native is not None:
         reasons.append(f"native kernels: {native.path} path (this CPU runs {', '.join(native.runnable_paths())})")
     quantized = _quantized_kernels(quantization, kernels, cpu, kernel_cache_dir, reasons)
+    kv_dtype = KV_CACHE_DTYPES[kv_cache_dtype]
+    if kv_dtype is not None:
+        if native is None:  # kernels auto, and they failed (native raised in load_native_kernels)
+            log.warning(
+                "native kernels unavailable, SCALELLM_KV_CACHE_DTYPE=%s keeps the KV cache in %s",
+                kv_cache_dtype,
+                _name(chosen),
+            )
+            reasons.append(f"KV cache {kv_cache_dtype} requested, but the native kernels failed: {_name(chosen)}")
+            kv_dtype = None
+        else:
+            ratio = torch.empty((), dtype=chosen).element_size()
+            reasons.append(
+                f"KV cache {kv_cache_dtype}: one byte per K/V value (the top byte of a float16, rounded to nearest "
+                f"even), 1/{ratio} of {_name(chosen)}'s bytes read per decode step and {ratio}x the blocks in the "
+                "same memory; widened to float32 in registers by the native kernels"
+            )
     return KernelPlan(
         chosen,
         compute,
@@ -159,6 +201,7 @@ def choose_plan(
         tuple(reasons),
         quantized,
         quantization if quantized is not None else "none",
+        kv_dtype,
     )
 
 

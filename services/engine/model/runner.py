@@ -41,6 +41,7 @@ class ModelRunner:
         cpu: CpuFeatures | None = None,
         quantization: str = "none",
         gguf_file: Path | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         """Load the model and allocate the KV pool: num_blocks if given, else as
         many blocks as fit in kv_cache_bytes. Raises UnsupportedModelError /
@@ -55,7 +56,9 @@ class ModelRunner:
         the Q4_0/Q4_1/Q8_0 blocks of gguf_file (default: the GGUF the folder was made
         from, shared.model_files.gguf_source), when the plan has the kernel for them; or
         "int8": the safetensors matrices quantized at load to int8 per output channel, on the
-        same kernel (int8_weights.py)."""
+        same kernel (int8_weights.py). kv_cache_dtype (SCALELLM_KV_CACHE_DTYPE): "auto", the
+        pool in the model's dtype, or "fp8_e5m2", one byte per value (twice bf16's blocks in
+        kv_cache_bytes; native CPU kernels only, plan.py)."""
         if block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {block_size}")
         self.config = ModelConfig.from_dir(Path(model_dir))
@@ -64,7 +67,13 @@ class ModelRunner:
         self.device = resolve_device(device)
         # The one "which kernels" decision; the model, attention metadata and KV pool take it from here.
         self.plan: KernelPlan = choose_plan(
-            dtype, self.device, kernels, cpu, kernel_cache_dir=kernel_cache_dir, quantization=quantization
+            dtype,
+            self.device,
+            kernels,
+            cpu,
+            kernel_cache_dir=kernel_cache_dir,
+            quantization=quantization,
+            kv_cache_dtype=kv_cache_dtype,
         )
         self.dtype = self.plan.dtype
         self.block_size = block_size
@@ -75,7 +84,7 @@ class ModelRunner:
             block_size=block_size,
             num_kv_heads=cfg.num_kv_heads,
             head_dim=cfg.head_dim,
-            dtype=self.dtype,
+            dtype=self.plan.kv_cache_dtype,
         )
         if num_blocks is None:
             if kv_cache_bytes is None:
@@ -86,7 +95,7 @@ class ModelRunner:
                 block_size=block_size,
                 num_kv_heads=cfg.num_kv_heads,
                 head_dim=cfg.head_dim,
-                dtype=self.dtype,
+                dtype=self.plan.kv_cache_dtype,
             )
             if num_blocks < 1:
                 raise ValueError(
@@ -108,7 +117,7 @@ class ModelRunner:
             block_size=block_size,
             num_kv_heads=cfg.num_kv_heads,
             head_dim=cfg.head_dim,
-            dtype=self.dtype,
+            dtype=self.plan.kv_cache_dtype,
             device=self.device,
             k_dim_major=self.plan.k_dim_major,
         )

@@ -82,7 +82,42 @@ void rms_norm_bf16(int path, const uint16_t *x, int64_t x_stride, const uint16_t
  * Rotate q and k in place inside the fused qkv rows ([T, (H + 2 KV) * D], half-split
  * rotation as in transformers' rotate_half), then store k and v at their slots in the
  * pool: K [num_blocks, KV, D, block_size], V [num_blocks, KV, block_size, D] (see
- * paged_attention.c). cos/sin: [max_positions, D / 2] float32. */
+ * paged_attention.c), in bf16 or fp8 e5m2 (kv_fmt: FMT_BF16 or FMT_E5M2, simd.h);
+ * e5m2 is rounded from the bf16 k/v left in qkv, as the torch path's k.to(float8_e5m2).
+ * cos/sin: [max_positions, D / 2] float32. */
+
+/* dst[0, n) = e5m2(src[0, n)). */
+static void e5m2_row_portable(const uint16_t *src, uint8_t *dst, int64_t n) {
+    for (int64_t d = 0; d < n; ++d) dst[d] = f32_to_e5m2(bf16_to_f32(src[d]));
+}
+
+#if defined(__x86_64__)
+static T256 void e5m2_row_avx2(const uint16_t *src, uint8_t *dst, int64_t n) {
+    int64_t d = 0;
+    for (; d + 8 <= n; d += 8) st8_e5m2(dst + d, ld8_bf16(src + d));
+    e5m2_row_portable(src + d, dst + d, n - d);
+}
+
+static T512 void e5m2_row_avx512(const uint16_t *src, uint8_t *dst, int64_t n) {
+    int64_t d = 0;
+    for (; d + 16 <= n; d += 16) _mm_storeu_si128((__m128i *)(dst + d), cvt16_e5m2(ld16_bf16(src + d)));
+    e5m2_row_portable(src + d, dst + d, n - d);
+}
+#endif
+
+static void e5m2_row(int path, const uint16_t *src, uint8_t *dst, int64_t n) {
+#if defined(__x86_64__)
+    if (path == PATH_AVX512) {
+        e5m2_row_avx512(src, dst, n);
+        return;
+    }
+    if (path == PATH_AVX2) {
+        e5m2_row_avx2(src, dst, n);
+        return;
+    }
+#endif
+    e5m2_row_portable(src, dst, n);
+}
 
 static void rotate_portable(uint16_t *x, const float *c, const float *s, int64_t half) {
     for (int64_t d = 0; d < half; ++d) {
@@ -110,7 +145,7 @@ static T256 void rotate_avx2(uint16_t *x, const float *c, const float *s, int64_
 #endif
 
 void rope_store_bf16(int path, uint16_t *qkv, int64_t qkv_stride, const int64_t *positions, const float *cos_table,
-                     const float *sin_table, const int64_t *slots, uint16_t *k_cache, uint16_t *v_cache,
+                     const float *sin_table, const int64_t *slots, int kv_fmt, void *k_cache, void *v_cache,
                      int64_t tokens, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size) {
     int64_t half = head_dim / 2;
 #pragma omp parallel for schedule(static) if (tokens >= 16)
@@ -133,10 +168,22 @@ void rope_store_bf16(int path, uint16_t *qkv, int64_t qkv_stride, const int64_t 
         for (int64_t h = 0; h < kv_heads; ++h) {
             const uint16_t *k = row + (heads + h) * head_dim;
             const uint16_t *v = row + (heads + kv_heads + h) * head_dim;
-            uint16_t *kd = k_cache + (block * kv_heads + h) * head_dim * block_size + offset;
-            uint16_t *vd = v_cache + ((block * kv_heads + h) * block_size + offset) * head_dim;
-            for (int64_t d = 0; d < head_dim; ++d) kd[d * block_size] = k[d];
-            memcpy(vd, v, sizeof(uint16_t) * head_dim);
+            int64_t k_at = (block * kv_heads + h) * head_dim * block_size + offset;
+            int64_t v_at = ((block * kv_heads + h) * block_size + offset) * head_dim;
+            if (kv_fmt == FMT_E5M2) {
+                uint8_t *kd = (uint8_t *)k_cache + k_at, kb[64];
+                /* K is strided in the pool: converted 64 dims at a time, then scattered */
+                for (int64_t d0 = 0; d0 < head_dim; d0 += 64) {
+                    int64_t n = head_dim - d0 < 64 ? head_dim - d0 : 64;
+                    e5m2_row(path, k + d0, kb, n);
+                    for (int64_t d = 0; d < n; ++d) kd[(d0 + d) * block_size] = kb[d];
+                }
+                e5m2_row(path, v, (uint8_t *)v_cache + v_at, head_dim);
+            } else {
+                uint16_t *kd = (uint16_t *)k_cache + k_at;
+                for (int64_t d = 0; d < head_dim; ++d) kd[d * block_size] = k[d];
+                memcpy((uint16_t *)v_cache + v_at, v, sizeof(uint16_t) * head_dim);
+            }
         }
     }
 }

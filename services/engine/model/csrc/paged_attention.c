@@ -15,8 +15,8 @@
  * Paths (simd.h), chosen by the caller: AVX-512 (16 tokens per vector, needs
  * head_dim % 16 == 0), AVX2 + FMA (two 8-lane vectors per 16 tokens, needs
  * head_dim % 16 == 0 and block_size % 8 == 0), portable C for anything else.
- * bf16 K/V are widened to float32 in registers; scores, softmax and the
- * accumulation are float32.
+ * bf16 and fp8 e5m2 K/V (the pool's format, kv_fmt, may differ from q's) are
+ * widened to float32 in registers; scores, softmax and the accumulation are float32.
  *
  * Built by services/engine/model/native.py; plain C so that it compiles in a
  * second without torch headers, and is called through ctypes.
@@ -29,10 +29,10 @@
 #define MAX_GROUP 16
 #define MAX_HEAD_DIM 256
 
-enum { FMT_F32 = 0, FMT_BF16 = 1 };
-
 static inline float ld1(const void *p, int64_t i, int fmt) {
-    return fmt == FMT_F32 ? ((const float *)p)[i] : bf16_to_f32(((const uint16_t *)p)[i]);
+    return fmt == FMT_F32    ? ((const float *)p)[i]
+           : fmt == FMT_BF16 ? bf16_to_f32(((const uint16_t *)p)[i])
+                             : e5m2_to_f32(((const uint8_t *)p)[i]);
 }
 
 static inline void st1(void *p, int64_t i, float v, int fmt) {
@@ -101,7 +101,9 @@ static float softmax_portable(float *sg, int64_t n) {
 /* ---- AVX2 ------------------------------------------------------------------ */
 
 ALWAYS_INLINE T256 __m256 ld8(const void *p, int64_t i, const int fmt) {
-    return fmt == FMT_F32 ? _mm256_loadu_ps((const float *)p + i) : ld8_bf16((const uint16_t *)p + i);
+    return fmt == FMT_F32    ? _mm256_loadu_ps((const float *)p + i)
+           : fmt == FMT_BF16 ? ld8_bf16((const uint16_t *)p + i)
+                             : ld8_e5m2((const uint8_t *)p + i);
 }
 
 /* NG heads x NV vectors of 8 tokens, at token j0 of one block (K dim-major). */
@@ -210,7 +212,11 @@ static T256 float softmax_avx2(float *sg, int64_t n) {
     case 4: CALL(FMT_BF16, 1); break;                                                                                \
     case 5: CALL(FMT_BF16, 2); break;                                                                                \
     case 6: CALL(FMT_BF16, 3); break;                                                                                \
-    default: CALL(FMT_BF16, 4); break;                                                                               \
+    case 7: CALL(FMT_BF16, 4); break;                                                                                \
+    case 8: CALL(FMT_E5M2, 1); break;                                                                                \
+    case 9: CALL(FMT_E5M2, 2); break;                                                                                \
+    case 10: CALL(FMT_E5M2, 3); break;                                                                               \
+    default: CALL(FMT_E5M2, 4); break;                                                                               \
     }
 
 static T256 void scores_avx2(const Seq *s, int fmt, int NG, const float *qf, float *sc, int64_t sc_stride) {
@@ -228,11 +234,15 @@ static T256 void values_avx2(const Seq *s, int fmt, int NG, const float *sc, int
 /* ---- AVX-512 --------------------------------------------------------------- */
 
 ALWAYS_INLINE T512 __m512 ld16(const void *p, int64_t i, const int fmt) {
-    return fmt == FMT_F32 ? _mm512_loadu_ps((const float *)p + i) : ld16_bf16((const uint16_t *)p + i);
+    return fmt == FMT_F32    ? _mm512_loadu_ps((const float *)p + i)
+           : fmt == FMT_BF16 ? ld16_bf16((const uint16_t *)p + i)
+                             : ld16_e5m2((const uint8_t *)p + i);
 }
 
 ALWAYS_INLINE T512 __m512 ld16m(__mmask16 m, const void *p, int64_t i, const int fmt) {
-    return fmt == FMT_F32 ? _mm512_maskz_loadu_ps(m, (const float *)p + i) : ld16m_bf16(m, (const uint16_t *)p + i);
+    return fmt == FMT_F32    ? _mm512_maskz_loadu_ps(m, (const float *)p + i)
+           : fmt == FMT_BF16 ? ld16m_bf16(m, (const uint16_t *)p + i)
+                             : ld16m_e5m2(m, (const uint8_t *)p + i);
 }
 
 /* scores[g][start + j] = q_g . K_j for NG query heads, 16 tokens per vector. */
@@ -344,8 +354,9 @@ static T512 void values_avx512(const Seq *s, int fmt, int NG, const float *sc, i
 }
 #endif /* __x86_64__ */
 
-/* One (sequence, KV head) item: query heads in chunks of up to 4. */
-static void item(int path, int fmt, const char *q, int64_t q_head_stride, const Seq *s, char *out, int64_t group,
+/* One (sequence, KV head) item: query heads in chunks of up to 4. fmt: q's and out's
+ * format; kv_fmt: the pool's. */
+static void item(int path, int fmt, int kv_fmt, const char *q, int64_t q_head_stride, const Seq *s, char *out, int64_t group,
                  float scale, float *sc, int64_t sc_stride) {
     float qf[4 * MAX_HEAD_DIM];
     float acc[4 * MAX_HEAD_DIM];
@@ -357,19 +368,19 @@ static void item(int path, int fmt, const char *q, int64_t q_head_stride, const 
         float sums[4];
 #if defined(__x86_64__)
         if (path == PATH_AVX512) {
-            scores_avx512(s, fmt, NG, qf, sc, sc_stride);
+            scores_avx512(s, kv_fmt, NG, qf, sc, sc_stride);
             for (int g = 0; g < NG; ++g) sums[g] = softmax_avx512(sc + g * sc_stride, s->ctx);
-            values_avx512(s, fmt, NG, sc, sc_stride, acc);
+            values_avx512(s, kv_fmt, NG, sc, sc_stride, acc);
         } else if (path == PATH_AVX2) {
-            scores_avx2(s, fmt, NG, qf, sc, sc_stride);
+            scores_avx2(s, kv_fmt, NG, qf, sc, sc_stride);
             for (int g = 0; g < NG; ++g) sums[g] = softmax_avx2(sc + g * sc_stride, s->ctx);
-            values_avx2(s, fmt, NG, sc, sc_stride, acc);
+            values_avx2(s, kv_fmt, NG, sc, sc_stride, acc);
         } else
 #endif
         {
-            scores_portable(s, fmt, NG, qf, sc, sc_stride);
+            scores_portable(s, kv_fmt, NG, qf, sc, sc_stride);
             for (int g = 0; g < NG; ++g) sums[g] = softmax_portable(sc + g * sc_stride, s->ctx);
-            values_portable(s, fmt, NG, sc, sc_stride, acc);
+            values_portable(s, kv_fmt, NG, sc, sc_stride, acc);
         }
         for (int g = 0; g < NG; ++g) {
             float inv = 1.f / sums[g];
@@ -384,23 +395,25 @@ int native_paths(void) {
     return known;
 }
 
-/* fmt: FMT_F32 or FMT_BF16, for q, the pool and out alike. q: [B, H, D] with strides
+/* fmt: FMT_F32 or FMT_BF16, for q and out; kv_fmt: the pool's, FMT_F32, FMT_BF16 or
+ * FMT_E5M2 (the 8-bit KV cache). q: [B, H, D] with strides
  * (q_seq_stride, q_head_stride, 1); out: [B, H, D] contiguous; block_tables:
  * [B, max_blocks]; context_lens: [B]. The vector paths fall back to portable
  * for shapes they do not take (see the top). Returns 0; 1 for bad sizes, 2 when
  * out of memory, 3 for a path this CPU cannot run. */
-int paged_decode_attention(int path, int fmt, const void *q, int64_t q_seq_stride, int64_t q_head_stride,
+int paged_decode_attention(int path, int fmt, int kv_fmt, const void *q, int64_t q_seq_stride, int64_t q_head_stride,
                            const void *k_cache, const void *v_cache, const int64_t *block_tables, int64_t max_blocks,
                            const int64_t *context_lens, void *out, int64_t num_seqs, int64_t num_heads,
                            int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale) {
     int64_t group = num_heads / num_kv_heads;
     if (group > MAX_GROUP || head_dim > MAX_HEAD_DIM || group * num_kv_heads != num_heads || fmt < 0 || fmt > 1 ||
+        kv_fmt < 0 || kv_fmt > 2 ||
         path < 0 || path >= NUM_PATHS)
         return 1;
     if (!(native_paths() & (1 << path))) return 3;
     if (path == PATH_AVX512 && head_dim % 16) path = PATH_PORTABLE;
     if (path == PATH_AVX2 && (head_dim % 16 || block_size % 8)) path = PATH_PORTABLE;
-    int64_t esize = fmt == FMT_F32 ? 4 : 2;
+    int64_t esize = fmt == FMT_F32 ? 4 : 2, kv_esize = kv_fmt == FMT_F32 ? 4 : kv_fmt == FMT_BF16 ? 2 : 1;
     /* padded to whole 16-lane chunks: the vector paths store whole chunks */
     int64_t stride = (max_blocks * block_size + 15) / 16 * 16;
     int failed = 0;
@@ -416,8 +429,8 @@ int paged_decode_attention(int path, int fmt, const void *q, int64_t q_seq_strid
             if (!sc) continue;
             int64_t b = it / num_kv_heads;
             Seq s = {k_cache, v_cache, block_tables + b * max_blocks, context_lens[b], num_kv_heads,
-                     it % num_kv_heads, head_dim, block_size, esize};
-            item(path, fmt, (const char *)q + b * q_seq_stride * esize, q_head_stride, &s,
+                     it % num_kv_heads, head_dim, block_size, kv_esize};
+            item(path, fmt, kv_fmt, (const char *)q + b * q_seq_stride * esize, q_head_stride, &s,
                  (char *)out + b * num_heads * head_dim * esize, group, scale, sc, stride);
         }
         free(sc);
