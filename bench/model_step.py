@@ -6,6 +6,7 @@
     python -m bench.model_step --quantization none gguf --batch 1 64   # float vs the GGUF's blocks
     python -m bench.model_step --quantization gguf --gguf-variant int8 float --amx-min-rows 16 1000
     python -m bench.model_step --quantization int8 --batch 1 64 --threads 1   # per-channel int8 weights
+    python -m bench.model_step --dtype bfloat16 --kv-cache-dtype auto fp8_e5m2 --batch 1 64 --threads 1
 
 Every sequence decodes one token per step with ~context tokens already in the
 KV cache (the cache holds zeros: the step's cost does not depend on the values).
@@ -106,6 +107,13 @@ def main() -> None:
         default=[None],
         help="amx_int8 path: tiles from this many rows on (default quant_kernels.AMX_MIN_ROWS)",
     )
+    parser.add_argument(
+        "--kv-cache-dtype",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "fp8_e5m2"],
+        help="auto: the KV cache in the model's dtype; fp8_e5m2: one byte per value (SCALELLM_KV_CACHE_DTYPE)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,7 +125,9 @@ def main() -> None:
         model_dir = resolve_model_dir(CommonSettings(), weights=True)
     blocks_needed = max(args.batch) * ((args.context + 1 + args.block_size - 1) // args.block_size)
     print(f"model {model_dir}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for dtype, kernels, quantization in itertools.product(args.dtype, args.kernels, args.quantization):
+    for dtype, kernels, quantization, kv_cache_dtype in itertools.product(
+        args.dtype, args.kernels, args.quantization, args.kv_cache_dtype
+    ):
         runner = ModelRunner(
             model_dir,
             dtype=dtype,
@@ -129,12 +139,15 @@ def main() -> None:
             kernels=kernels,
             cpu=CpuFeatures.simulated(*args.plan_for_cpu.split(",")) if args.plan_for_cpu else None,
             quantization=quantization,
+            kv_cache_dtype=kv_cache_dtype,
         )
         params = runner.model.matmul_params()
-        print(f"{dtype} {kernels} quantization {quantization}: {runner.plan.describe()}")
+        print(f"{dtype} {kernels} quantization {quantization} KV {kv_cache_dtype}: {runner.plan.describe()}")
         variants = itertools.product(args.gguf_variant, args.amx_min_rows) if runner.plan.quantized else [("", None)]
         for (variant, amx_min_rows), batch in itertools.product(variants, args.batch):
             kind = "native" if runner.plan.native else "torch"
+            if kv_cache_dtype != "auto":
+                kind += f"+kv-{kv_cache_dtype}"
             if runner.plan.quantized is not None:
                 kind = f"{runner.plan.quantization}-{use_quant_kernels(runner, variant, amx_min_rows)}"
             step = decode_batch(batch, args.context, args.block_size)

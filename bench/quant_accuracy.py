@@ -3,6 +3,7 @@
     python -m bench.quant_accuracy                      # float32, gguf and int8, 64 prompts x 64 tokens, perplexity
     python -m bench.quant_accuracy --dtype bfloat16 --threads 2 --quantization int8
     python -m bench.quant_accuracy --quantization gguf --gguf-variant int8 float   # the float-activation kernel
+    python -m bench.quant_accuracy --dtype bfloat16 --quantization --kv-cache-dtype fp8_e5m2 --prefill-chunk 16
 
 Every runner starts from the same weights: the float path reads the safetensors
 folder (the GGUF dequantized by transformers); gguf (SCALELLM_QUANTIZATION=gguf)
@@ -15,6 +16,13 @@ again at load to int8 per output channel, so its weights differ too.
   same tokens, predicts each of them: the share it gets right. Also the mean number
   of tokens its own greedy continuation shares with the float one before they part.
 - perplexity of each path on the whole text, in windows of --window tokens.
+
+--kv-cache-dtype fp8_e5m2 adds runners with the 8-bit KV cache (SCALELLM_KV_CACHE_DTYPE),
+each beside the same setup with the model dtype's cache. A prefill from scratch attends
+over its fresh K/V, never the pool's, so only decode steps would see the 8-bit values:
+--prefill-chunk N feeds the teacher-forced sequences N tokens per step, so every chunk
+after the first reads the earlier tokens' K/V (and its own) back from the pool, as
+chunked prefill and prefix-cache hits do.
 """
 
 from __future__ import annotations
@@ -89,12 +97,55 @@ def greedy(runner: ModelRunner, prompts: list[list[int]], new_tokens: int, block
     return [s[len(p) :] for s, p in zip(sequences, prompts, strict=True)]
 
 
-def teacher_forced(runner: ModelRunner, sequences: list[list[int]], blocks_per_seq: int, chunk: int) -> torch.Tensor:
-    """float32 logits predicting tokens 1.. of every sequence, concatenated: [sum(len - 1), vocab]."""
+def teacher_forced(
+    runner: ModelRunner, sequences: list[list[int]], blocks_per_seq: int, chunk: int, prefill_chunk: int | None = None
+) -> torch.Tensor:
+    """float32 logits predicting tokens 1.. of every sequence, concatenated: [sum(len - 1), vocab].
+    chunk: sequences per batch; prefill_chunk: tokens per step (None: each sequence in one step)."""
     parts = []
     for start in range(0, len(sequences), chunk):
-        parts.append(runner.forward(prefill_batch(sequences[start : start + chunk], blocks_per_seq, "all")))
+        group = sequences[start : start + chunk]
+        if prefill_chunk is None:
+            parts.append(runner.forward(prefill_batch(group, blocks_per_seq, "all")))
+        else:
+            parts.append(chunked_prefill(runner, group, blocks_per_seq, prefill_chunk))
     return torch.cat(parts)
+
+
+def chunked_prefill(runner: ModelRunner, sequences: list[list[int]], blocks_per_seq: int, size: int) -> torch.Tensor:
+    """As prefill_batch(..., "all") in one step, but size tokens of every (equally long) sequence per
+    step: [len(sequences) * (len - 1), vocab], sequence-major."""
+    length = len(sequences[0])
+    if any(len(seq) != length for seq in sequences):
+        raise ValueError("chunked_prefill takes sequences of one length")
+    tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(len(sequences))]
+    steps = []
+    for first in range(0, length - 1, size):
+        last = min(first + size, length)
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        indices: list[int] = []
+        for seq, table in zip(sequences, tables, strict=True):
+            for p in range(first, last):
+                if p < length - 1:
+                    indices.append(len(ids))
+                ids.append(seq[p])
+                positions.append(p)
+                slots.append(table[p // BLOCK] * BLOCK + p % BLOCK)
+        logits = runner.forward(
+            ForwardBatch(
+                input_ids=torch.tensor(ids),
+                positions=torch.tensor(positions),
+                slot_mapping=torch.tensor(slots),
+                query_lens=[last - first] * len(sequences),
+                context_lens=[last] * len(sequences),
+                block_tables=tables,
+                logits_indices=torch.tensor(indices),
+            )
+        )
+        steps.append(logits.view(len(sequences), -1, logits.shape[-1]))
+    return torch.cat(steps, dim=1).flatten(0, 1)
 
 
 def main() -> None:
@@ -106,7 +157,24 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
-        "--quantization", nargs="+", default=["gguf", "int8"], choices=["gguf", "int8"], help="compared to none"
+        "--quantization",
+        nargs="*",
+        default=["gguf", "int8"],
+        choices=["gguf", "int8"],
+        help="compared to none (none given: only the KV cache formats)",
+    )
+    parser.add_argument(
+        "--kv-cache-dtype",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "fp8_e5m2"],
+        help="KV cache formats (SCALELLM_KV_CACHE_DTYPE) of every setup; the reference keeps auto",
+    )
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        help="teacher-forced tokens per step, so that later chunks read the KV cache (default: one step)",
     )
     parser.add_argument(
         "--gguf-variant",
@@ -128,13 +196,15 @@ def main() -> None:
     ids: list[int] = AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"]
     seq_len = args.prompt_tokens + args.tokens
     blocks_per_seq = max(-(-seq_len // BLOCK), -(-args.window // BLOCK))
-    # name -> (SCALELLM_QUANTIZATION, gguf kernel variant)
-    setups = {"none": ("none", "int8")}
-    for quantization in args.quantization:
+    # name -> (SCALELLM_QUANTIZATION, gguf kernel variant, SCALELLM_KV_CACHE_DTYPE)
+    setups = {"none": ("none", "int8", "auto")}
+    for quantization in ["none", *args.quantization]:
         for variant in args.gguf_variant if quantization == "gguf" else ["int8"]:
-            setups[quantization if variant == "int8" else f"{quantization}-{variant}"] = (quantization, variant)
+            for kv in args.kv_cache_dtype:
+                name = quantization if variant == "int8" else f"{quantization}-{variant}"
+                setups.setdefault(name if kv == "auto" else f"{name}+kv-{kv}", (quantization, variant, kv))
     runners = {}
-    for name, (quantization, variant) in setups.items():
+    for name, (quantization, variant, kv) in setups.items():
         runners[name] = ModelRunner(
             model_dir,
             dtype=args.dtype,
@@ -144,6 +214,7 @@ def main() -> None:
             kv_cache_bytes=None,
             max_model_len=None,
             quantization=quantization,
+            kv_cache_dtype=kv,
         )
         if variant != "int8":
             use_quant_kernels(runners[name], variant, None)
@@ -159,7 +230,7 @@ def main() -> None:
         print(f"quantization {name} plan: {quant_runner.plan.describe()}")
         start = time.perf_counter()
         own = greedy(quant_runner, prompts, args.tokens, blocks_per_seq)
-        logits = teacher_forced(quant_runner, full, blocks_per_seq, 8)
+        logits = teacher_forced(quant_runner, full, blocks_per_seq, 8, args.prefill_chunk)
         predicted = logits.view(args.prompts, seq_len - 1, -1)[:, args.prompt_tokens - 1 :].argmax(-1)
         agreement = (predicted == torch.tensor(reference)).float().mean().item()
         shared = []
@@ -179,7 +250,7 @@ def main() -> None:
     for name, runner in runners.items():
         nll = 0.0
         for window in windows:
-            logits = teacher_forced(runner, [window], blocks_per_seq, 1)
+            logits = teacher_forced(runner, [window], blocks_per_seq, 1, args.prefill_chunk)
             nll += F.cross_entropy(logits, torch.tensor(window[1:]), reduction="sum").item()
         print(f"perplexity, quantization {name}: {math.exp(nll / scored):.4f} over {scored} tokens", flush=True)
 
