@@ -267,13 +267,14 @@ class EngineSettings(CommonSettings):
     # else ~/.cache/scalellm/kernels.
     kernel_cache_dir: str | None = None
     # Compute on quantized weights (docs/engine.md "Quantized weights", "Per-channel int8
-    # weights"): "none", the float weights; "gguf", the linears, embedding and LM head of a
+    # weights"): "auto", gguf for a model that ships a GGUF (the default model) when the engine
+    # runs bfloat16 on the CPU with native kernels, else none; "none", the float weights; "gguf", the linears, embedding and LM head of a
     # GGUF model (the default model's, or the one *.gguf in the model folder) kept in their
     # Q4_0/Q4_1/Q8_0 blocks and computed on by a native CPU kernel (needs the CPU and kernels
     # auto or native); "int8", the linears, embedding and LM head of a safetensors model
     # quantized at load to int8 with one scale per output channel, on the same kernel (same
     # needs). The choices of services.engine.model.plan.QUANTIZATION_CHOICES.
-    quantization: Literal["none", "gguf", "int8"] = "none"
+    quantization: Literal["auto", "none", "gguf", "int8"] = "auto"
     # The KV cache's format (docs/engine.md "8-bit KV cache"): "auto", the model's dtype; "fp8_e5m2",
     # one byte per value (the top byte of a float16), half of bf16's bytes read per decode step and
     # twice the KV blocks in the same memory, at a small accuracy cost (needs the CPU and kernels

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from services.engine.model.batch import ForwardBatch
 from services.engine.model.config import ModelConfig
@@ -223,3 +224,40 @@ def test_the_default_model_s_blocks_are_transformers_float_weights() -> None:
         assert torch.equal(ours.input_norm, theirs.input_norm)
     assert isinstance(blocks.embed, QuantizedMatrix)
     assert torch.equal(blocks.embed.dequantize(), floats.embed)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "kernels", "has_gguf", "picked", "why"),
+    [
+        ("bfloat16", "auto", True, "gguf", "ships a GGUF"),
+        ("float32", "auto", True, "none", "float32 is the reference mode"),
+        ("bfloat16", "torch", True, "none", "SCALELLM_KERNELS=torch"),
+        ("bfloat16", "auto", False, "none", "no GGUF"),
+    ],
+)
+def test_auto_quantization_computes_on_the_gguf_only_in_bf16_with_native_kernels(
+    tmp_path: Path, dtype: str, kernels: str, has_gguf: bool, picked: str, why: str
+) -> None:
+    """The default (SCALELLM_QUANTIZATION=auto): a GGUF-shipped model's blocks where they are faster
+    and within 1% perplexity; float weights where exactness or the kernels rule it out, never an error."""
+    # Safetensors weights, as from the hub; with a GGUF beside them, as the default model's folder has.
+    LlamaForCausalLM(LlamaConfig.from_dict(CONFIG)).save_pretrained(tmp_path)
+    if has_gguf:
+        write_model(tmp_path, {**TYPES, "attn_v": "Q4_1"})
+    runner = ModelRunner(
+        tmp_path,
+        dtype=dtype,
+        device="cpu",
+        block_size=4,
+        num_blocks=4,
+        kv_cache_bytes=None,
+        max_model_len=None,
+        kernels=kernels,  # type: ignore[arg-type]
+        quantization="auto",
+        kernel_cache_dir=tmp_path / "kernels",
+    )
+    if picked == "gguf" and runner.plan.quantized is None:
+        pytest.skip("the block kernel did not build here: auto falls back to float weights, as gguf does")
+    assert runner.plan.quantization == picked
+    assert isinstance(runner.model.layers[0].gate_up.weight, QuantizedMatrix) == (picked == "gguf")
+    assert any(f"quantization auto picked {picked}" in r and why in r for r in runner.plan.reasons)

@@ -32,7 +32,7 @@ from services.engine.model.quant_kernels import PATH_FLAGS, QuantKernels, load_q
 log = logging.getLogger(__name__)
 
 # SCALELLM_QUANTIZATION (shared/settings.py declares the same choices without importing torch).
-QUANTIZATION_CHOICES = ("none", "gguf", "int8")
+QUANTIZATION_CHOICES = ("auto", "none", "gguf", "int8")
 # SCALELLM_KV_CACHE_DTYPE, likewise: auto is the model's dtype; fp8_e5m2 (vLLM's name) one byte per value.
 KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "fp8_e5m2": torch.float8_e5m2}
 
@@ -113,12 +113,14 @@ def choose_plan(
     kernel_cache_dir: str | Path | None = None,
     quantization: str = "none",
     kv_cache_dtype: str = "auto",
+    gguf_available: bool = False,
 ) -> KernelPlan:
     """dtype: the SCALELLM_DTYPE setting; kernels: SCALELLM_KERNELS, "auto", "torch" or "native";
     cpu: the CPU to plan for (default: this one); kernel_cache_dir: where compiled
     kernels are kept (SCALELLM_KERNEL_CACHE_DIR; None: native.default_cache_dir());
-    quantization: SCALELLM_QUANTIZATION, "none", "gguf" (compute on the GGUF's blocks) or "int8"
-    (safetensors weights quantized at load to int8 per output channel, on the same kernel);
+    quantization: SCALELLM_QUANTIZATION, "none", "gguf" (compute on the GGUF's blocks), "int8"
+    (safetensors weights quantized at load to int8 per output channel, on the same kernel) or
+    "auto" (``auto_quantization``; gguf_available: the model has a GGUF to compute on);
     kv_cache_dtype: SCALELLM_KV_CACHE_DTYPE, "auto" (the KV pool in dtype) or "fp8_e5m2" (one byte
     per value, written and read by the native kernels only)."""
     if kernels not in KERNEL_CHOICES:
@@ -128,7 +130,7 @@ def choose_plan(
             f"unknown quantization {quantization!r} (SCALELLM_QUANTIZATION); expected one of "
             f"{', '.join(QUANTIZATION_CHOICES)}"
         )
-    if quantization != "none" and (device.type != "cpu" or kernels == "torch"):
+    if quantization not in ("none", "auto") and (device.type != "cpu" or kernels == "torch"):
         raise ValueError(
             f"SCALELLM_QUANTIZATION={quantization} computes on the CPU with native kernels: it needs SCALELLM_DEVICE=cpu "
             f"(here {device.type}) and SCALELLM_KERNELS auto or native (here {kernels})"
@@ -172,6 +174,9 @@ def choose_plan(
                 "CPU lacks: bf16 is the storage format (weights, KV cache), matmuls and attention run in float32 "
                 "(the native kernels widen bf16 in registers; without them each matmul converts its weight)"
             )
+    if quantization == "auto":
+        quantization, why = auto_quantization(chosen, kernels, gguf_available=gguf_available)
+        reasons.append(f"quantization auto picked {quantization}: {why}")
     native = load_native_kernels(kernels, kernel_cache_dir, native_path_for(cpu))
     if native is not None:
         reasons.append(f"native kernels: {native.path} path (this CPU runs {', '.join(native.runnable_paths())})")
@@ -203,6 +208,22 @@ def choose_plan(
         quantization if quantized is not None else "none",
         kv_dtype,
     )
+
+
+def auto_quantization(dtype: torch.dtype, kernels: str, *, gguf_available: bool) -> tuple[str, str]:
+    """What SCALELLM_QUANTIZATION=auto means on the CPU: "gguf" or "none", and why.
+
+    The fastest path whose perplexity stays within 1% of the float path's (issue 8, item 5;
+    docs/engine.md "Quantized weights": +0.02-0.25% for the default model's Q4_1 GGUF, and
+    faster than bf16 at batch 1 and 64). float32 stays float: it is the reference mode, held
+    to transformers token for token. int8 is never picked: its +0.9% leaves no margin."""
+    if kernels == "torch":
+        return "none", "the block kernel is native and SCALELLM_KERNELS=torch"
+    if not gguf_available:
+        return "none", "the model has no GGUF to compute on"
+    if dtype != torch.bfloat16:
+        return "none", f"{_name(dtype)} is the reference mode, kept equal to transformers"
+    return "gguf", "the model ships a GGUF, and its blocks are faster than bf16 weights at every batch size measured"
 
 
 def _quantized_kernels(

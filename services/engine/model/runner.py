@@ -52,7 +52,8 @@ class ModelRunner:
         kernel_cache_dir (SCALELLM_KERNEL_CACHE_DIR): where compiled kernels are
         kept; None: native.default_cache_dir(). cpu: plan for this CPU instead
         of the one we run on (tests use it to stand in for CPUs they lack).
-        quantization (SCALELLM_QUANTIZATION): "none", or "gguf": the linears computed on
+        quantization (SCALELLM_QUANTIZATION): "auto" (plan.auto_quantization: gguf for a model
+        with a GGUF in bf16 on the CPU, else none), "none", or "gguf": the linears computed on
         the Q4_0/Q4_1/Q8_0 blocks of gguf_file (default: the GGUF the folder was made
         from, shared.model_files.gguf_source), when the plan has the kernel for them; or
         "int8": the safetensors matrices quantized at load to int8 per output channel, on the
@@ -74,6 +75,7 @@ class ModelRunner:
             kernel_cache_dir=kernel_cache_dir,
             quantization=quantization,
             kv_cache_dtype=kv_cache_dtype,
+            gguf_available=gguf_file is not None,
         )
         self.dtype = self.plan.dtype
         self.block_size = block_size
@@ -136,8 +138,10 @@ class ModelRunner:
 
     @staticmethod
     def _check_weights_for(quantization: str, model_dir: Path, gguf_file: Path | None) -> Path | None:
-        """The GGUF file that gguf reads (None for the other settings); raises when the folder lacks
-        the weights the setting reads."""
+        """The GGUF file that gguf (and auto, where there is one) reads, None for the other settings;
+        raises when the folder lacks the weights the setting reads."""
+        if quantization == "auto":
+            return gguf_file or gguf_source(model_dir)
         if quantization == "gguf":
             source = gguf_file or gguf_source(model_dir)
             if source is None:
