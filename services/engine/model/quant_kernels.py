@@ -21,7 +21,6 @@ weights with a warning when anything fails.
 
 from __future__ import annotations
 
-import _ctypes
 import ctypes
 import functools
 import logging
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 from services.engine.model.cpu import CpuFeatures
-from services.engine.model.native import _build, _resolve_cache_dir
+from services.engine.model.native import _build, _declare, _resolve_cache_dir
 from services.engine.model.quantized import BLOCK, KIND_CODES, QuantizedMatrix, reference_linear
 
 log = logging.getLogger(__name__)
@@ -194,12 +193,6 @@ class QuantKernels:
             reason = "this CPU cannot run it" if status == -2 else "bad arguments"
             raise RuntimeError(f"quantized linear ({path}) failed with status {status}: {reason}")
         return out
-
-
-def _declare(fn: _ctypes.CFuncPtr, restype: type | None, *argtypes: type) -> _ctypes.CFuncPtr:
-    fn.restype = restype
-    fn.argtypes = list(argtypes)
-    return fn
 
 
 def random_matrix(kind: str, rows: int, cols: int, generator: np.random.Generator) -> QuantizedMatrix:
