@@ -156,7 +156,7 @@ class GoneGateways:
         if retention_s < sweep_s:
             raise ValueError("gone gateways must be remembered at least as long as their streams are swept")
         self._sweep_s = sweep_s
-        self._retention_s = retention_s
+        self.retention_s = retention_s
         self.gone: frozenset[str] = frozenset()
 
     def __contains__(self, gateway_id: object) -> bool:
@@ -171,7 +171,7 @@ class GoneGateways:
         forget: list[str] = []
         for gateway_id, last_beat in census.gone.items():
             age = now - last_beat
-            if age >= self._retention_s:
+            if age >= self.retention_s:
                 forget.append(gateway_id)
                 sweep.append(gateway_id)
             elif age < self._sweep_s or gateway_id in newly:

@@ -26,15 +26,28 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# A replica's beat: renew its heartbeat and its registry entry atomically, and return the
-# heartbeat it replaced (nil: none). A script rather than a MULTI: redis-py's asyncio cluster
-# client runs each command of a transaction in a thread with an event loop of its own, which
-# leaves connections bound to that loop in the client's pool (seen with redis-py 8.1).
-# KEYS heartbeat, registry; ARGV heartbeat payload, ttl ms, replica id, time of the beat.
+# A replica's beat: renew its heartbeat and its registry entry atomically, and say whether the
+# heartbeat it replaced was there and whether someone reaped the replica meanwhile (REAP), clearing
+# the mark. A script rather than a MULTI: redis-py's asyncio cluster client runs each command of
+# a transaction in a thread with an event loop of its own, which leaves connections bound to
+# that loop in the client's pool (seen with redis-py 8.1).
+# KEYS heartbeat, registry, reaped mark; ARGV heartbeat payload, ttl ms, replica id, time of the beat.
 BEAT = """
 local previous = redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'GET')
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
-return previous
+local renewed = 0
+if previous then renewed = 1 end
+return {renewed, redis.call('DEL', KEYS[3])}
+"""
+
+# Mark a replica as reaped, only while its heartbeat is absent: the check and the mark in one
+# script, so a replica that beats again in between is either still seen alive (and left alone)
+# or finds the mark on its next beat (and knows its work was dropped).
+# KEYS heartbeat, reaped mark; ARGV how long the mark is kept (ms).
+_REAP = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[1])
+return 1
 """
 
 # Move a gone consumer's pending entries to a live one, and remove the gone consumer from
@@ -76,6 +89,14 @@ class ReplicaCensus:
 
     live: frozenset[str]
     gone: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class BeatOutcome:
+    """What a beat found: was the previous heartbeat still there, and was this replica reaped meanwhile."""
+
+    renewed: bool  # False on the first beat and after a lapse
+    reaped: bool  # during the lapse another replica acted on this one being gone (``reap``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +152,19 @@ class ReplicaRegistryMixin:
             return None
         names = frozenset(_text(client["name"]) for client in clients if client.get("name"))
         return names if self.consumer in names else None
+
+    async def reap(self, role: str, replica_ids: Sequence[str], keep_s: float) -> list[str]:
+        """Of ``replica_ids``, those still without a heartbeat, marked so that each learns of it on its next beat.
+
+        Only those returned may be treated as gone: one that beat again since the census is left alone.
+        """
+        keep_ms = int(keep_s * 1000)
+
+        async def mark(replica_id: str) -> bool:
+            keys = [self.names.heartbeat(role, replica_id), self.names.reaped(role, replica_id)]
+            return bool(await self._redis.eval(_REAP, 2, *keys, keep_ms))
+
+        return [replica_id for replica_id in replica_ids if await self._retry("reap", lambda: mark(replica_id))]
 
     async def forget_replica(self, role: str, replica_id: str) -> None:
         """Drop a gone replica from the registry once nothing is left to take over from it."""

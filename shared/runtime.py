@@ -55,8 +55,8 @@ async def beat_until_stopped(
     ttl = 4 * interval_s if ttl_s is None else ttl_s
     while not stop.is_set():
         heartbeat = Heartbeat(role=role, replica_id=replica_id, time=time.time(), max_model_len=max_model_len)
-        alive = await transport.beat(heartbeat, ttl_s=ttl)
+        outcome = await transport.beat(heartbeat, ttl_s=ttl)
         if pulse is not None:
-            pulse.record(alive, time.monotonic())
+            pulse.record(outcome.renewed, time.monotonic())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=interval_s)

@@ -27,7 +27,7 @@ from shared.fencing import FencedPublishMixin
 from shared.messages import Heartbeat, Message, MessageError, decode, encode
 from shared.output_checkpoints import OutputCheckpointMixin
 from shared.redis_client import AsyncRedis, async_client, close_async_client, pipeline_prefix
-from shared.replicas import BEAT, ReplicaRegistryMixin
+from shared.replicas import BEAT, BeatOutcome, ReplicaRegistryMixin
 from shared.work_streams import DEFAULT_MAX_DELIVERIES, DEFAULT_TRIM_INTERVAL_S, WorkStreamMixin
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,10 @@ class StreamNames:
 
     def registry(self, role: str) -> str:
         return f"{self.prefix}:replicas:{role}"
+
+    def reaped(self, role: str, replica_id: str) -> str:
+        """Left by a replica that acted on ``replica_id`` being gone; its next beat reads and clears it."""
+        return f"{self.prefix}:reaped:{role}:{replica_id}"
 
     def lease(self, resource: str) -> str:
         return f"{self.prefix}:lease:{resource}"
@@ -367,23 +371,21 @@ class StreamTransport(WorkStreamMixin, FencedPublishMixin, OutputCheckpointMixin
 
     # -- heartbeats ---------------------------------------------------------
 
-    async def beat(self, heartbeat: Heartbeat, ttl_s: float) -> bool:
+    async def beat(self, heartbeat: Heartbeat, ttl_s: float) -> BeatOutcome:
         """Renew the replica's heartbeat (it expires after ``ttl_s``) and its entry in the role's registry.
 
         Both at once (one script, shared/replicas.py): a replica in the registry without a
-        heartbeat has stopped beating, it is not one that has yet to start. Returns whether
-        the previous heartbeat was still there: False on the first beat, and after a lapse
-        during which the others took this replica for gone.
+        heartbeat has stopped beating, it is not one that has yet to start. The outcome says
+        whether the previous heartbeat was still there (not on the first beat, nor after a
+        lapse) and whether, during a lapse, another replica acted on this one being gone
+        (``reap``): a lapse nobody acted on, such as Redis stalling for longer than a TTL,
+        costs nothing.
         """
-        keys = [self.names.heartbeat(heartbeat.role, heartbeat.replica_id), self.names.registry(heartbeat.role)]
-        args: list[bytes | str | int] = [
-            encode(heartbeat),
-            int(ttl_s * 1000),
-            heartbeat.replica_id,
-            repr(heartbeat.time),
-        ]
-        previous = await self._retry("heartbeat", lambda: self._redis.eval(BEAT, 2, *keys, *args))
-        return previous is not None
+        role, replica_id = heartbeat.role, heartbeat.replica_id
+        keys = [self.names.heartbeat(role, replica_id), self.names.registry(role), self.names.reaped(role, replica_id)]
+        args: list[bytes | str | int] = [encode(heartbeat), int(ttl_s * 1000), replica_id, repr(heartbeat.time)]
+        renewed, reaped = await self._retry("heartbeat", lambda: self._redis.eval(BEAT, 3, *keys, *args))
+        return BeatOutcome(renewed=bool(renewed), reaped=bool(reaped))
 
     async def live_replicas(self, role: str) -> list[Heartbeat]:
         async def scan() -> list[Heartbeat]:

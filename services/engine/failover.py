@@ -9,6 +9,8 @@ becomes of each request (requests.py).
   request continues after the output tokens its engine published (ownership.py).
 - Gateways that are gone are reported (their requests are aborted: nobody reads
   their output), and their response streams deleted (shared/failover.py, ``GoneGateways``).
+  Each is first marked as reaped, atomically with a last look at its heartbeat, so that
+  one that was only stalled learns on its next beat that its requests ended.
 - The entries of requests running here are touched, so that XAUTOCLAIM does
   not hand them to another engine while this one is alive (only those still
   ours: an engine that stalled must not take its requests back from the one
@@ -22,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from shared.failover import ConsumerTakeover, GoneGateways, OwnPulse
+from shared.replicas import ReplicaCensus
 from shared.settings import EngineSettings
 from shared.transport import Delivery, StreamTransport
 
@@ -92,6 +95,17 @@ class EngineFailover:
         if census.gone and not self.pulse.steady(time.monotonic()):
             return  # our own heartbeat lapsed too (Redis unreachable?): theirs prove nothing
         before = self._gateways.gone
+        newly = [gateway_id for gateway_id in census.gone if gateway_id not in before]
+        if newly:
+            # Act only on those still gone once marked: a gateway that beat again since the
+            # census keeps its requests, and one marked learns on its next beat that they ended.
+            reaped = set(await transport.reap("gateway", newly, keep_s=self._gateways.retention_s))
+            gone = {
+                gateway_id: beat
+                for gateway_id, beat in census.gone.items()
+                if gateway_id not in newly or gateway_id in reaped
+            }
+            census = ReplicaCensus(census.live, gone)
         verdict = self._gateways.update(census, time.time())
         if verdict.gone != before:
             self._gateways_gone(verdict.gone)

@@ -273,8 +273,8 @@ class EngineIO:
             queue_time_sum=load.queue_time.total,
             kernels=load.kernels or None,
         )
-        alive = await transport.beat(heartbeat, ttl_s=self._settings.heartbeat_ttl_s)
-        failover.pulse.record(alive, time.monotonic())
+        outcome = await transport.beat(heartbeat, ttl_s=self._settings.heartbeat_ttl_s)
+        failover.pulse.record(outcome.renewed, time.monotonic())
 
     async def _publish_loop(self, owned: OwnedPublisher) -> None:
         """Publish in order; a backlog of steps goes out in one round trip."""

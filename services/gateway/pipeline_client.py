@@ -205,8 +205,11 @@ class PipelineClient:
                 beat = Heartbeat(
                     role="gateway", replica_id=self.gateway_id, time=time.time(), running=len(self.registry)
                 )
-                if not await self.transport.beat(beat, ttl_s=self._heartbeat_ttl_s) and not first:
-                    self._fail_after_lapse()
+                outcome = await self.transport.beat(beat, ttl_s=self._heartbeat_ttl_s)
+                if outcome.reaped:
+                    self._fail_after_reaping()
+                elif not outcome.renewed and not first:
+                    log.warning("this gateway's heartbeat lapsed, but no engine acted on it: requests continue")
                 first = False
                 # EXPIRE is a no-op until the stream exists; refreshing it on
                 # every beat keeps a live gateway's stream alive indefinitely.
@@ -217,9 +220,10 @@ class PipelineClient:
                 log.exception("heartbeat failed")
             await asyncio.sleep(self._heartbeat_interval_s)
 
-    def _fail_after_lapse(self) -> None:
-        """Our heartbeat expired (a stall of the loop, or of Redis): engines took this
-        gateway for gone and aborted its requests, so none of them would ever end."""
+    def _fail_after_reaping(self) -> None:
+        """Our heartbeat expired (a stall of this process, or of Redis) and an engine took this
+        gateway for gone: it aborted its requests and deleted its response stream, so none of
+        the requests in flight would ever end."""
         failed = self.registry.fail_all(
             lambda request_id: RequestFailed(
                 request_id=request_id,
@@ -228,7 +232,7 @@ class PipelineClient:
                 message="The gateway lost contact with the pipeline; retry the request.",
             )
         )
-        log.error("this gateway's heartbeat lapsed; %d requests in flight end with 503", len(failed))
+        log.error("an engine took this gateway for gone; %d requests in flight end with 503", len(failed))
         self.abort(failed, reason="gateway heartbeat lapsed")
 
     def fail_in_flight(self) -> None:

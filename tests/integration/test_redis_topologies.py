@@ -186,10 +186,14 @@ def test_every_transport_operation_works_on_the_cluster(cluster: LocalCluster) -
             ]
             # Heartbeat script, SCAN + MGET, registry; then a stops beating and b takes its entry over.
             beat = Heartbeat(role="engine", replica_id="a", time=time.time())
-            assert not await a.beat(beat, ttl_s=0.3) and await a.beat(beat, ttl_s=0.3)
+            assert not (await a.beat(beat, ttl_s=0.3)).renewed and (await a.beat(beat, ttl_s=0.3)).renewed
             assert [h.replica_id for h in await b.live_replicas("engine")] == ["a"]
             await asyncio.sleep(0.4)
             assert "a" in (await b.replica_census("engine")).gone
+            # The reap script: marks only a replica still without a heartbeat; its next beat reads the mark.
+            assert await b.reap("engine", ["a"], keep_s=10) == ["a"]
+            assert (await a.beat(beat, ttl_s=0.3)).reaped and await b.reap("engine", ["a"], keep_s=10) == []
+            await asyncio.sleep(0.4)
             taken = await b.take_over(shards[0], GROUP, "a", count=10, min_idle_ms=0)
             assert [d.message for d in taken.deliveries] == [abort(0)]
             # A claim past max_deliveries dead-letters the entry (pipelined XPENDINGs, then XADD + XACK).

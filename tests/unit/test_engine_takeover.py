@@ -112,6 +112,7 @@ def test_a_gone_gateways_requests_are_aborted_and_its_stream_deleted(
     wait_for(lambda: pending_of(engine, "engine-test") == 1, timeout=5, what="the gone gateway's request to end")
     assert time.monotonic() - expired < 1.5  # noticed within a TTL and an interval or so
     assert not redis.exists(NAMES.responses("gw-dying"))
+    assert redis.exists(NAMES.reaped("gateway", "gw-dying"))  # its next beat, if any, tells it
     assert not engine.finished("kept")  # a gateway never heard of is not taken for gone
 
     # A request of the gone gateway pulled later is dropped without running.

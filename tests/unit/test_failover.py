@@ -11,7 +11,7 @@ import pytest
 
 from shared.failover import ConsumerTakeover, Disconnections, GoneGateways, OwnPulse
 from shared.messages import AbortRequests, Heartbeat
-from shared.replicas import ReplicaCensus
+from shared.replicas import BeatOutcome, ReplicaCensus
 from shared.transport import Ack, StreamTransport
 
 GROUP = "workers"
@@ -55,8 +55,8 @@ async def left_pending_by(server: fakeredis.FakeServer, consumer: str, *messages
 def test_a_replica_that_stopped_beating_is_gone_and_one_never_heard_of_is_not_listed() -> None:
     async def scenario(server: fakeredis.FakeServer) -> None:
         t = transport(server, "x")
-        assert await t.beat(beat("engine", "e1"), ttl_s=0.05) is False  # first beat: nothing before it
-        assert await t.beat(beat("engine", "e1"), ttl_s=0.05) is True
+        assert await t.beat(beat("engine", "e1"), ttl_s=0.05) == BeatOutcome(renewed=False, reaped=False)  # the first
+        assert await t.beat(beat("engine", "e1"), ttl_s=0.05) == BeatOutcome(renewed=True, reaped=False)
         await t.beat(beat("engine", "e2"), ttl_s=10)
         await t.beat(beat("tokenizer", "t1"), ttl_s=0.05)
         # A heartbeat written by a stage that does not register: not part of the census.
@@ -68,10 +68,32 @@ def test_a_replica_that_stopped_beating_is_gone_and_one_never_heard_of_is_not_li
         assert census.live == {"e2"}
         assert list(census.gone) == ["e1"] and abs(census.gone["e1"] - time.time()) < 5
         # After a lapse the next beat says so: the others may have taken us for gone.
-        assert await t.beat(beat("engine", "e1"), ttl_s=10) is False
+        assert await t.beat(beat("engine", "e1"), ttl_s=10) == BeatOutcome(renewed=False, reaped=False)
         assert (await t.replica_census("engine")).gone == {}
         await t.forget_replica("tokenizer", "t1")
         assert await t.replica_census("tokenizer") == ReplicaCensus(frozenset(), {})
+
+    run(scenario)
+
+
+def test_reap_marks_only_replicas_still_gone_and_their_next_beat_reports_it_once() -> None:
+    async def scenario(server: fakeredis.FakeServer) -> None:
+        engine, gateway = transport(server, "e1"), transport(server, "gw")
+        await gateway.beat(beat("gateway", "gw-stalled"), ttl_s=0.05)
+        await gateway.beat(beat("gateway", "gw-back"), ttl_s=0.05)
+        await asyncio.sleep(0.1)
+        assert set((await engine.replica_census("gateway")).gone) == {"gw-stalled", "gw-back"}
+        # gw-back beats between the census and the reap: it is left alone.
+        assert await gateway.beat(beat("gateway", "gw-back"), ttl_s=10) == BeatOutcome(renewed=False, reaped=False)
+        assert await engine.reap("gateway", ["gw-stalled", "gw-back"], keep_s=10) == ["gw-stalled"]
+        assert await gateway.beat(beat("gateway", "gw-stalled"), ttl_s=10) == BeatOutcome(renewed=False, reaped=True)
+        assert await gateway.beat(beat("gateway", "gw-stalled"), ttl_s=10) == BeatOutcome(renewed=True, reaped=False)
+        # A live replica cannot be marked; a mark nobody collects expires.
+        assert await engine.reap("gateway", ["gw-stalled"], keep_s=10) == []
+        await fakeredis.FakeAsyncRedis(server=server).delete(engine.names.heartbeat("gateway", "gw-stalled"))
+        assert await engine.reap("gateway", ["gw-stalled"], keep_s=0.05) == ["gw-stalled"]
+        await asyncio.sleep(0.1)
+        assert await gateway.beat(beat("gateway", "gw-stalled"), ttl_s=10) == BeatOutcome(renewed=False, reaped=False)
 
     run(scenario)
 

@@ -306,7 +306,7 @@ async def test_shutdown_ends_waiting_requests_with_503_and_aborts_them() -> None
         assert await h.pipeline.aborted_ids() == [h.pipeline.requests[0].request_id]
 
 
-async def test_a_lapsed_heartbeat_ends_waiting_requests_with_503_but_keeps_serving() -> None:
+async def test_a_gateway_an_engine_took_for_gone_ends_waiting_requests_with_503_but_keeps_serving() -> None:
     async def silent_first(pipeline: FakePipeline, request: CompletionRequest) -> None:
         if len(pipeline.requests) > 1:
             await hello_world(pipeline, request)
@@ -314,12 +314,29 @@ async def test_a_lapsed_heartbeat_ends_waiting_requests_with_503_but_keeps_servi
     async with running(silent_first) as h:
         waiting = asyncio.create_task(h.http.post("/v1/completions", json={"prompt": "x"}))
         await h.pipeline.wait_for_requests(1)
-        # As if the gateway had stalled past its TTL: engines have taken it for gone and
-        # aborted its requests, which would then never end.
+        # As if the gateway had stalled past its TTL and an engine had aborted its
+        # requests, which would then never end: the engine leaves its mark.
         await h.redis.delete(f"t:heartbeat:gateway:{GATEWAY_ID}")
+        assert await h.pipeline.transport.reap("gateway", [GATEWAY_ID], keep_s=10) == [GATEWAY_ID]
         reply = await asyncio.wait_for(waiting, 5)
         assert reply.status_code == 503 and "lost contact" in reply.json()["error"]["message"]
         assert (await h.http.post("/v1/completions", json={"prompt": "y"})).status_code == 200
+
+
+async def test_a_heartbeat_lapse_no_engine_acted_on_keeps_the_requests_in_flight() -> None:
+    """Redis stalling for longer than the TTL expires every heartbeat; nobody reaped anybody."""
+    async with running(waits_for_release) as h:
+        waiting = asyncio.create_task(h.http.post("/v1/completions", json={"prompt": "x"}))
+        await h.pipeline.wait_for_requests(1)
+        heartbeat = f"t:heartbeat:gateway:{GATEWAY_ID}"
+        await h.redis.delete(heartbeat)
+        async with asyncio.timeout(5):
+            while not await h.redis.exists(heartbeat):  # the gateway beat again, past the lapse
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        h.pipeline.release.set()
+        reply = await asyncio.wait_for(waiting, 5)
+        assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == "Hello world"
 
 
 async def test_a_wrong_method_is_a_json_405_that_says_which_methods_are_allowed() -> None:
