@@ -7,10 +7,11 @@
     python -m bench.model_step --quantization gguf --gguf-variant int8 float --amx-min-rows 16 1000
     python -m bench.model_step --quantization int8 --batch 1 64 --threads 1   # per-channel int8 weights
     python -m bench.model_step --dtype bfloat16 --kv-cache-dtype auto fp8_e5m2 --batch 1 64 --threads 1
+    python -m bench.model_step --dtype bfloat16 --quantization none gguf --prefill 128 --batch   # one prompt's prefill
 
 Every sequence decodes one token per step with ~context tokens already in the
 KV cache (the cache holds zeros: the step's cost does not depend on the values).
-Prints ms per step, tokens/s, and the model's matmul FLOP/s (2 * weights * batch).
+Prints ms per step, tokens/s (a prefill's: prompt tokens), and the model's matmul FLOP/s (2 * weights * tokens).
 """
 
 from __future__ import annotations
@@ -48,6 +49,20 @@ def decode_batch(batch: int, context: int, block_size: int) -> ForwardBatch:
     )
 
 
+def prefill_batch(length: int, block_size: int) -> ForwardBatch:
+    """One prompt of ``length`` tokens, none cached: a request's prefill at concurrency 1."""
+    table = list(range((length + block_size - 1) // block_size))
+    return ForwardBatch(
+        input_ids=torch.randint(0, 1000, (length,)),
+        positions=torch.arange(length),
+        slot_mapping=torch.arange(length),
+        query_lens=[length],
+        context_lens=[length],
+        block_tables=[table],
+        logits_indices=torch.tensor([length - 1]),
+    )
+
+
 def use_quant_kernels(runner: ModelRunner, variant: str, amx_min_rows: int | None) -> str:
     """Rebind the runner's quantized linears to the kernel variant (and AMX row threshold); its label."""
     plan_kernels = runner.plan.quantized
@@ -74,7 +89,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=None, help="HF folder; default: the cached default model")
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--batch", type=int, nargs="*", default=[1, 16, 64])
+    parser.add_argument("--prefill", type=int, nargs="*", default=[], help="also time one prompt of this many tokens")
     parser.add_argument("--context", type=int, default=300)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--block-size", type=int, default=16)
@@ -123,7 +139,8 @@ def main() -> None:
         from shared.settings import CommonSettings
 
         model_dir = resolve_model_dir(CommonSettings(), weights=True)
-    blocks_needed = max(args.batch) * ((args.context + 1 + args.block_size - 1) // args.block_size)
+    tokens_needed = max([b * (args.context + 1) for b in args.batch] + args.prefill)
+    blocks_needed = (tokens_needed + args.block_size - 1) // args.block_size + max(args.batch, default=1)
     print(f"model {model_dir}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for dtype, kernels, quantization, kv_cache_dtype in itertools.product(
         args.dtype, args.kernels, args.quantization, args.kv_cache_dtype
@@ -144,13 +161,17 @@ def main() -> None:
         params = runner.model.matmul_params()
         print(f"{dtype} {kernels} quantization {quantization} KV {kv_cache_dtype}: {runner.plan.describe()}")
         variants = itertools.product(args.gguf_variant, args.amx_min_rows) if runner.plan.quantized else [("", None)]
-        for (variant, amx_min_rows), batch in itertools.product(variants, args.batch):
+        shapes = [("decode", b) for b in args.batch] + [("prefill", n) for n in args.prefill]
+        for (variant, amx_min_rows), (shape, batch) in itertools.product(variants, shapes):
             kind = "native" if runner.plan.native else "torch"
             if kv_cache_dtype != "auto":
                 kind += f"+kv-{kv_cache_dtype}"
             if runner.plan.quantized is not None:
                 kind = f"{runner.plan.quantization}-{use_quant_kernels(runner, variant, amx_min_rows)}"
-            step = decode_batch(batch, args.context, args.block_size)
+            if shape == "prefill":
+                step, what = prefill_batch(batch, args.block_size), f"prefill {batch:4d}"
+            else:
+                step, what = decode_batch(batch, args.context, args.block_size), f"batch {batch:3d}"
             for _ in range(3):
                 runner.forward(step)
             times, cpu_times = [], []
@@ -163,7 +184,7 @@ def main() -> None:
             # CPU time per step says how much work a step is even when other
             # processes share the cores (wall time then mostly measures them).
             print(
-                f"{dtype:9s} {kind:6s} batch {batch:3d} context {args.context}: {median * 1e3:7.2f} ms/step "
+                f"{dtype:9s} {kind:6s} {what} context {args.context}: {median * 1e3:7.2f} ms/step "
                 f"(min {min(times) * 1e3:7.2f}, cpu {statistics.median(cpu_times) * 1e3:7.2f}), "
                 f"{batch / median:7.1f} tok/s, {2 * params * batch / median / 1e9:6.1f} GFLOP/s matmul",
                 flush=True,

@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from services.engine.model import attention as attention_module
 from services.engine.model import linear as linear_module
 from services.engine.model import native as native_module
 from services.engine.model.attention import AttentionMetadata, paged_attention
@@ -175,14 +174,10 @@ def test_native_layer_kernels_match_torch_at_engine_sizes(kernel: NativeKernels)
     assert torch.equal(v_cache[slots // block, :, slots % block], values)
 
 
-@pytest.mark.parametrize("tile_elements", [1 << 23, 96], ids=["one-tile", "many-tiles"])
 # (cached, chunk): shapes as they are; queries and keys padded to attention buckets
 # (18 queries -> 20, 41 keys -> 48: padding blocks of block 0); a fresh prefill padded.
 @pytest.mark.parametrize("cached, chunk", [(9, 7), (23, 18), (0, 19)], ids=["exact", "padded", "fresh-padded"])
-def test_prefill_chunk_after_cached_prefix_matches_sdpa(
-    monkeypatch: pytest.MonkeyPatch, tile_elements: int, cached: int, chunk: int
-) -> None:
-    monkeypatch.setattr(attention_module, "_PREFILL_TILE_ELEMENTS", tile_elements)
+def test_prefill_chunk_after_cached_prefix_matches_sdpa(cached: int, chunk: int) -> None:
     heads, kv_heads, dim, block = 6, 2, 16, 4
     gen = torch.Generator().manual_seed(5)
     k_cache = torch.randn(16, kv_heads, block, dim, generator=gen)  # garbage where nothing was stored
@@ -202,7 +197,6 @@ def test_prefill_chunk_after_cached_prefix_matches_sdpa(
         block_tables=[table],
         block_size=block,
         num_kv_heads=kv_heads,
-        num_heads=heads,
         head_dim=dim,
         device=torch.device("cpu"),
         plan=float32_plan(None),

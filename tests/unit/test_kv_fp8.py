@@ -172,7 +172,6 @@ def test_prefill_after_a_cached_prefix_reads_the_e5m2_pool(kernel: NativeKernels
         block_tables=[table],
         block_size=block,
         num_kv_heads=kv_heads,
-        num_heads=heads,
         head_dim=dim,
         device=CPU,
         plan=fp8_plan(kernel),

@@ -188,7 +188,6 @@ class ModelRunner:
             block_tables=batch.block_tables,
             block_size=self.block_size,
             num_kv_heads=self.config.num_kv_heads,
-            num_heads=self.config.num_heads,
             head_dim=self.config.head_dim,
             device=device,
             plan=self.plan,
