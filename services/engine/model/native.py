@@ -26,270 +26,46 @@ are kept in SCALELLM_KERNEL_CACHE_DIR (default: default_cache_dir()).
 
 from __future__ import annotations
 
-import _ctypes
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
-from typing import Literal, get_args
 
 import torch
 
-from services.engine.model.cpu import CpuFeatures
+from services.engine.model.native_build import (
+    DEFAULT_MARCH,
+    KERNEL_CHOICES,
+    PATH_FLAGS,
+    PATHS,
+    KernelChoice,
+    _build,
+    _declare,
+    _resolve_cache_dir,
+    default_cache_dir,
+    path_for,
+)
+from services.engine.model.native_kernels import NativeKernels, pack_bf16_weight
 from services.engine.model.reference import apply_rope, reference_decode_attention, rms_norm, silu_mul
 
+# Callers import these from here (plan.py, linear.py, attention.py, quant_kernels.py, bench/, tests/).
+__all__ = [
+    "KERNEL_CHOICES",
+    "PATHS",
+    "PATH_FLAGS",
+    "KernelChoice",
+    "NativeKernels",
+    "_build",
+    "_declare",
+    "_resolve_cache_dir",
+    "build_and_check",
+    "default_cache_dir",
+    "load_native_kernels",
+    "pack_bf16_weight",
+    "path_for",
+]
+
 log = logging.getLogger(__name__)
-
-CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("paged_attention.c", "layers.c", "bf16_linear.c")]
-FLAGS = ["-O3", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
-# Each kernel holds every path, compiled for its instruction set by function
-# attributes (csrc/simd.h); -march only decides what the portable path may use.
-# "native" is this CPU; tests build for other targets too, e.g. x86-64-v3 (AVX2 + FMA).
-DEFAULT_MARCH = "native"
-# Path names in the kernels' order (simd.h: PATH_*), slowest first, with the CPU
-# flags (/proc/cpuinfo names) each needs.
-PATHS = ("portable", "avx2", "avx512")
-PATH_FLAGS: dict[str, tuple[str, ...]] = {
-    "portable": (),
-    "avx2": ("avx2", "fma", "f16c"),  # f16c: the fp8 e5m2 KV loads
-    "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq"),
-}
-# SCALELLM_KERNELS (shared/settings.py declares the same choices without importing torch).
-KernelChoice = Literal["auto", "torch", "native"]
-KERNEL_CHOICES: tuple[str, ...] = get_args(KernelChoice)
-_COMPILE_TIMEOUT_S = 120
-# bf16_linear.c: output rows per weight panel.
-PANEL = 16
-
-
-_P, _I, _F, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-
-
-def path_for(cpu: CpuFeatures) -> str:
-    """The fastest kernel path the CPU's flags allow."""
-    return next(path for path in reversed(PATHS) if cpu.has(*PATH_FLAGS[path]))
-
-
-def _declare(fn: _ctypes.CFuncPtr, restype: type | None, *argtypes: type) -> _ctypes.CFuncPtr:
-    fn.restype = restype
-    fn.argtypes = list(argtypes)
-    return fn
-
-
-def pack_bf16_weight(weight: torch.Tensor) -> torch.Tensor:
-    """bf16 weight [n, k] -> the panels bf16_linear reads: [ceil(n / 16), k, 8, 2], element
-    [p, j, i, half] = weight[16 p + 8 half + i, j] (zero rows past n)."""
-    n, k = weight.shape
-    panels = -(-n // PANEL)
-    padded = torch.nn.functional.pad(weight.to(torch.bfloat16), (0, 0, 0, panels * PANEL - n))
-    return padded.view(panels, 2, PANEL // 2, k).permute(0, 3, 2, 1).contiguous()
-
-
-class NativeKernels:
-    """ctypes front of the compiled kernels, bound to one path (``PATHS``). Tensors
-    must live on the CPU; each method states the layout it needs."""
-
-    def __init__(self, library: ctypes.CDLL, path: str = "portable") -> None:
-        if path not in PATHS:
-            raise ValueError(f"unknown kernel path {path!r}; expected one of {', '.join(PATHS)}")
-        self._library = library
-        self.path = path
-        self._code = PATHS.index(path)
-        self._paths = _declare(library.native_paths, _C)
-        self._attention = _declare(
-            library.paged_decode_attention, _C, _C, _C, _C, _P, _I, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _F
-        )
-        self._rms_norm = _declare(library.rms_norm_bf16, None, _C, _P, _I, _P, _P, _I, _I, _F)
-        self._rope_store = _declare(
-            library.rope_store_bf16, None, _C, _P, _I, _P, _P, _P, _P, _C, _P, _P, _I, _I, _I, _I, _I
-        )
-        self._silu_mul = _declare(library.silu_mul_bf16, None, _C, _P, _P, _I, _I)
-        self._linear = _declare(library.bf16_linear, _C, _C, _P, _I, _C, _I, _I, _P, _I, _P, _P, _I, _P, _I, _C, _P)
-        self._unpack = _declare(library.bf16_unpack_f32, None, _C, _P, _I, _I, _P)
-        self._scratch = torch.empty(0, dtype=torch.float32)
-
-    def runnable_paths(self) -> tuple[str, ...]:
-        """The paths this machine can run (cpuid, as the C runtime sees it)."""
-        bits = self._paths()
-        return tuple(path for index, path in enumerate(PATHS) if bits >> index & 1)
-
-    def with_path(self, path: str) -> NativeKernels:
-        """The same library bound to another path; raises if this CPU cannot run it."""
-        if path not in self.runnable_paths():
-            raise RuntimeError(f"this CPU cannot run the {path} kernels (it runs {', '.join(self.runnable_paths())})")
-        return NativeKernels(self._library, path)
-
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """bfloat16 x: [T, dim] (rows may be strided), weight: [dim] -> [T, dim]."""
-        rows, dim = x.shape
-        if x.stride(1) != 1:
-            raise ValueError("rms_norm needs contiguous rows")
-        out = torch.empty(rows, dim, dtype=x.dtype)
-        self._rms_norm(self._code, x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), rows, dim, eps)
-        return out
-
-    def rope_store(
-        self,
-        qkv: torch.Tensor,
-        positions: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        slots: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        num_heads: int,
-    ) -> None:
-        """Rotate q and k in place in bfloat16 qkv [T, (H + 2 KV) * D] (contiguous), and
-        store k, v at slots [T] in the caches (k [blocks, KV, D, block_size],
-        v [blocks, KV, block_size, D]; both bfloat16 or both float8_e5m2, rounded from
-        the rotated bf16 k). positions, slots: int64 [T]; cos, sin: float32 [max_positions, D / 2]."""
-        _, num_kv_heads, block_size, head_dim = v_cache.shape
-        if not qkv.is_contiguous():
-            raise ValueError("rope_store needs a contiguous qkv tensor")
-        if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (torch.bfloat16, torch.float8_e5m2):
-            raise ValueError(f"rope_store stores into a bfloat16 or float8_e5m2 pool, not {k_cache.dtype}")
-        self._rope_store(
-            self._code,
-            qkv.data_ptr(),
-            qkv.stride(0),
-            positions.data_ptr(),
-            cos.data_ptr(),
-            sin.data_ptr(),
-            slots.data_ptr(),
-            _FORMATS[k_cache.dtype],
-            k_cache.data_ptr(),
-            v_cache.data_ptr(),
-            qkv.shape[0],
-            num_heads,
-            num_kv_heads,
-            head_dim,
-            block_size,
-        )
-
-    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """bfloat16 gate_up: [T, 2 * inter] contiguous -> silu(gate) * up: [T, inter]."""
-        rows, width = gate_up.shape
-        if not gate_up.is_contiguous():
-            raise ValueError("silu_mul needs a contiguous input")
-        out = torch.empty(rows, width // 2, dtype=gate_up.dtype)
-        self._silu_mul(self._code, gate_up.data_ptr(), out.data_ptr(), rows, width // 2)
-        return out
-
-    def decode(
-        self,
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        block_table: torch.Tensor,
-        context_lens: torch.Tensor,
-        scale: float,
-    ) -> torch.Tensor:
-        """q: [B, H, D] (rows may be strided, D contiguous); k_cache: [blocks, KV, D, block_size],
-        v_cache: [blocks, KV, block_size, D], both contiguous, in q's dtype (float32 or
-        bfloat16) or float8_e5m2 (the 8-bit KV cache); block_table: [B, max_blocks] int64;
-        context_lens: [B] int64. Returns [B, H * D] in q's dtype."""
-        batch, num_heads, head_dim = q.shape
-        if q.stride(2) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-            raise ValueError("native attention needs contiguous head rows and a contiguous pool")
-        if (
-            q.dtype not in (torch.float32, torch.bfloat16)
-            or k_cache.dtype != v_cache.dtype
-            or k_cache.dtype not in (q.dtype, torch.float8_e5m2)
-        ):
-            raise ValueError(
-                f"native attention takes float32 or bfloat16 q with a pool in q's dtype or float8_e5m2, not "
-                f"{q.dtype}/{k_cache.dtype}/{v_cache.dtype}"
-            )
-        out = q.new_empty(batch, num_heads * head_dim)
-        status = self._attention(
-            self._code,
-            _FORMATS[q.dtype],
-            _FORMATS[k_cache.dtype],
-            q.data_ptr(),
-            q.stride(0),
-            q.stride(1),
-            k_cache.data_ptr(),
-            v_cache.data_ptr(),
-            block_table.data_ptr(),
-            block_table.shape[1],
-            context_lens.data_ptr(),
-            out.data_ptr(),
-            batch,
-            num_heads,
-            v_cache.shape[1],
-            head_dim,
-            v_cache.shape[2],
-            scale,
-        )
-        if status != 0:
-            raise RuntimeError(
-                f"native attention ({self.path}) failed (status {status}: head_dim or group too large, "
-                "out of memory, or a path this CPU cannot run)"
-            )
-        return out
-
-    def linear(
-        self,
-        x: torch.Tensor,
-        packed: torch.Tensor,
-        out_features: int,
-        bias: torch.Tensor | None = None,
-        residual: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """residual + bias + x @ weight.T on a weight packed by ``pack_bf16_weight``.
-        x: [T, in] float32 or bfloat16 (rows may be strided); bias: float32 [out];
-        residual: [T, out] in x's dtype. Returns [T, out] in x's dtype."""
-        if x.dtype not in _FORMATS:
-            raise ValueError(f"the bf16 linear takes float32 or bfloat16 activations, not {x.dtype}")
-        if x.stride(1) != 1:
-            x = x.contiguous()
-        tokens, cols = x.shape
-        if cols != packed.shape[1]:
-            raise ValueError(f"x has {cols} columns, the weight {packed.shape[1]}")
-        if residual is not None and (residual.dtype != x.dtype or residual.stride(1) != 1):
-            residual = residual.to(x.dtype).contiguous()
-        bf16 = int(x.dtype == torch.bfloat16)
-        if bf16 and self._scratch.numel() < tokens * cols:
-            self._scratch = torch.empty(tokens * cols, dtype=torch.float32)
-        out = torch.empty(tokens, out_features, dtype=x.dtype)
-        status = self._linear(
-            self._code,
-            x.data_ptr(),
-            x.stride(0),
-            bf16,
-            tokens,
-            cols,
-            packed.data_ptr(),
-            out_features,
-            None if bias is None else bias.data_ptr(),
-            None if residual is None else residual.data_ptr(),
-            0 if residual is None else residual.stride(0),
-            out.data_ptr(),
-            out.stride(0),
-            bf16,
-            self._scratch.data_ptr(),
-        )
-        if status != 0:
-            raise RuntimeError(f"bf16 linear ({self.path}) failed with status {status}")
-        return out
-
-    def unpack_into(self, packed: torch.Tensor, out_features: int, out: torch.Tensor) -> torch.Tensor:
-        """The packed weight as float32 [out_features, in] written into out (contiguous, at least that big)."""
-        cols = packed.shape[1]
-        if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() < out_features * cols:
-            raise ValueError("unpack_into needs a contiguous float32 buffer of the weight's size")
-        self._unpack(self._code, packed.data_ptr(), out_features, cols, out.data_ptr())
-        return out.view(-1)[: out_features * cols].view(out_features, cols)
-
-
-# simd.h: FMT_*.
-_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e5m2: 2}
 
 
 def load_native_kernels(
@@ -335,71 +111,6 @@ def build_and_check(march: str, cache_dir: str | Path | None = None) -> NativeKe
     for path in native.runnable_paths():
         _self_check(native.with_path(path))
     return native
-
-
-def default_cache_dir() -> Path:
-    """$XDG_CACHE_HOME/scalellm/kernels, or ~/.cache/scalellm/kernels."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "scalellm", "kernels").expanduser()
-
-
-def _resolve_cache_dir(cache_dir: str | Path | None) -> Path:
-    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
-
-
-def _build(
-    march: str,
-    cache_dir: Path,
-    *,
-    sources: list[Path] | None = None,
-    flags: list[str] | None = None,
-    stem: str = "scalellm_kernels",
-) -> Path:
-    """Compile (or find already compiled) the kernels; -march=native ties them to this CPU.
-
-    sources, flags, stem: another library built the same way (quant_kernels.py); default these kernels."""
-    sources = SOURCES if sources is None else sources
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
-        raise RuntimeError("no C compiler (cc/gcc) on PATH")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
-    # The headers beside the sources count too: an edit there must rebuild.
-    headers = sorted({header for source in sources for header in source.parent.glob("*.h")})
-    texts = [source.read_text() for source in [*sources, *headers]]
-    flags = [f"-march={march}", *(FLAGS if flags is None else flags)]
-    key = hashlib.sha256("\0".join([*texts, " ".join(flags), version, _cpu_flags()]).encode()).hexdigest()
-    target = cache_dir / f"{stem}-{key[:16]}.so"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename: concurrent builders each publish a whole file.
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=".so")
-    os.close(fd)
-    try:
-        result = subprocess.run(
-            [compiler, *flags, *map(str, sources), "-o", tmp, "-lm"],
-            capture_output=True,
-            text=True,
-            timeout=_COMPILE_TIMEOUT_S,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    log.info("compiled native kernels %s", target)
-    return target
 
 
 def _self_check(native: NativeKernels) -> None:
