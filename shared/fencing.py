@@ -9,6 +9,10 @@ runs atomically:
 - it first checks that this consumer still holds every lease named (a replica
   that stalled past its lease TTL, whose shard was taken over, is refused: its
   batch would repeat text its successor also sends);
+- it checks that none of the state keys named ``absent`` exists: a detokenizer
+  starts a request it sees at output 0 without reading its checkpoint first, so
+  a checkpoint there means the request was decoded before (a delta delivered
+  again) and the batch is refused, to be redone from the checkpoints;
 - it acknowledges the inputs; if none of them was still pending, the batch was
   applied already (a retry after a reply lost to a dropped connection) and it
   stops there, so nothing is published twice;
@@ -33,10 +37,17 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# KEYS: leases (nl), output streams (nm), state keys (ns), acknowledged streams (na).
+
+class StateExists(Exception):
+    """``publish_fenced`` wrote nothing: a state key it was told is ``absent`` exists."""
+
+
+# KEYS: leases (nl), output streams (nm), state keys (ns), acknowledged streams (na), then
+# the keys that must not exist (all the rest).
 # ARGV: consumer, nl, nm, ns, na, maxlen, lease ttl ms, then a payload per output,
 # (value, ttl ms) per state key, (group, entry id) per ack.
-# Returns -1: a lease is not ours; 0: applied before (nothing done); 1: applied.
+# Returns -1: a lease is not ours; -2: a key that must not exist does (nothing done);
+# 0: applied before (nothing done); 1: applied.
 _PUBLISH_FENCED = """
 local consumer = ARGV[1]
 local nl, nm, ns, na = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -44,6 +55,9 @@ for i = 1, nl do
   if redis.call('GET', KEYS[i]) ~= consumer then return -1 end
 end
 for i = 1, nl do redis.call('PEXPIRE', KEYS[i], ARGV[7]) end
+for i = nl + nm + ns + na + 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then return -2 end
+end
 if na > 0 then
   local key, arg, acked = nl + nm + ns, 7 + nm + 2 * ns, 0
   for i = 1, na do
@@ -85,12 +99,15 @@ class FencedPublishMixin:
         lease_ttl_ms: int,
         states: Sequence[tuple[str, Message, int]] = (),
         acks: Sequence[Ack] = (),
+        absent: Sequence[str] = (),
     ) -> bool:
-        """Publish ``messages``, write ``states`` (key, value, ttl ms) and ack, only while holding ``leases``.
+        """Publish ``messages``, write ``states`` (key, value, ttl ms) and ack, only while holding ``leases``
+        and only if none of the keys ``absent`` exists.
 
         Output goes to streams read by plain XREAD (responses, aborts), trimmed by
         MAXLEN. Held leases are renewed to ``lease_ttl_ms``. False: a lease is not
-        held (any more), and nothing was written.
+        held (any more), and nothing was written. StateExists: a key of ``absent``
+        exists, and nothing was written (the leases were renewed).
         """
         lease_keys = [self.names.lease(resource) for resource in leases]
         keys = (
@@ -98,6 +115,7 @@ class FencedPublishMixin:
             + [stream for stream, _ in messages]
             + [key for key, _, _ in states]
             + [ack.stream for ack in acks]
+            + list(absent)
         )
         args: list[str | bytes | int] = [
             self.consumer,
@@ -117,6 +135,8 @@ class FencedPublishMixin:
         if script is None:  # registered once: later calls send only its SHA (EVALSHA)
             script = self.__dict__["_fenced_script"] = self._redis.register_script(_PUBLISH_FENCED)
         outcome = await self._retry("fenced publish", lambda: script(keys=keys, args=args))
+        if outcome == -2:
+            raise StateExists("a state key expected absent exists")
         if outcome == 0:
             log.warning("a batch was applied already (a retry after a lost reply); not publishing it again")
         return int(outcome) >= 0

@@ -7,7 +7,11 @@ changed, and the acknowledgements: in one atomic script that runs only while
 this replica still holds the batch's shards (``publish_fenced``). A request
 this replica has no state for is restored from its checkpoint first, so a
 shard taken over from a dead replica continues its requests exactly where
-their text ends (docs/architecture.md, "Detokenizer takeover").
+their text ends (docs/architecture.md, "Detokenizer takeover"). A request that
+starts here (its first delta, at output 0) has no checkpoint to read: it is not
+looked up, which spares the first token a Redis round trip; the script checks
+instead that no checkpoint exists, and if one does the batch is redone after
+reading them all.
 
 Leases are renewed, and free shards looked for, every fifth of the lease TTL.
 """
@@ -21,6 +25,7 @@ import time
 
 from services.detokenizer.leases import ShardLeases, lease_name
 from services.detokenizer.state import DetokenizerState
+from shared.fencing import StateExists
 from shared.messages import (
     AbortRequests,
     DecodeCheckpoint,
@@ -116,7 +121,8 @@ class DetokenizerService:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._leave(), 2)
 
-    async def _handle(self, deliveries: list[Delivery]) -> None:
+    async def _handle(self, deliveries: list[Delivery], *, look_up_new: bool = False) -> None:
+        """``look_up_new``: read the checkpoints of requests that seem to start here too."""
         outputs: list[EngineStepOutput] = []
         for delivery in deliveries:
             if isinstance(delivery.message, EngineStepOutput):
@@ -124,7 +130,7 @@ class DetokenizerService:
             else:
                 log.error("ignoring a %s on %s", type(delivery.message).__name__, delivery.stream)
         now = time.monotonic()
-        await self._restore_unknown(outputs, now)
+        starting = await self._restore_unknown(outputs, now, look_up_new=look_up_new)
         result = self.state.process(outputs, now)
         messages: list[tuple[str, Message]] = [
             (self.names.responses(gateway_id), ResponseBatch(deltas=deltas))
@@ -142,9 +148,23 @@ class DetokenizerService:
         ]
         shards = sorted({self._shard_of_stream[d.stream] for d in deliveries if d.stream in self._shard_of_stream})
         acks = [Ack(d.stream, self.names.detokenizer_group, d.entry_id) for d in deliveries]
-        if await self.transport.publish_fenced(
-            messages, leases=[lease_name(s) for s in shards], lease_ttl_ms=self.leases.ttl_ms, states=states, acks=acks
-        ):
+        try:
+            published = await self.transport.publish_fenced(
+                messages,
+                leases=[lease_name(s) for s in shards],
+                lease_ttl_ms=self.leases.ttl_ms,
+                states=states,
+                acks=acks,
+                absent=[self.names.decode_state(r) for r in starting],
+            )
+        except StateExists:
+            # A request taken for new had been decoded before (its first delta came again):
+            # nothing was written; what this batch did goes, and it is redone from the checkpoints.
+            log.warning("a request of a batch of %d entries had a checkpoint; redoing it from them", len(deliveries))
+            self.state.forget(c.request_id for c in result.checkpoints)
+            await self._handle(deliveries, look_up_new=True)
+            return
+        if published:
             return
         # A shard was taken over while this batch was decoded (this replica stalled
         # past its lease). Nothing was written; the decoding state ran ahead of the
@@ -157,16 +177,22 @@ class DetokenizerService:
         self.leases.lost(lost)
         self._drop_shards(lost)
 
-    async def _restore_unknown(self, outputs: list[EngineStepOutput], now: float) -> None:
-        """Pick up requests decoded elsewhere before (or here, before a shard moved)."""
-        unknown = self.state.unknown(delta.request_id for output in outputs for delta in output.deltas)
+    async def _restore_unknown(self, outputs: list[EngineStepOutput], now: float, *, look_up_new: bool) -> list[str]:
+        """Pick up requests decoded elsewhere before (or here, before a shard moved).
+
+        Returns the requests that start in this batch, not looked up (unless ``look_up_new``):
+        their checkpoints must not exist when the batch is published."""
+        starting, unknown = self.state.starting_and_unknown(outputs)
+        if look_up_new:
+            starting, unknown = [], starting + unknown
         if not unknown:
-            return
+            return starting
         found = await self.transport.read_states([self.names.decode_state(r) for r in unknown])
         checkpoints = [c for c in found if isinstance(c, DecodeCheckpoint)]
         if checkpoints:
             log.info("continuing %d requests from their checkpoints", len(checkpoints))
         self.state.restore(checkpoints, now)
+        return starting
 
     async def _maintain_leases(self, now: float) -> None:
         busy = {shard_of(request_id, self.shards) for request_id in self.state.active_request_ids()}

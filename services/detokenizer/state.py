@@ -87,6 +87,21 @@ class DetokenizerState:
         """Requests this replica has no state for: their checkpoints must be looked up first."""
         return [r for r in dict.fromkeys(request_ids) if r not in self._active and r not in self._finished]
 
+    def starting_and_unknown(self, outputs: Iterable[EngineStepOutput]) -> tuple[list[str], list[str]]:
+        """The requests this replica has no state for, in two: those whose first delta here is
+        their first (output 0, with its parameters), which normally have no checkpoint, and the
+        others, whose checkpoints must be looked up first."""
+        firsts: dict[str, TokenDelta] = {}
+        for output in outputs:
+            for delta in output.deltas:
+                firsts.setdefault(delta.request_id, delta)
+        starting: list[str] = []
+        unknown: list[str] = []
+        for request_id in self.unknown(firsts):
+            delta = firsts[request_id]
+            (starting if delta.offset == 0 and delta.detokenize is not None else unknown).append(request_id)
+        return starting, unknown
+
     def restore(self, checkpoints: Iterable[DecodeCheckpoint], now: float) -> None:
         """Continue requests another replica (or this one, earlier) was decoding."""
         for checkpoint in checkpoints:

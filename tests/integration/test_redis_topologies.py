@@ -22,6 +22,7 @@ import redis
 from transformers import PreTrainedTokenizerBase
 
 from services.launcher import health
+from shared.fencing import StateExists
 from shared.messages import AbortRequests, Heartbeat
 from shared.output_checkpoints import OutputCheckpoint
 from shared.redis_client import hash_tag
@@ -226,7 +227,13 @@ def test_every_transport_operation_works_on_the_cluster(cluster: LocalCluster) -
             assert await a.acquire_lease("generated:0", 1000) and not await b.acquire_lease("generated:0", 1000)
             assert await a.renew_lease("generated:0", 1000)
             state = (names.decode_state("q"), abort(4), 10_000)
-            assert await a.publish_fenced(step, leases=["generated:0"], lease_ttl_ms=1000, states=[state])
+            assert await a.publish_fenced(
+                step, leases=["generated:0"], lease_ttl_ms=1000, states=[state], absent=[names.decode_state("q")]
+            )
+            with pytest.raises(StateExists):  # a request taken for new whose checkpoint exists
+                await a.publish_fenced(
+                    step, leases=["generated:0"], lease_ttl_ms=1000, absent=[names.decode_state("q")]
+                )
             assert not await b.publish_fenced(step, leases=["generated:0"], lease_ttl_ms=1000)
             assert await b.lease_holders(["generated:0", "generated:1"]) == ["a", None]
             assert await b.read_states([names.decode_state("q")]) == [abort(4)]

@@ -266,3 +266,79 @@ async def _holds(service: DetokenizerService, shard: int) -> bool:
 
 async def _lost(service: DetokenizerService, shard: int) -> bool:
     return shard not in service.leases.held
+
+
+def test_a_new_request_is_decoded_without_looking_up_a_checkpoint(tokenizer: Any) -> None:
+    async def scenario() -> None:
+        server = fakeredis.FakeServer()
+        client = transport(server, "engine")
+        rid = "cmpl-new"
+        await client.ensure_group(generated(rid, client), StreamNames.detokenizer_group)
+        async with running_service(server, tokenizer) as service:
+            looked_up: list[list[str]] = []
+            read_states = service.transport.read_states
+
+            async def counting(keys: Any) -> Any:
+                looked_up.append(list(keys))
+                return await read_states(keys)
+
+            service.transport.read_states = counting  # type: ignore[method-assign]
+            ids = tokenizer.encode("Hello, world")
+            first = EngineStepOutput(engine_id="e", step=1, deltas=[first_delta(rid, ids[:2])])
+            await client.publish([(generated(rid, client), first)])
+            await responses(client, lambda ds: len(ds) == 1)
+            last = TokenDelta(
+                request_id=rid, gateway_id="gw-1", offset=2, token_ids=ids[2:], prompt_tokens=5, finish_reason="length"
+            )
+            await client.publish([(generated(rid, client), EngineStepOutput(engine_id="e", step=2, deltas=[last]))])
+            batches = await responses(client, ends(rid))
+            assert "".join(d.text for b in batches for d in b.deltas) == "Hello, world"
+            assert looked_up == []  # the first token went out without a Redis round trip for its state
+        await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_first_delta_delivered_again_after_it_was_decoded_is_redone_from_the_checkpoint(tokenizer: Any) -> None:
+    async def scenario() -> None:
+        server = fakeredis.FakeServer()
+        dead = transport(server, "detok-dead")
+        rid = "cmpl-again"
+        stream, shard = generated(rid, dead), shard_of(rid, SHARDS)
+        ids = tokenizer.encode("Открыться миру 😀 сейчас")
+        cut = 3
+        await dead.ensure_group(stream, StreamNames.detokenizer_group)
+        assert await dead.acquire_lease(lease_name(shard), 300)
+        # A replica, since dead, answered the first entry: its text, checkpoint and ack at once.
+        first = EngineStepOutput(engine_id="e", step=1, deltas=[first_delta(rid, ids[:cut])])
+        await dead.publish([(stream, first)])
+        (answered,) = await dead.read_group([stream], StreamNames.detokenizer_group, count=10, block_ms=0)
+        assert isinstance(answered.message, EngineStepOutput)
+        result = DetokenizerState(HFTokenDecoder(tokenizer)).process([answered.message], 0.0)
+        (checkpoint,) = result.checkpoints
+        assert await dead.publish_fenced(
+            [(dead.names.responses("gw-1"), ResponseBatch(deltas=result.responses["gw-1"]))],
+            leases=[lease_name(shard)],
+            lease_ttl_ms=300,
+            acks=[Ack(stream, StreamNames.detokenizer_group, answered.entry_id)],
+            states=[(dead.names.decode_state(rid), checkpoint, 60_000)],
+        )
+        sent_before = "".join(d.text for d in result.responses["gw-1"])
+        # The engine publishes the first delta again (a retry after a lost reply), then the rest:
+        # to the successor the request looks new, but its checkpoint says what was sent.
+        rest = TokenDelta(
+            request_id=rid, gateway_id="gw-1", offset=cut, token_ids=ids[cut:], prompt_tokens=5, finish_reason="length"
+        )
+        await dead.publish([(stream, first), (stream, EngineStepOutput(engine_id="e", step=2, deltas=[rest]))])
+        await asyncio.sleep(0.4)  # the dead replica's lease expires
+
+        async with running_service(server, tokenizer):
+            batches = await responses(dead, ends(rid))
+            assert "".join(d.text for b in batches for d in b.deltas) == "Открыться миру 😀 сейчас"
+            assert batches[0].deltas[0].text == sent_before  # the dead replica's batch, not repeated
+            raw = fakeredis.FakeAsyncRedis(server=server)
+            assert (await raw.xpending(stream, StreamNames.detokenizer_group))["pending"] == 0
+            await raw.aclose()
+        await dead.close()
+
+    asyncio.run(scenario())

@@ -126,3 +126,18 @@ def test_a_decoding_failure_ends_that_request_only() -> None:
     assert (bad.request_id, bad.finish_reason) == ("bad", "error")
     assert (good.request_id, good.text, good.finish_reason) == ("good", "xx", None)
     assert result.aborts == ["bad"]
+
+
+def test_requests_starting_in_a_batch_are_told_apart_from_those_to_look_up(tokenizer: Any) -> None:
+    state = DetokenizerState(HFTokenDecoder(tokenizer))
+    state.process([step(delta("known", 0, [5], first=DetokenizeParams()))], now=0.0)
+    outputs = [
+        step(
+            delta("new", 0, [5], first=DetokenizeParams()),
+            delta("known", 1, [6]),
+            delta("mid-way", 3, [7]),  # its first entries went to another replica
+            delta("resumed", 2, [8], first=DetokenizeParams()),  # another engine continues it
+        ),
+        step(delta("new", 1, [6]), delta("no-params", 0, [9])),
+    ]
+    assert state.starting_and_unknown(outputs) == (["new"], ["mid-way", "resumed", "no-params"])

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 
 import fakeredis
 
+from shared.fencing import StateExists
 from shared.messages import AbortRequests, DecodeCheckpoint, DetokenizeParams, ResponseBatch, TextDelta
 from shared.transport import Ack, StreamTransport
 
@@ -87,6 +88,47 @@ def test_refused_once_the_lease_is_someone_elses_and_nothing_is_written() -> Non
         await raw.aclose()
         for t in (stalled, successor):
             await t.close()
+
+    run(scenario)
+
+
+def test_refused_when_a_state_expected_absent_exists_and_nothing_is_written() -> None:
+    async def scenario(server: fakeredis.FakeServer) -> None:
+        me = transport(server, "d1")
+        ack = await pending_entry(me, me)
+        assert await me.acquire_lease("generated:0", 1000)
+        new_key, old_key = me.names.decode_state("r"), me.names.decode_state("seen-before")
+        raw = fakeredis.FakeAsyncRedis(server=server)
+        await raw.set(old_key, b"a checkpoint")
+        try:
+            await me.publish_fenced(
+                [OUTPUT],
+                leases=["generated:0"],
+                lease_ttl_ms=1000,
+                states=[(new_key, CHECKPOINT, 60_000)],
+                acks=[ack],
+                absent=[new_key, old_key],
+            )
+        except StateExists:
+            pass
+        else:
+            raise AssertionError("published although a state expected absent exists")
+        assert (await raw.xpending(STREAM, GROUP))["pending"] == 1
+        assert await raw.exists("t:responses:gw", new_key) == 0
+        # Absent as expected: applied, state written.
+        assert await me.publish_fenced(
+            [OUTPUT],
+            leases=["generated:0"],
+            lease_ttl_ms=1000,
+            states=[(new_key, CHECKPOINT, 60_000)],
+            acks=[ack],
+            absent=[new_key],
+        )
+        assert (await raw.xpending(STREAM, GROUP))["pending"] == 0
+        assert await raw.xlen("t:responses:gw") == 1
+        assert await me.read_states([new_key]) == [CHECKPOINT]
+        await raw.aclose()
+        await me.close()
 
     run(scenario)
 
