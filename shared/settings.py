@@ -246,6 +246,13 @@ class EngineSettings(CommonSettings):
     max_model_len: PositiveInt | None = None
     # SIGTERM: finish running requests for at most this long, then exit.
     drain_timeout_s: PositiveFloat = 30.0
+    # How much lower the CPU priority of the decode loop and the model's threads is than the
+    # rest of the pipeline's (Linux nice, added to the process's; the I/O thread keeps the
+    # process's). On cores shared with the gateway, the detokenizer and Redis they then get the
+    # CPU when they wake instead of waiting for the running step: 10 took ~0.9 ms off a first
+    # token's way back at concurrency 1 on 2 shared cores (docs/benchmarks.md, "Pipeline
+    # overhead"). 0 (no change) by default: it also yields to any other process on the host.
+    engine_nice: Annotated[int, Field(ge=0, le=19)] = 0
     # -- the torch engine (docs/engine.md) --
     # Tokens per KV-cache block.
     block_size: PositiveInt = 16

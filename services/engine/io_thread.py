@@ -77,6 +77,11 @@ class EngineIO:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def thread_id(self) -> int | None:
+        """The I/O thread's native id, once started."""
+        return self._thread.native_id
+
     def wait_ready(self, timeout: float) -> bool:
         return self._ready.wait(timeout)
 

@@ -23,6 +23,7 @@ from services.engine.contract import EngineBackend, EngineRequest, RequestOutput
 from services.engine.handoff import AbortsRead, EntriesLost, GatewaysGone, InboxItem, Pulled, Wake
 from services.engine.io_thread import EngineIO
 from services.engine.memory import MemoryTrimmer, bound_kernel_caches
+from services.engine.priority import lower_priority
 from services.engine.requests import EngineRequests
 from services.engine.step_outputs import Publication
 from shared.runtime import configure_logging
@@ -51,9 +52,13 @@ class EngineService:
         transport_factory: Callable[[], StreamTransport],
         *,
         engine_id: str | None = None,
+        nice: int = 0,
     ) -> None:
-        """``transport_factory`` is called on the I/O thread, inside its event loop."""
+        """``transport_factory`` is called on the I/O thread, inside its event loop. ``nice``: how much
+        to lower the priority of every thread of the process but the I/O thread (priority.py), once
+        it has started; only for a process of its own."""
         self.settings = settings
+        self._nice = nice
         self.engine_id = engine_id or new_replica_id("engine")
         self._backend = backend
         self._requests = EngineRequests(
@@ -78,6 +83,10 @@ class EngineService:
                 self._io.cancel()
                 self._io.join(IO_FLUSH_TIMEOUT_S)
                 return 1 if self._io.failure is not None else 0
+        if self._nice:
+            io_thread = self._io.thread_id
+            lowered = lower_priority(self._nice, keep=[io_thread] if io_thread is not None else [])
+            log.info("lowered the CPU priority of %d threads by %d (the I/O thread's kept)", len(lowered), self._nice)
         log.info("engine %s serving", self.engine_id)
         try:
             self._decode_loop()
@@ -194,7 +203,7 @@ def main() -> None:
             max_deliveries=settings.max_deliveries,
         )
 
-    service = EngineService(settings, backend, transport_factory, engine_id=engine_id)
+    service = EngineService(settings, backend, transport_factory, engine_id=engine_id, nice=settings.engine_nice)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("received %s", signal.Signals(signum).name)
