@@ -934,16 +934,20 @@ static int amx_usable(void) {
 
 int qlinear_paths(void);
 
-/* Whether the float variant may use AMX-BF16 tiles (the amx_int8 path runs, and cpuid has AMX-BF16 and AVX512-BF16). */
+/* Whether the float variant may use AMX-BF16 tiles (the amx_int8 path runs, and cpuid has AMX-BF16 and AVX512-BF16).
+ * Asked once, as qlinear_paths: cpuid traps to the hypervisor in a VM (about 15 us each on
+ * the Sapphire Rapids VM we measure on), and this is asked on every call. */
 static int amx_bf16_usable(void) {
+    static int known = -1; /* a benign race, as in qlinear_paths */
+    if (known >= 0) return known;
+    int usable = 0;
 #if defined(__x86_64__) && defined(__linux__)
     unsigned a, b, c, d;
-    if (!(qlinear_paths() & (1 << PATH_AMX_INT8)) || !__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d >> 22 & 1))
-        return 0;
-    return __builtin_cpu_supports("avx512bf16");
-#else
-    return 0;
+    if ((qlinear_paths() & (1 << PATH_AMX_INT8)) && __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1))
+        usable = __builtin_cpu_supports("avx512bf16");
 #endif
+    known = usable;
+    return usable;
 }
 
 /* 1 when the float variant on the amx_int8 path runs bf16 activations on AMX-BF16 tiles
