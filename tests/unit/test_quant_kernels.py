@@ -143,6 +143,29 @@ def test_the_float_variant_on_bf16_tiles_rounds_only_the_weights(library: ctypes
     torch.testing.assert_close(kernels.linear(x, weight).double(), want, atol=2e-2, rtol=8e-3)
 
 
+def test_bf16_tiles_cover_odd_panel_counts_and_row_groups(library: ctypes.CDLL) -> None:
+    """The tiles block two 16-row groups by a pair of panels: a lone last panel (whole or partial), a lone
+    last row group (whole or the padded tail), pairs split over threads, with bias and residual."""
+    kernels = kernels_on(library, "amx_int8", "float")
+    if not kernels.rounds_weights_to_bf16(16, torch.bfloat16):
+        pytest.skip("this CPU lacks amx_bf16 or avx512_bf16: the float variant dequantizes to float32 there")
+    rng = np.random.default_rng(8)
+    gen = torch.Generator().manual_seed(8)
+    for kind in FORMATS:
+        # 1, 3, 5 and 7 panels, the last whole or partial; 3 blocks.
+        for rows in (16, 48, 72, 80, 104):
+            weight = random_matrix(kind, rows, 96, rng)
+            bias = torch.randn(rows, generator=gen)
+            # Row groups: one, two, three whole, two and a tail, five and a tail.
+            for tokens in (16, 32, 48, 40, 87):
+                x = torch.randn(tokens, 96, generator=gen).bfloat16()
+                residual = torch.randn(tokens, rows, generator=gen).bfloat16()
+                got = kernels.linear(x, weight, bias, residual).double()
+                want = reference_linear(x, weight, "float", bf16_weights=True) + bias.double() + residual.double()
+                error = ((got - want).abs() / (1 + want.abs())).max().item()
+                assert error < 8e-3, (kind, rows, tokens, error)
+
+
 def test_auto_is_float_on_bf16_tiles_and_int8_elsewhere(library: ctypes.CDLL) -> None:
     kernels = kernels_on(library, "amx_int8", "auto").with_amx_min_rows(16)
     tiles = kernels.rounds_weights_to_bf16(16, torch.bfloat16)

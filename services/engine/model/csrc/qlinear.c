@@ -775,8 +775,8 @@ GEMM256(gemm256v, T256V, tile256v, store256_T256V_, KIND_Q8_0)
  * weights would be) into TDPBF16PS B operands, 16 rows of 64 bytes per block,
  * row j holding the pair of columns (2j, 2j + 1) of each of the 16 weight rows;
  * A is 16 activation rows' 32 bf16 of the block, as they are. The weights now
- * carry their scales, so the C tiles (up to 4: 64 activation rows) accumulate
- * over the whole row with no per-block epilogue, as a bf16 matmul does. */
+ * carry their scales, so the C tiles (4: two 16-row groups by two panels)
+ * accumulate over the whole row with no per-block epilogue, as a bf16 matmul does. */
 
 #define TAMXBF __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma,f16c,amx-tile,amx-bf16")))
 
@@ -834,19 +834,27 @@ static inline __attribute__((always_inline)) TAMXBF void amxbf_dequantize(const 
     }
 }
 
-#define AMXBF_DP(CT, AT, BT, g) \
+/* One block of a step: C tiles 0-3 = (row group g, panel q) at 2 g + q, for two
+ * 16-row groups by two panels; A tiles 4-5: the groups' rows; B tiles 6-7: the
+ * panels' block. 2 A and 2 B loads feed 4 TDPBF16PS: each A tile (1 KB, from
+ * L2 at prefill sizes) serves two panels, each B tile two row groups. The 1 x 4
+ * blocking before (one B and four A tiles per block: a tile load per dp, every
+ * A tile loaded once per panel) was 1.2-1.45x slower from 128 rows on, on
+ * Sapphire Rapids. A missing second group or panel drops its tiles. */
+#define AMXBF_PAIR(TWO_ROWS, TWO_PANELS) \
     do { \
-        _tile_loadd(AT, xt + (g) * AMX_ROWS * xs_stride + b * QB, xs_stride * 2); \
-        _tile_dpbf16ps(CT, AT, BT); \
-    } while (0)
-
-#define AMXBF_BLOCK(BT) \
-    do { \
-        _tile_loadd(BT, buf + b * 1024, 64); \
-        AMXBF_DP(0, 4, BT, 0); \
-        if (tiles > 1) AMXBF_DP(1, 5, BT, 1); \
-        if (tiles > 2) AMXBF_DP(2, 4, BT, 2); \
-        if (tiles > 3) AMXBF_DP(3, 5, BT, 3); \
+        _tile_loadd(4, a0 + b * QB, a0_stride); \
+        _tile_loadd(6, b0 + b * 1024, 64); \
+        _tile_dpbf16ps(0, 4, 6); \
+        if (TWO_PANELS) { \
+            _tile_loadd(7, b1 + b * 1024, 64); \
+            _tile_dpbf16ps(1, 4, 7); \
+        } \
+        if (TWO_ROWS) { \
+            _tile_loadd(5, a1 + b * QB, a1_stride); \
+            _tile_dpbf16ps(2, 5, 6); \
+            if (TWO_PANELS) _tile_dpbf16ps(3, 5, 7); \
+        } \
     } while (0)
 
 /* x: bf16 rows (stride x_stride); tail: the last partial 16-row group, zero padded (stride k). */
@@ -857,45 +865,63 @@ static inline __attribute__((always_inline)) TAMXBF void amxbf_worker(const uint
                                                                       int64_t res_stride, void *out,
                                                                       int64_t out_stride, int out_bf16) {
     const int64_t nb = k / QB, bstride = block_bytes(KIND), panels = (n + PANEL - 1) / PANEL;
-    const int64_t whole = rows / AMX_ROWS * AMX_ROWS, padded = (rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
+    const int64_t whole = rows / AMX_ROWS, groups = (rows + AMX_ROWS - 1) / AMX_ROWS, steps = (groups + 1) / 2;
+    const size_t panel_bytes = (size_t)nb * 1024;
     amxbf_configure();
-    /* This thread's panels, each dequantized while the previous one's tiles run. */
-    const int64_t threads = omp_get_num_threads(), per = (panels + threads - 1) / threads;
+    /* This thread's panels, whole pairs of them (only the last panel can be alone). */
+    const int64_t threads = omp_get_num_threads(), per = ((panels + 1) / 2 + threads - 1) / threads * 2;
     const int64_t first = omp_get_thread_num() * per, last = first + per < panels ? first + per : panels;
-    uint8_t *bufs = (uint8_t *)aligned_alloc(64, (size_t)nb * 2048);
-    float cbuf[AMX_TILES][256] __attribute__((aligned(64)));
-    for (int64_t b = 0; first < last && b < nb; ++b) amxbf_dequantize(w + first * nb * bstride, KIND, b, bufs);
-    for (int64_t p = first; p < last; ++p) {
-        const uint8_t *buf = bufs + (p - first) % 2 * nb * 1024, *next_wp = w + (p + 1) * nb * bstride;
-        uint8_t *next = bufs + (p - first + 1) % 2 * nb * 1024;
-        int count = n - p * PANEL < PANEL ? (int)(n - p * PANEL) : PANEL;
+    /* Two pairs of dequantized panels: the current pair's tiles run while the next pair is dequantized. */
+    uint8_t *bufs = (uint8_t *)aligned_alloc(64, 4 * panel_bytes);
+    float cbuf[4][256] __attribute__((aligned(64)));
+    for (int64_t p = first; p < last && p < first + 2; ++p)
+        for (int64_t b = 0; b < nb; ++b)
+            amxbf_dequantize(w + p * nb * bstride, KIND, b, bufs + (p - first) * panel_bytes);
+    for (int64_t p = first; p < last; p += 2) {
+        const int two_panels = p + 1 < last;
+        const uint8_t *b0 = bufs + (p - first) / 2 % 2 * 2 * panel_bytes, *b1 = b0 + panel_bytes;
+        uint8_t *next = bufs + ((p - first) / 2 + 1) % 2 * 2 * panel_bytes;
+        const int64_t upcoming = last - (p + 2) < 2 ? last - (p + 2) : 2; /* panels of the next pair, <= 0: none */
         __asm__ volatile("" ::: "memory"); /* tileloadd's asm names no memory operand */
-        for (int64_t t = 0; t < padded;) {
-            /* whole groups read x in place; the partial one its padded copy, alone */
-            int tiles = t < whole ? (int)((whole - t) / AMX_ROWS < AMX_TILES ? (whole - t) / AMX_ROWS : AMX_TILES) : 1;
-            const uint16_t *xt = t < whole ? x + t * x_stride : tail;
-            const int64_t xs_stride = t < whole ? x_stride : k;
-            const int prefetch = t == 0 && p + 1 < last;
+        for (int64_t s = 0; s < steps; ++s) { /* a step: row groups 2 s and 2 s + 1 by the pair */
+            /* whole groups read x in place, the partial one its padded copy */
+            const int64_t g0 = 2 * s, g1 = 2 * s + 1;
+            const int two_rows = g1 < groups;
+            const uint16_t *a0 = g0 < whole ? x + g0 * AMX_ROWS * x_stride : tail;
+            const uint16_t *a1 = g1 < whole ? x + g1 * AMX_ROWS * x_stride : tail;
+            const int64_t a0_stride = (g0 < whole ? x_stride : k) * 2, a1_stride = (g1 < whole ? x_stride : k) * 2;
             _tile_zero(0);
-            if (tiles > 1) _tile_zero(1);
-            if (tiles > 2) _tile_zero(2);
-            if (tiles > 3) _tile_zero(3);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
             for (int64_t b = 0; b < nb; ++b) {
-                if (b & 1)
-                    AMXBF_BLOCK(7);
+                if (two_rows && two_panels)
+                    AMXBF_PAIR(1, 1);
                 else
-                    AMXBF_BLOCK(6);
-                if (prefetch) amxbf_dequantize(next_wp, KIND, b, next);
+                    AMXBF_PAIR(two_rows, two_panels);
+                /* the next pair's block b, in one step of the pair's: spread over them, beside dps
+                 * (the first pair of a thread is dequantized before; doing it block by block
+                 * just before its tiles, or running a step's epilogue during the next one's blocks,
+                 * measured slower or no faster) */
+                if (upcoming > 0 && b % steps == s)
+                    for (int64_t q = 0; q < upcoming; ++q)
+                        amxbf_dequantize(w + (p + 2 + q) * nb * bstride, KIND, b, next + q * panel_bytes);
             }
             _tile_stored(0, cbuf[0], 64);
-            if (tiles > 1) _tile_stored(1, cbuf[1], 64);
-            if (tiles > 2) _tile_stored(2, cbuf[2], 64);
-            if (tiles > 3) _tile_stored(3, cbuf[3], 64);
-            int live = rows - t < tiles * AMX_ROWS ? (int)(rows - t) : tiles * AMX_ROWS;
-            for (int r = 0; r < live; ++r)
-                store512(_mm512_load_ps(cbuf[0] + 16 * r), count, p * PANEL, bias, residual, t + r, res_stride, out,
-                         out_stride, out_bf16);
-            t += tiles * AMX_ROWS;
+            _tile_stored(1, cbuf[1], 64);
+            _tile_stored(2, cbuf[2], 64);
+            _tile_stored(3, cbuf[3], 64);
+            for (int g = 0; g < 1 + two_rows; ++g) {
+                const int64_t t = (g0 + g) * AMX_ROWS;
+                const int live = rows - t < AMX_ROWS ? (int)(rows - t) : AMX_ROWS;
+                for (int q = 0; q < 1 + two_panels; ++q) {
+                    const int64_t col = (p + q) * PANEL;
+                    const int count = n - col < PANEL ? (int)(n - col) : PANEL;
+                    for (int r = 0; r < live; ++r)
+                        store512(_mm512_load_ps(cbuf[2 * g + q] + 16 * r), count, col, bias, residual, t + r,
+                                 res_stride, out, out_stride, out_bf16);
+                }
+            }
         }
     }
     free(bufs);
