@@ -78,8 +78,19 @@ CASES: list[dict[str, Any]] = [
     {"heads": 10, "kv_heads": 2, "head_dim": 16, "block_size": 32, "lens": [70, 33, 1]},  # group of 5: 4 + 1
 ]
 
+# Block size 16 and head_dim % 32 == 0 with a bf16 pool: AVX-512's own code (one 64-byte load holds two
+# dims of K), which also claims items one at a time.
+B16_CASES: list[dict[str, Any]] = [
+    {"heads": 16, "kv_heads": 2, "head_dim": 96, "block_size": 16, "lens": [49, 15, 2]},  # group of 8; 64 + 32 dims
+    {"heads": 2, "kv_heads": 1, "head_dim": 32, "block_size": 16, "lens": [33, 1, 16, 100, 7]},  # items > threads
+]
 
-@pytest.mark.parametrize("case", CASES, ids=["gqa3-d64", "mha-d128", "mqa-d32", "d24-scalar", "g5-bs32"])
+
+@pytest.mark.parametrize(
+    "case",
+    CASES + B16_CASES,
+    ids=["gqa3-d64", "mha-d128", "mqa-d32", "d24-scalar", "g5-bs32", "g8-d96-bs16", "g2-d32-bs16"],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_native_kernel_matches_reference(kernel: NativeKernels, case: dict[str, Any], dtype: torch.dtype) -> None:
     q, k_cache, v_cache, table, lens = random_case(7, dtype=dtype, k_dim_major=True, **case)
@@ -171,6 +182,58 @@ def test_native_layer_kernels_match_torch_at_engine_sizes(kernel: NativeKernels)
     )
     stored_k = k_cache[slots // block, :, :, slots % block]  # [tokens, kv_heads, dim]
     torch.testing.assert_close(stored_k.float(), rotated[:, heads:], atol=3e-2, rtol=1e-2)
+    assert torch.equal(v_cache[slots // block, :, slots % block], values)
+
+
+# Widths through every branch of the vector code: 64 and 32 lanes at a time (even / odd
+# halves), 16 at a time, and a scalar tail; 3 rows single-threaded, 96 multi-threaded.
+@pytest.mark.parametrize("width", [1536, 80, 48, 40, 8])
+@pytest.mark.parametrize("rows", [3, 96])
+def test_rms_norm_and_silu_mul_match_torch_at_every_width(kernel: NativeKernels, width: int, rows: int) -> None:
+    gen = torch.Generator().manual_seed(width + rows)
+    x = (torch.randn(rows, width, generator=gen) * 3).to(torch.bfloat16)
+    weight = torch.randn(width, generator=gen).to(torch.bfloat16)
+    torch.testing.assert_close(kernel.rms_norm(x, weight, 1e-5), rms_norm(x, weight, 1e-5), atol=3e-2, rtol=1e-2)
+    # strided rows: the norm reads them in place
+    wide = torch.randn(rows, width + 16, generator=gen).to(torch.bfloat16)
+    torch.testing.assert_close(
+        kernel.rms_norm(wide[:, :width], weight, 1e-5), rms_norm(wide[:, :width], weight, 1e-5), atol=3e-2, rtol=1e-2
+    )
+    gate_up = (torch.randn(rows, 2 * width, generator=gen) * 4).to(torch.bfloat16)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    torch.testing.assert_close(kernel.silu_mul(gate_up).float(), F.silu(gate) * up, atol=3e-2, rtol=1e-2)
+
+
+def test_silu_mul_saturates_without_nan(kernel: NativeKernels) -> None:
+    """Far out on both sides exp(-x) over- and underflows: silu is 0 and x there."""
+    gate = torch.tensor([-1e30, -200.0, -90.0, -88.0, -20.0, 0.0, 20.0, 88.0, 90.0, 200.0, 1e30] * 3)
+    gate_up = torch.cat([gate, torch.ones_like(gate)])[None].to(torch.bfloat16).repeat(2, 1)
+    got = kernel.silu_mul(gate_up).float()
+    want = F.silu(gate_up[:, : gate.numel()].float())
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-2)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 48], ids=["d64", "d128", "d48"])
+def test_rope_store_matches_torch_at_every_head_size(kernel: NativeKernels, head_dim: int) -> None:
+    """64 and 128: the AVX-512 code's 32-pair steps (one and two per half); 48: the AVX2 code on every vector path."""
+    gen = torch.Generator().manual_seed(head_dim)
+    tokens, heads, kv_heads, block = 20, 4, 2, 16
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen).to(torch.bfloat16)
+    angles = torch.rand(64, head_dim // 2, generator=gen) * 6
+    positions = torch.randperm(64, generator=gen)[:tokens]
+    slots = torch.randperm(4 * block, generator=gen)[:tokens]
+    k_cache = torch.zeros(4, kv_heads, head_dim, block, dtype=torch.bfloat16)
+    v_cache = torch.zeros(4, kv_heads, block, head_dim, dtype=torch.bfloat16)
+    qk = qkv[:, : (heads + kv_heads) * head_dim].float().view(tokens, -1, head_dim)
+    rotated = apply_rope(qk, angles.cos()[positions][:, None], angles.sin()[positions][:, None])
+    values = qkv[:, (heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim).clone()
+    kernel.rope_store(qkv, positions, angles.cos(), angles.sin(), slots, k_cache, v_cache, heads)
+    got = qkv[:, : (heads + kv_heads) * head_dim].view(tokens, -1, head_dim).float()
+    torch.testing.assert_close(got, rotated, atol=3e-2, rtol=1e-2)
+    assert torch.equal(
+        k_cache[slots // block, :, :, slots % block], qkv.view(tokens, -1, head_dim)[:, heads : heads + kv_heads]
+    )
     assert torch.equal(v_cache[slots // block, :, slots % block], values)
 
 

@@ -6,8 +6,12 @@
  * before the weight); elsewhere values stay in float32 until stored.
  * Each has an AVX-512, an AVX2 + FMA and a portable path (simd.h). The vector
  * paths round to bf16 where the portable one does, but sum in another order
- * (RMSNorm) and take SiLU's exponential from a polynomial (~2e-7 relative), so
- * a value may differ in its last bf16 bit. Built with paged_attention.c by native.py.
+ * (RMSNorm) and take SiLU's exponential from a polynomial (~2e-7 relative) and
+ * its reciprocal from rcp + a Newton step, so a value may differ in its last bf16
+ * bit. The AVX-512 code reads 32 bf16 at a time as the even and odd halves of 16
+ * 32-bit lanes (no shuffles) and writes them back the same way; at prefill sizes
+ * these kernels are bound by instruction count, not memory (the rows are in L2).
+ * Built with paged_attention.c by native.py.
  */
 #include "simd.h"
 
@@ -25,13 +29,20 @@ static void rms_row_portable(const uint16_t *xr, const uint16_t *weight, uint16_
 
 #if defined(__x86_64__)
 static T256 void rms_row_avx2(const uint16_t *xr, const uint16_t *weight, uint16_t *o, int64_t dim, float eps) {
-    __m256 s = _mm256_setzero_ps();
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
     int64_t d = 0;
+    for (; d + 32 <= dim; d += 32) {
+        __m256 a = ld8_bf16(xr + d), b = ld8_bf16(xr + d + 8), c = ld8_bf16(xr + d + 16), e = ld8_bf16(xr + d + 24);
+        s0 = _mm256_fmadd_ps(a, a, s0);
+        s1 = _mm256_fmadd_ps(b, b, s1);
+        s2 = _mm256_fmadd_ps(c, c, s2);
+        s3 = _mm256_fmadd_ps(e, e, s3);
+    }
     for (; d + 8 <= dim; d += 8) {
         __m256 v = ld8_bf16(xr + d);
-        s = _mm256_fmadd_ps(v, v, s);
+        s0 = _mm256_fmadd_ps(v, v, s0);
     }
-    float sum = hsum8(s);
+    float sum = hsum8(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
     for (int64_t t = d; t < dim; ++t) sum += bf16_to_f32(xr[t]) * bf16_to_f32(xr[t]);
     float inv = 1.f / sqrtf(sum / (float)dim + eps);
     __m256 iv = _mm256_set1_ps(inv);
@@ -43,20 +54,59 @@ static T256 void rms_row_avx2(const uint16_t *xr, const uint16_t *weight, uint16
     for (; d < dim; ++d) o[d] = f32_to_bf16(bf16_to_f32(weight[d]) * round_bf16(bf16_to_f32(xr[d]) * inv));
 }
 
+/* 32 bf16 as two float32 vectors without shuffles: the even elements (the low halves
+ * of the 32-bit lanes, shifted up) and the odd ones (the high halves, masked). */
+#define BF16_EVEN(v) _mm512_castsi512_ps(_mm512_slli_epi32(v, 16))
+#define BF16_ODD(v) _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u)))
+
+/* f32_to_bf16's rounding, left in the high half of each lane (the low half is garbage). */
+ALWAYS_INLINE T512 __m512i round_hi_bf16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+}
+
+/* round_bf16 on 16 lanes: the value rounded to bf16, as a float32. */
+ALWAYS_INLINE T512 __m512 round16_bf16(__m512 v) {
+    return _mm512_castsi512_ps(_mm512_and_si512(round_hi_bf16(v), _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+
+/* 32 bf16 from the even and odd float32 lanes of BF16_EVEN / BF16_ODD, rounded, back in order. */
+ALWAYS_INLINE T512 void st32_bf16(uint16_t *p, __m512 even, __m512 odd) {
+    __m512i lo = _mm512_srli_epi32(round_hi_bf16(even), 16);
+    /* (odd & 0xFFFF0000) | lo */
+    __m512i v = _mm512_ternarylogic_epi32(round_hi_bf16(odd), _mm512_set1_epi32((int)0xFFFF0000u), lo, 0xEA);
+    _mm512_storeu_si512(p, v);
+}
+
 static T512 void rms_row_avx512(const uint16_t *xr, const uint16_t *weight, uint16_t *o, int64_t dim, float eps) {
-    __m512 s = _mm512_setzero_ps();
+    /* Four sums: one would wait on the FMA latency at every step. */
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
     int64_t d = 0;
+    for (; d + 64 <= dim; d += 64) {
+        __m512i a = _mm512_loadu_si512(xr + d), b = _mm512_loadu_si512(xr + d + 32);
+        __m512 a0 = BF16_EVEN(a), a1 = BF16_ODD(a), b0 = BF16_EVEN(b), b1 = BF16_ODD(b);
+        s0 = _mm512_fmadd_ps(a0, a0, s0);
+        s1 = _mm512_fmadd_ps(a1, a1, s1);
+        s2 = _mm512_fmadd_ps(b0, b0, s2);
+        s3 = _mm512_fmadd_ps(b1, b1, s3);
+    }
     for (; d + 16 <= dim; d += 16) {
         __m512 v = ld16_bf16(xr + d);
-        s = _mm512_fmadd_ps(v, v, s);
+        s0 = _mm512_fmadd_ps(v, v, s0);
     }
-    float sum = _mm512_reduce_add_ps(s);
+    float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
     for (int64_t t = d; t < dim; ++t) sum += bf16_to_f32(xr[t]) * bf16_to_f32(xr[t]);
     float inv = 1.f / sqrtf(sum / (float)dim + eps);
     __m512 iv = _mm512_set1_ps(inv);
-    for (d = 0; d + 16 <= dim; d += 16) {
-        __m256i normed = cvt16_bf16(_mm512_mul_ps(ld16_bf16(xr + d), iv));
-        __m512 n = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(normed), 16));
+    for (d = 0; d + 32 <= dim; d += 32) {
+        __m512i x = _mm512_loadu_si512(xr + d), w = _mm512_loadu_si512(weight + d);
+        __m512 even = _mm512_mul_ps(BF16_EVEN(w), round16_bf16(_mm512_mul_ps(BF16_EVEN(x), iv)));
+        __m512 odd = _mm512_mul_ps(BF16_ODD(w), round16_bf16(_mm512_mul_ps(BF16_ODD(x), iv)));
+        st32_bf16(o + d, even, odd);
+    }
+    for (; d + 16 <= dim; d += 16) {
+        __m512 n = round16_bf16(_mm512_mul_ps(ld16_bf16(xr + d), iv));
         _mm256_storeu_si256((__m256i *)(o + d), cvt16_bf16(_mm512_mul_ps(ld16_bf16(weight + d), n)));
     }
     for (; d < dim; ++d) o[d] = f32_to_bf16(bf16_to_f32(weight[d]) * round_bf16(bf16_to_f32(xr[d]) * inv));
@@ -142,6 +192,35 @@ static T256 void rotate_avx2(uint16_t *x, const float *c, const float *s, int64_
         x[d + half] = f32_to_bf16(x2 * c[d] + x1 * s[d]);
     }
 }
+
+/* Every head of one token's row (q and k heads, adjacent), halves a multiple of 32 and at most
+ * 256: 32 pairs per step, in the even / odd lanes of BF16_EVEN / BF16_ODD, so cos and sin
+ * are split the same way, once per token. */
+static T512 void rotate_row_avx512(uint16_t *row, int64_t num_heads, int64_t head_dim, const float *c, const float *s) {
+    int64_t half = head_dim / 2, chunks = half / 32;
+    __m512 ce[8], co[8], se[8], so[8];
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    for (int64_t k = 0; k < chunks; ++k) {
+        __m512 c0 = _mm512_loadu_ps(c + 32 * k), c1 = _mm512_loadu_ps(c + 32 * k + 16);
+        __m512 s0 = _mm512_loadu_ps(s + 32 * k), s1 = _mm512_loadu_ps(s + 32 * k + 16);
+        ce[k] = _mm512_permutex2var_ps(c0, even, c1);
+        co[k] = _mm512_permutex2var_ps(c0, odd, c1);
+        se[k] = _mm512_permutex2var_ps(s0, even, s1);
+        so[k] = _mm512_permutex2var_ps(s0, odd, s1);
+    }
+    for (int64_t h = 0; h < num_heads; ++h) {
+        for (int64_t k = 0; k < chunks; ++k) {
+            uint16_t *x = row + h * head_dim + 32 * k;
+            __m512i a = _mm512_loadu_si512(x), b = _mm512_loadu_si512(x + half);
+            __m512 ae = BF16_EVEN(a), ao = BF16_ODD(a), be = BF16_EVEN(b), bo = BF16_ODD(b);
+            st32_bf16(x, _mm512_fmsub_ps(ae, ce[k], _mm512_mul_ps(be, se[k])),
+                      _mm512_fmsub_ps(ao, co[k], _mm512_mul_ps(bo, so[k])));
+            st32_bf16(x + half, _mm512_fmadd_ps(be, ce[k], _mm512_mul_ps(ae, se[k])),
+                      _mm512_fmadd_ps(bo, co[k], _mm512_mul_ps(ao, so[k])));
+        }
+    }
+}
 #endif
 
 void rope_store_bf16(int path, uint16_t *qkv, int64_t qkv_stride, const int64_t *positions, const float *cos_table,
@@ -153,9 +232,14 @@ void rope_store_bf16(int path, uint16_t *qkv, int64_t qkv_stride, const int64_t 
         uint16_t *row = qkv + t * qkv_stride;
         const float *c = cos_table + positions[t] * half;
         const float *s = sin_table + positions[t] * half;
+#if defined(__x86_64__)
+        if (path == PATH_AVX512 && half % 32 == 0 && half <= 256) {
+            rotate_row_avx512(row, heads + kv_heads, head_dim, c, s);
+        } else
+#endif
         for (int64_t h = 0; h < heads + kv_heads; ++h) {
 #if defined(__x86_64__)
-            /* AVX-512 adds little on 32-wide halves: it takes the AVX2 code */
+            /* other head sizes: the AVX2 code */
             if (path != PATH_PORTABLE) {
                 rotate_avx2(row + h * head_dim, c, s, half);
                 continue;
@@ -193,7 +277,8 @@ void rope_store_bf16(int path, uint16_t *qkv, int64_t qkv_stride, const int64_t 
 static void silu_row_portable(const uint16_t *g, const uint16_t *u, uint16_t *o, int64_t n) {
     for (int64_t d = 0; d < n; ++d) {
         float x = bf16_to_f32(g[d]);
-        o[d] = f32_to_bf16(x / (1.f + expf(-x)) * bf16_to_f32(u[d]));
+        /* -x clamped: expf's infinity would give NaN under -ffast-math (x / inf is not kept as 0) */
+        o[d] = f32_to_bf16(x / (1.f + expf(fminf(-x, 88.f))) * bf16_to_f32(u[d]));
     }
 }
 
@@ -203,20 +288,46 @@ static T256 void silu_row_avx2(const uint16_t *g, const uint16_t *u, uint16_t *o
     const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
     for (; d + 8 <= n; d += 8) {
         __m256 x = ld8_bf16(g + d);
-        __m256 sig = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, x))));
-        st8_bf16(o + d, _mm256_mul_ps(sig, ld8_bf16(u + d)));
+        __m256 den = _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, x)));
+        /* rcp (12 bits) and one Newton step (~2^-23) instead of a division */
+        __m256 inv = _mm256_rcp_ps(den);
+        inv = _mm256_fmadd_ps(inv, _mm256_fnmadd_ps(den, inv, one), inv);
+        st8_bf16(o + d, _mm256_mul_ps(_mm256_mul_ps(x, inv), ld8_bf16(u + d)));
     }
     silu_row_portable(g + d, u + d, o + d, n - d);
 }
 
+/* silu(x) = x / (1 + exp(-x)): exp16's polynomial with the exponent applied by scalef, and the
+ * reciprocal from rcp14 and one Newton step (~2^-28 relative) instead of a division, whose
+ * throughput (one per ~16 cycles) bounded this kernel. */
+ALWAYS_INLINE T512 __m512 silu16(__m512 x) {
+    __m512 y = _mm512_min_ps(_mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), x), _mm512_set1_ps(-87.3f)),
+                             _mm512_set1_ps(88.3f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), y);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    __m512 den = _mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.f));
+    __m512 inv = _mm512_rcp14_ps(den);
+    inv = _mm512_fmadd_ps(inv, _mm512_fnmadd_ps(den, inv, _mm512_set1_ps(1.f)), inv);
+    return _mm512_mul_ps(x, inv);
+}
+
 static T512 void silu_row_avx512(const uint16_t *g, const uint16_t *u, uint16_t *o, int64_t n) {
     int64_t d = 0;
-    const __m512 one = _mm512_set1_ps(1.f), zero = _mm512_setzero_ps();
-    for (; d + 16 <= n; d += 16) {
-        __m512 x = ld16_bf16(g + d);
-        __m512 sig = _mm512_div_ps(x, _mm512_add_ps(one, exp16(_mm512_sub_ps(zero, x))));
-        _mm256_storeu_si256((__m256i *)(o + d), cvt16_bf16(_mm512_mul_ps(sig, ld16_bf16(u + d))));
+    for (; d + 32 <= n; d += 32) {
+        __m512i gv = _mm512_loadu_si512(g + d), uv = _mm512_loadu_si512(u + d);
+        st32_bf16(o + d, _mm512_mul_ps(silu16(BF16_EVEN(gv)), BF16_EVEN(uv)),
+                  _mm512_mul_ps(silu16(BF16_ODD(gv)), BF16_ODD(uv)));
     }
+    for (; d + 16 <= n; d += 16)
+        _mm256_storeu_si256((__m256i *)(o + d), cvt16_bf16(_mm512_mul_ps(silu16(ld16_bf16(g + d)), ld16_bf16(u + d))));
     silu_row_portable(g + d, u + d, o + d, n - d);
 }
 #endif
