@@ -13,7 +13,9 @@
  * vertical FMAs (no horizontal sums); token-major V does the same for p.V.
  *
  * Paths (simd.h), chosen by the caller: AVX-512 (16 tokens per vector, needs
- * head_dim % 16 == 0), AVX2 + FMA (two 8-lane vectors per 16 tokens, needs
+ * head_dim % 16 == 0; a bf16 pool with block size 16 and head_dim % 32 == 0, the
+ * default engine's, has code of its own below, which splits items by tokens
+ * rather than by count), AVX2 + FMA (two 8-lane vectors per 16 tokens, needs
  * head_dim % 16 == 0 and block_size % 8 == 0), portable C for anything else.
  * bf16 and fp8 e5m2 K/V (the pool's format, kv_fmt, may differ from q's) are
  * widened to float32 in registers; scores, softmax and the accumulation are float32.
@@ -22,6 +24,7 @@
  * second without torch headers, and is called through ctypes.
  */
 #include <float.h>
+#include <omp.h>
 #include <stdlib.h>
 
 #include "simd.h"
@@ -352,6 +355,187 @@ static T512 void values_avx512(const Seq *s, int fmt, int NG, const float *sc, i
     CASES(CALL)
 #undef CALL
 }
+
+/* ---- AVX-512, bf16 pool with block size 16 ------------------------------------
+ *
+ * The default engine's case, at the memory bound's door: a bf16 pool read by
+ * the loads above widens 16 values with two uops (zero-extend, shift) on the
+ * two ports the FMAs need too. Here one 64-byte load holds 32 values and two
+ * uops widen them: x << 16 gives the even elements as float32, x & 0xFFFF0000
+ * the odd ones. In a K block (dim-major, 16 tokens a row) one load is rows d and
+ * d + 1, so the even vector holds tokens 0, 2, .., 14 of dim d in its low half
+ * and of dim d + 1 in its high half; it is multiplied by [q_d x8, q_{d+1} x8]
+ * and the halves added at the end. In a V row (token-major) the even vector is
+ * dims 0, 2, .., 30 of the token. Two accumulator sets per head in the score
+ * loop keep enough FMAs in flight (their latency is 4 cycles, 2 issue a cycle).
+ *
+ * The blocks come as one stream per thread: an item's K blocks, its V blocks,
+ * then the next item's K blocks; every block read prefetches the one
+ * STREAM_AHEAD places further along the stream, so the next pass or item does
+ * not start on a miss. */
+#ifndef STREAM_AHEAD
+#define STREAM_AHEAD 4
+#endif
+#ifndef STREAM_HINT
+#define STREAM_HINT 3
+#endif
+static inline void prefetch_stream_block(const char *p, int64_t bytes) {
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, STREAM_HINT);
+}
+#define BLOCK16_BYTES(D) ((D) * 16 * 2)
+
+typedef struct {
+    const Seq *s;       /* this item */
+    const Seq *next;    /* what the thread reads after its V pass: NULL, itself or the next item */
+} Stream;
+
+static inline void prefetch_stream(const Stream *st, int64_t pos) {
+    /* pos: 0 .. nb-1 this item's K, nb .. 2nb-1 its V, then next's K */
+    const Seq *s = st->s;
+    int64_t nb = (s->ctx + 15) / 16, bytes = BLOCK16_BYTES(s->D);
+    if (pos < nb)
+        prefetch_stream_block(block_at(s->k_cache, s->table[pos], s->kv_heads, s->h, bytes), bytes);
+    else if (pos < 2 * nb)
+        prefetch_stream_block(block_at(s->v_cache, s->table[pos - nb], s->kv_heads, s->h, bytes), bytes);
+    else if (st->next && pos - 2 * nb < (st->next->ctx + 15) / 16)
+        prefetch_stream_block(block_at(st->next->k_cache, st->next->table[pos - 2 * nb], st->next->kv_heads, st->next->h,
+                                bytes), bytes);
+}
+
+ALWAYS_INLINE T512 __m512 bf16_even(__m512i x) { return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)); }
+ALWAYS_INLINE T512 __m512 bf16_odd(__m512i x) {
+    return _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+
+/* Lanes 0..7 of a and b, interleaved (a0 b0 a1 b1 ..), plus the same of lanes 8..15. */
+ALWAYS_INLINE T512 __m512 interleave_add(__m512 a, __m512 b) {
+    const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    return _mm512_add_ps(_mm512_permutex2var_ps(a, lo, b), _mm512_permutex2var_ps(a, hi, b));
+}
+
+/* qv[g * D/2 + p] = [q_{2p} x8, q_{2p+1} x8] of head g. sc rows are padded to
+ * whole blocks of 16. */
+ALWAYS_INLINE T512 void scores_b16_impl(const Stream *st, const int NG, const __m512 *qv, float *sc,
+                                         int64_t sc_stride, int first) {
+    const Seq *s = st->s;
+    int64_t nb = (s->ctx + 15) / 16, D = s->D, bytes = BLOCK16_BYTES(D);
+    if (first)
+        for (int64_t i = 0; i < STREAM_AHEAD; ++i) prefetch_stream(st, i);
+    for (int64_t b = 0; b < nb; ++b) {
+        prefetch_stream(st, b + STREAM_AHEAD);
+        const char *kt = block_at(s->k_cache, s->table[b], s->kv_heads, s->h, bytes);
+        __m512 e0[4], o0[4], e1[4], o1[4];
+        for (int g = 0; g < NG; ++g) e0[g] = o0[g] = e1[g] = o1[g] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < D / 2; p += 2) {
+            __m512i x0 = _mm512_loadu_si512(kt + p * 64), x1 = _mm512_loadu_si512(kt + p * 64 + 64);
+            __m512 ke0 = bf16_even(x0), ko0 = bf16_odd(x0), ke1 = bf16_even(x1), ko1 = bf16_odd(x1);
+            for (int g = 0; g < NG; ++g) {
+                __m512 q0 = qv[g * (D / 2) + p], q1 = qv[g * (D / 2) + p + 1];
+                e0[g] = _mm512_fmadd_ps(ke0, q0, e0[g]);
+                o0[g] = _mm512_fmadd_ps(ko0, q0, o0[g]);
+                e1[g] = _mm512_fmadd_ps(ke1, q1, e1[g]);
+                o1[g] = _mm512_fmadd_ps(ko1, q1, o1[g]);
+            }
+        }
+        for (int g = 0; g < NG; ++g)
+            _mm512_storeu_ps(sc + g * sc_stride + b * 16,
+                             interleave_add(_mm512_add_ps(e0[g], e1[g]), _mm512_add_ps(o0[g], o1[g])));
+    }
+}
+
+/* acc[g] = sum_j p[g][j] V_j, unnormalised; 64 dims a pass over the blocks. */
+ALWAYS_INLINE T512 void values_b16_impl(const Stream *st, const int NG, const float *sc, int64_t sc_stride,
+                                         float *acc_out) {
+    const Seq *s = st->s;
+    int64_t nb = (s->ctx + 15) / 16, D = s->D, bytes = BLOCK16_BYTES(D);
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+        const int two = D - d0 >= 64; /* two loads (64 dims) a row, or one (32) */
+        __m512 acc[4][4];
+        for (int g = 0; g < NG; ++g)
+            for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; ++b) {
+            if (d0 == 0) prefetch_stream(st, nb + b + STREAM_AHEAD);
+            const char *vb = block_at(s->v_cache, s->table[b], s->kv_heads, s->h, bytes) + d0 * 2;
+            const float *p = sc + b * 16;
+            int64_t n = s->ctx - b * 16 < 16 ? s->ctx - b * 16 : 16;
+            if (two) {
+                for (int64_t j = 0; j < n; ++j) {
+                    __m512i x0 = _mm512_loadu_si512(vb + j * D * 2), x1 = _mm512_loadu_si512(vb + j * D * 2 + 64);
+                    __m512 v0 = bf16_even(x0), v1 = bf16_odd(x0), v2 = bf16_even(x1), v3 = bf16_odd(x1);
+                    for (int g = 0; g < NG; ++g) {
+                        __m512 pj = _mm512_set1_ps(p[g * sc_stride + j]);
+                        acc[g][0] = _mm512_fmadd_ps(pj, v0, acc[g][0]);
+                        acc[g][1] = _mm512_fmadd_ps(pj, v1, acc[g][1]);
+                        acc[g][2] = _mm512_fmadd_ps(pj, v2, acc[g][2]);
+                        acc[g][3] = _mm512_fmadd_ps(pj, v3, acc[g][3]);
+                    }
+                }
+            } else {
+                for (int64_t j = 0; j < n; ++j) {
+                    __m512i x0 = _mm512_loadu_si512(vb + j * D * 2);
+                    __m512 v0 = bf16_even(x0), v1 = bf16_odd(x0);
+                    for (int g = 0; g < NG; ++g) {
+                        __m512 pj = _mm512_set1_ps(p[g * sc_stride + j]);
+                        acc[g][0] = _mm512_fmadd_ps(pj, v0, acc[g][0]);
+                        acc[g][1] = _mm512_fmadd_ps(pj, v1, acc[g][1]);
+                    }
+                }
+            }
+        }
+        for (int g = 0; g < NG; ++g) {
+            _mm512_storeu_ps(acc_out + g * D + d0, _mm512_permutex2var_ps(acc[g][0],
+                _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0), acc[g][1]));
+            _mm512_storeu_ps(acc_out + g * D + d0 + 16, _mm512_permutex2var_ps(acc[g][0],
+                _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8), acc[g][1]));
+            if (two) {
+                _mm512_storeu_ps(acc_out + g * D + d0 + 32, _mm512_permutex2var_ps(acc[g][2],
+                    _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0), acc[g][3]));
+                _mm512_storeu_ps(acc_out + g * D + d0 + 48, _mm512_permutex2var_ps(acc[g][2],
+                    _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8), acc[g][3]));
+            }
+        }
+    }
+}
+
+/* One item on this path; the caller checked bs == 16, D % 32 == 0 and a bf16 pool.
+ * next: the item this thread takes after this one, or NULL. */
+static T512 void item_b16(int fmt, const char *q, int64_t q_head_stride, const Seq *s, const Seq *next, char *out,
+                          int64_t group, float scale, float *sc, int64_t sc_stride, int first) {
+    __m512 qv[4 * MAX_HEAD_DIM / 2];
+    float acc[4 * MAX_HEAD_DIM];
+    int64_t D = s->D, h = s->h;
+    for (int64_t g0 = 0; g0 < group; g0 += 4) {
+        int NG = group - g0 < 4 ? (int)(group - g0) : 4;
+        Stream st = {s, g0 + 4 < group ? s : next};
+        for (int g = 0; g < NG; ++g) {
+            const char *qh = q + (h * group + g0 + g) * q_head_stride * (fmt == FMT_F32 ? 4 : 2);
+            for (int64_t p = 0; p < D / 2; ++p) {
+                __m256 a = _mm256_set1_ps(ld1(qh, 2 * p, fmt) * scale), c = _mm256_set1_ps(ld1(qh, 2 * p + 1, fmt) * scale);
+                qv[g * (D / 2) + p] = _mm512_insertf32x8(_mm512_castps256_ps512(a), c, 1);
+            }
+        }
+        switch (NG) {
+        case 1: scores_b16_impl(&st, 1, qv, sc, sc_stride, first && g0 == 0); break;
+        case 2: scores_b16_impl(&st, 2, qv, sc, sc_stride, first && g0 == 0); break;
+        case 3: scores_b16_impl(&st, 3, qv, sc, sc_stride, first && g0 == 0); break;
+        default: scores_b16_impl(&st, 4, qv, sc, sc_stride, first && g0 == 0); break;
+        }
+        float sums[4];
+        for (int g = 0; g < NG; ++g) sums[g] = softmax_avx512(sc + g * sc_stride, s->ctx);
+        switch (NG) {
+        case 1: values_b16_impl(&st, 1, sc, sc_stride, acc); break;
+        case 2: values_b16_impl(&st, 2, sc, sc_stride, acc); break;
+        case 3: values_b16_impl(&st, 3, sc, sc_stride, acc); break;
+        default: values_b16_impl(&st, 4, sc, sc_stride, acc); break;
+        }
+        for (int g = 0; g < NG; ++g) {
+            float inv = 1.f / sums[g];
+            for (int64_t d = 0; d < D; ++d) st1(out, (h * group + g0 + g) * D + d, acc[g * D + d] * inv, fmt);
+        }
+    }
+}
+
 #endif /* __x86_64__ */
 
 /* One (sequence, KV head) item: query heads in chunks of up to 4. fmt: q's and out's
@@ -417,6 +601,12 @@ int paged_decode_attention(int path, int fmt, int kv_fmt, const void *q, int64_t
     /* padded to whole 16-lane chunks: the vector paths store whole chunks */
     int64_t stride = (max_blocks * block_size + 15) / 16 * 16;
     int failed = 0;
+#if defined(__x86_64__)
+    int b16 = path == PATH_AVX512 && kv_fmt == FMT_BF16 && block_size == 16 && head_dim % 32 == 0;
+#else
+    int b16 = 0;
+#endif
+    int64_t items = num_seqs * num_kv_heads;
 #pragma omp parallel
     {
         float *sc = malloc(sizeof(float) * 4 * stride);
@@ -424,14 +614,45 @@ int paged_decode_attention(int path, int fmt, int kv_fmt, const void *q, int64_t
 #pragma omp atomic write
             failed = 1;
         }
+        if (b16) {
+#if defined(__x86_64__)
+            /* Each thread a run of consecutive items (their blocks of one sequence
+             * lie side by side in the pool) holding its share of all the tokens,
+             * so uneven contexts split evenly; the next item is known, and its
+             * first blocks are prefetched while this one ends. */
+            int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+            int64_t total = 0, lo = 0, hi = 0, seen = 0;
+            for (int64_t b = 0; b < num_seqs; ++b) total += (context_lens[b] + 15) * num_kv_heads;
+            for (int64_t it = 0; it < items; ++it) {
+                int64_t mid = seen + (context_lens[it / num_kv_heads] + 15) / 2; /* an item goes where its middle is */
+                if (mid * nt < total * tid) lo = it + 1;
+                if (mid * nt < total * (tid + 1)) hi = it + 1;
+                seen += context_lens[it / num_kv_heads] + 15;
+            }
+            for (int64_t cur = lo; sc && cur < hi; ++cur) {
+                int64_t b = cur / num_kv_heads, nb = (cur + 1) / num_kv_heads;
+                Seq s = {k_cache, v_cache, block_tables + b * max_blocks, context_lens[b], num_kv_heads,
+                         cur % num_kv_heads, head_dim, block_size, kv_esize};
+                Seq n = s;
+                if (cur + 1 < hi) {
+                    n.table = block_tables + nb * max_blocks;
+                    n.ctx = context_lens[nb];
+                    n.h = (cur + 1) % num_kv_heads;
+                }
+                item_b16(fmt, (const char *)q + b * q_seq_stride * esize, q_head_stride, &s, cur + 1 < hi ? &n : NULL,
+                         (char *)out + b * num_heads * head_dim * esize, group, scale, sc, stride, cur == lo);
+            }
+#endif
+        } else {
 #pragma omp for schedule(static)
-        for (int64_t it = 0; it < num_seqs * num_kv_heads; ++it) {
-            if (!sc) continue;
-            int64_t b = it / num_kv_heads;
-            Seq s = {k_cache, v_cache, block_tables + b * max_blocks, context_lens[b], num_kv_heads,
-                     it % num_kv_heads, head_dim, block_size, kv_esize};
-            item(path, fmt, kv_fmt, (const char *)q + b * q_seq_stride * esize, q_head_stride, &s,
-                 (char *)out + b * num_heads * head_dim * esize, group, scale, sc, stride);
+            for (int64_t it = 0; it < items; ++it) {
+                if (!sc) continue;
+                int64_t b = it / num_kv_heads;
+                Seq s = {k_cache, v_cache, block_tables + b * max_blocks, context_lens[b], num_kv_heads,
+                         it % num_kv_heads, head_dim, block_size, kv_esize};
+                item(path, fmt, kv_fmt, (const char *)q + b * q_seq_stride * esize, q_head_stride, &s,
+                     (char *)out + b * num_heads * head_dim * esize, group, scale, sc, stride);
+            }
         }
         free(sc);
     }
