@@ -297,23 +297,11 @@ static T256 void silu_row_avx2(const uint16_t *g, const uint16_t *u, uint16_t *o
     silu_row_portable(g + d, u + d, o + d, n - d);
 }
 
-/* silu(x) = x / (1 + exp(-x)): exp16's polynomial with the exponent applied by scalef, and the
- * reciprocal from rcp14 and one Newton step (~2^-28 relative) instead of a division, whose
- * throughput (one per ~16 cycles) bounded this kernel. */
+/* silu(x) = x / (1 + exp(-x)): simd.h's exp16, and the reciprocal from rcp14 and one
+ * Newton step (~2^-28 relative) instead of a division, whose throughput (one per ~16
+ * cycles) bounded this kernel. */
 ALWAYS_INLINE T512 __m512 silu16(__m512 x) {
-    __m512 y = _mm512_min_ps(_mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), x), _mm512_set1_ps(-87.3f)),
-                             _mm512_set1_ps(88.3f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), y);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-    __m512 den = _mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.f));
+    __m512 den = _mm512_add_ps(exp16(_mm512_sub_ps(_mm512_setzero_ps(), x)), _mm512_set1_ps(1.f));
     __m512 inv = _mm512_rcp14_ps(den);
     inv = _mm512_fmadd_ps(inv, _mm512_fnmadd_ps(den, inv, _mm512_set1_ps(1.f)), inv);
     return _mm512_mul_ps(x, inv);
