@@ -90,7 +90,9 @@ class QuantKernels:
         p, i = ctypes.c_void_p, ctypes.c_int64
         self._paths = _declare(library.qlinear_paths, ctypes.c_int)
         self._padded_rows = _declare(library.qlinear_padded_rows, i, i)
-        self._float_tiles = _declare(library.qlinear_float_tiles, ctypes.c_int)
+        # Fixed for the process (cpuid, and the kernel's leave to use the tiles): asked once here,
+        # not on every call of the engine's step.
+        self._float_tiles = bool(_declare(library.qlinear_float_tiles, ctypes.c_int)())
         args = (ctypes.c_int, p, i, ctypes.c_int, i, i, p, i, ctypes.c_int, p, p, i, p, i, ctypes.c_int, p, p)
         self._linear = _declare(library.qlinear, ctypes.c_int, *args)
         self._linear_float = _declare(library.qlinear_float, ctypes.c_int, *args[:-1])
@@ -109,7 +111,7 @@ class QuantKernels:
             and self.path == "amx_int8"
             and dtype == torch.bfloat16
             and tokens >= self.amx_min_rows
-            and bool(self._float_tiles())
+            and self._float_tiles
         )
 
     def variant_for(self, tokens: int, dtype: torch.dtype) -> str:
