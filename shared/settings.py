@@ -176,6 +176,9 @@ class GatewaySettings(CommonSettings):
     # The detokenizer holds back text as long as the longest stop string and searches it
     # on every step, so each one's length bounds that work.
     max_stop_string_chars: PositiveInt = 1000
+    # Token ids in stop_token_ids: each request carries its list through every stage and
+    # the engine holds it as a set while the request runs.
+    max_stop_token_ids: PositiveInt = 256
     # Choices per request (n): the gateway sends n requests through the pipeline, so a
     # request with n=8 weighs as much as 8 (docs/api.md, "Parallel sampling and batches").
     max_n: Annotated[int, Field(ge=1, le=128)] = 8

@@ -29,6 +29,7 @@ class RequestLimits:
 
     max_stop_strings: int
     max_stop_string_chars: int
+    max_stop_token_ids: int
     max_n: int
     max_batch_prompts: int
     max_top_k: int
@@ -64,6 +65,16 @@ class RequestLimits:
                     "max_stop_string_chars",
                     "string_above_max_length",
                 )
+
+    def check_stop_token_ids(self, count: int) -> None:
+        if count > self.max_stop_token_ids:
+            raise _refuse(
+                "stop_token_ids",
+                f"at most {self.max_stop_token_ids} stop token ids are allowed",
+                count,
+                "max_stop_token_ids",
+                "array_above_max_length",
+            )
 
     def check_n(self, n: int) -> None:
         if n > self.max_n:

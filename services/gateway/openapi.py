@@ -260,6 +260,7 @@ def _limit_common(schema: dict[str, Any], limits: RequestLimits) -> None:
     _constrain(properties["prompt_logprobs"], "integer", maximum=limits.max_logprobs)
     _constrain(properties["stop"], "string", maxLength=limits.max_stop_string_chars)
     _constrain(properties["stop"], "array", maxItems=limits.max_stop_strings)
+    _constrain(properties["stop_token_ids"], "array", maxItems=limits.max_stop_token_ids)
     for branch in properties["stop"]["anyOf"]:
         if branch.get("type") == "array":
             branch["items"]["maxLength"] = limits.max_stop_string_chars

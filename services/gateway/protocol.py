@@ -230,6 +230,7 @@ class _Body(TracksUnknownFields):
         """The limits, then cross-field rules; raises ApiError."""
         limits.check_n(self.n or 1)
         limits.check_stop(self.stop_strings, single=isinstance(self.stop, str))
+        limits.check_stop_token_ids(len(self.stop_token_ids or ()))
         if self.top_k is not None:
             limits.check_top_k(self.top_k)
         if self.prompt_logprobs is not None:

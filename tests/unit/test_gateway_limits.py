@@ -16,6 +16,7 @@ from shared.settings import GatewaySettings
 SMALL = RequestLimits(
     max_stop_strings=2,
     max_stop_string_chars=5,
+    max_stop_token_ids=2,
     max_n=2,
     max_batch_prompts=2,
     max_top_k=50,
@@ -50,6 +51,7 @@ def user(content: str) -> dict[str, str]:
         ({"stop": ["a", "b", "c"]}, "stop", "SCALELLM_MAX_STOP_STRINGS", "array_above_max_length"),
         ({"stop": "abcdef"}, "stop", "SCALELLM_MAX_STOP_STRING_CHARS", "string_above_max_length"),
         ({"stop": ["ok", "abcdef"]}, "stop[1]", "SCALELLM_MAX_STOP_STRING_CHARS", "string_above_max_length"),
+        ({"stop_token_ids": [1, 2, 3]}, "stop_token_ids", "SCALELLM_MAX_STOP_TOKEN_IDS", "array_above_max_length"),
         ({"n": 3}, "n", "SCALELLM_MAX_N", "integer_above_max_value"),
         ({"prompt": ["a", "b", "c"]}, "prompt", "SCALELLM_MAX_BATCH_PROMPTS", "array_above_max_length"),
         ({"prompt": [[1], [2], [3]]}, "prompt", "SCALELLM_MAX_BATCH_PROMPTS", "array_above_max_length"),
@@ -70,8 +72,8 @@ def test_completion_limits_refuse_naming_param_and_setting(
 
 
 def test_completion_values_at_the_limits_are_accepted() -> None:
-    body = completion(stop=["abcde", "x"], n=1, top_k=50, logprobs=3, prompt="x" * 10)
-    assert body.stop_strings == ["abcde", "x"] and body.top_k == 50
+    body = completion(stop=["abcde", "x"], stop_token_ids=[7, 8], n=1, top_k=50, logprobs=3, prompt="x" * 10)
+    assert body.stop_strings == ["abcde", "x"] and body.stop_token_ids == [7, 8] and body.top_k == 50
     assert completion(prompt=list(range(1000))).prompt == list(range(1000))  # token ids: bounded by the context
 
 
@@ -89,6 +91,7 @@ def test_chat_top_logprobs_and_shared_limits() -> None:
     assert chat([user("hi")], logprobs=True, top_logprobs=3).top_logprobs == 3
     assert refusal(chat, [user("hi")], logprobs=True, top_logprobs=4).param == "top_logprobs"
     assert refusal(chat, [user("hi")], stop=["a", "b", "c"]).param == "stop"
+    assert refusal(chat, [user("hi")], stop_token_ids=[1, 2, 3]).param == "stop_token_ids"
     assert refusal(chat, [user("hi")], top_k=51).param == "top_k"
 
 
@@ -98,6 +101,7 @@ def test_defaults_come_from_the_settings_class() -> None:
     assert dataclasses.asdict(defaults) == {
         "max_stop_strings": 64,
         "max_stop_string_chars": 1000,
+        "max_stop_token_ids": 256,
         "max_n": 8,
         "max_batch_prompts": 64,
         "max_top_k": 1_000_000,

@@ -100,6 +100,7 @@ def test_the_configured_limits_are_the_schemas_maxima() -> None:
     limits = RequestLimits(
         max_stop_strings=3,
         max_stop_string_chars=4,
+        max_stop_token_ids=2,
         max_n=1,
         max_batch_prompts=2,
         max_top_k=50,
@@ -111,6 +112,7 @@ def test_the_configured_limits_are_the_schemas_maxima() -> None:
     completion = validator(document, "CompletionRequest")
     assert completion.is_valid({"prompt": ["x" * 7, "y"]}) and completion.is_valid({"prompt": [[1], [2, 3]]})
     assert completion.is_valid({"prompt": "x" * 7, "top_k": 50, "logprobs": 5, "stop": ["abcd"] * 3})
+    assert completion.is_valid({"prompt": "x", "stop_token_ids": [1, 2]})
     for over in (
         {"prompt": "x" * 8},
         {"top_k": 51},
@@ -118,6 +120,7 @@ def test_the_configured_limits_are_the_schemas_maxima() -> None:
         {"prompt_logprobs": 6},
         {"stop": ["a"] * 4},
         {"stop": "abcde"},
+        {"stop_token_ids": [1, 2, 3]},
         {"n": 2},
         {"prompt": ["a", "b", "c"]},
         {"prompt": [[1], [2], [3]]},
