@@ -136,6 +136,45 @@ def test_a_refused_connection_is_a_failure_not_an_exception() -> None:
     assert not result.ok and result.error == "ConnectError: connection refused"
 
 
+def test_a_connection_closed_before_any_response_is_sent_again_once() -> None:
+    """uvicorn closes a keep-alive connection idle for 5 s; a request that meets the close was never seen."""
+    calls: list[int] = []
+
+    async def closed_once(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        if len(calls) == 1:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+        return httpx.Response(200, content=completion_stream(json.loads(request.content)))
+
+    result = send(closed_once)
+    assert result.ok and result.chunks == 4 and len(calls) == 2
+
+    calls.clear()
+
+    async def always_closed(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+
+    result = send(always_closed)
+    assert not result.ok and result.error.startswith("RemoteProtocolError") and len(calls) == 2
+
+
+def test_a_stream_cut_after_the_response_began_is_not_sent_again() -> None:
+    calls: list[int] = []
+
+    class CutStream(httpx.AsyncByteStream):
+        async def __aiter__(self) -> Any:
+            yield sse({"choices": [{"index": 0, "text": " t0"}]})
+            raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(200, stream=CutStream())
+
+    result = send(handler)
+    assert not result.ok and result.error.startswith("RemoteProtocolError") and len(calls) == 1
+
+
 def test_first_model_is_the_default() -> None:
     async def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json={"object": "list", "data": [{"id": "served-a"}, {"id": "served-b"}]})
