@@ -90,6 +90,17 @@ def test_greedy_equivalents_pick_the_argmax(params: dict[str, object]) -> None:
     assert out.token_ids == logits.argmax(dim=-1).tolist()
 
 
+def test_greedy_takes_the_first_of_equal_highest_logits() -> None:
+    logits = torch.zeros(3, 70_000)
+    logits[0, [9, 4, 60_000]] = 2.0  # ties: the lowest index wins, as argmax picks it
+    logits[1, [69_999, 12]] = 1.0
+    assert Sampler(vocab_size=70_000, seed=0)(logits, seqs(3, temperature=0.0)).token_ids == [4, 12, 0]
+    # The same in a batch that also draws (the greedy rows' path when not every row is greedy).
+    mixed = seqs(3, temperature=0.0)
+    mixed[2] = seqs(1, temperature=1.0, top_k=1)[0]
+    assert Sampler(vocab_size=70_000, seed=0)(logits, mixed).token_ids[:2] == [4, 12]
+
+
 def test_seeded_request_draws_the_same_tokens_alone_and_in_a_full_batch() -> None:
     vocab = 50
     gen = torch.Generator().manual_seed(3)
