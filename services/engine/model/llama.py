@@ -7,7 +7,9 @@ model size. q/k/v are one fused matmul, gate/up another.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +19,7 @@ from services.engine.model.attention import AttentionMetadata, paged_attention
 from services.engine.model.config import ModelConfig, RopeScaling
 from services.engine.model.kv_cache import KVCache
 from services.engine.model.linear import Bf16Linear, ConversionBuffer, Linear, QuantizedLinear
+from services.engine.model.native_kernels import LayerStep
 from services.engine.model.plan import KernelPlan
 from services.engine.model.quantized import QuantizedMatrix
 from services.engine.model.reference import apply_rope, rms_norm, silu_mul
@@ -81,6 +84,27 @@ class RotaryTable:
 
 
 AnyLinear = Linear | Bf16Linear | QuantizedLinear
+# A step's layer ops (LlamaModel._layer_ops): norm(x, weight), attend(layer, qkv), silu_mul(gate_up).
+_Norm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_Attend = Callable[[int, torch.Tensor], torch.Tensor]
+_SiluMul = Callable[[torch.Tensor], torch.Tensor]
+
+
+class _Workspace:
+    """Buffers for what the native layer kernels write (RMSNorm's and SiLU-mul's outputs, the
+    decode attention's), kept across layers and steps: at a few rows a fresh tensor per call
+    costs more than the kernel. Each named buffer only grows; a step takes views of it."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self._flat: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, rows: int, width: int) -> torch.Tensor:
+        """A contiguous [rows, width] view of the named buffer (its contents are left over)."""
+        flat = self._flat.get(name)
+        if flat is None or flat.numel() < rows * width:
+            flat = self._flat[name] = torch.empty(rows * width, dtype=self.dtype)
+        return flat[: rows * width].view(rows, width)
 
 
 @dataclass(slots=True)
@@ -106,6 +130,7 @@ class LlamaModel:
         self.dtype = weights.final_norm.dtype if isinstance(embed, QuantizedMatrix) else embed.dtype
         self.native_layers = plan.native_layers
         self.norm = self.native_layers.rms_norm if self.native_layers else rms_norm
+        self._workspace = _Workspace(self.dtype)
 
         conversion = ConversionBuffer(plan.compute_dtype) if plan.compute_dtype != plan.dtype else None
 
@@ -154,14 +179,8 @@ class LlamaModel:
 
         padded_rows (>= T; see shapes.py): run the matmuls on that many rows, the
         T tokens followed by padding rows that attention and the KV pool never see."""
-        cfg = self.config
-        eps = cfg.rms_norm_eps
-        norm = self.norm
+        eps = self.config.rms_norm_eps
         num_tokens = input_ids.shape[0]
-        heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        native = self.native_layers
-        if native is None:
-            cos, sin = self.rotary.lookup(positions, self.dtype)
         padding = (padded_rows or num_tokens) - num_tokens
         if padding < 0:
             raise ValueError(f"padded_rows {padded_rows} is fewer than the step's {num_tokens} tokens")
@@ -170,16 +189,69 @@ class LlamaModel:
             hidden = self.embed.dequantize_rows(ids).to(self.dtype)
         else:
             hidden = F.embedding(ids, self.embed)
-        # Attention's output for the real tokens, then zero rows for the padding: [T + padding, H * D].
-        attn_rows = hidden.new_zeros(num_tokens + padding, self.q_size) if padding else None
-        qk_size = self.q_size + self.kv_size
+        norm, attend, silu_and_mul = self._layer_ops(positions, slots, meta, kv_cache, num_tokens, padding)
         for index, layer in enumerate(self.layers):
-            normed = norm(hidden, layer.input_norm, eps)
-            qkv = layer.qkv(normed)[:num_tokens]  # a contiguous view: the real tokens' rows
+            qkv = layer.qkv(norm(hidden, layer.input_norm))
+            hidden = layer.o.add_to(hidden, attend(index, qkv))
+            gate_up = layer.gate_up(norm(hidden, layer.post_norm))
+            hidden = layer.down.add_to(hidden, silu_and_mul(gate_up))
+        last = hidden.index_select(0, logits_indices)
+        return self.lm_head(self.norm(last, self.final_norm, eps)).float()
+
+    def _layer_ops(
+        self,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: KVCache,
+        num_tokens: int,
+        padding: int,
+    ) -> tuple[_Norm, _Attend, _SiluMul]:
+        """The step's norm(x, weight), attend(layer, qkv) -> [T + padding, H * D] and
+        silu_mul(gate_up): with the native kernels, bound once for the step (native_kernels.LayerStep)."""
+        cfg = self.config
+        eps, heads, kv_heads, head_dim = cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        native = self.native_layers
+        qk_size = self.q_size + self.kv_size
+        rows = num_tokens + padding
+        # Attention's output for the real tokens, then zero rows for the padding: [T + padding, H * D].
+        attn_rows = self._workspace.take("attn", rows, self.q_size) if padding else None
+        if attn_rows is not None:
+            attn_rows[num_tokens:].zero_()
+        step = None
+        if native is not None:
+            decode = meta.decode
+            bound = None
+            # A step of decodes only: rope_store and the decode attention in one kernel per layer.
+            if decode is not None and decode.num_seqs == num_tokens and not padding and not meta.store_kv:
+                out = self._workspace.take("attn", num_tokens, self.q_size)
+                bound = (decode.block_table, decode.context_lens, out, self.scale)
+            step = LayerStep(
+                native,
+                tokens=num_tokens,
+                normed=self._workspace.take("normed", rows, cfg.hidden_size),
+                activated=self._workspace.take("activated", rows, cfg.intermediate_size),
+                positions=positions,
+                cos=self.rotary.cos,
+                sin=self.rotary.sin,
+                slots=slots,
+                k_pool=kv_cache.k,
+                v_pool=kv_cache.v,
+                num_heads=heads,
+                eps=eps,
+                decode=bound,
+            )
+            if bound is not None:
+                return step.norm, step.rope_attend, step.silu_mul
+        else:
+            cos, sin = self.rotary.lookup(positions, self.dtype)
+
+        def attend(index: int, qkv: torch.Tensor) -> torch.Tensor:
+            qkv = qkv[:num_tokens]  # a contiguous view: the real tokens' rows
             k_cache, v_cache = kv_cache.layer(index)
-            if native is not None:
+            if step is not None:
                 # Rotates q, k in place and stores k, v in the pool in one pass.
-                native.rope_store(qkv, positions, self.rotary.cos, self.rotary.sin, slots, k_cache, v_cache, heads)
+                step.rope_store(index, qkv)
                 qk = qkv[:, :qk_size].view(num_tokens, heads + kv_heads, head_dim)
             else:
                 # q and k are rotated together: they are adjacent in the fused output.
@@ -190,11 +262,9 @@ class LlamaModel:
             attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
             if attn_rows is not None:
                 attn_rows[:num_tokens] = attn
-                attn = attn_rows
-            hidden = layer.o.add_to(hidden, attn)
-            normed = norm(hidden, layer.post_norm, eps)
-            gate_up = layer.gate_up(normed)
-            activated = native.silu_mul(gate_up) if native is not None else silu_mul(gate_up)
-            hidden = layer.down.add_to(hidden, activated)
-        last = hidden.index_select(0, logits_indices)
-        return self.lm_head(norm(last, self.final_norm, eps)).float()
+                return attn_rows
+            return attn
+
+        if step is not None:
+            return step.norm, attend, step.silu_mul
+        return functools.partial(rms_norm, eps=eps), attend, silu_mul

@@ -40,9 +40,11 @@ class NativeKernels:
             library.paged_decode_attention, _C, _C, _C, _C, _P, _I, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _F
         )
         self._rms_norm = _declare(library.rms_norm_bf16, None, _C, _P, _I, _P, _P, _I, _I, _F)
-        self._rope_store = _declare(
-            library.rope_store_bf16, None, _C, _P, _I, _P, _P, _P, _P, _C, _P, _P, _I, _I, _I, _I, _I
-        )
+        # path, qkv, its row stride, positions, cos, sin, slots, the pool's format, k, v, then the shape.
+        rope = (_C, _P, _I, _P, _P, _P, _P, _C, _P, _P, _I, _I, _I, _I, _I)
+        self._rope_store = _declare(library.rope_store_bf16, None, *rope)
+        # ... then block tables, their width, context lengths, out, scale.
+        self._rope_store_decode = _declare(library.rope_store_decode_bf16, _C, *rope, _P, _I, _P, _P, _F)
         self._silu_mul = _declare(library.silu_mul_bf16, None, _C, _P, _P, _I, _I)
         self._linear = _declare(library.bf16_linear, _C, _C, _P, _I, _C, _I, _I, _P, _I, _P, _P, _I, _P, _I, _C, _P)
         self._unpack = _declare(library.bf16_unpack_f32, None, _C, _P, _I, _I, _P)
@@ -105,6 +107,60 @@ class NativeKernels:
             head_dim,
             block_size,
         )
+
+    def rope_store_decode(
+        self,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        num_heads: int,
+        block_table: torch.Tensor,
+        context_lens: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """``rope_store`` and then ``decode`` in one call, for a step in which token t is sequence
+        t's one new token: arguments as theirs (block_table [T, max_blocks], context_lens [T]);
+        returns the attention output [T, H * D] bfloat16. The caller's q is the rotated qkv rows."""
+        tokens = qkv.shape[0]
+        _, num_kv_heads, block_size, head_dim = v_cache.shape
+        if not (qkv.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()):
+            raise ValueError("rope_store_decode needs a contiguous qkv tensor and pool")
+        if qkv.dtype != torch.bfloat16 or k_cache.dtype != v_cache.dtype or k_cache.dtype not in _POOLS:
+            raise ValueError(
+                f"rope_store_decode takes bfloat16 qkv and a bfloat16 or float8_e5m2 pool, not {k_cache.dtype}"
+            )
+        if block_table.shape[0] != tokens or context_lens.shape[0] != tokens:
+            raise ValueError("rope_store_decode needs one block table row and context length per token")
+        out = qkv.new_empty(tokens, num_heads * head_dim)
+        status = self._rope_store_decode(
+            self._code,
+            qkv.data_ptr(),
+            qkv.stride(0),
+            positions.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            slots.data_ptr(),
+            _FORMATS[k_cache.dtype],
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            tokens,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            block_size,
+            block_table.data_ptr(),
+            block_table.shape[1],
+            context_lens.data_ptr(),
+            out.data_ptr(),
+            scale,
+        )
+        if status != 0:
+            raise RuntimeError(f"native rope + decode attention ({self.path}) failed with status {status}")
+        return out
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """bfloat16 gate_up: [T, 2 * inter] contiguous -> silu(gate) * up: [T, inter]."""
@@ -224,3 +280,123 @@ class NativeKernels:
 
 # simd.h: FMT_*.
 _FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e5m2: 2}
+# What the RoPE kernels store into.
+_POOLS = (torch.bfloat16, torch.float8_e5m2)
+
+
+class LayerStep:
+    """The bf16 layer kernels of one forward step (RMSNorm, RoPE + KV store, or RoPE + KV store +
+    decode attention, SiLU-mul) with every argument that is fixed for the step resolved once:
+    shapes, strides, the positions, slots and block tables, each layer's place in the pool, and
+    the output buffers. A call in the layer loop then reads its input's address and nothing
+    else: the checked fronts above spend ~15-20 us of Python per call (shape and layout checks,
+    torch.empty, data_ptr, argument conversion) on ~0.4 us of kernel at one row.
+
+    Every input must be a contiguous bfloat16 tensor of the step's rows, as the step's linears
+    return them (not checked per call); the outputs are the given buffers, overwritten by the
+    next call of the same kernel. The caller keeps every tensor given here alive for the step."""
+
+    __slots__ = (
+        "_activated",
+        "_attn",
+        "_code",
+        "_decode_layers",
+        "_layers",
+        "_norm",
+        "_normed",
+        "_rms",
+        "_rope",
+        "_rope_decode",
+        "_silu",
+        "_silu_args",
+    )
+
+    def __init__(
+        self,
+        kernels: NativeKernels,
+        *,
+        tokens: int,
+        normed: torch.Tensor,
+        activated: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: torch.Tensor,
+        k_pool: torch.Tensor,
+        v_pool: torch.Tensor,
+        num_heads: int,
+        eps: float,
+        decode: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None,
+    ) -> None:
+        """normed [rows, hidden], activated [rows, intermediate]: contiguous bfloat16 buffers, one
+        row per matmul row (the step's tokens, then any padding); tokens: the real ones, which
+        rope and attention see; positions, slots: int64 [tokens]; cos, sin: float32
+        [max_positions, D / 2]; k_pool, v_pool: every layer's pool ([layers, ...] as kv_cache.py
+        lays it out, K dim-major). decode: (block_table [tokens, max_blocks], context_lens
+        [tokens], out [tokens, H * D] bfloat16, scale) when every token is its sequence's one
+        decode token, which ``rope_attend`` needs."""
+        rows = normed.shape[0]
+        if normed.dtype != torch.bfloat16 or activated.dtype != torch.bfloat16:
+            raise ValueError("the layer kernels take bfloat16 activations")
+        if not (normed.is_contiguous() and activated.is_contiguous()) or activated.shape[0] != rows or rows < tokens:
+            raise ValueError("the step's buffers must be contiguous, with one row per matmul row")
+        if k_pool.dtype != v_pool.dtype or k_pool.dtype not in _POOLS:
+            raise ValueError(f"the layer kernels store into a bfloat16 or float8_e5m2 pool, not {k_pool.dtype}")
+        if not (k_pool.is_contiguous() and v_pool.is_contiguous()):
+            raise ValueError("the layer kernels need a contiguous pool")
+        if positions.shape[0] != tokens or slots.shape[0] != tokens:
+            raise ValueError("one position and one slot per token")
+        num_layers, _, num_kv_heads, block_size, head_dim = v_pool.shape
+        self._code = kernels._code
+        self._rms, self._silu = kernels._rms_norm, kernels._silu_mul
+        self._rope, self._rope_decode = kernels._rope_store, kernels._rope_store_decode
+        self._normed, self._activated = normed, activated
+        hidden, inter = normed.shape[1], activated.shape[1]
+        self._norm = (normed.data_ptr(), rows, hidden, eps)
+        self._silu_args = (activated.data_ptr(), rows, inter)
+        k_base, v_base = k_pool.data_ptr(), v_pool.data_ptr()
+        k_layer, v_layer = k_pool[0].numel() * k_pool.element_size(), v_pool[0].numel() * v_pool.element_size()
+        # Per layer, every argument after qkv's address: its row stride ... the pool's block size.
+        shape = (tokens, num_heads, num_kv_heads, head_dim, block_size)
+        tables = (positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), _FORMATS[k_pool.dtype])
+        width = (num_heads + 2 * num_kv_heads) * head_dim
+        pools = [(k_base + i * k_layer, v_base + i * v_layer) for i in range(num_layers)]
+        self._layers = [(width, *tables, k, v, *shape) for k, v in pools]
+        self._attn: torch.Tensor | None = None
+        self._decode_layers: list[tuple[int | float, ...]] = []
+        if decode is not None:
+            table, context_lens, out, scale = decode
+            if table.shape[0] != tokens or context_lens.shape[0] != tokens or not table.is_contiguous():
+                raise ValueError("decode needs one contiguous block table row and context length per token")
+            if out.dtype != torch.bfloat16 or not out.is_contiguous() or out.shape != (tokens, num_heads * head_dim):
+                raise ValueError("the decode output must be contiguous bfloat16 [tokens, H * D]")
+            self._attn = out
+            attention = (table.data_ptr(), table.shape[1], context_lens.data_ptr(), out.data_ptr(), scale)
+            self._decode_layers = [(*args, *attention) for args in self._layers]
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm of x [rows, hidden] with weight [hidden] into the step's normed buffer, returned."""
+        out, rows, hidden, eps = self._norm
+        self._rms(self._code, x.data_ptr(), hidden, weight.data_ptr(), out, rows, hidden, eps)
+        return self._normed
+
+    def rope_store(self, layer: int, qkv: torch.Tensor) -> None:
+        """Rotate q and k in place in qkv [>= tokens, (H + 2 KV) * D] and store the tokens' k and v
+        in the pool of that layer."""
+        self._rope(self._code, qkv.data_ptr(), *self._layers[layer])
+
+    def rope_attend(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        """``rope_store``, then every token's decode attention over the layer's pool, into the
+        decode output buffer [tokens, H * D], returned. Only for a step built with ``decode``."""
+        if self._attn is None:
+            raise RuntimeError("this step was not built for decode attention")
+        status = self._rope_decode(self._code, qkv.data_ptr(), *self._decode_layers[layer])
+        if status != 0:
+            raise RuntimeError(f"native rope + decode attention failed with status {status}")
+        return self._attn
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of gate_up [rows, 2 * intermediate] into the step's activated buffer, returned."""
+        out, rows, inter = self._silu_args
+        self._silu(self._code, gate_up.data_ptr(), out, rows, inter)
+        return self._activated

@@ -272,6 +272,27 @@ void rope_store_bf16(int path, uint16_t *qkv, int64_t qkv_stride, const int64_t 
     }
 }
 
+/* paged_attention.c, linked into the same library. */
+int paged_decode_attention(int path, int fmt, int kv_fmt, const void *q, int64_t q_seq_stride, int64_t q_head_stride,
+                           const void *k_cache, const void *v_cache, const int64_t *block_tables, int64_t max_blocks,
+                           const int64_t *context_lens, void *out, int64_t num_seqs, int64_t num_heads,
+                           int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale);
+
+/* A step of decodes only (token t is sequence t's one new token): rope_store_bf16, then the
+ * decode attention of the rotated q rows over the pool, into out [tokens, heads * head_dim]:
+ * one call per layer instead of two. block_tables [tokens, max_blocks], context_lens [tokens]
+ * as paged_decode_attention takes them; returns its status (0: done). */
+int rope_store_decode_bf16(int path, uint16_t *qkv, int64_t qkv_stride, const int64_t *positions,
+                           const float *cos_table, const float *sin_table, const int64_t *slots, int kv_fmt,
+                           void *k_cache, void *v_cache, int64_t tokens, int64_t heads, int64_t kv_heads,
+                           int64_t head_dim, int64_t block_size, const int64_t *block_tables, int64_t max_blocks,
+                           const int64_t *context_lens, uint16_t *out, float scale) {
+    rope_store_bf16(path, qkv, qkv_stride, positions, cos_table, sin_table, slots, kv_fmt, k_cache, v_cache, tokens,
+                    heads, kv_heads, head_dim, block_size);
+    return paged_decode_attention(path, FMT_BF16, kv_fmt, qkv, qkv_stride, head_dim, k_cache, v_cache, block_tables,
+                                  max_blocks, context_lens, out, tokens, heads, kv_heads, head_dim, block_size, scale);
+}
+
 /* ---- out[r] = silu(gate) * up for rows [gate | up] of width 2 * inter ---- */
 
 static void silu_row_portable(const uint16_t *g, const uint16_t *u, uint16_t *o, int64_t n) {
