@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,7 @@ CASES: list[dict[str, Any]] = [
 ]
 
 # Block size 16 and head_dim % 32 == 0 with a bf16 pool: AVX-512's own code (one 64-byte load holds two
-# dims of K), which also claims items one at a time.
+# dims of K); more of its shapes in FAST_CASES below.
 B16_CASES: list[dict[str, Any]] = [
     {"heads": 16, "kv_heads": 2, "head_dim": 96, "block_size": 16, "lens": [49, 15, 2]},  # group of 8; 64 + 32 dims
     {"heads": 2, "kv_heads": 1, "head_dim": 32, "block_size": 16, "lens": [33, 1, 16, 100, 7]},  # items > threads
@@ -98,6 +99,48 @@ def test_native_kernel_matches_reference(kernel: NativeKernels, case: dict[str, 
     want = reference_decode_attention(q, k_cache, v_cache, table, lens, 0.1, k_dim_major=True)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+# AVX-512's code for block size 16 (a bf16 or e5m2 pool, head_dim % 32 == 0): a work item is a whole
+# sequence, its blocks outside and its KV heads inside, or a few of its KV heads when there are under
+# ~4 sequences a thread. Shapes for its loops: KV heads 1..6, groups 1..8 (5 and 7: chunks of 4 and a
+# rest), contexts of 1 and off multiples of 16, 32 dims after 64, very uneven contexts; the tests run
+# them on 1, 2 and 5 threads (more threads than sequences, and items of unequal head counts).
+FAST_CASES: list[dict[str, Any]] = [
+    {"heads": 1, "kv_heads": 1, "head_dim": 64, "block_size": 16, "lens": [1]},
+    {"heads": 4, "kv_heads": 2, "head_dim": 32, "block_size": 16, "lens": [17, 1, 40]},
+    {"heads": 9, "kv_heads": 3, "head_dim": 64, "block_size": 16, "lens": [300, 5, 1, 33, 16, 250, 7, 100, 64, 2]},
+    {"heads": 20, "kv_heads": 4, "head_dim": 96, "block_size": 16, "lens": [49, 15]},
+    {"heads": 42, "kv_heads": 6, "head_dim": 64, "block_size": 16, "lens": [3, 31, 90]},
+    {"heads": 16, "kv_heads": 2, "head_dim": 128, "block_size": 16, "lens": [1000, 1, 2, 3, 900, 4, 5, 6, 7, 8]},
+    {"heads": 6, "kv_heads": 6, "head_dim": 32, "block_size": 16, "lens": [16, 32] * 12},
+]
+FAST_IDS = ["mha1-ctx1", "g2-kv2-d32", "gqa3-engine", "g5-kv4-d96", "g7-kv6", "g8-uneven-d128", "mha6-24seqs"]
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run with ``count`` OpenMP threads. torch loads its libgomp.so.1 first and the kernels' library
+    binds to that same runtime, so torch's setting is the kernels' thread count too."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("case", FAST_CASES, ids=FAST_IDS)
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_bf16_pool_block16_matches_reference_on_any_thread_count(
+    kernel: NativeKernels, case: dict[str, Any], threads: int
+) -> None:
+    q, k_cache, v_cache, table, lens = random_case(threads, dtype=torch.bfloat16, k_dim_major=True, **case)
+    with torch_threads(threads):
+        got = kernel.decode(q, k_cache, v_cache, table, lens, 0.1)
+    want = reference_decode_attention(q, k_cache, v_cache, table, lens, 0.1, k_dim_major=True)
+    # Both round a float32 result to bf16: at most one bf16 step apart (2^-7 relative).
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-5, rtol=2**-7)
 
 
 @pytest.mark.parametrize("use_native", [False, True], ids=["torch", "native"])

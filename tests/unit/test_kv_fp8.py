@@ -22,7 +22,7 @@ from services.engine.model.plan import KV_CACHE_DTYPES, KernelPlan, choose_plan
 from services.engine.model.reference import reference_decode_attention
 from services.engine.model.runner import ModelRunner
 from shared.settings import EngineSettings, load_settings
-from tests.unit.test_attention import CASES, random_case
+from tests.unit.test_attention import CASES, FAST_CASES, FAST_IDS, random_case, torch_threads
 from tests.unit.test_model_runner import AVX2_ONLY, Pool, Seq, prompt
 
 E5M2 = torch.float8_e5m2
@@ -54,6 +54,24 @@ def test_decode_on_an_e5m2_pool_matches_the_reference_on_the_same_values(
     want = reference_decode_attention(q, k8.float(), v8.float(), table, lens, 0.1, k_dim_major=True)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("case", FAST_CASES, ids=FAST_IDS)
+@pytest.mark.parametrize("threads", [1, 2, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32-q", "bf16-q"])
+def test_e5m2_pool_block16_matches_reference_on_any_thread_count(
+    kernel: NativeKernels, case: dict[str, Any], threads: int, dtype: torch.dtype
+) -> None:
+    """AVX-512's code for block size 16 (test_attention.FAST_CASES), here widening e5m2 through float16."""
+    q, k_cache, v_cache, table, lens = random_case(threads, dtype=dtype, k_dim_major=True, **case)
+    k8, v8 = k_cache.to(E5M2), v_cache.to(E5M2)
+    with torch_threads(threads):
+        got = kernel.decode(q, k8, v8, table, lens, 0.1)
+    want = reference_decode_attention(q, k8.float(), v8.float(), table, lens, 0.1, k_dim_major=True)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:  # both round a float32 result to bf16: at most one bf16 step apart
+        torch.testing.assert_close(got.float(), want.float(), atol=1e-5, rtol=2**-7)
 
 
 def edge_values() -> torch.Tensor:
