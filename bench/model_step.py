@@ -8,6 +8,7 @@
     python -m bench.model_step --quantization int8 --batch 1 64 --threads 1   # per-channel int8 weights
     python -m bench.model_step --dtype bfloat16 --kv-cache-dtype auto fp8_e5m2 --batch 1 64 --threads 1
     python -m bench.model_step --dtype bfloat16 --quantization none gguf --prefill 128 --batch   # one prompt's prefill
+    python -m bench.model_step --dtype bfloat16 --batch 64 --block-layout contiguous interleaved   # KV blocks' places
 
 Every sequence decodes one token per step with ~context tokens already in the
 KV cache (the cache holds zeros: the step's cost does not depend on the values).
@@ -32,10 +33,18 @@ from services.engine.model.plan import QUANTIZATION_CHOICES
 from services.engine.model.quant_kernels import VARIANTS
 from services.engine.model.runner import ModelRunner
 
+BLOCK_LAYOUTS = ("contiguous", "interleaved")
 
-def decode_batch(batch: int, context: int, block_size: int) -> ForwardBatch:
+
+def decode_batch(batch: int, context: int, block_size: int, layout: str = "contiguous") -> ForwardBatch:
+    """``batch`` sequences of ``context`` tokens. layout: where their KV blocks lie in the pool,
+    contiguous (each sequence's side by side, as a prompt's blocks allocated at once) or interleaved
+    (block j of sequence i at j * batch + i, as blocks grown one at a time by concurrent decodes)."""
     blocks_per_seq = (context + block_size - 1) // block_size
-    tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(batch)]
+    if layout == "interleaved":
+        tables = [[j * batch + i for j in range(blocks_per_seq)] for i in range(batch)]
+    else:
+        tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(batch)]
     pos = context - 1
     slots = [table[pos // block_size] * block_size + pos % block_size for table in tables]
     return ForwardBatch(
@@ -94,6 +103,13 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=300)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument(
+        "--block-layout",
+        nargs="+",
+        default=["contiguous"],
+        choices=BLOCK_LAYOUTS,
+        help="decode batches' KV blocks: each sequence's side by side, or interleaved across sequences",
+    )
     parser.add_argument("--kernels", nargs="+", default=["auto"], choices=KERNEL_CHOICES, help="auto, torch, native")
     parser.add_argument(
         "--plan-for-cpu",
@@ -161,8 +177,9 @@ def main() -> None:
         params = runner.model.matmul_params()
         print(f"{dtype} {kernels} quantization {quantization} KV {kv_cache_dtype}: {runner.plan.describe()}")
         variants = itertools.product(args.gguf_variant, args.amx_min_rows) if runner.plan.quantized else [("", None)]
-        shapes = [("decode", b) for b in args.batch] + [("prefill", n) for n in args.prefill]
-        for (variant, amx_min_rows), (shape, batch) in itertools.product(variants, shapes):
+        shapes = [("decode", b, layout) for b in args.batch for layout in args.block_layout]
+        shapes += [("prefill", n, "") for n in args.prefill]
+        for (variant, amx_min_rows), (shape, batch, layout) in itertools.product(variants, shapes):
             kind = "native" if runner.plan.native else "torch"
             if kv_cache_dtype != "auto":
                 kind += f"+kv-{kv_cache_dtype}"
@@ -171,7 +188,9 @@ def main() -> None:
             if shape == "prefill":
                 step, what = prefill_batch(batch, args.block_size), f"prefill {batch:4d}"
             else:
-                step, what = decode_batch(batch, args.context, args.block_size), f"batch {batch:3d}"
+                step, what = decode_batch(batch, args.context, args.block_size, layout), f"batch {batch:3d}"
+                if len(args.block_layout) > 1 or layout != "contiguous":
+                    what += f" {layout}"
             for _ in range(3):
                 runner.forward(step)
             times, cpu_times = [], []
