@@ -93,17 +93,19 @@ _SiluMul = Callable[[torch.Tensor], torch.Tensor]
 class _Workspace:
     """Buffers for what the native layer kernels write (RMSNorm's and SiLU-mul's outputs, the
     decode attention's), kept across layers and steps: at a few rows a fresh tensor per call
-    costs more than the kernel. Each named buffer only grows; a step takes views of it."""
+    costs more than the kernel. Each named buffer only grows; a step takes views of it, so a
+    model runs one forward at a time (as the engine's one loop thread does)."""
 
-    def __init__(self, dtype: torch.dtype) -> None:
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
         self.dtype = dtype
+        self.device = device
         self._flat: dict[str, torch.Tensor] = {}
 
     def take(self, name: str, rows: int, width: int) -> torch.Tensor:
         """A contiguous [rows, width] view of the named buffer (its contents are left over)."""
         flat = self._flat.get(name)
         if flat is None or flat.numel() < rows * width:
-            flat = self._flat[name] = torch.empty(rows * width, dtype=self.dtype)
+            flat = self._flat[name] = torch.empty(rows * width, dtype=self.dtype, device=self.device)
         return flat[: rows * width].view(rows, width)
 
 
@@ -130,7 +132,7 @@ class LlamaModel:
         self.dtype = weights.final_norm.dtype if isinstance(embed, QuantizedMatrix) else embed.dtype
         self.native_layers = plan.native_layers
         self.norm = self.native_layers.rms_norm if self.native_layers else rms_norm
-        self._workspace = _Workspace(self.dtype)
+        self._workspace = _Workspace(self.dtype, weights.final_norm.device)
 
         conversion = ConversionBuffer(plan.compute_dtype) if plan.compute_dtype != plan.dtype else None
 
