@@ -143,6 +143,16 @@ def test_bf16_pool_block16_matches_reference_on_any_thread_count(
     torch.testing.assert_close(got.float(), want.float(), atol=1e-5, rtol=2**-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e5m2], ids=["bf16", "e5m2"])
+def test_decode_of_no_sequences_returns_an_empty_batch(kernel: NativeKernels, dtype: torch.dtype) -> None:
+    """Nothing to share out between the threads (the block-16 code divides by the sequence count)."""
+    k_cache = torch.zeros(2, 3, 64, 16).to(dtype)
+    v_cache = torch.zeros(2, 3, 16, 64).to(dtype)
+    q = torch.zeros(0, 9, 64, dtype=torch.bfloat16)
+    got = kernel.decode(q, k_cache, v_cache, torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, dtype=torch.long), 0.1)
+    assert got.shape == (0, 9 * 64)
+
+
 @pytest.mark.parametrize("use_native", [False, True], ids=["torch", "native"])
 def test_paged_attention_decode_batch_matches_reference(kernel: NativeKernels, use_native: bool) -> None:
     """Through paged_attention: new K/V are written at their slots, then every sequence attends."""

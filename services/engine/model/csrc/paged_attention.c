@@ -637,6 +637,7 @@ static T512 int fast_share(int fmt, int kv_fmt, const char *q, int64_t q_seq_str
                            const Pool *pl, const int64_t *block_tables, int64_t max_blocks,
                            const int64_t *context_lens, char *out, int64_t num_seqs, int64_t num_heads, float scale,
                            int64_t stride) {
+    if (num_seqs == 0) return 0;
     int nt = omp_get_num_threads(), tid = omp_get_thread_num();
     int64_t kv_heads = pl->kv_heads, group = num_heads / kv_heads, D = pl->D;
     int64_t esize = fmt == FMT_F32 ? 4 : 2;
