@@ -24,7 +24,7 @@ with x quantized to int8 per block of 32 (scale dx, as llama.cpp's Q8_1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -44,6 +44,12 @@ class QuantizedMatrix:
     rows: int
     cols: int
     data: torch.Tensor  # uint8 [panels, cols / 32, panel block bytes], contiguous
+    # dequantize_rows' views of data (_lane_views), made once: building them is a few microseconds,
+    # a visible share of a step's embedding lookup.
+    _lanes: tuple[torch.Tensor, torch.Tensor] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_lanes", _lane_views(self.kind, self.data))
 
     @property
     def panels(self) -> int:
@@ -91,27 +97,51 @@ class QuantizedMatrix:
         return QuantizedMatrix(self.kind, self.rows, self.cols, self.data.to(device))
 
     def dequantize_rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """float32 [len(ids), cols]: the given rows, dequantized (embedding lookups, tests)."""
-        panel, lane = ids // PANEL_ROWS, ids % PANEL_ROWS
-        data = self.data.index_select(0, panel)  # [n, nb, bytes]
-        count, nb = ids.shape[0], self.blocks
-        at = torch.arange(count)
-        d = data[..., 0:32].contiguous().view(torch.float16).float()[at, :, lane]  # [n, nb]
-        offset = 64 if self.kind == "Q4_1" else 32
+        """float32 [len(ids), cols]: the given rows (ids: [n] integers), dequantized (embedding lookups, tests).
+
+        Exactly GGUF's dequantization, in float32, in few torch ops (at a step's few rows their
+        overhead is the cost): one strided gather of the rows' scales and one of their quants
+        (``_lane_views``, kept in ``_lanes``), each reading only the rows' own bytes, then widening
+        and scaling. (It gathered the rows' whole 16-row panels before, and picked them apart in ~15 ops.)"""
+        scale_view, quant_view = self._lanes
+        count = ids.shape[0]
+        # Row 16p + r is lane r of panel p; [p, :, :, r] through both views (aten's index: no Python
+        # indexing parse per call): [n, nb, 1 or 2] float16 scales (d, or d and m), [n, nb, words] quants.
+        at = [ids >> 4, None, None, ids & (PANEL_ROWS - 1)]
+        scales: torch.Tensor = _index(scale_view, at).view(torch.float16)
+        quants: torch.Tensor = _index(quant_view, at).view(
+            torch.int8 if self.kind == "Q8_0" else torch.uint8
+        )  # [n, nb, 32 or 16]
         if self.kind == "Q8_0":
-            quants = data[..., offset:].reshape(count, nb, 8, PANEL_ROWS, 4)[at, :, :, lane]  # [n, nb, 8, 4]
-            values = quants.reshape(count, nb, BLOCK).view(torch.int8).float()
-            return (values * d[..., None]).reshape(count, self.cols)
-        quants = data[..., offset:].reshape(count, nb, 4, PANEL_ROWS, 4)[at, :, :, lane].reshape(count, nb, 16)
-        values = torch.cat([quants & 0x0F, quants >> 4], dim=-1).float()  # columns 0..15, then 16..31
+            return (quants.float() * scales).view(count, self.cols)
+        # GGUF's byte i holds column i (low nibble) and 16 + i (high nibble).
+        values = torch.cat([quants & 0x0F, quants >> 4], dim=-1).float()  # [n, nb, 32]
+        if self.kind == "Q4_0":
+            values.sub_(8)
+        out = values * scales[..., 0:1]  # float32: the float16 d widens exactly
         if self.kind == "Q4_1":
-            m = data[..., 32:64].contiguous().view(torch.float16).float()[at, :, lane]
-            return (values * d[..., None] + m[..., None]).reshape(count, self.cols)
-        return ((values - 8) * d[..., None]).reshape(count, self.cols)
+            out.add_(scales[..., 1:2])
+        return out.view(count, self.cols)
 
     def dequantize(self) -> torch.Tensor:
         """float32 [rows, cols]."""
-        return self.dequantize_rows(torch.arange(self.rows))
+        return self.dequantize_rows(torch.arange(self.rows, device=self.data.device))
+
+
+_index = torch.ops.aten.index.Tensor
+
+
+def _lane_views(kind: str, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """data: a QuantizedMatrix's uint8 [panels, nb, panel block bytes]. Views of it with a row's lane
+    as the last dimension: int16 [panels, nb, 1 or 2, 16] (d, and Q4_1's m: half r of each 16) and
+    int32 [panels, nb, chunks, 16] (quants: word r of each 64-byte chunk holds lane r's 4 bytes of
+    the chunk, in GGUF's order)."""
+    scale_count = 2 if kind == "Q4_1" else 1
+    chunks = 8 if kind == "Q8_0" else 4
+    panels, nb = data.shape[0], data.shape[1]
+    halves = data.view(torch.int16)[:, :, : scale_count * PANEL_ROWS]
+    words = data.view(torch.int32)[:, :, scale_count * PANEL_ROWS // 2 :]
+    return halves.view(panels, nb, scale_count, PANEL_ROWS), words.view(panels, nb, chunks, PANEL_ROWS)
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
