@@ -28,6 +28,8 @@ kernel plan (plan.py); nothing here decides them.
 
 from __future__ import annotations
 
+import functools
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -69,10 +71,12 @@ class PrefillSeq:
 
 @dataclass(slots=True)
 class AttentionMetadata:
-    write_rows: torch.Tensor  # [T * kv_heads] rows of the V pool's [slots * kv_heads, D] view, token-major
+    # [T * kv_heads] rows of the V pool's [slots * kv_heads, D] view, token-major. None when
+    # store_kv is False: nothing stores through them then.
+    write_rows: torch.Tensor | None
     # Where each new K value goes: rows like write_rows, or with dim-major K,
-    # [T * kv_heads * D] element offsets into the flat K pool.
-    k_write: torch.Tensor
+    # [T * kv_heads * D] element offsets into the flat K pool. None with write_rows.
+    k_write: torch.Tensor | None
     k_dim_major: bool
     store_kv: bool  # paged_attention writes the new K/V into the pool (False: a native kernel already did)
     decode: DecodeGroup | None
@@ -99,23 +103,47 @@ class AttentionMetadata:
         From the plan: the native decode kernel or torch, the K layout
         (``plan.k_dim_major``; head_dim addresses dim-major K), whether torch
         stores the new K/V (not when ``plan.stores_kv_natively``), and the dtype
-        scores are computed in (the masks' dtype, ``plan.compute_dtype``)."""
+        scores are computed in (the masks' dtype, ``plan.compute_dtype``).
+
+        Only what the plan's path reads is built (this runs every step, and at a few
+        tokens each torch op's overhead is the cost): no write indices when a native
+        kernel stores K/V, no gather rows or masks for the native decode kernel."""
         native = plan.native
         dtype = plan.compute_dtype
-        heads = torch.arange(num_kv_heads, device=device)
-        slots = slot_mapping.to(device=device, dtype=torch.long)
-        block, offset = slots // block_size, slots % block_size
-        write_rows = ((block[:, None] * num_kv_heads + heads[None, :]) * block_size + offset[:, None]).reshape(-1)
         k_dim_major = plan.k_dim_major
-        k_write = write_rows
-        if k_dim_major and not plan.stores_kv_natively:
-            dims = torch.arange(head_dim, device=device)
-            base = (block[:, None] * num_kv_heads + heads[None, :]) * head_dim  # [T, KV]
-            k_write = ((base[:, :, None] + dims[None, None, :]) * block_size + offset[:, None, None]).reshape(-1)
+        store_kv = not plan.stores_kv_natively
+        write_rows = k_write = None
+        if store_kv:
+            write_rows, k_write = _write_indices(slot_mapping, block_size, num_kv_heads, head_dim, k_dim_major, device)
+
+        num_seqs = len(query_lens)
+        decode = None
+        prefills: list[PrefillSeq] = []
+        if query_lens.count(1) == num_seqs:  # decodes only, the usual step: one token each, in order
+            if num_seqs:
+                decode = _decode_group(
+                    slice(0, num_seqs),
+                    context_lens,
+                    block_tables,
+                    block_size,
+                    num_kv_heads,
+                    dtype,
+                    device,
+                    with_gather=native is None,
+                )
+            return cls(
+                write_rows=write_rows,
+                k_write=k_write,
+                k_dim_major=k_dim_major,
+                store_kv=store_kv,
+                decode=decode,
+                prefills=prefills,
+                num_tokens=num_seqs,
+                native=native,
+            )
 
         decode_seqs: list[int] = []
         decode_tokens: list[int] = []
-        prefills: list[PrefillSeq] = []
         start = 0
         for i, q_len in enumerate(query_lens):
             if q_len == 1:
@@ -124,28 +152,22 @@ class AttentionMetadata:
             else:
                 prefills.append(
                     _prefill_seq(
-                        start,
-                        q_len,
-                        context_lens[i],
-                        block_tables[i],
-                        block_size,
-                        num_kv_heads,
-                        heads,
-                        dtype,
-                        device,
+                        start, q_len, context_lens[i], block_tables[i], block_size, num_kv_heads, dtype, device
                     )
                 )
             start += q_len
-        decode = None
         if decode_seqs:
+            first = decode_tokens[0]
+            contiguous = decode_tokens == list(range(first, first + len(decode_tokens)))
+            token_index = (
+                slice(first, first + len(decode_tokens)) if contiguous else _long_tensor(decode_tokens, device)
+            )
             decode = _decode_group(
-                decode_seqs,
-                decode_tokens,
-                context_lens,
-                block_tables,
+                token_index,
+                [context_lens[i] for i in decode_seqs],
+                [block_tables[i] for i in decode_seqs],
                 block_size,
                 num_kv_heads,
-                heads,
                 dtype,
                 device,
                 with_gather=native is None,
@@ -154,7 +176,7 @@ class AttentionMetadata:
             write_rows=write_rows,
             k_write=k_write,
             k_dim_major=k_dim_major,
-            store_kv=not plan.stores_kv_natively,
+            store_kv=store_kv,
             decode=decode,
             prefills=prefills,
             num_tokens=start,
@@ -162,44 +184,88 @@ class AttentionMetadata:
         )
 
 
-def _decode_group(
-    seqs: list[int],
-    tokens: list[int],
-    context_lens: list[int],
-    block_tables: list[list[int]],
+def _long_tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    """int64 [len(values)] on device. Packed by struct and wrapped without a copy: torch.tensor on a
+    Python list converts element by element, ~80 ns each (a batch-64 block table: ~0.1 ms)."""
+    if not values:
+        return torch.empty(0, dtype=torch.long, device=device)
+    packed = torch.frombuffer(bytearray(struct.pack(f"{len(values)}q", *values)), dtype=torch.long)
+    return packed if device.type == "cpu" else packed.to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _strided_range(count: int, step: int, device: torch.device) -> torch.Tensor:
+    """int64 [count]: 0, step, 2 * step, ... (kept: the same few per model, every step). Never written to."""
+    return torch.arange(count, device=device) * step
+
+
+def _write_indices(
+    slot_mapping: torch.Tensor,
     block_size: int,
     num_kv_heads: int,
-    heads: torch.Tensor,
+    head_dim: int,
+    k_dim_major: bool,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """slot_mapping: [T] slots -> (write_rows [T * KV], k_write [T * KV] or dim-major [T * KV * D]).
+
+    Slot s is offset o = s % block_size in block b = s // block_size, so b * block_size = s - o and
+    V row (b * KV + h) * block_size + o = (s - o) * KV + o + h * block_size; dim-major K element
+    ((b * KV + h) * D + d) * block_size + o = (s - o) * KV * D + o + (h * D + d) * block_size: a
+    per-token base plus a per-(head, dim) constant."""
+    slots = slot_mapping.to(device=device, dtype=torch.long)
+    offset = slots % block_size
+    start = slots - offset
+    # [T, 1] + [KV] flattened token-major, as the pool's store wants.
+    write_rows = (
+        torch.add(offset, start, alpha=num_kv_heads)[:, None] + _strided_range(num_kv_heads, block_size, device)
+    ).view(-1)
+    if not k_dim_major:
+        return write_rows, write_rows
+    width = num_kv_heads * head_dim
+    k_write = (torch.add(offset, start, alpha=width)[:, None] + _strided_range(width, block_size, device)).view(-1)
+    return write_rows, k_write
+
+
+def _decode_group(
+    tokens: slice | torch.Tensor,
+    lens: list[int],
+    tables: list[list[int]],
+    block_size: int,
+    num_kv_heads: int,
     dtype: torch.dtype,
     device: torch.device,
     with_gather: bool,
 ) -> DecodeGroup:
-    lens = [context_lens[i] for i in seqs]
+    """The decode sequences' group: lens, tables: theirs, in token order; tokens: where their tokens are."""
+    num_seqs = len(lens)
     max_blocks = (max(lens) + block_size - 1) // block_size
     # Pad short tables with block 0: its rows are read but masked out.
-    table = torch.tensor(
-        [block_tables[i][:max_blocks] + [0] * (max_blocks - len(block_tables[i][:max_blocks])) for i in seqs],
-        dtype=torch.long,
-        device=device,
-    )
+    flat: list[int] = []
+    for table in tables:
+        if len(table) == max_blocks:
+            flat += table
+        else:
+            row = table[:max_blocks]
+            flat += row
+            flat += [0] * (max_blocks - len(row))
+    table_tensor = _long_tensor(flat, device).view(num_seqs, max_blocks)
     padded_len = max_blocks * block_size
-    ctx = torch.tensor(lens, dtype=torch.long, device=device)
+    ctx = _long_tensor(lens, device)
     gather_rows = mask = None
     if with_gather:
-        gather_rows = (table[:, None, :] * num_kv_heads + heads[None, :, None]).reshape(-1)
-        visible = torch.arange(padded_len, device=device)[None, :] < ctx[:, None]  # [B, Lp]
-        mask = torch.zeros(len(seqs), padded_len, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
-        mask = mask[:, None, None, :].expand(len(seqs), num_kv_heads, 1, padded_len).reshape(-1, 1, padded_len)
-    first = tokens[0]
-    contiguous = tokens == list(range(first, first + len(tokens)))
-    token_index: slice | torch.Tensor = (
-        slice(first, first + len(tokens)) if contiguous else torch.tensor(tokens, dtype=torch.long, device=device)
-    )
+        gather_rows = (
+            table_tensor[:, None, :] * num_kv_heads + _strided_range(num_kv_heads, 1, device)[None, :, None]
+        ).view(-1)
+        hidden = _strided_range(padded_len, 1, device)[None, :] >= ctx[:, None]  # [B, Lp]: past the context
+        # Materialized per KV head: [B * KV, 1, Lp], 0 inside the context, -inf past it.
+        mask = torch.zeros(num_seqs, num_kv_heads, 1, padded_len, dtype=dtype, device=device)
+        mask = mask.masked_fill_(hidden[:, None, None, :], float("-inf")).view(-1, 1, padded_len)
     return DecodeGroup(
-        tokens=token_index,
-        num_seqs=len(seqs),
+        tokens=tokens,
+        num_seqs=num_seqs,
         padded_len=padded_len,
-        block_table=table,
+        block_table=table_tensor,
         context_lens=ctx,
         gather_rows=gather_rows,
         mask=mask,
@@ -213,7 +279,6 @@ def _prefill_seq(
     block_table: list[int],
     block_size: int,
     num_kv_heads: int,
-    heads: torch.Tensor,
     dtype: torch.dtype,
     device: torch.device,
 ) -> PrefillSeq:
@@ -225,14 +290,15 @@ def _prefill_seq(
         key_len = padded_attention_len(num_blocks * block_size, block_size)
         # The padding blocks are block 0, whatever it holds: the mask hides them.
         padded_table = block_table[:num_blocks] + [0] * (key_len // block_size - num_blocks)
-        table = torch.tensor(padded_table, dtype=torch.long, device=device)
-        gather_rows = (table[None, :] * num_kv_heads + heads[:, None]).reshape(-1)
+        table = _long_tensor(padded_table, device)
+        gather_rows = (table[None, :] * num_kv_heads + _strided_range(num_kv_heads, 1, device)[:, None]).view(-1)
     # Query i sits at position context_len - q_len + i and sees keys up to it;
     # that also hides the keys past context_len. Padding queries (i >= q_len) see
     # every key: their rows are thrown away, but must not be all -inf (NaN).
-    query_pos = torch.arange(context_len - q_len, context_len - q_len + padded_queries, device=device)
-    visible = torch.arange(key_len, device=device)[None, :] <= query_pos[:, None]
-    mask = torch.zeros(padded_queries, key_len, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
+    # Key j is hidden from query i where j - i > context_len - q_len: the upper triangle from that diagonal.
+    mask = torch.full((padded_queries, key_len), float("-inf"), dtype=dtype, device=device).triu_(
+        context_len - q_len + 1
+    )
     return PrefillSeq(
         start=start,
         end=start + q_len,
@@ -265,6 +331,8 @@ def paged_attention(
     num_kv_heads, block_size = v_cache.shape[1], v_cache.shape[2]
     group = num_heads // num_kv_heads
     if meta.store_kv:
+        if meta.write_rows is None or meta.k_write is None:
+            raise RuntimeError("attention metadata without write indices cannot store K/V")
         if meta.k_dim_major:
             _store(k_cache.view(-1), meta.k_write, k.reshape(-1))
         else:
