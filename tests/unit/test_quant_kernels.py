@@ -166,6 +166,30 @@ def test_bf16_tiles_cover_odd_panel_counts_and_row_groups(library: ctypes.CDLL) 
                 assert error < 8e-3, (kind, rows, tokens, error)
 
 
+def test_bf16_tiles_pack_any_row_count_and_block_count(library: ctypes.CDLL) -> None:
+    """The activations are packed into zero-padded 16-row tiles and each step's epilogue runs spread
+    over the next step's blocks: one block (the whole epilogue beside one), many (two rows per block),
+    1 to 33 rows, rows read strided, with bias and residual."""
+    kernels = kernels_on(library, "amx_int8", "float")
+    if not kernels.rounds_weights_to_bf16(16, torch.bfloat16):
+        pytest.skip("this CPU lacks amx_bf16 or avx512_bf16: the float variant dequantizes to float32 there")
+    rng = np.random.default_rng(9)
+    gen = torch.Generator().manual_seed(9)
+    for kind in FORMATS:
+        for rows, cols in ((40, 32), (24, 1536)):
+            weight = random_matrix(kind, rows, cols, rng)
+            bias = torch.randn(rows, generator=gen)
+            for tokens in (1, 15, 17, 33):
+                wide = torch.randn(tokens, cols + 64, generator=gen).bfloat16()
+                x = wide[:, 32 : 32 + cols]  # rows cols + 64 apart
+                residual = torch.randn(tokens, rows, generator=gen).bfloat16()
+                got = kernels.linear(x, weight, bias, residual).double()
+                want = reference_linear(x.contiguous(), weight, "float", bf16_weights=True)
+                want = want + bias.double() + residual.double()
+                error = ((got - want).abs() / (1 + want.abs())).max().item()
+                assert error < 8e-3, (kind, rows, cols, tokens, error)
+
+
 def test_auto_is_float_on_bf16_tiles_and_int8_elsewhere(library: ctypes.CDLL) -> None:
     kernels = kernels_on(library, "amx_int8", "auto").with_amx_min_rows(16)
     tiles = kernels.rounds_weights_to_bf16(16, torch.bfloat16)
