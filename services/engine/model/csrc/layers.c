@@ -13,6 +13,7 @@
  * these kernels are bound by instruction count, not memory (the rows are in L2).
  * Built with paged_attention.c by native.py.
  */
+#include "paged_attention.h" /* rope_store_decode_bf16 calls its decode attention */
 #include "simd.h"
 
 /* ---- RMSNorm: out[r] = weight * bf16(x[r] / rms(x[r])); x rows may be strided ---- */
@@ -271,12 +272,6 @@ void rope_store_bf16(int path, uint16_t *qkv, int64_t qkv_stride, const int64_t 
         }
     }
 }
-
-/* paged_attention.c, linked into the same library. */
-int paged_decode_attention(int path, int fmt, int kv_fmt, const void *q, int64_t q_seq_stride, int64_t q_head_stride,
-                           const void *k_cache, const void *v_cache, const int64_t *block_tables, int64_t max_blocks,
-                           const int64_t *context_lens, void *out, int64_t num_seqs, int64_t num_heads,
-                           int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale);
 
 /* A step of decodes only (token t is sequence t's one new token): rope_store_bf16, then the
  * decode attention of the rotated q rows over the pool, into out [tokens, heads * head_dim]:
