@@ -116,62 +116,9 @@ class AttentionMetadata:
         if store_kv:
             write_rows, k_write = _write_indices(slot_mapping, block_size, num_kv_heads, head_dim, k_dim_major, device)
 
-        num_seqs = len(query_lens)
-        decode = None
-        prefills: list[PrefillSeq] = []
-        if query_lens.count(1) == num_seqs:  # decodes only, the usual step: one token each, in order
-            if num_seqs:
-                decode = _decode_group(
-                    slice(0, num_seqs),
-                    context_lens,
-                    block_tables,
-                    block_size,
-                    num_kv_heads,
-                    dtype,
-                    device,
-                    with_gather=native is None,
-                )
-            return cls(
-                write_rows=write_rows,
-                k_write=k_write,
-                k_dim_major=k_dim_major,
-                store_kv=store_kv,
-                decode=decode,
-                prefills=prefills,
-                num_tokens=num_seqs,
-                native=native,
-            )
-
-        decode_seqs: list[int] = []
-        decode_tokens: list[int] = []
-        start = 0
-        for i, q_len in enumerate(query_lens):
-            if q_len == 1:
-                decode_seqs.append(i)
-                decode_tokens.append(start)
-            else:
-                prefills.append(
-                    _prefill_seq(
-                        start, q_len, context_lens[i], block_tables[i], block_size, num_kv_heads, dtype, device
-                    )
-                )
-            start += q_len
-        if decode_seqs:
-            first = decode_tokens[0]
-            contiguous = decode_tokens == list(range(first, first + len(decode_tokens)))
-            token_index = (
-                slice(first, first + len(decode_tokens)) if contiguous else _long_tensor(decode_tokens, device)
-            )
-            decode = _decode_group(
-                token_index,
-                [context_lens[i] for i in decode_seqs],
-                [block_tables[i] for i in decode_seqs],
-                block_size,
-                num_kv_heads,
-                dtype,
-                device,
-                with_gather=native is None,
-            )
+        decode, prefills, num_tokens = _groups(
+            query_lens, context_lens, block_tables, block_size, num_kv_heads, dtype, device, with_gather=native is None
+        )
         return cls(
             write_rows=write_rows,
             k_write=k_write,
@@ -179,9 +126,68 @@ class AttentionMetadata:
             store_kv=store_kv,
             decode=decode,
             prefills=prefills,
-            num_tokens=start,
+            num_tokens=num_tokens,
             native=native,
         )
+
+
+def _groups(
+    query_lens: list[int],
+    context_lens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    num_kv_heads: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    with_gather: bool,
+) -> tuple[DecodeGroup | None, list[PrefillSeq], int]:
+    """The step's decodes (one group) and prefills (one each), and its token count."""
+    num_seqs = len(query_lens)
+    if query_lens.count(1) == num_seqs:  # decodes only, the usual step: one token each, in order
+        if not num_seqs:
+            return None, [], 0
+        decode = _decode_group(
+            slice(0, num_seqs),
+            context_lens,
+            block_tables,
+            block_size,
+            num_kv_heads,
+            dtype,
+            device,
+            with_gather=with_gather,
+        )
+        return decode, [], num_seqs
+
+    prefills: list[PrefillSeq] = []
+    decode_seqs: list[int] = []
+    decode_tokens: list[int] = []
+    start = 0
+    for i, q_len in enumerate(query_lens):
+        if q_len == 1:
+            decode_seqs.append(i)
+            decode_tokens.append(start)
+        else:
+            prefills.append(
+                _prefill_seq(start, q_len, context_lens[i], block_tables[i], block_size, num_kv_heads, dtype, device)
+            )
+        start += q_len
+    if not decode_seqs:
+        return None, prefills, start
+    first = decode_tokens[0]
+    contiguous = decode_tokens == list(range(first, first + len(decode_tokens)))
+    token_index = slice(first, first + len(decode_tokens)) if contiguous else _long_tensor(decode_tokens, device)
+    decode = _decode_group(
+        token_index,
+        [context_lens[i] for i in decode_seqs],
+        [block_tables[i] for i in decode_seqs],
+        block_size,
+        num_kv_heads,
+        dtype,
+        device,
+        with_gather=with_gather,
+    )
+    return decode, prefills, start
 
 
 def _long_tensor(values: list[int], device: torch.device) -> torch.Tensor:
