@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from services.engine.model import linear as linear_module
 from services.engine.model import native as native_module
-from services.engine.model.attention import AttentionMetadata, paged_attention
+from services.engine.model.attention import paged_attention
+from services.engine.model.attention_metadata import AttentionMetadata
 from services.engine.model.cpu import CpuFeatures
 from services.engine.model.linear import Bf16Linear, ConversionBuffer
 from services.engine.model.native import PATH_FLAGS, PATHS, NativeKernels, load_native_kernels, pack_bf16_weight

@@ -10,7 +10,7 @@ from typing import Any, cast
 import pytest
 import torch
 
-from services.engine.model.attention import AttentionMetadata, DecodeGroup, PrefillSeq
+from services.engine.model.attention_metadata import AttentionMetadata, DecodeGroup, PrefillSeq
 from services.engine.model.native import NativeKernels
 from services.engine.model.plan import KernelPlan
 from services.engine.model.shapes import padded_attention_len

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from services.engine.model.attention import AttentionMetadata, paged_attention
+from services.engine.model.attention import paged_attention
+from services.engine.model.attention_metadata import AttentionMetadata
 from services.engine.model.cpu import CpuFeatures
 from services.engine.model.kv_cache import kv_bytes_per_block
 from services.engine.model.native import PATH_FLAGS, PATHS, NativeKernels, load_native_kernels

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from services.engine.model.attention import AttentionMetadata, paged_attention
+from services.engine.model.attention import paged_attention
+from services.engine.model.attention_metadata import AttentionMetadata
 from services.engine.model.config import ModelConfig, RopeScaling
 from services.engine.model.kv_cache import KVCache
 from services.engine.model.linear import Bf16Linear, ConversionBuffer, Linear, QuantizedLinear

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from services.engine.model.attention import AttentionMetadata
+from services.engine.model.attention_metadata import AttentionMetadata
 from services.engine.model.batch import ForwardBatch
 from services.engine.model.config import ModelConfig
 from services.engine.model.cpu import CpuFeatures
