@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import platform
+import re
 from pathlib import Path
 
 import numpy as np
@@ -259,3 +260,42 @@ def test_a_bad_quantization_setting_stops_start_up_naming_it(monkeypatch: pytest
         load_settings(EngineSettings)
     monkeypatch.setenv("SCALELLM_QUANTIZATION", "gguf")
     assert load_settings(EngineSettings).quantization == "gguf"
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_out_receives_the_same_result_in_either_output_dtype(library: ctypes.CDLL, path: str) -> None:
+    """out= writes what a call without it returns (bitwise), into a strided view; float32 out for bf16 x
+    holds the sums before their bf16 rounding, which round to the bf16 result."""
+    rng = np.random.default_rng(7)
+    gen = torch.Generator().manual_seed(7)
+    for variant in ("int8", "float"):
+        kernels = kernels_on(library, path, variant)
+        for kind in FORMATS:
+            weight = random_matrix(kind, 40, 96, rng)
+            bias = torch.randn(40, generator=gen)
+            for dtype in (torch.float32, torch.bfloat16):
+                for tokens in (3, 17):
+                    x = torch.randn(tokens, 96, generator=gen).to(dtype)
+                    residual = torch.randn(tokens, 40, generator=gen).to(dtype)
+                    want = kernels.linear(x, weight, bias, residual)
+                    wide = torch.full((tokens, 50), 7.0, dtype=dtype)
+                    got = kernels.linear(x, weight, bias, residual, out=wide[:, 5:45])
+                    assert got.data_ptr() == wide[:, 5:45].data_ptr()
+                    assert torch.equal(wide[:, 5:45], want), f"{variant} {kind} {dtype} {tokens}"
+                    assert torch.equal(wide[:, :5], torch.full((tokens, 5), 7.0, dtype=dtype))
+                    if dtype == torch.bfloat16:
+                        wide32 = torch.empty(tokens, 40, dtype=torch.float32)
+                        kernels.linear(x, weight, bias, residual, out=wide32)
+                        assert torch.equal(wide32.bfloat16(), want), f"{variant} {kind} float32 out {tokens}"
+
+
+def test_a_bad_out_is_refused_with_the_reason() -> None:
+    cases = {
+        "must be [4, 16]": torch.empty(4, 17),
+        "or torch.float32, not torch.float16": torch.empty(4, 16, dtype=torch.float16),
+        "stride(1) == 1": torch.empty(16, 4).T,
+        "rows overlap": torch.empty(64).as_strided((4, 16), (8, 1)),
+    }
+    for reason, out in cases.items():
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            quant_kernels._check_out(out, 4, 16, torch.float32)

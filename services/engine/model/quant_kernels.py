@@ -148,9 +148,13 @@ class QuantKernels:
         weight: QuantizedMatrix,
         bias: torch.Tensor | None = None,
         residual: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """residual + bias + x @ weight.T. x: [T, cols] float32 or bfloat16 (rows may be strided);
-        bias: float32 [rows]; residual: [T, rows] in x's dtype. Returns [T, rows] in x's dtype."""
+        bias: float32 [rows]; residual: [T, rows] (converted to the output's dtype if it differs).
+        out: where to write the [T, rows] result (rows may be strided, stride(1) == 1), in x's dtype or
+        float32 (bf16 x: the sums stored unrounded; the kernel's output format is its own flag);
+        None: a new tensor in x's dtype. Returns the output."""
         if x.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"the quantized linear takes float32 or bfloat16 activations, not {x.dtype}")
         if x.stride(1) != 1:
@@ -158,9 +162,12 @@ class QuantKernels:
         tokens, cols = x.shape
         if cols != weight.cols:
             raise ValueError(f"x has {cols} columns, the weight {weight.cols}")
-        out = torch.empty(tokens, weight.rows, dtype=x.dtype)
-        if residual is not None and (residual.dtype != x.dtype or residual.stride(1) != 1):
-            residual = residual.to(x.dtype).contiguous()
+        if out is None:
+            out = torch.empty(tokens, weight.rows, dtype=x.dtype)
+        else:
+            _check_out(out, tokens, weight.rows, x.dtype)
+        if residual is not None and (residual.dtype != out.dtype or residual.stride(1) != 1):
+            residual = residual.to(out.dtype).contiguous()
         bf16 = int(x.dtype == torch.bfloat16)
         path = "avx512_vnni" if self.path == "amx_int8" and tokens < self.amx_min_rows else self.path
         if self.variant_for(tokens, x.dtype) == "float":
@@ -188,13 +195,27 @@ class QuantKernels:
             0 if residual is None else residual.stride(0),
             out.data_ptr(),
             out.stride(0),
-            bf16,
+            int(out.dtype == torch.bfloat16),
             *scratch,
         )
         if status != 0:
             reason = "this CPU cannot run it" if status == -2 else "bad arguments"
             raise RuntimeError(f"quantized linear ({path}) failed with status {status}: {reason}")
         return out
+
+
+def _check_out(out: torch.Tensor, tokens: int, rows: int, dtype: torch.dtype) -> None:
+    """out= of QuantKernels.linear: [tokens, rows] on the CPU, unit column stride, x's dtype or float32."""
+    if out.dim() != 2 or tuple(out.shape) != (tokens, rows):
+        raise ValueError(f"out must be [{tokens}, {rows}], not {list(out.shape)}")
+    if out.dtype not in (dtype, torch.float32):
+        raise ValueError(f"out must be {dtype} (x's dtype) or torch.float32, not {out.dtype}")
+    if out.device.type != "cpu":
+        raise ValueError(f"out must be on the CPU, not {out.device}")
+    if tokens and rows > 1 and out.stride(1) != 1:
+        raise ValueError(f"out's rows must be contiguous (stride(1) == 1), not stride {out.stride()}")
+    if tokens > 1 and out.stride(0) < rows:
+        raise ValueError(f"out's rows overlap (stride(0) {out.stride(0)} < {rows})")
 
 
 def random_matrix(kind: str, rows: int, cols: int, generator: np.random.Generator) -> QuantizedMatrix:
