@@ -93,9 +93,10 @@ _SiluMul = Callable[[torch.Tensor], torch.Tensor]
 
 class _Workspace:
     """Buffers for what the native layer kernels write (RMSNorm's and SiLU-mul's outputs, the
-    decode attention's), kept across layers and steps: at a few rows a fresh tensor per call
-    costs more than the kernel. Each named buffer only grows; a step takes views of it, so a
-    model runs one forward at a time (as the engine's one loop thread does)."""
+    decode attention's) and the GGUF linears' outputs, kept across layers and steps: at a few rows
+    a fresh tensor per call costs more than the kernel. Each named buffer only grows (to the
+    largest step's rows); a step takes views of it, so a model runs one forward at a time (as the
+    engine's one loop thread does)."""
 
     def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
         self.dtype = dtype
@@ -159,6 +160,8 @@ class LlamaModel:
         ]
         self.final_norm = weights.final_norm
         self.lm_head = linear(weights.lm_head, None)
+        matmuls = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        self._outputs_in_workspace = any(isinstance(m, QuantizedLinear) for m in matmuls)
 
     def matmul_params(self) -> int:
         """Weights touched by matmuls per token (for FLOP accounting)."""
@@ -178,7 +181,8 @@ class LlamaModel:
         padded_rows: int | None = None,
     ) -> torch.Tensor:
         """input_ids, positions, slots: [T] int64 (positions and slots contiguous);
-        logits_indices: [S]. Returns [S, vocab] float32 logits.
+        logits_indices: [S]. Returns [S, vocab] float32 logits, a new tensor each call (the caller
+        may keep it across steps; the workspace is reused by the next forward).
 
         padded_rows (>= T; see shapes.py): run the matmuls on that many rows, the
         T tokens followed by padding rows that attention and the KV pool never see."""
@@ -193,13 +197,24 @@ class LlamaModel:
         else:
             hidden = F.embedding(ids, self.embed)
         norm, attend, silu_and_mul = self._layer_ops(positions, slots, meta, kv_cache, num_tokens, padding)
+        # The linears' outputs, in the workspace where a layer writes into it (QuantizedLinear; the
+        # float linears return new tensors, so their models keep no buffers for them). The residual
+        # adds read hidden while they write the new one, so o and down write two different buffers:
+        # o reads down's (or the embedding) and down reads o's, never in place.
+        qkv_out = gate_up_out = after_attn = after_mlp = None
+        if self._outputs_in_workspace:
+            rows, width, take = num_tokens + padding, self.config.hidden_size, self._workspace.take
+            qkv_out = take("qkv", rows, self.q_size + 2 * self.kv_size)
+            gate_up_out = take("gate_up", rows, 2 * self.config.intermediate_size)
+            after_attn, after_mlp = take("after_attn", rows, width), take("after_mlp", rows, width)
         for index, layer in enumerate(self.layers):
-            qkv = layer.qkv(norm(hidden, layer.input_norm))
-            hidden = layer.o.add_to(hidden, attend(index, qkv))
-            gate_up = layer.gate_up(norm(hidden, layer.post_norm))
-            hidden = layer.down.add_to(hidden, silu_and_mul(gate_up))
+            qkv = layer.qkv(norm(hidden, layer.input_norm), qkv_out)
+            hidden = layer.o.add_to(hidden, attend(index, qkv), after_attn)
+            gate_up = layer.gate_up(norm(hidden, layer.post_norm), gate_up_out)
+            hidden = layer.down.add_to(hidden, silu_and_mul(gate_up), after_mlp)
+        # A copy: the logits below (a new tensor per step) owe nothing to the workspace.
         last = hidden.index_select(0, logits_indices)
-        return self.lm_head(self.norm(last, self.final_norm, eps)).float()
+        return self.lm_head.logits(self.norm(last, self.final_norm, eps))
 
     def _layer_ops(
         self,
