@@ -4,6 +4,7 @@ each checking the layout it needs, and the bf16 weight packing of the bf16 linea
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
@@ -284,6 +285,13 @@ _FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e5m2: 2}
 _POOLS = (torch.bfloat16, torch.float8_e5m2)
 
 
+@functools.lru_cache(maxsize=8)
+def _layer_pools(k_base: int, v_base: int, num_layers: int, k_layer: int, v_layer: int) -> tuple[tuple[int, int], ...]:
+    """Each layer's (K, V) addresses in pools laid out [layers, ...], k_layer / v_layer bytes per
+    layer: a pure function of its arguments, so the engine's one pool costs it once, not per step."""
+    return tuple((k_base + i * k_layer, v_base + i * v_layer) for i in range(num_layers))
+
+
 class LayerStep:
     """The bf16 layer kernels of one forward step (RMSNorm, RoPE + KV store, or RoPE + KV store +
     decode attention, SiLU-mul) with every argument that is fixed for the step resolved once:
@@ -301,12 +309,15 @@ class LayerStep:
         "_attn",
         "_code",
         "_decode_layers",
+        "_head",
         "_layers",
         "_norm",
         "_normed",
+        "_pools",
         "_rms",
         "_rope",
         "_rope_decode",
+        "_shape",
         "_silu",
         "_silu_args",
     )
@@ -354,17 +365,21 @@ class LayerStep:
         hidden, inter = normed.shape[1], activated.shape[1]
         self._norm = (normed.data_ptr(), rows, hidden, eps)
         self._silu_args = (activated.data_ptr(), rows, inter)
-        k_base, v_base = k_pool.data_ptr(), v_pool.data_ptr()
-        k_layer, v_layer = k_pool[0].numel() * k_pool.element_size(), v_pool[0].numel() * v_pool.element_size()
+        # Contiguous pools: a layer's bytes are its stride.
+        k_layer, v_layer = k_pool.stride(0) * k_pool.element_size(), v_pool.stride(0) * v_pool.element_size()
+        self._pools = _layer_pools(k_pool.data_ptr(), v_pool.data_ptr(), num_layers, k_layer, v_layer)
         # Per layer, every argument after qkv's address: its row stride ... the pool's block size.
-        shape = (tokens, num_heads, num_kv_heads, head_dim, block_size)
+        self._shape = (tokens, num_heads, num_kv_heads, head_dim, block_size)
         tables = (positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), _FORMATS[k_pool.dtype])
-        width = (num_heads + 2 * num_kv_heads) * head_dim
-        pools = [(k_base + i * k_layer, v_base + i * v_layer) for i in range(num_layers)]
-        self._layers = [(width, *tables, k, v, *shape) for k, v in pools]
+        self._head = ((num_heads + 2 * num_kv_heads) * head_dim, *tables)
         self._attn: torch.Tensor | None = None
+        # Only the arguments the step's kind calls for: a decode step's rope_attend (rope_store's
+        # are then built if it is called after all), or rope_store's.
+        self._layers: list[tuple[int, ...]] = []
         self._decode_layers: list[tuple[int | float, ...]] = []
-        if decode is not None:
+        if decode is None:
+            self._layers = self._store_layers()
+        else:
             table, context_lens, out, scale = decode
             if table.shape[0] != tokens or context_lens.shape[0] != tokens or not table.is_contiguous():
                 raise ValueError("decode needs one contiguous block table row and context length per token")
@@ -372,7 +387,14 @@ class LayerStep:
                 raise ValueError("the decode output must be contiguous bfloat16 [tokens, H * D]")
             self._attn = out
             attention = (table.data_ptr(), table.shape[1], context_lens.data_ptr(), out.data_ptr(), scale)
-            self._decode_layers = [(*args, *attention) for args in self._layers]
+            head, shape = self._head, self._shape
+            self._decode_layers = [(*head, k, v, *shape, *attention) for k, v in self._pools]
+
+    def _store_layers(self) -> list[tuple[int, ...]]:
+        """rope_store's arguments after qkv's address, per layer."""
+        head, shape = self._head, self._shape
+        self._layers = [(*head, k, v, *shape) for k, v in self._pools]
+        return self._layers
 
     def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm of x [rows, hidden] with weight [hidden] into the step's normed buffer, returned."""
@@ -383,7 +405,7 @@ class LayerStep:
     def rope_store(self, layer: int, qkv: torch.Tensor) -> None:
         """Rotate q and k in place in qkv [>= tokens, (H + 2 KV) * D] and store the tokens' k and v
         in the pool of that layer."""
-        self._rope(self._code, qkv.data_ptr(), *self._layers[layer])
+        self._rope(self._code, qkv.data_ptr(), *(self._layers or self._store_layers())[layer])
 
     def rope_attend(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
         """``rope_store``, then every token's decode attention over the layer's pool, into the
