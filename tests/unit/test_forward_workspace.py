@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from services.engine.model.attention_metadata import AttentionMetadata
 from services.engine.model.batch import ForwardBatch
 from services.engine.model.linear import QuantizedLinear
+from services.engine.model.plan import choose_plan
 from services.engine.model.quantized import QuantizedMatrix
 from services.engine.model.runner import ModelRunner
 from tests.unit.test_gguf_weights import TYPES, VOCAB, write_model
@@ -47,6 +48,10 @@ def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 
 
 def _runner(path: Path) -> ModelRunner:
+    plan = choose_plan("bfloat16", torch.device("cpu"), "auto", quantization="gguf", gguf_available=True)
+    if plan.quantized is None or plan.native_layers is None:
+        # Without the block kernel the runner would fall back to safetensors weights, which this folder lacks.
+        pytest.skip("the GGUF or native layer kernels do not build here")
     runner = ModelRunner(
         path,
         dtype="bfloat16",
@@ -58,8 +63,7 @@ def _runner(path: Path) -> ModelRunner:
         quantization="gguf",
         gguf_file=path / "tiny.gguf",
     )
-    if runner.plan.quantized is None or runner.plan.native_layers is None:
-        pytest.skip("the GGUF or native layer kernels do not build here")
+    assert runner.plan.quantized is not None and runner.plan.native_layers is not None
     return runner
 
 
