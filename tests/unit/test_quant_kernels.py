@@ -41,7 +41,7 @@ def library(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     if missing:
         pytest.skip(f"-march={march} code needs {' '.join(missing)}, which this CPU lacks")
     folder = tmp_path_factory.mktemp(f"qlinear-{march}")
-    so = _build(march, folder, sources=[quant_kernels.SOURCE], flags=quant_kernels.FLAGS, stem="qlinear")
+    so = _build(march, folder, sources=quant_kernels.SOURCES, flags=quant_kernels.FLAGS, stem="qlinear")
     return ctypes.CDLL(str(so))
 
 

@@ -35,7 +35,12 @@ from services.engine.model.quantized import BLOCK, KIND_CODES, QuantizedMatrix, 
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "qlinear.c"
+# One library from several files, split by instruction set (csrc/qlinear.h: what they share;
+# native_build hashes csrc/*.h into the cache key with the sources).
+SOURCES = [
+    Path(__file__).parent / "csrc" / name
+    for name in ("qlinear.c", "qlinear_portable.c", "qlinear_avx512.c", "qlinear_amx.c", "qlinear_amxbf.c")
+]
 # No -ffast-math: the activations' int8 rounding must equal the torch reference's.
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 # Path names in the library's order (qlinear.c: PATH_*), slowest first.
@@ -262,7 +267,7 @@ def _check(kernels: QuantKernels) -> None:
 def build_and_check(march: str, path: str, cache_dir: str | Path | None = None) -> QuantKernels:
     """Compile for -march=<march> (cached), load, bind to path and check; raises on any failure."""
     library = ctypes.CDLL(
-        str(_build(march, _resolve_cache_dir(cache_dir), sources=[SOURCE], flags=FLAGS, stem="scalellm_qlinear"))
+        str(_build(march, _resolve_cache_dir(cache_dir), sources=SOURCES, flags=FLAGS, stem="scalellm_qlinear"))
     )
     kernels = QuantKernels(library, path)
     runnable = kernels.runnable_paths()
