@@ -1,7 +1,8 @@
 """The tokenizer process: consumer group "tokenizers" on ``{p}:requests``.
 
 Each loop takes up to ``batch_size`` requests, tokenizes them (in a worker
-thread, so heartbeats keep flowing), and publishes every result together with
+thread, so heartbeats keep flowing; a batch of short prompts on the loop itself,
+sparing a lone request the thread's hand-offs), and publishes every result together with
 the acknowledgements in one round trip. Entries left pending by a replica
 whose heartbeat expired are claimed within a heartbeat interval of noticing
 (shared/failover.py); those of a consumer that never beat, after
@@ -39,6 +40,14 @@ READ_BLOCK_MS = 500  # also bounds how long a SIGTERM waits for an idle read
 # one as they are done (a 2k-token chat takes ~8 ms), short ones still share a round trip
 # (docs/benchmarks.md, "What a replica buys").
 PUBLISH_AFTER_S = 0.005
+# A batch estimated at no more than this many characters of text to encode (~1 ms here: a
+# 2,000-character prompt takes ~0.7 ms, a chat template ~0.15 ms more) is handled on the loop
+# itself: a worker thread costs a lone request two thread wake-ups and GIL hand-offs, ~0.2 ms
+# of its first token (docs/benchmarks.md, "Pipeline overhead"), while blocking the loop for
+# a millisecond delays nothing but a heartbeat by as much.
+INLINE_MAX_CHARS = 3000
+# What a chat template adds, as characters of plain text (measured: ~0.15 ms).
+_CHAT_TEMPLATE_CHARS = 500
 
 
 class TokenizerWorker:
@@ -50,6 +59,27 @@ class TokenizerWorker:
         self.processor = processor
         self.names = names
         self._clock = clock  # wall clock, for the timeline's hops
+
+    @staticmethod
+    def light(deliveries: Sequence[Delivery], max_chars: int = INLINE_MAX_CHARS) -> bool:
+        """Whether encoding ``deliveries`` is cheap enough to do on the event loop: at most
+        ``max_chars`` characters of text, token ids counted a quarter each (they are only checked)."""
+        chars = 0
+        for delivery in deliveries:
+            request = delivery.message
+            if isinstance(request, (CompletionRequest, TokenizeRequest)):
+                if isinstance(request.prompt, str):
+                    chars += len(request.prompt)
+                elif isinstance(request.prompt, list):
+                    chars += len(request.prompt) // 4
+                if request.messages is not None:
+                    chars += _CHAT_TEMPLATE_CHARS + len(request.tools or "")
+                    chars += sum(len(m.content) for m in request.messages)
+            elif isinstance(request, DetokenizeRequest):
+                chars += len(request.tokens)
+            if chars > max_chars:
+                return False
+        return True
 
     def handle(self, deliveries: Sequence[Delivery], now: float) -> tuple[list[tuple[str, Message]], list[Ack]]:
         out, acks, _ = self.handle_for(deliveries, now, budget_s=math.inf)
@@ -192,8 +222,11 @@ class TokenizerService:
     async def _handle(self, deliveries: list[Delivery]) -> None:
         remaining = deliveries
         while remaining:
-            out, acks, handled = await asyncio.to_thread(
-                self.worker.handle_for, remaining, time.time(), PUBLISH_AFTER_S
-            )
+            if self.worker.light(remaining):
+                out, acks, handled = self.worker.handle_for(remaining, time.time(), PUBLISH_AFTER_S)
+            else:  # in a thread, so that heartbeats keep flowing while long prompts are encoded
+                out, acks, handled = await asyncio.to_thread(
+                    self.worker.handle_for, remaining, time.time(), PUBLISH_AFTER_S
+                )
             await self.transport.publish(out, acks=acks)
             remaining = remaining[handled:]

@@ -11,11 +11,14 @@ from typing import Any
 import fakeredis
 import pytest
 
+from services.tokenizer import service as tokenizer_service
 from services.tokenizer.prompt import PromptProcessor
 from services.tokenizer.service import TokenizerService, TokenizerWorker
 from shared.messages import (
     AbortRequests,
+    ChatMessage,
     CompletionRequest,
+    DetokenizeRequest,
     Heartbeat,
     Message,
     RequestFailed,
@@ -79,6 +82,48 @@ def test_a_batch_is_handled_a_budget_at_a_time_and_stamped(processor: PromptProc
     assert first.timeline["gateway_published"] == 1.0 and first.timeline["tokenizer_read"] == 50.0
     assert first.timeline["tokenizer_done"] > 50.0
     assert worker.handle_for(batch[2:], now=60.0, budget_s=0.0)[2] == 1  # always at least one
+
+
+def test_a_batch_is_light_while_its_text_to_encode_is_short() -> None:
+    light = TokenizerWorker.light
+    short = [delivery(completion("a", prompt="x" * 1000)), delivery(completion("b", prompt=list(range(4000))))]
+    assert light(short, max_chars=2000)  # token ids count a quarter each: they are only checked
+    assert not light([*short, delivery(completion("c", prompt="x" * 1001))], max_chars=2000)
+    chat = completion("d", prompt=None, messages=[ChatMessage(role="user", content="x" * 10)])
+    assert light([delivery(chat)], max_chars=600) and not light([delivery(chat)], max_chars=400)  # the template counts
+    assert not light([delivery(DetokenizeRequest(request_id="e", gateway_id="g", deadline=0, tokens=[1] * 50))], 49)
+
+
+def test_light_batches_are_encoded_on_the_loop_and_heavy_ones_in_a_thread(
+    processor: PromptProcessor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threaded: list[int] = []
+    to_thread = asyncio.to_thread
+
+    async def counting_to_thread(func: Callable[..., Any], /, *args: Any) -> Any:
+        threaded.append(len(args[0]))
+        return await to_thread(func, *args)
+
+    monkeypatch.setattr(tokenizer_service.asyncio, "to_thread", counting_to_thread)
+
+    async def scenario() -> None:
+        server = fakeredis.FakeServer()
+        client = transport(server, "test")
+        raw = fakeredis.FakeAsyncRedis(server=server)
+        async with running_service(server, processor):
+            await client.publish([(NAMES.requests, completion("light", prompt="Hi"))])
+            await wait_for(lambda: _pending_is(raw, 0, expect_delivered=1))
+            assert threaded == []
+            heavy = "word " * (tokenizer_service.INLINE_MAX_CHARS // 5 + 1)
+            await client.publish([(NAMES.requests, completion("heavy", prompt=heavy))])
+            await wait_for(lambda: _pending_is(raw, 0, expect_delivered=2))
+            assert threaded == [1]
+            _, tokenized = await client.read_stream(NAMES.responses("gw-1"), "0", count=10, block_ms=0)
+        assert [d.message.request_id for d in tokenized] == ["heavy"]  # type: ignore[attr-defined]
+        await client.close()
+        await raw.aclose()
+
+    asyncio.run(scenario())
 
 
 def test_worker_turns_a_tokenizer_crash_into_a_500_for_that_request_only(processor: PromptProcessor) -> None:
