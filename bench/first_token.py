@@ -26,6 +26,12 @@ from typing import Any
 SPANS = (
     ("TTFT (client)", "client_sent", "client_first_byte"),
     ("before the engine (client sent -> prefill starts)", "client_sent", "engine_scheduled"),
+    ("  client sent -> gateway received", "client_sent", "gateway_received"),
+    ("  gateway_in (parse, validate, publish)", "gateway_received", "gateway_published"),
+    ("  requests_queue (-> tokenizer read)", "gateway_published", "tokenizer_read"),
+    ("  tokenizer", "tokenizer_read", "tokenizer_done"),
+    ("  tokenized_queue (-> engine pulled)", "tokenizer_done", "engine_pulled"),
+    ("  engine_wait (pulled -> prefill starts)", "engine_pulled", "engine_scheduled"),
     ("prefill", "engine_scheduled", "engine_first_token"),
     ("first_output_return (engine first token -> gateway)", "engine_first_token", "gateway_first_output"),
     ("gateway first output -> client first byte", "gateway_first_output", "client_first_byte"),

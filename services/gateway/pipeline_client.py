@@ -192,6 +192,11 @@ class PipelineClient:
                 )
                 for delivery in deliveries:
                     self.registry.dispatch(delivery.message)
+                if deliveries:
+                    # Let the handlers just woken write to their clients before the next read is
+                    # sent: issuing it (redis-py, a send to Redis) first would delay every
+                    # dispatched event by its cost (docs/benchmarks.md, "Pipeline overhead").
+                    await asyncio.sleep(0)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the reader must outlive any one bad read

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.gateway.output_buffer import OutputBuffer
 
@@ -126,9 +126,55 @@ def reset_connection(transport: asyncio.Transport) -> None:
     transport.abort()
 
 
+def set_cork(sock: socket.socket, on: bool) -> bool:
+    """TCP_CORK on or off (Linux): while on, the kernel holds what is sent until a full segment,
+    the cork's removal, or 200 ms at most. False where it cannot be set."""
+    cork = getattr(socket, "TCP_CORK", None)
+    if cork is None:
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, cork, 1 if on else 0)
+    except OSError:  # not a TCP socket
+        return False
+    return True
+
+
+def send_start_with_body(send: Send, transport: asyncio.Transport) -> Send:
+    """``send``, with a response's headers held in the kernel until its first body message has
+    been sent too, so that both leave in one segment.
+
+    uvicorn writes ``http.response.start`` to the socket at once, so the client would be woken
+    for the headers alone and again for the first event: on loopback each send to an idle
+    client costs the gateway ~0.1-0.3 ms here, on the way to every stream's first token
+    (docs/benchmarks.md, "Pipeline overhead"). Every response here sends its first body message
+    right after its headers (a stream starts once its first outputs are in), and the kernel lets
+    corked data go after 200 ms whatever happens; a response that fails between the two is
+    closed by the server, which flushes it.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return send
+    corked = False
+
+    async def send_coalesced(message: Message) -> None:
+        nonlocal corked
+        if message["type"] == "http.response.start":
+            corked = set_cork(sock, True)
+            await send(message)
+            return
+        try:
+            await send(message)
+        finally:
+            if corked:
+                corked = False
+                set_cork(sock, False)
+
+    return send_coalesced
+
+
 class ClientConnections:
-    """ASGI wrapper: bounds each client connection's kernel send buffer and puts its
-    abort() in each HTTP scope's extensions.
+    """ASGI wrapper: bounds each client connection's kernel send buffer, puts its abort() in
+    each HTTP scope's extensions, and sends each response's headers with its first body bytes.
 
     It must be the app the server calls (Starlette wraps ``send`` on the way in).
     Without it, or under another server, a slow client's response is still
@@ -147,4 +193,5 @@ class ClientConnections:
                     bound_send_buffer(transport, self.send_buffer_bytes)
                 abort = functools.partial(reset_connection, transport)
                 scope["extensions"] = {**(scope.get("extensions") or {}), ABORT_CONNECTION: abort}
+                send = send_start_with_body(send, transport)
         await self.app(scope, receive, send)

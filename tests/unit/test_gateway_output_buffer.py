@@ -237,6 +237,49 @@ def test_client_connections_find_the_transport_behind_the_servers_send_and_bound
         sock.close()
 
 
+@pytest.mark.skipif(not hasattr(socket, "TCP_CORK"), reason="TCP_CORK is Linux's")
+def test_a_responses_headers_wait_in_the_kernel_until_its_first_body_bytes_are_sent_too() -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    corked: list[tuple[str, int]] = []  # each message the server was given, with the cork at that moment
+
+    class Transport(asyncio.Transport):
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return sock if name == "socket" else default
+
+    class Cycle:  # the shape of uvicorn's RequestResponseCycle
+        transport = Transport()
+
+        async def send(self, message: Any) -> None:
+            if message.get("body") == b"boom":
+                raise OSError("the client went away")
+            corked.append((message["type"], sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)))
+
+    async def stream(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def fails(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"boom"})
+
+    async def receive() -> Any:
+        return {"type": "http.disconnect"}
+
+    try:
+        asyncio.run(ClientConnections(stream)({"type": "http"}, receive, Cycle().send))
+        assert [(kind, bool(on)) for kind, on in corked] == [
+            ("http.response.start", True),  # held in the kernel...
+            ("http.response.body", True),  # ...until the first event joins it
+            ("http.response.body", False),
+        ]
+        with pytest.raises(OSError):
+            asyncio.run(ClientConnections(fails)({"type": "http"}, receive, Cycle().send))
+        assert not sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)  # released on a failed send too
+    finally:
+        sock.close()
+
+
 def test_the_prompts_names_on_a_first_delta_do_not_count_against_the_bound() -> None:
     buffer = OutputBuffer("r", max_bytes=10_000)
     # A long echoed prompt with 20 alternatives a token: far more than the bound, once, at the start.

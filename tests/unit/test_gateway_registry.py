@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from services.gateway.pipeline_client import BatchingWriter, cancel_and_wait, merge_aborts
+from services.gateway.pipeline_client import BatchingWriter, PipelineClient, cancel_and_wait, merge_aborts
 from services.gateway.registry import RegistryClosed, RegistryFull, RequestRegistry
 from shared.messages import (
     AbortRequests,
@@ -20,6 +20,7 @@ from shared.messages import (
     TextDelta,
     encode,
 )
+from shared.transport import Delivery, StreamNames
 
 pytestmark = pytest.mark.anyio
 
@@ -194,3 +195,40 @@ async def test_an_unencodable_message_fails_only_its_own_sender_not_its_batch() 
     published = [m.request_id for call in transport.calls for _, m in call]  # type: ignore[attr-defined]
     assert published == ["r0", "r1", "r2"]
     await cancel_and_wait([task], 1)
+
+
+class ReadingTransport:
+    """Answers the reader's first read with one text delta; every later read blocks."""
+
+    def __init__(self, order: list[str]) -> None:
+        self.names = StreamNames("t")
+        self.order = order
+        self.reads = 0
+
+    async def read_stream(self, stream: str, last_id: str, *, count: int, block_ms: int) -> tuple[str, list[Delivery]]:
+        self.reads += 1
+        if self.reads == 1:
+            return "1-0", [Delivery(stream, "1-0", ResponseBatch(deltas=[TextDelta(request_id="a", text="x")]))]
+        self.order.append("next read")
+        await asyncio.sleep(3600)
+        return last_id, []
+
+
+async def test_the_reader_lets_woken_handlers_run_before_it_sends_its_next_read() -> None:
+    order: list[str] = []
+    registry = RequestRegistry(capacity=4)
+    buffer = registry.open("a")
+
+    async def handler() -> None:
+        await buffer.get()
+        order.append("handler")
+
+    waiting = asyncio.create_task(handler())
+    await asyncio.sleep(0)  # the handler waits on its buffer
+    client = PipelineClient(ReadingTransport(order), "gw", registry, heartbeat_interval_s=60)  # type: ignore[arg-type]
+    reader = asyncio.create_task(client._read_loop("0-0"))
+    await asyncio.wait_for(waiting, 1)
+    while not order[1:]:
+        await asyncio.sleep(0)
+    await cancel_and_wait([reader], 1)
+    assert order == ["handler", "next read"]
