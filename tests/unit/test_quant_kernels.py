@@ -299,3 +299,47 @@ def test_a_bad_out_is_refused_with_the_reason() -> None:
     for reason, out in cases.items():
         with pytest.raises(ValueError, match=re.escape(reason)):
             quant_kernels._check_out(out, 4, 16, torch.float32)
+
+
+_FAILING_ALLOCATION = """
+import ctypes, resource, sys
+import numpy as np, torch
+from services.engine.model.quant_kernels import QuantKernels, random_matrix
+
+kernels = QuantKernels(ctypes.CDLL(sys.argv[1]), "amx_int8", "float", amx_min_rows=1)
+if "amx_int8" not in kernels.runnable_paths() or not kernels.rounds_weights_to_bf16(32, torch.bfloat16):
+    print("SKIP")
+    sys.exit(0)
+torch.set_num_threads(2)
+weight = random_matrix("Q4_0", 16, 576, np.random.default_rng(0))
+kernels.linear(torch.randn(32, 576).bfloat16(), weight)  # the OpenMP threads exist before the limit
+rows = 200_000
+x = torch.empty(rows, 576, dtype=torch.bfloat16)  # 230 MB, untouched; each thread's scratch would be as big
+kernels._scratch.take(rows * 576, 0, torch.float32)  # the Python side's scratch, before the limit
+vm = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (64 << 20), resource.getrlimit(resource.RLIMIT_AS)[1]))
+try:
+    kernels.linear(x, weight)
+except MemoryError as exc:
+    print("MemoryError:", exc)
+"""
+
+
+def test_a_failed_scratch_allocation_is_a_memory_error(library: ctypes.CDLL) -> None:
+    """The AMX-BF16 kernel's per-thread scratch (as big as the activations) cannot be allocated under an
+    address-space limit: the call raises MemoryError instead of writing through a null pointer."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", _FAILING_ALLOCATION, library._name],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=Path(__file__).parents[2],
+    )
+    if result.stdout.strip() == "SKIP":
+        pytest.skip("the AMX-BF16 tiles do not run on this CPU (amx_bf16, avx512_bf16, or the AMX tile permission)")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "MemoryError: quantized linear (amx_int8, 200000 x 576 activations, 16 outputs)" in result.stdout

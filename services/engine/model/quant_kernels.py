@@ -203,6 +203,11 @@ class QuantKernels:
             int(out.dtype == torch.bfloat16),
             *scratch,
         )
+        if status == -3:
+            raise MemoryError(
+                f"quantized linear ({path}, {tokens} x {cols} activations, {weight.rows} outputs): "
+                "the kernel could not allocate its scratch memory"
+            )
         if status != 0:
             reason = "this CPU cannot run it" if status == -2 else "bad arguments"
             raise RuntimeError(f"quantized linear ({path}) failed with status {status}: {reason}")

@@ -27,7 +27,9 @@
 
 typedef void (*gemm_fn)(const uint8_t *, int64_t, int64_t, const int8_t *, const float *, int64_t, const float *,
                         const void *, int64_t, void *, int64_t, int);
-typedef void (*fgemm_fn_bf)(const uint8_t *, int64_t, int64_t, const uint16_t *, int64_t, int64_t, const float *,
+typedef int (*gemm_status_fn)(const uint8_t *, int64_t, int64_t, const int8_t *, const float *, int64_t,
+                              const float *, const void *, int64_t, void *, int64_t, int);
+typedef int (*fgemm_fn_bf)(const uint8_t *, int64_t, int64_t, const uint16_t *, int64_t, int64_t, const float *,
                             const void *, int64_t, void *, int64_t, int);
 typedef void (*fgemm_fn)(const uint8_t *, int64_t, int64_t, const float *, int64_t, int64_t, const float *,
                          const void *, int64_t, void *, int64_t, int);
@@ -93,7 +95,8 @@ int64_t qlinear_padded_rows(int64_t rows) { return (rows + 15) / 16 * 16; }
  * w: n x k in panels of kind; bias: float32 [n] or NULL; residual, out: [rows, n]
  * in out's dtype (residual may be NULL or equal out). xq: int8 [padded rows, k] and
  * xs: float32 [padded rows, k / 32, 2] scratch (qlinear_padded_rows). Returns 0, or
- * -1 for a bad argument, -2 for a path this CPU cannot run. */
+ * -1 for a bad argument, -2 for a path this CPU cannot run, -3 when the AMX kernels
+ * could not allocate their scratch (out is then incomplete). */
 int qlinear(int path, const void *x, int64_t x_stride, int x_bf16, int64_t rows, int64_t k, const uint8_t *w,
             int64_t n, int kind, const float *bias, const void *residual, int64_t res_stride, void *out,
             int64_t out_stride, int out_bf16, int8_t *xq, float *xs) {
@@ -108,12 +111,12 @@ int qlinear(int path, const void *x, int64_t x_stride, int x_bf16, int64_t rows,
     static const gemm_fn avx512[3] = {gemm512_KIND_Q4_0, gemm512_KIND_Q4_1, gemm512_KIND_Q8_0};
     static const gemm_fn avx2[3] = {gemm256_KIND_Q4_0, gemm256_KIND_Q4_1, gemm256_KIND_Q8_0};
     static const gemm_fn avx2v[3] = {gemm256v_KIND_Q4_0, gemm256v_KIND_Q4_1, gemm256v_KIND_Q8_0};
-    static const gemm_fn amx[3] = {gemm_amx_q4_0, gemm_amx_q4_1, gemm_amx_q8_0};
+    static const gemm_status_fn amx[3] = {gemm_amx_q4_0, gemm_amx_q4_1, gemm_amx_q8_0};
     if (path == PATH_AMX_INT8) {
         int64_t padded = qlinear_padded_rows(rows), nb = k / QB;
         memset(xq + rows * k, 0, (size_t)((padded - rows) * k));
         memset(xs + rows * nb * 2, 0, sizeof(float) * (size_t)((padded - rows) * nb * 2));
-        fn = amx[kind];
+        return amx[kind](w, n, k, xq, xs, rows, bias, residual, res_stride, out, out_stride, out_bf16);
     }
     if (path == PATH_AVX512_VNNI) fn = avx512[kind];
     if (path == PATH_AVX2) fn = avx2[kind];
@@ -142,9 +145,8 @@ int qlinear_float(int path, const void *x, int64_t x_stride, int x_bf16, int64_t
 #if defined(__x86_64__)
     static const fgemm_fn_bf amxbf[3] = {fgemm_amxbf_q4_0, fgemm_amxbf_q4_1, fgemm_amxbf_q8_0};
     if (path == PATH_AMX_INT8 && x_bf16 && amx_bf16_usable()) {
-        amxbf[kind](w, n, k, (const uint16_t *)x, x_stride, rows, bias, residual, res_stride, out, out_stride,
-                    out_bf16);
-        return 0;
+        return amxbf[kind](w, n, k, (const uint16_t *)x, x_stride, rows, bias, residual, res_stride, out,
+                           out_stride, out_bf16);
     }
 #endif
     const float *xs = (const float *)x;

@@ -164,13 +164,14 @@ QL_INTERNAL T512 void fgemm512_KIND_Q4_0(QL_FGEMM_ARGS);
 QL_INTERNAL T512 void fgemm512_KIND_Q4_1(QL_FGEMM_ARGS);
 QL_INTERNAL T512 void fgemm512_KIND_Q8_0(QL_FGEMM_ARGS);
 /* AMX int8 (qlinear_amx.c) */
-QL_INTERNAL TAMX void gemm_amx_q4_0(QL_GEMM_ARGS);
-QL_INTERNAL TAMX void gemm_amx_q4_1(QL_GEMM_ARGS);
-QL_INTERNAL TAMX void gemm_amx_q8_0(QL_GEMM_ARGS);
+/* The AMX kernels allocate scratch: 0, or -3 when an allocation failed (the output is then incomplete). */
+QL_INTERNAL TAMX int gemm_amx_q4_0(QL_GEMM_ARGS);
+QL_INTERNAL TAMX int gemm_amx_q4_1(QL_GEMM_ARGS);
+QL_INTERNAL TAMX int gemm_amx_q8_0(QL_GEMM_ARGS);
 /* AMX bf16, float activations (qlinear_amxbf.c) */
-QL_INTERNAL TAMXBF void fgemm_amxbf_q4_0(QL_FGEMM_BF_ARGS);
-QL_INTERNAL TAMXBF void fgemm_amxbf_q4_1(QL_FGEMM_BF_ARGS);
-QL_INTERNAL TAMXBF void fgemm_amxbf_q8_0(QL_FGEMM_BF_ARGS);
+QL_INTERNAL TAMXBF int fgemm_amxbf_q4_0(QL_FGEMM_BF_ARGS);
+QL_INTERNAL TAMXBF int fgemm_amxbf_q4_1(QL_FGEMM_BF_ARGS);
+QL_INTERNAL TAMXBF int fgemm_amxbf_q8_0(QL_FGEMM_BF_ARGS);
 
 #endif /* __x86_64__ */
 

@@ -153,16 +153,22 @@ static inline __attribute__((always_inline)) TAMX void amx_worker(const uint8_t 
                                                                   int64_t k, const int8_t *xq, const float *xs,
                                                                   int64_t rows, const float *bias,
                                                                   const void *residual, int64_t res_stride,
-                                                                  void *out, int64_t out_stride, int out_bf16) {
+                                                                  void *out, int64_t out_stride, int out_bf16,
+                                                                  int *failed) {
     const int64_t nb = k / QB, bstride = block_bytes(KIND), panels = (n + PANEL - 1) / PANEL;
     const int64_t padded = (rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
     {
         amx_configure();
         uint8_t *buf = KIND == KIND_Q8_0 ? NULL : (uint8_t *)aligned_alloc(64, (size_t)nb * 512);
+        /* Without its buffer a thread still takes its share of the loop (the omp for ends in a
+         * barrier every thread must reach), computing nothing: the call fails as a whole. */
+        const int usable = KIND == KIND_Q8_0 || buf;
+        if (!usable) __atomic_store_n(failed, 1, __ATOMIC_RELAXED);
         int32_t cbuf[2][AMX_TILES][256] __attribute__((aligned(64)));
         float sums[AMX_TILES * AMX_ROWS * 16] __attribute__((aligned(64)));
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < panels; ++p) {
+            if (!usable) continue;
             const uint8_t *wp = w + p * nb * bstride;
             int count = n - p * PANEL < PANEL ? (int)(n - p * PANEL) : PANEL;
             if (KIND != KIND_Q8_0) amx_unpack_q4(wp, KIND, nb, buf);
@@ -187,23 +193,29 @@ static inline __attribute__((always_inline)) TAMX void amx_worker(const uint8_t 
     }
 }
 
-QL_INTERNAL TAMX void gemm_amx_q4_0(const uint8_t *w, int64_t n, int64_t k, const int8_t *xq, const float *xs,
+QL_INTERNAL TAMX int gemm_amx_q4_0(const uint8_t *w, int64_t n, int64_t k, const int8_t *xq, const float *xs,
                                int64_t rows, const float *bias, const void *residual, int64_t res_stride, void *out,
                                int64_t out_stride, int out_bf16) {
+    int failed = 0;
 #pragma omp parallel
-    amx_worker(w, KIND_Q4_0, n, k, xq, xs, rows, bias, residual, res_stride, out, out_stride, out_bf16);
+    amx_worker(w, KIND_Q4_0, n, k, xq, xs, rows, bias, residual, res_stride, out, out_stride, out_bf16, &failed);
+    return failed ? -3 : 0;
 }
-QL_INTERNAL TAMX void gemm_amx_q4_1(const uint8_t *w, int64_t n, int64_t k, const int8_t *xq, const float *xs,
+QL_INTERNAL TAMX int gemm_amx_q4_1(const uint8_t *w, int64_t n, int64_t k, const int8_t *xq, const float *xs,
                                int64_t rows, const float *bias, const void *residual, int64_t res_stride, void *out,
                                int64_t out_stride, int out_bf16) {
+    int failed = 0;
 #pragma omp parallel
-    amx_worker(w, KIND_Q4_1, n, k, xq, xs, rows, bias, residual, res_stride, out, out_stride, out_bf16);
+    amx_worker(w, KIND_Q4_1, n, k, xq, xs, rows, bias, residual, res_stride, out, out_stride, out_bf16, &failed);
+    return failed ? -3 : 0;
 }
-QL_INTERNAL TAMX void gemm_amx_q8_0(const uint8_t *w, int64_t n, int64_t k, const int8_t *xq, const float *xs,
+QL_INTERNAL TAMX int gemm_amx_q8_0(const uint8_t *w, int64_t n, int64_t k, const int8_t *xq, const float *xs,
                                int64_t rows, const float *bias, const void *residual, int64_t res_stride, void *out,
                                int64_t out_stride, int out_bf16) {
+    int failed = 0;
 #pragma omp parallel
-    amx_worker(w, KIND_Q8_0, n, k, xq, xs, rows, bias, residual, res_stride, out, out_stride, out_bf16);
+    amx_worker(w, KIND_Q8_0, n, k, xq, xs, rows, bias, residual, res_stride, out, out_stride, out_bf16, &failed);
+    return failed ? -3 : 0;
 }
 
 #endif /* __x86_64__ */

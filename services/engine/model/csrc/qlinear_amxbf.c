@@ -166,7 +166,7 @@ static inline __attribute__((always_inline)) TAMXBF void amxbf_worker(const uint
                                                                       int64_t rows, const float *bias,
                                                                       const void *residual,
                                                                       int64_t res_stride, void *out,
-                                                                      int64_t out_stride, int out_bf16) {
+                                                                      int64_t out_stride, int out_bf16, int *failed) {
     const int64_t nb = k / QB, bstride = block_bytes(KIND), panels = (n + PANEL - 1) / PANEL;
     const int64_t groups = (rows + AMX_ROWS - 1) / AMX_ROWS, steps = (groups + 1) / 2;
     const size_t panel_bytes = (size_t)nb * 1024;
@@ -175,6 +175,10 @@ static inline __attribute__((always_inline)) TAMXBF void amxbf_worker(const uint
      * zero. Each thread packs all of A for itself: a shared copy needs a barrier, which costs
      * a scheduler slice whenever another process holds one of the cores (the pipeline's). */
     uint8_t *bufs = amxbf_buffers(4 * panel_bytes + (size_t)groups * nb * 1024);
+    if (!bufs) { /* no barrier follows in here: this thread's panels are simply not computed */
+        __atomic_store_n(failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
     uint16_t *packed = (uint16_t *)(bufs + 4 * panel_bytes);
     for (int64_t g = 0; g < groups; ++g)
         for (int r = 0; r < AMX_ROWS; ++r) {
@@ -255,11 +259,13 @@ static inline __attribute__((always_inline)) TAMXBF void amxbf_worker(const uint
 }
 
 #define FGEMM_AMXBF(NAME, KIND_) \
-    QL_INTERNAL TAMXBF void NAME(const uint8_t *w, int64_t n, int64_t k, const uint16_t *x, int64_t x_stride, \
-                            int64_t rows, const float *bias, const void *residual, int64_t res_stride, void *out, \
-                            int64_t out_stride, int out_bf16) { \
+    QL_INTERNAL TAMXBF int NAME(const uint8_t *w, int64_t n, int64_t k, const uint16_t *x, int64_t x_stride, \
+                                int64_t rows, const float *bias, const void *residual, int64_t res_stride, void *out, \
+                                int64_t out_stride, int out_bf16) { \
+        int failed = 0; \
         _Pragma("omp parallel") amxbf_worker(w, KIND_, n, k, x, x_stride, rows, bias, residual, res_stride, out, \
-                                             out_stride, out_bf16); \
+                                             out_stride, out_bf16, &failed); \
+        return failed ? -3 : 0; \
     }
 FGEMM_AMXBF(fgemm_amxbf_q4_0, KIND_Q4_0)
 FGEMM_AMXBF(fgemm_amxbf_q4_1, KIND_Q4_1)
