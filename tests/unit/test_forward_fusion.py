@@ -1,4 +1,4 @@
-"""The native forward's per-step binding (native_kernels.LayerStep, llama.py's workspace) and
+"""The native forward's per-step binding (layer_step.LayerStep, llama.py's workspace) and
 its fused RoPE + KV store + decode attention kernel, against the unfused ops they replace:
 bit for bit, since they run the same kernels on the same inputs.
 
@@ -21,8 +21,8 @@ from services.engine.model.attention import paged_attention
 from services.engine.model.attention_metadata import AttentionMetadata
 from services.engine.model.batch import ForwardBatch
 from services.engine.model.cpu import CpuFeatures
+from services.engine.model.layer_step import LayerStep
 from services.engine.model.native import NativeKernels, load_native_kernels
-from services.engine.model.native_kernels import LayerStep
 from services.engine.model.runner import ModelRunner
 
 BLOCK = 16

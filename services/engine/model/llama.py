@@ -19,8 +19,8 @@ from services.engine.model.attention import paged_attention
 from services.engine.model.attention_metadata import AttentionMetadata
 from services.engine.model.config import ModelConfig, RopeScaling
 from services.engine.model.kv_cache import KVCache
+from services.engine.model.layer_step import LayerStep
 from services.engine.model.linear import Bf16Linear, ConversionBuffer, Linear, QuantizedLinear
-from services.engine.model.native_kernels import LayerStep
 from services.engine.model.plan import KernelPlan
 from services.engine.model.quantized import QuantizedMatrix
 from services.engine.model.reference import apply_rope, rms_norm, silu_mul
@@ -226,7 +226,7 @@ class LlamaModel:
         padding: int,
     ) -> tuple[_Norm, _Attend, _SiluMul]:
         """The step's norm(x, weight), attend(layer, qkv) -> [T + padding, H * D] and
-        silu_mul(gate_up): with the native kernels, bound once for the step (native_kernels.LayerStep)."""
+        silu_mul(gate_up): with the native kernels, bound once for the step (layer_step.LayerStep)."""
         cfg = self.config
         eps, heads, kv_heads, head_dim = cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         native = self.native_layers
