@@ -296,5 +296,7 @@ class EngineIO:
                     break  # nothing is queued after it
                 publication.extend(item)
             await owned.publish(publication)
+            for event in publication.published:
+                event.set()
             if last:
                 return

@@ -36,6 +36,17 @@ log = logging.getLogger(__name__)
 LOAD_INTERVAL_S = 0.5
 # How long an idle main loop blocks on the inbox before looking at its flags again.
 IDLE_WAIT_S = 0.5
+# A lone request's first token (FIRST_TOKEN_MAX_RUNNING requests at most) is given the cores
+# before the next step starts: the step waits until the I/O thread has published it (at most
+# FIRST_TOKEN_PUBLISH_WAIT_S), and until FIRST_TOKEN_HOLD_S after it was handed over, while the
+# detokenizer and the gateway take it to the client. The next step's threads would hold both cores otherwise, and every hop of
+# the token's way back would wait for one: at concurrency 1 the way back to the client took
+# 5.9 -> 4.1 ms (engine to client, median), for 1.5-2 ms more before the second token
+# (docs/benchmarks.md, "Pipeline overhead"). With more requests running, the whole batch would
+# wait: no hold. 0 turns each part off.
+FIRST_TOKEN_PUBLISH_WAIT_S = 0.002
+FIRST_TOKEN_HOLD_S = 0.0015
+FIRST_TOKEN_MAX_RUNNING = 1
 # After the last step, how long the I/O thread gets to publish and close.
 IO_FLUSH_TIMEOUT_S = 10.0
 
@@ -125,7 +136,7 @@ class EngineService:
             if backend.has_unfinished():
                 outputs = backend.step()
                 if outputs:
-                    self._io.publish(self._requests.route(outputs))
+                    self._publish_step(self._requests.route(outputs))
             self._io.set_capacity(backend.free_slots(), self._taken)
             self._taken = 0
             owned = self._requests.owned_entries()
@@ -136,6 +147,22 @@ class EngineService:
                 self._io.set_load(backend.load())
                 next_load = now + LOAD_INTERVAL_S
             self._trimmer.maybe_trim()
+
+    def _publish_step(self, publication: Publication) -> None:
+        """Hand a step's outputs to the I/O thread; a lone request's first token gets a head start."""
+        hold = publication.first_tokens and len(self._requests) <= FIRST_TOKEN_MAX_RUNNING
+        if not hold or (FIRST_TOKEN_PUBLISH_WAIT_S <= 0 and FIRST_TOKEN_HOLD_S <= 0):
+            self._io.publish(publication)
+            return
+        published = threading.Event()
+        publication.published.append(published)
+        handed_over = time.monotonic()
+        self._io.publish(publication)
+        if FIRST_TOKEN_PUBLISH_WAIT_S > 0:
+            published.wait(FIRST_TOKEN_PUBLISH_WAIT_S)
+        rest = FIRST_TOKEN_HOLD_S - (time.monotonic() - handed_over)
+        if rest > 0:
+            time.sleep(rest)
 
     def _take_inbox(self, *, block: bool) -> None:
         try:

@@ -12,6 +12,7 @@ so that an engine taking the request over continues after what was published.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -63,6 +64,10 @@ class Publication:
     # Every request this publication touches -> its tokenized-stream entry, which this
     # engine must still own for the publication to be written (the fence).
     entries: dict[str, str] = field(default_factory=dict)
+    # Requests whose first token this publication carries.
+    first_tokens: int = 0
+    # Set by the I/O thread once the publication is in Redis (for a caller that waits on it).
+    published: list[threading.Event] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -73,6 +78,8 @@ class Publication:
         self.acks.extend(other.acks)
         self.checkpoints.extend(other.checkpoints)
         self.entries.update(other.entries)
+        self.first_tokens += other.first_tokens
+        self.published.extend(other.published)
 
     def requests_of(self, entry_ids: Collection[str]) -> list[str]:
         return [request_id for request_id, entry_id in self.entries.items() if entry_id in entry_ids]
@@ -253,6 +260,7 @@ class OutputRouter:
             if output.scheduled_at is not None:
                 delta.timeline[ENGINE_SCHEDULED] = output.scheduled_at
             delta.timeline[ENGINE_FIRST_TOKEN] = self._clock()
+            publication.first_tokens += 1
         elif tracked.resend_detokenize:
             delta.detokenize = tracked.detokenize
         if output.new_token_ids and output.finish_reason is None:

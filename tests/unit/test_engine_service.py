@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 import zlib
 from collections.abc import Callable
 
 import fakeredis
+import pytest
 
+from services.engine import service as engine_service
 from services.engine.contract import RequestOutput
 from services.engine.echo import EchoBackend
+from services.engine.service import EngineService
+from services.engine.step_outputs import Publication
 from shared.histogram import REQUEST_LATENCY_BUCKETS
 from shared.messages import EngineStepOutput, Heartbeat, decode, encode
+from shared.settings import EngineSettings
 from shared.transport import PAYLOAD_FIELD
 from tests.fakes.engine_service import NAMES, SHARDS, RunningEngine, tokenized_request, tokens_of, wait_for
 
@@ -183,3 +190,47 @@ def test_requests_left_by_a_dead_engine_are_rerun(start_engine: Callable[..., Ru
     wait_for(lambda: engine.finished("orphan"), what="the orphan to be re-run")
     assert tokens_of(engine.deltas()["orphan"]) == [4, 5, 4]
     wait_for(lambda: engine.pending() == 0, what="the orphan's ack")
+
+
+class _SlowIO:
+    """Stands in for the I/O thread: a publication is in Redis only 50 ms after it is handed over."""
+
+    def __init__(self) -> None:
+        self.handed: list[Publication] = []
+
+    def publish(self, publication: Publication) -> None:
+        self.handed.append(publication)
+        threading.Timer(0.05, lambda: [event.set() for event in publication.published]).start()
+
+
+class _Running:
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+
+@pytest.mark.parametrize("running", [1, 2])
+def test_a_lone_requests_first_token_is_published_before_the_next_step(
+    running: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_service, "FIRST_TOKEN_PUBLISH_WAIT_S", 10.0)
+    settings = EngineSettings(stream_prefix="t", echo_step_delay_ms=0)
+    service = EngineService(settings, EchoBackend.from_settings(settings), lambda: None)  # type: ignore[arg-type,return-value]
+    unused = service._io  # never started: its loop is closed with its task cancelled
+    unused._main_task.cancel()
+    unused._loop.run_until_complete(asyncio.gather(unused._main_task, return_exceptions=True))
+    unused._loop.close()
+    io = _SlowIO()
+    service._io = io  # type: ignore[assignment]
+    service._requests = _Running(running)  # type: ignore[assignment]
+    later = Publication()
+    service._publish_step(later)  # no first token in it: handed over, not waited for
+    first = Publication(first_tokens=1)
+    service._publish_step(first)
+    assert io.handed == [later, first] and not later.published
+    if running == 1:  # the next step starts once the token is in Redis
+        assert first.published and first.published[0].is_set()
+    else:  # a batch of several does not wait for one request's first token
+        assert not first.published
