@@ -39,11 +39,11 @@ IDLE_WAIT_S = 0.5
 # A lone request's first token (FIRST_TOKEN_MAX_RUNNING requests at most) is given the cores
 # before the next step starts: the step waits until the I/O thread has published it (at most
 # FIRST_TOKEN_PUBLISH_WAIT_S), and until FIRST_TOKEN_HOLD_S after it was handed over, while the
-# detokenizer and the gateway take it to the client. The next step's threads would hold both cores otherwise, and every hop of
-# the token's way back would wait for one: at concurrency 1 the way back to the client took
-# 5.9 -> 4.1 ms (engine to client, median), for 1.5-2 ms more before the second token
-# (docs/benchmarks.md, "Pipeline overhead"). With more requests running, the whole batch would
-# wait: no hold. 0 turns each part off.
+# detokenizer and the gateway take it to the client. Otherwise the next step's threads hold
+# both cores and every hop of the token's way back waits for one: at concurrency 1 the first
+# token's way from the engine to the client took 5.2-6.7 ms before, 4.5-5.2 ms after (medians),
+# for at most ~2 ms once before the second token (docs/benchmarks.md, "Pipeline overhead").
+# With more requests running the whole batch would wait: no hold. 0 turns each part off.
 FIRST_TOKEN_PUBLISH_WAIT_S = 0.002
 FIRST_TOKEN_HOLD_S = 0.0015
 FIRST_TOKEN_MAX_RUNNING = 1
