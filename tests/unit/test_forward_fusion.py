@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from services.engine.model.attention import paged_attention
-from services.engine.model.attention_metadata import AttentionMetadata
 from services.engine.model.batch import ForwardBatch
 from services.engine.model.cpu import CpuFeatures
 from services.engine.model.layer_step import LayerStep
@@ -207,17 +206,7 @@ def unfused_forward(runner: ModelRunner, batch: ForwardBatch) -> torch.Tensor:
     model, cfg = runner.model, runner.config
     native = model.native_layers
     assert native is not None
-    meta = AttentionMetadata.build(
-        slot_mapping=batch.slot_mapping,
-        query_lens=batch.query_lens,
-        context_lens=batch.context_lens,
-        block_tables=batch.block_tables,
-        block_size=runner.block_size,
-        num_kv_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim,
-        device=runner.device,
-        plan=runner.plan,
-    )
+    meta = runner.attention_metadata(batch)
     num_tokens = batch.input_ids.shape[0]
     padding = runner._padded_rows(num_tokens) - num_tokens
     heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim

@@ -18,7 +18,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from services.engine.model.attention_metadata import AttentionMetadata
 from services.engine.model.batch import ForwardBatch
 from services.engine.model.linear import QuantizedLinear
 from services.engine.model.plan import choose_plan
@@ -67,20 +66,6 @@ def _runner(path: Path) -> ModelRunner:
     return runner
 
 
-def _meta(runner: ModelRunner, batch: ForwardBatch) -> AttentionMetadata:
-    return AttentionMetadata.build(
-        slot_mapping=batch.slot_mapping,
-        query_lens=batch.query_lens,
-        context_lens=batch.context_lens,
-        block_tables=batch.block_tables,
-        block_size=runner.block_size,
-        num_kv_heads=runner.config.num_kv_heads,
-        head_dim=runner.config.head_dim,
-        device=runner.device,
-        plan=runner.plan,
-    )
-
-
 def forward(runner: ModelRunner, batch: ForwardBatch, padding: int) -> torch.Tensor:
     """runner.forward with `padding` extra matmul rows (the runner pads only float linears)."""
     return runner.model.forward(
@@ -88,7 +73,7 @@ def forward(runner: ModelRunner, batch: ForwardBatch, padding: int) -> torch.Ten
         batch.positions,
         batch.slot_mapping,
         batch.logits_indices,
-        _meta(runner, batch),
+        runner.attention_metadata(batch),
         runner.kv_cache,
         padded_rows=batch.input_ids.shape[0] + padding,
     )
@@ -102,7 +87,7 @@ def fresh_forward(runner: ModelRunner, batch: ForwardBatch, padding: int) -> tup
     embed = model.embed
     assert isinstance(embed, QuantizedMatrix)
     hidden = embed.dequantize_rows(F.pad(batch.input_ids, (0, padding))).to(model.dtype)
-    meta = _meta(runner, batch)  # alive for the step: the bound kernels hold its tensors' addresses
+    meta = runner.attention_metadata(batch)  # alive for the step: the bound kernels hold its tensors' addresses
     norm, attend, silu_mul = model._layer_ops(
         batch.positions, batch.slot_mapping, meta, runner.kv_cache, num_tokens, padding
     )

@@ -181,17 +181,7 @@ class ModelRunner:
         """Run one step; returns [S, vocab] float32 logits for batch.logits_indices."""
         self._validate(batch)
         device = self.device
-        meta = AttentionMetadata.build(
-            slot_mapping=batch.slot_mapping,
-            query_lens=batch.query_lens,
-            context_lens=batch.context_lens,
-            block_tables=batch.block_tables,
-            block_size=self.block_size,
-            num_kv_heads=self.config.num_kv_heads,
-            head_dim=self.config.head_dim,
-            device=device,
-            plan=self.plan,
-        )
+        meta = self.attention_metadata(batch)
         return self.model.forward(
             batch.input_ids.to(device, torch.long),
             batch.positions.to(device, torch.long).contiguous(),
@@ -200,6 +190,20 @@ class ModelRunner:
             meta,
             self.kv_cache,
             padded_rows=self._padded_rows(batch.input_ids.shape[0]),
+        )
+
+    def attention_metadata(self, batch: ForwardBatch) -> AttentionMetadata:
+        """The step's attention metadata (block tables as index tensors), for this pool and plan."""
+        return AttentionMetadata.build(
+            slot_mapping=batch.slot_mapping,
+            query_lens=batch.query_lens,
+            context_lens=batch.context_lens,
+            block_tables=batch.block_tables,
+            block_size=self.block_size,
+            num_kv_heads=self.config.num_kv_heads,
+            head_dim=self.config.head_dim,
+            device=self.device,
+            plan=self.plan,
         )
 
     def _padded_rows(self, num_tokens: int) -> int:
