@@ -187,7 +187,7 @@ class QuantizedLinear:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The LM head: x [T, in] -> a new float32 [T, out_features], the kernel's float sums stored
-        as they are: no bf16 rounding, and no separate conversion pass (~1.3 ms at 64 x 49152)."""
+        as they are: no bf16 rounding, and no separate conversion pass (0.4-0.5 ms at 64 x 49152 measured)."""
         out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32, device=x.device)
         return self.kernels.linear(x, self.weight, self.bias, out=out)
 
