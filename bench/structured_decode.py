@@ -209,7 +209,7 @@ def main() -> None:
     print("first TokenMasks.apply calls in this process (torch.compile):", _ms(first))
     print("TokenMasks.apply, median:", {f"{rows} rows": f"{s * 1000:.2f} ms" for rows, s in apply.items()})
 
-    compiler = grammar_compiler_for(model_dir, runner)
+    compiler = grammar_compiler_for(model_dir, runner.config)
     compiler.compile(CONSTRAINT).result()  # the tokenizer and the schema: not in any timed step
     # (batch, constrained, overlap: None the engine's way, False the fill before the forward)
     runs: list[tuple[int, int, bool | None]] = [

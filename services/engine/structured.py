@@ -25,7 +25,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,12 +54,19 @@ def constraint_key(constraint: StructuredOutputs) -> str:
 class GrammarCompiler:
     """Compiles constraints on one background thread; safe to call from the engine's main thread."""
 
-    def __init__(self, tokenizer_factory: Callable[[], llguidance.LLTokenizer]) -> None:
-        """``tokenizer_factory`` runs first on the compile thread (~0.5 s), not on the caller's."""
+    def __init__(
+        self, tokenizer_factory: Callable[[], llguidance.LLTokenizer], warm_up: Callable[[], None] | None = None
+    ) -> None:
+        """``tokenizer_factory`` runs first on the compile thread (~0.5 s), not on the caller's.
+        ``warm_up`` runs at once on a thread of its own that then ends (see for_model)."""
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
         self._tokenizer: Future[llguidance.LLTokenizer] = self._pool.submit(tokenizer_factory)
         self._lock = threading.Lock()  # guards _compiled (main thread reads, compile thread fills)
         self._compiled: OrderedDict[str, Future[llguidance.LLMatcher]] = OrderedDict()
+        self._warm_up: threading.Thread | None = None
+        if warm_up is not None:
+            self._warm_up = threading.Thread(target=warm_up, name="grammar-warm", daemon=True)
+            self._warm_up.start()
 
     @classmethod
     def for_model(
@@ -68,8 +75,29 @@ class GrammarCompiler:
         # The mask kernel is warmed before any constrained step needs it, on a thread of its own
         # that then ends: on the compile thread, which lives on, the OpenMP team the kernel gave
         # it made every later forward ~15-20 ms slower on two cores (as in MaskFiller.start).
-        threading.Thread(target=warm_mask_kernel, args=(vocab_size,), name="grammar-warm", daemon=True).start()
-        return cls(lambda: llg_tokenizer(hf_tokenizer_loader(), vocab_size, eos_token_ids))
+        return cls(
+            lambda: llg_tokenizer(hf_tokenizer_loader(), vocab_size, eos_token_ids),
+            warm_up=lambda: warm_mask_kernel(vocab_size),
+        )
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until the tokenizer is built and the warm-up has ended (or ``timeout`` seconds
+        passed); whether both are done. Their ~3 s of Python (torch.compile) hold the GIL and the
+        second core: a forward running beside them took twice as long (Intel Xeon SPR, 2 cores),
+        so the engine waits here before it serves. A tokenizer that failed counts as done: each
+        compile() then reports the failure to its request."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            self._tokenizer.exception(timeout=timeout)
+        except TimeoutError:
+            return False
+        except CancelledError:  # closed meanwhile: nothing more will come of it
+            pass
+        if self._warm_up is not None:
+            self._warm_up.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if self._warm_up.is_alive():
+                return False
+        return True
 
     def compile(self, constraint: StructuredOutputs) -> Future[llguidance.LLMatcher]:
         """A future pristine matcher for ``constraint`` (copy it before use); compiled once per text."""

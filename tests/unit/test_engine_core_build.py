@@ -62,17 +62,66 @@ def test_a_smaller_pool_than_the_runners_can_be_chosen_but_not_a_larger_one() ->
         )
 
 
-def test_the_kernel_settings_reach_the_model_runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+class FakeGrammarCompiler:
+    """Records when build.py starts it, waits for it and closes it, in one shared event list."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+        events.append("grammars started")
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        self.events.append("grammars waited for")
+        return True
+
+    def close(self) -> None:
+        self.events.append("grammars closed")
+
+
+@pytest.fixture
+def fake_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, object], list[str]]:
+    """create_torch_backend without a model: the runner's arguments and the order of events."""
     seen: dict[str, object] = {}
+    events: list[str] = []
 
     def runner(model_dir: Path, **kwargs: object) -> SimpleNamespace:
         seen.update(kwargs)
+        events.append("runner built")
+        if seen.get("kernel_cache_dir") == "/unreadable":
+            raise RuntimeError("the weights do not load")
         return fake_runner()
 
     monkeypatch.setattr("services.engine.core.build.resolve_model_dir", lambda settings, weights: tmp_path)
+    monkeypatch.setattr("services.engine.core.build.ModelConfig.from_dir", lambda path: fake_runner().config)
     monkeypatch.setattr("services.engine.core.build.ModelRunner", runner)
+    monkeypatch.setattr(
+        "services.engine.core.build.grammar_compiler_for", lambda model_dir, config: FakeGrammarCompiler(events)
+    )
+    return seen, events
+
+
+def test_the_kernel_settings_reach_the_model_runner(
+    tmp_path: Path, fake_build: tuple[dict[str, object], list[str]]
+) -> None:
+    seen, _ = fake_build
     settings = EngineSettings(kernels="torch", kernel_cache_dir=str(tmp_path / "kernels"), kv_cache_bytes=1 << 20)
     core = create_torch_backend(settings)
     assert seen["kernels"] == "torch" and seen["kernel_cache_dir"] == str(tmp_path / "kernels")
     # The heartbeat names the runner's plan and the CPU it was chosen for.
     assert core.load().kernels.startswith("cpu: dtype float32, linears: torch F.linear; CPU flags: ")
+
+
+def test_structured_outputs_warm_up_beside_the_weights_load_and_are_ready_before_the_engine_serves(
+    fake_build: tuple[dict[str, object], list[str]],
+) -> None:
+    # Warming up while the first requests ran made their forwards twice as slow (GIL, second core).
+    _, events = fake_build
+    core = create_torch_backend(EngineSettings(kv_cache_bytes=1 << 20))
+    assert events == ["grammars started", "runner built", "grammars waited for"]
+    assert core.grammars is not None
+
+
+def test_a_failed_build_stops_the_structured_output_threads(fake_build: tuple[dict[str, object], list[str]]) -> None:
+    _, events = fake_build
+    with pytest.raises(RuntimeError, match="the weights do not load"):
+        create_torch_backend(EngineSettings(kernel_cache_dir="/unreadable", kv_cache_bytes=1 << 20))
+    assert events == ["grammars started", "runner built", "grammars closed"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from services.engine.core.engine_core import EngineCore, EngineCoreConfig
+from services.engine.model.config import ModelConfig
 from services.engine.model.cpu import CpuFeatures
 from services.engine.model.device import resolve_device
 from services.engine.model.runner import ModelRunner
@@ -17,6 +18,9 @@ from shared.model_files import resolve_model_dir
 from shared.settings import EngineSettings
 
 log = logging.getLogger(__name__)
+
+# How long start-up waits for the structured-output warm-up (a few seconds on 2 cores).
+GRAMMAR_READY_TIMEOUT_S = 120.0
 
 
 def available_memory_bytes(device: torch.device, meminfo: Path = Path("/proc/meminfo")) -> int:
@@ -73,7 +77,7 @@ def engine_core_for(
     return EngineCore(runner, config, grammars=grammars)
 
 
-def grammar_compiler_for(model_dir: Path, runner: ModelRunner) -> GrammarCompiler:
+def grammar_compiler_for(model_dir: Path, config: ModelConfig) -> GrammarCompiler:
     """Structured outputs for the model in ``model_dir``: its tokenizer is read on the compile thread."""
 
     def load_tokenizer() -> object:
@@ -81,12 +85,26 @@ def grammar_compiler_for(model_dir: Path, runner: ModelRunner) -> GrammarCompile
 
         return AutoTokenizer.from_pretrained(model_dir)
 
-    return GrammarCompiler.for_model(load_tokenizer, runner.config.vocab_size, list(runner.config.eos_token_ids))
+    return GrammarCompiler.for_model(load_tokenizer, config.vocab_size, list(config.eos_token_ids))
 
 
 def create_torch_backend(settings: EngineSettings) -> EngineCore:
     """The default engine backend, configured by SCALELLM_* settings."""
     model_dir = resolve_model_dir(settings, weights=True)
+    # Started first, so that its start-up work (the tokenizer, torch.compile of the mask kernel:
+    # ~3 s of Python) overlaps the weights' load instead of the first requests' forwards.
+    grammars = grammar_compiler_for(model_dir, ModelConfig.from_dir(model_dir))
+    try:
+        core = _build_core(settings, model_dir, grammars)
+    except BaseException:
+        grammars.close()
+        raise
+    if not grammars.wait_ready(timeout=GRAMMAR_READY_TIMEOUT_S):
+        log.warning("structured outputs still warming up after %.0f s; serving anyway", GRAMMAR_READY_TIMEOUT_S)
+    return core
+
+
+def _build_core(settings: EngineSettings, model_dir: Path, grammars: GrammarCompiler) -> EngineCore:
     device = resolve_device(settings.device)
     runner = ModelRunner(
         model_dir,
@@ -106,7 +124,7 @@ def create_torch_backend(settings: EngineSettings) -> EngineCore:
         max_num_batched_tokens=settings.max_num_batched_tokens,
         max_running_requests=settings.max_running_requests,
         enable_prefix_caching=settings.enable_prefix_caching,
-        grammars=grammar_compiler_for(model_dir, runner),
+        grammars=grammars,
         kernels=f"{runner.device}: {runner.plan.describe()}; CPU flags: {CpuFeatures.detect().describe()}",
     )
     log.info(
