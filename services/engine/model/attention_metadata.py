@@ -64,6 +64,17 @@ class AttentionMetadata:
     num_tokens: int
     native: NativeKernels | None  # the native decode kernel, when the plan uses it
 
+    def fresh_prefill(self) -> PrefillSeq | None:
+        """The step's one sequence when the step is exactly one prefill chunk with nothing cached
+        before it, at a length no bucket pads (attention.FreshPrefill computes that step's attention
+        as paged_attention would); None for any other step."""
+        if self.decode is not None or len(self.prefills) != 1:
+            return None
+        seq = self.prefills[0]
+        chunk = seq.end - seq.start
+        fresh = seq.gather_rows is None and seq.start == 0 and chunk == self.num_tokens
+        return seq if fresh and seq.padded_queries == seq.padded_keys == chunk else None
+
     @classmethod
     def build(
         cls,

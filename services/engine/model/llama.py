@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from services.engine.model.attention import paged_attention
+from services.engine.model.attention import FreshPrefill, paged_attention
 from services.engine.model.attention_metadata import AttentionMetadata
 from services.engine.model.config import ModelConfig, RopeScaling
 from services.engine.model.kv_cache import KVCache
@@ -261,6 +261,11 @@ class LlamaModel:
             )
             if bound is not None:
                 return step.norm, step.rope_attend, step.silu_mul
+            fresh = meta.fresh_prefill()
+            # A lone prompt's chunk (the first token's step at concurrency 1): rope_store has
+            # stored its K/V, and FreshPrefill attends over its views (as paged_attention would).
+            if fresh is not None and not meta.store_kv and fresh.mask.dtype == self.dtype:
+                return step.norm, self._fresh_attend(step, num_tokens, attn_rows), step.silu_mul
         else:
             cos, sin = self.rotary.lookup(positions, self.dtype)
 
@@ -286,3 +291,19 @@ class LlamaModel:
         if step is not None:
             return step.norm, attend, step.silu_mul
         return functools.partial(rms_norm, eps=eps), attend, silu_mul
+
+    def _fresh_attend(self, step: LayerStep, num_tokens: int, attn_rows: torch.Tensor | None) -> _Attend:
+        """attend(layer, qkv) of a step that is one fresh prefill chunk: rope_store, then FreshPrefill
+        (into attn_rows [T + padding, H * D] where the step has padding rows)."""
+        cfg = self.config
+        fresh = FreshPrefill(num_tokens, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.scale)
+        rope_store = step.rope_store
+
+        def attend(index: int, qkv: torch.Tensor) -> torch.Tensor:
+            rope_store(index, qkv)
+            if attn_rows is None:
+                return fresh(qkv)
+            attn_rows[:num_tokens] = fresh(qkv)
+            return attn_rows
+
+        return attend

@@ -1,0 +1,111 @@
+"""The concurrency-1 prefill step in the engine (one prompt of --tokens random ids -> 1 token),
+timed in situ: the engine built as the server builds it, --warmup requests first (the first ~25
+after the build are slower: the background warm-up), then --requests timed ones.
+
+    python -m bench.prefill_step --ab          # FreshPrefill (B) against paged_attention (A), alternated
+    python -m bench.prefill_step --op-times    # per-op wall clock inside the step
+
+Run it alone on the machine (``flock /tmp/bench.lock``): other processes on the cores make the
+OpenMP kernels many times slower. --ab switches attention.FreshPrefill off for A at run time
+(AttentionMetadata.fresh_prefill -> None), so both run in one process on the same warm engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import random
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch.nn.functional as F
+
+from services.engine.contract import EngineRequest
+from services.engine.core.build import create_torch_backend
+from services.engine.model import attention, layer_step, linear, llama
+from services.engine.model.attention_metadata import AttentionMetadata
+from shared.messages import SamplingParams
+from shared.settings import EngineSettings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=40)
+    parser.add_argument("--requests", type=int, default=40, help="timed requests (per side with --ab)")
+    parser.add_argument("--ab", action="store_true")
+    parser.add_argument("--op-times", action="store_true")
+    args = parser.parse_args()
+    core = create_torch_backend(EngineSettings(redis_url="redis://127.0.0.1:1/0"))
+    rng = random.Random(0)
+    counter = iter(range(1 << 30))
+
+    def one() -> float:
+        ids = [rng.randrange(100, 40000) for _ in range(args.tokens)]
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        core.add_request(EngineRequest(f"r{next(counter)}", ids, params))
+        start = time.perf_counter()
+        while core.has_unfinished():
+            core.step()
+        return time.perf_counter() - start
+
+    fresh = AttentionMetadata.fresh_prefill
+
+    def use_fresh(on: bool) -> None:
+        AttentionMetadata.fresh_prefill = fresh if on else (lambda self: None)  # type: ignore[method-assign]
+
+    for i in range(args.warmup):
+        use_fresh(bool(i & 1) or not args.ab)
+        one()
+    if args.ab:
+        sides: dict[bool, list[float]] = {False: [], True: []}
+        for i in range(args.requests):
+            for on in (False, True) if i & 1 else (True, False):
+                use_fresh(on)
+                sides[on].append(one())
+        a, b = (statistics.median(sides[on]) * 1e3 for on in (False, True))
+        print(f"{args.tokens}-token prefill step, median of {args.requests} each, alternated:")
+        print(f"  A paged_attention {a:.2f} ms   B FreshPrefill {b:.2f} ms   A - B {a - b:.2f} ms ({(a - b) / a:.1%})")
+        return
+    totals: collections.defaultdict[str, float] = collections.defaultdict(float)
+    calls: collections.Counter[str] = collections.Counter()
+    if args.op_times:
+        _time_ops(totals, calls)
+    times = [one() for _ in range(args.requests)]
+    print(f"{args.tokens}-token prefill step: median {statistics.median(times) * 1e3:.2f} ms of {args.requests}")
+    for name in sorted(totals, key=lambda n: -totals[n]):
+        per_step = totals[name] / args.requests * 1e3
+        print(f"  {name:18s} {per_step:6.2f} ms/step  {totals[name] / calls[name] * 1e6:7.1f} us/call")
+
+
+def _time_ops(totals: collections.defaultdict[str, float], calls: collections.Counter[str]) -> None:
+    """Wrap the step's ops with wall-clock timers (~0.3 us each)."""
+
+    def wrap(owner: Any, name: str, label: str) -> None:
+        inner: Callable[..., Any] = getattr(owner, name)
+
+        def timed(*a: Any, **k: Any) -> Any:
+            start = time.perf_counter()
+            result = inner(*a, **k)
+            totals[label] += time.perf_counter() - start
+            calls[label] += 1
+            return result
+
+        setattr(owner, name, timed)
+
+    wrap(llama.LlamaModel, "forward", "model forward")
+    wrap(linear.QuantizedLinear, "__call__", "linear (qkv, gate_up)")
+    wrap(linear.QuantizedLinear, "add_to", "linear (o, down)")
+    wrap(linear.QuantizedLinear, "logits", "lm_head")
+    wrap(layer_step.LayerStep, "norm", "rms_norm")
+    wrap(layer_step.LayerStep, "rope_store", "rope_store")
+    wrap(layer_step.LayerStep, "silu_mul", "silu_mul")
+    wrap(llama, "paged_attention", "paged_attention")
+    wrap(attention.FreshPrefill, "__call__", "FreshPrefill")
+    wrap(F, "scaled_dot_product_attention", "sdpa")
+
+
+if __name__ == "__main__":
+    main()
