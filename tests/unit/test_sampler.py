@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from services.engine.core.sampler import Sampler
+from services.engine.core.sampler import Argmax, Sampler
 from services.engine.core.sequence import Sequence
+from services.engine.model.native import PATHS, load_native_kernels
 from shared.messages import SamplingParams
 
 PROBS = [0.5, 0.25, 0.15, 0.1]
@@ -90,15 +91,54 @@ def test_greedy_equivalents_pick_the_argmax(params: dict[str, object]) -> None:
     assert out.token_ids == logits.argmax(dim=-1).tolist()
 
 
-def test_greedy_takes_the_first_of_equal_highest_logits() -> None:
+@pytest.fixture(params=["torch", *PATHS])
+def pick(request: pytest.FixtureRequest) -> Argmax | None:
+    """The greedy pick a Sampler is given: None (torch's) or the native argmax of each path this
+    CPU runs; a path it cannot run, or no compiler, is skipped."""
+    if request.param == "torch":
+        return None
+    native = load_native_kernels("auto")
+    if native is None or request.param not in native.runnable_paths():
+        pytest.skip(f"no native {request.param} kernels on this machine")
+    return native.with_path(request.param).argmax
+
+
+def test_greedy_takes_the_first_of_equal_highest_logits(pick: Argmax | None) -> None:
     logits = torch.zeros(3, 70_000)
     logits[0, [9, 4, 60_000]] = 2.0  # ties: the lowest index wins, as argmax picks it
     logits[1, [69_999, 12]] = 1.0
-    assert Sampler(vocab_size=70_000, seed=0)(logits, seqs(3, temperature=0.0)).token_ids == [4, 12, 0]
+    sampler = Sampler(vocab_size=70_000, seed=0, argmax=pick)
+    assert sampler(logits.clone(), seqs(3, temperature=0.0)).token_ids == [4, 12, 0]
     # The same in a batch that also draws (the greedy rows' path when not every row is greedy).
     mixed = seqs(3, temperature=0.0)
     mixed[2] = seqs(1, temperature=1.0, top_k=1)[0]
-    assert Sampler(vocab_size=70_000, seed=0)(logits, mixed).token_ids[:2] == [4, 12]
+    assert sampler(logits, mixed).token_ids[:2] == [4, 12]
+
+
+# The engine's vocabulary (49152), one not a multiple of any vector width, and rows shorter than one vector.
+@pytest.mark.parametrize("vocab", [49_152, 49_157, 37, 5])
+@pytest.mark.parametrize("rows", [1, 64])
+def test_greedy_matches_torch_argmax_on_random_rows(pick: Argmax | None, rows: int, vocab: int) -> None:
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(rows * vocab))
+    want = logits.argmax(dim=-1).tolist()
+    assert Sampler(vocab_size=vocab, seed=0, argmax=pick)(logits, seqs(rows, temperature=0.0)).token_ids == want
+
+
+def test_greedy_with_infinities_and_nan_picks_as_torch(pick: Argmax | None) -> None:
+    """-inf is a value like any other (a row of only -inf picks 0); +inf beats every finite value;
+    a NaN beats everything, the first one winning, as torch's max and argmax have it."""
+    vocab = 1000
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(1))
+    logits[0] = float("-inf")
+    logits[1, 500:] = float("-inf")
+    logits[2, [700, 300]] = float("inf")
+    logits[3, [999, 650]] = float("nan")
+    logits[4, [0, 3]] = float("nan")
+    logits[5, 40] = float("inf")
+    logits[5, 960] = float("nan")
+    want = [0, int(logits[1, :500].argmax()), 300, 650, 0, 960]
+    assert logits.argmax(dim=-1).tolist() == want
+    assert Sampler(vocab_size=vocab, seed=0, argmax=pick)(logits, seqs(6, temperature=0.0)).token_ids == want
 
 
 def test_seeded_request_draws_the_same_tokens_alone_and_in_a_full_batch() -> None:
@@ -182,9 +222,9 @@ def test_logprobs_are_raw_model_logprobs_with_top_alternatives() -> None:
     assert out.logprobs[1] is None
 
 
-def test_padded_vocabulary_columns_are_never_chosen() -> None:
-    logits = torch.tensor([[0.0, 1.0, 9.0]])  # the model pads its vocabulary to 3
-    assert Sampler(vocab_size=2)(logits, seqs(1, temperature=0.0)).token_ids == [1]
+def test_padded_vocabulary_columns_are_never_chosen(pick: Argmax | None) -> None:
+    logits = torch.tensor([[0.0, 1.0, 9.0], [5.0, 1.0, 9.0]])  # the model pads its vocabulary to 3
+    assert Sampler(vocab_size=2, argmax=pick)(logits, seqs(2, temperature=0.0)).token_ids == [1, 0]
 
 
 def test_mismatched_logits_are_refused() -> None:

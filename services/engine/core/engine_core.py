@@ -26,7 +26,7 @@ from services.engine.contract import (
     wants_prompt_logprobs,
 )
 from services.engine.core.block_manager import BlockManager
-from services.engine.core.sampler import Sampler
+from services.engine.core.sampler import Argmax, Sampler
 from services.engine.core.scheduler import ScheduledBatch, Scheduler
 from services.engine.core.sequence import Sequence
 from services.engine.model.batch import ForwardBatch
@@ -52,6 +52,14 @@ class Runner(Protocol):
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """[S, vocab] float logits, one row per entry of batch.logits_indices."""
         ...
+
+
+def _native_argmax(runner: Runner) -> Argmax | None:
+    """The compiled greedy pick of a runner that runs the native CPU kernels (ModelRunner's
+    plan.native); None for any other runner: the sampler then takes torch's."""
+    native = getattr(getattr(runner, "plan", None), "native", None)
+    argmax = getattr(native, "argmax", None)
+    return argmax if callable(argmax) else None
 
 
 @dataclass(slots=True)
@@ -103,7 +111,7 @@ class EngineCore:
             max_running_requests=config.max_running_requests,
             max_model_len=config.max_model_len,
         )
-        self.sampler = Sampler(config.vocab_size, config.sampler_device, config.sampler_seed)
+        self.sampler = Sampler(config.vocab_size, config.sampler_device, config.sampler_seed, _native_argmax(runner))
         self._sequences: dict[str, Sequence] = {}
         # Outputs decided between steps (refusals, aborts), reported by the next step().
         self._pending: list[RequestOutput] = []
