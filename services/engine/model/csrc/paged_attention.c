@@ -320,8 +320,9 @@ ALWAYS_INLINE T512 void values_avx512_impl(const Seq *s, const int fmt, const in
     }
 }
 
-/* Also the block-16 path's (paged_attention_b16.c). */
-PA_INTERNAL T512 float pa_softmax_avx512(float *sg, int64_t n) {
+/* Exponentiates sg[0, n) against its maximum in place; returns the sum (the block-16
+ * path, paged_attention_b16.c, has a several-row copy of it: softmax_rows). */
+static T512 float pa_softmax_avx512(float *sg, int64_t n) {
     __m512 mv = _mm512_set1_ps(-FLT_MAX);
     int64_t l = 0;
     for (; l + 16 <= n; l += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(sg + l));

@@ -36,9 +36,6 @@ int paged_decode_attention(int path, int fmt, int kv_fmt, const void *q, int64_t
                            int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale);
 
 #if defined(__x86_64__)
-/* paged_attention.c: exponentiates sg[0, n) against its maximum in place; returns the sum. */
-PA_INTERNAL T512 float pa_softmax_avx512(float *sg, int64_t n);
-
 /* paged_attention_b16.c: the calling thread's share of a decode call on the block-16
  * path, inside paged_decode_attention's parallel region (the same arguments; stride:
  * a score row's floats). Returns 0, or 2 when out of memory. */

@@ -29,13 +29,22 @@
  * added into a float accumulator in L1 per block, which does the same float
  * operations in the same order as registers held across all blocks would.
  *
- * The blocks come as one stream per thread: an item's K runs, its V runs, then the
- * next item's K runs. While a head of a run is read, the same bytes of the run
- * STREAM_AHEAD places on are prefetched into L2 and those of the next run into
- * L1, a line or two among each step's loads. Prefetching a whole run at once
+ * The blocks come as one stream per thread, listed once per call (runs[]): each of
+ * its items' K runs, then V runs. While a head of a run is read, the same bytes of
+ * the run STREAM_AHEAD places on are prefetched into L2 and those of the next run
+ * into L1, a line or two among each step's loads. Prefetching a whole run at once
  * fills the core's line fill buffers and stalls it until the lines land; spread
  * out and two-level, the reads overlap the arithmetic better (batch 64, context
- * 300, contiguous blocks: 16.3-17.8 instead of 14.1-14.8 GB/s on 2 threads). */
+ * 300, contiguous blocks: 16.3-17.8 instead of 14.1-14.8 GB/s on 2 threads).
+ * The stream is read ahead only while prefetches are issued, so the softmax
+ * between an item's K and V issues PUMP runs' worth too (Pump), and the list
+ * lets the distance cross several short items (the earlier item + next pair left
+ * runs unprefetched when an item had under STREAM_AHEAD blocks).
+ * Batch 64, context 192, 30 layers (bench/decode_attention.py, Intel Xeon SPR,
+ * 2 threads): with the row-interleaved softmax and vector q / output, 13.4-13.7
+ * -> 12.2-12.6 ms a step contiguous, 15.2-15.8 -> 14.2-14.7 scattered; the same
+ * outputs bit for bit. */
+#include <float.h>
 #include <omp.h>
 #include <stdlib.h>
 
@@ -44,6 +53,9 @@
 #if defined(__x86_64__)
 #ifndef STREAM_AHEAD
 #define STREAM_AHEAD 16
+#endif
+#ifndef PUMP /* runs of the stream prefetched during an item's softmax (2 measured no better) */
+#define PUMP 1
 #endif
 /* The bytes at off in the run STREAM_AHEAD places on into L2 (prefetcht2), and in
  * the next run into L1 (prefetcht0). */
@@ -62,16 +74,6 @@ typedef struct {
 
 static inline const char *run_at(const Pool *pl, const char *cache, const Item *it, int64_t b) {
     return cache + (it->table[b] * pl->kv_heads + it->h0) * pl->head_bytes;
-}
-
-/* The run at pos in the thread's stream: 0 .. nb-1 the item's K runs, nb .. 2nb-1
- * its V runs, then next's K runs; NULL past them. */
-static inline const char *stream_at(const Pool *pl, const Item *it, const Item *next, int64_t pos) {
-    int64_t nb = (it->ctx + 15) / 16;
-    if (pos < nb) return run_at(pl, pl->k_cache, it, pos);
-    if (pos < 2 * nb) return run_at(pl, pl->v_cache, it, pos - nb);
-    if (next && pos - 2 * nb < (next->ctx + 15) / 16) return run_at(pl, pl->k_cache, next, pos - 2 * nb);
-    return NULL;
 }
 
 ALWAYS_INLINE T512 __m512 bf16_even(__m512i x) { return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)); }
@@ -194,22 +196,66 @@ static T512 void unpermute_row(int fmt, float *row, int64_t D) {
     }
 }
 
+/* Prefetches into L2 spread over a phase that reads no KV (the softmax), so the
+ * pool's stream does not pause: line next of the lines [next, end) starting at
+ * runs[0] (each run_bytes long). */
+typedef struct {
+    const char *const *runs;
+    int64_t run_bytes, next, end;
+} Pump;
+
+ALWAYS_INLINE void pump_one(Pump *pm) {
+    if (pm->next < pm->end) {
+        int64_t off = pm->next++ * 64;
+        __builtin_prefetch(pm->runs[off / pm->run_bytes] + off % pm->run_bytes, 0, 1);
+    }
+}
+
+/* pa_softmax_avx512 on NR rows of sg (stride apart) at once: the same float
+ * operations per row, in the same order, but NR independent chains for the core
+ * to overlap (one row alone waits on its max and sum chains). sums[r]: row r's sum. */
+ALWAYS_INLINE T512 void softmax_rows(const int NR, float *sg, int64_t stride, int64_t n, float *sums, Pump *pm) {
+    __m512 mv[4], sv[4];
+    int64_t l = 0;
+    for (int r = 0; r < NR; ++r) mv[r] = _mm512_set1_ps(-FLT_MAX), sv[r] = _mm512_setzero_ps();
+    for (; l + 16 <= n; l += 16) {
+        pump_one(pm);
+        for (int r = 0; r < NR; ++r) mv[r] = _mm512_max_ps(mv[r], _mm512_loadu_ps(sg + r * stride + l));
+    }
+    __mmask16 tail = (__mmask16)((1u << (n - l)) - 1u);
+    for (int r = 0; r < NR; ++r) {
+        mv[r] = _mm512_mask_max_ps(mv[r], tail, mv[r], _mm512_maskz_loadu_ps(tail, sg + r * stride + l));
+        mv[r] = _mm512_set1_ps(_mm512_reduce_max_ps(mv[r]));
+    }
+    for (l = 0; l + 16 <= n; l += 16) {
+        pump_one(pm);
+        for (int r = 0; r < NR; ++r) {
+            __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sg + r * stride + l), mv[r]));
+            _mm512_storeu_ps(sg + r * stride + l, e);
+            sv[r] = _mm512_add_ps(sv[r], e);
+        }
+    }
+    for (int r = 0; r < NR; ++r) {
+        __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sg + r * stride + l), mv[r]));
+        _mm512_mask_storeu_ps(sg + r * stride + l, tail, e);
+        sv[r] = _mm512_mask_add_ps(sv[r], tail, sv[r], e);
+        sums[r] = _mm512_reduce_add_ps(sv[r]);
+    }
+}
+
 /* The scores, then the values, of all the item's KV heads, up to 4 query heads a
  * time (a switch per block and head: cheap beside the 16 tokens' work). sums[r]:
- * row r's softmax denominator. Past the stream's end the prefetches go to the run
- * being read (already there: cheap). */
-ALWAYS_INLINE T512 void item_pass(const int fmt, const Pool *pl, const Item *it, const Item *next, int64_t group,
-                                   const __m512 *qv, float *sc, int64_t sc_stride, float *sums, float *acc, int first) {
+ * row r's softmax denominator. runs: the item's K runs, its V runs, then the rest of
+ * the thread's stream (past its end: the last run, already there: cheap). */
+ALWAYS_INLINE T512 void item_pass(const int fmt, const Pool *pl, const Item *it, const char *const *runs,
+                                   int64_t group, const __m512 *qv, float *sc, int64_t sc_stride, float *sums,
+                                   float *acc, int first) {
     int64_t nb = (it->ctx + 15) / 16, D = pl->D, hb = pl->head_bytes;
     if (first) /* the thread's first runs: nothing read before prefetched them */
-        for (int64_t i = 0; i < STREAM_AHEAD; ++i) {
-            const char *p = stream_at(pl, it, next, i);
-            for (int64_t off = 0; p && off < it->nh * hb; off += 64) __builtin_prefetch(p + off, 0, 1);
-        }
+        for (int64_t i = 0; i < STREAM_AHEAD; ++i)
+            for (int64_t off = 0; off < it->nh * hb; off += 64) __builtin_prefetch(runs[i] + off, 0, 1);
     for (int64_t b = 0; b < nb; ++b) {
-        const char *run = run_at(pl, pl->k_cache, it, b), *ahead = stream_at(pl, it, next, b + STREAM_AHEAD),
-                   *near = stream_at(pl, it, next, b + 1);
-        ahead = ahead ? ahead : run, near = near ? near : run;
+        const char *run = runs[b], *ahead = runs[b + STREAM_AHEAD], *near = runs[b + 1];
         for (int64_t h = 0; h < it->nh; ++h)
             for (int64_t g = 0; g < group; g += 4) {
                 const char *kt = run + h * hb, *pf = g == 0 ? ahead + h * hb : NULL, *pn = near + h * hb;
@@ -223,12 +269,23 @@ ALWAYS_INLINE T512 void item_pass(const int fmt, const Pool *pl, const Item *it,
                 }
             }
     }
-    for (int64_t r = 0; r < it->nh * group; ++r) sums[r] = pa_softmax_avx512(sc + r * sc_stride, it->ctx);
+    Pump pm = {runs + nb + STREAM_AHEAD, it->nh * hb, 0, PUMP * it->nh * hb / 64};
+    for (int64_t r = 0; r < it->nh * group;) {
+        float *sr = sc + r * sc_stride;
+        int64_t left = it->nh * group - r; /* 4 rows a time, or 3 when that leaves none alone (9: 3 + 3 + 3) */
+        int64_t nr = left <= 4 ? left : left % 4 == 0 ? 4 : left % 3 == 0 ? 3 : 4;
+        switch (nr) {
+        case 1: softmax_rows(1, sr, sc_stride, it->ctx, sums + r, &pm); break;
+        case 2: softmax_rows(2, sr, sc_stride, it->ctx, sums + r, &pm); break;
+        case 3: softmax_rows(3, sr, sc_stride, it->ctx, sums + r, &pm); break;
+        default: softmax_rows(4, sr, sc_stride, it->ctx, sums + r, &pm); break;
+        }
+        r += nr;
+    }
+    while (pm.next < pm.end) pump_one(&pm);
     memset(acc, 0, sizeof(float) * it->nh * group * D);
     for (int64_t b = 0; b < nb; ++b) {
-        const char *run = run_at(pl, pl->v_cache, it, b), *ahead = stream_at(pl, it, next, nb + b + STREAM_AHEAD),
-                   *near = stream_at(pl, it, next, nb + b + 1);
-        ahead = ahead ? ahead : run, near = near ? near : run;
+        const char *run = runs[nb + b], *ahead = runs[nb + b + STREAM_AHEAD], *near = runs[nb + b + 1];
         int64_t n = it->ctx - b * 16 < 16 ? it->ctx - b * 16 : 16;
         for (int64_t h = 0; h < it->nh; ++h)
             for (int64_t g = 0; g < group; g += 4) {
@@ -246,27 +303,39 @@ ALWAYS_INLINE T512 void item_pass(const int fmt, const Pool *pl, const Item *it,
 }
 
 /* One item; the caller checked bs == 16, D % 32 == 0 and a bf16 or e5m2 pool (kv_fmt).
- * next: the item this thread takes after this one, or NULL. Scratch for nh * group
+ * runs: as item_pass's. Scratch for nh * group
  * query heads: qv [rows * D/2] vectors, sc rows of sc_stride, sums [rows], acc [rows * D]. */
 static T512 void item_fast(int fmt, int kv_fmt, const char *q, int64_t q_head_stride, const Pool *pl, const Item *it,
-                           const Item *next, char *out, int64_t group, float scale, __m512 *qv, float *sc,
+                           const char *const *runs, char *out, int64_t group, float scale, __m512 *qv, float *sc,
                            int64_t sc_stride, float *sums, float *acc, int first) {
     int64_t D = pl->D, rows = it->nh * group;
     for (int64_t r = 0; r < rows; ++r) {
         const char *qh = q + (it->h0 * group + r) * q_head_stride * (fmt == FMT_F32 ? 4 : 2);
-        for (int64_t p = 0; p < D / 2; ++p) {
-            __m256 a = _mm256_set1_ps(ld1(qh, 2 * p, fmt) * scale), c = _mm256_set1_ps(ld1(qh, 2 * p + 1, fmt) * scale);
-            qv[r * (D / 2) + p] = _mm512_insertf32x8(_mm512_castps256_ps512(a), c, 1);
+        for (int64_t d = 0; d < D; d += 16) { /* 16 dims: 8 vectors of [q_2p x8, q_2p+1 x8] */
+            __m512 x = fmt == FMT_F32 ? _mm512_loadu_ps((const float *)qh + d) : ld16_bf16((const uint16_t *)qh + d);
+            x = _mm512_mul_ps(x, _mm512_set1_ps(scale));
+            for (int p = 0; p < 8; ++p) {
+                __m512i sel = _mm512_mask_blend_epi32((__mmask16)0xFF00, _mm512_set1_epi32(2 * p),
+                                                      _mm512_set1_epi32(2 * p + 1));
+                qv[r * (D / 2) + d / 2 + p] = _mm512_permutexvar_ps(sel, x);
+            }
         }
     }
     if (kv_fmt == FMT_BF16)
-        item_pass(FMT_BF16, pl, it, next, group, qv, sc, sc_stride, sums, acc, first);
+        item_pass(FMT_BF16, pl, it, runs, group, qv, sc, sc_stride, sums, acc, first);
     else
-        item_pass(FMT_E5M2, pl, it, next, group, qv, sc, sc_stride, sums, acc, first);
+        item_pass(FMT_E5M2, pl, it, runs, group, qv, sc, sc_stride, sums, acc, first);
     for (int64_t r = 0; r < rows; ++r) {
         float *row = acc + r * D, inv = 1.f / sums[r];
+        int64_t o = (it->h0 * group + r) * D;
         unpermute_row(kv_fmt, row, D);
-        for (int64_t d = 0; d < D; ++d) st1(out, (it->h0 * group + r) * D + d, row[d] * inv, fmt);
+        for (int64_t d = 0; d < D; d += 16) {
+            __m512 y = _mm512_mul_ps(_mm512_loadu_ps(row + d), _mm512_set1_ps(inv));
+            if (fmt == FMT_F32)
+                _mm512_storeu_ps((float *)out + o + d, y);
+            else
+                _mm256_storeu_si256((__m256i *)((uint16_t *)out + o + d), cvt16_bf16(y));
+        }
     }
 }
 
@@ -279,8 +348,8 @@ static inline Item item_of(int64_t i, int64_t per_seq, int64_t hc, int64_t kv_he
 
 /* This thread's share of the items: a run of consecutive ones (their blocks often
  * lie side by side in the pool) holding its share of the tokens, so uneven contexts
- * split evenly; the next item is known, and its first runs are prefetched while this
- * one ends. Returns 0, or 2 when out of memory. */
+ * split evenly; their runs are listed first, so the prefetches run ahead across items.
+ * Returns 0, or 2 when out of memory. */
 PA_INTERNAL T512 int pa_b16_share(int fmt, int kv_fmt, const char *q, int64_t q_seq_stride, int64_t q_head_stride,
                                   const void *k_cache, const void *v_cache, const int64_t *block_tables,
                                   int64_t max_blocks, const int64_t *context_lens, char *out, int64_t num_seqs,
@@ -310,18 +379,32 @@ PA_INTERNAL T512 int pa_b16_share(int fmt, int kv_fmt, const char *q, int64_t q_
         seen += w;
     }
     if (lo >= hi) return 0;
-    int64_t rows = hc * group;
+    int64_t rows = hc * group, nruns = 0;
+    for (int64_t i = lo; i < hi; ++i)
+        nruns += 2 * ((item_of(i, per_seq, hc, kv_heads, block_tables, max_blocks, context_lens).ctx + 15) / 16);
     size_t qv_bytes = sizeof(__m512) * rows * (D / 2), fl = sizeof(float) * rows * (stride + 1 + D);
-    char *mem = aligned_alloc(64, (qv_bytes + fl + 63) / 64 * 64);
+    size_t rb = sizeof(char *) * (nruns + STREAM_AHEAD + PUMP + 2);
+    char *mem = aligned_alloc(64, (qv_bytes + fl + rb + 63) / 64 * 64);
     if (!mem) return 2;
     __m512 *qv = (__m512 *)mem;
     float *sc = (float *)(mem + qv_bytes), *sums = sc + rows * stride, *acc = sums + rows;
+    const char **runs = (const char **)(mem + qv_bytes + fl);
+    int64_t n = 0;
     for (int64_t i = lo; i < hi; ++i) {
         Item it = item_of(i, per_seq, hc, kv_heads, block_tables, max_blocks, context_lens);
-        Item next = item_of(i + 1 < hi ? i + 1 : i, per_seq, hc, kv_heads, block_tables, max_blocks, context_lens);
+        int64_t nb = (it.ctx + 15) / 16;
+        for (int64_t b = 0; b < nb; ++b) runs[n++] = run_at(pl, pl->k_cache, &it, b);
+        for (int64_t b = 0; b < nb; ++b) runs[n++] = run_at(pl, pl->v_cache, &it, b);
+    }
+    for (int64_t e = 0; e < STREAM_AHEAD + PUMP + 2; ++e) /* past the end: the last run, already read */
+        runs[n + e] = n ? runs[n - 1] : pl->k_cache;
+    n = 0;
+    for (int64_t i = lo; i < hi; ++i) {
+        Item it = item_of(i, per_seq, hc, kv_heads, block_tables, max_blocks, context_lens);
         int64_t b = i / per_seq;
-        item_fast(fmt, kv_fmt, q + b * q_seq_stride * esize, q_head_stride, pl, &it, i + 1 < hi ? &next : NULL,
+        item_fast(fmt, kv_fmt, q + b * q_seq_stride * esize, q_head_stride, pl, &it, runs + n,
                   out + b * num_heads * D * esize, group, scale, qv, sc, stride, sums, acc, i == lo);
+        n += 2 * ((it.ctx + 15) / 16);
     }
     free(mem);
     return 0;
