@@ -186,3 +186,12 @@ def _self_check(native: NativeKernels) -> None:
         check(f"bf16 linear ({dtype})", native.linear(x, packed, 37, bias, residual), want, tol)
     unpacked = native.unpack_into(packed, 37, torch.empty(37 * 28))
     check("bf16 unpack", unpacked, weight, 0)
+
+    # The greedy pick: each row's first highest value (a row of 100: vector body and tail; a tie).
+    logits = torch.randn(3, 100, generator=gen)
+    logits[1, 70] = logits[1, 20] = logits[1].max() + 1
+    got_ids, want_ids = native.argmax(logits), logits.max(dim=-1).indices
+    if not torch.equal(got_ids, want_ids):
+        raise RuntimeError(
+            f"self-check of argmax ({native.path} path) failed: {got_ids.tolist()} != {want_ids.tolist()}"
+        )

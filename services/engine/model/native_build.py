@@ -23,7 +23,9 @@ from services.engine.model.cpu import CpuFeatures
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("paged_attention.c", "paged_attention_b16.c", "layers.c", "bf16_linear.c")]
+SOURCES = [
+    CSRC / name for name in ("paged_attention.c", "paged_attention_b16.c", "layers.c", "bf16_linear.c", "argmax.c")
+]
 FLAGS = ["-O3", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 # Each kernel holds every path, compiled for its instruction set by function
 # attributes (csrc/simd.h); -march only decides what the portable path may use.

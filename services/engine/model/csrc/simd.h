@@ -1,4 +1,4 @@
-/* Shared by the native kernels (paged_attention.c, layers.c, bf16_linear.c).
+/* Shared by the native kernels (paged_attention.c, layers.c, bf16_linear.c, argmax.c).
  *
  * Every kernel holds one code path per instruction set, each compiled for it by
  * function target attributes, so which one runs is a run-time argument chosen
