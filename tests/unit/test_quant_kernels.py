@@ -191,6 +191,22 @@ def test_bf16_tiles_pack_any_row_count_and_block_count(library: ctypes.CDLL) -> 
                 assert error < 8e-3, (kind, rows, cols, tokens, error)
 
 
+def test_bf16_tiles_see_the_weights_rounded_to_bf16_bit_for_bit(library: ctypes.CDLL) -> None:
+    """One-hot activation rows read the dequantized B tiles back: x row t = e_t makes out[t, n] the
+    tile's weight (n, t) alone, exact in float32, which must equal GGUF's float32 weight rounded to
+    bf16 (every kind, both nibbles and every column position of a block, three panels)."""
+    kernels = kernels_on(library, "amx_int8", "float")
+    if not kernels.rounds_weights_to_bf16(16, torch.bfloat16):
+        pytest.skip("this CPU lacks amx_bf16 or avx512_bf16: the float variant dequantizes to float32 there")
+    rng = np.random.default_rng(10)
+    for kind in FORMATS:
+        weight = random_matrix(kind, 40, 96, rng)
+        x = torch.eye(96).bfloat16()
+        got = kernels.linear(x, weight, out=torch.empty(96, 40))
+        want = weight.dequantize().bfloat16().float().T
+        assert torch.equal(got, want), kind
+
+
 def test_auto_is_float_on_bf16_tiles_and_int8_elsewhere(library: ctypes.CDLL) -> None:
     kernels = kernels_on(library, "amx_int8", "auto").with_amx_min_rows(16)
     tiles = kernels.rounds_weights_to_bf16(16, torch.bfloat16)
