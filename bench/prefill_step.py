@@ -2,12 +2,14 @@
 timed in situ: the engine built as the server builds it, --warmup requests first (the first ~25
 after the build are slower: the background warm-up), then --requests timed ones.
 
-    python -m bench.prefill_step --ab          # FreshPrefill (B) against paged_attention (A), alternated
+    python -m bench.prefill_step --ab fresh    # FreshPrefill (B) against paged_attention (A), alternated
+    python -m bench.prefill_step --ab linears  # StepLinears (B) against QuantizedLinear calls (A)
     python -m bench.prefill_step --op-times    # per-op wall clock inside the step
 
 Run it alone on the machine (``flock /tmp/bench.lock``): other processes on the cores make the
-OpenMP kernels many times slower. --ab switches attention.FreshPrefill off for A at run time
-(AttentionMetadata.fresh_prefill -> None), so both run in one process on the same warm engine.
+OpenMP kernels many times slower. --ab switches one change off for A at run time (fresh:
+AttentionMetadata.fresh_prefill -> None; linears: the model's bound linear table -> None), so
+both sides run in one process on the same warm engine.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=40)
     parser.add_argument("--requests", type=int, default=40, help="timed requests (per side with --ab)")
-    parser.add_argument("--ab", action="store_true")
+    parser.add_argument("--ab", choices=("fresh", "linears"))
     parser.add_argument("--op-times", action="store_true")
     args = parser.parse_args()
     core = create_torch_backend(EngineSettings(redis_url="redis://127.0.0.1:1/0"))
@@ -52,9 +54,14 @@ def main() -> None:
         return time.perf_counter() - start
 
     fresh = AttentionMetadata.fresh_prefill
+    model = core.runner.model  # type: ignore[attr-defined]
+    table = model._bound_weights
 
     def use_fresh(on: bool) -> None:
-        AttentionMetadata.fresh_prefill = fresh if on else (lambda self: None)  # type: ignore[method-assign]
+        if args.ab == "fresh":
+            AttentionMetadata.fresh_prefill = fresh if on else (lambda self: None)  # type: ignore[method-assign]
+        elif args.ab == "linears":
+            model._bound_weights = table if on else None
 
     for i in range(args.warmup):
         use_fresh(bool(i & 1) or not args.ab)
@@ -67,7 +74,7 @@ def main() -> None:
                 sides[on].append(one())
         a, b = (statistics.median(sides[on]) * 1e3 for on in (False, True))
         print(f"{args.tokens}-token prefill step, median of {args.requests} each, alternated:")
-        print(f"  A paged_attention {a:.2f} ms   B FreshPrefill {b:.2f} ms   A - B {a - b:.2f} ms ({(a - b) / a:.1%})")
+        print(f"  A without {args.ab} {a:.2f} ms   B with {b:.2f} ms   A - B {a - b:.2f} ms ({(a - b) / a:.1%})")
         return
     totals: collections.defaultdict[str, float] = collections.defaultdict(float)
     calls: collections.Counter[str] = collections.Counter()

@@ -19,7 +19,7 @@ from services.engine.model.attention import FreshPrefill, paged_attention
 from services.engine.model.attention_metadata import AttentionMetadata
 from services.engine.model.config import ModelConfig, RopeScaling
 from services.engine.model.kv_cache import KVCache
-from services.engine.model.layer_step import LayerStep
+from services.engine.model.layer_step import LayerStep, LinearScratch, StepLinears, linear_weights
 from services.engine.model.linear import Bf16Linear, ConversionBuffer, Linear, QuantizedLinear
 from services.engine.model.plan import KernelPlan
 from services.engine.model.quantized import QuantizedMatrix
@@ -89,6 +89,8 @@ AnyLinear = Linear | Bf16Linear | QuantizedLinear
 _Norm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _Attend = Callable[[int, torch.Tensor], torch.Tensor]
 _SiluMul = Callable[[torch.Tensor], torch.Tensor]
+# layer_step.linear_weights of one linear.
+_Weights = tuple[int, int, int, int, int | None]
 
 
 class _Workspace:
@@ -162,6 +164,23 @@ class LlamaModel:
         self.lm_head = linear(weights.lm_head, None)
         matmuls = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         self._outputs_in_workspace = any(isinstance(m, QuantizedLinear) for m in matmuls)
+        # Every linear on one GGUF kernel, bf16 activations: bound once per step (StepLinears).
+        self._linear_kernels = next((m.kernels for m in matmuls if isinstance(m, QuantizedLinear)), None)
+        self._bound_weights = self._linear_table() if self.dtype == torch.bfloat16 else None
+        self._linear_scratch = LinearScratch()
+
+    def _linear_table(self) -> list[tuple[_Weights, _Weights, _Weights, _Weights]] | None:
+        """Per layer, linear_weights of (qkv, o, gate_up, down); None unless every one is a
+        QuantizedLinear on the model's one kernel."""
+        table = []
+        for layer in self.layers:
+            row = []
+            for matmul in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                if not isinstance(matmul, QuantizedLinear) or matmul.kernels is not self._linear_kernels:
+                    return None
+                row.append(linear_weights(matmul))
+            table.append((row[0], row[1], row[2], row[3]))
+        return table
 
     def matmul_params(self) -> int:
         """Weights touched by matmuls per token (for FLOP accounting)."""
@@ -202,16 +221,28 @@ class LlamaModel:
         # adds read hidden while they write the new one, so o and down write two different buffers:
         # o reads down's (or the embedding) and down reads o's, never in place.
         qkv_out = gate_up_out = after_attn = after_mlp = None
+        outs = None
         if self._outputs_in_workspace:
             rows, width, take = num_tokens + padding, self.config.hidden_size, self._workspace.take
             qkv_out = take("qkv", rows, self.q_size + 2 * self.kv_size)
             gate_up_out = take("gate_up", rows, 2 * self.config.intermediate_size)
             after_attn, after_mlp = take("after_attn", rows, width), take("after_mlp", rows, width)
-        for index, layer in enumerate(self.layers):
-            qkv = layer.qkv(norm(hidden, layer.input_norm), qkv_out)
-            hidden = layer.o.add_to(hidden, attend(index, qkv), after_attn)
-            gate_up = layer.gate_up(norm(hidden, layer.post_norm), gate_up_out)
-            hidden = layer.down.add_to(hidden, silu_and_mul(gate_up), after_mlp)
+            outs = (qkv_out, after_attn, gate_up_out, after_mlp)
+        kernels, table = self._linear_kernels, self._bound_weights
+        if table is not None and kernels is not None and outs is not None:
+            linears = StepLinears(kernels, table, self._linear_scratch, rows=num_tokens + padding, outs=outs)
+            hidden = hidden.contiguous()  # the bound calls read rows at the hidden width
+            for index, layer in enumerate(self.layers):
+                qkv = linears.qkv(index, norm(hidden, layer.input_norm))
+                hidden = linears.o(index, attend(index, qkv), hidden)
+                gate_up = linears.gate_up(index, norm(hidden, layer.post_norm))
+                hidden = linears.down(index, silu_and_mul(gate_up), hidden)
+        else:
+            for index, layer in enumerate(self.layers):
+                qkv = layer.qkv(norm(hidden, layer.input_norm), qkv_out)
+                hidden = layer.o.add_to(hidden, attend(index, qkv), after_attn)
+                gate_up = layer.gate_up(norm(hidden, layer.post_norm), gate_up_out)
+                hidden = layer.down.add_to(hidden, silu_and_mul(gate_up), after_mlp)
         # A copy: the logits below (a new tensor per step) owe nothing to the workspace.
         last = hidden.index_select(0, logits_indices)
         return self.lm_head.logits(self.norm(last, self.final_norm, eps))
