@@ -4,6 +4,7 @@ after the build are slower: the background warm-up), then --requests timed ones.
 
     python -m bench.prefill_step --ab fresh    # FreshPrefill (B) against paged_attention (A), alternated
     python -m bench.prefill_step --ab linears  # StepLinears (B) against QuantizedLinear calls (A)
+    python -m bench.prefill_step --ab both     # both (B) against neither (A)
     python -m bench.prefill_step --op-times    # per-op wall clock inside the step
 
 Run it alone on the machine (``flock /tmp/bench.lock``): other processes on the cores make the
@@ -37,7 +38,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=40)
     parser.add_argument("--requests", type=int, default=40, help="timed requests (per side with --ab)")
-    parser.add_argument("--ab", choices=("fresh", "linears"))
+    parser.add_argument("--ab", choices=("fresh", "linears", "both"))
     parser.add_argument("--op-times", action="store_true")
     args = parser.parse_args()
     core = create_torch_backend(EngineSettings(redis_url="redis://127.0.0.1:1/0"))
@@ -58,9 +59,9 @@ def main() -> None:
     table = model._bound_weights
 
     def use_fresh(on: bool) -> None:
-        if args.ab == "fresh":
+        if args.ab in ("fresh", "both"):
             AttentionMetadata.fresh_prefill = fresh if on else (lambda self: None)  # type: ignore[method-assign]
-        elif args.ab == "linears":
+        if args.ab in ("linears", "both"):
             model._bound_weights = table if on else None
 
     for i in range(args.warmup):
