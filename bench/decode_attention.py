@@ -19,6 +19,11 @@ sources, or a git revision whose csrc is taken) runs in its own process (two bui
 library in one process slow each other down); with several, the rounds alternate between
 them. Prints per build and layout the median ms per step (the sum of the 30 layers' calls,
 over rounds x passes steps) and the K/V bytes read per second at that median.
+
+The pools are torch allocations, on 4 KB pages unless THP_MEM_ALLOC_ENABLE=1 is set (torch then
+backs large allocations with 2 MB pages): both ways are worth a look, since on this VM the page
+walks of a pool read in KB-sized runs cost 13-15% of the kernel's time (Intel Xeon SPR, 2 threads,
+context 192: 12.25-12.89 -> 10.64-10.99 ms contiguous, 14.81-15.53 -> 12.72-13.10 scattered).
 """
 
 from __future__ import annotations
@@ -166,11 +171,11 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=10, help="timed steps (30 layers each) per process")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the kernel")
     parser.add_argument("--check", action="store_true", help="compare the builds' outputs bit for bit")
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-cflags", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        csrc, flags = args.child
-        print(json.dumps(child(Path(csrc), flags.split(), args)))
+        print(json.dumps(child(Path(args.child), args.child_cflags.split(), args)))
         return
     builds = args.build or ["."]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -183,7 +188,7 @@ def main() -> None:
         }
         for _ in range(1 if args.check else args.rounds):
             for build, (csrc, flags) in specs.items():
-                command = [sys.executable, "-m", "bench.decode_attention", "--child", str(csrc), flags]
+                command = [sys.executable, "-m", "bench.decode_attention", f"--child={csrc}", f"--child-cflags={flags}"]
                 command += ["--batch", str(args.batch), "--context", str(args.context), "--passes", str(args.passes)]
                 command += ["--pool-factor", str(args.pool_factor)] + ["--vary"] * args.vary + ["--check"] * args.check
                 run = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
