@@ -6,6 +6,7 @@ after the build are slower: the background warm-up), then --requests timed ones.
     python -m bench.prefill_step --ab linears  # StepLinears (B) against QuantizedLinear calls (A)
     python -m bench.prefill_step --ab both     # both (B) against neither (A)
     python -m bench.prefill_step --op-times    # per-op wall clock inside the step
+    python -m bench.prefill_step --ab linears --decode 32  # the c1 decode steps after it instead
 
 Run it alone on the machine (``flock /tmp/bench.lock``): other processes on the cores make the
 OpenMP kernels many times slower. --ab switches one change off for A at run time (fresh:
@@ -40,6 +41,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40, help="timed requests (per side with --ab)")
     parser.add_argument("--ab", choices=("fresh", "linears", "both"))
     parser.add_argument("--op-times", action="store_true")
+    parser.add_argument(
+        "--decode",
+        type=int,
+        default=0,
+        help="time the decode steps after the prefill instead: the median of N per request",
+    )
     args = parser.parse_args()
     core = create_torch_backend(EngineSettings(redis_url="redis://127.0.0.1:1/0"))
     rng = random.Random(0)
@@ -48,7 +55,17 @@ def main() -> None:
     def one() -> float:
         ids = [rng.randrange(100, 40000) for _ in range(args.tokens)]
         params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        if args.decode:
+            params = SamplingParams(max_tokens=args.decode + 1, temperature=0.0, ignore_eos=True)
         core.add_request(EngineRequest(f"r{next(counter)}", ids, params))
+        if args.decode:
+            core.step()  # the prefill
+            steps = []
+            while core.has_unfinished():
+                start = time.perf_counter()
+                core.step()
+                steps.append(time.perf_counter() - start)
+            return statistics.median(steps)
         start = time.perf_counter()
         while core.has_unfinished():
             core.step()
@@ -74,7 +91,8 @@ def main() -> None:
                 use_fresh(on)
                 sides[on].append(one())
         a, b = (statistics.median(sides[on]) * 1e3 for on in (False, True))
-        print(f"{args.tokens}-token prefill step, median of {args.requests} each, alternated:")
+        what = f"decode step after a {args.tokens}-token prompt" if args.decode else f"{args.tokens}-token prefill step"
+        print(f"{what}, median of {args.requests} requests each, alternated:")
         print(f"  A without {args.ab} {a:.2f} ms   B with {b:.2f} ms   A - B {a - b:.2f} ms ({(a - b) / a:.1%})")
         return
     totals: collections.defaultdict[str, float] = collections.defaultdict(float)
