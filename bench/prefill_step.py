@@ -125,6 +125,8 @@ def _time_ops(totals: collections.defaultdict[str, float], calls: collections.Co
     wrap(linear.QuantizedLinear, "__call__", "linear (qkv, gate_up)")
     wrap(linear.QuantizedLinear, "add_to", "linear (o, down)")
     wrap(linear.QuantizedLinear, "logits", "lm_head")
+    for name in ("qkv", "o", "gate_up", "down"):
+        wrap(layer_step.StepLinears, name, f"bound {name}")
     wrap(layer_step.LayerStep, "norm", "rms_norm")
     wrap(layer_step.LayerStep, "rope_store", "rope_store")
     wrap(layer_step.LayerStep, "silu_mul", "silu_mul")
