@@ -7,6 +7,7 @@ after the build are slower: the background warm-up), then --requests timed ones.
     python -m bench.prefill_step --ab both     # both (B) against neither (A)
     python -m bench.prefill_step --op-times    # per-op wall clock inside the step
     python -m bench.prefill_step --ab linears --decode 32  # the c1 decode steps after it instead
+    python -m bench.prefill_step --ab reuse --decode 32    # StepLinears reused across steps, or rebuilt
 
 Run it alone on the machine (``flock /tmp/bench.lock``): other processes on the cores make the
 OpenMP kernels many times slower. --ab switches one change off for A at run time (fresh:
@@ -39,7 +40,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=40)
     parser.add_argument("--requests", type=int, default=40, help="timed requests (per side with --ab)")
-    parser.add_argument("--ab", choices=("fresh", "linears", "both"))
+    parser.add_argument("--ab", choices=("fresh", "linears", "both", "reuse"))
     parser.add_argument("--op-times", action="store_true")
     parser.add_argument(
         "--decode",
@@ -74,12 +75,15 @@ def main() -> None:
     fresh = AttentionMetadata.fresh_prefill
     model = core.runner.model  # type: ignore[attr-defined]
     table = model._bound_weights
+    reuse = llama.LlamaModel._bound_linears
 
     def use_fresh(on: bool) -> None:
         if args.ab in ("fresh", "both"):
             AttentionMetadata.fresh_prefill = fresh if on else (lambda self: None)  # type: ignore[method-assign]
         if args.ab in ("linears", "both"):
             model._bound_weights = table if on else None
+        if args.ab == "reuse":
+            llama.LlamaModel._bound_linears = reuse if on else _rebuild  # type: ignore[method-assign]
 
     for i in range(args.warmup):
         use_fresh(bool(i & 1) or not args.ab)
@@ -104,6 +108,11 @@ def main() -> None:
     for name in sorted(totals, key=lambda n: -totals[n]):
         per_step = totals[name] / args.requests * 1e3
         print(f"  {name:18s} {per_step:6.2f} ms/step  {totals[name] / calls[name] * 1e6:7.1f} us/call")
+
+
+def _rebuild(self: llama.LlamaModel, kernels: Any, table: Any, rows: int, outs: Any) -> layer_step.StepLinears:
+    """LlamaModel._bound_linears without the reuse: a new binding every step."""
+    return layer_step.StepLinears(kernels, table, self._linear_scratch, rows=rows, outs=outs)
 
 
 def _time_ops(totals: collections.defaultdict[str, float], calls: collections.Counter[str]) -> None:
