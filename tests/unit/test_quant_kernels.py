@@ -331,7 +331,7 @@ weight = random_matrix("Q4_0", 16, 576, np.random.default_rng(0))
 kernels.linear(torch.randn(32, 576).bfloat16(), weight)  # the OpenMP threads exist before the limit
 rows = 200_000
 x = torch.empty(rows, 576, dtype=torch.bfloat16)  # 230 MB, untouched; each thread's scratch would be as big
-kernels._scratch.take(rows * 576, 0, torch.float32)  # the Python side's scratch, before the limit
+kernels._scratch.take(torch.float32, rows * 576)  # the Python side's scratch, before the limit
 vm = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize")).split()[1]) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (vm + (64 << 20), resource.getrlimit(resource.RLIMIT_AS)[1]))
 try:

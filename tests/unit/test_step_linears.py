@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.engine.model.layer_step import LinearScratch, StepLinears, linear_weights
+from services.engine.model.layer_step import StepLinears, linear_weights
 from services.engine.model.linear import QuantizedLinear
+from services.engine.model.quant_kernels import ActivationScratch
 from tests.unit.test_forward_workspace import (
     Q4_1,
     _batch,
@@ -66,7 +67,7 @@ def test_each_bound_linear_equals_its_quantized_linear(q4_1_dir: Path, rows: int
     qkv_out, o_out, gate_up_out, down_out = outs
     table = [tuple(linear_weights(m) for m in linears)]  # type: ignore[arg-type]
     kernels = layer.qkv.kernels  # type: ignore[union-attr]
-    bound = StepLinears(kernels, table, LinearScratch(), rows=rows, outs=(qkv_out, o_out, gate_up_out, down_out))  # type: ignore[arg-type]
+    bound = StepLinears(kernels, table, ActivationScratch(), rows=rows, outs=(qkv_out, o_out, gate_up_out, down_out))  # type: ignore[arg-type]
     assert bound.qkv(0, xs[0]) is qkv_out and torch.equal(qkv_out, layer.qkv(xs[0]))
     assert bound.o(0, xs[1], residual) is o_out and torch.equal(o_out, layer.o.add_to(residual, xs[1]))
     assert bound.gate_up(0, xs[2]) is gate_up_out and torch.equal(gate_up_out, layer.gate_up(xs[2]))
@@ -84,7 +85,7 @@ def test_bound_linears_refuse_buffers_of_other_rows() -> None:
         StepLinears(
             None,  # type: ignore[arg-type]
             [],
-            LinearScratch(),
+            ActivationScratch(),
             rows=4,
             outs=tuple(torch.empty(3, 8, dtype=torch.bfloat16) for _ in range(4)),  # type: ignore[arg-type]
         )

@@ -9,8 +9,8 @@ import torch
 
 from services.engine.model.linear import QuantizedLinear
 from services.engine.model.native_kernels import FORMAT_CODES, POOL_DTYPES, NativeKernels
-from services.engine.model.quant_kernels import PATHS, QuantKernels
-from services.engine.model.quantized import BLOCK, KIND_CODES
+from services.engine.model.quant_kernels import ActivationScratch, QuantKernels, raise_for_status
+from services.engine.model.quantized import KIND_CODES
 
 
 @functools.lru_cache(maxsize=8)
@@ -152,27 +152,10 @@ class LayerStep:
         return self._activated
 
 
-class LinearScratch:
-    """The bound GGUF linears' activation scratch (StepLinears), kept across steps: it only grows,
-    so a step's binding reads addresses that stay valid until the next binding."""
-
-    __slots__ = ("_buffers",)
-
-    def __init__(self) -> None:
-        self._buffers: dict[torch.dtype, torch.Tensor] = {}
-
-    def take(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        """A flat tensor of at least numel elements of dtype (contents left over)."""
-        buffer = self._buffers.get(dtype)
-        if buffer is None or buffer.numel() < numel:
-            buffer = self._buffers[dtype] = torch.empty(max(numel, 1), dtype=dtype)
-        return buffer
-
-
 # linear_weights: (cols, weight address, weight rows, kind code, bias address or None).
 _Weights = tuple[int, int, int, int, int | None]
-# A bound call's arguments around x's and the residual's addresses (StepLinears._run).
-_Bound = tuple[tuple[int | None, ...], tuple[int, ...]]
+# A bound call's arguments around x's and the residual's addresses, and its weight's rows (StepLinears._run).
+_Bound = tuple[tuple[int | None, ...], tuple[int, ...], int]
 
 
 def linear_weights(linear: QuantizedLinear) -> _Weights:
@@ -194,13 +177,13 @@ class StepLinears:
     Every input and residual must be a contiguous bfloat16 [rows, width] tensor of the step's rows
     (not checked per call); outputs are the given buffers, overwritten by the next layer's call."""
 
-    __slots__ = ("_call", "_code", "_down", "_gate_up", "_o", "_outs", "_qkv", "_scratch")
+    __slots__ = ("_call", "_down", "_gate_up", "_o", "_outs", "_qkv", "_scratch")
 
     def __init__(
         self,
         kernels: QuantKernels,
         weights: list[tuple[_Weights, _Weights, _Weights, _Weights]],
-        scratch: LinearScratch,
+        scratch: ActivationScratch,
         *,
         rows: int,
         outs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
@@ -210,19 +193,12 @@ class StepLinears:
         contiguous bfloat16 with `rows` rows; o and down write after_attn and after_mlp."""
         if any(out.dtype != torch.bfloat16 or not out.is_contiguous() or out.shape[0] != rows for out in outs):
             raise ValueError("the bound linears write contiguous bfloat16 buffers of the step's rows")
-        path = "avx512_vnni" if kernels.path == "amx_int8" and rows < kernels.amx_min_rows else kernels.path
+        call = kernels.call_for(rows, torch.bfloat16)
         widest = max(w[0] for layer in weights for w in layer)
         # The scratch tensors are kept here too: the calls hold only their addresses.
-        if kernels.variant_for(rows, torch.bfloat16) == "float":
-            call = kernels._linear_float
-            self._scratch: tuple[torch.Tensor, ...] = (scratch.take(torch.float32, max(rows, 16) * widest),)
-        else:
-            call = kernels._linear
-            padded = kernels._padded_rows(rows) * widest
-            self._scratch = (scratch.take(torch.int8, padded), scratch.take(torch.float32, padded // BLOCK * 2))
+        self._scratch = tuple(scratch.take(dtype, numel) for dtype, numel in call.scratch_sizes(widest, bf16=True))
         scratch_args = tuple(buffer.data_ptr() for buffer in self._scratch)
         self._call = call
-        self._code = PATHS.index(path)
         self._outs = outs
         qkv_out, after_attn, gate_up_out, after_mlp = outs
 
@@ -230,7 +206,11 @@ class StepLinears:
             # The qlinear arguments after x's address: its stride, bf16 in, rows, cols, the weight's
             # four; after the residual's: its stride (0: none), out, its stride, bf16 out, scratch.
             res_stride = out.shape[1] if residual else 0
-            return (weight[0], 1, rows, *weight), (res_stride, out.data_ptr(), out.stride(0), 1, *scratch_args)
+            return (
+                (weight[0], 1, rows, *weight),
+                (res_stride, out.data_ptr(), out.stride(0), 1, *scratch_args),
+                weight[2],
+            )
 
         self._qkv = [bind(layer[0], qkv_out, False) for layer in weights]
         self._o = [bind(layer[1], after_attn, True) for layer in weights]
@@ -238,10 +218,11 @@ class StepLinears:
         self._down = [bind(layer[3], after_mlp, True) for layer in weights]
 
     def _run(self, bound: _Bound, x: torch.Tensor, residual: int | None) -> None:
-        mid, tail = bound
-        status = self._call(self._code, x.data_ptr(), *mid, residual, *tail)
+        mid, tail, outputs = bound
+        call = self._call
+        status = call.function(call.path_code, x.data_ptr(), *mid, residual, *tail)
         if status != 0:
-            raise RuntimeError(f"quantized linear (path {PATHS[self._code]}) failed with status {status}")
+            raise_for_status(status, call.path, call.rows, x.shape[1], outputs)
 
     def qkv(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """x [rows, hidden] @ qkv.T into the qkv buffer, returned."""

@@ -19,10 +19,10 @@ from services.engine.model.attention import FreshPrefill, paged_attention
 from services.engine.model.attention_metadata import AttentionMetadata
 from services.engine.model.config import ModelConfig, RopeScaling
 from services.engine.model.kv_cache import KVCache
-from services.engine.model.layer_step import LayerStep, LinearScratch, StepLinears, linear_weights
+from services.engine.model.layer_step import LayerStep, StepLinears, linear_weights
 from services.engine.model.linear import Bf16Linear, ConversionBuffer, Linear, QuantizedLinear
 from services.engine.model.plan import KernelPlan
-from services.engine.model.quant_kernels import QuantKernels
+from services.engine.model.quant_kernels import ActivationScratch, QuantKernels
 from services.engine.model.quantized import QuantizedMatrix
 from services.engine.model.reference import apply_rope, rms_norm, silu_mul
 
@@ -168,7 +168,7 @@ class LlamaModel:
         # Every linear on one GGUF kernel, bf16 activations: bound once per step (StepLinears).
         self._linear_kernels = next((m.kernels for m in matmuls if isinstance(m, QuantizedLinear)), None)
         self._bound_weights = self._linear_table() if self.dtype == torch.bfloat16 else None
-        self._linear_scratch = LinearScratch()
+        self._linear_scratch = ActivationScratch()
         self._last_linears: tuple[tuple[int, ...], StepLinears] | None = None
 
     def _bound_linears(

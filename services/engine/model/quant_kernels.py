@@ -24,6 +24,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,19 +65,59 @@ def path_for(cpu: CpuFeatures) -> str:
     return next(path for path in reversed(PATHS) if cpu.has(*PATH_FLAGS[path]))
 
 
-class _Scratch:
-    """The prepared activations (int8 and scales, or float32 and block sums), reused across calls."""
+class ActivationScratch:
+    """The prepared activations of the quantized linears (int8 values and scales, or float32), one
+    growing buffer per dtype, reused across calls: a call's addresses stay valid until a larger take."""
+
+    __slots__ = ("_buffers",)
 
     def __init__(self) -> None:
-        self.values = torch.empty(0, dtype=torch.int8)
-        self.scales = torch.empty(0, dtype=torch.float32)
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
 
-    def take(self, values: int, scales: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.values.dtype != dtype or self.values.numel() < values:
-            self.values = torch.empty(values, dtype=dtype)
-        if self.scales.numel() < scales:
-            self.scales = torch.empty(scales, dtype=torch.float32)
-        return self.values, self.scales
+    def take(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        """A flat tensor of at least numel elements of dtype (contents left over)."""
+        buffer = self._buffers.get(dtype)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[dtype] = torch.empty(max(numel, 1), dtype=dtype)
+        return buffer
+
+
+@dataclass(frozen=True, slots=True)
+class LinearCall:
+    """What QuantKernels runs for a call of ``rows`` activation rows: the C entry point (qlinear, or
+    qlinear_float for float activations), the path it runs on, and the scratch it needs. Shared by
+    QuantKernels.linear and the step's bound linears (layer_step.StepLinears), so the rules live here."""
+
+    function: Callable[..., int]
+    path: str
+    rows: int
+    float_activations: bool
+    padded_rows: int  # the rows the int8 activations are packed to (the kernel's own count)
+
+    @property
+    def path_code(self) -> int:
+        return PATHS.index(self.path)
+
+    def scratch_sizes(self, cols: int, bf16: bool) -> tuple[tuple[torch.dtype, int], ...]:
+        """(dtype, elements) of each scratch argument, in the call's order, for ``cols`` columns."""
+        if self.float_activations:
+            # Only bf16 activations use it (widened, or a padded 16-row tail for tiles).
+            return ((torch.float32, max(self.rows, 16) * cols if bf16 else 0),)
+        values = self.padded_rows * cols
+        return ((torch.int8, values), (torch.float32, values // BLOCK * 2))
+
+
+def raise_for_status(status: int, path: str, rows: int, cols: int, outputs: int) -> None:
+    """A qlinear call's status as the caller's error: 0 is success, -3 a failed scratch allocation."""
+    if status == 0:
+        return
+    if status == -3:
+        raise MemoryError(
+            f"quantized linear ({path}, {rows} x {cols} activations, {outputs} outputs): "
+            "the kernel could not allocate its scratch memory"
+        )
+    reason = "this CPU cannot run it" if status == -2 else "bad arguments"
+    raise RuntimeError(f"quantized linear ({path}) failed with status {status}: {reason}")
 
 
 class QuantKernels:
@@ -101,7 +143,7 @@ class QuantKernels:
         args = (ctypes.c_int, p, i, ctypes.c_int, i, i, p, i, ctypes.c_int, p, p, i, p, i, ctypes.c_int, p, p)
         self._linear = _declare(library.qlinear, ctypes.c_int, *args)
         self._linear_float = _declare(library.qlinear_float, ctypes.c_int, *args[:-1])
-        self._scratch = _Scratch()
+        self._scratch = ActivationScratch()
 
     def runnable_paths(self) -> tuple[str, ...]:
         """The paths this machine can run (cpuid, as the C runtime sees it)."""
@@ -124,6 +166,14 @@ class QuantKernels:
         if self.variant == "auto":
             return "float" if self.rounds_weights_to_bf16(tokens, dtype) else "int8"
         return self.variant
+
+    def call_for(self, rows: int, dtype: torch.dtype) -> LinearCall:
+        """The entry point, path and scratch of a call of ``rows`` rows of ``dtype`` activations:
+        amx_int8 runs its tiles from amx_min_rows rows, avx512_vnni below."""
+        path = "avx512_vnni" if self.path == "amx_int8" and rows < self.amx_min_rows else self.path
+        if self.variant_for(rows, dtype) == "float":
+            return LinearCall(self._linear_float, path, rows, True, rows)
+        return LinearCall(self._linear, path, rows, False, self._padded_rows(rows))
 
     def with_path(self, path: str) -> QuantKernels:
         return QuantKernels(self._library, path, self.variant, self.amx_min_rows)
@@ -173,23 +223,14 @@ class QuantKernels:
             _check_out(out, tokens, weight.rows, x.dtype)
         if residual is not None and (residual.dtype != out.dtype or residual.stride(1) != 1):
             residual = residual.to(out.dtype).contiguous()
-        bf16 = int(x.dtype == torch.bfloat16)
-        path = "avx512_vnni" if self.path == "amx_int8" and tokens < self.amx_min_rows else self.path
-        if self.variant_for(tokens, x.dtype) == "float":
-            # Only bf16 activations use the scratch (widened, or a padded 16-row tail for tiles).
-            values, _ = self._scratch.take(max(tokens, 16) * cols if bf16 else 0, 0, torch.float32)
-            scratch: tuple[int, ...] = (values.data_ptr(),)
-            call = self._linear_float
-        else:
-            padded = self._padded_rows(tokens)
-            values, scales = self._scratch.take(padded * cols, padded * cols // BLOCK * 2, torch.int8)
-            scratch = (values.data_ptr(), scales.data_ptr())
-            call = self._linear
-        status = call(
-            PATHS.index(path),
+        bf16 = x.dtype == torch.bfloat16
+        call = self.call_for(tokens, x.dtype)
+        scratch = tuple(self._scratch.take(dtype, numel).data_ptr() for dtype, numel in call.scratch_sizes(cols, bf16))
+        status = call.function(
+            call.path_code,
             x.data_ptr(),
             x.stride(0),
-            bf16,
+            int(bf16),
             tokens,
             cols,
             weight.data.data_ptr(),
@@ -203,14 +244,7 @@ class QuantKernels:
             int(out.dtype == torch.bfloat16),
             *scratch,
         )
-        if status == -3:
-            raise MemoryError(
-                f"quantized linear ({path}, {tokens} x {cols} activations, {weight.rows} outputs): "
-                "the kernel could not allocate its scratch memory"
-            )
-        if status != 0:
-            reason = "this CPU cannot run it" if status == -2 else "bad arguments"
-            raise RuntimeError(f"quantized linear ({path}) failed with status {status}: {reason}")
+        raise_for_status(status, call.path, tokens, cols, weight.rows)
         return out
 
 
