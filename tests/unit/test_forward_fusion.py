@@ -9,7 +9,6 @@ plan for this CPU, an AVX2-only one and one without vector extensions (each bind
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,6 +41,9 @@ CONFIG = {
 }
 AVX2_ONLY = CpuFeatures.simulated("avx", "avx2", "fma", "f16c", "bmi2", "movbe")
 
+# Small ops on the shared 2-core machine (conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def native() -> NativeKernels:
@@ -49,15 +51,6 @@ def native() -> NativeKernels:
     if kernels is None:
         pytest.skip("the native kernels do not build or pass their self-check here")
     return kernels
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small ops on a shared 2-core machine; the OpenMP paths of the kernels still run (>= 16 rows)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _pool(dtype: torch.dtype, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

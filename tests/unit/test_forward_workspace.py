@@ -29,14 +29,8 @@ BLOCK = 4
 NUM_BLOCKS = 400  # 64 sequences of 6 blocks
 Q4_1 = {name: "Q4_1" for name in TYPES}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small ops on a shared 2-core machine; the kernels' OpenMP loops still run."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Small ops on the shared 2-core machine (conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=["Q4_1", "mixed"])

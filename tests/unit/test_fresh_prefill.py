@@ -5,7 +5,6 @@ forward without it: the same SDPA call on the same views, so bit for bit."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
@@ -25,14 +24,8 @@ HEADS, KV_HEADS, DIM, BLOCK = 9, 3, 64, 16
 # paged_attention only hands the kernels object to decodes; prefills never touch it.
 NATIVE = cast(NativeKernels, object())
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small ops on a shared 2-core machine; SDPA's and the kernels' OpenMP loops still run."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Small ops on the shared 2-core machine (conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _meta(query_lens: list[int], context_lens: list[int], dtype: torch.dtype) -> AttentionMetadata:
