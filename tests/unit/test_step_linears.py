@@ -20,9 +20,11 @@ from tests.unit.test_forward_workspace import (
     _sequences,
     _steps,
     forward,
-    one_thread,  # noqa: F401  (the module's thread setting, applied here too)
 )
 from tests.unit.test_gguf_weights import TYPES, write_model
+
+# Small ops on the shared 2-core machine (conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

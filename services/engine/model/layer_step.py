@@ -153,12 +153,14 @@ class LayerStep:
 
 
 # linear_weights: (cols, weight address, weight rows, kind code, bias address or None).
-_Weights = tuple[int, int, int, int, int | None]
+LinearWeights = tuple[int, int, int, int, int | None]
+# Per layer: the LinearWeights of (qkv, o, gate_up, down), what StepLinears binds.
+LayerLinears = tuple[LinearWeights, LinearWeights, LinearWeights, LinearWeights]
 # A bound call's arguments around x's and the residual's addresses, and its weight's rows (StepLinears._run).
 _Bound = tuple[tuple[int | None, ...], tuple[int, ...], int]
 
 
-def linear_weights(linear: QuantizedLinear) -> _Weights:
+def linear_weights(linear: QuantizedLinear) -> LinearWeights:
     """What the qlinear call reads of a layer's weights, fixed for the model's life:
     (cols, weight address, weight rows, block kind code, float32 bias address or None)."""
     weight = linear.weight
@@ -182,7 +184,7 @@ class StepLinears:
     def __init__(
         self,
         kernels: QuantKernels,
-        weights: list[tuple[_Weights, _Weights, _Weights, _Weights]],
+        weights: list[LayerLinears],
         scratch: ActivationScratch,
         *,
         rows: int,
@@ -202,7 +204,7 @@ class StepLinears:
         self._outs = outs
         qkv_out, after_attn, gate_up_out, after_mlp = outs
 
-        def bind(weight: _Weights, out: torch.Tensor, residual: bool) -> _Bound:
+        def bind(weight: LinearWeights, out: torch.Tensor, residual: bool) -> _Bound:
             # The qlinear arguments after x's address: its stride, bf16 in, rows, cols, the weight's
             # four; after the residual's: its stride (0: none), out, its stride, bf16 out, scratch.
             res_stride = out.shape[1] if residual else 0

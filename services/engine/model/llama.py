@@ -19,7 +19,7 @@ from services.engine.model.attention import FreshPrefill, paged_attention
 from services.engine.model.attention_metadata import AttentionMetadata
 from services.engine.model.config import ModelConfig, RopeScaling
 from services.engine.model.kv_cache import KVCache
-from services.engine.model.layer_step import LayerStep, StepLinears, linear_weights
+from services.engine.model.layer_step import LayerLinears, LayerStep, StepLinears, linear_weights
 from services.engine.model.linear import Bf16Linear, ConversionBuffer, Linear, QuantizedLinear
 from services.engine.model.plan import KernelPlan
 from services.engine.model.quant_kernels import ActivationScratch, QuantKernels
@@ -90,8 +90,6 @@ AnyLinear = Linear | Bf16Linear | QuantizedLinear
 _Norm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _Attend = Callable[[int, torch.Tensor], torch.Tensor]
 _SiluMul = Callable[[torch.Tensor], torch.Tensor]
-# layer_step.linear_weights of one linear.
-_Weights = tuple[int, int, int, int, int | None]
 
 
 class _Workspace:
@@ -174,7 +172,7 @@ class LlamaModel:
     def _bound_linears(
         self,
         kernels: QuantKernels,
-        table: list[tuple[_Weights, _Weights, _Weights, _Weights]],
+        table: list[LayerLinears],
         rows: int,
         outs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     ) -> StepLinears:
@@ -186,7 +184,7 @@ class LlamaModel:
             cached = self._last_linears = (key, StepLinears(kernels, table, self._linear_scratch, rows=rows, outs=outs))
         return cached[1]
 
-    def _linear_table(self) -> list[tuple[_Weights, _Weights, _Weights, _Weights]] | None:
+    def _linear_table(self) -> list[LayerLinears] | None:
         """Per layer, linear_weights of (qkv, o, gate_up, down); None unless every one is a
         QuantizedLinear on the model's one kernel."""
         table = []
