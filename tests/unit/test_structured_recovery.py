@@ -47,7 +47,11 @@ CONSTRAINTS: dict[str, tuple[StructuredOutputs, str]] = {
 
 @pytest.fixture(scope="module")
 def compiler(tokenizer: Any) -> GrammarCompiler:
-    return GrammarCompiler.for_model(lambda: tokenizer, VOCAB, [EOS])
+    compiler = GrammarCompiler.for_model(lambda: tokenizer, VOCAB, [EOS])
+    # As the engine does before it serves: a step's mask kernel compiled beside the warm-up's (two
+    # first torch.compile calls at once) failed a CI run on a half-written precompiled header.
+    compiler.wait_ready(timeout=120)
+    return compiler
 
 
 def _core(compiler: GrammarCompiler, num_blocks: int = 512, max_num_batched_tokens: int = 64) -> EngineCore:
