@@ -93,10 +93,7 @@ class LinearCall:
     rows: int
     float_activations: bool
     padded_rows: int  # the rows the int8 activations are packed to (the kernel's own count)
-
-    @property
-    def path_code(self) -> int:
-        return PATHS.index(self.path)
+    path_code: int  # PATHS.index(path), the C call's first argument: looked up once, not per call
 
     def scratch_sizes(self, cols: int, bf16: bool) -> tuple[tuple[torch.dtype, int], ...]:
         """(dtype, elements) of each scratch argument, in the call's order, for ``cols`` columns."""
@@ -172,8 +169,8 @@ class QuantKernels:
         amx_int8 runs its tiles from amx_min_rows rows, avx512_vnni below."""
         path = "avx512_vnni" if self.path == "amx_int8" and rows < self.amx_min_rows else self.path
         if self.variant_for(rows, dtype) == "float":
-            return LinearCall(self._linear_float, path, rows, True, rows)
-        return LinearCall(self._linear, path, rows, False, self._padded_rows(rows))
+            return LinearCall(self._linear_float, path, rows, True, rows, PATHS.index(path))
+        return LinearCall(self._linear, path, rows, False, self._padded_rows(rows), PATHS.index(path))
 
     def with_path(self, path: str) -> QuantKernels:
         return QuantKernels(self._library, path, self.variant, self.amx_min_rows)
