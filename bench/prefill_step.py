@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from services.engine.contract import EngineRequest
 from services.engine.core.build import create_torch_backend
-from services.engine.model import attention, layer_step, linear, llama
+from services.engine.model import attention, layer_step, linear, llama, step_linears
 from services.engine.model.attention_metadata import AttentionMetadata
 from shared.messages import SamplingParams
 from shared.settings import EngineSettings
@@ -110,9 +110,9 @@ def main() -> None:
         print(f"  {name:18s} {per_step:6.2f} ms/step  {totals[name] / calls[name] * 1e6:7.1f} us/call")
 
 
-def _rebuild(self: llama.LlamaModel, kernels: Any, table: Any, rows: int, outs: Any) -> layer_step.StepLinears:
+def _rebuild(self: llama.LlamaModel, kernels: Any, table: Any, rows: int, outs: Any) -> step_linears.StepLinears:
     """LlamaModel._bound_linears without the reuse: a new binding every step."""
-    return layer_step.StepLinears(kernels, table, self._linear_scratch, rows=rows, outs=outs)
+    return step_linears.StepLinears(kernels, table, self._linear_scratch, rows=rows, outs=outs)
 
 
 def _time_ops(totals: collections.defaultdict[str, float], calls: collections.Counter[str]) -> None:
@@ -135,7 +135,7 @@ def _time_ops(totals: collections.defaultdict[str, float], calls: collections.Co
     wrap(linear.QuantizedLinear, "add_to", "linear (o, down)")
     wrap(linear.QuantizedLinear, "logits", "lm_head")
     for name in ("qkv", "o", "gate_up", "down"):
-        wrap(layer_step.StepLinears, name, f"bound {name}")
+        wrap(step_linears.StepLinears, name, f"bound {name}")
     wrap(layer_step.LayerStep, "norm", "rms_norm")
     wrap(layer_step.LayerStep, "rope_store", "rope_store")
     wrap(layer_step.LayerStep, "silu_mul", "silu_mul")

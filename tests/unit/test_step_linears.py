@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.engine.model.layer_step import StepLinears, linear_weights
 from services.engine.model.linear import QuantizedLinear
 from services.engine.model.quant_kernels import ActivationScratch
+from services.engine.model.step_linears import StepLinears, linear_weights
 from tests.unit.test_forward_workspace import (
     Q4_1,
     _batch,

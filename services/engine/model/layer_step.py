@@ -7,10 +7,7 @@ import functools
 
 import torch
 
-from services.engine.model.linear import QuantizedLinear
 from services.engine.model.native_kernels import FORMAT_CODES, POOL_DTYPES, NativeKernels
-from services.engine.model.quant_kernels import ActivationScratch, QuantKernels, raise_for_status
-from services.engine.model.quantized import KIND_CODES
 
 
 @functools.lru_cache(maxsize=8)
@@ -150,98 +147,3 @@ class LayerStep:
         out, rows, inter = self._silu_args
         self._silu(self._code, gate_up.data_ptr(), out, rows, inter)
         return self._activated
-
-
-# linear_weights: (cols, weight address, weight rows, kind code, bias address or None).
-LinearWeights = tuple[int, int, int, int, int | None]
-# Per layer: the LinearWeights of (qkv, o, gate_up, down), what StepLinears binds.
-LayerLinears = tuple[LinearWeights, LinearWeights, LinearWeights, LinearWeights]
-# A bound call's arguments around x's and the residual's addresses, and its weight's rows (StepLinears._run).
-_Bound = tuple[tuple[int | None, ...], tuple[int, ...], int]
-
-
-def linear_weights(linear: QuantizedLinear) -> LinearWeights:
-    """What the qlinear call reads of a layer's weights, fixed for the model's life:
-    (cols, weight address, weight rows, block kind code, float32 bias address or None)."""
-    weight = linear.weight
-    bias = None if linear.bias is None else linear.bias.data_ptr()
-    return (weight.cols, weight.data.data_ptr(), weight.rows, KIND_CODES[weight.kind], bias)
-
-
-class StepLinears:
-    """The step's GGUF linears (each layer's qkv, o, gate_up, down) as QuantKernels.linear calls
-    them, with every argument fixed for the step resolved once: the path and variant the step's
-    row count takes, the weights, the output buffers and the activation scratch. A call then reads
-    its input's (and residual's) address and nothing else: QuantKernels.linear spends ~8-11 us of
-    Python per call in the engine's step (checks, the variant and scratch, argument conversion;
-    Intel Xeon SPR, avx512f/amx), 120 calls a step for a 30-layer model.
-
-    Every input and residual must be a contiguous bfloat16 [rows, width] tensor of the step's rows
-    (not checked per call); outputs are the given buffers, overwritten by the next layer's call."""
-
-    __slots__ = ("_call", "_down", "_gate_up", "_o", "_outs", "_qkv", "_scratch")
-
-    def __init__(
-        self,
-        kernels: QuantKernels,
-        weights: list[LayerLinears],
-        scratch: ActivationScratch,
-        *,
-        rows: int,
-        outs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    ) -> None:
-        """weights: per layer, linear_weights of (qkv, o, gate_up, down); outs: their output
-        buffers (qkv [rows, qkv width], after_attn and after_mlp [rows, hidden], gate_up), each
-        contiguous bfloat16 with `rows` rows; o and down write after_attn and after_mlp."""
-        if any(out.dtype != torch.bfloat16 or not out.is_contiguous() or out.shape[0] != rows for out in outs):
-            raise ValueError("the bound linears write contiguous bfloat16 buffers of the step's rows")
-        call = kernels.call_for(rows, torch.bfloat16)
-        widest = max(w[0] for layer in weights for w in layer)
-        # The scratch tensors are kept here too: the calls hold only their addresses.
-        self._scratch = tuple(scratch.take(dtype, numel) for dtype, numel in call.scratch_sizes(widest, bf16=True))
-        scratch_args = tuple(buffer.data_ptr() for buffer in self._scratch)
-        self._call = call
-        self._outs = outs
-        qkv_out, after_attn, gate_up_out, after_mlp = outs
-
-        def bind(weight: LinearWeights, out: torch.Tensor, residual: bool) -> _Bound:
-            # The qlinear arguments after x's address: its stride, bf16 in, rows, cols, the weight's
-            # four; after the residual's: its stride (0: none), out, its stride, bf16 out, scratch.
-            res_stride = out.shape[1] if residual else 0
-            return (
-                (weight[0], 1, rows, *weight),
-                (res_stride, out.data_ptr(), out.stride(0), 1, *scratch_args),
-                weight[2],
-            )
-
-        self._qkv = [bind(layer[0], qkv_out, False) for layer in weights]
-        self._o = [bind(layer[1], after_attn, True) for layer in weights]
-        self._gate_up = [bind(layer[2], gate_up_out, False) for layer in weights]
-        self._down = [bind(layer[3], after_mlp, True) for layer in weights]
-
-    def _run(self, bound: _Bound, x: torch.Tensor, residual: int | None) -> None:
-        mid, tail, outputs = bound
-        call = self._call
-        status = call.function(call.path_code, x.data_ptr(), *mid, residual, *tail)
-        if status != 0:
-            raise_for_status(status, call.path, call.rows, x.shape[1], outputs)
-
-    def qkv(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """x [rows, hidden] @ qkv.T into the qkv buffer, returned."""
-        self._run(self._qkv[layer], x, None)
-        return self._outs[0]
-
-    def o(self, layer: int, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual [rows, hidden] + x [rows, H * D] @ o.T into after_attn (never residual), returned."""
-        self._run(self._o[layer], x, residual.data_ptr())
-        return self._outs[1]
-
-    def gate_up(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """x [rows, hidden] @ gate_up.T into the gate_up buffer, returned."""
-        self._run(self._gate_up[layer], x, None)
-        return self._outs[2]
-
-    def down(self, layer: int, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual [rows, hidden] + x [rows, intermediate] @ down.T into after_mlp (never residual), returned."""
-        self._run(self._down[layer], x, residual.data_ptr())
-        return self._outs[3]

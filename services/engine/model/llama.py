@@ -19,12 +19,13 @@ from services.engine.model.attention import FreshPrefill, paged_attention
 from services.engine.model.attention_metadata import AttentionMetadata
 from services.engine.model.config import ModelConfig, RopeScaling
 from services.engine.model.kv_cache import KVCache
-from services.engine.model.layer_step import LayerLinears, LayerStep, StepLinears, linear_weights
+from services.engine.model.layer_step import LayerStep
 from services.engine.model.linear import Bf16Linear, ConversionBuffer, Linear, QuantizedLinear
 from services.engine.model.plan import KernelPlan
 from services.engine.model.quant_kernels import ActivationScratch, QuantKernels
 from services.engine.model.quantized import QuantizedMatrix
 from services.engine.model.reference import apply_rope, rms_norm, silu_mul
+from services.engine.model.step_linears import LayerLinears, StepLinears, linear_weights
 
 
 @dataclass(slots=True)
