@@ -4,21 +4,25 @@
     python -m bench.decode_attention --build HEAD~1 --build .          # A/B against a revision, alternated
     python -m bench.decode_attention --build . --build .:-DPUMP=0      # A/B a compile-time variant
     python -m bench.decode_attention --build HEAD~1 --build . --check  # outputs bitwise equal?
+    python -m bench.decode_attention --kv bf16 int8 fp8_e5m2           # the pool's formats, alternated
 
 The default engine's shapes: bf16 pool with block size 16, 9 query heads over 3 KV heads of
 64 dims, 30 layers, batch 64, each sequence at --context tokens (or, with --vary, contexts
 spread evenly over 1..context). Each layer has a pool of its own (K [blocks, 3, 64, 16],
-V [blocks, 3, 16, 64]; --pool-factor times the blocks the batch uses), and the calls go
+V [blocks, 3, 16, 64]; --pool-factor times the blocks the batch uses; --kv int8: chunks of
+(64 + 4) * 16 bytes, values and scales, kv_cache.py), and the calls go
 through the layers in order as a decode step's do, so every call reads its blocks from
 memory, not from a cache. Block tables: "contiguous" (each sequence's blocks side by side,
 as after one prefill) and "scattered" (a random permutation of the pool's blocks, as after
 much churn).
 
 Each --build (SRC[:CFLAGS]; SRC: "." for this tree's csrc, a directory holding the kernel
-sources, or a git revision whose csrc is taken) runs in its own process (two builds of one
-library in one process slow each other down); with several, the rounds alternate between
-them. Prints per build and layout the median ms per step (the sum of the 30 layers' calls,
-over rounds x passes steps) and the K/V bytes read per second at that median.
+sources, or a git revision whose csrc is taken) and each --kv format (bf16, fp8_e5m2, int8:
+SCALELLM_KV_CACHE_DTYPE's pools; a revision must know the format) runs in its own process
+(two builds of one library in one process slow each other down); with several, the rounds
+alternate between them. Prints per build, format and layout the median ms per step (the sum
+of the 30 layers' calls, over rounds x passes steps) and the K/V bytes read per second at
+that median (int8: values and scales).
 
 The pools are torch allocations, on 4 KB pages unless THP_MEM_ALLOC_ENABLE=1 is set (torch then
 backs large allocations with 2 MB pages): both ways are worth a look, since on this VM the page
@@ -43,11 +47,15 @@ from pathlib import Path
 
 import torch
 
+from services.engine.model.kv_cache import quantize_int8_pool
 from services.engine.model.native import _build, _declare, _resolve_cache_dir
 from services.engine.model.native_build import CSRC, FLAGS
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 30, 9, 3, 64, 16
 LAYOUTS = ("contiguous", "scattered")
+# The pool formats (SCALELLM_KV_CACHE_DTYPE's names) and their paged_decode_attention codes (csrc/simd.h,
+# csrc/paged_attention.h).
+KV_FORMATS = {"bf16": 1, "fp8_e5m2": 2, "int8": 3}
 
 
 def sources_of(src: str, workdir: Path) -> Path:
@@ -76,7 +84,8 @@ PATH_AVX512, FMT_BF16 = 2, 1
 def load(csrc: Path, cflags: list[str]) -> Callable[..., int]:
     """paged_decode_attention built from csrc's attention sources alone, with extra cflags (alone:
     another revision's other kernels need not match this tree's NativeKernels)."""
-    sources = [csrc / name for name in ("paged_attention.c", "paged_attention_b16.c") if (csrc / name).is_file()]
+    names = ("paged_attention.c", "paged_attention_b16.c", "kv_int8.c")
+    sources = [csrc / name for name in names if (csrc / name).is_file()]
     so = _build("native", _resolve_cache_dir(None), sources=sources, flags=[*FLAGS, *cflags], stem="bench_attention")
     library = ctypes.CDLL(str(so))
     c, p, i = ctypes.c_int, ctypes.c_void_p, ctypes.c_int64
@@ -86,16 +95,22 @@ def load(csrc: Path, cflags: list[str]) -> Callable[..., int]:
 
 
 def attend(
-    fn: Callable[..., int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, lens: torch.Tensor
+    fn: Callable[..., int],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    table: torch.Tensor,
+    lens: torch.Tensor,
+    kv: str = "bf16",
 ) -> torch.Tensor:
-    """q: [B, H, D], k: [blocks, KV, D, 16], v: [blocks, KV, 16, D] (bfloat16), table: [B, max_blocks],
-    lens: [B] (int64) -> [B, H * D] bfloat16."""
+    """q: [B, H, D] bfloat16, k: [blocks, KV, D, 16], v: [blocks, KV, 16, D] (bf16 or fp8_e5m2; int8:
+    both [blocks, KV, (D + 4) * 16] chunks), table: [B, max_blocks], lens: [B] (int64) -> [B, H * D] bfloat16."""
     batch, heads, dim = q.shape
     out = q.new_empty(batch, heads * dim)
     status = fn(
         PATH_AVX512,
         FMT_BF16,
-        FMT_BF16,
+        KV_FORMATS[kv],
         q.data_ptr(),
         q.stride(0),
         q.stride(1),
@@ -124,6 +139,17 @@ def contexts(batch: int, context: int, vary: bool) -> torch.Tensor:
     return torch.tensor([1 + (context - 1) * ((b * 37) % batch) // (batch - 1) for b in range(batch)])
 
 
+def pools(blocks: int, kv: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every layer's K and V pool in format kv, random values."""
+    k = (torch.randn(LAYERS, blocks, KV_HEADS, HEAD_DIM, BLOCK, generator=gen) * 0.5).bfloat16()
+    v = (torch.randn(LAYERS, blocks, KV_HEADS, BLOCK, HEAD_DIM, generator=gen) * 0.5).bfloat16()
+    if kv == "fp8_e5m2":
+        return k.to(torch.float8_e5m2), v.to(torch.float8_e5m2)
+    if kv == "int8":
+        return quantize_int8_pool(k, dim_major=True), quantize_int8_pool(v, dim_major=False)
+    return k, v
+
+
 def child(csrc: Path, cflags: list[str], args: argparse.Namespace) -> dict[str, object]:
     """One build's result per layout: step times in ms, or with --check the outputs' sha256."""
     fn = load(csrc, cflags)
@@ -132,10 +158,11 @@ def child(csrc: Path, cflags: list[str], args: argparse.Namespace) -> dict[str, 
     per_seq = -(-args.context // BLOCK)
     used = args.batch * per_seq
     blocks = max(used, int(used * args.pool_factor))
-    k = (torch.randn(LAYERS, blocks, KV_HEADS, HEAD_DIM, BLOCK, generator=gen) * 0.5).bfloat16()
-    v = (torch.randn(LAYERS, blocks, KV_HEADS, BLOCK, HEAD_DIM, generator=gen) * 0.5).bfloat16()
+    kv = args.kv[0]
+    k, v = pools(blocks, kv, gen)
     q = torch.randn(args.batch, HEADS, HEAD_DIM, generator=gen).bfloat16()
-    bytes_read = int(lens.sum()) * LAYERS * 2 * KV_HEADS * HEAD_DIM * 2  # K and V, bf16
+    per_token = {"bf16": 2 * HEAD_DIM, "fp8_e5m2": HEAD_DIM, "int8": HEAD_DIM + 4}[kv]  # bytes a vector
+    bytes_read = int(lens.sum()) * LAYERS * 2 * KV_HEADS * per_token  # K and V
     result: dict[str, object] = {"bytes": bytes_read}
     for layout in LAYOUTS:
         order = torch.arange(blocks) if layout == "contiguous" else torch.randperm(blocks, generator=gen)
@@ -143,7 +170,7 @@ def child(csrc: Path, cflags: list[str], args: argparse.Namespace) -> dict[str, 
         if args.check:
             digest = hashlib.sha256()
             for layer in (0, LAYERS - 1):
-                out = attend(fn, q, k[layer], v[layer], table, lens)
+                out = attend(fn, q, k[layer], v[layer], table, lens, kv)
                 digest.update(out.view(torch.int16).numpy().tobytes())
             result[layout] = digest.hexdigest()
             continue
@@ -152,7 +179,7 @@ def child(csrc: Path, cflags: list[str], args: argparse.Namespace) -> dict[str, 
             total = 0.0
             for layer in range(LAYERS):
                 start = time.perf_counter()
-                attend(fn, q, k[layer], v[layer], table, lens)
+                attend(fn, q, k[layer], v[layer], table, lens, kv)
                 total += time.perf_counter() - start
             if step:
                 steps.append(total * 1e3)
@@ -163,6 +190,7 @@ def child(csrc: Path, cflags: list[str], args: argparse.Namespace) -> dict[str, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--build", action="append", help="SRC[:CFLAGS], repeatable (default: '.')")
+    parser.add_argument("--kv", nargs="+", default=["bf16"], choices=list(KV_FORMATS), help="the pool's formats")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--context", type=int, default=192)
     parser.add_argument("--vary", action="store_true", help="contexts spread over 1..context, not all equal")
@@ -178,43 +206,51 @@ def main() -> None:
         print(json.dumps(child(Path(args.child), args.child_cflags.split(), args)))
         return
     builds = args.build or ["."]
+    # One variant per build and pool format; a label names the format when several are compared.
+    variants = {(f"{build} {kv}" if len(args.kv) > 1 else build): (build, kv) for build in builds for kv in args.kv}
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    samples: dict[str, dict[str, list[float]]] = {build: {layout: [] for layout in LAYOUTS} for build in builds}
+    samples: dict[str, dict[str, list[float]]] = {label: {layout: [] for layout in LAYOUTS} for label in variants}
     digests: dict[str, object] = {}
-    bytes_read = 0
+    bytes_read: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as workdir:
         specs = {
             build: (sources_of(build.partition(":")[0], Path(workdir)), build.partition(":")[2]) for build in builds
         }
         for _ in range(1 if args.check else args.rounds):
-            for build, (csrc, flags) in specs.items():
+            for label, (build, kv) in variants.items():
+                csrc, flags = specs[build]
                 command = [sys.executable, "-m", "bench.decode_attention", f"--child={csrc}", f"--child-cflags={flags}"]
                 command += ["--batch", str(args.batch), "--context", str(args.context), "--passes", str(args.passes)]
-                command += ["--pool-factor", str(args.pool_factor)] + ["--vary"] * args.vary + ["--check"] * args.check
+                command += ["--pool-factor", str(args.pool_factor), "--kv", kv]
+                command += ["--vary"] * args.vary + ["--check"] * args.check
                 run = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
                 if run.returncode != 0:
-                    raise SystemExit(f"{build}: the child failed:\n{run.stderr[-3000:]}")
+                    raise SystemExit(f"{label}: the child failed:\n{run.stderr[-3000:]}")
                 result = json.loads(run.stdout.strip().splitlines()[-1])
-                bytes_read = int(result.pop("bytes"))
+                bytes_read[label] = int(result.pop("bytes"))
                 if args.check:
-                    digests[build] = result
+                    digests[label] = result
                     continue
                 for layout in LAYOUTS:
-                    samples[build][layout].extend(result[layout])
+                    samples[label][layout].extend(result[layout])
     if args.check:
-        for build, digest in digests.items():
-            print(f"{build:>30}: {digest}")
-        same = len({json.dumps(d, sort_keys=True) for d in digests.values()}) == 1
-        print("outputs bitwise equal" if same else "OUTPUTS DIFFER")
+        for label, digest in digests.items():
+            print(f"{label:>30}: {digest}")
+        # Builds are compared on the same pool format (formats hold different values).
+        same = all(
+            len({json.dumps(digests[label], sort_keys=True) for label, (_, fmt) in variants.items() if fmt == kv}) == 1
+            for kv in args.kv
+        )
+        print("outputs bitwise equal (per format)" if same else "OUTPUTS DIFFER")
         sys.exit(0 if same else 1)
     shape = f"batch {args.batch}, context {args.context}{' (varied)' if args.vary else ''}, {LAYERS} layers"
     print(f"ms per step, median ({shape}; {args.threads} threads; {args.rounds} rounds x {args.passes} steps)")
     print(f"{'build':>30} {'layout':>11} {'median':>8} {'min':>8} {'GB/s':>6}")
     for layout in LAYOUTS:
-        for build in builds:
-            times = samples[build][layout]
+        for label in variants:
+            times = samples[label][layout]
             median = statistics.median(times)
-            print(f"{build:>30} {layout:>11} {median:8.2f} {min(times):8.2f} {bytes_read / median / 1e6:6.1f}")
+            print(f"{label:>30} {layout:>11} {median:8.2f} {min(times):8.2f} {bytes_read[label] / median / 1e6:6.1f}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
     python -m bench.model_step --quantization gguf --gguf-variant int8 float --amx-min-rows 16 1000
     python -m bench.model_step --quantization int8 --batch 1 64 --threads 1   # per-channel int8 weights
     python -m bench.model_step --dtype bfloat16 --kv-cache-dtype auto fp8_e5m2 --batch 1 64 --threads 1
+    python -m bench.model_step --dtype bfloat16 --quantization gguf --kv-cache-dtype bfloat16 int8 --batch 1 64 --threads 2
     python -m bench.model_step --dtype bfloat16 --quantization none gguf --prefill 128 --batch   # one prompt's prefill
     python -m bench.model_step --dtype bfloat16 --batch 64 --block-layout contiguous interleaved   # KV blocks' places
 
@@ -143,8 +144,9 @@ def main() -> None:
         "--kv-cache-dtype",
         nargs="+",
         default=["auto"],
-        choices=["auto", "fp8_e5m2"],
-        help="auto: the KV cache in the model's dtype; fp8_e5m2: one byte per value (SCALELLM_KV_CACHE_DTYPE)",
+        choices=["auto", "bfloat16", "fp8_e5m2", "int8"],
+        help="SCALELLM_KV_CACHE_DTYPE: auto (the engine's choice), bfloat16 (a bf16 model's cache unquantized), "
+        "fp8_e5m2 or int8 (one byte per value; int8 with a scale per token and KV head)",
     )
     args = parser.parse_args()
     if args.threads:
@@ -181,10 +183,9 @@ def main() -> None:
         shapes += [("prefill", n, "") for n in args.prefill]
         for (variant, amx_min_rows), (shape, batch, layout) in itertools.product(variants, shapes):
             kind = "native" if runner.plan.native else "torch"
-            if kv_cache_dtype != "auto":
-                kind += f"+kv-{kv_cache_dtype}"
             if runner.plan.quantized is not None:
                 kind = f"{runner.plan.quantization}-{use_quant_kernels(runner, variant, amx_min_rows)}"
+            kind += f" kv-{str(runner.plan.kv_cache_dtype).removeprefix('torch.')}"
             if shape == "prefill":
                 step, what = prefill_batch(batch, args.block_size), f"prefill {batch:4d}"
             else:

@@ -4,6 +4,7 @@
     python -m bench.quant_accuracy --dtype bfloat16 --threads 2 --quantization int8
     python -m bench.quant_accuracy --quantization gguf --gguf-variant int8 float   # the float-activation kernel
     python -m bench.quant_accuracy --dtype bfloat16 --quantization --kv-cache-dtype fp8_e5m2 --prefill-chunk 16
+    python -m bench.quant_accuracy --dtype bfloat16 --quantization gguf --kv-cache-dtype auto int8 --prefill-chunk 16
 
 Every runner starts from the same weights: the float path reads the safetensors
 folder (the GGUF dequantized by transformers); gguf (SCALELLM_QUANTIZATION=gguf)
@@ -17,8 +18,10 @@ again at load to int8 per output channel, so its weights differ too.
   of tokens its own greedy continuation shares with the float one before they part.
 - perplexity of each path on the whole text, in windows of --window tokens.
 
---kv-cache-dtype fp8_e5m2 adds runners with the 8-bit KV cache (SCALELLM_KV_CACHE_DTYPE),
-each beside the same setup with the model dtype's cache. A prefill from scratch attends
+--kv-cache-dtype fp8_e5m2 / int8 adds runners with an 8-bit KV cache (SCALELLM_KV_CACHE_DTYPE),
+each beside the same setup with the cache unquantized: "auto" here always means the model
+dtype's cache (bfloat16 or float32), whatever the engine's auto picks, and the float path
+every setup is compared with keeps it too. A prefill from scratch attends
 over its fresh K/V, never the pool's, so only decode steps would see the 8-bit values:
 --prefill-chunk N feeds the teacher-forced sequences N tokens per step, so every chunk
 after the first reads the earlier tokens' K/V (and its own) back from the pool, as
@@ -167,8 +170,9 @@ def main() -> None:
         "--kv-cache-dtype",
         nargs="+",
         default=["auto"],
-        choices=["auto", "fp8_e5m2"],
-        help="KV cache formats (SCALELLM_KV_CACHE_DTYPE) of every setup; the reference keeps auto",
+        choices=["auto", "fp8_e5m2", "int8"],
+        help="KV cache formats (SCALELLM_KV_CACHE_DTYPE) of every setup; auto: the model dtype's, which the "
+        "reference keeps",
     )
     parser.add_argument(
         "--prefill-chunk",
@@ -204,6 +208,8 @@ def main() -> None:
                 name = quantization if variant == "int8" else f"{quantization}-{variant}"
                 setups.setdefault(name if kv == "auto" else f"{name}+kv-{kv}", (quantization, variant, kv))
     runners = {}
+    # The model dtype's cache, unquantized, named: SCALELLM_KV_CACHE_DTYPE=auto may quantize it.
+    unquantized = "bfloat16" if args.dtype == "bfloat16" else "auto"
     for name, (quantization, variant, kv) in setups.items():
         runners[name] = ModelRunner(
             model_dir,
@@ -214,7 +220,7 @@ def main() -> None:
             kv_cache_bytes=None,
             max_model_len=None,
             quantization=quantization,
-            kv_cache_dtype=kv,
+            kv_cache_dtype=unquantized if kv == "auto" else kv,
         )
         if variant != "int8":
             use_quant_kernels(runners[name], variant, None)

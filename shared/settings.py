@@ -285,11 +285,15 @@ class EngineSettings(CommonSettings):
     # quantized at load to int8 with one scale per output channel, on the same kernel (same
     # needs). The choices of services.engine.model.plan.QUANTIZATION_CHOICES.
     quantization: Literal["auto", "none", "gguf", "int8"] = "auto"
-    # The KV cache's format (docs/engine.md "8-bit KV cache"): "auto", the model's dtype; "fp8_e5m2",
-    # one byte per value (the top byte of a float16), half of bf16's bytes read per decode step and
-    # twice the KV blocks in the same memory, at a small accuracy cost (needs the CPU and kernels
-    # auto or native). The choices of services.engine.model.plan.KV_CACHE_DTYPES.
-    kv_cache_dtype: Literal["auto", "fp8_e5m2"] = "auto"
+    # The KV cache's format (docs/engine.md "8-bit KV cache", "int8 KV cache"): "auto", int8 when the
+    # engine runs bfloat16 on the CPU with native kernels, else the model's dtype; "bfloat16", a
+    # bfloat16 model's cache unquantized (the way to opt out of int8; refused for another dtype);
+    # "int8", one byte per value and a float32 scale per token and KV head: about half of bf16's
+    # bytes read per decode step, 1.9x the KV blocks in the same memory, +0.1% perplexity;
+    # "fp8_e5m2", one byte per value (the top byte of a float16), twice the blocks, +2.3% perplexity.
+    # The 8-bit formats need the CPU and kernels auto or native. The choices of
+    # services.engine.model.plan.KV_CACHE_DTYPES.
+    kv_cache_dtype: Literal["auto", "bfloat16", "fp8_e5m2", "int8"] = "auto"
 
 
 class DetokenizerSettings(CommonSettings):

@@ -11,6 +11,13 @@ import torch
 
 from services.engine.model import native as native_module
 from services.engine.model.cpu import CpuFeatures
+from services.engine.model.kv_cache import (
+    dequantize_int8,
+    int8_chunk_bytes,
+    quantize_int8,
+    quantize_int8_pool,
+    split_int8,
+)
 from services.engine.model.native import PATH_FLAGS, PATHS, pack_bf16_weight, path_for
 from services.engine.model.plan import choose_plan
 from services.engine.model.reference import reference_decode_attention
@@ -109,6 +116,12 @@ def test_native_kernels_built_for_a_lower_instruction_set_match_torch(march: str
             got = kernels.decode(q, k8, v8, table, lens, 0.125)
             want = reference_decode_attention(q, k8.float(), v8.float(), table, lens, 0.125, k_dim_major=True)
             torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+            # The int8 KV cache: the reference reads the dequantized values.
+            ki, vi = quantize_int8_pool(k_cache, dim_major=True), quantize_int8_pool(v_cache, dim_major=False)
+            got = kernels.decode(q, ki, vi, table, lens, 0.125)
+            k_deq, v_deq = dequantize_int8(ki, 64, dim_major=True), dequantize_int8(vi, 64, dim_major=False)
+            want = reference_decode_attention(q, k_deq, v_deq, table, lens, 0.125, k_dim_major=True)
+            torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
     weight = torch.randn(100, 576, generator=gen).to(torch.bfloat16)
     x = torch.randn(13, 576, generator=gen)
     got = kernels.linear(x, pack_bf16_weight(weight), 100)
@@ -125,3 +138,16 @@ def test_native_kernels_built_for_a_lower_instruction_set_match_torch(march: str
     assert torch.equal(stored_k, rows[:, heads : heads + kv_heads].to(torch.float8_e5m2).view(torch.uint8))
     stored_v = v8[slots // block, :, slots % block].view(torch.uint8)
     assert torch.equal(stored_v, rows[:, heads + kv_heads :].to(torch.float8_e5m2).view(torch.uint8))
+    # ... and the int8 store: kv_cache.quantize_int8 of the rotated bf16 k and of v, values and scales.
+    ki = torch.zeros(4, kv_heads, int8_chunk_bytes(block, dim), dtype=torch.int8)
+    vi = torch.zeros(4, kv_heads, int8_chunk_bytes(block, dim), dtype=torch.int8)
+    qkv[2, heads * dim : (heads + kv_heads) * dim] = 0  # an all-zero k: scale 0
+    kernels.rope_store(qkv, torch.arange(9), angles.cos(), angles.sin(), slots, ki, vi, heads)
+    (k_values, k_scales), (v_values, v_scales) = split_int8(ki, dim), split_int8(vi, dim)
+    blocks, offsets = slots // block, slots % block
+    want_k, want_k_scales = quantize_int8(rows[:, heads : heads + kv_heads])
+    want_v, want_v_scales = quantize_int8(rows[:, heads + kv_heads :])
+    assert torch.equal(k_values.view(4, kv_heads, dim, block)[blocks, :, :, offsets], want_k)
+    assert torch.equal(v_values.view(4, kv_heads, block, dim)[blocks, :, offsets], want_v)
+    assert torch.equal(k_scales[blocks, :, offsets], want_k_scales) and want_k_scales[2].item() == 0
+    assert torch.equal(v_scales[blocks, :, offsets], want_v_scales)

@@ -118,7 +118,7 @@ def test_rope_store_rounds_to_e5m2_exactly_as_torch(kernel: NativeKernels) -> No
 def test_rope_store_refuses_a_pool_of_another_format(kernel: NativeKernels) -> None:
     qkv = torch.zeros(1, 3 * 16, dtype=torch.bfloat16)
     pool = torch.zeros(1, 1, 16, 4)
-    with pytest.raises(ValueError, match="bfloat16 or float8_e5m2 pool"):
+    with pytest.raises(ValueError, match="bfloat16, float8_e5m2 or int8 pool"):
         kernel.rope_store(
             qkv,
             torch.zeros(1, dtype=torch.long),
@@ -225,8 +225,8 @@ def test_the_plan_keeps_the_kv_format_and_says_so() -> None:
     assert plan.kv_cache_dtype == E5M2 and plan.dtype == torch.bfloat16
     assert plan.describe().endswith("KV cache float8_e5m2")  # the heartbeat's / metric's kernels string
     assert "KV cache fp8_e5m2: one byte per K/V value" in " ".join(plan.reasons)
-    auto = choose_plan("bfloat16", CPU, "native")
-    assert auto.kv_cache_dtype == torch.bfloat16 and auto.describe().endswith("KV cache bfloat16")
+    unquantized = choose_plan("bfloat16", CPU, "native", kv_cache_dtype="bfloat16")
+    assert unquantized.kv_cache_dtype == torch.bfloat16 and unquantized.describe().endswith("KV cache bfloat16")
     # float32 with fp8 is allowed: torch stores (rounding as the kernels do), the native kernel reads.
     exact = choose_plan("float32", CPU, "native", kv_cache_dtype="fp8_e5m2")
     assert exact.kv_cache_dtype == E5M2 and not exact.stores_kv_natively
@@ -301,7 +301,7 @@ def runner_for(path: Path, kv_cache_dtype: str, dtype: str = "bfloat16", **kwarg
 
 def test_the_same_memory_holds_twice_the_blocks(tiny_llama: Path) -> None:
     budget = 1 << 20
-    bf16 = runner_for(tiny_llama, "auto", num_blocks=None, kv_cache_bytes=budget)
+    bf16 = runner_for(tiny_llama, "bfloat16", num_blocks=None, kv_cache_bytes=budget)
     fp8 = runner_for(tiny_llama, "fp8_e5m2", num_blocks=None, kv_cache_bytes=budget)
     assert fp8.kv_bytes_per_block() * 2 == bf16.kv_bytes_per_block()
     assert fp8.num_blocks == 2 * bf16.num_blocks == 2 * (budget // bf16.kv_bytes_per_block())
@@ -324,7 +324,8 @@ def test_forward_with_fp8_kv_stays_close_to_the_model_dtypes_kv(
     of the context comes from the pool: logits with fp8 KV near those with the model dtype's KV."""
     if cpu is not None and not CpuFeatures.detect().has(*PATH_FLAGS["avx2"]):
         pytest.skip(f"the avx2 kernels need {'+'.join(PATH_FLAGS['avx2'])}, which this CPU lacks")
-    runners = [runner_for(tiny_llama, kv, dtype, cpu=cpu) for kv in ("auto", "fp8_e5m2")]
+    unquantized = "bfloat16" if dtype == "bfloat16" else "auto"  # auto may quantize a bf16 model's cache
+    runners = [runner_for(tiny_llama, kv, dtype, cpu=cpu) for kv in (unquantized, "fp8_e5m2")]
     assert runners[1].kv_cache.k.dtype == E5M2 and runners[1].plan.stores_kv_natively == (dtype == "bfloat16")
     outputs = []
     for runner in runners:

@@ -282,7 +282,8 @@ def test_avx2_plan_widens_for_long_prefills_and_uses_the_native_bf16_linear_for_
     (widened weights, torch's matmul) then its decode (native kernel), against float32."""
     runner = make_runner(model.path, "native", dtype="auto", cpu=AVX2_ONLY)
     assert runner.plan.native is not None and runner.plan.native_linears is runner.plan.native
-    assert runner.kv_cache.layer(0)[0].dtype == torch.bfloat16
+    # dtype auto is bf16; its KV cache int8 (plan.auto_kv_cache_dtype: bf16 on the native kernels).
+    assert runner.plan.dtype == torch.bfloat16 and runner.kv_cache.layer(0)[0].dtype == torch.int8
     pool = Pool(seed=50)
     long = Seq(prompt(70, seed=51))
     assert 70 >= NATIVE_BF16_MAX_ROWS

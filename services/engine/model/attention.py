@@ -21,7 +21,10 @@ index tensors and masks once; every layer reuses them. Per layer,
 
 Cache layout: see kv_cache.py. V is [num_blocks, num_kv_heads, block_size, head_dim];
 K is the same, or with the native decode kernel dim-major: [num_blocks, num_kv_heads,
-head_dim, block_size] (``KernelPlan.k_dim_major``). Which kernels run, the K layout,
+head_dim, block_size] (``KernelPlan.k_dim_major``); an int8 pool (the int8 KV cache, native
+kernels only) holds per layer [num_blocks, num_kv_heads, chunk] int8, a chunk being those values
+of one block and head followed by their tokens' float32 scales: stores quantize
+(kv_cache.quantize_int8), the prefill gather dequantizes. Which kernels run, the K layout,
 who stores the new K/V and the dtype scores are computed in all come from the
 kernel plan (plan.py); nothing here decides them.
 """
@@ -32,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from services.engine.model.attention_metadata import AttentionMetadata, DecodeGroup, PrefillSeq
+from services.engine.model.kv_cache import dequantize_int8, int8_pool_geometry, quantize_int8, split_int8
 from services.engine.model.native import NativeKernels
 
 
@@ -53,18 +57,24 @@ def paged_attention(
     Returns [T, H * D].
     """
     num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads, block_size = v_cache.shape[1], v_cache.shape[2]
+    int8 = v_cache.dtype == torch.int8
+    num_kv_heads = v_cache.shape[1]
+    block_size = int8_pool_geometry(v_cache.shape[2], head_dim) if int8 else v_cache.shape[2]
     group = num_heads // num_kv_heads
     if meta.store_kv:
         if meta.write_rows is None or meta.k_write is None:
             raise RuntimeError("attention metadata without write indices cannot store K/V")
-        if meta.k_dim_major:
+        if int8:
+            _store_int8(k_cache, v_cache, meta.write_rows, k, v, block_size)
+        elif meta.k_dim_major:
             _store(k_cache.view(-1), meta.k_write, k.reshape(-1))
         else:
             _store(k_cache.view(-1, head_dim), meta.k_write, k.reshape(-1, head_dim))
-        _store(v_cache.view(-1, head_dim), meta.write_rows, v.reshape(-1, head_dim))
-    k_blocks = k_cache.view(-1, block_size * head_dim)
-    v_blocks = v_cache.view(-1, block_size * head_dim)
+        if not int8:
+            _store(v_cache.view(-1, head_dim), meta.write_rows, v.reshape(-1, head_dim))
+    # One (block, KV head) a row: its values (int8: and scales).
+    k_blocks = k_cache.view(-1, v_cache.shape[2] if int8 else block_size * head_dim)
+    v_blocks = v_cache.view(-1, v_cache.shape[2] if int8 else block_size * head_dim)
 
     decode = meta.decode
     if decode is not None and decode.num_seqs == num_tokens:
@@ -78,7 +88,7 @@ def paged_attention(
             out.index_copy_(0, decode.tokens, result)
     for seq in meta.prefills:
         out[seq.start : seq.end] = _prefill(
-            q, k, v, k_blocks, v_blocks, seq, num_kv_heads, head_dim, scale, meta.k_dim_major
+            q, k, v, k_blocks, v_blocks, seq, num_kv_heads, block_size, scale, meta.k_dim_major
         )
     return out
 
@@ -133,6 +143,29 @@ def _store(cache: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> No
         cache.index_copy_(0, index, values)
 
 
+def _store_int8(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rows: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_size: int,
+) -> None:
+    """Quantize k, v [T, KV, D] (kv_cache.quantize_int8) into one layer of an int8 pool ([blocks, KV,
+    chunk] each, K dim-major): rows [T * KV] (token-major) are V's row numbers in the bf16 layout,
+    chunk * block_size + offset, which name the chunk and the token's column in it."""
+    head_dim = k.shape[-1]
+    chunks, offsets = rows // block_size, rows % block_size
+    for cache, new, dim_major in ((k_cache, k, True), (v_cache, v, False)):
+        quantized, scales = quantize_int8(new.reshape(-1, head_dim))
+        values, scale_rows = split_int8(cache.view(-1, cache.shape[-1]), head_dim)
+        if dim_major:
+            values.view(-1, head_dim, block_size)[chunks, :, offsets] = quantized
+        else:
+            values.view(-1, block_size, head_dim)[chunks, offsets] = quantized
+        scale_rows[chunks, offsets] = scales
+
+
 def _decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -145,6 +178,8 @@ def _decode(
     """q: [B, H, D] -> [B, H * D]."""
     if native is not None:
         return native.decode(q, k_cache, v_cache, group_meta.block_table, group_meta.context_lens, scale)
+    if k_cache.dtype == torch.int8:
+        raise RuntimeError("an int8 KV pool is read by the native decode kernel only (plan.py)")
     if group_meta.gather_rows is None or group_meta.mask is None:
         raise RuntimeError("decode metadata was built for the native kernel")
     batch, num_heads, head_dim = q.shape
@@ -171,16 +206,17 @@ def _prefill(
     v_blocks: torch.Tensor,
     seq: PrefillSeq,
     num_kv_heads: int,
-    head_dim: int,
+    block_size: int,
     scale: float,
     k_dim_major: bool,
 ) -> torch.Tensor:
-    """One sequence's chunk: q [T, H, D], k/v [T, KV, D] -> [chunk, H * D].
+    """One sequence's chunk: q [T, H, D], k/v [T, KV, D] -> [chunk, H * D]; k_blocks, v_blocks:
+    the layer's pool, a (block, KV head) a row (int8: chunks, dequantized once gathered).
 
     One SDPA call at the chunk's padded shape (its flash kernel tiles the scores and
     shares each KV head with its query group); the padding query rows are thrown away."""
     chunk = seq.end - seq.start
-    num_heads = q.shape[1]
+    num_heads, head_dim = q.shape[1], q.shape[2]
     compute = seq.mask.dtype  # the plan's compute dtype (see _decode)
     padded = seq.padded_queries
     queries = _padded_heads(q[seq.start : seq.end], padded, compute)
@@ -191,10 +227,14 @@ def _prefill(
         mask = None
     else:
         keys = k_blocks.index_select(0, seq.gather_rows)
+        values = v_blocks.index_select(0, seq.gather_rows)
+        if keys.dtype == torch.int8:  # chunks of values and scales, widened in float32 (kv_cache.py)
+            keys = dequantize_int8(keys, head_dim, dim_major=k_dim_major)
+            values = dequantize_int8(values, head_dim, dim_major=False)
         if k_dim_major:  # [KV * blocks, D * block_size] -> [KV, blocks * block_size, D]
-            keys = keys.view(num_kv_heads, -1, head_dim, k_blocks.shape[1] // head_dim).transpose(2, 3)
+            keys = keys.view(num_kv_heads, -1, head_dim, block_size).transpose(2, 3)
         keys = keys.reshape(num_kv_heads, -1, head_dim).to(compute)
-        values = v_blocks.index_select(0, seq.gather_rows).view(num_kv_heads, -1, head_dim).to(compute)
+        values = values.reshape(num_kv_heads, -1, head_dim).to(compute)
         mask = seq.mask
     out = F.scaled_dot_product_attention(
         queries[None],

@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from services.engine.model.native_kernels import FORMAT_CODES, POOL_DTYPES, NativeKernels
+from services.engine.model.native_kernels import FORMAT_CODES, POOL_DTYPES, NativeKernels, pool_geometry
 
 
 @functools.lru_cache(maxsize=8)
@@ -68,7 +68,7 @@ class LayerStep:
         row per matmul row (the step's tokens, then any padding); tokens: the real ones, which
         rope and attention see; positions, slots: int64 [tokens]; cos, sin: float32
         [max_positions, D / 2]; k_pool, v_pool: every layer's pool ([layers, ...] as kv_cache.py
-        lays it out, K dim-major). decode: (block_table [tokens, max_blocks], context_lens
+        lays it out, K dim-major; bfloat16, float8_e5m2 or int8 chunks). decode: (block_table [tokens, max_blocks], context_lens
         [tokens], out [tokens, H * D] bfloat16, scale) when every token is its sequence's one
         decode token, which ``rope_attend`` needs."""
         rows = normed.shape[0]
@@ -77,12 +77,13 @@ class LayerStep:
         if not (normed.is_contiguous() and activated.is_contiguous()) or activated.shape[0] != rows or rows < tokens:
             raise ValueError("the step's buffers must be contiguous, with one row per matmul row")
         if k_pool.dtype != v_pool.dtype or k_pool.dtype not in POOL_DTYPES:
-            raise ValueError(f"the layer kernels store into a bfloat16 or float8_e5m2 pool, not {k_pool.dtype}")
+            raise ValueError(f"the layer kernels store into a bfloat16, float8_e5m2 or int8 pool, not {k_pool.dtype}")
         if not (k_pool.is_contiguous() and v_pool.is_contiguous()):
             raise ValueError("the layer kernels need a contiguous pool")
         if positions.shape[0] != tokens or slots.shape[0] != tokens:
             raise ValueError("one position and one slot per token")
-        num_layers, _, num_kv_heads, block_size, head_dim = v_pool.shape
+        num_layers, head_dim = v_pool.shape[0], 2 * cos.shape[1]
+        num_kv_heads, block_size = pool_geometry(k_pool, v_pool, head_dim)
         self._code = kernels._code
         self._rms, self._silu = kernels._rms_norm, kernels._silu_mul
         self._rope, self._rope_decode = kernels._rope_store, kernels._rope_store_decode

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from services.engine.model.kv_cache import dequantize_int8, quantize_int8, quantize_int8_pool, split_int8
 from services.engine.model.native_build import (
     DEFAULT_MARCH,
     KERNEL_CHOICES,
@@ -140,6 +141,12 @@ def _self_check(native: NativeKernels) -> None:
                 q, k8.float(), v8.float(), table, torch.tensor(lens), 0.125, k_dim_major=True
             )
             check(f"decode attention ({dtype}, fp8 e5m2 KV, block size {block_size})", got, want, tol)
+            # The int8 pool: the reference reads the dequantized values.
+            ki, vi = quantize_int8_pool(k_cache, dim_major=True), quantize_int8_pool(v_cache, dim_major=False)
+            got = native.decode(q, ki, vi, table, torch.tensor(lens), 0.125)
+            k_deq, v_deq = dequantize_int8(ki, 64, dim_major=True), dequantize_int8(vi, 64, dim_major=False)
+            want = reference_decode_attention(q, k_deq, v_deq, table, torch.tensor(lens), 0.125, k_dim_major=True)
+            check(f"decode attention ({dtype}, int8 KV, block size {block_size})", got, want, tol)
 
     bf16 = torch.bfloat16
     x = torch.randn(3, 40, generator=gen).to(bf16)
@@ -175,6 +182,34 @@ def _self_check(native: NativeKernels) -> None:
         v_want = rows[t, heads + kv_heads :].to(torch.float8_e5m2)
         check("fp8 k store", k8[slot // 4, :, :, slot % 4].float(), k_want.float(), 0)
         check("fp8 v store", v8[slot // 4, :, slot % 4].float(), v_want.float(), 0)
+    # int8: exactly kv_cache.quantize_int8 of the rotated bf16 k and of v, values and scales; the
+    # second token's k all zeros (scale 0, no NaN). 40 dims: vector code and tail.
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * 40, generator=gen).to(bf16)
+    qkv[1, heads * 40 : (heads + kv_heads) * 40] = 0
+    ki = torch.zeros(2, kv_heads, 44 * 4, dtype=torch.int8)
+    vi = torch.zeros(2, kv_heads, 44 * 4, dtype=torch.int8)
+    native.rope_store(qkv, positions, angles.cos(), angles.sin(), slots, ki, vi, heads)
+    rows = qkv.view(3, -1, 40)
+    (k_values, k_scales), (v_values, v_scales) = split_int8(ki, 40), split_int8(vi, 40)
+    for t, slot in enumerate(slots.tolist()):
+        block, offset = slot // 4, slot % 4
+        for name, new, values, scales in (
+            (
+                "int8 k store",
+                rows[t, heads : heads + kv_heads],
+                k_values.view(2, kv_heads, 40, 4)[block, :, :, offset],
+                k_scales,
+            ),
+            (
+                "int8 v store",
+                rows[t, heads + kv_heads :],
+                v_values.view(2, kv_heads, 4, 40)[block, :, offset],
+                v_scales,
+            ),
+        ):
+            want_values, want_scales = quantize_int8(new)
+            check(name, values, want_values, 0)
+            check(f"{name} scale", scales[block, :, offset], want_scales, 0)
 
     # 7 rows: a full tile of 6 and a tail; 37 outputs: two panels and a partial one; 28 columns: 3 x 8 + 4.
     weight = torch.randn(37, 28, generator=gen).to(bf16)

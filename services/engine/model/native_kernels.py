@@ -7,6 +7,7 @@ import ctypes
 
 import torch
 
+from services.engine.model.kv_cache import int8_pool_geometry
 from services.engine.model.native_build import PATHS, _declare
 
 # bf16_linear.c: output rows per weight panel.
@@ -85,12 +86,14 @@ class NativeKernels:
         """Rotate q and k in place in bfloat16 qkv [T, (H + 2 KV) * D] (contiguous), and
         store k, v at slots [T] in the caches (k [blocks, KV, D, block_size],
         v [blocks, KV, block_size, D]; both bfloat16 or both float8_e5m2, rounded from
-        the rotated bf16 k). positions, slots: int64 [T]; cos, sin: float32 [max_positions, D / 2]."""
-        _, num_kv_heads, block_size, head_dim = v_cache.shape
+        the rotated bf16 k; or both int8 chunks [blocks, KV, (D + 4) * block_size], quantized
+        as kv_cache.quantize_int8). positions, slots: int64 [T]; cos, sin: float32 [max_positions, D / 2]."""
         if not qkv.is_contiguous():
             raise ValueError("rope_store needs a contiguous qkv tensor")
-        if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (torch.bfloat16, torch.float8_e5m2):
-            raise ValueError(f"rope_store stores into a bfloat16 or float8_e5m2 pool, not {k_cache.dtype}")
+        if k_cache.dtype != v_cache.dtype or k_cache.dtype not in POOL_DTYPES:
+            raise ValueError(f"rope_store stores into a bfloat16, float8_e5m2 or int8 pool, not {k_cache.dtype}")
+        head_dim = 2 * cos.shape[1]
+        num_kv_heads, block_size = pool_geometry(k_cache, v_cache, head_dim)
         self._rope_store(
             self._code,
             qkv.data_ptr(),
@@ -127,13 +130,14 @@ class NativeKernels:
         t's one new token: arguments as theirs (block_table [T, max_blocks], context_lens [T]);
         returns the attention output [T, H * D] bfloat16. The caller's q is the rotated qkv rows."""
         tokens = qkv.shape[0]
-        _, num_kv_heads, block_size, head_dim = v_cache.shape
         if not (qkv.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()):
             raise ValueError("rope_store_decode needs a contiguous qkv tensor and pool")
         if qkv.dtype != torch.bfloat16 or k_cache.dtype != v_cache.dtype or k_cache.dtype not in POOL_DTYPES:
             raise ValueError(
-                f"rope_store_decode takes bfloat16 qkv and a bfloat16 or float8_e5m2 pool, not {k_cache.dtype}"
+                f"rope_store_decode takes bfloat16 qkv and a bfloat16, float8_e5m2 or int8 pool, not {k_cache.dtype}"
             )
+        head_dim = 2 * cos.shape[1]
+        num_kv_heads, block_size = pool_geometry(k_cache, v_cache, head_dim)
         if block_table.shape[0] != tokens or context_lens.shape[0] != tokens:
             raise ValueError("rope_store_decode needs one block table row and context length per token")
         out = qkv.new_empty(tokens, num_heads * head_dim)
@@ -183,20 +187,22 @@ class NativeKernels:
     ) -> torch.Tensor:
         """q: [B, H, D] (rows may be strided, D contiguous); k_cache: [blocks, KV, D, block_size],
         v_cache: [blocks, KV, block_size, D], both contiguous, in q's dtype (float32 or
-        bfloat16) or float8_e5m2 (the 8-bit KV cache); block_table: [B, max_blocks] int64;
-        context_lens: [B] int64. Returns [B, H * D] in q's dtype."""
+        bfloat16) or float8_e5m2 (the 8-bit KV cache), or both int8 chunks [blocks, KV,
+        (D + 4) * block_size] (the int8 KV cache, kv_cache.py); block_table: [B, max_blocks]
+        int64; context_lens: [B] int64. Returns [B, H * D] in q's dtype."""
         batch, num_heads, head_dim = q.shape
         if q.stride(2) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
             raise ValueError("native attention needs contiguous head rows and a contiguous pool")
         if (
             q.dtype not in (torch.float32, torch.bfloat16)
             or k_cache.dtype != v_cache.dtype
-            or k_cache.dtype not in (q.dtype, torch.float8_e5m2)
+            or k_cache.dtype not in (q.dtype, torch.float8_e5m2, torch.int8)
         ):
             raise ValueError(
-                f"native attention takes float32 or bfloat16 q with a pool in q's dtype or float8_e5m2, not "
+                f"native attention takes float32 or bfloat16 q with a pool in q's dtype, float8_e5m2 or int8, not "
                 f"{q.dtype}/{k_cache.dtype}/{v_cache.dtype}"
             )
+        num_kv_heads, block_size = pool_geometry(k_cache, v_cache, head_dim)
         out = q.new_empty(batch, num_heads * head_dim)
         status = self._attention(
             self._code,
@@ -213,9 +219,9 @@ class NativeKernels:
             out.data_ptr(),
             batch,
             num_heads,
-            v_cache.shape[1],
+            num_kv_heads,
             head_dim,
-            v_cache.shape[2],
+            block_size,
             scale,
         )
         if status != 0:
@@ -297,7 +303,23 @@ class NativeKernels:
         return out.view(-1)[: out_features * cols].view(out_features, cols)
 
 
-# simd.h: FMT_*.
-FORMAT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e5m2: 2}
+# simd.h: FMT_*, and paged_attention.h's FMT_I8 (int8 values with scales in the pool, kv_cache.py).
+FORMAT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e5m2: 2, torch.int8: 3}
 # What the RoPE kernels store into.
-POOL_DTYPES = (torch.bfloat16, torch.float8_e5m2)
+POOL_DTYPES = (torch.bfloat16, torch.float8_e5m2, torch.int8)
+
+
+def pool_geometry(k_cache: torch.Tensor, v_cache: torch.Tensor, head_dim: int) -> tuple[int, int]:
+    """(num_kv_heads, block_size) of one layer's pool (or, with a leading layers dimension,
+    every layer's), checking that K and V match: [..., blocks, KV, D, block_size] and
+    [..., blocks, KV, block_size, D], or int8 chunks [..., blocks, KV, (D + 4) * block_size] both."""
+    if v_cache.dtype == torch.int8:
+        if k_cache.shape != v_cache.shape:
+            raise ValueError(f"int8 K and V pools differ: {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+        return v_cache.shape[-2], int8_pool_geometry(v_cache.shape[-1], head_dim)
+    *_, num_kv_heads, block_size, dim = v_cache.shape
+    if dim != head_dim or k_cache.shape[-3:] != (num_kv_heads, head_dim, block_size):
+        raise ValueError(
+            f"a pool of K {tuple(k_cache.shape)}, V {tuple(v_cache.shape)} does not hold head_dim {head_dim}"
+        )
+    return num_kv_heads, block_size

@@ -57,9 +57,11 @@ class ModelRunner:
         the Q4_0/Q4_1/Q8_0 blocks of gguf_file (default: the GGUF the folder was made
         from, shared.model_files.gguf_source), when the plan has the kernel for them; or
         "int8": the safetensors matrices quantized at load to int8 per output channel, on the
-        same kernel (int8_weights.py). kv_cache_dtype (SCALELLM_KV_CACHE_DTYPE): "auto", the
-        pool in the model's dtype, or "fp8_e5m2", one byte per value (twice bf16's blocks in
-        kv_cache_bytes; native CPU kernels only, plan.py)."""
+        same kernel (int8_weights.py). kv_cache_dtype (SCALELLM_KV_CACHE_DTYPE): "auto" (int8 for
+        bfloat16 on the native kernels, else the model's dtype; plan.auto_kv_cache_dtype),
+        "bfloat16" (a bf16 model's pool unquantized), "int8" (one byte per value and a float32
+        scale per token and KV head: ~1.9x bf16's blocks in kv_cache_bytes) or "fp8_e5m2" (one
+        byte per value, twice the blocks); the 8-bit formats on the native CPU kernels only (plan.py)."""
         if block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {block_size}")
         self.config = ModelConfig.from_dir(Path(model_dir))

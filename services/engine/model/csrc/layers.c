@@ -135,8 +135,10 @@ void rms_norm_bf16(int path, const uint16_t *x, int64_t x_stride, const uint16_t
  * Rotate q and k in place inside the fused qkv rows ([T, (H + 2 KV) * D], half-split
  * rotation as in transformers' rotate_half), then store k and v at their slots in the
  * pool: K [num_blocks, KV, D, block_size], V [num_blocks, KV, block_size, D] (see
- * paged_attention.c), in bf16 or fp8 e5m2 (kv_fmt: FMT_BF16 or FMT_E5M2, simd.h);
- * e5m2 is rounded from the bf16 k/v left in qkv, as the torch path's k.to(float8_e5m2).
+ * paged_attention.c), in bf16 or fp8 e5m2 (kv_fmt: FMT_BF16 or FMT_E5M2, simd.h), or
+ * int8 with a scale per token and KV head (FMT_I8, paged_attention.h; kv_int8.c
+ * quantizes); 8-bit formats are rounded from the bf16 k/v left in qkv, as the torch
+ * path's k.to(float8_e5m2) (kv_cache.quantize_int8 for int8).
  * cos/sin: [max_positions, D / 2] float32. */
 
 /* dst[0, n) = e5m2(src[0, n)). */
@@ -257,7 +259,11 @@ void rope_store_bf16(int path, uint16_t *qkv, int64_t qkv_stride, const int64_t 
             const uint16_t *v = row + (heads + kv_heads + h) * head_dim;
             int64_t k_at = (block * kv_heads + h) * head_dim * block_size + offset;
             int64_t v_at = ((block * kv_heads + h) * block_size + offset) * head_dim;
-            if (kv_fmt == FMT_E5M2) {
+            if (kv_fmt == FMT_I8) {
+                int64_t chunk = (block * kv_heads + h) * (head_dim + 4) * block_size;
+                kv_i8_store_bf16(path, k, v, (char *)k_cache + chunk, (char *)v_cache + chunk, offset, head_dim,
+                                 block_size);
+            } else if (kv_fmt == FMT_E5M2) {
                 uint8_t *kd = (uint8_t *)k_cache + k_at, kb[64];
                 /* K is strided in the pool: converted 64 dims at a time, then scattered */
                 for (int64_t d0 = 0; d0 < head_dim; d0 += 64) {

@@ -13,19 +13,23 @@
  * Dim-major K lets q.K be computed for 8 or 16 tokens at once with plain
  * vertical FMAs (no horizontal sums); token-major V does the same for p.V.
  *
+ * An int8 pool (the int8 KV cache) holds the same values as int8 in chunks of one
+ * (block, KV head), each followed by its tokens' float32 scales (paged_attention.h).
+ *
  * Paths (simd.h), chosen by the caller: AVX-512 (16 tokens per vector, needs
- * head_dim % 16 == 0; a bf16 or fp8 e5m2 pool with block size 16 and head_dim %
- * 32 == 0, the default engine's, has code of its own in paged_attention_b16.c,
- * which reads a block's K and V of all KV heads as one run and splits items by
- * tokens rather than by count), AVX2 + FMA (two 8-lane vectors per 16 tokens,
- * needs head_dim % 16 == 0 and block_size % 8 == 0), portable C for anything
- * else. bf16 and fp8 e5m2 K/V (the pool's format, kv_fmt, may differ from q's)
- * are widened to float32 in registers; scores, softmax and the accumulation are
- * float32.
+ * head_dim % 16 == 0; a bf16, fp8 e5m2 or int8 pool with block size 16 and
+ * head_dim % 32 == 0, the default engine's, has code of its own in
+ * paged_attention_b16.c, which reads a block's K and V of all KV heads as one run
+ * and splits items by tokens rather than by count), AVX2 + FMA (two 8-lane vectors
+ * per 16 tokens, needs head_dim % 16 == 0 and block_size % 8 == 0), portable C for
+ * anything else. bf16, fp8 e5m2 and int8 K/V (the pool's format, kv_fmt, may differ
+ * from q's) are widened to float32 in registers; scores, softmax and the
+ * accumulation are float32. On these paths int8's scales are applied by a pass
+ * over the score rows (kv_int8.c): K's after the scores, V's after the softmax.
  *
  * This file: the portable, AVX2 and generic AVX-512 paths, and the entry point
  * (paged_decode_attention), which picks the path. paged_attention.h: what the
- * two files share.
+ * files share.
  *
  * Built by services/engine/model/native.py; plain C so that it compiles in a
  * second without torch headers, and is called through ctypes.
@@ -54,13 +58,13 @@ static inline const char *block_at(const void *cache, int64_t block, int64_t kv_
 typedef struct {
     const void *k_cache, *v_cache;
     const int64_t *table;
-    int64_t ctx, kv_heads, h, D, bs, esize;
+    int64_t ctx, kv_heads, h, D, bs, chunk; /* chunk: one (block, KV head)'s bytes, pa_chunk_bytes */
 } Seq;
 
 /* ---- portable ------------------------------------------------------------- */
 
 static void scores_portable(const Seq *s, int fmt, int NG, const float *qf, float *sc, int64_t sc_stride) {
-    int64_t block_bytes = s->D * s->bs * s->esize;
+    int64_t block_bytes = s->chunk;
     for (int64_t l = 0; l < s->ctx; ++l) {
         const char *kt = block_at(s->k_cache, s->table[l / s->bs], s->kv_heads, s->h, block_bytes);
         for (int g = 0; g < NG; ++g) {
@@ -72,7 +76,7 @@ static void scores_portable(const Seq *s, int fmt, int NG, const float *qf, floa
 }
 
 static void values_portable(const Seq *s, int fmt, int NG, const float *sc, int64_t sc_stride, float *acc) {
-    int64_t block_bytes = s->D * s->bs * s->esize;
+    int64_t block_bytes = s->chunk;
     memset(acc, 0, sizeof(float) * NG * s->D);
     for (int64_t l = 0; l < s->ctx; ++l) {
         const char *v = block_at(s->v_cache, s->table[l / s->bs], s->kv_heads, s->h, block_bytes);
@@ -97,10 +101,16 @@ static float softmax_portable(float *sg, int64_t n) {
 #if defined(__x86_64__)
 /* ---- AVX2 ------------------------------------------------------------------ */
 
+/* int8 (unscaled): sign-extended to 32 bits and converted */
+ALWAYS_INLINE T256 __m256 ld8_i8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
 ALWAYS_INLINE T256 __m256 ld8(const void *p, int64_t i, const int fmt) {
     return fmt == FMT_F32    ? _mm256_loadu_ps((const float *)p + i)
            : fmt == FMT_BF16 ? ld8_bf16((const uint16_t *)p + i)
-                             : ld8_e5m2((const uint8_t *)p + i);
+           : fmt == FMT_E5M2 ? ld8_e5m2((const uint8_t *)p + i)
+                             : ld8_i8((const int8_t *)p + i);
 }
 
 /* NG heads x NV vectors of 8 tokens, at token j0 of one block (K dim-major). */
@@ -123,7 +133,7 @@ ALWAYS_INLINE T256 void scores_tile_avx2(const char *kt, const int fmt, const in
 
 ALWAYS_INLINE T256 void scores_avx2_impl(const Seq *s, const int fmt, const int NG, const float *qf, float *sc,
                                           int64_t sc_stride) {
-    int64_t nblocks = (s->ctx + s->bs - 1) / s->bs, block_bytes = s->D * s->bs * s->esize;
+    int64_t nblocks = (s->ctx + s->bs - 1) / s->bs, block_bytes = s->chunk;
     for (int64_t i = 0; i < PREFETCH_AHEAD && i < nblocks; ++i)
         prefetch_block(block_at(s->k_cache, s->table[i], s->kv_heads, s->h, block_bytes), block_bytes);
     for (int64_t b = 0; b < nblocks; ++b) {
@@ -147,7 +157,7 @@ ALWAYS_INLINE T256 void scores_avx2_impl(const Seq *s, const int fmt, const int 
  * it is in L1: NG heads x 2 vectors stay in registers with room for V. */
 ALWAYS_INLINE T256 void values_avx2_impl(const Seq *s, const int fmt, const int NG, const float *sc, int64_t sc_stride,
                                           float *acc_out) {
-    int64_t nblocks = (s->ctx + s->bs - 1) / s->bs, D = s->D, block_bytes = D * s->bs * s->esize;
+    int64_t nblocks = (s->ctx + s->bs - 1) / s->bs, D = s->D, block_bytes = s->chunk;
     memset(acc_out, 0, sizeof(float) * NG * D);
     for (int64_t i = 0; i < PREFETCH_AHEAD && i < nblocks; ++i)
         prefetch_block(block_at(s->v_cache, s->table[i], s->kv_heads, s->h, block_bytes), block_bytes);
@@ -213,7 +223,11 @@ static T256 float softmax_avx2(float *sg, int64_t n) {
     case 8: CALL(FMT_E5M2, 1); break;                                                                                \
     case 9: CALL(FMT_E5M2, 2); break;                                                                                \
     case 10: CALL(FMT_E5M2, 3); break;                                                                               \
-    default: CALL(FMT_E5M2, 4); break;                                                                               \
+    case 11: CALL(FMT_E5M2, 4); break;                                                                               \
+    case 12: CALL(FMT_I8, 1); break;                                                                                 \
+    case 13: CALL(FMT_I8, 2); break;                                                                                 \
+    case 14: CALL(FMT_I8, 3); break;                                                                                 \
+    default: CALL(FMT_I8, 4); break;                                                                                 \
     }
 
 static T256 void scores_avx2(const Seq *s, int fmt, int NG, const float *qf, float *sc, int64_t sc_stride) {
@@ -230,22 +244,27 @@ static T256 void values_avx2(const Seq *s, int fmt, int NG, const float *sc, int
 
 /* ---- AVX-512 --------------------------------------------------------------- */
 
+/* int8 (unscaled): sign-extended to 32 bits and converted */
+ALWAYS_INLINE T512 __m512 ld16_i8(__m128i x) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(x)); }
+
 ALWAYS_INLINE T512 __m512 ld16(const void *p, int64_t i, const int fmt) {
     return fmt == FMT_F32    ? _mm512_loadu_ps((const float *)p + i)
            : fmt == FMT_BF16 ? ld16_bf16((const uint16_t *)p + i)
-                             : ld16_e5m2((const uint8_t *)p + i);
+           : fmt == FMT_E5M2 ? ld16_e5m2((const uint8_t *)p + i)
+                             : ld16_i8(_mm_loadu_si128((const __m128i *)((const int8_t *)p + i)));
 }
 
 ALWAYS_INLINE T512 __m512 ld16m(__mmask16 m, const void *p, int64_t i, const int fmt) {
     return fmt == FMT_F32    ? _mm512_maskz_loadu_ps(m, (const float *)p + i)
            : fmt == FMT_BF16 ? ld16m_bf16(m, (const uint16_t *)p + i)
-                             : ld16m_e5m2(m, (const uint8_t *)p + i);
+           : fmt == FMT_E5M2 ? ld16m_e5m2(m, (const uint8_t *)p + i)
+                             : ld16_i8(_mm_maskz_loadu_epi8(m, (const int8_t *)p + i));
 }
 
 /* scores[g][start + j] = q_g . K_j for NG query heads, 16 tokens per vector. */
 ALWAYS_INLINE T512 void scores_avx512_impl(const Seq *s, const int fmt, const int NG, const float *qf, float *sc,
                                             int64_t sc_stride) {
-    int64_t nblocks = (s->ctx + s->bs - 1) / s->bs, D = s->D, bs = s->bs, block_bytes = D * bs * s->esize;
+    int64_t nblocks = (s->ctx + s->bs - 1) / s->bs, D = s->D, bs = s->bs, block_bytes = s->chunk;
     for (int64_t i = 0; i < PREFETCH_AHEAD && i < nblocks; ++i)
         prefetch_block(block_at(s->k_cache, s->table[i], s->kv_heads, s->h, block_bytes), block_bytes);
     for (int64_t b = 0; b < nblocks; ++b) {
@@ -279,7 +298,7 @@ ALWAYS_INLINE T512 void scores_avx512_impl(const Seq *s, const int fmt, const in
  * dims (4 vectors) per pass, so each V row is read front to back in one go. */
 ALWAYS_INLINE T512 void values_avx512_impl(const Seq *s, const int fmt, const int NG, const float *sc,
                                             int64_t sc_stride, float *acc_out) {
-    int64_t nblocks = (s->ctx + s->bs - 1) / s->bs, D = s->D, bs = s->bs, block_bytes = D * bs * s->esize;
+    int64_t nblocks = (s->ctx + s->bs - 1) / s->bs, D = s->D, bs = s->bs, block_bytes = s->chunk;
     for (int64_t d0 = 0; d0 < D; d0 += 64) {
         int nv = D - d0 >= 64 ? 4 : (int)((D - d0) / 16);
         __m512 acc[4][4];
@@ -365,22 +384,33 @@ static void item(int path, int fmt, int kv_fmt, const char *q, int64_t q_head_st
         for (int g = 0; g < NG; ++g)
             for (int64_t d = 0; d < D; ++d) qf[g * D + d] = ld1(q, (h * group + g0 + g) * q_head_stride + d, fmt) * scale;
         float sums[4];
+        /* int8: the scores are sums over the unscaled values, times K's scales before the
+         * softmax; V's scales are folded into the probabilities after their sum is taken. */
+        int i8 = kv_fmt == FMT_I8;
+#define SCALE(cache) pa_i8_scale_rows(cache, s->table, s->kv_heads, h, D, s->bs, s->ctx, NG, sc, sc_stride)
 #if defined(__x86_64__)
         if (path == PATH_AVX512) {
             scores_avx512(s, kv_fmt, NG, qf, sc, sc_stride);
+            if (i8) SCALE(s->k_cache);
             for (int g = 0; g < NG; ++g) sums[g] = pa_softmax_avx512(sc + g * sc_stride, s->ctx);
+            if (i8) SCALE(s->v_cache);
             values_avx512(s, kv_fmt, NG, sc, sc_stride, acc);
         } else if (path == PATH_AVX2) {
             scores_avx2(s, kv_fmt, NG, qf, sc, sc_stride);
+            if (i8) SCALE(s->k_cache);
             for (int g = 0; g < NG; ++g) sums[g] = softmax_avx2(sc + g * sc_stride, s->ctx);
+            if (i8) SCALE(s->v_cache);
             values_avx2(s, kv_fmt, NG, sc, sc_stride, acc);
         } else
 #endif
         {
             scores_portable(s, kv_fmt, NG, qf, sc, sc_stride);
+            if (i8) SCALE(s->k_cache);
             for (int g = 0; g < NG; ++g) sums[g] = softmax_portable(sc + g * sc_stride, s->ctx);
+            if (i8) SCALE(s->v_cache);
             values_portable(s, kv_fmt, NG, sc, sc_stride, acc);
         }
+#undef SCALE
         for (int g = 0; g < NG; ++g) {
             float inv = 1.f / sums[g];
             for (int64_t d = 0; d < D; ++d) st1(out, (h * group + g0 + g) * D + d, acc[g * D + d] * inv, fmt);
@@ -394,8 +424,8 @@ int native_paths(void) {
     return known;
 }
 
-/* fmt: FMT_F32 or FMT_BF16, for q and out; kv_fmt: the pool's, FMT_F32, FMT_BF16 or
- * FMT_E5M2 (the 8-bit KV cache). q: [B, H, D] with strides
+/* fmt: FMT_F32 or FMT_BF16, for q and out; kv_fmt: the pool's, FMT_F32, FMT_BF16,
+ * FMT_E5M2 or FMT_I8 (the 8-bit KV caches; int8 needs head_dim % 4 == 0). q: [B, H, D] with strides
  * (q_seq_stride, q_head_stride, 1); out: [B, H, D] contiguous; block_tables:
  * [B, max_blocks]; context_lens: [B]. The vector paths fall back to portable
  * for shapes they do not take (see the top). Returns 0; 1 for bad sizes, 2 when
@@ -406,18 +436,18 @@ int paged_decode_attention(int path, int fmt, int kv_fmt, const void *q, int64_t
                            int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale) {
     int64_t group = num_heads / num_kv_heads;
     if (group > MAX_GROUP || head_dim > MAX_HEAD_DIM || group * num_kv_heads != num_heads || fmt < 0 || fmt > 1 ||
-        kv_fmt < 0 || kv_fmt > 2 ||
+        kv_fmt < 0 || kv_fmt > FMT_I8 || (kv_fmt == FMT_I8 && head_dim % 4) ||
         path < 0 || path >= NUM_PATHS)
         return 1;
     if (!(native_paths() & (1 << path))) return 3;
     if (path == PATH_AVX512 && head_dim % 16) path = PATH_PORTABLE;
     if (path == PATH_AVX2 && (head_dim % 16 || block_size % 8)) path = PATH_PORTABLE;
-    int64_t esize = fmt == FMT_F32 ? 4 : 2, kv_esize = kv_fmt == FMT_F32 ? 4 : kv_fmt == FMT_BF16 ? 2 : 1;
+    int64_t esize = fmt == FMT_F32 ? 4 : 2, chunk = pa_chunk_bytes(kv_fmt, head_dim, block_size);
     /* padded to whole 16-lane chunks: the vector paths store whole chunks */
     int64_t stride = (max_blocks * block_size + 15) / 16 * 16;
     int failed = 0;
 #if defined(__x86_64__)
-    int fast = path == PATH_AVX512 && (kv_fmt == FMT_BF16 || kv_fmt == FMT_E5M2) && block_size == 16 &&
+    int fast = path == PATH_AVX512 && kv_fmt != FMT_F32 && block_size == 16 &&
                head_dim % 32 == 0;
 #else
     int fast = 0;
@@ -444,7 +474,7 @@ int paged_decode_attention(int path, int fmt, int kv_fmt, const void *q, int64_t
                 if (!sc) continue;
                 int64_t b = it / num_kv_heads;
                 Seq s = {k_cache, v_cache, block_tables + b * max_blocks, context_lens[b], num_kv_heads,
-                         it % num_kv_heads, head_dim, block_size, kv_esize};
+                         it % num_kv_heads, head_dim, block_size, chunk};
                 item(path, fmt, kv_fmt, (const char *)q + b * q_seq_stride * esize, q_head_stride, &s,
                      (char *)out + b * num_heads * head_dim * esize, group, scale, sc, stride);
             }

@@ -1,8 +1,9 @@
-/* Paged decode attention on AVX-512 for a bf16 or fp8 e5m2 pool with block size 16
- * and head_dim % 32 == 0 (paged_attention.c: the pool layout, the other paths, and
- * the entry point, paged_decode_attention, which sends these calls here).
+/* Paged decode attention on AVX-512 for a bf16, fp8 e5m2 or int8 pool with block size
+ * 16 and head_dim % 32 == 0 (paged_attention.c: the pool layout, the other paths, and
+ * the entry point, paged_decode_attention, which sends these calls here). This file
+ * walks the pool; the block kernels of each format are in paged_attention_blocks.h.
  *
- * The default engine's case (and its 8-bit KV cache), where the pool's reads bound
+ * The default engine's case (and its 8-bit KV caches), where the pool's reads bound
  * the step. One work item is a sequence, or a few of its KV heads when there are
  * too few sequences to share out among the threads; it walks its blocks in the
  * outer loop and its KV heads inside. A block's K (and V) of all KV heads lie side
@@ -17,7 +18,7 @@
  * e5m2: it is the top byte of a float16, so unpacking a zero byte below each byte
  * (vpunpck[lh]bw, within 128-bit lanes) makes float16s and vcvtph2ps widens 16 of
  * them; 64 bytes take two unpacks, two extracts and four converts. Both leave the
- * values in a lane order of their own:
+ * values in a lane order of their own (int8's: paged_attention_blocks.h):
  * - K (dim-major, 16 tokens a row): one vector holds 8 (e5m2) or 8 even / 8 odd
  *   (bf16) tokens of two adjacent dims, multiplied by [q_d x8, q_{d+1} x8]; the
  *   halves are added at the end. Four accumulator sets per head keep enough FMAs
@@ -48,7 +49,7 @@
 #include <omp.h>
 #include <stdlib.h>
 
-#include "paged_attention.h"
+#include "paged_attention_blocks.h"
 
 #if defined(__x86_64__)
 #ifndef STREAM_AHEAD
@@ -57,10 +58,6 @@
 #ifndef PUMP /* runs of the stream prefetched during an item's softmax (2 measured no better) */
 #define PUMP 1
 #endif
-/* The bytes at off in the run STREAM_AHEAD places on into L2 (prefetcht2), and in
- * the next run into L1 (prefetcht0). */
-#define PREFETCH2(pf, pn, off) (__builtin_prefetch((pf) + (off), 0, 1), __builtin_prefetch((pn) + (off), 0, 3))
-
 /* KV heads [h0, h0 + nh) of one sequence. */
 typedef struct {
     const int64_t *table;
@@ -74,126 +71,6 @@ typedef struct {
 
 static inline const char *run_at(const Pool *pl, const char *cache, const Item *it, int64_t b) {
     return cache + (it->table[b] * pl->kv_heads + it->h0) * pl->head_bytes;
-}
-
-ALWAYS_INLINE T512 __m512 bf16_even(__m512i x) { return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)); }
-ALWAYS_INLINE T512 __m512 bf16_odd(__m512i x) {
-    return _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32((int)0xFFFF0000u)));
-}
-/* 16 e5m2 bytes, as float16 in a 256-bit half of an unpacked vector, to float32 */
-ALWAYS_INLINE T512 __m512 e5m2_lo(__m512i h) { return _mm512_cvtph_ps(_mm512_castsi512_si256(h)); }
-ALWAYS_INLINE T512 __m512 e5m2_hi(__m512i h) { return _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)); }
-
-/* Lanes 0..7 of a and b, interleaved (a0 b0 a1 b1 ..), plus the same of lanes 8..15. */
-ALWAYS_INLINE T512 __m512 interleave_add(__m512 a, __m512 b) {
-    const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-    return _mm512_add_ps(_mm512_permutex2var_ps(a, lo, b), _mm512_permutex2var_ps(a, hi, b));
-}
-
-/* sc[g * sc_stride + j] = q_g . K_j, the 16 tokens of one block of one KV head (kt),
- * for NG query heads; qv[g * D/2 + p] = [q_{2p} x8, q_{2p+1} x8] of head g. */
-ALWAYS_INLINE T512 void scores_block(const int fmt, const int NG, const char *kt, const char *pf, const char *pn,
-                                      int64_t D, const __m512 *qv, float *sc, int64_t sc_stride) {
-    __m512 a0[4], a1[4], a2[4], a3[4];
-    for (int g = 0; g < NG; ++g) a0[g] = a1[g] = a2[g] = a3[g] = _mm512_setzero_ps();
-    for (int64_t p = 0; p < D / 2; p += 2) {
-        __m512 k0, k1, k2, k3; /* k0, k2 go with dims 2p, 2p + 1; k1, k3 with 2p + 2, 2p + 3 */
-        if (fmt == FMT_BF16) {
-            if (pf) PREFETCH2(pf, pn, p * 64), PREFETCH2(pf, pn, p * 64 + 64);
-            __m512i x0 = _mm512_loadu_si512(kt + p * 64), x1 = _mm512_loadu_si512(kt + p * 64 + 64);
-            k0 = bf16_even(x0), k2 = bf16_odd(x0), k1 = bf16_even(x1), k3 = bf16_odd(x1);
-        } else {
-            if (pf) PREFETCH2(pf, pn, p * 32);
-            __m512i x = _mm512_loadu_si512(kt + p * 32), z = _mm512_setzero_si512();
-            __m512i lo = _mm512_unpacklo_epi8(z, x), hi = _mm512_unpackhi_epi8(z, x); /* tokens 0-7, 8-15 */
-            k0 = e5m2_lo(lo), k1 = e5m2_hi(lo), k2 = e5m2_lo(hi), k3 = e5m2_hi(hi);
-        }
-        for (int g = 0; g < NG; ++g) {
-            __m512 q0 = qv[g * (D / 2) + p], q1 = qv[g * (D / 2) + p + 1];
-            a0[g] = _mm512_fmadd_ps(k0, q0, a0[g]);
-            a2[g] = _mm512_fmadd_ps(k2, q0, a2[g]);
-            a1[g] = _mm512_fmadd_ps(k1, q1, a1[g]);
-            a3[g] = _mm512_fmadd_ps(k3, q1, a3[g]);
-        }
-    }
-    for (int g = 0; g < NG; ++g) {
-        __m512 r;
-        if (fmt == FMT_BF16) {
-            r = interleave_add(_mm512_add_ps(a0[g], a1[g]), _mm512_add_ps(a2[g], a3[g]));
-        } else {
-            __m512 lo = _mm512_add_ps(a0[g], a1[g]), hi = _mm512_add_ps(a2[g], a3[g]);
-            r = _mm512_add_ps(_mm512_shuffle_f32x4(lo, hi, 0x44), _mm512_shuffle_f32x4(lo, hi, 0xEE));
-        }
-        _mm512_storeu_ps(sc + g * sc_stride, r);
-    }
-}
-
-/* acc[g] += sum_j p[g][j] V_j over the n tokens of one block of one KV head (vb),
- * NV * 16 dims of them (64, or the last 32), for NG query heads; acc rows (D floats)
- * in the lane order described above. NV and NG are constants: the accumulators
- * stay in registers. */
-ALWAYS_INLINE T512 void values_chunk(const int fmt, const int NG, const int NV, const char *vb, const char *pf,
-                                      const char *pn, int64_t D, int64_t n, const float *p, int64_t sc_stride,
-                                      float *acc) {
-    __m512 a[4][4];
-    for (int g = 0; g < NG; ++g)
-        for (int c = 0; c < NV; ++c) a[g][c] = _mm512_loadu_ps(acc + g * D + 16 * c);
-    for (int64_t j = 0; j < n; ++j) {
-        __m512 v[4];
-        if (pf) {
-            PREFETCH2(pf, pn, j * D * (fmt == FMT_BF16 ? 2 : 1));
-            if (fmt == FMT_BF16 && NV == 4) PREFETCH2(pf, pn, j * D * 2 + 64);
-        }
-        if (fmt == FMT_BF16) {
-            const char *row = vb + j * D * 2;
-            __m512i x0 = _mm512_loadu_si512(row);
-            v[0] = bf16_even(x0), v[1] = bf16_odd(x0);
-            if (NV == 4) {
-                __m512i x1 = _mm512_loadu_si512(row + 64);
-                v[2] = bf16_even(x1), v[3] = bf16_odd(x1);
-            }
-        } else {
-            const char *row = vb + j * D;
-            __m512i z = _mm512_setzero_si512();
-            __m512i x = NV == 4 ? _mm512_loadu_si512(row)
-                                : _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)row));
-            __m512i lo = _mm512_unpacklo_epi8(z, x), hi = _mm512_unpackhi_epi8(z, x);
-            v[0] = e5m2_lo(lo), v[1] = e5m2_lo(hi); /* dims [0-7, 16-23], [8-15, 24-31] */
-            if (NV == 4) v[2] = e5m2_hi(lo), v[3] = e5m2_hi(hi); /* [32-39, 48-55], [40-47, 56-63] */
-        }
-        for (int g = 0; g < NG; ++g) {
-            __m512 pj = _mm512_set1_ps(p[g * sc_stride + j]);
-            for (int c = 0; c < NV; ++c) a[g][c] = _mm512_fmadd_ps(pj, v[c], a[g][c]);
-        }
-    }
-    for (int g = 0; g < NG; ++g)
-        for (int c = 0; c < NV; ++c) _mm512_storeu_ps(acc + g * D + 16 * c, a[g][c]);
-}
-
-ALWAYS_INLINE T512 void values_block(const int fmt, const int NG, const char *vb, const char *pf, const char *pn,
-                                      int64_t D, int64_t n, const float *p, int64_t sc_stride, float *acc) {
-    int64_t d0 = 0, es = fmt == FMT_BF16 ? 2 : 1;
-    for (; d0 + 64 <= D; d0 += 64)
-        values_chunk(fmt, NG, 4, vb + d0 * es, pf ? pf + d0 * es : NULL, pn + d0 * es, D, n, p, sc_stride, acc + d0);
-    if (d0 < D)
-        values_chunk(fmt, NG, 2, vb + d0 * es, pf ? pf + d0 * es : NULL, pn + d0 * es, D, n, p, sc_stride, acc + d0);
-}
-
-/* One accumulator row (D floats) from values_block's lane order back to dim order. */
-static T512 void unpermute_row(int fmt, float *row, int64_t D) {
-    const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-    for (int64_t d = 0; d < D; d += 32) {
-        __m512 a = _mm512_loadu_ps(row + d), b = _mm512_loadu_ps(row + d + 16);
-        if (fmt == FMT_BF16) { /* a: even dims, b: odd */
-            _mm512_storeu_ps(row + d, _mm512_permutex2var_ps(a, lo, b));
-            _mm512_storeu_ps(row + d + 16, _mm512_permutex2var_ps(a, hi, b));
-        } else { /* a: [0-7, 16-23], b: [8-15, 24-31] */
-            _mm512_storeu_ps(row + d, _mm512_shuffle_f32x4(a, b, 0x44));
-            _mm512_storeu_ps(row + d + 16, _mm512_shuffle_f32x4(a, b, 0xEE));
-        }
-    }
 }
 
 /* Prefetches into L2 spread over a phase that reads no KV (the softmax), so the
@@ -290,7 +167,7 @@ ALWAYS_INLINE T512 void item_pass(const int fmt, const Pool *pl, const Item *it,
         for (int64_t h = 0; h < it->nh; ++h)
             for (int64_t g = 0; g < group; g += 4) {
                 const char *vb = run + h * hb, *pf = g == 0 ? ahead + h * hb : NULL, *pn = near + h * hb;
-                const float *pg = sc + (h * group + g) * sc_stride + b * 16;
+                float *pg = sc + (h * group + g) * sc_stride + b * 16;
                 float *ag = acc + (h * group + g) * D;
                 switch (group - g < 4 ? group - g : 4) {
                 case 1: values_block(fmt, 1, vb, pf, pn, D, n, pg, sc_stride, ag); break;
@@ -302,7 +179,7 @@ ALWAYS_INLINE T512 void item_pass(const int fmt, const Pool *pl, const Item *it,
     }
 }
 
-/* One item; the caller checked bs == 16, D % 32 == 0 and a bf16 or e5m2 pool (kv_fmt).
+/* One item; the caller checked bs == 16, D % 32 == 0 and a bf16, e5m2 or int8 pool (kv_fmt).
  * runs: as item_pass's. Scratch for nh * group
  * query heads: qv [rows * D/2] vectors, sc rows of sc_stride, sums [rows], acc [rows * D]. */
 static T512 void item_fast(int fmt, int kv_fmt, const char *q, int64_t q_head_stride, const Pool *pl, const Item *it,
@@ -314,6 +191,10 @@ static T512 void item_fast(int fmt, int kv_fmt, const char *q, int64_t q_head_st
         for (int64_t d = 0; d < D; d += 16) { /* 16 dims: 8 vectors of [q_2p x8, q_2p+1 x8] */
             __m512 x = fmt == FMT_F32 ? _mm512_loadu_ps((const float *)qh + d) : ld16_bf16((const uint16_t *)qh + d);
             x = _mm512_mul_ps(x, _mm512_set1_ps(scale));
+            if (kv_fmt == FMT_I8) { /* D plain floats (scores_i8) */
+                _mm512_storeu_ps((float *)(qv + r * (D / 2)) + d, x);
+                continue;
+            }
             for (int p = 0; p < 8; ++p) {
                 __m512i sel = _mm512_mask_blend_epi32((__mmask16)0xFF00, _mm512_set1_epi32(2 * p),
                                                       _mm512_set1_epi32(2 * p + 1));
@@ -323,8 +204,10 @@ static T512 void item_fast(int fmt, int kv_fmt, const char *q, int64_t q_head_st
     }
     if (kv_fmt == FMT_BF16)
         item_pass(FMT_BF16, pl, it, runs, group, qv, sc, sc_stride, sums, acc, first);
-    else
+    else if (kv_fmt == FMT_E5M2)
         item_pass(FMT_E5M2, pl, it, runs, group, qv, sc, sc_stride, sums, acc, first);
+    else
+        item_pass(FMT_I8, pl, it, runs, group, qv, sc, sc_stride, sums, acc, first);
     for (int64_t r = 0; r < rows; ++r) {
         float *row = acc + r * D, inv = 1.f / sums[r];
         int64_t o = (it->h0 * group + r) * D;
@@ -356,8 +239,7 @@ PA_INTERNAL T512 int pa_b16_share(int fmt, int kv_fmt, const char *q, int64_t q_
                                   int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale,
                                   int64_t stride) {
     if (num_seqs == 0) return 0;
-    /* kv_fmt is bf16 or e5m2 here: 2 or 1 bytes an element */
-    Pool pool = {k_cache, v_cache, num_kv_heads, head_dim, head_dim * 16 * (kv_fmt == FMT_BF16 ? 2 : 1)}, *pl = &pool;
+    Pool pool = {k_cache, v_cache, num_kv_heads, head_dim, pa_chunk_bytes(kv_fmt, head_dim, 16)}, *pl = &pool;
     int nt = omp_get_num_threads(), tid = omp_get_thread_num();
     int64_t kv_heads = pl->kv_heads, group = num_heads / kv_heads, D = pl->D;
     int64_t esize = fmt == FMT_F32 ? 4 : 2;
