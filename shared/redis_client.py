@@ -17,8 +17,9 @@ at once. ``pipeline_prefix`` makes the stream prefix a hash tag for that.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
@@ -28,7 +29,7 @@ from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelConnectionPool
 from redis.cluster import ClusterNode
 from redis.connection import parse_url
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.sentinel import Sentinel
 
 # Some redis-py releases type Sentinel, ClusterNode and parse_url, others leave them untyped: called through
@@ -175,6 +176,96 @@ def async_client(
     sentinel = _AsyncSentinel(list(target.nodes), sentinel_kwargs=_sentinel_kwargs(target, options), **options)
     client: aioredis.Redis = sentinel.master_for(target.service_name, db=target.db, **auth, **named)
     return client
+
+
+# A stream read as this client gets it (RESP2, responses not decoded, so values are
+# bytes): [(stream, [(entry id, {field: value}, or None for a deleted entry), ...]), ...].
+# redis-py's own reply types also cover RESP3 and decoded responses, hence the casts.
+StreamEntry: TypeAlias = tuple[bytes | str, dict[bytes, bytes] | None]
+StreamReply: TypeAlias = Sequence[tuple[bytes | str, Sequence[StreamEntry]]]
+
+
+def stream_reply(raw: object) -> StreamReply:
+    """An XREAD / XREADGROUP reply as Redis sends it (RESP2: [[stream, [[id, [field, value, ...]],
+    ...]], ...]; RESP3: a map of streams) -> StreamReply; a deleted entry's fields are None."""
+    if not raw:
+        return []
+    pairs = raw.items() if isinstance(raw, dict) else raw
+    reply: list[tuple[bytes | str, list[StreamEntry]]] = []
+    for stream, entries in cast(Iterable[tuple[bytes | str, Sequence[Sequence[Any]]]], pairs):
+        parsed: list[StreamEntry] = []
+        for entry_id, fields in entries:
+            parsed.append((entry_id, dict(zip(fields[::2], fields[1::2])) if fields else None))
+        reply.append((stream, parsed))
+    return reply
+
+
+class HeldConnections:
+    """Commands sent on connections taken once from a client's pool and kept, past the pool.
+
+    For the stream reads every stage waits in (shared/transport.py). redis-py's own way to a
+    command (the pool's lock, its connection checks and metrics hooks, the reply callbacks)
+    is ~0.1 ms of a read when the caches are cold, as they are at concurrency 1 after the
+    engine's forward (docs/benchmarks.md, "fifth session: hops"). Each concurrent caller gets
+    a connection of its own. A connection whose reply may not have been read to the end (a
+    cancelled or failed read) goes back to the pool disconnected, never to be reused as is.
+    Replies come raw: the caller parses them.
+    """
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._pool: Any = client.connection_pool  # untyped in some redis-py releases
+        self._idle: list[Any] = []
+
+    async def command(self, *args: str | bytes | int) -> Any:
+        connection = self._idle.pop() if self._idle else await self._pool.get_connection()
+        try:
+            await connection.send_command(*args)
+            reply = await connection.read_response()
+        except ResponseError:
+            self._idle.append(connection)  # an error reply, read whole: the connection is fine
+            raise
+        except BaseException:
+            await self._drop(connection)
+            raise
+        self._idle.append(connection)
+        return reply
+
+    async def pipeline(self, commands: Sequence[Sequence[str | bytes | int]]) -> list[Any]:
+        """``commands`` sent together, not as a transaction (as redis-py's ``pipeline(transaction=False)``):
+        every reply, or the first error reply raised once all are read."""
+        connection = self._idle.pop() if self._idle else await self._pool.get_connection()
+        replies: list[Any] = []
+        error: ResponseError | None = None
+        try:
+            await connection.send_packed_command(connection.pack_commands(commands))
+            for _ in commands:
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as exc:
+                    error = error or exc
+                    replies.append(exc)
+        except BaseException:
+            await self._drop(connection)
+            raise
+        self._idle.append(connection)
+        if error is not None:
+            raise error
+        return replies
+
+    async def _drop(self, connection: Any) -> None:
+        await connection.disconnect(nowait=True)
+        await self._pool.release(connection)
+
+    async def close(self) -> None:
+        """Give the connections back to the pool (before the client closes)."""
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            await self._pool.release(connection)
+
+
+def held_connections(client: AsyncRedis) -> HeldConnections | None:
+    """For one server or Sentinel's master; None on a cluster, whose commands go by slot to many nodes."""
+    return HeldConnections(client) if isinstance(client, aioredis.Redis) else None
 
 
 def sync_client(

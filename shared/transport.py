@@ -26,7 +26,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from shared.fencing import FencedPublishMixin
 from shared.messages import Heartbeat, Message, MessageError, decode, encode
 from shared.output_checkpoints import OutputCheckpointMixin
-from shared.redis_client import AsyncRedis, async_client, close_async_client, pipeline_prefix
+from shared.redis_client import (
+    AsyncRedis,
+    HeldConnections,
+    async_client,
+    close_async_client,
+    held_connections,
+    pipeline_prefix,
+    stream_reply,
+)
+from shared.redis_client import StreamReply as StreamReply
 from shared.replicas import BEAT, BeatOutcome, ReplicaRegistryMixin
 from shared.work_streams import DEFAULT_MAX_DELIVERIES, DEFAULT_TRIM_INTERVAL_S, WorkStreamMixin
 
@@ -38,11 +47,6 @@ PAYLOAD_FIELD = b"m"
 # waited out like a lost connection (redis-py's cluster client retries MOVED/ASK itself).
 _RETRYABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError, ClusterDownError, TryAgainError)
 
-# A stream read as this client gets it (RESP2, responses not decoded, so values are
-# bytes): [(stream, [(entry id, {field: value}, or None for a deleted entry), ...]), ...].
-# redis-py's own reply types also cover RESP3 and decoded responses, hence the casts.
-StreamEntry = tuple[bytes | str, dict[bytes, bytes] | None]
-StreamReply = Sequence[tuple[bytes | str, Sequence[StreamEntry]]]
 
 # Renew or release a lease only if we still hold it.
 _RENEW_LEASE = (
@@ -163,6 +167,8 @@ class StreamTransport(WorkStreamMixin, FencedPublishMixin, OutputCheckpointMixin
         )
         # Settings give the prefix made a hash tag on a cluster already; a caller that passes its own gets the same.
         self.names = StreamNames(pipeline_prefix(prefix, cluster=isinstance(self._redis, RedisCluster)))
+        # The stream reads past redis-py's pool (read_group, read_stream); None on a cluster.
+        self._reads: HeldConnections | None = held_connections(self._redis)
         self._known_groups: set[tuple[str, str]] = set()
         self._closed = False
         self._init_work_streams(max_deliveries, trim_interval_s)
@@ -172,10 +178,13 @@ class StreamTransport(WorkStreamMixin, FencedPublishMixin, OutputCheckpointMixin
         """For tests: wrap an existing client (e.g. fakeredis)."""
         transport = cls("redis://unused", prefix, consumer, **kwargs)  # type: ignore[arg-type]
         transport._redis = client
+        transport._reads = held_connections(client)
         return transport
 
     async def close(self) -> None:
         self._closed = True
+        if self._reads is not None:
+            await self._reads.close()
         await close_async_client(self._redis)
 
     async def ping(self) -> bool:
@@ -229,6 +238,13 @@ class StreamTransport(WorkStreamMixin, FencedPublishMixin, OutputCheckpointMixin
 
         async def read() -> StreamReply:
             try:
+                if self._reads is not None:
+                    wait = ("BLOCK", block_ms) if block_ms else ()
+                    raw = await self._reads.command(
+                        "XREADGROUP", "GROUP", group, self.consumer, "COUNT", count, *wait,
+                        "STREAMS", *streams, *(">" for _ in streams),
+                    )  # fmt: skip
+                    return stream_reply(raw)
                 reply = await self._redis.xreadgroup(
                     group, self.consumer, {s: ">" for s in streams}, count=count, block=block_ms or None
                 )
@@ -324,20 +340,32 @@ class StreamTransport(WorkStreamMixin, FencedPublishMixin, OutputCheckpointMixin
         if not messages and not acks:
             return
         encoded = [(stream, encode(message)) for stream, message in messages]
+        commands = self._publish_commands(encoded, acks)
 
         async def send() -> None:
+            if self._reads is not None:
+                await self._reads.pipeline(commands)
+                return
             pipe = self._redis.pipeline(transaction=False)
-            for stream, payload in encoded:
-                if self.names.is_work_stream(stream):
-                    pipe.xadd(stream, {PAYLOAD_FIELD: payload})  # trimmed by progress: _trim_due
-                else:
-                    pipe.xadd(stream, {PAYLOAD_FIELD: payload}, maxlen=self.maxlen, approximate=True)
-            for ack in acks:
-                pipe.xack(ack.stream, ack.group, ack.entry_id)
+            for command in commands:
+                pipe.execute_command(*command)
             await pipe.execute()
 
         await self._retry("publish", send)
         await self._trim_due({stream for stream, _ in encoded})
+
+    def _publish_commands(
+        self, encoded: list[tuple[str, bytes]], acks: list[Ack]
+    ) -> list[tuple[str | bytes | int, ...]]:
+        """``publish``'s XADDs, then its XACKs."""
+        commands: list[tuple[str | bytes | int, ...]] = []
+        for stream, payload in encoded:
+            if self.names.is_work_stream(stream):  # trimmed by progress: _trim_due
+                commands.append(("XADD", stream, "*", PAYLOAD_FIELD, payload))
+            else:
+                commands.append(("XADD", stream, "MAXLEN", "~", self.maxlen, "*", PAYLOAD_FIELD, payload))
+        commands += [("XACK", ack.stream, ack.group, ack.entry_id) for ack in acks]
+        return commands
 
     # -- plain reads (one reader per stream, or broadcast) ------------------
 
@@ -345,6 +373,11 @@ class StreamTransport(WorkStreamMixin, FencedPublishMixin, OutputCheckpointMixin
         """Entries after ``last_id`` (``"$"``: only new ones); returns the new last id."""
 
         async def read() -> StreamReply:
+            if self._reads is not None:
+                wait = ("BLOCK", block_ms) if block_ms else ()
+                return stream_reply(
+                    await self._reads.command("XREAD", "COUNT", count, *wait, "STREAMS", stream, last_id)
+                )
             reply = await self._redis.xread({stream: last_id}, count=count, block=block_ms or None)
             return cast(StreamReply, reply)
 
