@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import threading
 from pathlib import Path
 
 import torch
@@ -105,11 +106,13 @@ class PrefillKernels:
     def with_path(self, path: str) -> PrefillKernels:
         return PrefillKernels(self._library, path)
 
+    def scratch_bytes(self, tokens: int, num_kv_heads: int, head_dim: int) -> int:
+        """Scratch bytes of a call of that shape on every OpenMP thread."""
+        return int(self._scratch_bytes(self.path_code, tokens, num_kv_heads, head_dim, self._threads()))
+
     def scratch(self, tokens: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
         """A new scratch buffer for calls of that shape on every thread, 64-byte aligned (uint8)."""
-        size = self._scratch_bytes(self.path_code, tokens, num_kv_heads, head_dim, self._threads())
-        raw = torch.empty(size + 64, dtype=torch.uint8)
-        return raw[-raw.data_ptr() % 64 :][:size]
+        return _aligned(self.scratch_bytes(tokens, num_kv_heads, head_dim))
 
     def attend(
         self,
@@ -158,6 +161,25 @@ class PrefillKernels:
         if status:
             raise RuntimeError(f"prefill attention ({self.path}) failed with status {status}: {_STATUS.get(status)}")
         return out
+
+
+def _aligned(size: int) -> torch.Tensor:
+    """size bytes (uint8) starting on a 64-byte boundary."""
+    raw = torch.empty(size + 64, dtype=torch.uint8)
+    return raw[-raw.data_ptr() % 64 :][:size]
+
+
+_LOCAL = threading.local()
+
+
+def thread_scratch(size: int) -> torch.Tensor:
+    """This thread's scratch of at least size bytes, kept and grown across calls: a step binds a new
+    NativeFreshPrefill, and a new buffer per step (~160 KB at 128 tokens) would be page faults each step.
+    Per thread, because the ctypes call releases the GIL."""
+    buffer: torch.Tensor | None = getattr(_LOCAL, "scratch", None)
+    if buffer is None or buffer.numel() < size:
+        buffer = _LOCAL.scratch = _aligned(size)
+    return buffer
 
 
 def self_check(kernels: PrefillKernels) -> None:
@@ -215,8 +237,8 @@ class NativeFreshPrefill:
     anything else is FreshPrefill's SDPA.
     The output matches SDPA's to bf16 rounding, not bit for bit (another order of summation).
 
-    The scratch (packed K / V, per-thread scores) is allocated once per instance: the caller binds one
-    per step, and the 30 layers reuse it."""
+    The scratch (packed K / V, per-thread scores) is the calling thread's (thread_scratch), kept across
+    steps and layers."""
 
     __slots__ = ("_dim", "_fallback", "_heads", "_kernels", "_kv_heads", "_scale", "_scratch", "_tokens")
 
@@ -242,7 +264,7 @@ class NativeFreshPrefill:
             if kernels is not None and kernels.path != "amx_bf16":
                 kernels = None
         self._kernels = kernels if supports_head_dim(head_dim) else None
-        self._scratch = None if self._kernels is None else self._kernels.scratch(tokens, num_kv_heads, head_dim)
+        self._scratch = 0 if self._kernels is None else self._kernels.scratch_bytes(tokens, num_kv_heads, head_dim)
 
     @property
     def native(self) -> bool:
@@ -256,5 +278,5 @@ class NativeFreshPrefill:
             result = self._fallback(qkv)
             return result if out is None else out.copy_(result)
         return kernels.attend(
-            qkv, self._tokens, self._heads, self._kv_heads, self._dim, self._scale, out, self._scratch
+            qkv, self._tokens, self._heads, self._kv_heads, self._dim, self._scale, out, thread_scratch(self._scratch)
         )
