@@ -25,7 +25,15 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [
     CSRC / name
-    for name in ("paged_attention.c", "paged_attention_b16.c", "kv_int8.c", "layers.c", "bf16_linear.c", "argmax.c")
+    for name in (
+        "paged_attention.c",
+        "paged_attention_avx.c",
+        "paged_attention_b16.c",
+        "kv_int8.c",
+        "layers.c",
+        "bf16_linear.c",
+        "argmax.c",
+    )
 ]
 FLAGS = ["-O3", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 # Each kernel holds every path, compiled for its instruction set by function

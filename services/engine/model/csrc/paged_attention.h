@@ -1,8 +1,9 @@
 /* The paged decode attention's interface, and what its files share:
- * paged_attention.c (the portable, AVX2 and AVX-512 paths, and the entry point
- * that picks one), paged_attention_b16.c (the AVX-512 path of its own for a
- * bf16, fp8 e5m2 or int8 pool with block size 16; its per-format block kernels
- * in paged_attention_blocks.h) and kv_int8.c (the int8 KV cache's stores and the
+ * paged_attention.c (the portable path, and the entry point that picks one),
+ * paged_attention_avx.c (the AVX2 and generic AVX-512 paths),
+ * paged_attention_b16.c (the AVX-512 path of its own for a bf16, fp8 e5m2 or
+ * int8 pool with block size 16; its per-format block kernels in
+ * paged_attention_blocks.h) and kv_int8.c (the int8 KV cache's stores and the
  * other paths' scale pass). See paged_attention.c's top for the pool layout and
  * the paths.
  */
@@ -42,6 +43,61 @@ static inline void st1(void *p, int64_t i, float v, int fmt) {
     else
         ((uint16_t *)p)[i] = f32_to_bf16(v);
 }
+
+/* What paged_attention.c's item() and its vector paths share: limits, the block
+ * prefetch, a (block, head) chunk's address, and one (sequence, KV head) item. */
+#define MAX_GROUP 16
+#define MAX_HEAD_DIM 256
+
+/* Blocks sit at random places in the pool and are only a few KB each, too short
+ * for the hardware prefetcher to learn; fetch the block PREFETCH_AHEAD ahead. */
+#define PREFETCH_AHEAD 2
+static inline void prefetch_block(const char *p, int64_t bytes) {
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
+/* Where one (block, head) of a layer's K or V starts, in bytes. */
+static inline const char *block_at(const void *cache, int64_t block, int64_t kv_heads, int64_t h, int64_t block_bytes) {
+    return (const char *)cache + (block * kv_heads + h) * block_bytes;
+}
+
+typedef struct {
+    const void *k_cache, *v_cache;
+    const int64_t *table;
+    int64_t ctx, kv_heads, h, D, bs, chunk; /* chunk: one (block, KV head)'s bytes, pa_chunk_bytes */
+} Seq;
+
+#define CASES(CALL)                                                                                                  \
+    switch (fmt * 4 + NG - 1) {                                                                                      \
+    case 0: CALL(FMT_F32, 1); break;                                                                                 \
+    case 1: CALL(FMT_F32, 2); break;                                                                                 \
+    case 2: CALL(FMT_F32, 3); break;                                                                                 \
+    case 3: CALL(FMT_F32, 4); break;                                                                                 \
+    case 4: CALL(FMT_BF16, 1); break;                                                                                \
+    case 5: CALL(FMT_BF16, 2); break;                                                                                \
+    case 6: CALL(FMT_BF16, 3); break;                                                                                \
+    case 7: CALL(FMT_BF16, 4); break;                                                                                \
+    case 8: CALL(FMT_E5M2, 1); break;                                                                                \
+    case 9: CALL(FMT_E5M2, 2); break;                                                                                \
+    case 10: CALL(FMT_E5M2, 3); break;                                                                               \
+    case 11: CALL(FMT_E5M2, 4); break;                                                                               \
+    case 12: CALL(FMT_I8, 1); break;                                                                                 \
+    case 13: CALL(FMT_I8, 2); break;                                                                                 \
+    case 14: CALL(FMT_I8, 3); break;                                                                                 \
+    default: CALL(FMT_I8, 4); break;                                                                                 \
+    }
+
+#if defined(__x86_64__)
+/* paged_attention_avx.c: scores (sc[g * sc_stride + l] = q_g . K_l), softmax in place
+ * (returns the sum) and values (acc[g] = sum_l p[g][l] V_l, unnormalised) for the NG
+ * query heads of one item; fmt: the pool's format. */
+PA_INTERNAL T256 void pa_scores_avx2(const Seq *s, int fmt, int NG, const float *qf, float *sc, int64_t sc_stride);
+PA_INTERNAL T256 void pa_values_avx2(const Seq *s, int fmt, int NG, const float *sc, int64_t sc_stride, float *acc);
+PA_INTERNAL T256 float pa_softmax_avx2(float *sg, int64_t n);
+PA_INTERNAL T512 void pa_scores_avx512(const Seq *s, int fmt, int NG, const float *qf, float *sc, int64_t sc_stride);
+PA_INTERNAL T512 void pa_values_avx512(const Seq *s, int fmt, int NG, const float *sc, int64_t sc_stride, float *acc);
+PA_INTERNAL T512 float pa_softmax_avx512(float *sg, int64_t n);
+#endif
 
 /* paged_attention.c: which paths this CPU runs (bit i: path i), and the entry
  * point (its arguments and return codes are described there). */
