@@ -8,10 +8,12 @@ after the build are slower: the background warm-up), then --requests timed ones.
     python -m bench.prefill_step --op-times    # per-op wall clock inside the step
     python -m bench.prefill_step --ab linears --decode 32  # the c1 decode steps after it instead
     python -m bench.prefill_step --ab reuse --decode 32    # StepLinears reused across steps, or rebuilt
+    python -m bench.prefill_step --ab swiglu   # SwiGLU in gate_up's epilogue (B) against gate_up + silu_mul (A)
 
 Run it alone on the machine (``flock /tmp/bench.lock``): other processes on the cores make the
 OpenMP kernels many times slower. --ab switches one change off for A at run time (fresh:
-AttentionMetadata.fresh_prefill -> None; linears: the model's bound linear table -> None), so
+AttentionMetadata.fresh_prefill -> None; linears: the model's bound linear table -> None; swiglu:
+LlamaModel.fuse_swiglu -> False), so
 both sides run in one process on the same warm engine.
 """
 
@@ -40,7 +42,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=40)
     parser.add_argument("--requests", type=int, default=40, help="timed requests (per side with --ab)")
-    parser.add_argument("--ab", choices=("fresh", "linears", "both", "reuse"))
+    parser.add_argument("--ab", choices=("fresh", "linears", "both", "reuse", "swiglu"))
     parser.add_argument("--op-times", action="store_true")
     parser.add_argument(
         "--decode",
@@ -84,6 +86,8 @@ def main() -> None:
             model._bound_weights = table if on else None
         if args.ab == "reuse":
             llama.LlamaModel._bound_linears = reuse if on else _rebuild  # type: ignore[method-assign]
+        if args.ab == "swiglu":
+            llama.LlamaModel.fuse_swiglu = on
 
     for i in range(args.warmup):
         use_fresh(bool(i & 1) or not args.ab)
@@ -110,9 +114,11 @@ def main() -> None:
         print(f"  {name:18s} {per_step:6.2f} ms/step  {totals[name] / calls[name] * 1e6:7.1f} us/call")
 
 
-def _rebuild(self: llama.LlamaModel, kernels: Any, table: Any, rows: int, outs: Any) -> step_linears.StepLinears:
+def _rebuild(
+    self: llama.LlamaModel, kernels: Any, table: Any, rows: int, outs: Any, activated: Any
+) -> step_linears.StepLinears:
     """LlamaModel._bound_linears without the reuse: a new binding every step."""
-    return step_linears.StepLinears(kernels, table, self._linear_scratch, rows=rows, outs=outs)
+    return step_linears.StepLinears(kernels, table, self._linear_scratch, rows=rows, outs=outs, activated=activated)
 
 
 def _time_ops(totals: collections.defaultdict[str, float], calls: collections.Counter[str]) -> None:
@@ -134,7 +140,7 @@ def _time_ops(totals: collections.defaultdict[str, float], calls: collections.Co
     wrap(linear.QuantizedLinear, "__call__", "linear (qkv, gate_up)")
     wrap(linear.QuantizedLinear, "add_to", "linear (o, down)")
     wrap(linear.QuantizedLinear, "logits", "lm_head")
-    for name in ("qkv", "o", "gate_up", "down"):
+    for name in ("qkv", "o", "gate_up", "swiglu", "down"):
         wrap(step_linears.StepLinears, name, f"bound {name}")
     wrap(layer_step.LayerStep, "norm", "rms_norm")
     wrap(layer_step.LayerStep, "rope_store", "rope_store")

@@ -55,6 +55,28 @@ def test_bound_linears_forward_equals_the_unbound_forward(q4_1_dir: Path, paddin
     assert torch.equal(ours.kv_cache.v.view(torch.uint8), theirs.kv_cache.v.view(torch.uint8))
 
 
+@pytest.mark.parametrize("padding", [0, 3])
+def test_the_fused_swiglu_forward_equals_gate_up_then_silu_mul(
+    q4_1_dir: Path, padding: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SwiGLU in gate_up's epilogue (StepLinears.swiglu) against the bound gate_up then LayerStep's
+    silu_mul: every step's logits and the KV pool bit for bit (int8 rows under 16, AMX-BF16 from 16)."""
+    ours, theirs = _runner(q4_1_dir), _runner(q4_1_dir)
+    steps = list(_steps(_sequences(64, 24, random.Random(10))))
+    for step in steps:
+        batch = _batch(step)
+        with torch.inference_mode():
+            monkeypatch.setattr(type(theirs.model), "fuse_swiglu", False)
+            want = forward(theirs, batch, padding)
+            assert theirs.model._last_linears is not None and not theirs.model._last_linears[1].fused_swiglu
+            monkeypatch.setattr(type(ours.model), "fuse_swiglu", True)
+            got = forward(ours, batch, padding)
+            assert ours.model._last_linears is not None and ours.model._last_linears[1].fused_swiglu
+        assert torch.equal(got, want)
+    assert torch.equal(ours.kv_cache.k.view(torch.uint8), theirs.kv_cache.k.view(torch.uint8))
+    assert torch.equal(ours.kv_cache.v.view(torch.uint8), theirs.kv_cache.v.view(torch.uint8))
+
+
 @pytest.mark.parametrize("rows", [1, 5, 16, 40])
 def test_each_bound_linear_equals_its_quantized_linear(q4_1_dir: Path, rows: int) -> None:
     """qkv, o (+ residual), gate_up, down (+ residual) of one layer: the values QuantizedLinear writes."""

@@ -124,6 +124,11 @@ class _Layer:
 
 
 class LlamaModel:
+    # The bound GGUF linears compute silu(gate) * up in gate_up's epilogue (StepLinears.swiglu)
+    # instead of gate_up then silu_mul: the same bits. Off only to measure the difference
+    # (bench/prefill_step.py --ab swiglu).
+    fuse_swiglu = True
+
     def __init__(self, config: ModelConfig, weights: ModelWeights, rotary: RotaryTable, plan: KernelPlan) -> None:
         self.config = config
         self.rotary = rotary
@@ -168,7 +173,7 @@ class LlamaModel:
         self._linear_kernels = next((m.kernels for m in matmuls if isinstance(m, QuantizedLinear)), None)
         self._bound_weights = self._linear_table() if self.dtype == torch.bfloat16 else None
         self._linear_scratch = ActivationScratch()
-        self._last_linears: tuple[tuple[int, ...], StepLinears] | None = None
+        self._last_linears: tuple[tuple[int | None, ...], StepLinears] | None = None
 
     def _bound_linears(
         self,
@@ -176,13 +181,15 @@ class LlamaModel:
         table: list[LayerLinears],
         rows: int,
         outs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        activated: torch.Tensor | None,
     ) -> StepLinears:
         """The step's StepLinears: the last step's where its rows and output buffers are this one's
         (a run of decode steps of one batch size), saving its ~75 us build (Intel Xeon SPR, avx512f/amx)."""
-        key = (rows, *(out.data_ptr() for out in outs))
+        key = (rows, *(out.data_ptr() for out in outs), None if activated is None else activated.data_ptr())
         cached = self._last_linears
         if cached is None or cached[0] != key:
-            cached = self._last_linears = (key, StepLinears(kernels, table, self._linear_scratch, rows=rows, outs=outs))
+            linears = StepLinears(kernels, table, self._linear_scratch, rows=rows, outs=outs, activated=activated)
+            cached = self._last_linears = (key, linears)
         return cached[1]
 
     def _linear_table(self) -> list[LayerLinears] | None:
@@ -246,13 +253,20 @@ class LlamaModel:
             outs = (qkv_out, after_attn, gate_up_out, after_mlp)
         kernels, table = self._linear_kernels, self._bound_weights
         if table is not None and kernels is not None and outs is not None:
-            linears = self._bound_linears(kernels, table, num_tokens + padding, outs)
+            rows = num_tokens + padding
+            # silu(gate) * up from gate_up's epilogue, into the buffer silu_mul would write.
+            activated = self._workspace.take("activated", rows, self.config.intermediate_size)
+            linears = self._bound_linears(kernels, table, rows, outs, activated if self.fuse_swiglu else None)
+            fused = linears.fused_swiglu
             hidden = hidden.contiguous()  # the bound calls read rows at the hidden width
             for index, layer in enumerate(self.layers):
                 qkv = linears.qkv(index, norm(hidden, layer.input_norm))
                 hidden = linears.o(index, attend(index, qkv), hidden)
-                gate_up = linears.gate_up(index, norm(hidden, layer.post_norm))
-                hidden = linears.down(index, silu_and_mul(gate_up), hidden)
+                if fused:
+                    mlp_in = linears.swiglu(index, norm(hidden, layer.post_norm))
+                else:
+                    mlp_in = silu_and_mul(linears.gate_up(index, norm(hidden, layer.post_norm)))
+                hidden = linears.down(index, mlp_in, hidden)
         else:
             for index, layer in enumerate(self.layers):
                 qkv = layer.qkv(norm(hidden, layer.input_norm), qkv_out)

@@ -56,6 +56,8 @@ PATH_FLAGS: dict[str, tuple[str, ...]] = {
     "amx_int8": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "amx_tile", "amx_int8"),
 }
 VARIANTS = ("int8", "float", "auto")
+# Rows of a weight panel (csrc/qlinear.h: PANEL): the fused SwiGLU pairs whole gate and up panels.
+SWIGLU_PANEL = 16
 # From this many activation rows on the amx_int8 path uses tiles (measured: see docs/engine.md).
 AMX_MIN_ROWS = 16
 
@@ -140,6 +142,9 @@ class QuantKernels:
         args = (ctypes.c_int, p, i, ctypes.c_int, i, i, p, i, ctypes.c_int, p, p, i, p, i, ctypes.c_int, p, p)
         self._linear = _declare(library.qlinear, ctypes.c_int, *args)
         self._linear_float = _declare(library.qlinear_float, ctypes.c_int, *args[:-1])
+        # SwiGLU in the epilogue (csrc/qlinear.h): the same arguments, out [rows, rows of w / 2].
+        self._swiglu = _declare(library.qlinear_swiglu, ctypes.c_int, *args)
+        self._swiglu_float = _declare(library.qlinear_float_swiglu, ctypes.c_int, *args[:-1])
         self._scratch = ActivationScratch()
 
     def runnable_paths(self) -> tuple[str, ...]:
@@ -164,13 +169,16 @@ class QuantKernels:
             return "float" if self.rounds_weights_to_bf16(tokens, dtype) else "int8"
         return self.variant
 
-    def call_for(self, rows: int, dtype: torch.dtype) -> LinearCall:
+    def call_for(self, rows: int, dtype: torch.dtype, swiglu: bool = False) -> LinearCall:
         """The entry point, path and scratch of a call of ``rows`` rows of ``dtype`` activations:
-        amx_int8 runs its tiles from amx_min_rows rows, avx512_vnni below."""
+        amx_int8 runs its tiles from amx_min_rows rows, avx512_vnni below. swiglu: the entry point
+        that writes silu(gate) * up of a gate_up weight instead of its output (``swiglu``)."""
         path = "avx512_vnni" if self.path == "amx_int8" and rows < self.amx_min_rows else self.path
         if self.variant_for(rows, dtype) == "float":
-            return LinearCall(self._linear_float, path, rows, True, rows, PATHS.index(path))
-        return LinearCall(self._linear, path, rows, False, self._padded_rows(rows), PATHS.index(path))
+            function = self._swiglu_float if swiglu else self._linear_float
+            return LinearCall(function, path, rows, True, rows, PATHS.index(path))
+        function = self._swiglu if swiglu else self._linear
+        return LinearCall(function, path, rows, False, self._padded_rows(rows), PATHS.index(path))
 
     def with_path(self, path: str) -> QuantKernels:
         return QuantKernels(self._library, path, self.variant, self.amx_min_rows)
@@ -194,6 +202,29 @@ class QuantKernels:
             return f"{self.path} kernel, float activations on AMX-BF16 tiles where they run (bf16, {self.amx_min_rows}+ rows)"
         return f"{self.path} kernel" + (", float activations" if self.variant == "float" else "")
 
+    @staticmethod
+    def fuses_swiglu(weight: QuantizedMatrix) -> bool:
+        """Whether ``swiglu`` takes this gate_up weight: whole 16-row panels of gate and of up
+        (its rows a multiple of 32), on every path. Otherwise: ``linear`` then a separate silu_mul."""
+        return weight.rows > 0 and weight.rows % (2 * SWIGLU_PANEL) == 0
+
+    def swiglu(
+        self,
+        x: torch.Tensor,
+        weight: QuantizedMatrix,
+        bias: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """silu(gate) * up of gate_up = bias + x @ weight.T, whose first half of columns is gate and
+        second up (weight: [2 * inter, cols], gate then up; bias: float32 [2 * inter]), from the
+        kernel's epilogue: no [T, 2 * inter] output and no second pass. For bf16 output the same
+        bits as ``linear`` into bf16 then layers.c's silu_mul on the same instruction set (gate and
+        up rounded to bf16 first); float32 output unrounded. x, out: as ``linear``, out [T, inter].
+        Raises ValueError unless ``fuses_swiglu(weight)``."""
+        if not self.fuses_swiglu(weight):
+            raise ValueError(f"the fused SwiGLU takes a gate_up of a multiple of 32 rows, not {weight.rows}")
+        return self._run(x, weight, bias, None, out, weight.rows // 2, swiglu=True)
+
     def linear(
         self,
         x: torch.Tensor,
@@ -207,6 +238,19 @@ class QuantKernels:
         out: where to write the [T, rows] result (rows may be strided, stride(1) == 1), in x's dtype or
         float32 (bf16 x: the sums stored unrounded; the kernel's output format is its own flag);
         None: a new tensor in x's dtype. Returns the output."""
+        return self._run(x, weight, bias, residual, out, weight.rows, swiglu=False)
+
+    def _run(
+        self,
+        x: torch.Tensor,
+        weight: QuantizedMatrix,
+        bias: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        out: torch.Tensor | None,
+        width: int,
+        swiglu: bool,
+    ) -> torch.Tensor:
+        """linear (width: weight.rows) or swiglu (weight.rows / 2): out [T, width]."""
         if x.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"the quantized linear takes float32 or bfloat16 activations, not {x.dtype}")
         if x.stride(1) != 1:
@@ -215,13 +259,13 @@ class QuantKernels:
         if cols != weight.cols:
             raise ValueError(f"x has {cols} columns, the weight {weight.cols}")
         if out is None:
-            out = torch.empty(tokens, weight.rows, dtype=x.dtype)
+            out = torch.empty(tokens, width, dtype=x.dtype)
         else:
-            _check_out(out, tokens, weight.rows, x.dtype)
+            _check_out(out, tokens, width, x.dtype)
         if residual is not None and (residual.dtype != out.dtype or residual.stride(1) != 1):
             residual = residual.to(out.dtype).contiguous()
         bf16 = x.dtype == torch.bfloat16
-        call = self.call_for(tokens, x.dtype)
+        call = self.call_for(tokens, x.dtype, swiglu)
         scratch = tuple(self._scratch.take(dtype, numel).data_ptr() for dtype, numel in call.scratch_sizes(cols, bf16))
         status = call.function(
             call.path_code,
@@ -298,6 +342,22 @@ def _check(kernels: QuantKernels) -> None:
                         f"self-check of the {kernels.describe()} quantized linear ({kind}, {dtype}, {tokens} rows) "
                         f"failed: error {error:.3g}"
                     )
+                _check_swiglu(kernels, kind, x, gen)
+
+
+def _check_swiglu(kernels: QuantKernels, kind: str, x: torch.Tensor, gen: torch.Generator) -> None:
+    """The fused SwiGLU against silu(gate) * up of the plain kernel's float32 sums (the same sums)."""
+    weight = random_matrix(kind, 64, x.shape[1], np.random.default_rng(1))  # 2 panel pairs
+    bias = torch.randn(64, generator=gen)
+    sums = kernels.linear(x, weight, bias, out=torch.empty(x.shape[0], 64))
+    want = torch.nn.functional.silu(sums[:, :32]) * sums[:, 32:]
+    got = kernels.swiglu(x, weight, bias, out=torch.empty(x.shape[0], 32))
+    error = ((got - want).abs() / (1 + want.abs())).max().item()
+    if not error <= 1e-5:
+        raise RuntimeError(
+            f"self-check of the {kernels.describe()} fused SwiGLU ({kind}, {x.dtype}, {x.shape[0]} rows) "
+            f"failed: error {error:.3g}"
+        )
 
 
 def build_and_check(march: str, path: str, cache_dir: str | Path | None = None) -> QuantKernels:

@@ -6,7 +6,13 @@ from __future__ import annotations
 import torch
 
 from services.engine.model.linear import QuantizedLinear
-from services.engine.model.quant_kernels import ActivationScratch, QuantKernels, raise_for_status
+from services.engine.model.quant_kernels import (
+    SWIGLU_PANEL,
+    ActivationScratch,
+    LinearCall,
+    QuantKernels,
+    raise_for_status,
+)
 from services.engine.model.quantized import KIND_CODES
 
 # linear_weights: (cols, weight address, weight rows, kind code, bias address or None).
@@ -36,7 +42,18 @@ class StepLinears:
     Every input and residual must be a contiguous bfloat16 [rows, width] tensor of the step's rows
     (not checked per call); outputs are the given buffers, overwritten by the next layer's call."""
 
-    __slots__ = ("_call", "_down", "_gate_up", "_o", "_outs", "_qkv", "_scratch")
+    __slots__ = (
+        "_activated",
+        "_call",
+        "_down",
+        "_gate_up",
+        "_o",
+        "_outs",
+        "_qkv",
+        "_scratch",
+        "_swiglu",
+        "_swiglu_call",
+    )
 
     def __init__(
         self,
@@ -46,13 +63,20 @@ class StepLinears:
         *,
         rows: int,
         outs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        activated: torch.Tensor | None = None,
     ) -> None:
         """weights: per layer, linear_weights of (qkv, o, gate_up, down); outs: their output
         buffers (qkv [rows, qkv width], after_attn and after_mlp [rows, hidden], gate_up), each
-        contiguous bfloat16 with `rows` rows; o and down write after_attn and after_mlp."""
-        if any(out.dtype != torch.bfloat16 or not out.is_contiguous() or out.shape[0] != rows for out in outs):
+        contiguous bfloat16 with `rows` rows; o and down write after_attn and after_mlp.
+        activated: [rows, intermediate], where ``swiglu`` writes silu(gate) * up; given, and with
+        every layer's gate_up in whole panel pairs (QuantKernels.fuses_swiglu), ``fused_swiglu``."""
+        buffers = outs if activated is None else (*outs, activated)
+        if any(out.dtype != torch.bfloat16 or not out.is_contiguous() or out.shape[0] != rows for out in buffers):
             raise ValueError("the bound linears write contiguous bfloat16 buffers of the step's rows")
         call = kernels.call_for(rows, torch.bfloat16)
+        # The SwiGLU entry point runs on the same path, variant and scratch as the plain one.
+        self._swiglu_call = kernels.call_for(rows, torch.bfloat16, swiglu=True)
+        self._activated = activated
         widest = max(w[0] for layer in weights for w in layer)
         # The scratch tensors are kept here too: the calls hold only their addresses.
         self._scratch = tuple(scratch.take(dtype, numel) for dtype, numel in call.scratch_sizes(widest, bf16=True))
@@ -75,10 +99,21 @@ class StepLinears:
         self._o = [bind(layer[1], after_attn, True) for layer in weights]
         self._gate_up = [bind(layer[2], gate_up_out, False) for layer in weights]
         self._down = [bind(layer[3], after_mlp, True) for layer in weights]
+        self._swiglu: list[_Bound] = []
+        gate_up_rows = [layer[2][2] for layer in weights]
+        if activated is not None and all(rows_ > 0 and rows_ % (2 * SWIGLU_PANEL) == 0 for rows_ in gate_up_rows):
+            if any(activated.shape[1] * 2 != rows_ for rows_ in gate_up_rows):
+                raise ValueError("activated must be [rows, intermediate], half of gate_up's rows")
+            self._swiglu = [bind(layer[2], activated, False) for layer in weights]
 
-    def _run(self, bound: _Bound, x: torch.Tensor, residual: int | None) -> None:
+    @property
+    def fused_swiglu(self) -> bool:
+        """Whether ``swiglu`` runs: gate_up with silu(gate) * up in its epilogue (no silu_mul pass)."""
+        return bool(self._swiglu)
+
+    def _run(self, bound: _Bound, x: torch.Tensor, residual: int | None, call: LinearCall | None = None) -> None:
         mid, tail, outputs = bound
-        call = self._call
+        call = call or self._call
         status = call.function(call.path_code, x.data_ptr(), *mid, residual, *tail)
         if status != 0:
             raise_for_status(status, call.path, call.rows, x.shape[1], outputs)
@@ -97,6 +132,15 @@ class StepLinears:
         """x [rows, hidden] @ gate_up.T into the gate_up buffer, returned."""
         self._run(self._gate_up[layer], x, None)
         return self._outs[2]
+
+    def swiglu(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of x [rows, hidden] @ gate_up.T into the activated buffer [rows,
+        intermediate], returned: the bits of ``gate_up`` then LayerStep.silu_mul on the same
+        instruction set. Only where ``fused_swiglu``."""
+        if not self._swiglu or self._activated is None:
+            raise RuntimeError("these linears were bound without the fused SwiGLU")
+        self._run(self._swiglu[layer], x, None, self._swiglu_call)
+        return self._activated
 
     def down(self, layer: int, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual [rows, hidden] + x [rows, intermediate] @ down.T into after_mlp (never residual), returned."""

@@ -26,13 +26,13 @@
 #include "qlinear.h"
 
 typedef void (*gemm_fn)(const uint8_t *, int64_t, int64_t, const int8_t *, const float *, int64_t, const float *,
-                        const void *, int64_t, void *, int64_t, int);
+                        const void *, int64_t, void *, int64_t, int, int64_t);
 typedef int (*gemm_status_fn)(const uint8_t *, int64_t, int64_t, const int8_t *, const float *, int64_t,
-                              const float *, const void *, int64_t, void *, int64_t, int);
+                              const float *, const void *, int64_t, void *, int64_t, int, int64_t);
 typedef int (*fgemm_fn_bf)(const uint8_t *, int64_t, int64_t, const uint16_t *, int64_t, int64_t, const float *,
-                            const void *, int64_t, void *, int64_t, int);
+                            const void *, int64_t, void *, int64_t, int, int64_t);
 typedef void (*fgemm_fn)(const uint8_t *, int64_t, int64_t, const float *, int64_t, int64_t, const float *,
-                         const void *, int64_t, void *, int64_t, int);
+                         const void *, int64_t, void *, int64_t, int, int64_t);
 
 #if defined(__x86_64__) && defined(__linux__)
 /* AMX needs cpuid's AMX-TILE and AMX-INT8, and the kernel's leave to use the tile
@@ -91,15 +91,11 @@ int qlinear_paths(void) {
 /* Rows the AMX path computes: whole tiles of 16; the scratch must hold that many. */
 int64_t qlinear_padded_rows(int64_t rows) { return (rows + 15) / 16 * 16; }
 
-/* out = residual + bias + x @ w.T. x: [rows, k] float32 or bf16 (row stride x_stride);
- * w: n x k in panels of kind; bias: float32 [n] or NULL; residual, out: [rows, n]
- * in out's dtype (residual may be NULL or equal out). xq: int8 [padded rows, k] and
- * xs: float32 [padded rows, k / 32, 2] scratch (qlinear_padded_rows). Returns 0, or
- * -1 for a bad argument, -2 for a path this CPU cannot run, -3 when the AMX kernels
- * could not allocate their scratch (out is then incomplete). */
-int qlinear(int path, const void *x, int64_t x_stride, int x_bf16, int64_t rows, int64_t k, const uint8_t *w,
-            int64_t n, int kind, const float *bias, const void *residual, int64_t res_stride, void *out,
-            int64_t out_stride, int out_bf16, int8_t *xq, float *xs) {
+/* qlinear (pairs 0) and qlinear_swiglu (pairs n / 32). */
+static int qlinear_run(int path, const void *x, int64_t x_stride, int x_bf16, int64_t rows, int64_t k,
+                       const uint8_t *w, int64_t n, int kind, const float *bias, const void *residual,
+                       int64_t res_stride, void *out, int64_t out_stride, int out_bf16, int8_t *xq, float *xs,
+                       int64_t pairs) {
     if (k % QB || kind < 0 || kind > 2 || path < 0 || path >= NPATHS || rows < 0) return -1;
     if (!(qlinear_paths() & (1 << path))) return -2;
     gemm_fn fn = 0;
@@ -116,7 +112,7 @@ int qlinear(int path, const void *x, int64_t x_stride, int x_bf16, int64_t rows,
         int64_t padded = qlinear_padded_rows(rows), nb = k / QB;
         memset(xq + rows * k, 0, (size_t)((padded - rows) * k));
         memset(xs + rows * nb * 2, 0, sizeof(float) * (size_t)((padded - rows) * nb * 2));
-        return amx[kind](w, n, k, xq, xs, rows, bias, residual, res_stride, out, out_stride, out_bf16);
+        return amx[kind](w, n, k, xq, xs, rows, bias, residual, res_stride, out, out_stride, out_bf16, pairs);
     }
     if (path == PATH_AVX512_VNNI) fn = avx512[kind];
     if (path == PATH_AVX2) fn = avx2[kind];
@@ -125,10 +121,36 @@ int qlinear(int path, const void *x, int64_t x_stride, int x_bf16, int64_t rows,
     quantize_rows(x, x_stride, x_bf16, rows, k, xq, xs);
 #endif
     if (fn)
-        fn(w, n, k, xq, xs, rows, bias, residual, res_stride, out, out_stride, out_bf16);
+        fn(w, n, k, xq, xs, rows, bias, residual, res_stride, out, out_stride, out_bf16, pairs);
     else
-        gemm_portable(w, kind, n, k, xq, xs, rows, bias, residual, res_stride, out, out_stride, out_bf16);
+        gemm_portable(w, kind, n, k, xq, xs, rows, bias, residual, res_stride, out, out_stride, out_bf16, pairs);
     return 0;
+}
+
+/* out = residual + bias + x @ w.T. x: [rows, k] float32 or bf16 (row stride x_stride);
+ * w: n x k in panels of kind; bias: float32 [n] or NULL; residual, out: [rows, n]
+ * in out's dtype (residual may be NULL or equal out). xq: int8 [padded rows, k] and
+ * xs: float32 [padded rows, k / 32, 2] scratch (qlinear_padded_rows). Returns 0, or
+ * -1 for a bad argument, -2 for a path this CPU cannot run, -3 when the AMX kernels
+ * could not allocate their scratch (out is then incomplete). */
+int qlinear(int path, const void *x, int64_t x_stride, int x_bf16, int64_t rows, int64_t k, const uint8_t *w,
+            int64_t n, int kind, const float *bias, const void *residual, int64_t res_stride, void *out,
+            int64_t out_stride, int out_bf16, int8_t *xq, float *xs) {
+    return qlinear_run(path, x, x_stride, x_bf16, rows, k, w, n, kind, bias, residual, res_stride, out, out_stride,
+                       out_bf16, xq, xs, 0);
+}
+
+/* SwiGLU in the epilogue: out [rows, n / 2] = silu(gate) * up, where gate and up are the first and
+ * the second half of qlinear's output (w: gate_up, [gate; up] stacked, n rows; bias as qlinear's,
+ * [n]). n must be a multiple of 32 (whole panels on both sides: qlinear.h) and residual NULL,
+ * else -1 (the caller then runs qlinear and a separate silu_mul). Arguments and status otherwise
+ * as qlinear; res_stride is ignored. */
+int qlinear_swiglu(int path, const void *x, int64_t x_stride, int x_bf16, int64_t rows, int64_t k, const uint8_t *w,
+                   int64_t n, int kind, const float *bias, const void *residual, int64_t res_stride, void *out,
+                   int64_t out_stride, int out_bf16, int8_t *xq, float *xs) {
+    if (n <= 0 || n % (2 * PANEL) || residual) return -1;
+    return qlinear_run(path, x, x_stride, x_bf16, rows, k, w, n, kind, bias, NULL, res_stride, out, out_stride,
+                       out_bf16, xq, xs, n / (2 * PANEL));
 }
 
 /* The same product with float activations (no int8 quantization): the weights
@@ -137,16 +159,17 @@ int qlinear(int path, const void *x, int64_t x_stride, int x_bf16, int64_t rows,
  * CPU has them (the caller picks avx512_vnni for few rows). xf: float32
  * [rows, k] scratch, used for bf16 x off the tiles only.
  * Returns as qlinear. */
-int qlinear_float(int path, const void *x, int64_t x_stride, int x_bf16, int64_t rows, int64_t k, const uint8_t *w,
-                  int64_t n, int kind, const float *bias, const void *residual, int64_t res_stride, void *out,
-                  int64_t out_stride, int out_bf16, float *xf) {
+static int qlinear_float_run(int path, const void *x, int64_t x_stride, int x_bf16, int64_t rows, int64_t k,
+                             const uint8_t *w, int64_t n, int kind, const float *bias, const void *residual,
+                             int64_t res_stride, void *out, int64_t out_stride, int out_bf16, float *xf,
+                             int64_t pairs) {
     if (k % QB || kind < 0 || kind > 2 || path < 0 || path >= NPATHS || rows < 0) return -1;
     if (!(qlinear_paths() & (1 << path))) return -2;
 #if defined(__x86_64__)
     static const fgemm_fn_bf amxbf[3] = {fgemm_amxbf_q4_0, fgemm_amxbf_q4_1, fgemm_amxbf_q8_0};
     if (path == PATH_AMX_INT8 && x_bf16 && amx_bf16_usable()) {
         return amxbf[kind](w, n, k, (const uint16_t *)x, x_stride, rows, bias, residual, res_stride, out,
-                           out_stride, out_bf16);
+                           out_stride, out_bf16, pairs);
     }
 #endif
     const float *xs = (const float *)x;
@@ -161,8 +184,25 @@ int qlinear_float(int path, const void *x, int64_t x_stride, int x_bf16, int64_t
     if (path >= PATH_AVX512_VNNI) fn = avx512[kind];
 #endif
     if (fn)
-        fn(w, n, k, xs, x_stride, rows, bias, residual, res_stride, out, out_stride, out_bf16);
+        fn(w, n, k, xs, x_stride, rows, bias, residual, res_stride, out, out_stride, out_bf16, pairs);
     else
-        fgemm_portable(w, kind, n, k, xs, x_stride, rows, bias, residual, res_stride, out, out_stride, out_bf16);
+        fgemm_portable(w, kind, n, k, xs, x_stride, rows, bias, residual, res_stride, out, out_stride, out_bf16,
+                       pairs);
     return 0;
+}
+
+int qlinear_float(int path, const void *x, int64_t x_stride, int x_bf16, int64_t rows, int64_t k, const uint8_t *w,
+                  int64_t n, int kind, const float *bias, const void *residual, int64_t res_stride, void *out,
+                  int64_t out_stride, int out_bf16, float *xf) {
+    return qlinear_float_run(path, x, x_stride, x_bf16, rows, k, w, n, kind, bias, residual, res_stride, out,
+                             out_stride, out_bf16, xf, 0);
+}
+
+/* qlinear_swiglu with float activations: as qlinear_float, with qlinear_swiglu's epilogue and rules. */
+int qlinear_float_swiglu(int path, const void *x, int64_t x_stride, int x_bf16, int64_t rows, int64_t k,
+                         const uint8_t *w, int64_t n, int kind, const float *bias, const void *residual,
+                         int64_t res_stride, void *out, int64_t out_stride, int out_bf16, float *xf) {
+    if (n <= 0 || n % (2 * PANEL) || residual) return -1;
+    return qlinear_float_run(path, x, x_stride, x_bf16, rows, k, w, n, kind, bias, NULL, res_stride, out, out_stride,
+                             out_bf16, xf, n / (2 * PANEL));
 }

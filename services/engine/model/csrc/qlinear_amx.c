@@ -147,45 +147,68 @@ static inline __attribute__((always_inline)) TAMX void amx_last(const int KIND, 
     for (int g = 0; g < tiles; ++g) amx_epilogue(KIND, prev[g], d, m, xs, b, nb, g, sums);
 }
 
-/* One thread's share of the panels, inside the caller's parallel region; inlined
- * there so that KIND is a constant in the outlined region (one per kind). */
+/* The float sums of activation rows xt.. (tiles groups of 16) by the panel at wp (its Q4 nibbles
+ * unpacked in buf), into sums (16 per row). */
+static inline __attribute__((always_inline)) TAMX void amx_panel_sums(const int KIND, const int8_t *xt, int64_t k,
+                                                                      const uint8_t *wp, const uint8_t *buf,
+                                                                      int64_t nb, int tiles, int32_t (*cbuf)[AMX_TILES][256],
+                                                                      const float *st, float *sums) {
+    const int64_t bstride = block_bytes(KIND);
+    memset(sums, 0, sizeof(float) * 16 * AMX_ROWS * (size_t)tiles);
+    amx_issue(KIND, xt, k, wp, buf, 0, tiles, cbuf[0]);
+    for (int64_t b = 1; b < nb; ++b)
+        amx_step(KIND, xt, k, wp, buf, b, nb, tiles, cbuf[b & 1], cbuf[(b - 1) & 1], st, sums);
+    amx_last(KIND, wp + (nb - 1) * bstride, cbuf[(nb - 1) & 1], st, nb - 1, nb, tiles, sums);
+}
+
+/* One thread's share of the panels (or, with pairs, of the SwiGLU panel pairs: qlinear.h),
+ * inside the caller's parallel region; inlined there so that KIND is a constant in the outlined
+ * region (one per kind). */
 static inline __attribute__((always_inline)) TAMX void amx_worker(const uint8_t *w, const int KIND, int64_t n,
                                                                   int64_t k, const int8_t *xq, const float *xs,
                                                                   int64_t rows, const float *bias,
                                                                   const void *residual, int64_t res_stride,
                                                                   void *out, int64_t out_stride, int out_bf16,
-                                                                  int *failed) {
-    const int64_t nb = k / QB, bstride = block_bytes(KIND), panels = (n + PANEL - 1) / PANEL;
-    const int64_t padded = (rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
+                                                                  int64_t pairs, int *failed) {
+    const int64_t nb = k / QB, bstride = block_bytes(KIND), panels = pairs ? pairs : (n + PANEL - 1) / PANEL;
+    const int64_t padded = (rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS, up_offset = pairs * nb * bstride;
     {
         amx_configure();
-        uint8_t *buf = KIND == KIND_Q8_0 ? NULL : (uint8_t *)aligned_alloc(64, (size_t)nb * 512);
+        /* The panel's unpacked nibbles, and the up panel's after them with pairs. */
+        uint8_t *buf = KIND == KIND_Q8_0 ? NULL : (uint8_t *)aligned_alloc(64, (size_t)nb * 512 * (pairs ? 2 : 1));
+        uint8_t *up_buf = buf ? buf + nb * 512 : NULL;
         /* Without its buffer a thread still takes its share of the loop (the omp for ends in a
          * barrier every thread must reach), computing nothing: the call fails as a whole. */
         const int usable = KIND == KIND_Q8_0 || buf;
         if (!usable) __atomic_store_n(failed, 1, __ATOMIC_RELAXED);
         int32_t cbuf[2][AMX_TILES][256] __attribute__((aligned(64)));
         float sums[AMX_TILES * AMX_ROWS * 16] __attribute__((aligned(64)));
+        float gate[AMX_TILES * AMX_ROWS * 16] __attribute__((aligned(64))); /* with pairs: the gate's sums */
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < panels; ++p) {
             if (!usable) continue;
             const uint8_t *wp = w + p * nb * bstride;
             int count = n - p * PANEL < PANEL ? (int)(n - p * PANEL) : PANEL;
             if (KIND != KIND_Q8_0) amx_unpack_q4(wp, KIND, nb, buf);
+            if (KIND != KIND_Q8_0 && pairs) amx_unpack_q4(wp + up_offset, KIND, nb, up_buf);
             __asm__ volatile("" ::: "memory"); /* tileloadd's asm names no memory operand */
             for (int64_t t = 0; t < padded; t += AMX_TILES * AMX_ROWS) {
                 int tiles = (int)((padded - t) / AMX_ROWS < AMX_TILES ? (padded - t) / AMX_ROWS : AMX_TILES);
                 const int8_t *xt = xq + t * k;
                 const float *st = xs + t * nb * 2;
-                memset(sums, 0, sizeof(float) * 16 * AMX_ROWS * (size_t)tiles);
-                amx_issue(KIND, xt, k, wp, buf, 0, tiles, cbuf[0]);
-                for (int64_t b = 1; b < nb; ++b)
-                    amx_step(KIND, xt, k, wp, buf, b, nb, tiles, cbuf[b & 1], cbuf[(b - 1) & 1], st, sums);
-                amx_last(KIND, wp + (nb - 1) * bstride, cbuf[(nb - 1) & 1], st, nb - 1, nb, tiles, sums);
                 int live = rows - t < tiles * AMX_ROWS ? (int)(rows - t) : tiles * AMX_ROWS;
+                amx_panel_sums(KIND, xt, k, wp, buf, nb, tiles, cbuf, st, pairs ? gate : sums);
+                if (!pairs) {
+                    for (int r = 0; r < live; ++r)
+                        store512(_mm512_load_ps(sums + 16 * r), count, p * PANEL, bias, residual, t + r, res_stride,
+                                 out, out_stride, out_bf16);
+                    continue;
+                }
+                amx_panel_sums(KIND, xt, k, wp + up_offset, up_buf, nb, tiles, cbuf, st, sums);
                 for (int r = 0; r < live; ++r)
-                    store512(_mm512_load_ps(sums + 16 * r), count, p * PANEL, bias, residual, t + r, res_stride,
-                             out, out_stride, out_bf16);
+                    swiglu_store512(swiglu_operand512(_mm512_load_ps(gate + 16 * r), bias, p * PANEL, out_bf16),
+                                    swiglu_operand512(_mm512_load_ps(sums + 16 * r), bias, (p + pairs) * PANEL, out_bf16),
+                                    p * PANEL, t + r, out, out_stride, out_bf16);
             }
         }
         free(buf);
@@ -195,26 +218,29 @@ static inline __attribute__((always_inline)) TAMX void amx_worker(const uint8_t 
 
 QL_INTERNAL TAMX int gemm_amx_q4_0(const uint8_t *w, int64_t n, int64_t k, const int8_t *xq, const float *xs,
                                int64_t rows, const float *bias, const void *residual, int64_t res_stride, void *out,
-                               int64_t out_stride, int out_bf16) {
+                               int64_t out_stride, int out_bf16, int64_t pairs) {
     int failed = 0;
 #pragma omp parallel
-    amx_worker(w, KIND_Q4_0, n, k, xq, xs, rows, bias, residual, res_stride, out, out_stride, out_bf16, &failed);
+    amx_worker(w, KIND_Q4_0, n, k, xq, xs, rows, bias, residual, res_stride, out, out_stride, out_bf16, pairs,
+               &failed);
     return failed ? -3 : 0;
 }
 QL_INTERNAL TAMX int gemm_amx_q4_1(const uint8_t *w, int64_t n, int64_t k, const int8_t *xq, const float *xs,
                                int64_t rows, const float *bias, const void *residual, int64_t res_stride, void *out,
-                               int64_t out_stride, int out_bf16) {
+                               int64_t out_stride, int out_bf16, int64_t pairs) {
     int failed = 0;
 #pragma omp parallel
-    amx_worker(w, KIND_Q4_1, n, k, xq, xs, rows, bias, residual, res_stride, out, out_stride, out_bf16, &failed);
+    amx_worker(w, KIND_Q4_1, n, k, xq, xs, rows, bias, residual, res_stride, out, out_stride, out_bf16, pairs,
+               &failed);
     return failed ? -3 : 0;
 }
 QL_INTERNAL TAMX int gemm_amx_q8_0(const uint8_t *w, int64_t n, int64_t k, const int8_t *xq, const float *xs,
                                int64_t rows, const float *bias, const void *residual, int64_t res_stride, void *out,
-                               int64_t out_stride, int out_bf16) {
+                               int64_t out_stride, int out_bf16, int64_t pairs) {
     int failed = 0;
 #pragma omp parallel
-    amx_worker(w, KIND_Q8_0, n, k, xq, xs, rows, bias, residual, res_stride, out, out_stride, out_bf16, &failed);
+    amx_worker(w, KIND_Q8_0, n, k, xq, xs, rows, bias, residual, res_stride, out, out_stride, out_bf16, pairs,
+               &failed);
     return failed ? -3 : 0;
 }
 

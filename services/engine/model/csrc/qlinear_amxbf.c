@@ -111,11 +111,20 @@ static inline TAMXBF void amxbf_store_row(const float *c, int count, int64_t col
     _mm256_mask_storeu_epi16((uint16_t *)out + row * out_stride + col, mask, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
+/* A SwiGLU operand (qlinear.h) as amxbf_store_row leaves it: + bias, bf16 by vcvtneps2bf16. */
+static inline TAMXBF __m512 amxbf_operand(const float *c, const float *bias, int64_t col, int out_bf16) {
+    __m512 v = _mm512_load_ps(c);
+    if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + col));
+    if (!out_bf16) return v;
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
 /* A step's C tiles in memory, waiting for their epilogue: tile 2 g + q holds row group g
- * (rows t + 16 g.., live[g] of them) by panel q (columns col + 16 q.., count[q] of them). */
+ * (rows t + 16 g.., live[g] of them) by panel q (columns col + 16 q.., count[q] of them).
+ * SwiGLU (up_col >= 0): panel 0 is gate, panel 1 up (its bias at up_col), out columns col... */
 typedef struct {
     const float *c;
-    int64_t t, col;
+    int64_t t, col, up_col;
     int live[2], count[2];
 } amxbf_pending;
 
@@ -126,7 +135,12 @@ static inline __attribute__((always_inline)) TAMXBF void amxbf_epilogue(const am
                                                                         int64_t out_stride, int out_bf16) {
     for (int u = from; u < to; ++u) {
         const int tile = u >> 4, r = u & 15, g = tile >> 1, q = tile & 1;
-        if (r < pd->live[g] && pd->count[q] > 0)
+        if (pd->up_col >= 0) { /* SwiGLU: row r of gate tile 2 g with the same row of up tile 2 g + 1 */
+            if (q == 0 && r < pd->live[g])
+                swiglu_store512(amxbf_operand(pd->c + 256 * tile + 16 * r, bias, pd->col, out_bf16),
+                                amxbf_operand(pd->c + 256 * (tile + 1) + 16 * r, bias, pd->up_col, out_bf16),
+                                pd->col, pd->t + 16 * g + r, out, out_stride, out_bf16);
+        } else if (r < pd->live[g] && pd->count[q] > 0)
             amxbf_store_row(pd->c + 256 * tile + 16 * r, pd->count[q], pd->col + 16 * q, bias, residual,
                             pd->t + 16 * g + r, res_stride, out, out_stride, out_bf16);
     }
@@ -184,10 +198,14 @@ static inline __attribute__((always_inline)) TAMXBF void amxbf_worker(const uint
                                                                       int64_t rows, const float *bias,
                                                                       const void *residual,
                                                                       int64_t res_stride, void *out,
-                                                                      int64_t out_stride, int out_bf16, int *failed) {
-    const int64_t nb = k / QB, bstride = block_bytes(KIND), panels = (n + PANEL - 1) / PANEL;
+                                                                      int64_t out_stride, int out_bf16, int64_t pairs,
+                                                                      int *failed) {
+    /* With pairs (SwiGLU, qlinear.h) the panels are taken in the order gate 0, up 0, gate 1, ..:
+     * each pair of a step is a gate panel and its up panel (at() maps the order to the weights). */
+    const int64_t nb = k / QB, bstride = block_bytes(KIND), panels = pairs ? 2 * pairs : (n + PANEL - 1) / PANEL;
     const int64_t groups = (rows + AMX_ROWS - 1) / AMX_ROWS, steps = (groups + 1) / 2;
     const size_t panel_bytes = (size_t)nb * 1024;
+#define at(P) (w + ((pairs ? ((P) >> 1) + ((P) & 1) * pairs : (P)) * nb * bstride))
     /* Two pairs of dequantized panels (the current pair's tiles run while the next pair is
      * dequantized), then A packed: tile (g, b) at packed + 512 (g nb + b), rows past the end
      * zero. Each thread packs all of A for itself: a shared copy needs a barrier, which costs
@@ -216,10 +234,10 @@ static inline __attribute__((always_inline)) TAMXBF void amxbf_worker(const uint
     amxbf_pending pending = {0};
     const int chunk = nb > 0 ? (int)((64 + nb - 1) / nb) : 64; /* epilogue rows per block: 64 within a step */
     for (int64_t p = first + 2; p < last && p < first + 4; ++p)
-        for (int64_t b = 0; b < nb; ++b) amxbf_prefetch(w + p * nb * bstride, KIND, b);
+        for (int64_t b = 0; b < nb; ++b) amxbf_prefetch(at(p), KIND, b);
     for (int64_t p = first; p < last && p < first + 2; ++p)
         for (int64_t b = 0; b < nb; ++b)
-            amxbf_dequantize(w + p * nb * bstride, KIND, b, bufs + (p - first) * panel_bytes);
+            amxbf_dequantize(at(p), KIND, b, bufs + (p - first) * panel_bytes);
     int64_t done = 0; /* steps finished: cbuf[done % 2] is the one being filled */
     for (int64_t p = first; p < last; p += 2) {
         const int two_panels = p + 1 < last;
@@ -252,8 +270,8 @@ static inline __attribute__((always_inline)) TAMXBF void amxbf_worker(const uint
                 }
                 if (b % steps == s) {
                     for (int64_t q = 0; q < upcoming; ++q)
-                        amxbf_dequantize(w + (p + 2 + q) * nb * bstride, KIND, b, next + q * panel_bytes);
-                    for (int64_t q = 0; q < later; ++q) amxbf_prefetch(w + (p + 4 + q) * nb * bstride, KIND, b);
+                        amxbf_dequantize(at(p + 2 + q), KIND, b, next + q * panel_bytes);
+                    for (int64_t q = 0; q < later; ++q) amxbf_prefetch(at(p + 4 + q), KIND, b);
                 }
             }
             float(*c)[256] = cbuf[done % 2];
@@ -265,7 +283,8 @@ static inline __attribute__((always_inline)) TAMXBF void amxbf_worker(const uint
             const int64_t t = g0 * AMX_ROWS;
             pending.c = c[0];
             pending.t = t;
-            pending.col = p * PANEL;
+            pending.col = pairs ? p / 2 * PANEL : p * PANEL;
+            pending.up_col = pairs ? (p / 2 + pairs) * PANEL : -1;
             pending.live[0] = rows - t < AMX_ROWS ? (int)(rows - t) : AMX_ROWS;
             pending.live[1] = !two_rows ? 0 : rows - t - AMX_ROWS < AMX_ROWS ? (int)(rows - t - AMX_ROWS) : AMX_ROWS;
             pending.count[0] = n - p * PANEL < PANEL ? (int)(n - p * PANEL) : PANEL;
@@ -274,15 +293,16 @@ static inline __attribute__((always_inline)) TAMXBF void amxbf_worker(const uint
     }
     if (pending.c) amxbf_epilogue(&pending, 0, 64, bias, residual, res_stride, out, out_stride, out_bf16);
     _tile_release();
+#undef at
 }
 
 #define FGEMM_AMXBF(NAME, KIND_) \
     QL_INTERNAL TAMXBF int NAME(const uint8_t *w, int64_t n, int64_t k, const uint16_t *x, int64_t x_stride, \
                                 int64_t rows, const float *bias, const void *residual, int64_t res_stride, void *out, \
-                                int64_t out_stride, int out_bf16) { \
+                                int64_t out_stride, int out_bf16, int64_t pairs) { \
         int failed = 0; \
         _Pragma("omp parallel") amxbf_worker(w, KIND_, n, k, x, x_stride, rows, bias, residual, res_stride, out, \
-                                             out_stride, out_bf16, &failed); \
+                                             out_stride, out_bf16, pairs, &failed); \
         return failed ? -3 : 0; \
     }
 FGEMM_AMXBF(fgemm_amxbf_q4_0, KIND_Q4_0)

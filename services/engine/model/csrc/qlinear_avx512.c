@@ -130,20 +130,33 @@ static inline __attribute__((always_inline)) T512 void ftile512(const uint8_t *w
     for (int i = 0; i < MR; ++i) acc[i] = _mm512_add_ps(s0[i], s1[i]);
 }
 
-#define FTILE512_CASE(KIND_, MR_)                                                                   \
+/* MR rows of panel p: the plain store, or (pairs) gate panel p with up panel p + pairs into
+ * SwiGLU column block p, the gate's sums held while the up panel's are computed. */
+#define SWIGLU512_CASE(TILE_CALL, KIND_, MR_)                                                            \
     case MR_: {                                                                                    \
-        __m512 acc[MR_];                                                                           \
-        ftile512(wp, KIND_, MR_, nb, x_stride, xf + t * x_stride, acc);                           \
+        __m512 acc[MR_], gate[MR_];                                                                \
+        TILE_CALL(wp, KIND_, MR_, acc);                                                             \
+        if (!pairs) {                                                                              \
+            for (int i = 0; i < MR_; ++i)                                                          \
+                store512(acc[i], count, p * PANEL, bias, residual, t + i, res_stride, out, out_stride, out_bf16); \
+            break;                                                                                 \
+        }                                                                                          \
+        for (int i = 0; i < MR_; ++i) gate[i] = swiglu_operand512(acc[i], bias, p * PANEL, out_bf16); \
+        TILE_CALL(wp + pairs * nb * bstride, KIND_, MR_, acc);                                     \
         for (int i = 0; i < MR_; ++i)                                                              \
-            store512(acc[i], count, p * PANEL, bias, residual, t + i, res_stride, out, out_stride, out_bf16); \
+            swiglu_store512(gate[i], swiglu_operand512(acc[i], bias, (p + pairs) * PANEL, out_bf16), p * PANEL, \
+                            t + i, out, out_stride, out_bf16);                                     \
         break;                                                                                     \
     }
+
+#define FTILE512_CALL(WP, KIND_, MR_, ACC) ftile512(WP, KIND_, MR_, nb, x_stride, xf + t * x_stride, ACC)
+#define FTILE512_CASE(KIND_, MR_) SWIGLU512_CASE(FTILE512_CALL, KIND_, MR_)
 
 #define FGEMM512(KIND_)                                                                              \
     QL_INTERNAL T512 void fgemm512_##KIND_(const uint8_t *w, int64_t n, int64_t k, const float *xf, int64_t x_stride, \
                                       int64_t rows, const float *bias, const void *residual, int64_t res_stride, \
-                                      void *out, int64_t out_stride, int out_bf16) {                \
-        int64_t nb = k / QB, bstride = block_bytes(KIND_), panels = (n + PANEL - 1) / PANEL;         \
+                                      void *out, int64_t out_stride, int out_bf16, int64_t pairs) { \
+        int64_t nb = k / QB, bstride = block_bytes(KIND_), panels = pairs ? pairs : (n + PANEL - 1) / PANEL; \
         _Pragma("omp parallel for schedule(static)") for (int64_t p = 0; p < panels; ++p) {          \
             const uint8_t *wp = w + p * nb * bstride;                                                \
             int count = n - p * PANEL < PANEL ? (int)(n - p * PANEL) : PANEL;                        \
@@ -166,20 +179,14 @@ FGEMM512(KIND_Q4_0)
 FGEMM512(KIND_Q4_1)
 FGEMM512(KIND_Q8_0)
 
-#define TILE512_CASE(KIND_, MR_)                                                                    \
-    case MR_: {                                                                                    \
-        __m512 acc[MR_];                                                                           \
-        tile512(wp, KIND_, MR_, nb, k, xq + t * k, xs + t * nb * 2, acc);                          \
-        for (int i = 0; i < MR_; ++i)                                                              \
-            store512(acc[i], count, p * PANEL, bias, residual, t + i, res_stride, out, out_stride, out_bf16); \
-        break;                                                                                     \
-    }
+#define TILE512_CALL(WP, KIND_, MR_, ACC) tile512(WP, KIND_, MR_, nb, k, xq + t * k, xs + t * nb * 2, ACC)
+#define TILE512_CASE(KIND_, MR_) SWIGLU512_CASE(TILE512_CALL, KIND_, MR_)
 
 #define GEMM512(KIND_)                                                                               \
     QL_INTERNAL T512 void gemm512_##KIND_(const uint8_t *w, int64_t n, int64_t k, const int8_t *xq, const float *xs, \
                                      int64_t rows, const float *bias, const void *residual, int64_t res_stride, \
-                                     void *out, int64_t out_stride, int out_bf16) {                 \
-        int64_t nb = k / QB, bstride = block_bytes(KIND_), panels = (n + PANEL - 1) / PANEL;         \
+                                     void *out, int64_t out_stride, int out_bf16, int64_t pairs) {  \
+        int64_t nb = k / QB, bstride = block_bytes(KIND_), panels = pairs ? pairs : (n + PANEL - 1) / PANEL; \
         _Pragma("omp parallel for schedule(static)") for (int64_t p = 0; p < panels; ++p) {          \
             const uint8_t *wp = w + p * nb * bstride;                                                \
             int count = n - p * PANEL < PANEL ? (int)(n - p * PANEL) : PANEL;                        \
