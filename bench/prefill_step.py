@@ -9,11 +9,12 @@ after the build are slower: the background warm-up), then --requests timed ones.
     python -m bench.prefill_step --ab linears --decode 32  # the c1 decode steps after it instead
     python -m bench.prefill_step --ab reuse --decode 32    # StepLinears reused across steps, or rebuilt
     python -m bench.prefill_step --ab swiglu   # SwiGLU in gate_up's epilogue (B) against gate_up + silu_mul (A)
+    python -m bench.prefill_step --ab prefill  # the native prefill attention (B) against SDPA (A)
 
 Run it alone on the machine (``flock /tmp/bench.lock``): other processes on the cores make the
 OpenMP kernels many times slower. --ab switches one change off for A at run time (fresh:
 AttentionMetadata.fresh_prefill -> None; linears: the model's bound linear table -> None; swiglu:
-LlamaModel.fuse_swiglu -> False), so
+LlamaModel.fuse_swiglu -> False; prefill: the model's native prefill kernels -> None, FreshPrefill's SDPA), so
 both sides run in one process on the same warm engine.
 """
 
@@ -42,7 +43,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=40)
     parser.add_argument("--requests", type=int, default=40, help="timed requests (per side with --ab)")
-    parser.add_argument("--ab", choices=("fresh", "linears", "both", "reuse", "swiglu"))
+    parser.add_argument("--ab", choices=("fresh", "linears", "both", "reuse", "swiglu", "prefill"))
     parser.add_argument("--op-times", action="store_true")
     parser.add_argument(
         "--decode",
@@ -77,6 +78,7 @@ def main() -> None:
     fresh = AttentionMetadata.fresh_prefill
     model = core.runner.model  # type: ignore[attr-defined]
     table = model._bound_weights
+    prefill_kernels = model._prefill_kernels
     reuse = llama.LlamaModel._bound_linears
 
     def use_fresh(on: bool) -> None:
@@ -88,6 +90,8 @@ def main() -> None:
             llama.LlamaModel._bound_linears = reuse if on else _rebuild  # type: ignore[method-assign]
         if args.ab == "swiglu":
             llama.LlamaModel.fuse_swiglu = on
+        if args.ab == "prefill":
+            model._prefill_kernels = prefill_kernels if on else None
 
     for i in range(args.warmup):
         use_fresh(bool(i & 1) or not args.ab)

@@ -113,8 +113,11 @@ def _runner(path: Path) -> ModelRunner:
 def test_forward_with_fresh_prefill_equals_the_forward_without(
     model_dir: Path, tokens: int, padding: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A lone prompt's step, then a decode after it: the same logits and the same pool, bit for bit."""
+    """A lone prompt's step, then a decode after it: the same logits and the same pool, bit for bit.
+    On SDPA's FreshPrefill (the native kernel, NativeFreshPrefill, is within bf16 rounding of it, not bit
+    for bit: tests/unit/test_prefill_attention.py)."""
     ours, theirs = _runner(model_dir), _runner(model_dir)
+    monkeypatch.setattr(ours.model, "_prefill_kernels", None)  # NativeFreshPrefill on SDPA
     if ours.plan.native_layers is None:
         pytest.skip("FreshPrefill serves the native layer kernels' steps, which do not build here")
     rng = random.Random(tokens)

@@ -28,6 +28,7 @@ from services.engine.model.prefill_attention import (
     PATHS,
     NativeFreshPrefill,
     PrefillKernels,
+    load_prefill_kernels,
     reference_prefill_attention,
 )
 
@@ -161,7 +162,7 @@ def test_drop_in_matches_fresh_prefill() -> None:
     tokens, heads, kv_heads, dim = 45, 9, 3, 64
     qkv = torch.randn(tokens + 5, (heads + 2 * kv_heads) * dim)
     scale = dim**-0.5
-    native = NativeFreshPrefill(tokens, heads, kv_heads, dim, scale)
+    native = NativeFreshPrefill(tokens, heads, kv_heads, dim, scale, load_prefill_kernels())
     if not native.native:
         pytest.skip("the native prefill attention did not build here (see the warning)")
     sdpa = FreshPrefill(tokens, heads, kv_heads, dim, scale)
@@ -177,7 +178,39 @@ def test_drop_in_matches_fresh_prefill() -> None:
 
 def test_drop_in_keeps_sdpa_for_other_head_dims() -> None:
     tokens, heads, kv_heads, dim = 20, 4, 2, 48
+    native = NativeFreshPrefill(tokens, heads, kv_heads, dim, dim**-0.5, load_prefill_kernels())
+    assert not native.native
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim).bfloat16()
+    assert torch.equal(native(qkv), FreshPrefill(tokens, heads, kv_heads, dim, dim**-0.5)(qkv))
+
+
+def test_without_kernels_the_drop_in_is_sdpa() -> None:
+    """No kernels given (a plan without them: float32, no AMX, torch kernels): FreshPrefill, bit for bit."""
+    tokens, heads, kv_heads, dim = 24, 9, 3, 64
     native = NativeFreshPrefill(tokens, heads, kv_heads, dim, dim**-0.5)
     assert not native.native
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim).bfloat16()
     assert torch.equal(native(qkv), FreshPrefill(tokens, heads, kv_heads, dim, dim**-0.5)(qkv))
+
+
+def test_the_plan_takes_the_kernel_only_where_it_beats_sdpa() -> None:
+    """The engine's plan: the AMX path for a bf16 model on the native kernels, named in the heartbeat's
+    kernels string and built at start-up; SDPA (no kernels) for float32, the torch kernels, or a CPU
+    without AMX-BF16, with the reason in the plan."""
+    from services.engine.model.plan import choose_plan
+
+    cpu = torch.device("cpu")
+    if not HOST.has(*PATH_FLAGS["amx_bf16"]):
+        plan = choose_plan("bfloat16", cpu, "auto")
+        assert plan.prefill is None
+        if plan.native is not None:
+            assert any("prefill attention: SDPA" in reason for reason in plan.reasons)
+        return
+    plan = choose_plan("bfloat16", cpu, "native")
+    assert plan.prefill is not None and plan.prefill.path == "amx_bf16"
+    assert "prefill attention native (amx_bf16)" in plan.describe()
+    assert choose_plan("float32", cpu, "native").prefill is None
+    assert choose_plan("bfloat16", cpu, "torch").prefill is None
+    no_amx = CpuFeatures(frozenset(flag for flag in HOST.flags if not flag.startswith("amx")))
+    without = choose_plan("bfloat16", cpu, "native", no_amx)
+    assert without.prefill is None and any("prefill attention: SDPA" in reason for reason in without.reasons)

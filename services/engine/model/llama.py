@@ -15,13 +15,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from services.engine.model.attention import FreshPrefill, paged_attention
+from services.engine.model.attention import paged_attention
 from services.engine.model.attention_metadata import AttentionMetadata
 from services.engine.model.config import ModelConfig, RopeScaling
 from services.engine.model.kv_cache import KVCache
 from services.engine.model.layer_step import LayerStep
 from services.engine.model.linear import Bf16Linear, ConversionBuffer, Linear, QuantizedLinear
 from services.engine.model.plan import KernelPlan
+from services.engine.model.prefill_attention import NativeFreshPrefill
 from services.engine.model.quant_kernels import ActivationScratch, QuantKernels
 from services.engine.model.quantized import QuantizedMatrix
 from services.engine.model.reference import apply_rope, rms_norm, silu_mul
@@ -140,6 +141,7 @@ class LlamaModel:
         embed = weights.embed
         self.dtype = weights.final_norm.dtype if isinstance(embed, QuantizedMatrix) else embed.dtype
         self.native_layers = plan.native_layers
+        self._prefill_kernels = plan.prefill
         self.norm = self.native_layers.rms_norm if self.native_layers else rms_norm
         self._workspace = _Workspace(self.dtype, weights.final_norm.device)
 
@@ -354,10 +356,13 @@ class LlamaModel:
         return functools.partial(rms_norm, eps=eps), attend, silu_mul
 
     def _fresh_attend(self, step: LayerStep, num_tokens: int, attn_rows: torch.Tensor | None) -> _Attend:
-        """attend(layer, qkv) of a step that is one fresh prefill chunk: rope_store, then FreshPrefill
-        (into attn_rows [T + padding, H * D] where the step has padding rows)."""
+        """attend(layer, qkv) of a step that is one fresh prefill chunk: rope_store, then the native
+        prefill attention (prefill_attention.NativeFreshPrefill on the plan's kernels: AMX-BF16 tiles where the
+        CPU has them, else FreshPrefill's SDPA), into attn_rows [T + padding, H * D] where the step has padding rows."""
         cfg = self.config
-        fresh = FreshPrefill(num_tokens, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.scale)
+        fresh = NativeFreshPrefill(
+            num_tokens, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.scale, self._prefill_kernels
+        )
         rope_store = step.rope_store
 
         def attend(index: int, qkv: torch.Tensor) -> torch.Tensor:

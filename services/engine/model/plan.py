@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,9 @@ from services.engine.model.device import resolve_dtype
 from services.engine.model.native import KERNEL_CHOICES, NativeKernels, load_native_kernels
 from services.engine.model.native import path_for as native_path_for
 from services.engine.model.quant_kernels import PATH_FLAGS, QuantKernels, load_quant_kernels, path_for
+
+if TYPE_CHECKING:  # at run time imported where used: prefill_attention imports attention, which imports this module
+    from services.engine.model.prefill_attention import PrefillKernels
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,8 @@ class KernelPlan:
     # The KV pool's format when it is not dtype (SCALELLM_KV_CACHE_DTYPE fp8_e5m2: float8_e5m2; int8:
     # int8 with a float32 scale per token and KV head, kept in the pool beside the values, kv_cache.py).
     kv_dtype: torch.dtype | None = None
+    # A fresh prompt's causal attention on AMX-BF16 tiles (prefill_attention.py), where it beats SDPA.
+    prefill: PrefillKernels | None = None
 
     @property
     def kv_cache_dtype(self) -> torch.dtype:
@@ -101,6 +107,8 @@ class KernelPlan:
 
     def describe(self) -> str:
         kernels = f"native ({self.native.path})" if self.native else "torch"
+        if self.prefill is not None:
+            kernels += f", prefill attention native ({self.prefill.path})"
         linears = self.linear_kind
         if self.quantized is not None:
             weights = "GGUF blocks" if self.quantization == "gguf" else "int8 per-channel weights"
@@ -200,6 +208,7 @@ def choose_plan(
         kv_cache_dtype, why = auto_kv_cache_dtype(chosen, native)
         reasons.append(f"KV cache auto picked {kv_cache_dtype}: {why}")
     kv_dtype = _kv_dtype(kv_cache_dtype, chosen, native, reasons)
+    prefill = _prefill_kernels(chosen, native, cpu, kernel_cache_dir, reasons)
     return KernelPlan(
         chosen,
         compute,
@@ -209,6 +218,7 @@ def choose_plan(
         quantized,
         quantization if quantized is not None else "none",
         kv_dtype,
+        prefill,
     )
 
 
@@ -250,6 +260,32 @@ def _kv_dtype(
             "same memory; widened to float32 in registers by the native kernels"
         )
     return kv_dtype
+
+
+def _prefill_kernels(
+    chosen: torch.dtype,
+    native: NativeKernels | None,
+    cpu: CpuFeatures,
+    cache_dir: str | Path | None,
+    reasons: list[str],
+) -> PrefillKernels | None:
+    """The native prefill attention where it is faster than SDPA, built now (not at the first prompt),
+    else None with the reason: only its AMX-BF16 path beats SDPA (prefill_attention.NativeFreshPrefill);
+    it serves the bf16 layer kernels' fresh-prompt steps."""
+    if native is None or chosen != torch.bfloat16:
+        return None
+    from services.engine.model.prefill_attention import PATH_FLAGS as PREFILL_PATH_FLAGS
+    from services.engine.model.prefill_attention import load_prefill_kernels
+
+    if not cpu.has(*PREFILL_PATH_FLAGS["amx_bf16"]):
+        reasons.append("prefill attention: SDPA (the native kernel is faster only on AMX-BF16, which this CPU lacks)")
+        return None
+    loaded = load_prefill_kernels(cache_dir)
+    if loaded is None or loaded.path != "amx_bf16":
+        reasons.append("prefill attention: SDPA (the native AMX-BF16 kernel is unavailable: see the warning)")
+        return None
+    reasons.append("prefill attention: native amx_bf16 kernel (a fresh prompt's causal attention on AMX-BF16 tiles)")
+    return loaded
 
 
 def auto_kv_cache_dtype(dtype: torch.dtype, native: NativeKernels | None) -> tuple[str, str]:

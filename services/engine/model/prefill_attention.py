@@ -251,18 +251,11 @@ class NativeFreshPrefill:
         scale: float,
         kernels: PrefillKernels | None = None,
     ) -> None:
-        """kernels: the kernels to run (any path); None: this CPU's (load_prefill_kernels, default cache
-        folder) where that is the AMX path, else SDPA."""
+        """kernels: the kernels to run (any path: the engine passes its plan's, KernelPlan.prefill, the AMX
+        path where it beats SDPA); None, or a head dim they do not take: FreshPrefill's SDPA."""
         self._tokens, self._heads, self._kv_heads, self._scale = tokens, num_heads, num_kv_heads, scale
         self._dim = head_dim
         self._fallback = FreshPrefill(tokens, num_heads, num_kv_heads, head_dim, scale)
-        if kernels is None and supports_head_dim(head_dim):
-            kernels = load_prefill_kernels()
-            # Only the AMX path beats SDPA here: the float paths took 146 / 1636 us against SDPA's
-            # 128 / 1127 us at 128 / 512 tokens (avx512; SDPA itself on AMX; Intel Xeon SPR,
-            # avx512f/amx, 2 threads, bench/prefill_attention.py). Unmeasured on CPUs without AMX.
-            if kernels is not None and kernels.path != "amx_bf16":
-                kernels = None
         self._kernels = kernels if supports_head_dim(head_dim) else None
         self._scratch = 0 if self._kernels is None else self._kernels.scratch_bytes(tokens, num_kv_heads, head_dim)
 
