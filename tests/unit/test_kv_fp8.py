@@ -5,14 +5,12 @@ forward with fp8 KV against the same model with bf16 KV."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, get_args
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from services.engine.model.attention import paged_attention
 from services.engine.model.attention_metadata import AttentionMetadata
@@ -263,26 +261,7 @@ def test_the_setting_defaults_to_auto_and_offers_the_plans_choices(monkeypatch: 
 BLOCK = 4
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    torch.manual_seed(99)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    hf = LlamaForCausalLM(config)  # only saved: the runners load it
-    path = tmp_path_factory.mktemp("llama-fp8")
-    hf.save_pretrained(path)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield path
-    torch.set_num_threads(previous)
+# tiny_llama: conftest's (a saved two-layer GQA Llama).
 
 
 def runner_for(path: Path, kv_cache_dtype: str, dtype: str = "bfloat16", **kwargs: Any) -> ModelRunner:

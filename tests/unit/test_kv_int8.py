@@ -6,14 +6,12 @@ the same model with bf16 KV."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from services.engine.model.attention import paged_attention
 from services.engine.model.attention_metadata import AttentionMetadata
@@ -29,10 +27,9 @@ from services.engine.model.kv_cache import (
 from services.engine.model.native import PATH_FLAGS, PATHS, NativeKernels, load_native_kernels
 from services.engine.model.plan import KernelPlan, choose_plan
 from services.engine.model.reference import reference_decode_attention
-from services.engine.model.runner import ModelRunner
 from shared.settings import EngineSettings, load_settings
 from tests.unit.test_attention import CASES, FAST_CASES, FAST_IDS, random_case, torch_threads
-from tests.unit.test_kv_fp8 import edge_values
+from tests.unit.test_kv_fp8 import BLOCK, edge_values, runner_for
 from tests.unit.test_model_runner import AVX2_ONLY, Pool, Seq, prompt
 
 I8 = torch.int8
@@ -373,43 +370,7 @@ def test_the_setting_takes_int8_and_bfloat16(monkeypatch: pytest.MonkeyPatch) ->
 
 # ---- the runner: pool size, end to end ----
 
-BLOCK = 4
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    torch.manual_seed(98)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    hf = LlamaForCausalLM(config)  # only saved: the runners load it
-    path = tmp_path_factory.mktemp("llama-int8")
-    hf.save_pretrained(path)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield path
-    torch.set_num_threads(previous)
-
-
-def runner_for(path: Path, kv_cache_dtype: str, dtype: str = "bfloat16", **kwargs: Any) -> ModelRunner:
-    options: dict[str, Any] = {"num_blocks": 96, "kv_cache_bytes": None} | kwargs
-    return ModelRunner(
-        path,
-        dtype=dtype,
-        device="cpu",
-        block_size=BLOCK,
-        max_model_len=None,
-        kernels="native",
-        kv_cache_dtype=kv_cache_dtype,
-        **options,
-    )
+# The runners: test_kv_fp8's, on conftest's tiny_llama.
 
 
 def test_the_same_memory_holds_nearly_twice_the_blocks(tiny_llama: Path) -> None:
