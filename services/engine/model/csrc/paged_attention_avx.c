@@ -120,7 +120,6 @@ PA_INTERNAL T256 float pa_softmax_avx2(float *sg, int64_t n) {
     return total;
 }
 
-
 PA_INTERNAL T256 void pa_scores_avx2(const Seq *s, int fmt, int NG, const float *qf, float *sc, int64_t sc_stride) {
 #define CALL(F, G) scores_avx2_impl(s, F, G, qf, sc, sc_stride)
     CASES(CALL)
