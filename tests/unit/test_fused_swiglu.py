@@ -66,6 +66,17 @@ def assert_portable_close(got: torch.Tensor, want: torch.Tensor, what: object) -
     assert (error <= 2**-7 * want.float().abs() + 1e-30).all(), what
 
 
+def assert_same_bits(got: torch.Tensor, want: torch.Tensor, what: object = None) -> None:
+    """Bit for bit, except where both are below 1e-30 in magnitude: silu of a gate below about -87
+    takes the reciprocal of ~1e38, a float32 subnormal, which a thread flushes to zero or keeps by its
+    MXCSR. A library built with -ffast-math (layers.c's) sets flush-to-zero in the thread that loads
+    it, and OpenMP threads created before that keep it off, so either side can give -0.0 or ~1e-35
+    depending on which thread computed the column (seen in a full test run, not in this module alone)."""
+    same = got.view(torch.int16) == want.view(torch.int16)
+    tiny = (got.float().abs() < 1e-30) & (want.float().abs() < 1e-30)
+    assert (same | tiny).all(), what
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("path", PATHS)
 def test_fused_equals_gate_up_then_silu_mul(library: ctypes.CDLL, path: str, variant: str) -> None:  # noqa: F811
@@ -86,7 +97,7 @@ def test_fused_equals_gate_up_then_silu_mul(library: ctypes.CDLL, path: str, var
                 if portable_code(path, variant):
                     assert_portable_close(got, want, (kind, inter, tokens))
                 else:
-                    assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (kind, inter, tokens)
+                    assert_same_bits(got, want, (kind, inter, tokens))
 
 
 @pytest.mark.parametrize("path", PATHS[1:])
@@ -100,7 +111,7 @@ def test_a_model_sized_gate_up_bit_for_bit(library: ctypes.CDLL, path: str) -> N
     weight = random_matrix("Q4_1", 3072, 576, np.random.default_rng(16))
     x = (torch.randn(64, 576, generator=torch.Generator().manual_seed(16)) * 0.5).bfloat16()
     got, want = kernels.swiglu(x, weight), unfused(kernels, native, x, weight)
-    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    assert_same_bits(got, want)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -116,7 +127,7 @@ def test_bias_is_added_to_gate_and_up_before_the_product(library: ctypes.CDLL, p
         if path == "portable":
             assert_portable_close(got, want, tokens)
         else:
-            assert torch.equal(got.view(torch.int16), want.view(torch.int16)), tokens
+            assert_same_bits(got, want, tokens)
 
 
 @pytest.mark.parametrize("path", PATHS)
