@@ -158,3 +158,40 @@ def test_a_forced_call_must_name_an_offered_function_with_valid_arguments(llg: A
     single = forced("required", parallel=False)
     assert not accepts(llg, tokenizer, single, paris + "\n" + call("get_time", {}))
     assert ToolUse((WEATHER,), "[]", "auto").constraint(HermesFormat()) is None
+
+
+def test_a_forced_call_takes_no_arguments_its_schema_does_not_list(llg: Any, tokenizer: Any) -> None:
+    """As vLLM's default grammar (xgrammar's strict mode) reads a schema: an object that does not say
+    otherwise takes only its listed properties, so a small model cannot pad a forced call with
+    invented keys until max_tokens. Parameters with $defs (pydantic's nested models) compile."""
+    required = forced("required")
+    assert accepts(llg, tokenizer, required, call("get_time", {}))
+    assert not accepts(llg, tokenizer, required, call("get_time", {"description": "now"}))
+    assert not accepts(llg, tokenizer, required, call("get_weather", {"city": "Paris", "unit": "C", "x": 1}))
+    nested = FunctionSpec(
+        "plan",
+        {
+            "type": "object",
+            "properties": {
+                "stops": {"type": "array", "items": {"$ref": "#/$defs/stop"}},
+                "extra": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "properties": {"type": "string", "default": {"type": "object"}},
+            },
+            "$defs": {"stop": {"type": "object", "properties": {"city": {"type": "string"}}}},
+        },
+    )
+    schema = nested.forced_arguments_schema("#/$defs/arguments_0")
+    assert schema["additionalProperties"] is False
+    assert schema["$defs"]["stop"]["additionalProperties"] is False
+    # pydantic's refs point at the arguments' own root, which the grammar nests in the call object.
+    assert schema["properties"]["stops"]["items"] == {"$ref": "#/$defs/arguments_0/$defs/stop"}
+    # What the schema decides itself is kept; names and data are not schemas.
+    assert schema["properties"]["extra"]["additionalProperties"] == {"type": "integer"}
+    assert schema["properties"]["properties"] == {"type": "string", "default": {"type": "object"}}
+    assert "additionalProperties" not in schema["properties"]
+    assert nested.parameters_schema()["$defs"]["stop"] == {"type": "object", "properties": {"city": {"type": "string"}}}
+    plan = ToolUse((nested,), "[]", "named", "plan", False).constraint(HermesFormat())
+    assert plan is not None
+    stops = call("plan", {"stops": [{"city": "Paris"}], "extra": {"a": 1}, "properties": "x"})
+    assert accepts(llg, tokenizer, plan, stops)
+    assert not accepts(llg, tokenizer, plan, call("plan", {"stops": [{"city": "Paris", "day": "Mon"}]}))

@@ -28,6 +28,47 @@ class FunctionSpec:
     def parameters_schema(self) -> dict[str, Any]:
         return self.parameters if self.parameters is not None else _NO_PARAMETERS
 
+    def forced_arguments_schema(self, root: str = "#") -> dict[str, Any]:
+        """The schema a forced call's arguments follow, to be placed at JSON pointer ``root`` of the grammar's
+        schema: ``parameters_schema`` with its local ``$ref``s rebased there (pydantic writes nested models as
+        ``#/$defs/...``, which points at the whole schema's root, not the arguments'), and every object that
+        does not say otherwise closed to the properties it lists (as xgrammar's strict mode, vLLM's default,
+        reads schemas: JSON Schema lets an object without ``additionalProperties`` take any key, so a small
+        model forced to call ``get_time`` ({"properties": {}}) could invent arguments until max_tokens)."""
+        forced: dict[str, Any] = _forced_schema(self.parameters_schema(), root)
+        return forced
+
+
+# Keywords that decide an object's other keys themselves: a schema with any of them is left as written.
+_OPEN_KEYWORDS = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+# Keywords whose value maps names to schemas (walked value by value), and those whose value is data.
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_DATA_KEYWORDS = ("const", "enum", "default", "examples")
+
+
+def _forced_schema(schema: Any, root: str) -> Any:
+    """A copy of ``schema`` with ``additionalProperties: false`` on each object schema (one with
+    ``"type": "object"`` or ``properties``) that has none of _OPEN_KEYWORDS, and each local ``$ref``
+    ("#" or "#/...") rebased onto ``root``, at every depth ($defs, anyOf, items, ... included)."""
+    if isinstance(schema, list):
+        return [_forced_schema(item, root) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    forced: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _DATA_KEYWORDS:
+            forced[key] = value
+        elif key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):
+            forced[key] = root + value[1:]
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            forced[key] = {name: _forced_schema(sub, root) for name, sub in value.items()}
+        else:
+            forced[key] = _forced_schema(value, root)
+    is_object = schema.get("type") == "object" or isinstance(schema.get("properties"), dict)
+    if is_object and not any(key in schema for key in _OPEN_KEYWORDS):
+        forced["additionalProperties"] = False
+    return forced
+
 
 @dataclass(frozen=True, slots=True)
 class ParsedCall:

@@ -103,18 +103,21 @@ class HermesFormat:
     @staticmethod
     def grammar(functions: Sequence[FunctionSpec], *, parallel: bool) -> str:
         """One call to one of ``functions`` (or several calls, with ``parallel``), arguments per schema."""
+        # Each function's arguments schema sits in the root's $defs, its own $refs rebased there: a ref
+        # is resolved against the whole schema's root, which the call object wraps.
+        defs = {f"arguments_{i}": f.forced_arguments_schema(f"#/$defs/arguments_{i}") for i, f in enumerate(functions)}
         options = [
             {
                 "type": "object",
-                "properties": {"name": {"const": f.name}, "arguments": f.parameters_schema()},
+                "properties": {"name": {"const": f.name}, "arguments": {"$ref": f"#/$defs/arguments_{i}"}},
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
             }
-            for f in functions
+            for i, f in enumerate(functions)
         ]
         schema: dict[str, Any] = options[0] if len(options) == 1 else {"anyOf": options}
         # Compact JSON: a small model otherwise pads with whitespace the grammar allows.
-        schema = {"x-guidance": {"whitespace_flexible": False}, **schema}
+        schema = {"x-guidance": {"whitespace_flexible": False}, **schema, "$defs": defs}
         calls = 'call ("\\n" call)*' if parallel else "call"
         return (
             f"start: {calls}\n"
