@@ -47,9 +47,10 @@ from pathlib import Path
 
 import torch
 
+from services.engine.model.cpu import CpuFeatures
 from services.engine.model.kv_cache import quantize_int8_pool
 from services.engine.model.native import _build, _declare, _resolve_cache_dir
-from services.engine.model.native_build import CSRC, FLAGS
+from services.engine.model.native_build import CSRC, FLAGS, PATHS, path_for
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 30, 9, 3, 64, 16
 LAYOUTS = ("contiguous", "scattered")
@@ -77,14 +78,14 @@ def sources_of(src: str, workdir: Path) -> Path:
     return target
 
 
-# paged_decode_attention's codes (csrc/simd.h): the AVX-512 path, bfloat16 q / out and pool.
-PATH_AVX512, FMT_BF16 = 2, 1
+# paged_decode_attention's codes (csrc/simd.h): the fastest path this CPU runs, bfloat16 q / out and pool.
+PATH, FMT_BF16 = PATHS.index(path_for(CpuFeatures.detect())), 1
 
 
 def load(csrc: Path, cflags: list[str]) -> Callable[..., int]:
     """paged_decode_attention built from csrc's attention sources alone, with extra cflags (alone:
     another revision's other kernels need not match this tree's NativeKernels)."""
-    names = ("paged_attention.c", "paged_attention_b16.c", "kv_int8.c")
+    names = ("paged_attention.c", "paged_attention_avx.c", "paged_attention_b16.c", "kv_int8.c")
     sources = [csrc / name for name in names if (csrc / name).is_file()]
     so = _build("native", _resolve_cache_dir(None), sources=sources, flags=[*FLAGS, *cflags], stem="bench_attention")
     library = ctypes.CDLL(str(so))
@@ -108,7 +109,7 @@ def attend(
     batch, heads, dim = q.shape
     out = q.new_empty(batch, heads * dim)
     status = fn(
-        PATH_AVX512,
+        PATH,
         FMT_BF16,
         KV_FORMATS[kv],
         q.data_ptr(),
