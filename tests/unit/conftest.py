@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,6 +27,42 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def kernel_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder of compiled native kernels for the whole session (SCALELLM_KERNEL_CACHE_DIR's role),
+    apart from the user's cache: each library is compiled once per -march and source text (native_build._build
+    finds it there after), whichever module asks first. A test that needs a failed or fresh build takes
+    its own tmp_path instead."""
+    return tmp_path_factory.mktemp("kernels")
+
+
+@pytest.fixture(scope="session")
+def qlinear_builds(kernel_cache_dir: Path) -> Callable[[str], ctypes.CDLL]:
+    """The GGUF linear kernel's library for a -march target, built once per session (qlinear_builds.py)."""
+    from tests.unit.qlinear_builds import build_qlinear  # imports torch: not at the top
+
+    built: dict[str, ctypes.CDLL] = {}
+
+    def library(march: str) -> ctypes.CDLL:
+        if march not in built:
+            built[march] = build_qlinear(march, kernel_cache_dir)  # skips where this machine cannot
+        return built[march]
+
+    return library
+
+
+@pytest.fixture
+def march() -> str:
+    """The -march target of qlinear_library: native unless the test parametrizes march."""
+    return "native"
+
+
+@pytest.fixture
+def qlinear_library(march: str, qlinear_builds: Callable[[str], ctypes.CDLL]) -> ctypes.CDLL:
+    """csrc/qlinear.c built for -march=<march> (parametrize march, e.g. over qlinear_builds.MARCH_PATHS)."""
+    return qlinear_builds(march)
 
 
 @pytest.fixture

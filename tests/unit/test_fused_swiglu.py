@@ -2,8 +2,9 @@
 
 silu(gate) * up written straight from gate_up's sums must equal gate_up's bf16 output followed by
 the layer kernels' silu_mul (csrc/layers.c) on the same instruction set, bit for bit on the vector
-paths; every path, every variant, every build target of test_quant_kernels.py; and the model's
-step with the fused SwiGLU gives the same logits as with gate_up then silu_mul.
+paths; every path and variant, the portable path on every build target of test_quant_kernels.py
+(qlinear_builds.MARCH_PATHS: the others are compiled by target attributes, whatever the target); and
+the model's step with the fused SwiGLU gives the same logits as with gate_up then silu_mul.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from services.engine.model.native import NativeKernels, load_native_kernels
 from services.engine.model.quant_kernels import PATHS, VARIANTS, ActivationScratch, QuantKernels, random_matrix
 from services.engine.model.quantized import FORMATS, QuantizedMatrix
 from services.engine.model.step_linears import StepLinears
-from tests.unit.test_quant_kernels import kernels_on, library  # noqa: F401 - the fixture
+from tests.unit.qlinear_builds import MARCH_PATHS, MARCHES, kernels_on
 
 pytest.importorskip("gguf")
 
@@ -78,9 +79,9 @@ def assert_same_bits(got: torch.Tensor, want: torch.Tensor, what: object = None)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("path", PATHS)
-def test_fused_equals_gate_up_then_silu_mul(library: ctypes.CDLL, path: str, variant: str) -> None:  # noqa: F811
-    kernels = kernels_on(library, path, variant)
+@pytest.mark.parametrize(("march", "path"), MARCH_PATHS)
+def test_fused_equals_gate_up_then_silu_mul(qlinear_library: ctypes.CDLL, path: str, variant: str) -> None:
+    kernels = kernels_on(qlinear_library, path, variant)
     native = layer_kernels(path)
     rng = np.random.default_rng(11)
     gen = torch.Generator().manual_seed(11)
@@ -101,12 +102,12 @@ def test_fused_equals_gate_up_then_silu_mul(library: ctypes.CDLL, path: str, var
 
 
 @pytest.mark.parametrize("path", PATHS[1:])
-def test_a_model_sized_gate_up_bit_for_bit(library: ctypes.CDLL, path: str) -> None:  # noqa: F811
+def test_a_model_sized_gate_up_bit_for_bit(qlinear_library: ctypes.CDLL, path: str) -> None:
     """The default model's gate_up (2 x 1536 x 576, Q4_1) at 64 rows: ~10^5 outputs, enough to meet
     the near-ties where a float32 ulp of a different operation order shows in the bf16 result
     (g * inv * u instead of layers.c's (g * u) * inv missed there)."""
     variant = "auto" if path == "amx_int8" else "int8"
-    kernels = kernels_on(library, path, variant).with_amx_min_rows(16)
+    kernels = kernels_on(qlinear_library, path, variant).with_amx_min_rows(16)
     native = layer_kernels(path)
     weight = random_matrix("Q4_1", 3072, 576, np.random.default_rng(16))
     x = (torch.randn(64, 576, generator=torch.Generator().manual_seed(16)) * 0.5).bfloat16()
@@ -114,9 +115,9 @@ def test_a_model_sized_gate_up_bit_for_bit(library: ctypes.CDLL, path: str) -> N
     assert_same_bits(got, want)
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_bias_is_added_to_gate_and_up_before_the_product(library: ctypes.CDLL, path: str) -> None:  # noqa: F811
-    kernels = kernels_on(library, path, "auto" if path == "amx_int8" else "int8")
+@pytest.mark.parametrize(("march", "path"), MARCH_PATHS)
+def test_bias_is_added_to_gate_and_up_before_the_product(qlinear_library: ctypes.CDLL, path: str) -> None:
+    kernels = kernels_on(qlinear_library, path, "auto" if path == "amx_int8" else "int8")
     native = layer_kernels(path)
     weight = random_matrix("Q4_1", 64, 96, np.random.default_rng(12))
     bias = torch.randn(64, generator=torch.Generator().manual_seed(12))
@@ -130,11 +131,11 @@ def test_bias_is_added_to_gate_and_up_before_the_product(library: ctypes.CDLL, p
             assert_same_bits(got, want, tokens)
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_float32_output_is_silu_of_the_unrounded_sums(library: ctypes.CDLL, path: str) -> None:  # noqa: F811
+@pytest.mark.parametrize(("march", "path"), MARCH_PATHS)
+def test_float32_output_is_silu_of_the_unrounded_sums(qlinear_library: ctypes.CDLL, path: str) -> None:
     """float32 out: nothing rounded, silu from a polynomial (~2e-7) against torch's."""
     for variant in ("int8", "float"):
-        kernels = kernels_on(library, path, variant)
+        kernels = kernels_on(qlinear_library, path, variant)
         weight = random_matrix("Q4_0", 96, 128, np.random.default_rng(13))
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(20, 128, generator=torch.Generator().manual_seed(13)).to(dtype)
@@ -144,10 +145,11 @@ def test_float32_output_is_silu_of_the_unrounded_sums(library: ctypes.CDLL, path
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_a_gate_up_not_in_whole_panel_pairs_is_refused(library: ctypes.CDLL) -> None:  # noqa: F811
+@pytest.mark.parametrize("march", MARCHES)
+def test_a_gate_up_not_in_whole_panel_pairs_is_refused(qlinear_library: ctypes.CDLL) -> None:
     """inter 40: up would start inside a panel, so the fused path refuses it (callers run gate_up then
     silu_mul), and the C entry point returns -1 rather than compute on a wrong pairing."""
-    kernels = kernels_on(library, "portable")
+    kernels = kernels_on(qlinear_library, "portable")
     weight = random_matrix("Q8_0", 80, 64, np.random.default_rng(14))
     assert not kernels.fuses_swiglu(weight)
     with pytest.raises(ValueError, match="multiple of 32"):
@@ -159,8 +161,9 @@ def test_a_gate_up_not_in_whole_panel_pairs_is_refused(library: ctypes.CDLL) -> 
     assert call.function(call.path_code, *args, *(s.data_ptr() for s in scratch)) == -1
 
 
-def test_step_linears_bind_the_fused_swiglu_only_in_whole_panel_pairs(library: ctypes.CDLL) -> None:  # noqa: F811
-    kernels = kernels_on(library, "portable")
+@pytest.mark.parametrize("march", MARCHES)
+def test_step_linears_bind_the_fused_swiglu_only_in_whole_panel_pairs(qlinear_library: ctypes.CDLL) -> None:
+    kernels = kernels_on(qlinear_library, "portable")
     rows, hidden = 4, 64
     matrices: list[QuantizedMatrix] = []  # alive while the bindings hold their addresses
 

@@ -1,16 +1,17 @@
 """The linear kernel on GGUF blocks (csrc/qlinear.c): every path this machine runs, every build target.
 
 The paths are chosen at run time, so one library holds them all; the -march it
-is built for changes the portable code and the activation quantization. Each
-build below is checked on every path the CPU can run against the torch
-reference of quantized.py; a path or target the CPU cannot run is skipped with
-the flags it lacks.
+is built for changes the portable code and the activation quantization, so the
+portable path is checked on every build and the paths compiled by target
+attributes on the -march=native one (qlinear_builds.MARCH_PATHS), each against
+the torch reference of quantized.py; a path or target the CPU cannot run is
+skipped with the flags it lacks. The builds are shared by the session
+(conftest.py: qlinear_library).
 """
 
 from __future__ import annotations
 
 import ctypes
-import platform
 import re
 from pathlib import Path
 
@@ -20,49 +21,18 @@ import torch
 
 from services.engine.model import quant_kernels
 from services.engine.model.cpu import CpuFeatures
-from services.engine.model.native import _build
 from services.engine.model.plan import choose_plan
-from services.engine.model.quant_kernels import PATH_FLAGS, PATHS, VARIANTS, QuantKernels, path_for, random_matrix
+from services.engine.model.quant_kernels import PATH_FLAGS, VARIANTS, QuantKernels, path_for, random_matrix
 from services.engine.model.quantized import FORMATS, QuantizedMatrix, reference_linear
+from tests.unit.qlinear_builds import HOST, MARCH_PATHS, MARCHES, kernels_on
 
 pytest.importorskip("gguf")
 
-# -march targets, each with the flags a CPU needs to run its (portable) code.
-MARCH_NEEDS = {"native": (), "x86-64-v3": ("avx2", "fma", "bmi2", "f16c", "movbe"), "x86-64": ()}
-HOST = CpuFeatures.detect()
-
-
-@pytest.fixture(scope="module", params=list(MARCH_NEEDS))
-def library(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
-    march: str = request.param
-    if platform.machine() != "x86_64" and march != "native":
-        pytest.skip(f"-march={march} is an x86-64 target; this machine is {platform.machine()}")
-    missing = [flag for flag in MARCH_NEEDS[march] if flag not in HOST.flags]
-    if missing:
-        pytest.skip(f"-march={march} code needs {' '.join(missing)}, which this CPU lacks")
-    folder = tmp_path_factory.mktemp(f"qlinear-{march}")
-    so = _build(march, folder, sources=quant_kernels.SOURCES, flags=quant_kernels.FLAGS, stem="qlinear")
-    return ctypes.CDLL(str(so))
-
-
-def kernels_on(library: ctypes.CDLL, path: str, variant: str = "int8") -> QuantKernels:
-    """The path's kernels; amx_int8 with tiles from one row on, so every row count below runs them."""
-    if variant == "auto" and path != "amx_int8":
-        pytest.skip(f"auto is the int8 variant on the {path} path, tested as such")
-    kernels = QuantKernels(library, path, variant, amx_min_rows=1)
-    if path not in kernels.runnable_paths():
-        lacking = [flag for flag in PATH_FLAGS[path] if flag not in HOST.flags]
-        if lacking:
-            pytest.skip(f"the {path} path needs {' '.join(lacking)}, which this CPU lacks")
-        unseen = "the kernel's leave to use the AMX tile state (arch_prctl)" if path == "amx_int8" else "cpuid"
-        pytest.skip(f"the {path} path needs {' '.join(PATH_FLAGS[path])}: /proc/cpuinfo has them, {unseen} not")
-    return kernels
-
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("path", PATHS)
-def test_every_path_equals_the_reference(library: ctypes.CDLL, path: str, variant: str) -> None:
-    kernels = kernels_on(library, path, variant)
+@pytest.mark.parametrize(("march", "path"), MARCH_PATHS)
+def test_every_path_equals_the_reference(qlinear_library: ctypes.CDLL, path: str, variant: str) -> None:
+    kernels = kernels_on(qlinear_library, path, variant)
     rng = np.random.default_rng(1)
     gen = torch.Generator().manual_seed(1)
     for kind in FORMATS:
@@ -83,9 +53,11 @@ def test_every_path_equals_the_reference(library: ctypes.CDLL, path: str, varian
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("path", PATHS)
-def test_residual_and_bias_are_added_and_strided_rows_are_read(library: ctypes.CDLL, path: str, variant: str) -> None:
-    kernels = kernels_on(library, path, variant)
+@pytest.mark.parametrize(("march", "path"), MARCH_PATHS)
+def test_residual_and_bias_are_added_and_strided_rows_are_read(
+    qlinear_library: ctypes.CDLL, path: str, variant: str
+) -> None:
+    kernels = kernels_on(qlinear_library, path, variant)
     rng = np.random.default_rng(2)
     gen = torch.Generator().manual_seed(2)
     for kind in FORMATS:
@@ -101,9 +73,9 @@ def test_residual_and_bias_are_added_and_strided_rows_are_read(library: ctypes.C
             torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5, msg=f"{kind} {tokens} rows")
 
 
-def test_amx_int8_switches_to_tiles_at_its_row_threshold(library: ctypes.CDLL) -> None:
+def test_amx_int8_switches_to_tiles_at_its_row_threshold(qlinear_library: ctypes.CDLL) -> None:
     """Below amx_min_rows the AVX-512 VNNI code runs, from it on the tiles: both equal the reference."""
-    kernels = kernels_on(library, "amx_int8").with_amx_min_rows(16)
+    kernels = kernels_on(qlinear_library, "amx_int8").with_amx_min_rows(16)
     weight = random_matrix("Q4_1", 40, 96, np.random.default_rng(5))
     gen = torch.Generator().manual_seed(5)
     for tokens in (15, 16):
@@ -113,13 +85,14 @@ def test_amx_int8_switches_to_tiles_at_its_row_threshold(library: ctypes.CDLL) -
         )
 
 
-def test_paths_agree_with_each_other_on_a_model_sized_matrix(library: ctypes.CDLL) -> None:
+@pytest.mark.parametrize("march", MARCHES)
+def test_paths_agree_with_each_other_on_a_model_sized_matrix(qlinear_library: ctypes.CDLL) -> None:
     """The same integer sums on every path: outputs differ only by float summation order."""
     rng = np.random.default_rng(3)
     weight = random_matrix("Q4_1", 160, 576, rng)
     x = torch.randn(17, 576, generator=torch.Generator().manual_seed(3))
-    runnable = QuantKernels(library, "portable").runnable_paths()
-    outputs = {path: QuantKernels(library, path, amx_min_rows=1).linear(x, weight) for path in runnable}
+    runnable = QuantKernels(qlinear_library, "portable").runnable_paths()
+    outputs = {path: QuantKernels(qlinear_library, path, amx_min_rows=1).linear(x, weight) for path in runnable}
     for path, out in outputs.items():
         torch.testing.assert_close(out, outputs["portable"], atol=1e-3, rtol=1e-5, msg=path)
 
@@ -133,9 +106,9 @@ def test_int8_activations_stay_close_to_the_float_product() -> None:
     assert 0 < error < 0.01
 
 
-def test_the_float_variant_on_bf16_tiles_rounds_only_the_weights(library: ctypes.CDLL) -> None:
+def test_the_float_variant_on_bf16_tiles_rounds_only_the_weights(qlinear_library: ctypes.CDLL) -> None:
     """amx_int8 + float + bf16 activations: the product of bf16-rounded weights, accumulated in float32."""
-    kernels = kernels_on(library, "amx_int8", "float")
+    kernels = kernels_on(qlinear_library, "amx_int8", "float")
     if not kernels.rounds_weights_to_bf16(16, torch.bfloat16):
         pytest.skip("this CPU lacks amx_bf16 or avx512_bf16: the float variant dequantizes to float32 there")
     weight = random_matrix("Q4_1", 64, 576, np.random.default_rng(7))
@@ -144,10 +117,10 @@ def test_the_float_variant_on_bf16_tiles_rounds_only_the_weights(library: ctypes
     torch.testing.assert_close(kernels.linear(x, weight).double(), want, atol=2e-2, rtol=8e-3)
 
 
-def test_bf16_tiles_cover_odd_panel_counts_and_row_groups(library: ctypes.CDLL) -> None:
+def test_bf16_tiles_cover_odd_panel_counts_and_row_groups(qlinear_library: ctypes.CDLL) -> None:
     """The tiles block two 16-row groups by a pair of panels: a lone last panel (whole or partial), a lone
     last row group (whole or the padded tail), pairs split over threads, with bias and residual."""
-    kernels = kernels_on(library, "amx_int8", "float")
+    kernels = kernels_on(qlinear_library, "amx_int8", "float")
     if not kernels.rounds_weights_to_bf16(16, torch.bfloat16):
         pytest.skip("this CPU lacks amx_bf16 or avx512_bf16: the float variant dequantizes to float32 there")
     rng = np.random.default_rng(8)
@@ -167,11 +140,11 @@ def test_bf16_tiles_cover_odd_panel_counts_and_row_groups(library: ctypes.CDLL) 
                 assert error < 8e-3, (kind, rows, tokens, error)
 
 
-def test_bf16_tiles_pack_any_row_count_and_block_count(library: ctypes.CDLL) -> None:
+def test_bf16_tiles_pack_any_row_count_and_block_count(qlinear_library: ctypes.CDLL) -> None:
     """The activations are packed into zero-padded 16-row tiles and each step's epilogue runs spread
     over the next step's blocks: one block (the whole epilogue beside one), many (two rows per block),
     1 to 33 rows, rows read strided, with bias and residual."""
-    kernels = kernels_on(library, "amx_int8", "float")
+    kernels = kernels_on(qlinear_library, "amx_int8", "float")
     if not kernels.rounds_weights_to_bf16(16, torch.bfloat16):
         pytest.skip("this CPU lacks amx_bf16 or avx512_bf16: the float variant dequantizes to float32 there")
     rng = np.random.default_rng(9)
@@ -191,11 +164,11 @@ def test_bf16_tiles_pack_any_row_count_and_block_count(library: ctypes.CDLL) -> 
                 assert error < 8e-3, (kind, rows, cols, tokens, error)
 
 
-def test_bf16_tiles_see_the_weights_rounded_to_bf16_bit_for_bit(library: ctypes.CDLL) -> None:
+def test_bf16_tiles_see_the_weights_rounded_to_bf16_bit_for_bit(qlinear_library: ctypes.CDLL) -> None:
     """One-hot activation rows read the dequantized B tiles back: x row t = e_t makes out[t, n] the
     tile's weight (n, t) alone, exact in float32, which must equal GGUF's float32 weight rounded to
     bf16 (every kind, both nibbles and every column position of a block, three panels)."""
-    kernels = kernels_on(library, "amx_int8", "float")
+    kernels = kernels_on(qlinear_library, "amx_int8", "float")
     if not kernels.rounds_weights_to_bf16(16, torch.bfloat16):
         pytest.skip("this CPU lacks amx_bf16 or avx512_bf16: the float variant dequantizes to float32 there")
     rng = np.random.default_rng(10)
@@ -207,8 +180,8 @@ def test_bf16_tiles_see_the_weights_rounded_to_bf16_bit_for_bit(library: ctypes.
         assert torch.equal(got, want), kind
 
 
-def test_auto_is_float_on_bf16_tiles_and_int8_elsewhere(library: ctypes.CDLL) -> None:
-    kernels = kernels_on(library, "amx_int8", "auto").with_amx_min_rows(16)
+def test_auto_is_float_on_bf16_tiles_and_int8_elsewhere(qlinear_library: ctypes.CDLL) -> None:
+    kernels = kernels_on(qlinear_library, "amx_int8", "auto").with_amx_min_rows(16)
     tiles = kernels.rounds_weights_to_bf16(16, torch.bfloat16)
     assert kernels.variant_for(16, torch.bfloat16) == ("float" if tiles else "int8")
     assert kernels.variant_for(15, torch.bfloat16) == "int8"
@@ -216,9 +189,10 @@ def test_auto_is_float_on_bf16_tiles_and_int8_elsewhere(library: ctypes.CDLL) ->
     assert kernels.with_path("avx512_vnni").variant_for(64, torch.bfloat16) == "int8"
 
 
-def test_the_float_variant_computes_the_float_product(library: ctypes.CDLL) -> None:
+@pytest.mark.parametrize("march", MARCHES)
+def test_the_float_variant_computes_the_float_product(qlinear_library: ctypes.CDLL) -> None:
     """No activation rounding: float32 activations give the dequantized product to float32 summation error."""
-    kernels = QuantKernels(library, "portable").with_variant("float")
+    kernels = QuantKernels(qlinear_library, "portable").with_variant("float")
     best = kernels.with_path(kernels.runnable_paths()[-1])
     weight = random_matrix("Q4_1", 64, 576, np.random.default_rng(6))
     x = torch.randn(9, 576, generator=torch.Generator().manual_seed(6))
@@ -247,19 +221,21 @@ def test_a_bad_quantization_setting_or_a_contradiction_is_refused(tmp_path: Path
         choose_plan("float32", torch.device("cpu"), "torch", quantization="gguf", kernel_cache_dir=tmp_path)
 
 
-def test_the_plan_names_the_kernel_and_its_path(tmp_path: Path) -> None:
-    plan = choose_plan("float32", torch.device("cpu"), "auto", quantization="gguf", kernel_cache_dir=tmp_path)
+def test_the_plan_names_the_kernel_and_its_path(kernel_cache_dir: Path) -> None:
+    plan = choose_plan("float32", torch.device("cpu"), "auto", quantization="gguf", kernel_cache_dir=kernel_cache_dir)
     assert plan.quantized is not None and plan.quantized.path == path_for(HOST)
     assert f"({path_for(HOST)} kernel)" in plan.describe()
     assert any("quantization gguf" in reason for reason in plan.reasons)
-    assert choose_plan("float32", torch.device("cpu"), "auto", kernel_cache_dir=tmp_path).quantized is None
+    assert choose_plan("float32", torch.device("cpu"), "auto", kernel_cache_dir=kernel_cache_dir).quantized is None
 
 
-def test_a_plan_for_an_avx2_cpu_runs_the_avx2_path(tmp_path: Path) -> None:
+def test_a_plan_for_an_avx2_cpu_runs_the_avx2_path(kernel_cache_dir: Path) -> None:
     if not HOST.has(*PATH_FLAGS["avx2"]):
         pytest.skip("this CPU lacks AVX2")
     zen3 = CpuFeatures.simulated("avx2", "fma", "f16c")
-    plan = choose_plan("float32", torch.device("cpu"), "auto", zen3, kernel_cache_dir=tmp_path, quantization="gguf")
+    plan = choose_plan(
+        "float32", torch.device("cpu"), "auto", zen3, kernel_cache_dir=kernel_cache_dir, quantization="gguf"
+    )
     assert plan.quantized is not None and plan.quantized.path == "avx2"
 
 
@@ -278,14 +254,14 @@ def test_a_bad_quantization_setting_stops_start_up_naming_it(monkeypatch: pytest
     assert load_settings(EngineSettings).quantization == "gguf"
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_out_receives_the_same_result_in_either_output_dtype(library: ctypes.CDLL, path: str) -> None:
+@pytest.mark.parametrize(("march", "path"), MARCH_PATHS)
+def test_out_receives_the_same_result_in_either_output_dtype(qlinear_library: ctypes.CDLL, path: str) -> None:
     """out= writes what a call without it returns (bitwise), into a strided view; float32 out for bf16 x
     holds the sums before their bf16 rounding, which round to the bf16 result."""
     rng = np.random.default_rng(7)
     gen = torch.Generator().manual_seed(7)
     for variant in ("int8", "float"):
-        kernels = kernels_on(library, path, variant)
+        kernels = kernels_on(qlinear_library, path, variant)
         for kind in FORMATS:
             weight = random_matrix(kind, 40, 96, rng)
             bias = torch.randn(40, generator=gen)
@@ -341,14 +317,14 @@ except MemoryError as exc:
 """
 
 
-def test_a_failed_scratch_allocation_is_a_memory_error(library: ctypes.CDLL) -> None:
+def test_a_failed_scratch_allocation_is_a_memory_error(qlinear_library: ctypes.CDLL) -> None:
     """The AMX-BF16 kernel's per-thread scratch (as big as the activations) cannot be allocated under an
     address-space limit: the call raises MemoryError instead of writing through a null pointer."""
     import subprocess
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-c", _FAILING_ALLOCATION, library._name],
+        [sys.executable, "-c", _FAILING_ALLOCATION, qlinear_library._name],
         capture_output=True,
         text=True,
         timeout=120,
