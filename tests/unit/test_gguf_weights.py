@@ -147,7 +147,7 @@ def test_the_loader_keeps_supported_blocks_unpermutes_q_k_and_reports_the_rest(t
     assert "dequantized: layer 0 q/k/v" in report.summary()
 
 
-def test_the_quantized_forward_follows_the_float_forward(tmp_path: Path) -> None:
+def test_the_quantized_forward_follows_the_float_forward(tmp_path: Path, kernel_cache_dir: Path) -> None:
     """Same weights (the blocks' exact values), int8 activations: the logits stay close."""
     types = {**TYPES, "attn_v": "Q4_1"}
     write_model(tmp_path, types)
@@ -160,7 +160,7 @@ def test_the_quantized_forward_follows_the_float_forward(tmp_path: Path) -> None
         kv_cache_bytes=None,
         max_model_len=None,
         quantization="gguf",
-        kernel_cache_dir=tmp_path / "kernels",
+        kernel_cache_dir=kernel_cache_dir,
     )
     assert all(isinstance(layer.qkv.weight, QuantizedMatrix) for layer in runner.model.layers)
     prompt = [3, 17, 5, 39, 0, 22, 8, 11, 30]
@@ -177,14 +177,14 @@ def test_the_quantized_forward_follows_the_float_forward(tmp_path: Path) -> None
     floats, _ = load_gguf_weights(
         tmp_path / "tiny.gguf", runner.config, torch.float32, torch.device("cpu"), keep_quantized=False
     )
-    plan = choose_plan("float32", torch.device("cpu"), "auto", kernel_cache_dir=tmp_path / "kernels")
+    plan = choose_plan("float32", torch.device("cpu"), "auto", kernel_cache_dir=kernel_cache_dir)
     runner.model = LlamaModel(runner.config, floats, runner.model.rotary, plan)
     exact = runner.forward(batch)
     assert (quantized - exact).norm() / exact.norm() < 0.03
     assert not torch.equal(quantized, exact)  # the int8 activations are really in use
 
 
-def test_a_folder_without_a_gguf_is_refused_with_the_setting_named(tmp_path: Path) -> None:
+def test_a_folder_without_a_gguf_is_refused_with_the_setting_named(tmp_path: Path, kernel_cache_dir: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(CONFIG))
     with pytest.raises(ValueError, match="SCALELLM_QUANTIZATION=gguf needs a GGUF file"):
         ModelRunner(
@@ -196,7 +196,7 @@ def test_a_folder_without_a_gguf_is_refused_with_the_setting_named(tmp_path: Pat
             kv_cache_bytes=None,
             max_model_len=None,
             quantization="gguf",
-            kernel_cache_dir=tmp_path / "kernels",
+            kernel_cache_dir=kernel_cache_dir,
         )
 
 
@@ -236,7 +236,7 @@ def test_the_default_model_s_blocks_are_transformers_float_weights() -> None:
     ],
 )
 def test_auto_quantization_computes_on_the_gguf_only_in_bf16_with_native_kernels(
-    tmp_path: Path, dtype: str, kernels: str, has_gguf: bool, picked: str, why: str
+    tmp_path: Path, kernel_cache_dir: Path, dtype: str, kernels: str, has_gguf: bool, picked: str, why: str
 ) -> None:
     """The default (SCALELLM_QUANTIZATION=auto): a GGUF-shipped model's blocks where they are faster
     and within 1% perplexity; float weights where exactness or the kernels rule it out, never an error."""
@@ -254,7 +254,7 @@ def test_auto_quantization_computes_on_the_gguf_only_in_bf16_with_native_kernels
         max_model_len=None,
         kernels=kernels,  # type: ignore[arg-type]
         quantization="auto",
-        kernel_cache_dir=tmp_path / "kernels",
+        kernel_cache_dir=kernel_cache_dir,
     )
     if picked == "gguf" and runner.plan.quantized is None:
         pytest.skip("the block kernel did not build here: auto falls back to float weights, as gguf does")

@@ -44,12 +44,6 @@ COMMON: dict[str, Any] = {
 }
 
 
-@pytest.fixture(scope="module")
-def kernel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One build of the block kernel for the whole module."""
-    return tmp_path_factory.mktemp("kernels")
-
-
 def save_llama(folder: Path, *, tied: bool, hidden: int = 64, heads: int = 4) -> LlamaForCausalLM:
     torch.manual_seed(7)
     config = {**COMMON, "hidden_size": hidden, "num_attention_heads": heads}
@@ -59,7 +53,7 @@ def save_llama(folder: Path, *, tied: bool, hidden: int = 64, heads: int = 4) ->
     return model
 
 
-def make_runner(folder: Path, kernel_dir: Path, quantization: str, dtype: str = "float32") -> ModelRunner:
+def make_runner(folder: Path, kernel_cache_dir: Path, quantization: str, dtype: str = "float32") -> ModelRunner:
     return ModelRunner(
         folder,
         dtype=dtype,
@@ -69,7 +63,7 @@ def make_runner(folder: Path, kernel_dir: Path, quantization: str, dtype: str = 
         kv_cache_bytes=None,
         max_model_len=None,
         quantization=quantization,
-        kernel_cache_dir=kernel_dir,
+        kernel_cache_dir=kernel_cache_dir,
     )
 
 
@@ -143,9 +137,11 @@ def prompt_batch(tokens: list[int]) -> ForwardBatch:
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_the_int8_forward_follows_the_float_forward(tmp_path: Path, kernel_dir: Path, tied: bool, dtype: str) -> None:
+def test_the_int8_forward_follows_the_float_forward(
+    tmp_path: Path, kernel_cache_dir: Path, tied: bool, dtype: str
+) -> None:
     hf = save_llama(tmp_path, tied=tied)
-    runner = make_runner(tmp_path, kernel_dir, "int8", dtype)
+    runner = make_runner(tmp_path, kernel_cache_dir, "int8", dtype)
     model = runner.model
     assert runner.plan.quantization == "int8"
     assert all(
@@ -162,7 +158,7 @@ def test_the_int8_forward_follows_the_float_forward(tmp_path: Path, kernel_dir: 
     # 20 rows: the kernels' tile paths (amx_int8 from 16 rows) as well as the vector ones run.
     tokens = [3, 17, 5, 199, 0, 22, 8, 11, 30, 150, 64, 1, 77, 120, 9, 45, 31, 180, 2, 66]
     quantized = runner.forward(prompt_batch(tokens))
-    exact = make_runner(tmp_path, kernel_dir, "none", "float32").forward(prompt_batch(tokens))
+    exact = make_runner(tmp_path, kernel_cache_dir, "none", "float32").forward(prompt_batch(tokens))
     error = ((quantized - exact).norm() / exact.norm()).item()
     # Observed 0.011-0.013 (float32 and bf16, tied or not): weights rounded per row, activations per
     # block of 32. A wrong scale, row order or matrix is off by the logits' own size.
@@ -171,7 +167,7 @@ def test_the_int8_forward_follows_the_float_forward(tmp_path: Path, kernel_dir: 
 
 
 def test_the_checkpoint_s_float_matrices_are_freed_after_quantizing(
-    tmp_path: Path, kernel_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, kernel_cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     save_llama(tmp_path, tied=False)
     seen: list[weakref.ref[torch.Tensor]] = []
@@ -182,7 +178,7 @@ def test_the_checkpoint_s_float_matrices_are_freed_after_quantizing(
         return quantize(weight)
 
     monkeypatch.setattr(int8_weights, "quantize_per_channel", watched)
-    runner = make_runner(tmp_path, kernel_dir, "int8")
+    runner = make_runner(tmp_path, kernel_cache_dir, "int8")
     gc.collect()
     assert len(seen) == 4 * 2 + 2  # the linears of 2 layers, the embedding, the LM head
     assert [ref for ref in seen if ref() is not None] == []
@@ -206,17 +202,19 @@ def test_matrices_of_columns_off_the_block_stay_float_and_are_reported(tmp_path:
     assert report.int8_bytes == 2 * (48 // PANEL_ROWS) * (96 // BLOCK) * (32 + 512)  # two down matrices
 
 
-def test_int8_on_a_folder_without_safetensors_is_refused_naming_the_setting(tmp_path: Path, kernel_dir: Path) -> None:
+def test_int8_on_a_folder_without_safetensors_is_refused_naming_the_setting(
+    tmp_path: Path, kernel_cache_dir: Path
+) -> None:
     (tmp_path / "config.json").write_text(json.dumps({**COMMON, "architectures": ["LlamaForCausalLM"]}))
     (tmp_path / "model.Q8_0.gguf").write_bytes(b"GGUF")
     with pytest.raises(WeightsError, match=r"SCALELLM_QUANTIZATION=int8 quantizes safetensors weights.*gguf"):
-        make_runner(tmp_path, kernel_dir, "int8")
+        make_runner(tmp_path, kernel_cache_dir, "int8")
 
 
-def test_gguf_on_a_safetensors_folder_is_refused_naming_the_setting(tmp_path: Path, kernel_dir: Path) -> None:
+def test_gguf_on_a_safetensors_folder_is_refused_naming_the_setting(tmp_path: Path, kernel_cache_dir: Path) -> None:
     save_llama(tmp_path, tied=True)
     with pytest.raises(WeightsError, match="SCALELLM_QUANTIZATION=gguf needs a GGUF file.*int8"):
-        make_runner(tmp_path, kernel_dir, "gguf")
+        make_runner(tmp_path, kernel_cache_dir, "gguf")
 
 
 def test_the_setting_accepts_int8_and_names_itself_when_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -228,16 +226,16 @@ def test_the_setting_accepts_int8_and_names_itself_when_wrong(monkeypatch: pytes
         load_settings(EngineSettings)
 
 
-def test_the_plan_says_int8_and_refuses_what_cannot_run_it(kernel_dir: Path) -> None:
+def test_the_plan_says_int8_and_refuses_what_cannot_run_it(kernel_cache_dir: Path) -> None:
     cpu = torch.device("cpu")
-    plan = choose_plan("float32", cpu, "auto", quantization="int8", kernel_cache_dir=kernel_dir)
+    plan = choose_plan("float32", cpu, "auto", quantization="int8", kernel_cache_dir=kernel_cache_dir)
     assert plan.quantized is not None and plan.quantization == "int8"
     assert "int8 per-channel weights x int8 activations" in plan.describe()
     assert any(reason.startswith("quantization int8: linears, embedding and LM head") for reason in plan.reasons)
-    gguf = choose_plan("float32", cpu, "auto", quantization="gguf", kernel_cache_dir=kernel_dir)
+    gguf = choose_plan("float32", cpu, "auto", quantization="gguf", kernel_cache_dir=kernel_cache_dir)
     assert "GGUF blocks x int8 activations" in gguf.describe()
-    assert choose_plan("float32", cpu, "auto", kernel_cache_dir=kernel_dir).quantization == "none"
+    assert choose_plan("float32", cpu, "auto", kernel_cache_dir=kernel_cache_dir).quantization == "none"
     with pytest.raises(ValueError, match="SCALELLM_QUANTIZATION=int8 .*SCALELLM_KERNELS"):
-        choose_plan("float32", cpu, "torch", quantization="int8", kernel_cache_dir=kernel_dir)
+        choose_plan("float32", cpu, "torch", quantization="int8", kernel_cache_dir=kernel_cache_dir)
     with pytest.raises(ValueError, match="SCALELLM_QUANTIZATION=int8 .*SCALELLM_DEVICE"):
-        choose_plan("float32", torch.device("cuda"), "auto", quantization="int8", kernel_cache_dir=kernel_dir)
+        choose_plan("float32", torch.device("cuda"), "auto", quantization="int8", kernel_cache_dir=kernel_cache_dir)

@@ -324,24 +324,24 @@ def test_the_plan_keeps_the_int8_format_and_says_so() -> None:
     assert exact.kv_cache_dtype == I8 and not exact.stores_kv_natively
 
 
-def test_auto_is_int8_for_bf16_on_the_native_kernels_and_the_model_dtype_elsewhere(tmp_path: Path) -> None:
+def test_auto_is_int8_for_bf16_on_the_native_kernels_and_the_model_dtype_elsewhere(kernel_cache_dir: Path) -> None:
     for cpu in (None, AVX2_ONLY):
         if cpu is not None and not CpuFeatures.detect().has(*PATH_FLAGS["avx2"]):
             continue
-        plan = choose_plan("bfloat16", CPU, "native", cpu, kernel_cache_dir=tmp_path)
+        plan = choose_plan("bfloat16", CPU, "native", cpu, kernel_cache_dir=kernel_cache_dir)
         assert plan.kv_cache_dtype == I8 and plan.describe().endswith("KV cache int8")
         assert "KV cache auto picked int8: within 0.1% of bf16 KV's perplexity" in " ".join(plan.reasons)
     # float32 is the reference mode; the torch kernels cannot read int8.
-    exact = choose_plan("float32", CPU, "native", kernel_cache_dir=tmp_path)
+    exact = choose_plan("float32", CPU, "native", kernel_cache_dir=kernel_cache_dir)
     assert exact.kv_cache_dtype == torch.float32 and "reference mode" in " ".join(exact.reasons)
-    plain = choose_plan("bfloat16", CPU, "torch", kernel_cache_dir=tmp_path)
+    plain = choose_plan("bfloat16", CPU, "torch", kernel_cache_dir=kernel_cache_dir)
     assert plain.kv_cache_dtype == torch.bfloat16 and "native kernels, which are not in use" in " ".join(plain.reasons)
-    assert choose_plan("auto", CPU, "native", kernel_cache_dir=tmp_path).kv_cache_dtype == I8  # auto is bf16
+    assert choose_plan("auto", CPU, "native", kernel_cache_dir=kernel_cache_dir).kv_cache_dtype == I8  # auto is bf16
 
 
-def test_bfloat16_names_a_bf16_models_unquantized_cache(tmp_path: Path) -> None:
+def test_bfloat16_names_a_bf16_models_unquantized_cache(kernel_cache_dir: Path) -> None:
     for kernels in ("native", "torch"):
-        plan = choose_plan("bfloat16", CPU, kernels, kernel_cache_dir=tmp_path, kv_cache_dtype="bfloat16")
+        plan = choose_plan("bfloat16", CPU, kernels, kernel_cache_dir=kernel_cache_dir, kv_cache_dtype="bfloat16")
         assert plan.kv_dtype is None and plan.kv_cache_dtype == torch.bfloat16
     with pytest.raises(ValueError, match="SCALELLM_KV_CACHE_DTYPE=bfloat16.*float32"):
         choose_plan("float32", CPU, "native", kv_cache_dtype="bfloat16")
