@@ -43,12 +43,20 @@ def qlinear_builds(kernel_cache_dir: Path) -> Callable[[str], ctypes.CDLL]:
     """The GGUF linear kernel's library for a -march target, built once per session (qlinear_builds.py)."""
     from tests.unit.qlinear_builds import build_qlinear  # imports torch: not at the top
 
-    built: dict[str, ctypes.CDLL] = {}
+    built: dict[str, ctypes.CDLL | BaseException] = {}
 
     def library(march: str) -> ctypes.CDLL:
         if march not in built:
-            built[march] = build_qlinear(march, kernel_cache_dir)  # skips where this machine cannot
-        return built[march]
+            try:
+                built[march] = build_qlinear(march, kernel_cache_dir)
+            # A target this machine cannot run skips, and a failed build fails, every test that asks for it
+            # without compiling again (as a fixture's error is kept for its scope).
+            except (Exception, pytest.skip.Exception) as exc:
+                built[march] = exc
+        result = built[march]
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     return library
 
