@@ -41,7 +41,14 @@ log = logging.getLogger(__name__)
 # native_build hashes csrc/*.h into the cache key with the sources).
 SOURCES = [
     Path(__file__).parent / "csrc" / name
-    for name in ("qlinear.c", "qlinear_portable.c", "qlinear_avx512.c", "qlinear_amx.c", "qlinear_amxbf.c")
+    for name in (
+        "qlinear.c",
+        "qlinear_portable.c",
+        "qlinear_avx2.c",
+        "qlinear_avx512.c",
+        "qlinear_amx.c",
+        "qlinear_amxbf.c",
+    )
 ]
 # No -ffast-math: the activations' int8 rounding must equal the torch reference's.
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]

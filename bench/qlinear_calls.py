@@ -1,15 +1,17 @@
-"""Per-call time of the GGUF linears on AMX-BF16 tiles (csrc/qlinear_amxbf.c) at the model's shapes.
+"""Per-call time of the GGUF linears (csrc/qlinear*.c) at the model's shapes, on this CPU's path.
 
-    python -m bench.qlinear_amxbf                                  # rows 16/64/128, this build
-    python -m bench.qlinear_amxbf --rows 64 --cflags= --cflags=-DSOME_VARIANT --rounds 5   # A/B, alternated
-    python -m bench.qlinear_amxbf --rows 64 --check --cflags= --cflags=-DSOME_VARIANT      # outputs bitwise equal?
+    python -m bench.qlinear_calls                                  # rows 1/16/64, this CPU's path, variant auto
+    python -m bench.qlinear_calls --path amx_int8 --variant float --rows 16 64 128   # the AMX-BF16 tiles
+    python -m bench.qlinear_calls --rows 1 --cflags= --cflags=-DQLINEAR_ROW_KERNEL=0 --rounds 5   # A/B, alternated
+    python -m bench.qlinear_calls --rows 1 --check --cflags= --cflags=-DQLINEAR_ROW_KERNEL=0     # outputs bitwise equal?
 
 The weights are fake (random quants, plausible float16 scales: the kernel's time does not
 depend on their values) in the model's layout: 30 layers of qkv (960 x 576), o (576 x 576),
 gate_up (3072 x 576) and down (576 x 1536) in Q4_1, then the LM head (49152 x 576, Q8_0),
 called in the model's order so each call's weights come from memory, as in a decode step
 (~84 MB of layer weights between two uses of one). o and down add a residual, as the model's do.
-bf16 activations, bf16 output: the float variant, which runs these tiles from 16 rows on.
+bf16 activations, bf16 output, as the engine's step calls them; --variant picks int8 or float
+activations (auto: the engine's choice at each row count).
 
 Each --cflags value is a build of the library with those extra compiler flags, run in its own
 process (two builds of one library in one process slow each other down); with several, the
@@ -32,6 +34,7 @@ import time
 import torch
 
 from services.engine.model import quant_kernels
+from services.engine.model.cpu import CpuFeatures
 from services.engine.model.native import _build, _resolve_cache_dir
 from services.engine.model.quant_kernels import QuantKernels
 from services.engine.model.quantized import BLOCK, FORMATS, PANEL_ROWS, QuantizedMatrix
@@ -57,19 +60,21 @@ def fake_matrix(kind: str, rows: int, cols: int, generator: torch.Generator) -> 
     return QuantizedMatrix(kind, rows, cols, data)
 
 
-def load(cflags: list[str]) -> QuantKernels:
-    """The library built with cflags (cached like the engine's), bound to amx_int8 + float."""
+def load(cflags: list[str], path: str, variant: str) -> QuantKernels:
+    """The library built with cflags (cached like the engine's), bound to path and variant."""
     flags = [*quant_kernels.FLAGS, *cflags]
     so = _build("native", _resolve_cache_dir(None), sources=quant_kernels.SOURCES, flags=flags, stem="bench_qlinear")
-    kernels = QuantKernels(ctypes.CDLL(str(so)), "amx_int8", "float", amx_min_rows=16)
-    if not kernels.rounds_weights_to_bf16(16, torch.bfloat16):
-        raise SystemExit("this CPU does not run the AMX-BF16 tiles (amx_bf16 + avx512_bf16)")
+    kernels = QuantKernels(ctypes.CDLL(str(so)), path, variant)
+    if path not in kernels.runnable_paths():
+        raise SystemExit(f"this CPU does not run the {path} path (it runs {', '.join(kernels.runnable_paths())})")
     return kernels
 
 
-def child(cflags: list[str], rows_list: list[int], layers: int, passes: int, check: bool) -> dict[str, object]:
+def child(
+    cflags: list[str], path: str, variant: str, rows_list: list[int], layers: int, passes: int, check: bool
+) -> dict[str, object]:
     """One build's timings: {"name rows": [us per call, ...]}, or with check the outputs' sha256."""
-    kernels = load(cflags)
+    kernels = load(cflags, path, variant)
     gen = torch.Generator().manual_seed(0)
     model = [(name, fake_matrix(*LAYER[name][:3], gen)) for _ in range(layers) for name in LAYER]
     model += [(name, fake_matrix(*HEAD[name][:3], gen)) for name in HEAD]
@@ -101,7 +106,9 @@ def child(cflags: list[str], rows_list: list[int], layers: int, passes: int, che
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, nargs="+", default=[16, 64, 128])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--path", choices=quant_kernels.PATHS, help="default: this CPU's fastest")
+    parser.add_argument("--variant", choices=quant_kernels.VARIANTS, default="auto")
     parser.add_argument(
         "--cflags", action="append", help="extra compiler flags of one build, repeatable: --cflags= --cflags=-DVARIANT"
     )
@@ -112,8 +119,10 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="compare the builds' outputs bit for bit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    path = args.path or quant_kernels.path_for(CpuFeatures.detect())
     if args.child is not None:
-        print(json.dumps(child(args.child.split(), args.rows, args.layers, args.passes, args.check)))
+        result = child(args.child.split(), path, args.variant, args.rows, args.layers, args.passes, args.check)
+        print(json.dumps(result))
         return
     args.cflags = args.cflags or [""]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -121,7 +130,8 @@ def main() -> None:
     digests: dict[str, object] = {}
     for _ in range(1 if args.check else args.rounds):
         for flags in args.cflags:
-            command = [sys.executable, "-m", "bench.qlinear_amxbf", f"--child={flags}", "--rows", *map(str, args.rows)]
+            command = [sys.executable, "-m", "bench.qlinear_calls", f"--child={flags}", "--rows", *map(str, args.rows)]
+            command += ["--path", path, "--variant", args.variant]
             command += ["--layers", str(args.layers), "--passes", str(args.passes)] + (
                 ["--check"] if args.check else []
             )
@@ -139,7 +149,9 @@ def main() -> None:
         print("outputs bitwise equal" if same else "OUTPUTS DIFFER")
         sys.exit(0 if same else 1)
     names = [*LAYER, *HEAD]
-    print(f"us per call, median ({args.threads} threads; {args.layers} layers cycled, rounds {args.rounds})")
+    print(
+        f"{path}, variant {args.variant}: us per call, median ({args.threads} threads; {args.layers} layers cycled, rounds {args.rounds})"
+    )
     print(f"{'build':>30} {'rows':>5} " + " ".join(f"{n:>9}" for n in names) + f" {'step ms':>8}")
     for rows in args.rows:
         for flags in args.cflags:
