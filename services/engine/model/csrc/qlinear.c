@@ -19,7 +19,7 @@
  * target attributes: one library holds them all, whatever -march it is built
  * for): AVX-512 VNNI, AVX2 with AVX-VNNI, AVX2 (maddubs), portable C.
  * Built by services/engine/model/quant_kernels.py from this file (dispatch and entry
- * points) and qlinear_portable.c, qlinear_avx512.c, qlinear_amx.c, qlinear_amxbf.c
+ * points) and qlinear_portable.c, qlinear_avx2.c, qlinear_avx512.c, qlinear_amx.c, qlinear_amxbf.c
  * (the kernels, by instruction set; qlinear.h: what they share); no -ffast-math, so the
  * activation quantization matches the torch reference bit for bit.
  */

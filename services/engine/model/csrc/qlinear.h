@@ -211,7 +211,7 @@ typedef struct {
     const uint8_t *w, int64_t n, int64_t k, const uint16_t *x, int64_t x_stride, int64_t rows, const float *bias, \
         const void *residual, int64_t res_stride, void *out, int64_t out_stride, int out_bf16, int64_t pairs
 
-/* AVX2 and AVX2 + AVX-VNNI (qlinear_portable.c) */
+/* AVX2 and AVX2 + AVX-VNNI (qlinear_avx2.c) */
 QL_INTERNAL T256 void gemm256_KIND_Q4_0(QL_GEMM_ARGS);
 QL_INTERNAL T256 void gemm256_KIND_Q4_1(QL_GEMM_ARGS);
 QL_INTERNAL T256 void gemm256_KIND_Q8_0(QL_GEMM_ARGS);
