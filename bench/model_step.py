@@ -10,6 +10,7 @@
     python -m bench.model_step --dtype bfloat16 --quantization gguf --kv-cache-dtype bfloat16 int8 --batch 1 64 --threads 2
     python -m bench.model_step --dtype bfloat16 --quantization none gguf --prefill 128 --batch   # one prompt's prefill
     python -m bench.model_step --dtype bfloat16 --batch 64 --block-layout contiguous interleaved   # KV blocks' places
+    python -m bench.model_step --dtype bfloat16 --quantization gguf --batch 1 4 --decode-program on off   # one native call per step
 
 Every sequence decodes one token per step with ~context tokens already in the
 KV cache (the cache holds zeros: the step's cost does not depend on the values).
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from services.engine.model import llama
 from services.engine.model.batch import ForwardBatch
 from services.engine.model.cpu import CpuFeatures
 from services.engine.model.linear import QuantizedLinear
@@ -148,6 +150,14 @@ def main() -> None:
         help="SCALELLM_KV_CACHE_DTYPE: auto (the engine's choice), bfloat16 (a bf16 model's cache unquantized), "
         "fp8_e5m2 or int8 (one byte per value; int8 with a scale per token and KV head)",
     )
+    parser.add_argument(
+        "--decode-program",
+        nargs="+",
+        default=["on"],
+        choices=["on", "off"],
+        help="a decode step's layer loop as one native call (LlamaModel.decode_program), or the Python loop; "
+        "both: timed one after the other on the same runner",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -192,23 +202,26 @@ def main() -> None:
                 step, what = decode_batch(batch, args.context, args.block_size, layout), f"batch {batch:3d}"
                 if len(args.block_layout) > 1 or layout != "contiguous":
                     what += f" {layout}"
-            for _ in range(3):
-                runner.forward(step)
-            times, cpu_times = [], []
-            for _ in range(args.steps):
-                start, cpu_start = time.perf_counter(), time.process_time()
-                runner.forward(step)
-                times.append(time.perf_counter() - start)
-                cpu_times.append(time.process_time() - cpu_start)
-            median = statistics.median(times)
-            # CPU time per step says how much work a step is even when other
-            # processes share the cores (wall time then mostly measures them).
-            print(
-                f"{dtype:9s} {kind:6s} {what} context {args.context}: {median * 1e3:7.2f} ms/step "
-                f"(min {min(times) * 1e3:7.2f}, cpu {statistics.median(cpu_times) * 1e3:7.2f}), "
-                f"{batch / median:7.1f} tok/s, {2 * params * batch / median / 1e9:6.1f} GFLOP/s matmul",
-                flush=True,
-            )
+            for program in args.decode_program:
+                llama.LlamaModel.decode_program = program == "on"
+                label = f" program {program}" if len(args.decode_program) > 1 else ""
+                for _ in range(3):
+                    runner.forward(step)
+                times, cpu_times = [], []
+                for _ in range(args.steps):
+                    start, cpu_start = time.perf_counter(), time.process_time()
+                    runner.forward(step)
+                    times.append(time.perf_counter() - start)
+                    cpu_times.append(time.process_time() - cpu_start)
+                median = statistics.median(times)
+                # CPU time per step says how much work a step is even when other
+                # processes share the cores (wall time then mostly measures them).
+                print(
+                    f"{dtype:9s} {kind:6s} {what}{label} context {args.context}: {median * 1e3:7.2f} ms/step "
+                    f"(min {min(times) * 1e3:7.2f}, cpu {statistics.median(cpu_times) * 1e3:7.2f}), "
+                    f"{batch / median:7.1f} tok/s, {2 * params * batch / median / 1e9:6.1f} GFLOP/s matmul",
+                    flush=True,
+                )
         del runner
 
 

@@ -82,7 +82,7 @@ def fresh_forward(runner: ModelRunner, batch: ForwardBatch, padding: int) -> tup
     assert isinstance(embed, QuantizedMatrix)
     hidden = embed.dequantize_rows(F.pad(batch.input_ids, (0, padding))).to(model.dtype)
     meta = runner.attention_metadata(batch)  # alive for the step: the bound kernels hold its tensors' addresses
-    norm, attend, silu_mul = model._layer_ops(
+    norm, attend, silu_mul, _ = model._layer_ops(
         batch.positions, batch.slot_mapping, meta, runner.kv_cache, num_tokens, padding
     )
     for index, layer in enumerate(model.layers):

@@ -3,7 +3,9 @@ the kernels whose checked fronts are native_kernels.NativeKernels' methods."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import struct
 
 import torch
 
@@ -45,7 +47,12 @@ class LayerStep:
         "_shape",
         "_silu",
         "_silu_args",
+        "_tables",
     )
+
+    # The columns of a rope_attend record (``rope_attend_record``) that change from step to step:
+    # positions, slots, block tables, their width, context lengths (the rest is the layer's).
+    STEP_COLUMNS = (5, 8, 17, 18, 19)
 
     def __init__(
         self,
@@ -99,6 +106,7 @@ class LayerStep:
         tables = (positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), FORMAT_CODES[k_pool.dtype])
         self._head = ((num_heads + 2 * num_kv_heads) * head_dim, *tables)
         self._attn: torch.Tensor | None = None
+        self._tables: tuple[int, ...] = ()
         # Only the arguments the step's kind calls for: a decode step's rope_attend (rope_store's
         # are then built if it is called after all), or rope_store's.
         self._layers: list[tuple[int, ...]] = []
@@ -113,6 +121,7 @@ class LayerStep:
                 raise ValueError("the decode output must be contiguous bfloat16 [tokens, H * D]")
             self._attn = out
             attention = (table.data_ptr(), table.shape[1], context_lens.data_ptr(), out.data_ptr(), scale)
+            self._tables = (positions.data_ptr(), slots.data_ptr(), *attention[:3])
             head, shape = self._head, self._shape
             self._decode_layers = [(*head, k, v, *shape, *attention) for k, v in self._pools]
 
@@ -148,3 +157,29 @@ class LayerStep:
         out, rows, inter = self._silu_args
         self._silu(self._code, gate_up.data_ptr(), out, rows, inter)
         return self._activated
+
+    # ---- step_program.DecodeProgram's records: these calls as data, for one native loop ----
+
+    @property
+    def step_values(self) -> tuple[int, ...]:
+        """The values of STEP_COLUMNS in this step's rope_attend records."""
+        return self._tables
+
+    def norm_record(self, x: int, weight: torch.Tensor) -> list[int]:
+        """``norm`` of the rows at address x as a step_program record (OP_RMS_NORM)."""
+        out, rows, hidden, eps = self._norm
+        fn = ctypes.cast(self._rms, ctypes.c_void_p).value or 0
+        return [0, fn, self._code, x, hidden, weight.data_ptr(), out, rows, hidden, _f32_bits(eps)]
+
+    def rope_attend_record(self, layer: int, qkv: int) -> list[int]:
+        """``rope_attend`` of the qkv rows at address qkv as a step_program record (OP_ROPE_DECODE)."""
+        if self._attn is None:
+            raise RuntimeError("this step was not built for decode attention")
+        *args, scale = self._decode_layers[layer]
+        fn = ctypes.cast(self._rope_decode, ctypes.c_void_p).value or 0
+        return [2, fn, self._code, qkv, *(int(a) for a in args), _f32_bits(float(scale))]
+
+
+def _f32_bits(value: float) -> int:
+    """A float argument as step_program.c reads it: its float32 bits."""
+    return int(struct.unpack("<I", struct.pack("<f", value))[0])

@@ -27,6 +27,7 @@ from services.engine.model.quant_kernels import ActivationScratch, QuantKernels
 from services.engine.model.quantized import QuantizedMatrix
 from services.engine.model.reference import apply_rope, rms_norm, silu_mul
 from services.engine.model.step_linears import LayerLinears, StepLinears, linear_weights
+from services.engine.model.step_program import DecodeProgram
 
 
 @dataclass(slots=True)
@@ -129,6 +130,9 @@ class LlamaModel:
     # instead of gate_up then silu_mul: the same bits. Off only to measure the difference
     # (bench/prefill_step.py --ab swiglu).
     fuse_swiglu = True
+    # A step of decodes only runs its layer loop as one native call (step_program.DecodeProgram)
+    # where every call is one the program makes: the same bits. Off only to measure the difference.
+    decode_program = True
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, rotary: RotaryTable, plan: KernelPlan) -> None:
         self.config = config
@@ -176,6 +180,7 @@ class LlamaModel:
         self._bound_weights = self._linear_table() if self.dtype == torch.bfloat16 else None
         self._linear_scratch = ActivationScratch()
         self._last_linears: tuple[tuple[int | None, ...], StepLinears] | None = None
+        self._last_program: tuple[tuple[object, ...], DecodeProgram] | None = None
 
     def _bound_linears(
         self,
@@ -240,7 +245,7 @@ class LlamaModel:
             hidden = self.embed.dequantize_rows(ids).to(self.dtype)
         else:
             hidden = F.embedding(ids, self.embed)
-        norm, attend, silu_and_mul = self._layer_ops(positions, slots, meta, kv_cache, num_tokens, padding)
+        norm, attend, silu_and_mul, decode_step = self._layer_ops(positions, slots, meta, kv_cache, num_tokens, padding)
         # The linears' outputs, in the workspace where a layer writes into it (QuantizedLinear; the
         # float linears return new tensors, so their models keep no buffers for them). The residual
         # adds read hidden while they write the new one, so o and down write two different buffers:
@@ -261,14 +266,19 @@ class LlamaModel:
             linears = self._bound_linears(kernels, table, rows, outs, activated if self.fuse_swiglu else None)
             fused = linears.fused_swiglu
             hidden = hidden.contiguous()  # the bound calls read rows at the hidden width
-            for index, layer in enumerate(self.layers):
-                qkv = linears.qkv(index, norm(hidden, layer.input_norm))
-                hidden = linears.o(index, attend(index, qkv), hidden)
-                if fused:
-                    mlp_in = linears.swiglu(index, norm(hidden, layer.post_norm))
-                else:
-                    mlp_in = silu_and_mul(linears.gate_up(index, norm(hidden, layer.post_norm)))
-                hidden = linears.down(index, mlp_in, hidden)
+            program = self._program(decode_step, linears, rows, outs, activated)
+            if program is not None and decode_step is not None:
+                program.run(decode_step, hidden)  # the loop below's calls, in one native call
+                hidden = outs[3]
+            else:
+                for index, layer in enumerate(self.layers):
+                    qkv = linears.qkv(index, norm(hidden, layer.input_norm))
+                    hidden = linears.o(index, attend(index, qkv), hidden)
+                    if fused:
+                        mlp_in = linears.swiglu(index, norm(hidden, layer.post_norm))
+                    else:
+                        mlp_in = silu_and_mul(linears.gate_up(index, norm(hidden, layer.post_norm)))
+                    hidden = linears.down(index, mlp_in, hidden)
         else:
             for index, layer in enumerate(self.layers):
                 qkv = layer.qkv(norm(hidden, layer.input_norm), qkv_out)
@@ -279,6 +289,30 @@ class LlamaModel:
         last = hidden.index_select(0, logits_indices)
         return self.lm_head.logits(self.norm(last, self.final_norm, eps))
 
+    def _program(
+        self,
+        step: LayerStep | None,
+        linears: StepLinears,
+        rows: int,
+        outs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        activated: torch.Tensor,
+    ) -> DecodeProgram | None:
+        """The layer loop of a step of decodes only (step: its LayerStep) as one native call,
+        where the program makes every call; the last step's where its buffers are this one's."""
+        native = self.native_layers
+        if step is None or native is None or not self.decode_program or not linears.program_ready():
+            return None
+        take = self._workspace.take
+        normed, attn = take("normed", rows, self.config.hidden_size), take("attn", rows, self.q_size)
+        qkv_out, after_attn, _, after_mlp = outs
+        buffers = (normed, qkv_out, attn, after_attn, activated, after_mlp)
+        key = (linears, *(buffer.data_ptr() for buffer in buffers))
+        cached = self._last_program
+        if cached is None or cached[0] != key:
+            norms = [(layer.input_norm, layer.post_norm) for layer in self.layers]
+            cached = self._last_program = (key, DecodeProgram(native.run_step_program, step, linears, norms, buffers))
+        return cached[1]
+
     def _layer_ops(
         self,
         positions: torch.Tensor,
@@ -287,9 +321,10 @@ class LlamaModel:
         kv_cache: KVCache,
         num_tokens: int,
         padding: int,
-    ) -> tuple[_Norm, _Attend, _SiluMul]:
+    ) -> tuple[_Norm, _Attend, _SiluMul, LayerStep | None]:
         """The step's norm(x, weight), attend(layer, qkv) -> [T + padding, H * D] and
-        silu_mul(gate_up): with the native kernels, bound once for the step (layer_step.LayerStep)."""
+        silu_mul(gate_up): with the native kernels, bound once for the step (layer_step.LayerStep),
+        and that LayerStep where the step is decodes only (its rope_attend is attend)."""
         cfg = self.config
         eps, heads, kv_heads, head_dim = cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         native = self.native_layers
@@ -323,12 +358,12 @@ class LlamaModel:
                 decode=bound,
             )
             if bound is not None:
-                return step.norm, step.rope_attend, step.silu_mul
+                return step.norm, step.rope_attend, step.silu_mul, step
             fresh = meta.fresh_prefill()
             # A lone prompt's chunk (the first token's step at concurrency 1): rope_store has
             # stored its K/V, and FreshPrefill attends over its views (as paged_attention would).
             if fresh is not None and not meta.store_kv and fresh.mask.dtype == self.dtype:
-                return step.norm, self._fresh_attend(step, num_tokens, attn_rows), step.silu_mul
+                return step.norm, self._fresh_attend(step, num_tokens, attn_rows), step.silu_mul, None
         else:
             cos, sin = self.rotary.lookup(positions, self.dtype)
 
@@ -352,8 +387,8 @@ class LlamaModel:
             return attn
 
         if step is not None:
-            return step.norm, attend, step.silu_mul
-        return functools.partial(rms_norm, eps=eps), attend, silu_mul
+            return step.norm, attend, step.silu_mul, None
+        return functools.partial(rms_norm, eps=eps), attend, silu_mul, None
 
     def _fresh_attend(self, step: LayerStep, num_tokens: int, attn_rows: torch.Tensor | None) -> _Attend:
         """attend(layer, qkv) of a step that is one fresh prefill chunk: rope_store, then the native

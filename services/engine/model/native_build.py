@@ -33,6 +33,7 @@ SOURCES = [
         "layers.c",
         "bf16_linear.c",
         "argmax.c",
+        "step_program.c",
     )
 ]
 FLAGS = ["-O3", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]

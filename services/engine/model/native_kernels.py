@@ -50,6 +50,8 @@ class NativeKernels:
         self._linear = _declare(library.bf16_linear, _C, _C, _P, _I, _C, _I, _I, _P, _I, _P, _P, _I, _P, _I, _C, _P)
         self._unpack = _declare(library.bf16_unpack_f32, None, _C, _P, _I, _I, _P)
         self._argmax = _declare(library.argmax_f32, _C, _C, _P, _I, _I, _I, _P)
+        # step_program.c: records, their count, the failed call's status -> 0 or 1 + its index.
+        self.run_step_program = _declare(library.run_step_program, _I, _P, _I, _P)
         self._scratch = torch.empty(0, dtype=torch.float32)
 
     def runnable_paths(self) -> tuple[str, ...]:

@@ -21,6 +21,7 @@ weights with a warning when anything fails.
 
 from __future__ import annotations
 
+import _ctypes
 import ctypes
 import functools
 import logging
@@ -103,6 +104,7 @@ class LinearCall:
     float_activations: bool
     padded_rows: int  # the rows the int8 activations are packed to (the kernel's own count)
     path_code: int  # PATHS.index(path), the C call's first argument: looked up once, not per call
+    address: int  # the entry point's, for a native caller (step_program.c)
 
     def scratch_sizes(self, cols: int, bf16: bool) -> tuple[tuple[torch.dtype, int], ...]:
         """(dtype, elements) of each scratch argument, in the call's order, for ``cols`` columns."""
@@ -111,6 +113,11 @@ class LinearCall:
             return ((torch.float32, max(self.rows, 16) * cols if bf16 else 0),)
         values = self.padded_rows * cols
         return ((torch.int8, values), (torch.float32, values // BLOCK * 2))
+
+
+def _address(function: _ctypes.CFuncPtr) -> int:
+    """A ctypes function's entry point address."""
+    return ctypes.cast(function, ctypes.c_void_p).value or 0
 
 
 def raise_for_status(status: int, path: str, rows: int, cols: int, outputs: int) -> None:
@@ -183,9 +190,9 @@ class QuantKernels:
         path = "avx512_vnni" if self.path == "amx_int8" and rows < self.amx_min_rows else self.path
         if self.variant_for(rows, dtype) == "float":
             function = self._swiglu_float if swiglu else self._linear_float
-            return LinearCall(function, path, rows, True, rows, PATHS.index(path))
+            return LinearCall(function, path, rows, True, rows, PATHS.index(path), _address(function))
         function = self._swiglu if swiglu else self._linear
-        return LinearCall(function, path, rows, False, self._padded_rows(rows), PATHS.index(path))
+        return LinearCall(function, path, rows, False, self._padded_rows(rows), PATHS.index(path), _address(function))
 
     def with_path(self, path: str) -> QuantKernels:
         return QuantKernels(self._library, path, self.variant, self.amx_min_rows)

@@ -146,3 +146,22 @@ class StepLinears:
         """residual [rows, hidden] + x [rows, intermediate] @ down.T into after_mlp (never residual), returned."""
         self._run(self._down[layer], x, residual.data_ptr())
         return self._outs[3]
+
+    # ---- step_program.DecodeProgram's records: these calls as data, for one native loop ----
+
+    def program_ready(self) -> bool:
+        """Whether every call is qlinear's signature (int8 activations, the fused SwiGLU), the one
+        step_program.c makes: the float variant's entry points take other scratch."""
+        return self.fused_swiglu and not (self._call.float_activations or self._swiglu_call.float_activations)
+
+    def record(self, name: str, layer: int, x: int, residual: int | None = None) -> list[int]:
+        """The call ``name`` (qkv, o, swiglu or down) of a layer on the rows at address x (and the
+        residual's) as a step_program record (OP_QLINEAR)."""
+        bound, call = {
+            "qkv": (self._qkv, self._call),
+            "o": (self._o, self._call),
+            "swiglu": (self._swiglu, self._swiglu_call),
+            "down": (self._down, self._call),
+        }[name]
+        mid, tail, _ = bound[layer]
+        return [1, call.address, call.path_code, x, *(a or 0 for a in mid), residual or 0, *tail]
