@@ -48,7 +48,7 @@ from services.engine.model.runner import ModelRunner
 from shared.messages import SamplingParams
 
 if TYPE_CHECKING:  # transformers loads in ~5 s: only where a part needs it
-    from transformers import PreTrainedModel
+    from transformers import ContinuousBatchingConfig, PreTrainedModel
     from transformers.generation.continuous_batching.requests import GenerationOutput
 
 PARTS = ("equality", "throughput")
@@ -204,13 +204,15 @@ def part_equality(model_dir: Path, args: argparse.Namespace) -> bool:
             position = first_difference(ours[index], theirs)
             if position is None:
                 continue
+            # -1: that continuation ended there; one of the wrong length is never a near-tie.
             ours_token = ours[index][position] if position < len(ours[index]) else -1
+            theirs_token = theirs[position] if position < len(theirs) else -1
             gap = (
-                logit_gap(model, prompt + theirs[:position], theirs[position], ours_token, args.device)
-                if 0 <= ours_token and position < len(theirs)
-                else float("inf")  # a continuation of the wrong length is never a near-tie
+                logit_gap(model, prompt + theirs[:position], theirs_token, ours_token, args.device)
+                if ours_token >= 0 and theirs_token >= 0
+                else float("inf")
             )
-            divergences.append(Divergence(index, position, ours_token, theirs[position], gap))
+            divergences.append(Divergence(index, position, ours_token, theirs_token, gap))
         del model
         release_memory(args.device)
     for d in divergences:
@@ -223,7 +225,7 @@ def part_equality(model_dir: Path, args: argparse.Namespace) -> bool:
     return passed
 
 
-def continuous_batching_config(kv_tokens: int, args: argparse.Namespace) -> object:
+def continuous_batching_config(kv_tokens: int, args: argparse.Namespace) -> ContinuousBatchingConfig:
     """transformers' ContinuousBatchingConfig with our KV size and token budget (its fields vary by version)."""
     from transformers import ContinuousBatchingConfig
 

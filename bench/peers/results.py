@@ -102,31 +102,48 @@ def evaluate_targets(
     ours: str = OURS,
     params: int,
     matmul_gflops: float,
-    low: int = 1,
-    high: int = 64,
+    low: int | None = 1,
+    high: int | None = 64,
 ) -> list[dict[str, Any]]:
-    """Each target for ``ours``: what it compares, the two values, and held True/False (None: not measured)."""
+    """Each target for ``ours``: what it compares, the two values, and held True/False (None: not measured).
+
+    low / high: the concurrency the latency / throughput targets are read at (target_levels); None
+    leaves those targets out, for a run that has no such level."""
     peers = [name for name in runs if not is_ours(name)]
-    tpot = _at(runs, ours, low, "mean_tpot_ms")
-    ttft = _at(runs, ours, low, "mean_ttft_ms")
-    tput = _at(runs, ours, high, "output_throughput")
-    llama_tpot = _at(runs, LLAMACPP, low, "mean_tpot_ms")
-    best_ttft = _best([_at(runs, p, low, "mean_ttft_ms") for p in peers], low=True)
-    best_tput = _best([_at(runs, p, high, "output_throughput") for p in peers], low=False)
-    fraction = roofline_fraction(_at(runs, ours, high, "total_token_throughput"), params, matmul_gflops)
 
     def target(name: str, value: float | None, bound: float | None, at_most: bool) -> dict[str, Any]:
         held = None if value is None or bound is None else (value <= bound if at_most else value >= bound)
         return {"target": name, "value": value, "bound": bound, "held": held}
 
-    return [
-        target(f"c{low} mean TPOT <= llama.cpp's (ms)", tpot, llama_tpot, True),
-        target(f"c{low} mean TTFT <= {TTFT_SHARE:g} x best peer's (ms)", ttft,
-               None if best_ttft is None else TTFT_SHARE * best_ttft, True),
-        target(f"c{high} output tok/s >= {THROUGHPUT_RATIO:g} x best peer's", tput,
-               None if best_tput is None else THROUGHPUT_RATIO * best_tput, False),
-        target(f"c{high} share of the matmul roofline >= {ROOFLINE_SHARE:.0%}", fraction, ROOFLINE_SHARE, False),
-    ]  # fmt: skip
+    rows = []
+    if low is not None:
+        best_ttft = _best([_at(runs, p, low, "mean_ttft_ms") for p in peers], low=True)
+        rows += [
+            target(f"c{low} mean TPOT <= llama.cpp's (ms)", _at(runs, ours, low, "mean_tpot_ms"),
+                   _at(runs, LLAMACPP, low, "mean_tpot_ms"), True),
+            target(f"c{low} mean TTFT <= {TTFT_SHARE:g} x best peer's (ms)", _at(runs, ours, low, "mean_ttft_ms"),
+                   None if best_ttft is None else TTFT_SHARE * best_ttft, True),
+        ]  # fmt: skip
+    if high is not None:
+        best_tput = _best([_at(runs, p, high, "output_throughput") for p in peers], low=False)
+        fraction = roofline_fraction(_at(runs, ours, high, "total_token_throughput"), params, matmul_gflops)
+        rows += [
+            target(f"c{high} output tok/s >= {THROUGHPUT_RATIO:g} x best peer's", _at(runs, ours, high, "output_throughput"),
+                   None if best_tput is None else THROUGHPUT_RATIO * best_tput, False),
+            target(f"c{high} share of the matmul roofline >= {ROOFLINE_SHARE:.0%}", fraction, ROOFLINE_SHARE, False),
+        ]  # fmt: skip
+    return rows
+
+
+def target_levels(concurrency: Sequence[int]) -> tuple[int | None, int | None]:
+    """(latency, throughput): the concurrency each kind of target is read at in a run of these levels.
+
+    Latency at 1 (single-stream figures mean nothing under load), throughput at the highest level
+    above 1 (one stream's tok/s is no throughput target): a run of one kind of level leaves the
+    other kind's targets out instead of reading them at the wrong load."""
+    latency = 1 if 1 in concurrency else None
+    highest = max(concurrency, default=1)
+    return latency, (highest if highest > 1 else None)
 
 
 def _num(value: float | None, digits: int = 1) -> str:

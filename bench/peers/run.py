@@ -148,8 +148,10 @@ def write_outputs(
     echo: bool = True,
 ) -> Path:  # fmt: skip
     low, high = min(args.concurrency), max(args.concurrency)
+    latency_level, throughput_level = results.target_levels(args.concurrency)
     rate = float(roofline["best_matmul_gflops"])
-    targets = {name: results.evaluate_targets(runs, ours=name, params=params, matmul_gflops=rate, low=low, high=high)
+    targets = {name: results.evaluate_targets(runs, ours=name, params=params, matmul_gflops=rate,
+                                              low=latency_level, high=throughput_level)
                for name in runs if results.is_ours(name)}  # fmt: skip
     clients = sorted({m["client"] for m in meta.values() if "client" in m})
     command = "python -m bench.peers " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)

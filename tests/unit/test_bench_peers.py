@@ -240,3 +240,16 @@ def test_roofline_times_a_slow_dtype_at_the_probe_size_only(monkeypatch: pytest.
     rates = roofline.matmul_rates((1024,), repeats=1, min_s=0.0)
     assert sizes_made == {"fast": [roofline.PROBE_SIZE, 1024], "slow": [roofline.PROBE_SIZE]}
     assert rates["fast"] > rates["slow"] > 0
+
+
+def test_each_kind_of_target_is_read_at_its_own_load() -> None:
+    assert results.target_levels([1, 64]) == (1, 64)
+    assert results.target_levels([1]) == (1, None)  # a c1-only run has no throughput target
+    assert results.target_levels([16, 64]) == (None, 64)  # nor a run without c1 a latency one
+    c1_only = results.evaluate_targets(_runs(), params=PARAMS, matmul_gflops=400.0, high=None)
+    assert [row["target"] for row in c1_only] == [
+        "c1 mean TPOT <= llama.cpp's (ms)",
+        "c1 mean TTFT <= 0.5 x best peer's (ms)",
+    ]
+    c64_only = results.evaluate_targets(_runs(), params=PARAMS, matmul_gflops=400.0, low=None)
+    assert [row["target"].split()[0] for row in c64_only] == ["c64", "c64"] and c64_only[0]["held"] is True
