@@ -14,8 +14,8 @@ from services.engine.model.config import ModelConfig, UnsupportedModelError
 from services.engine.model.cpu import CpuFeatures
 from services.engine.model.device import resolve_device, resolve_dtype
 from services.engine.model.kv_cache import kv_bytes_per_block, num_blocks_for
-from services.engine.model.llama import rope_inv_freq
 from services.engine.model.loader import WeightsError
+from services.engine.model.rotary import rope_inv_freq
 from services.engine.model.runner import ModelRunner
 
 BASE = {

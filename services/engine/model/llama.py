@@ -8,7 +8,6 @@ model size. q/k/v are one fused matmul, gate/up another.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 
 from services.engine.model.attention import paged_attention
 from services.engine.model.attention_metadata import AttentionMetadata
-from services.engine.model.config import ModelConfig, RopeScaling
+from services.engine.model.config import ModelConfig
 from services.engine.model.kv_cache import KVCache
 from services.engine.model.layer_step import LayerStep
 from services.engine.model.linear import Bf16Linear, ConversionBuffer, Linear, QuantizedLinear
@@ -26,6 +25,7 @@ from services.engine.model.prefill_attention import NativeFreshPrefill
 from services.engine.model.quant_kernels import ActivationScratch, QuantKernels
 from services.engine.model.quantized import QuantizedMatrix
 from services.engine.model.reference import apply_rope, rms_norm, silu_mul
+from services.engine.model.rotary import RotaryTable
 from services.engine.model.step_linears import LayerLinears, StepLinears, linear_weights
 from services.engine.model.step_program import DecodeProgram
 
@@ -51,41 +51,6 @@ class ModelWeights:
     layers: list[LayerWeights]
     final_norm: torch.Tensor  # [hidden]
     lm_head: torch.Tensor | QuantizedMatrix  # [vocab, hidden]; the same object as embed when tied
-
-
-def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
-    """[head_dim / 2] float32 inverse frequencies, with linear or llama3 scaling applied."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    if scaling.rope_type == "linear":
-        return inv_freq / scaling.factor
-    if scaling.rope_type == "llama3":
-        old_len = scaling.original_max_position_embeddings
-        low_wavelen = old_len / scaling.low_freq_factor
-        high_wavelen = old_len / scaling.high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        # Long wavelengths are slowed by the factor, short ones kept; in between, blended.
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
-        smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
-        blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        return torch.where(medium, blended, scaled)
-    return inv_freq
-
-
-class RotaryTable:
-    """cos / sin for every position up to max_positions, looked up per step."""
-
-    def __init__(self, config: ModelConfig, max_positions: int, device: torch.device) -> None:
-        inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
-        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        self.cos = freqs.cos().to(device)  # [max_positions, D / 2] float32
-        self.sin = freqs.sin().to(device)
-
-    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> cos, sin [T, 1, D / 2] in dtype, ready to broadcast over heads."""
-        cos = self.cos.index_select(0, positions).to(dtype)[:, None, :]
-        sin = self.sin.index_select(0, positions).to(dtype)[:, None, :]
-        return cos, sin
 
 
 AnyLinear = Linear | Bf16Linear | QuantizedLinear

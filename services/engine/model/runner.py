@@ -15,10 +15,11 @@ from services.engine.model.device import resolve_device
 from services.engine.model.gguf_weights import load_gguf_weights
 from services.engine.model.int8_weights import load_int8_weights
 from services.engine.model.kv_cache import KVCache, kv_bytes_per_block, num_blocks_for
-from services.engine.model.llama import LlamaModel, RotaryTable
+from services.engine.model.llama import LlamaModel
 from services.engine.model.loader import WeightsError, checkpoint_files, load_weights
 from services.engine.model.native import KernelChoice
 from services.engine.model.plan import KernelPlan, choose_plan
+from services.engine.model.rotary import RotaryTable
 from services.engine.model.shapes import padded_token_count
 from shared.model_files import gguf_source
 
